@@ -1,0 +1,73 @@
+"""Typed errors with exit codes.
+
+Every error a user can meet says *what* and *where*: the file, the tensor and the
+problem. Input problems are collected and raised together so a nightly job's log
+shows everything that is wrong at once, not the first thing only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXIT_OK = 0
+EXIT_CONFIG = 2  # the config (or a CLI flag) is wrong
+EXIT_INPUT = 3  # an input checkpoint is missing, malformed or disagrees with the others
+EXIT_RUNTIME = 4  # the merge failed while running (I/O error, disk full, worker lost too often)
+EXIT_INTERRUPTED = 130  # Ctrl-C; the staging directory is kept for --resume
+
+
+class TadmergeError(Exception):
+    """Base class: every error the engine raises on purpose."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class ConfigError(TadmergeError):
+    """The config or a CLI override is invalid; names the key and why."""
+
+    exit_code = EXIT_CONFIG
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """One problem with one input: which file, which tensor (if any), what."""
+
+    file: str
+    tensor: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.tensor is None else f"{self.file} [{self.tensor}]"
+        return f"{where}: {self.message}"
+
+
+class InputError(TadmergeError):
+    """One or more input problems, all reported together."""
+
+    exit_code = EXIT_INPUT
+
+    def __init__(self, problems: list[InputProblem] | InputProblem):
+        if isinstance(problems, InputProblem):
+            problems = [problems]
+        self.problems = list(problems)
+        lines = [str(p) for p in self.problems]
+        head = f"{len(lines)} input problem(s)" if len(lines) > 1 else "input problem"
+        super().__init__(f"{head}: " + "; ".join(lines) if len(lines) == 1 else head + ":\n  " + "\n  ".join(lines))
+
+
+class MergeRuntimeError(TadmergeError):
+    """The merge failed while running; the staging directory is kept for --resume."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class OutputError(TadmergeError):
+    """The output path is unusable (exists without --overwrite, inside an input, ...)."""
+
+    exit_code = EXIT_CONFIG
+
+
+class VerifyError(TadmergeError):
+    """A published output does not match its manifest."""
+
+    exit_code = EXIT_INPUT
