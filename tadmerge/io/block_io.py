@@ -1,0 +1,470 @@
+"""Positional block I/O on safetensors files, and the output shard layout.
+
+Why ``pread``/``pwrite`` and not mmap: merges stream models far larger than RAM. A
+mapped file's touched pages count against RSS and stay in the page cache, and several
+worker processes mapping the same inputs multiplies that. Reading a row range with
+``preadv`` straight into a freshly allocated tensor costs one copy (kernel -> tensor)
+and leaves memory accounting honest. ``pwrite`` at precomputed absolute offsets lets
+any number of processes fill one output shard concurrently without coordination,
+because :func:`layout_shards` fixes every tensor's byte range before any data exists.
+
+File descriptors are cached per process (read-only and write caches, LRU, closed on
+eviction). A cached descriptor is re-validated against the path's (device, inode) on
+every use so a file replaced under the same name (a new staging directory after a
+publish, a re-downloaded input) is never read or written through a stale descriptor.
+
+Byte order: safetensors data is little-endian; like the safetensors library, this
+module assumes a little-endian host (x86-64, aarch64).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from tadmerge.errors import InputError, InputProblem, MergeRuntimeError
+from tadmerge.io.safetensors_format import DTYPE_INFO, METADATA_KEY, TensorEntry, dtype_name
+
+__all__ = [
+    "OutputTensor",
+    "ShardSpec",
+    "close_all",
+    "create_shard_files",
+    "index_json",
+    "layout_shards",
+    "read_rows",
+    "sync_all",
+    "write_at",
+]
+
+if sys.byteorder != "little":  # pragma: no cover - no such hosts in practice
+    raise ImportError("tadmerge.io.block_io requires a little-endian host (safetensors data)")
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_MAX_CACHED_FDS = 64
+
+
+class _FdCache:
+    """Thread-safe LRU of open descriptors, reference counted.
+
+    A descriptor evicted while another thread is inside ``pread`` on it is closed only
+    when that thread releases it: closing it early could let the kernel hand the same
+    number to an unrelated ``open`` and the reader would silently read the wrong file.
+    """
+
+    def __init__(self, flags: int, maxsize: int = _MAX_CACHED_FDS) -> None:
+        self._flags = flags
+        self._maxsize = maxsize
+        self._lock = threading.Lock()
+        # path -> [fd, (st_dev, st_ino), refcount, evicted]
+        self._entries: OrderedDict[str, list] = OrderedDict()
+
+    def reset_after_fork(self) -> None:
+        # The lock may have been held by another thread at fork time; descriptors are
+        # inherited and stay valid (positional I/O shares no file offset).
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def acquire(self, path: str) -> Iterator[int]:
+        entry = self._get(path)
+        try:
+            yield entry[0]
+        finally:
+            self._release(entry)
+
+    def _get(self, path: str) -> list:
+        ident = None
+        try:
+            st = os.stat(path)
+            ident = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            if not self._flags & os.O_CREAT:
+                raise
+        with self._lock:
+            entry = self._entries.get(path)
+            if entry is not None and ident is not None and entry[1] == ident:
+                self._entries.move_to_end(path)
+                entry[2] += 1
+                return entry
+            if entry is not None:  # stale: the path now names another file
+                self._drop(path)
+        fd = os.open(path, self._flags | _CLOEXEC, 0o644)
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        entry = [fd, (st.st_dev, st.st_ino), 1, False]
+        with self._lock:
+            old = self._entries.get(path)
+            if old is not None:
+                self._drop(path)
+            self._entries[path] = entry
+            while len(self._entries) > self._maxsize:
+                oldest = next(iter(self._entries))
+                self._drop(oldest)
+        return entry
+
+    def _drop(self, path: str) -> None:
+        """Remove from the map (lock held); close now if unused, else on release."""
+        entry = self._entries.pop(path)
+        entry[3] = True
+        if entry[2] == 0:
+            _close_quietly(entry[0])
+
+    def _release(self, entry: list) -> None:
+        with self._lock:
+            entry[2] -= 1
+            if entry[3] and entry[2] == 0:
+                _close_quietly(entry[0])
+
+    def cached_fd(self, path: str) -> int | None:
+        with self._lock:
+            entry = self._entries.get(path)
+            return None if entry is None else entry[0]
+
+    def forget(self, path: str) -> None:
+        """Drop ``path``'s descriptor (closed once no thread uses it)."""
+        with self._lock:
+            if path in self._entries:
+                self._drop(path)
+
+    def close_all(self) -> None:
+        with self._lock:
+            for path in list(self._entries):
+                self._drop(path)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+_READ_FDS = _FdCache(os.O_RDONLY)
+_WRITE_FDS = _FdCache(os.O_WRONLY | os.O_CREAT)
+
+
+def _after_fork() -> None:
+    _READ_FDS.reset_after_fork()
+    _WRITE_FDS.reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def close_all() -> None:
+    """Close every cached descriptor of this process (read and write caches)."""
+    _READ_FDS.close_all()
+    _WRITE_FDS.close_all()
+
+
+def _errtext(exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else "?"
+    return f"{exc.strerror or exc} ({code})"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_rows(entry: TensorEntry, row_start: int, row_end: int) -> torch.Tensor:
+    """Rows ``[row_start, row_end)`` of ``entry`` as a flat 1-D CPU tensor.
+
+    A 0-d tensor is one row of one element. The bytes go straight from the kernel into
+    the returned tensor's storage (no intermediate ``bytes``).
+    """
+    if not (0 <= row_start <= row_end <= entry.rows):
+        raise ValueError(
+            f"row range [{row_start}, {row_end}) outside [0, {entry.rows}) of {entry.name}"
+        )
+    row_bytes = entry.row_numel * entry.itemsize
+    nbytes = (row_end - row_start) * row_bytes
+    offset = entry.offset + row_start * row_bytes
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes:
+        view = memoryview(buf.numpy())
+        try:
+            with _READ_FDS.acquire(entry.file) as fd:
+                got = 0
+                while got < nbytes:
+                    n = os.preadv(fd, [view[got:]], offset + got)
+                    if n == 0:
+                        size = os.fstat(fd).st_size
+                        raise InputError(
+                            InputProblem(
+                                entry.file,
+                                entry.name,
+                                f"short read: needs bytes up to {offset + nbytes}, "
+                                f"file has {size} (truncated or replaced after its header "
+                                "was checked)",
+                            )
+                        )
+                    got += n
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            raise InputError(
+                InputProblem(entry.file, entry.name, f"cannot open: {_errtext(exc)}")
+            ) from None
+        except OSError as exc:
+            raise MergeRuntimeError(
+                f"reading {entry.file} [{entry.name}] failed: {_errtext(exc)}"
+            ) from exc
+        finally:
+            view.release()
+    return buf.view(entry.torch_dtype)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU uint8 view of the tensor's raw bytes (bf16/fp8/bool included)."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.dtype != torch.uint8:
+        t = t.view(torch.uint8)
+    return t
+
+
+def write_at(path: str, offset: int, tensor: torch.Tensor) -> None:
+    """Write ``tensor``'s raw bytes at absolute ``offset`` of ``path``.
+
+    Any OSError (ENOSPC, EACCES, EIO, ...) becomes a MergeRuntimeError that names the
+    file, so a full disk reads as such in the nightly log and staging is kept.
+    """
+    if offset < 0:
+        raise ValueError(f"negative offset {offset} for {path}")
+    data = _as_bytes(tensor)
+    total = data.numel()
+    if total == 0:
+        return
+    view = memoryview(data.numpy())
+    try:
+        with _WRITE_FDS.acquire(path) as fd:
+            done = 0
+            while done < total:
+                n = os.pwrite(fd, view[done:], offset + done)
+                if n <= 0:  # pragma: no cover - pwrite reports errors by raising
+                    raise OSError(errno.EIO, "pwrite wrote nothing")
+                done += n
+    except OSError as exc:
+        raise MergeRuntimeError(
+            f"writing {total} bytes at offset {offset} of {path} failed: {_errtext(exc)}"
+        ) from exc
+    finally:
+        view.release()
+
+
+def sync_all(paths: Iterable[str]) -> None:
+    """fsync each file so its data survives a crash before it is published.
+
+    The cached write descriptor of each synced file is then released: a finished file
+    needs no more writes, and an open descriptor would keep a later-deleted file's
+    disk space allocated for as long as a long-lived worker process runs.
+    """
+    for path in paths:
+        try:
+            if _WRITE_FDS.cached_fd(path) is not None:
+                with _WRITE_FDS.acquire(path) as wfd:
+                    os.fsync(wfd)
+                _WRITE_FDS.forget(path)
+                continue
+            rfd = os.open(path, os.O_RDONLY | _CLOEXEC)
+            try:
+                os.fsync(rfd)
+            finally:
+                os.close(rfd)
+        except OSError as exc:
+            raise MergeRuntimeError(f"fsync of {path} failed: {_errtext(exc)}") from exc
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the output: name, safetensors dtype string and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_INFO:
+            raise ValueError(f"{self.name}: unknown dtype {self.dtype!r}")
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in self.shape):
+            raise ValueError(f"{self.name}: invalid shape {self.shape!r}")
+        if not self.name or self.name == METADATA_KEY:
+            raise ValueError(f"invalid tensor name {self.name!r}")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_INFO[self.dtype][1]
+
+    @staticmethod
+    def like(name: str, tensor: torch.Tensor) -> OutputTensor:
+        """Convenience: the OutputTensor describing an in-memory tensor."""
+        return OutputTensor(name, dtype_name(tensor.dtype), tuple(tensor.shape))
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One output file, fully laid out before any data is written.
+
+    ``header`` is the exact prefix safetensors writes (8-byte little-endian length, JSON
+    padded with spaces to a multiple of 8); ``data_offsets`` are relative to its end.
+    """
+
+    filename: str
+    tensors: tuple[OutputTensor, ...]
+    header: bytes
+    data_offsets: dict[str, tuple[int, int]]
+
+    @property
+    def data_size(self) -> int:
+        return max((end for _, end in self.data_offsets.values()), default=0)
+
+    @property
+    def file_size(self) -> int:
+        return len(self.header) + self.data_size
+
+    def tensor_offset(self, name: str) -> int:
+        """Absolute offset of ``name``'s first byte in the file (for :func:`write_at`)."""
+        return len(self.header) + self.data_offsets[name][0]
+
+
+def _encode_header(
+    tensors: list[OutputTensor],
+    offsets: dict[str, tuple[int, int]],
+    metadata: dict[str, str],
+) -> bytes:
+    doc: dict[str, object] = {METADATA_KEY: dict(sorted(metadata.items()))}
+    for t in tensors:
+        begin, end = offsets[t.name]
+        doc[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [begin, end]}
+    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body += b" " * (-len(body) % 8)
+    return len(body).to_bytes(8, "little") + body
+
+
+def layout_shards(
+    tensors: list[OutputTensor], shard_size: int, metadata: dict[str, str] | None = None
+) -> list[ShardSpec]:
+    """Assign tensors (sorted by name) to shards greedily and fix every byte offset.
+
+    Within a shard, data is ordered by itemsize (largest first) then name, as the
+    safetensors writer does, so every tensor starts at a multiple of its itemsize (the
+    header is padded to 8) and zero-copy mmap loaders stay aligned. The result depends
+    only on the inputs, so every worker and every resumed run computes the same layout.
+    """
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    ordered = sorted(tensors, key=lambda t: t.name)
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        if a.name == b.name:
+            raise ValueError(f"tensor {a.name!r} appears twice in the output")
+    meta = {"format": "pt"}
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"metadata must be str -> str, got {key!r}: {value!r}")
+        meta[key] = value
+
+    groups: list[list[OutputTensor]] = []
+    current: list[OutputTensor] = []
+    used = 0
+    for t in ordered:
+        size = t.nbytes
+        if current and used + size > shard_size:
+            groups.append(current)
+            current, used = [], 0
+        current.append(t)
+        used += size
+    if current or not groups:
+        groups.append(current)
+
+    n = len(groups)
+    shards: list[ShardSpec] = []
+    for i, group in enumerate(groups, start=1):
+        filename = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        offsets: dict[str, tuple[int, int]] = {}
+        pos = 0
+        for t in sorted(group, key=lambda t: (-DTYPE_INFO[t.dtype][1], t.name)):
+            offsets[t.name] = (pos, pos + t.nbytes)
+            pos += t.nbytes
+        shards.append(
+            ShardSpec(
+                filename=filename,
+                tensors=tuple(group),
+                header=_encode_header(group, offsets, meta),
+                data_offsets=offsets,
+            )
+        )
+    return shards
+
+
+def index_json(shards: list[ShardSpec]) -> bytes:
+    """Content of ``model.safetensors.index.json`` for these shards (deterministic)."""
+    weight_map = {t.name: s.filename for s in shards for t in s.tensors}
+    total = sum(t.nbytes for s in shards for t in s.tensors)
+    doc = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    return (json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _has_layout(path: str, shard: ShardSpec) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | _CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size != shard.file_size:
+            return False
+        head = os.pread(fd, len(shard.header), 0)
+        return head == shard.header
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def create_shard_files(directory: str, shards: list[ShardSpec]) -> None:
+    """Create each shard at full size (sparse) with its header in place.
+
+    Afterwards any process may ``write_at(path, shard.tensor_offset(name), t)``.
+    Idempotent for resume: a file that already has exactly this size and header keeps
+    its data. A file with another size or header is rewritten and its data is zeros,
+    so the caller's record of finished blocks for that shard is no longer valid.
+    """
+    for shard in shards:
+        path = os.path.join(directory, shard.filename)
+        if _has_layout(path, shard):
+            continue
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _CLOEXEC, 0o644)
+            try:
+                os.ftruncate(fd, 0)
+                view = memoryview(shard.header)
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:], done)
+                os.ftruncate(fd, shard.file_size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise MergeRuntimeError(f"creating {path} failed: {_errtext(exc)}") from exc

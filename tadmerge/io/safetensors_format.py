@@ -1,0 +1,428 @@
+"""Strict, header-only reader for the safetensors format.
+
+Input checkpoints are untrusted (published by other teams, merged unattended), so this
+module parses the header with plain Python instead of trusting a loader: it reads only
+``8 + header_len`` bytes, checks every entry, and reports *all* problems of a file in
+one :class:`~tadmerge.errors.InputError`. On arbitrary bytes it raises nothing else,
+never hangs and never allocates more than ``max_header_bytes`` (the length prefix is
+checked against the file size and the cap *before* anything is allocated).
+
+File layout (https://github.com/huggingface/safetensors)::
+
+    u64 little-endian N | N bytes of UTF-8 JSON (space padded) | data
+
+Data offsets in the JSON are relative to the first data byte (``8 + N``); a
+:class:`TensorEntry` stores the *absolute* offset so block readers never redo the sum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from tadmerge.errors import InputError, InputProblem
+
+__all__ = [
+    "DTYPE_INFO",
+    "FLOAT_DTYPES",
+    "SafetensorsHeader",
+    "TensorEntry",
+    "dtype_name",
+    "read_header",
+]
+
+
+def _build_dtype_info() -> dict[str, tuple[torch.dtype, int]]:
+    """Map safetensors dtype strings to torch dtypes; optional ones only if torch has them."""
+    info: dict[str, tuple[torch.dtype, int]] = {
+        "F64": (torch.float64, 8),
+        "F32": (torch.float32, 4),
+        "F16": (torch.float16, 2),
+        "BF16": (torch.bfloat16, 2),
+        "I64": (torch.int64, 8),
+        "I32": (torch.int32, 4),
+        "I16": (torch.int16, 2),
+        "I8": (torch.int8, 1),
+        "U8": (torch.uint8, 1),
+        "BOOL": (torch.bool, 1),
+    }
+    optional = {
+        "F8_E4M3": ("float8_e4m3fn", 1),
+        "F8_E5M2": ("float8_e5m2", 1),
+        "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1),
+        "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1),
+        "U16": ("uint16", 2),
+        "U32": ("uint32", 4),
+        "U64": ("uint64", 8),
+    }
+    for name, (attr, size) in optional.items():
+        dt = getattr(torch, attr, None)
+        if isinstance(dt, torch.dtype):
+            info[name] = (dt, size)
+    return info
+
+
+DTYPE_INFO: dict[str, tuple[torch.dtype, int]] = _build_dtype_info()
+FLOAT_DTYPES: frozenset[str] = frozenset(
+    name for name, (dt, _) in DTYPE_INFO.items() if dt.is_floating_point
+)
+_NAME_OF: dict[torch.dtype, str] = {dt: name for name, (dt, _) in DTYPE_INFO.items()}
+
+METADATA_KEY = "__metadata__"
+DEFAULT_MAX_HEADER_BYTES = 100 * 2**20
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Inverse of :data:`DTYPE_INFO`: the safetensors string for a torch dtype.
+
+    Raises ValueError for dtypes safetensors (or this engine) cannot store, e.g. complex.
+    """
+    try:
+        return _NAME_OF[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} has no safetensors equivalent") from None
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives on disk; enough to read any row range with ``pread``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        """Blocks are row ranges; a 0-d tensor counts as one row of one element."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_INFO[self.dtype][1]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPE_INFO[self.dtype][0]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated header: every entry's byte range is inside the file, none overlap."""
+
+    path: str
+    file_size: int
+    data_start: int
+    metadata: dict[str, str]
+    tensors: dict[str, TensorEntry]
+
+
+def _is_int(value: object) -> bool:
+    # JSON true/false arrive as bool, which is an int subclass: never a valid dim/offset.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Bounds that keep arithmetic on hostile headers cheap: no real tensor dim or byte count
+# comes near these, and capping avoids multiplying thousands of huge integers.
+_MAX_DIM = 2**53
+_NUMEL_CAP = 2**64
+_MAX_NAME_IN_MESSAGE = 200
+_MAX_PROBLEMS_PER_FILE = 50
+
+
+def _short(name: str) -> str:
+    """Clip hostile tensor names so one bad file cannot flood the log."""
+    if len(name) <= _MAX_NAME_IN_MESSAGE:
+        return name
+    return name[:_MAX_NAME_IN_MESSAGE] + f"...({len(name)} chars)"
+
+
+def _capped_numel(shape: tuple[int, ...]) -> int:
+    """prod(shape), but stops growing past _NUMEL_CAP (any such size mismatches anyway)."""
+    if 0 in shape:
+        return 0
+    n = 1
+    for dim in shape:
+        n *= dim
+        if n > _NUMEL_CAP:
+            return _NUMEL_CAP + 1
+    return n
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    """Read exactly ``size`` bytes or fewer at EOF; loops on short reads."""
+    chunks: list[bytes] = []
+    got = 0
+    while got < size:
+        chunk = os.pread(fd, size - got, offset + got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+class _DuplicateKeys(ValueError):
+    """Raised from the JSON object hook when a key repeats (ambiguous tensor entry)."""
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # Two entries for one name would let two parsers disagree on which bytes are the
+    # tensor, so duplicates are refused instead of silently keeping the last one.
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeys(key)
+        out[key] = value
+    return out
+
+
+def _check_entry(
+    path: str, name: str, raw: object, problems: list[InputProblem]
+) -> tuple[str, tuple[int, ...], int, int] | None:
+    """Validate one tensor entry; returns (dtype, shape, begin, end) or None if broken."""
+
+    def bad(message: str) -> None:
+        problems.append(InputProblem(path, _short(name), message))
+
+    if not isinstance(raw, dict):
+        bad(f"entry must be a JSON object, got {type(raw).__name__}")
+        return None
+    ok = True
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in raw]
+    if missing:
+        bad("entry is missing " + ", ".join(missing))
+        ok = False
+
+    dtype = raw.get("dtype")
+    itemsize = None
+    if "dtype" in raw:
+        if not isinstance(dtype, str):
+            bad(f"dtype must be a string, got {type(dtype).__name__}")
+            ok = False
+        elif dtype not in DTYPE_INFO:
+            bad(f"unknown dtype {dtype[:40]!r} (known: {', '.join(sorted(DTYPE_INFO))})")
+            ok = False
+        else:
+            itemsize = DTYPE_INFO[dtype][1]
+
+    shape_raw = raw.get("shape")
+    shape: tuple[int, ...] | None = None
+    if "shape" in raw:
+        if not isinstance(shape_raw, list):
+            bad(f"shape must be a list of integers, got {type(shape_raw).__name__}")
+            ok = False
+        else:
+            dims_ok = True
+            for i, dim in enumerate(shape_raw):
+                if not _is_int(dim):
+                    bad(f"shape[{i}] is {str(dim)[:40]!r}, not an integer")
+                    dims_ok = False
+                elif dim < 0:
+                    bad(f"shape[{i}] is negative ({dim})")
+                    dims_ok = False
+                elif dim > _MAX_DIM:
+                    bad(f"shape[{i}] is {str(dim)[:40]}, larger than any real tensor")
+                    dims_ok = False
+            if dims_ok:
+                shape = tuple(shape_raw)
+            else:
+                ok = False
+
+    offsets = raw.get("data_offsets")
+    begin = end = None
+    if "data_offsets" in raw:
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(v) for v in offsets)
+        ):
+            bad(f"data_offsets must be two integers, got {str(offsets)[:80]}")
+            ok = False
+        else:
+            begin, end = offsets
+            if begin < 0 or end < 0:
+                bad(f"data_offsets {offsets} are negative")
+                ok = False
+            elif end < begin:
+                bad(f"data_offsets end {end} is before begin {begin}")
+                ok = False
+
+    if ok and shape is not None and itemsize is not None and begin is not None:
+        assert end is not None
+        expected = _capped_numel(shape) * itemsize
+        if end - begin != expected:
+            bad(
+                f"data_offsets [{begin}, {end}] span {end - begin} bytes but shape "
+                f"{list(shape)} of {dtype} needs {expected}"
+            )
+            return None
+        assert isinstance(dtype, str)
+        return dtype, shape, begin, end
+    return None
+
+
+def read_header(path: str, *, max_header_bytes: int = 100 * 2**20) -> SafetensorsHeader:
+    """Read and validate a safetensors header without touching the tensor data.
+
+    Raises :class:`InputError` listing every problem in the file; nothing else escapes.
+    """
+    apath = os.path.abspath(path)
+    problems: list[InputProblem] = []
+
+    def fail(message: str) -> InputError:
+        return InputError([*problems, InputProblem(apath, None, message)])
+
+    try:
+        # O_NONBLOCK so a FIFO planted under a weight name cannot hang the open.
+        fd = os.open(apath, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise fail(f"cannot open: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise fail("not a regular file")
+        file_size = st.st_size
+        if file_size < 8:
+            raise fail(
+                f"file is {file_size} bytes, shorter than the 8-byte safetensors length prefix"
+            )
+        try:
+            prefix = _pread_exact(fd, 8, 0)
+        except OSError as exc:
+            raise fail(f"cannot read: {exc.strerror or exc}") from None
+        if len(prefix) < 8:
+            raise fail("file shrank while reading the length prefix")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > max_header_bytes:
+            raise fail(
+                f"header length {header_len} exceeds the limit of {max_header_bytes} bytes "
+                "(corrupt length prefix or not a safetensors file)"
+            )
+        if 8 + header_len > file_size:
+            raise fail(
+                f"header length {header_len} runs past the end of the file "
+                f"(needs {8 + header_len} bytes, file has {file_size}); "
+                "truncated or not a safetensors file"
+            )
+        try:
+            raw = _pread_exact(fd, header_len, 8)
+        except OSError as exc:
+            raise fail(f"cannot read: {exc.strerror or exc}") from None
+        if len(raw) < header_len:
+            raise fail("file shrank while reading the header")
+    finally:
+        os.close(fd)
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise fail(f"header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKeys as exc:
+        raise fail(f"header JSON repeats the key {str(exc)[:80]!r}") from None
+    except RecursionError:
+        raise fail("header JSON is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, and int-too-long from huge literals
+        raise fail(f"header is not valid JSON ({str(exc)[:120]})") from None
+    if not isinstance(doc, dict):
+        raise fail(f"header must be a JSON object, got {type(doc).__name__}")
+
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    metadata: dict[str, str] = {}
+    if METADATA_KEY in doc:
+        meta = doc[METADATA_KEY]
+        if not isinstance(meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+        ):
+            problems.append(
+                InputProblem(apath, None, "__metadata__ must be an object of string -> string")
+            )
+        else:
+            metadata = dict(meta)
+
+    valid: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    for name in sorted(k for k in doc if k != METADATA_KEY):
+        if name == "":
+            problems.append(InputProblem(apath, None, "a tensor has an empty name"))
+            continue
+        checked = _check_entry(apath, name, doc[name], problems)
+        if checked is not None:
+            valid[name] = checked
+
+    # Truncation: the furthest byte any tensor needs must be inside the file.
+    if valid:
+        far_name = max(valid, key=lambda n: (valid[n][3], n))
+        far_end = valid[far_name][3]
+        if far_end > data_size:
+            problems.append(
+                InputProblem(
+                    apath,
+                    _short(far_name),
+                    f"truncated: needs {data_start + far_end} bytes, file has {file_size}",
+                )
+            )
+
+    # Overlaps: sweep by start; empty tensors occupy no bytes and cannot overlap.
+    spans = sorted(
+        ((v[2], v[3], n) for n, v in valid.items() if v[3] > v[2]), key=lambda s: (s[0], s[1])
+    )
+    prev_end, prev_name = -1, ""
+    for begin, end, name in spans:
+        if begin < prev_end:
+            problems.append(
+                InputProblem(
+                    apath,
+                    _short(name),
+                    f"byte range [{begin}, {end}) overlaps tensor {_short(prev_name)!r}",
+                )
+            )
+        if end > prev_end:
+            prev_end, prev_name = end, name
+
+    if problems:
+        if len(problems) > _MAX_PROBLEMS_PER_FILE:
+            more = len(problems) - _MAX_PROBLEMS_PER_FILE
+            problems = problems[:_MAX_PROBLEMS_PER_FILE]
+            problems.append(InputProblem(apath, None, f"... and {more} more problems"))
+        raise InputError(problems)
+    tensors = {
+        name: TensorEntry(
+            name=name,
+            dtype=dtype,
+            shape=shape,
+            file=apath,
+            offset=data_start + begin,
+            nbytes=end - begin,
+        )
+        for name, (dtype, shape, begin, end) in valid.items()
+    }
+    return SafetensorsHeader(
+        path=apath,
+        file_size=file_size,
+        data_start=data_start,
+        metadata=metadata,
+        tensors=tensors,
+    )
