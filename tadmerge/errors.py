@@ -52,7 +52,10 @@ class InputError(TadmergeError):
         self.problems = list(problems)
         lines = [str(p) for p in self.problems]
         head = f"{len(lines)} input problem(s)" if len(lines) > 1 else "input problem"
-        super().__init__(f"{head}: " + "; ".join(lines) if len(lines) == 1 else head + ":\n  " + "\n  ".join(lines))
+        if len(lines) == 1:
+            super().__init__(f"{head}: {lines[0]}")
+        else:
+            super().__init__(head + ":\n  " + "\n  ".join(lines))
 
 
 class MergeRuntimeError(TadmergeError):

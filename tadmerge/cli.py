@@ -1,0 +1,239 @@
+"""The `tadmerge` command line (and `python merge.py`, the Ray job entry point).
+
+Errors are one line for users (exit codes in errors.py) and a full trace with
+--debug. Every command that reads inputs validates them before writing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+
+from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, TadmergeError
+
+log = logging.getLogger("tadmerge")
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("overrides (take precedence over the config file)")
+    g.add_argument("--out", help="output directory (output.path)")
+    g.add_argument("--memory-budget", help="e.g. 512MB, 2GB (runtime.memory_budget)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--executor", choices=["local", "ray"])
+    g.add_argument("--workers", type=int)
+    g.add_argument("--dtype", help="output dtype: auto, float32, bfloat16, float16")
+    g.add_argument("--shard-size", help="e.g. 5GB (output.shard_size)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt weights safely")
+    g.add_argument("--progress", choices=["auto", "bar", "log", "none"])
+
+
+def _config(args: argparse.Namespace):
+    from .config import load_config, with_overrides
+
+    cfg = load_config(args.config)
+    return with_overrides(
+        cfg,
+        out=args.out,
+        memory_budget=args.memory_budget,
+        device=args.device,
+        executor=args.executor,
+        workers=args.workers,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        seed=args.seed,
+        allow_pickle=args.allow_pickle,
+        progress=args.progress,
+    )
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .cluster.driver import run_merge
+
+    cfg = _config(args)
+    result = run_merge(cfg, overwrite=args.overwrite, resume=args.resume)
+    rep = result.report
+    t = rep.get("timings", {})
+    print(
+        f"merged {len(cfg.models)} model(s) with {cfg.merge.method}"
+        f" + {cfg.sparsify.method} into {result.output} "
+        f"({t.get('total_s', 0):.1f}s, peak RSS {rep.get('peak_rss_bytes', 0) / 2**20:.0f} MiB, "
+        f"{rep['units']['reused']} of {rep['units']['total']} units reused)"
+    )
+    if cfg.merge.method == "emr":
+        for name, lam in rep["emr"]["rescalers"].items():
+            print(f"  task {name}: rescaler {lam:.6f}")
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .planners.plan import make_plan
+
+    cfg = _config(args)
+    plan = make_plan(cfg)
+    if args.json:
+        doc = {
+            "fingerprint": plan.fingerprint,
+            "summary": plan.summary(),
+            "tensors": [
+                {
+                    "name": t.name,
+                    "shape": list(t.shape),
+                    "dtype": t.dtype,
+                    "kind": t.kind,
+                    "reason": t.reason,
+                    "out_dtype": t.out_dtype,
+                    "units": [[plan.units[u].row_start, plan.units[u].row_end] for u in t.units],
+                }
+                for t in plan.tensors
+            ],
+        }
+        print(json.dumps(doc, indent=1))
+        return EXIT_OK
+    s = plan.summary()
+    print(f"plan {plan.fingerprint[:12]}  ({cfg.merge.method} + {cfg.sparsify.method}, "
+          f"scope {cfg.sparsify.scope})")  # fmt: skip
+    print(f"  inputs: base + {len(cfg.models)} model(s), {s['input_bytes'] / 1e9:.3f} GB")
+    print(f"  tensors: {s['tensors']} ({', '.join(f'{v} {k}' for k, v in s['by_kind'].items())})")
+    print(f"  units: {s['units']} ({s['split_tensors']} tensor(s) split into row blocks; "
+          f"{s['unit_budget'] / 2**20:.0f} MiB per unit)")  # fmt: skip
+    print(f"  statistics stage: {'yes' if s['stats_stage'] else 'no'}")
+    print(f"  output: {cfg.output.path}, {s['output_bytes'] / 1e9:.3f} GB in "
+          f"{len(s['shards'])} shard(s): {', '.join(s['shards'][:4])}"
+          f"{' ...' if len(s['shards']) > 4 else ''}")  # fmt: skip
+    for t in plan.tensors:
+        if t.kind != "merge" or args.verbose:
+            units = len(t.units)
+            why = f"  ({t.reason})" if t.reason else ""
+            print(f"  {t.kind:8s} {t.name} {list(t.shape)} {t.dtype} units={units}{why}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .io.publish import verify_output
+
+    problems = verify_output(args.output)
+    if problems:
+        for p in problems:
+            print(f"FAIL {p}")
+        return 3
+    print(f"OK {args.output}: every file matches its manifest")
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .emr.info import print_info
+
+    print_info(args.output)
+    return EXIT_OK
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    from .emr.materialize import materialize
+
+    out = materialize(
+        args.output, args.task, args.to, overwrite=args.overwrite, memory_budget=args.memory_budget
+    )
+    print(f"wrote task {args.task} to {out}")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report.plots import draw_report
+
+    paths = draw_report(args.output, args.to)
+    for p in paths:
+        print(p)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, keep=args.keep)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tadmerge",
+        description="Exact, out-of-core merging of fine-tuned checkpoints (TADrop, TIES, EMR...)",
+    )
+    p.add_argument("--debug", action="store_true", help="full traceback on errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="run a merge described by a YAML config")
+    m.add_argument("config")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    m.add_argument("--resume", action="store_true", help="continue an interrupted merge")
+    _add_overrides(m)
+    m.set_defaults(func=cmd_merge)
+
+    pl = sub.add_parser("plan", help="show what a merge would do, writing nothing")
+    pl.add_argument("config")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("-v", "--verbose", action="store_true", help="list every tensor")
+    _add_overrides(pl)
+    pl.set_defaults(func=cmd_plan)
+
+    v = sub.add_parser("verify", help="check an output against its manifest")
+    v.add_argument("output")
+    v.set_defaults(func=cmd_verify)
+
+    i = sub.add_parser("info", help="describe an EMR output: tasks, rescalers, sizes")
+    i.add_argument("output")
+    i.set_defaults(func=cmd_info)
+
+    mt = sub.add_parser("materialize", help="write one EMR task's full model")
+    mt.add_argument("output")
+    mt.add_argument("--task", required=True)
+    mt.add_argument("--to", required=True, help="directory to write the task model to")
+    mt.add_argument("--overwrite", action="store_true")
+    mt.add_argument("--memory-budget", default="1GB")
+    mt.set_defaults(func=cmd_materialize)
+
+    r = sub.add_parser("report", help="draw the drop-rate plots of a merge (PNG)")
+    r.add_argument("output")
+    r.add_argument("--to", help="directory for the PNG files (default: OUTPUT/plots)")
+    r.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("demo", help="build small demo checkpoints and merge them (EMR + TADrop)")
+    d.add_argument("--out", default="demo_out", help="where the demo writes (default demo_out)")
+    d.add_argument("--keep", action="store_true", help="keep the demo checkpoints")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s tadmerge %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except TadmergeError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"tadmerge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("tadmerge: interrupted; the staging directory is kept: rerun with --resume",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+    except Exception as e:  # an unexpected failure is still one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"tadmerge: internal error: {type(e).__name__}: {e} (rerun with --debug)",
+                  file=sys.stderr)  # fmt: skip
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

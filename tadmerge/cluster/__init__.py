@@ -1,0 +1,1 @@
+"""Executors that run a plan: in-process (local) or on a Ray cluster."""

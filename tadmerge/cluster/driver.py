@@ -1,0 +1,388 @@
+"""The driver: plan → statistics → apply → finalize → atomic publish.
+
+Everything the driver decides is written to the staging directory's `.tadmerge/`
+folder as it goes: the plan fingerprint, the resolved statistics, and one line
+per finished unit (appended only after the unit's bytes were written). A killed
+merge therefore resumes with `--resume`: same fingerprint required, finished
+units and statistics reused, the rest recomputed; the result is the same bytes.
+The state folder is removed just before the manifest is written and the
+directory is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+from .. import __version__
+from ..config import MergeConfig
+from ..emr.store import MaskStore
+from ..engine.exact import ExactSum
+from ..engine.sparsify import Selection
+from ..errors import MergeRuntimeError, OutputError, TadmergeError
+from ..io.block_io import close_all, create_shard_files, index_json
+from ..io.publish import Staging
+from ..planners.inventory import MERGE
+from ..planners.plan import Plan, make_plan
+from .progress import Progress
+from .stats import resolved_from_json, resolved_to_json, run_stats_stage
+from .worker import MASKS_DIR, TASKS_DIR, UnitRecord
+
+log = logging.getLogger("tadmerge")
+STATE_DIR = ".tadmerge"
+REPORT_NAME = "merge_report.json"
+CONFIG_NAME = "merge_config.yaml"
+EMR_NAME = "emr.json"
+
+
+@dataclass
+class MergeResult:
+    output: str
+    plan: Plan
+    report: dict = field(default_factory=dict)
+
+
+class RunState:
+    """The resume log inside the staging directory."""
+
+    def __init__(self, staging: str):
+        self.dir = os.path.join(staging, STATE_DIR)
+        os.makedirs(self.dir, exist_ok=True)
+        self.units_path = os.path.join(self.dir, "units.jsonl")
+
+    def check_or_write_fingerprint(self, fingerprint: str, resume: bool) -> None:
+        path = os.path.join(self.dir, "fingerprint")
+        if resume and os.path.exists(path):
+            with open(path) as f:
+                old = f.read().strip()
+            if old != fingerprint:
+                raise OutputError(
+                    "--resume: the inputs or the config changed since the interrupted merge "
+                    f"(plan {old[:12]} != {fingerprint[:12]}); remove the staging directory "
+                    "or restore them"
+                )
+            return
+        _atomic_write(path, fingerprint.encode())
+
+    def load_stats(self) -> dict | None:
+        path = os.path.join(self.dir, "stats.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return resolved_from_json(json.load(f))
+
+    def save_stats(self, resolved: dict) -> None:
+        doc = json.dumps(resolved_to_json(resolved)).encode()
+        _atomic_write(os.path.join(self.dir, "stats.json"), doc)
+
+    def finished(self) -> dict[int, UnitRecord]:
+        out: dict[int, UnitRecord] = {}
+        if not os.path.exists(self.units_path):
+            return out
+        with open(self.units_path) as f:
+            for line in f:
+                try:
+                    rec = record_from_json(json.loads(line))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    break  # a line cut short by the kill: that unit is redone
+                out[rec.unit] = rec
+        return out
+
+    def append(self, rec: UnitRecord) -> None:
+        line = json.dumps(record_to_json(rec)) + "\n"
+        with open(self.units_path, "a") as f:
+            f.write(line)
+            f.flush()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _stats_json(st) -> dict:
+    return {
+        "kept": st.kept,
+        "selection": None
+        if st.selection is None
+        else {**asdict(st.selection), "lo": asdict(st.selection.lo), "hi": asdict(st.selection.hi)},
+        "tau": None if st.tau is None else st.tau.to_json(),
+        "t": None if st.t is None else st.t.to_json(),
+    }
+
+
+def record_to_json(rec: UnitRecord) -> dict:
+    return {
+        "unit": rec.unit,
+        "tasks": [_stats_json(t) for t in rec.tasks],
+        "emr_abs_t": None if rec.emr_abs_t is None else [s.to_json() for s in rec.emr_abs_t],
+        "emr_abs_uni": None if rec.emr_abs_uni is None else [s.to_json() for s in rec.emr_abs_uni],
+    }
+
+
+def record_from_json(d: dict) -> UnitRecord:
+    from ..engine.block import TaskStats
+    from ..engine.histogram import Cut
+
+    tasks = []
+    for t in d["tasks"]:
+        sel = t["selection"]
+        if sel is not None:
+            sel = Selection(**{**sel, "lo": Cut(**sel["lo"]), "hi": Cut(**sel["hi"])})
+        tasks.append(
+            TaskStats(
+                kept=t["kept"],
+                selection=sel,
+                tau=None if t["tau"] is None else ExactSum.from_json(t["tau"]),
+                t=None if t["t"] is None else ExactSum.from_json(t["t"]),
+            )
+        )
+    conv = lambda v: None if v is None else [ExactSum.from_json(x) for x in v]  # noqa: E731
+    return UnitRecord(d["unit"], tasks, conv(d["emr_abs_t"]), conv(d["emr_abs_uni"]))
+
+
+def make_executor(plan: Plan, staging: str):
+    rt = plan.config.runtime
+    if rt.executor == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(plan, staging)
+    from .local import LocalExecutor
+    from .worker import resolve_device
+
+    return LocalExecutor(plan, staging, rt.workers, str(resolve_device(rt.device)))
+
+
+def unit_bytes(plan: Plan, unit_id: int) -> int:
+    u = plan.units[unit_id]
+    tp = plan.tensors[u.tensor]
+    rows = u.row_end - u.row_start
+    return sum(rows * tp.row_numel * e.itemsize for e in tp.sources)
+
+
+def run_merge(
+    cfg: MergeConfig,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    plan: Plan | None = None,
+    stop_after_units: int | None = None,
+) -> MergeResult:
+    """Run a whole merge. Raises before writing anything if the inputs are bad.
+
+    `stop_after_units` is for tests of --resume: it aborts after that many units
+    as a killed driver would (staging kept, nothing published).
+    """
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    plan = plan or make_plan(cfg)
+    timings["plan_s"] = time.monotonic() - t0
+    staging = Staging(cfg.output.path, overwrite=overwrite, resume=resume)
+    state = RunState(staging.path)
+    state.check_or_write_fingerprint(plan.fingerprint, resume)
+    log.info(
+        "plan %s: %d tensors, %d units, %.2f GB in, %.2f GB out",
+        plan.fingerprint[:12],
+        len(plan.tensors),
+        len(plan.units),
+        plan.input_bytes / 1e9,
+        plan.output_bytes / 1e9,
+    )
+    _prepare_outputs(plan, staging.path)
+    executor = make_executor(plan, staging.path)
+    try:
+        t1 = time.monotonic()
+        resolved = state.load_stats() if resume else None
+        if resolved is None:
+            resolved = _run_stats(plan, executor)
+            state.save_stats(resolved)
+        timings["stats_s"] = time.monotonic() - t1
+
+        t2 = time.monotonic()
+        done = state.finished() if resume else {}
+        reused = len(done)
+        todo = [u.id for u in plan.units if u.id not in done]
+        progress = Progress(
+            "merge",
+            len(plan.units),
+            sum(unit_bytes(plan, u) for u in todo),
+            cfg.runtime.progress,
+        )
+        progress.units = reused
+        count = {"n": 0}
+
+        def on_done(rec: UnitRecord) -> None:
+            state.append(rec)
+            done[rec.unit] = rec
+            progress.update(1, unit_bytes(plan, rec.unit))
+            count["n"] += 1
+            if stop_after_units is not None and count["n"] >= stop_after_units:
+                raise _Interrupted()
+
+        try:
+            executor.run_units(todo, resolved, on_done)
+        finally:
+            progress.close()
+        timings["apply_s"] = time.monotonic() - t2
+        t3 = time.monotonic()
+        report = _finalize(plan, staging.path, done, resolved, reused, executor)
+        state.remove()
+        timings["finalize_s"] = time.monotonic() - t3
+        timings["total_s"] = time.monotonic() - t0
+        report["timings"] = timings
+        report["peak_rss_bytes"] = peak_rss_bytes()
+        if getattr(executor, "peak_rss_workers", None):
+            report["peak_rss_workers_bytes"] = executor.peak_rss_workers
+        _write_json(os.path.join(staging.path, REPORT_NAME), report)
+        close_all()
+        out = staging.publish()
+        log.info("published %s in %.1fs", out, timings["total_s"])
+        return MergeResult(out, plan, report)
+    except _Interrupted:
+        close_all()
+        raise MergeRuntimeError(
+            f"merge stopped after {stop_after_units} units (test hook); staging kept at "
+            f"{staging.path}: rerun with --resume"
+        ) from None
+    except TadmergeError:
+        close_all()
+        raise
+    except KeyboardInterrupt:
+        close_all()
+        raise
+    except OSError as e:
+        close_all()
+        raise MergeRuntimeError(
+            f"{e.filename or ''}: {e.strerror or e}; staging kept at {staging.path}, "
+            "fix the cause and rerun with --resume"
+        ) from e
+    finally:
+        executor.close()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _run_stats(plan: Plan, executor) -> dict:
+    if not plan.needs_stats():
+        return {}
+    t = time.monotonic()
+    resolved = run_stats_stage(plan, executor.map_stats)
+    log.info("statistics stage done in %.1fs", time.monotonic() - t)
+    return resolved
+
+
+def _prepare_outputs(plan: Plan, staging: str) -> None:
+    create_shard_files(staging, plan.shards)
+    for name, shards in plan.task_shards.items():
+        d = os.path.join(staging, TASKS_DIR, name)
+        os.makedirs(d, exist_ok=True)
+        create_shard_files(d, shards)
+    if plan.is_emr:
+        MaskStore.create(
+            os.path.join(staging, MASKS_DIR),
+            plan.config.task_names,
+            [(t.index, t.name, t.shape, t.rng_rows) for t in plan.tensors if t.kind == MERGE],
+        )
+
+
+def _write_json(path: str, doc: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=False, default=_json_default)
+        f.write("\n")
+
+
+def _json_default(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    raise TypeError(type(v))
+
+
+def _finalize(
+    plan: Plan, staging: str, done: dict[int, UnitRecord], resolved: dict, reused: int, executor
+) -> dict:
+    cfg = plan.config
+    missing = [u.id for u in plan.units if u.id not in done]
+    if missing:
+        raise MergeRuntimeError(f"{len(missing)} unit(s) did not finish: {missing[:10]}")
+    if len(plan.shards) > 1:
+        with open(os.path.join(staging, "model.safetensors.index.json"), "wb") as f:
+            f.write(index_json(plan.shards))
+    for name, shards in plan.task_shards.items():
+        if len(shards) > 1:
+            with open(
+                os.path.join(staging, TASKS_DIR, name, "model.safetensors.index.json"), "wb"
+            ) as f:
+                f.write(index_json(shards))
+    for src in plan.inputs[0].extra_files:
+        shutil.copyfile(src, os.path.join(staging, os.path.basename(src)))
+    with open(os.path.join(staging, CONFIG_NAME), "w") as f:
+        f.write(cfg.to_yaml())
+    from ..report.figures import tensor_report
+
+    tensors, emr = tensor_report(plan, done, resolved)
+    report: dict = {
+        "format": "tadmerge-report/1",
+        "tadmerge_version": __version__,
+        "plan_fingerprint": plan.fingerprint,
+        "config": cfg.to_dict(),
+        "tasks": cfg.task_names,
+        "units": {"total": len(plan.units), "reused": reused},
+        "input_bytes": plan.input_bytes,
+        "output_bytes": plan.output_bytes,
+        "tensors": tensors,
+    }
+    glob = resolved.get("_global")
+    if glob:
+        report["global"] = {cfg.task_names[int(k)]: v for k, v in glob.get("groups", {}).items()}
+    if plan.is_emr:
+        report["emr"] = emr
+        _write_json(os.path.join(staging, EMR_NAME), _emr_doc(plan, emr))
+    return report
+
+
+def _emr_doc(plan: Plan, emr: dict) -> dict:
+    base = plan.inputs[0]
+    cfg = plan.config
+    return {
+        "format": "tadmerge-emr/1",
+        "tasks": cfg.task_names,
+        "rescalers": emr["rescalers"],
+        "base": {"source": cfg.base, "root": base.root, "revision": base.revision},
+        "delta": {
+            "dtype": cfg.emr.delta_dtype,
+            "files": [s.filename for s in plan.shards],
+            "meaning": "tau_uni; task k = base + rescaler_k * mask_k * tau_uni",
+        },
+        "masks": {"store": MASKS_DIR, "bitorder": "little"},
+        "excluded_per_task": {
+            name: [s.filename for s in shards] for name, shards in plan.task_shards.items()
+        },
+        "tensors": {
+            t.name: {
+                "kind": t.kind,
+                "shape": list(t.shape),
+                "dtype": t.dtype,
+                "block_rows": t.rng_rows,
+            }
+            for t in plan.tensors
+        },
+    }

@@ -1,0 +1,67 @@
+"""The in-process executor: a bounded pool of threads over units.
+
+torch releases the GIL in its kernels and reads/writes are pread/pwrite, so
+threads overlap I/O and compute without copying data between processes. At
+most `workers` units are in flight, which keeps the working set within the
+memory budget that the planner divided among them. Results are delivered to
+the driver's callbacks in completion order; every reduction they feed is exact
+and order-independent, so the output does not depend on scheduling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+from ..planners.plan import Plan
+from .worker import UnitRecord, run_unit, unit_stats
+
+
+class LocalExecutor:
+    def __init__(self, plan: Plan, staging: str, workers: int = 1, device: str = "cpu"):
+        self.plan = plan
+        self.staging = staging
+        self.workers = max(1, workers)
+        self.device = device
+        self.peak_rss_workers: list[int] = []
+
+    def _bounded_map(self, fn: Callable, items: list, on_result: Callable) -> None:
+        if self.workers == 1:
+            for key, *args in items:
+                on_result(key, fn(*args))
+            return
+        with ThreadPoolExecutor(self.workers) as pool:
+            running: dict[Future, object] = {}
+            it = iter(items)
+            for key, *args in it:
+                running[pool.submit(fn, *args)] = key
+                if len(running) >= self.workers:
+                    break
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    key = running.pop(f)
+                    on_result(key, f.result())
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        k2, *a2 = nxt
+                        running[pool.submit(fn, *a2)] = k2
+
+    def map_stats(self, label: str, items: list[tuple[int, tuple]], on_result) -> None:
+        self._bounded_map(
+            unit_stats,
+            [(u, self.plan, u, req, self.device) for u, req in items],
+            on_result,
+        )
+
+    def run_units(
+        self, unit_ids: list[int], resolved: dict, on_done: Callable[[UnitRecord], None]
+    ) -> None:
+        self._bounded_map(
+            run_unit,
+            [(u, self.plan, self.staging, u, resolved.get(u), self.device) for u in unit_ids],
+            lambda _k, rec: on_done(rec),
+        )
+
+    def close(self) -> None:
+        pass

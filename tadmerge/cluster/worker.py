@@ -1,0 +1,210 @@
+"""What a worker does with one unit: read its blocks, compute, write in place.
+
+These functions are the same for every executor. They take the plan (plain
+data) and paths, read inputs by path and byte range, and write output bytes at
+offsets fixed by the plan; only small results (histograms, sums, counts) are
+returned, which is all that travels back to the driver.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..emr.store import MaskStore
+from ..engine.block import BlockContext, BlockResult, MergeSpec, merge_block, sparsified_sign_sum
+from ..engine.histogram import coarse_stats, fine_histograms
+from ..engine.keys import magnitude_keys
+from ..errors import InputError, InputProblem
+from ..io.block_io import read_rows, write_at
+from ..io.safetensors_format import DTYPE_INFO
+from ..planners.inventory import COPY, EXCLUDE, MERGE
+from ..planners.plan import Plan, TensorPlan, Unit
+
+MASKS_DIR = "masks.zarr"
+TASKS_DIR = "tasks"
+
+
+def merge_spec(plan: Plan) -> MergeSpec:
+    cfg = plan.config
+    return MergeSpec(
+        sparsify=cfg.sparsify,
+        method=cfg.merge.method,
+        scale=cfg.merge.scale,
+        disjoint=cfg.merge.disjoint,
+        weights=tuple(m.weight for m in cfg.models),
+        seed=cfg.seed,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from ..errors import ConfigError
+
+        raise ConfigError("runtime.device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def read_unit(
+    plan: Plan, unit: Unit, device: torch.device
+) -> tuple[TensorPlan, list[torch.Tensor]]:
+    """Float32 blocks of base and models for one unit, checked finite."""
+    tp = plan.tensors[unit.tensor]
+    blocks = []
+    for src in tp.sources:
+        raw = read_rows(src, unit.row_start, unit.row_end)
+        block = raw.to(device=device, dtype=torch.float32)
+        if not plan.config.inputs.allow_nonfinite:
+            bad = int((~torch.isfinite(block)).sum())
+            if bad:
+                raise InputError(
+                    InputProblem(
+                        src.file,
+                        tp.name,
+                        f"{bad} NaN/Inf value(s) in rows {unit.row_start}..{unit.row_end} "
+                        "(set inputs.allow_nonfinite: true to merge anyway)",
+                    )
+                )
+        blocks.append(block)
+    return tp, blocks
+
+
+def block_context(plan: Plan, unit: Unit, resolved: dict | None) -> BlockContext:
+    tp = plan.tensors[unit.tensor]
+    ctx = BlockContext(
+        tensor=tp.name,
+        shape=tp.shape,
+        row_start=unit.row_start,
+        row_end=unit.row_end,
+        rng_rows=tp.rng_rows,
+        whole=not tp.split,
+    )
+    if resolved:
+        ctx.selections = resolved.get("selections")
+        ctx.quotas = resolved.get("quotas")
+        ctx.rates = resolved.get("rates")
+        ctx.majority = resolved.get("majority")
+    return ctx
+
+
+# ------------------------------------------------------------------------------------
+# statistics rounds
+# ------------------------------------------------------------------------------------
+
+
+def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu"):
+    """One unit's share of a statistics round (see cluster/stats.py)."""
+    device = resolve_device(device_name)
+    unit = plan.units[unit_id]
+    _, blocks = read_unit(plan, unit, device)
+    base, models = blocks[0], blocks[1:]
+    kind = request[0]
+    if kind == "coarse":
+        with_abs = request[1]
+        return [coarse_stats(magnitude_keys(m - base), with_abs=with_abs) for m in models]
+    if kind == "fine":
+        wanted: dict[int, list[int]] = request[1]
+        return {
+            k: fine_histograms(magnitude_keys(models[k] - base), buckets)
+            for k, buckets in wanted.items()
+        }
+    if kind == "sign":
+        ctx = block_context(plan, unit, request[1])
+        return sparsified_sign_sum(base, models, merge_spec(plan), ctx)
+    raise ValueError(f"unknown stats request {kind}")
+
+
+# ------------------------------------------------------------------------------------
+# the apply stage
+# ------------------------------------------------------------------------------------
+
+
+@dataclass
+class UnitRecord:
+    """What a finished unit reports (kept for the report and for --resume)."""
+
+    unit: int
+    tasks: list  # per task: engine.block.TaskStats
+    emr_abs_t: list | None = None
+    emr_abs_uni: list | None = None
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return DTYPE_INFO[name][0]
+
+
+def _row_offset(tp: TensorPlan, row: int, dtype: str) -> int:
+    return row * tp.row_numel * DTYPE_INFO[dtype][1]
+
+
+def run_unit(
+    plan: Plan, staging: str, unit_id: int, resolved: dict | None, device_name: str = "cpu"
+) -> UnitRecord:
+    """Merge (or copy) one unit and write its bytes at the planned offsets."""
+    device = resolve_device(device_name)
+    unit = plan.units[unit_id]
+    tp = plan.tensors[unit.tensor]
+    if tp.kind != MERGE:
+        return _copy_unit(plan, staging, unit, tp)
+    _, blocks = read_unit(plan, unit, device)
+    spec = merge_spec(plan)
+    ctx = block_context(plan, unit, resolved)
+    res: BlockResult = merge_block(blocks[0], blocks[1:], spec, ctx)
+    del blocks
+    if res.emr is not None:
+        _write_tensor_rows(plan, staging, tp, unit, res.emr.tau_uni)
+        MaskStore(os.path.join(staging, MASKS_DIR)).write(
+            tp.index, tp.shape, tp.rng_rows, unit.row_start, unit.row_end, res.emr.masks
+        )
+        return UnitRecord(unit_id, res.tasks, res.emr.abs_t, res.emr.abs_masked_uni)
+    _write_tensor_rows(plan, staging, tp, unit, res.merged)
+    return UnitRecord(unit_id, res.tasks)
+
+
+def _write_tensor_rows(plan: Plan, staging: str, tp: TensorPlan, unit: Unit, values) -> None:
+    where = plan.shard_of(tp.name)
+    assert where is not None and tp.out_dtype is not None
+    filename, offset = where
+    out = values.to(_torch_dtype(tp.out_dtype)).cpu()
+    write_at(
+        os.path.join(staging, filename), offset + _row_offset(tp, unit.row_start, tp.out_dtype), out
+    )
+
+
+def _copy_unit(plan: Plan, staging: str, unit: Unit, tp: TensorPlan) -> UnitRecord:
+    """Non-float and excluded tensors: copy base bytes (checking non-float ones agree)."""
+    raws = [read_rows(src, unit.row_start, unit.row_end) for src in tp.sources]
+    if tp.kind == COPY and tp.numel:
+        base_bytes = raws[0].view(torch.uint8) if raws[0].numel() else raws[0]
+        for src, raw, model in zip(tp.sources[1:], raws[1:], plan.config.models, strict=True):
+            if not torch.equal(raw.view(torch.uint8) if raw.numel() else raw, base_bytes):
+                raise InputError(
+                    InputProblem(
+                        src.file,
+                        tp.name,
+                        f"non-floating tensor differs from the base in model '{model.name}' "
+                        "(it cannot be merged; exclude it or make the inputs agree)",
+                    )
+                )
+    where = plan.shard_of(tp.name)
+    if where is not None:
+        filename, offset = where
+        write_at(
+            os.path.join(staging, filename),
+            offset + _row_offset(tp, unit.row_start, tp.dtype),
+            raws[0],
+        )
+    if tp.kind == EXCLUDE and plan.task_shards:
+        for m, raw in zip(plan.config.models, raws[1:], strict=True):
+            for shard in plan.task_shards[m.name]:
+                if tp.name in shard.data_offsets:
+                    write_at(
+                        os.path.join(staging, TASKS_DIR, m.name, shard.filename),
+                        shard.tensor_offset(tp.name) + _row_offset(tp, unit.row_start, tp.dtype),
+                        raw,
+                    )
+    return UnitRecord(unit.id, [])

@@ -1,0 +1,389 @@
+"""The merge config: YAML in, validated dataclasses out.
+
+The key names are the user interface (README "Config reference"). Unknown keys
+and bad values raise ConfigError naming the key and why, so a typo never turns
+into a silently different merge.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .engine.combine import COMBINERS
+from .engine.sparsify import (
+    ALL_METHODS,
+    DEFAULT_RESCALE,
+    RESCALE_MODES,
+    SparsifySpec,
+)
+from .errors import ConfigError
+
+OUTPUT_DTYPES = {"auto", "float32", "bfloat16", "float16", "float64"}
+DELTA_DTYPES = {"float32", "bfloat16", "float16"}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40,
+}  # fmt: skip
+
+
+def parse_size(value: Any, key: str) -> int:
+    """'5GB' (decimal, as Hugging Face writes shard sizes), '512MiB', or bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size like '2GB', got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m or (m.group(2) or "").lower() not in _UNITS:
+        raise ConfigError(f"{key}: expected a size like '2GB' or '512MiB', got {value!r}")
+    size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    if size <= 0:
+        raise ConfigError(f"{key}: must be positive, got {value!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    path: str
+    name: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    method: str = "task_arithmetic"
+    scale: float = 1.0
+    disjoint: str = "mean"
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    path: str = "out"
+    dtype: str = "auto"
+    shard_size: int = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    executor: str = "local"
+    workers: int = 1
+    device: str = "auto"
+    memory_budget: int = 2 * 10**9
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None  # default: 1 when device is cuda
+    max_retries: int = 3
+    progress: str = "auto"  # auto | bar | log | none
+    # Advanced. Cap on the elements of one unit (smaller units than the budget allows).
+    max_unit_elements: int | None = None
+    # Advanced. Elements per canonical row block: the grain of DARE/DELLA random streams
+    # and of EMR mask chunks, so it is part of the output's definition.
+    block_elements: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    allow_pickle: bool = False
+    allow_nonfinite: bool = False
+
+
+@dataclass(frozen=True)
+class EmrSpec:
+    delta_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    base: str
+    models: tuple[ModelEntry, ...]
+    sparsify: SparsifySpec = field(default_factory=SparsifySpec)
+    merge: MergeMethod = field(default_factory=MergeMethod)
+    exclude: tuple[str, ...] = ()
+    output: OutputSpec = field(default_factory=OutputSpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    inputs: InputPolicy = field(default_factory=InputPolicy)
+    emr: EmrSpec = field(default_factory=EmrSpec)
+    seed: int = 0
+
+    @property
+    def task_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["models"] = [asdict(m) for m in self.models]
+        d["exclude"] = list(self.exclude)
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------
+# parsing
+# --------------------------------------------------------------------------------------
+
+_TOP_KEYS = {"base", "models", "sparsify", "merge", "exclude", "output", "runtime", "seed",
+             "inputs", "emr"}  # fmt: skip
+_SPARSIFY_KEYS = {"method", "scope", "low_q", "high_q", "eps", "rescale", "max_drop",
+                  "density", "p", "epsilon", "gamma"}  # fmt: skip
+
+
+def _check_keys(section: dict, allowed: set[str], where: str) -> None:
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(section).__name__}")
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def _num(value: Any, key: str, lo: float | None = None, hi: float | None = None,
+         lo_open: bool = False, hi_open: bool = False) -> float:  # fmt: skip
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ConfigError(f"{key}: must be finite, got {value!r}")
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise ConfigError(f"{key}: must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        raise ConfigError(f"{key}: must be {'<' if hi_open else '<='} {hi}, got {value!r}")
+    return v
+
+
+def _choice(value: Any, key: str, choices: set[str] | frozenset[str]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(sorted(choices))}; got {value!r}")
+    return value
+
+
+def _int(value: Any, key: str, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(f"{key}: expected an integer >= {lo}, got {value!r}")
+    return value
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _parse_models(raw: Any, base_dir: Path) -> tuple[ModelEntry, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("models: expected a non-empty list of {path, name, weight}")
+    out, seen = [], set()
+    for i, m in enumerate(raw):
+        if isinstance(m, str):
+            m = {"path": m}
+        _check_keys(m, {"path", "name", "weight"}, f"models[{i}]")
+        if "path" not in m or not isinstance(m["path"], str) or not m["path"]:
+            raise ConfigError(f"models[{i}].path: required (a directory, a file or a repo id)")
+        path = _resolve_path(m["path"], base_dir)
+        name = m.get("name") or Path(m["path"].rstrip("/")).name.split("@")[0]
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigError(
+                f"models[{i}].name: {name!r} must be 1-128 chars of letters, digits, '_', '.', '-'"
+            )
+        if name in seen:
+            raise ConfigError(f"models[{i}].name: {name!r} is used twice; names must be unique")
+        seen.add(name)
+        weight = _num(m.get("weight", 1.0), f"models[{i}].weight")
+        out.append(ModelEntry(path, name, weight))
+    return tuple(out)
+
+
+def _resolve_path(p: str, base_dir: Path) -> str:
+    """Relative local paths are relative to the config file; repo ids stay as they are."""
+    candidate = (base_dir / p).expanduser()
+    if Path(p).is_absolute() or candidate.exists() or p.startswith((".", "~")):
+        return str(candidate.resolve()) if not Path(p).is_absolute() else p
+    return p
+
+
+def _parse_sparsify(raw: dict) -> SparsifySpec:
+    _check_keys(raw, _SPARSIFY_KEYS, "sparsify")
+    method = _choice(raw.get("method", "none"), "sparsify.method", ALL_METHODS)
+    scope = _choice(raw.get("scope", "tensor"), "sparsify.scope", {"tensor", "global"})
+    d = SparsifySpec()
+    low_q = _num(raw.get("low_q", d.low_q), "sparsify.low_q", 0.0, 1.0)
+    high_q = _num(raw.get("high_q", d.high_q), "sparsify.high_q", 0.0, 1.0)
+    if low_q >= high_q:
+        raise ConfigError(f"sparsify.low_q ({low_q}) must be below sparsify.high_q ({high_q})")
+    rescale = _choice(raw.get("rescale", DEFAULT_RESCALE[method]), "sparsify.rescale",
+                      RESCALE_MODES)  # fmt: skip
+    if method in {"random", "della"} and rescale not in {"none", "inverse_keep"}:
+        raise ConfigError(
+            f"sparsify.rescale: {method} supports none or inverse_keep, not {rescale}"
+        )
+    if method in {"magnitude", "breadcrumbs"} and scope == "global" and rescale in {"l2", "l1"}:
+        raise ConfigError(
+            f"sparsify.rescale: {rescale} with scope global is defined for tadrop only "
+            f"(use none or inverse_keep with {method})"
+        )
+    density = _num(raw.get("density", d.density), "sparsify.density", 0.0, 1.0, lo_open=True)
+    gamma = _num(raw.get("gamma", d.gamma), "sparsify.gamma", 0.0, 1.0, hi_open=True)
+    if method == "breadcrumbs" and density + gamma > 1.0:
+        raise ConfigError(f"sparsify.density + sparsify.gamma must be <= 1 ({density + gamma})")
+    epsilon = _num(raw.get("epsilon", d.epsilon), "sparsify.epsilon", 0.0, 1.0)
+    if method == "della" and (density - epsilon <= 0 or density + epsilon > 1):
+        raise ConfigError(
+            f"sparsify.epsilon: della needs 0 < density - epsilon and density + epsilon <= 1 "
+            f"(density {density}, epsilon {epsilon})"
+        )
+    return SparsifySpec(
+        method=method,
+        scope=scope,
+        low_q=low_q,
+        high_q=high_q,
+        eps=_num(raw.get("eps", d.eps), "sparsify.eps", 0.0),
+        rescale=rescale,
+        max_drop=_num(raw.get("max_drop", d.max_drop), "sparsify.max_drop", 0.0, 1.0),
+        density=density,
+        p=_num(raw.get("p", d.p), "sparsify.p", 0.0, 1.0, hi_open=True),
+        epsilon=epsilon,
+        gamma=gamma,
+    )
+
+
+def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
+    """Validate a config mapping (as loaded from YAML) into a MergeConfig."""
+    base_dir = Path(base_dir)
+    _check_keys(raw, _TOP_KEYS, "config")
+    if "base" not in raw or not isinstance(raw["base"], str) or not raw["base"]:
+        raise ConfigError("base: required (a directory, a .safetensors file or a repo id)")
+    models = _parse_models(raw.get("models"), base_dir)
+    sparsify = _parse_sparsify(raw.get("sparsify") or {})
+
+    m = raw.get("merge") or {}
+    _check_keys(m, {"method", "scale", "disjoint"}, "merge")
+    merge = MergeMethod(
+        method=_choice(m.get("method", "task_arithmetic"), "merge.method", COMBINERS),
+        scale=_num(m.get("scale", 1.0), "merge.scale"),
+        disjoint=_choice(m.get("disjoint", "mean"), "merge.disjoint", {"mean", "sum"}),
+    )
+    if merge.method in {"task_arithmetic", "ties", "average"}:
+        total_w = sum(x.weight for x in models)
+        if merge.method == "average" and total_w == 0:
+            raise ConfigError("models[*].weight: the weights of an average must not sum to 0")
+
+    exclude = raw.get("exclude") or []
+    if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
+        raise ConfigError("exclude: expected a list of regular expressions")
+    for i, pat in enumerate(exclude):
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise ConfigError(f"exclude[{i}]: invalid regular expression {pat!r}: {e}") from None
+
+    o = raw.get("output") or {}
+    _check_keys(o, {"path", "dtype", "shard_size"}, "output")
+    out_path = o.get("path", "out")
+    if not isinstance(out_path, str) or not out_path:
+        raise ConfigError("output.path: expected a directory path")
+    output = OutputSpec(
+        path=str((base_dir / out_path).resolve()) if not Path(out_path).is_absolute() else out_path,
+        dtype=_choice(o.get("dtype", "auto"), "output.dtype", OUTPUT_DTYPES),
+        shard_size=parse_size(o.get("shard_size", "5GB"), "output.shard_size"),
+    )
+
+    r = raw.get("runtime") or {}
+    _check_keys(r, {"executor", "workers", "device", "memory_budget", "cpus_per_worker",
+                    "gpus_per_worker", "max_retries", "progress", "max_unit_elements",
+                    "block_elements"}, "runtime")  # fmt: skip
+    mue = r.get("max_unit_elements")
+    gpus = r.get("gpus_per_worker")
+    runtime = RuntimeSpec(
+        executor=_choice(r.get("executor", "local"), "runtime.executor", {"local", "ray"}),
+        workers=_int(r.get("workers", 1), "runtime.workers", 1),
+        device=_choice(r.get("device", "auto"), "runtime.device", {"auto", "cpu", "cuda"}),
+        memory_budget=parse_size(r.get("memory_budget", "2GB"), "runtime.memory_budget"),
+        cpus_per_worker=_num(r.get("cpus_per_worker", 1.0), "runtime.cpus_per_worker", 0.0),
+        gpus_per_worker=None if gpus is None else _num(gpus, "runtime.gpus_per_worker", 0.0),
+        max_retries=_int(r.get("max_retries", 3), "runtime.max_retries", 0),
+        progress=_choice(
+            r.get("progress", "auto"), "runtime.progress", {"auto", "bar", "log", "none"}
+        ),
+        max_unit_elements=None if mue is None else _int(mue, "runtime.max_unit_elements", 1),
+        block_elements=_int(r.get("block_elements", 1 << 20), "runtime.block_elements", 1),
+    )
+
+    i = raw.get("inputs") or {}
+    _check_keys(i, {"allow_pickle", "allow_nonfinite"}, "inputs")
+    inputs = InputPolicy(
+        allow_pickle=_bool(i.get("allow_pickle", False), "inputs.allow_pickle"),
+        allow_nonfinite=_bool(i.get("allow_nonfinite", False), "inputs.allow_nonfinite"),
+    )
+    e = raw.get("emr") or {}
+    _check_keys(e, {"delta_dtype"}, "emr")
+    emr = EmrSpec(delta_dtype=_choice(e.get("delta_dtype", "float32"), "emr.delta_dtype",
+                                      DELTA_DTYPES))  # fmt: skip
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed: expected an integer, got {seed!r}")
+    return MergeConfig(
+        base=_resolve_path(raw["base"], base_dir),
+        models=models,
+        sparsify=sparsify,
+        merge=merge,
+        exclude=tuple(exclude),
+        output=output,
+        runtime=runtime,
+        inputs=inputs,
+        emr=emr,
+        seed=seed,
+    )
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the config is empty")
+    return parse_config(raw, p.parent)
+
+
+def with_overrides(cfg: MergeConfig, **kw: Any) -> MergeConfig:
+    """Apply CLI overrides (None = not given) with the same validation as the file."""
+    out, rt = cfg.output, cfg.runtime
+    if kw.get("out") is not None:
+        out = replace(out, path=str(Path(kw["out"]).resolve()))
+    if kw.get("dtype") is not None:
+        out = replace(out, dtype=_choice(kw["dtype"], "--dtype", OUTPUT_DTYPES))
+    if kw.get("shard_size") is not None:
+        out = replace(out, shard_size=parse_size(kw["shard_size"], "--shard-size"))
+    if kw.get("memory_budget") is not None:
+        rt = replace(rt, memory_budget=parse_size(kw["memory_budget"], "--memory-budget"))
+    if kw.get("device") is not None:
+        rt = replace(rt, device=_choice(kw["device"], "--device", {"auto", "cpu", "cuda"}))
+    if kw.get("executor") is not None:
+        rt = replace(rt, executor=_choice(kw["executor"], "--executor", {"local", "ray"}))
+    if kw.get("workers") is not None:
+        rt = replace(rt, workers=_int(kw["workers"], "--workers", 1))
+    if kw.get("progress") is not None:
+        rt = replace(rt, progress=kw["progress"])
+    cfg = replace(cfg, output=out, runtime=rt)
+    if kw.get("seed") is not None:
+        cfg = replace(cfg, seed=_int(kw["seed"], "--seed", 0))
+    if kw.get("allow_pickle"):
+        cfg = replace(cfg, inputs=replace(cfg.inputs, allow_pickle=True))
+    return cfg

@@ -1,0 +1,116 @@
+"""Combiners: merge the K sparsified task vectors of one block (SPEC section 5).
+
+Every formula is evaluated in float32 in a fixed order (task 1..K, products
+before sums, scalars cast to float32 once), so the result is the same bits on
+any device and for any block split; the order is documented in docs/semantics.md
+and mirrored by the reference implementation in the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .exact import ExactSum, exact_sums
+
+COMBINERS = frozenset({"average", "task_arithmetic", "ties", "emr"})
+
+
+def _f32(v: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32, device=like.device)
+
+
+def weighted_sum(ts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ_k fl32(w_k)·t_k, accumulated in task order."""
+    acc = ts[0] * _f32(weights[0], ts[0])
+    for t, w in zip(ts[1:], weights[1:], strict=True):
+        acc = acc + t * _f32(w, t)
+    return acc
+
+
+def average(thetas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """θ = Σ w_k θ_k / Σ w_k (Σ w_k in float64, cast once)."""
+    return weighted_sum(thetas, weights) / _f32(sum(weights), thetas[0])
+
+
+def average_of_deltas(base: torch.Tensor, ts: list[torch.Tensor], weights: list[float]):
+    """With a sparsifier, averaging acts on task vectors: θ0 + Σ w_k t_k / Σ w_k."""
+    return base + weighted_sum(ts, weights) / _f32(sum(weights), base)
+
+
+def task_arithmetic(base: torch.Tensor, ts: list[torch.Tensor], weights: list[float], scale):
+    """θ = θ0 + λ Σ w_k t_k."""
+    return base + _f32(scale, base) * weighted_sum(ts, weights)
+
+
+def ties_sign_sum(ts: list[torch.Tensor], weights: list[float]) -> int:
+    """Σ over entries of sign(Σ_k w_k t_k): the tensor's majority sign, as an int."""
+    return int(torch.sign(weighted_sum(ts, weights)).sum(dtype=torch.int64))
+
+
+def majority_sign(sign_sum: int) -> int:
+    return -1 if sign_sum < 0 else 1
+
+
+def ties(
+    base: torch.Tensor,
+    ts: list[torch.Tensor],
+    weights: list[float],
+    scale: float,
+    disjoint: str,
+    majority: int | None,
+) -> torch.Tensor:
+    """TIES: elect a sign, keep agreeing entries, disjoint mean (or sum)."""
+    prods = [t * _f32(w, t) for t, w in zip(ts, weights, strict=True)]
+    total = prods[0]
+    for p in prods[1:]:
+        total = total + p
+    sigma = torch.sign(total)
+    if majority is None:
+        majority = majority_sign(int(sigma.sum(dtype=torch.int64)))
+    sigma = torch.where(sigma == 0, _f32(float(majority), sigma), sigma)
+    num = torch.zeros_like(base)
+    den = torch.zeros_like(base)
+    for p, w in zip(prods, weights, strict=True):
+        agree = torch.sign(p) == sigma
+        num = num + torch.where(agree, p, 0.0)
+        if disjoint == "mean":
+            den = den + torch.where(agree, _f32(w, p), 0.0)
+    if disjoint == "mean":
+        delta = torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
+    else:
+        delta = num
+    return base + _f32(scale, base) * delta
+
+
+@dataclass
+class EmrBlock:
+    """EMR-Merging of one block: the unified delta, the task masks, and the exact
+    sums that the task rescalers are made of."""
+
+    tau_uni: torch.Tensor  # float32
+    masks: list[torch.Tensor]  # bool, one per task
+    abs_t: list[ExactSum]  # Σ|t_k| over the block
+    abs_masked_uni: list[ExactSum]  # Σ|M_k ⊙ τ_uni| over the block
+
+
+def emr(ts: list[torch.Tensor]) -> EmrBlock:
+    """σ = sign(Σ t_k) with 0 → -1; M_k = [t_k σ > 0]; τ_uni = σ·max_k(M_k |t_k|)."""
+    total = ts[0]
+    for t in ts[1:]:
+        total = total + t
+    positive = total > 0
+    masks = [torch.where(positive, t > 0, t < 0) for t in ts]
+    mag = torch.zeros_like(ts[0])
+    for t, m in zip(ts, masks, strict=True):
+        mag = torch.maximum(mag, torch.where(m, t.abs(), 0.0))
+    tau_uni = torch.where(positive, mag, 0.0 - mag)  # +0.0 where no task agrees
+    abs_t = [exact_sums(t) for t in ts]
+    abs_uni = [exact_sums(torch.where(m, mag, 0.0)) for m in masks]
+    return EmrBlock(tau_uni, masks, abs_t, abs_uni)
+
+
+def emr_task_block(base: torch.Tensor, tau_uni: torch.Tensor, mask: torch.Tensor, rescaler):
+    """θ_k* = θ0 + fl32(λ_k) · (M_k ⊙ τ_uni)."""
+    return base + _f32(rescaler, base) * torch.where(mask, tau_uni, 0.0)

@@ -1,0 +1,279 @@
+"""Exact order statistics from mergeable histograms of magnitude keys.
+
+Selection is done in two levels on the 31-bit key of |x| (keys.py): a coarse
+histogram over the top 15 bits (32768 buckets) and, only for the few buckets
+that hold a wanted rank, a fine histogram over the low 16 bits. Both are plain
+counts, so histograms of row blocks add up to the histogram of the tensor, and
+the value at any rank is found exactly: no sort, no sampling, no 2**24 limit.
+The coarse level also carries exact integer sums of squares per bucket (see
+exact.py), which gives the exact L2 norm of any rank range (what TADrop's
+rescale needs) without another pass over the data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .exact import SQ_SCALE_BITS, mantissa_exponent, split_square
+from .keys import (
+    COARSE_SHIFT,
+    N_COARSE,
+    N_FINE,
+    key_abs_scaled,
+    key_square_scaled,
+    key_to_float,
+)
+
+_CHUNK = 1 << 20  # bounds temporaries to ~40 MB per call
+_BUCKETS_PER_EXP = 1 << 7  # a coarse bucket = exponent (8 bits) + top 7 mantissa bits
+
+
+@dataclass
+class CoarseStats:
+    """Counts and exact Σx² per coarse bucket. Adds like a histogram."""
+
+    counts: torch.Tensor  # int64 [N_COARSE]
+    sq_hi: torch.Tensor  # int64 [N_COARSE]: Σ (M² >> 24)
+    sq_lo: torch.Tensor  # int64 [N_COARSE]: Σ (M² & 0xFFFFFF)
+    ab: torch.Tensor  # int64 [N_COARSE]: Σ M (only filled when asked for: the l1 rescale)
+
+    @classmethod
+    def zeros(cls) -> CoarseStats:
+        z = torch.zeros(N_COARSE, dtype=torch.int64)
+        return cls(z, z.clone(), z.clone(), z.clone())
+
+    def __add__(self, other: CoarseStats) -> CoarseStats:
+        return CoarseStats(
+            self.counts + other.counts,
+            self.sq_hi + other.sq_hi,
+            self.sq_lo + other.sq_lo,
+            self.ab + other.ab,
+        )
+
+    @property
+    def n(self) -> int:
+        return int(self.counts.sum())
+
+    def to_numpy_dict(self) -> dict:
+        return {k: getattr(self, k).numpy() for k in _FIELDS}
+
+    @classmethod
+    def from_numpy_dict(cls, d: dict) -> CoarseStats:
+        return cls(*(torch.as_tensor(d[k]) for k in _FIELDS))
+
+
+_FIELDS = ("counts", "sq_hi", "sq_lo", "ab")
+
+
+def coarse_stats(keys: torch.Tensor, *, with_abs: bool = False) -> CoarseStats:
+    """Coarse histogram with exact per-bucket Σx² (and Σ|x| if asked) of magnitude keys."""
+    dev = keys.device
+    acc = [torch.zeros(N_COARSE, dtype=torch.int64, device=dev) for _ in _FIELDS]
+    for chunk in keys.split(_CHUNK):
+        b = (chunk >> COARSE_SHIFT).to(torch.int64)
+        md, _ = mantissa_exponent(chunk)
+        hi, lo = split_square(md)
+        acc[0] += torch.bincount(b, minlength=N_COARSE)
+        acc[1] += torch.bincount(b, weights=hi, minlength=N_COARSE).to(torch.int64)
+        acc[2] += torch.bincount(b, weights=lo, minlength=N_COARSE).to(torch.int64)
+        if with_abs:
+            acc[3] += torch.bincount(b, weights=md, minlength=N_COARSE).to(torch.int64)
+    return CoarseStats(*(a.cpu() for a in acc))
+
+
+@dataclass
+class SparseFine:
+    """Fine histogram of one bucket: the non-empty low-16-bit bins and their counts."""
+
+    bins: torch.Tensor  # int64, ascending
+    counts: torch.Tensor  # int64
+
+    def dense(self) -> torch.Tensor:
+        d = torch.zeros(N_FINE, dtype=torch.int64)
+        d[self.bins] = self.counts
+        return d
+
+    def count_at(self, fine_bin: int) -> int:
+        hit = (self.bins == fine_bin).nonzero()
+        return int(self.counts[hit[0, 0]]) if hit.numel() else 0
+
+
+def fine_histograms(keys: torch.Tensor, buckets: list[int]) -> dict[int, SparseFine]:
+    """Sparse fine histograms of the given coarse buckets."""
+    out: dict[int, SparseFine] = {}
+    if not buckets:
+        return out
+    coarse = keys >> COARSE_SHIFT
+    for b in buckets:
+        low = (keys[coarse == b] & 0xFFFF).to(torch.int64)
+        dense = torch.bincount(low, minlength=N_FINE).cpu()
+        nz = dense.nonzero().view(-1)
+        out[b] = SparseFine(nz, dense[nz])
+    return out
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where rank r splits the ascending order of (|x|, flat index).
+
+    Positions < r are 'below the cut': every key < `key`, plus the first
+    `quota` entries equal to `key` in flat order. r == n is encoded as key = -1
+    meaning everything is below; r == 0 as key = 0 with quota = 0 and
+    below-key count 0 (nothing below).
+    """
+
+    rank: int
+    key: int  # the key at position `rank` (first entry not below), or -1 when rank == n
+    quota: int  # entries equal to key that are below the cut (group-wide)
+    below_key: int  # entries with a smaller key (group-wide)
+
+    @property
+    def everything(self) -> bool:
+        return self.key < 0
+
+
+@dataclass
+class RankIndex:
+    """Answers exact rank queries for one group (a tensor, or a whole task vector)."""
+
+    stats: CoarseStats
+    fine: dict[int, torch.Tensor] = field(default_factory=dict)  # bucket -> dense counts
+
+    def __post_init__(self) -> None:
+        self.n = self.stats.n
+        self._cum = torch.cumsum(self.stats.counts, 0)
+        self._suffix: dict[int, list[int]] = {}
+
+    # --- which fine histograms are needed -------------------------------------------
+    def bucket_of(self, rank: int) -> int:
+        if not 0 <= rank < self.n:
+            raise IndexError(f"rank {rank} outside [0, {self.n})")
+        return int(torch.searchsorted(self._cum, torch.tensor([rank]), right=True)[0])
+
+    def missing(self, ranks: list[int]) -> set[int]:
+        return {self.bucket_of(r) for r in ranks if 0 <= r < self.n} - set(self.fine)
+
+    def add_fine(self, bucket: int, hist: SparseFine | torch.Tensor) -> None:
+        dense = hist.dense() if isinstance(hist, SparseFine) else hist
+        if bucket in self.fine:
+            self.fine[bucket] = self.fine[bucket] + dense
+        else:
+            self.fine[bucket] = dense
+
+    # --- exact answers -------------------------------------------------------------
+    def _before_bucket(self, b: int) -> int:
+        return int(self._cum[b - 1]) if b > 0 else 0
+
+    def key_at(self, rank: int) -> int:
+        b = self.bucket_of(rank)
+        if b not in self.fine:
+            raise KeyError(f"fine histogram of bucket {b} not computed")
+        within = rank - self._before_bucket(b)
+        fc = torch.cumsum(self.fine[b], 0)
+        j = int(torch.searchsorted(fc, torch.tensor([within]), right=True)[0])
+        return (b << COARSE_SHIFT) | j
+
+    def value_at(self, rank: int) -> float:
+        return key_to_float(self.key_at(rank))
+
+    def quantile(self, p: float) -> float:
+        """numpy 'linear' quantile of |x|: x(j) + (h-j)(x(j+1)-x(j)), h = p(n-1)."""
+        if self.n == 0:
+            return 0.0
+        h = p * (self.n - 1)
+        j = math.floor(h)
+        xj = self.value_at(j)
+        if j + 1 > self.n - 1:
+            return xj
+        return xj + (h - j) * (self.value_at(j + 1) - xj)
+
+    def quantile_ranks(self, p: float) -> list[int]:
+        if self.n == 0:
+            return []
+        j = math.floor(p * (self.n - 1))
+        return [j] if j + 1 > self.n - 1 else [j, j + 1]
+
+    def count_below(self, key: int) -> int:
+        b = key >> COARSE_SHIFT
+        return self._before_bucket(b) + int(self.fine[b][: key & 0xFFFF].sum())
+
+    def count_at(self, key: int) -> int:
+        return int(self.fine[key >> COARSE_SHIFT][key & 0xFFFF])
+
+    def cut(self, rank: int) -> Cut:
+        if rank >= self.n:
+            return Cut(self.n, -1, 0, self.n)
+        if rank <= 0:
+            return Cut(0, 0, 0, 0)
+        key = self.key_at(rank)
+        below = self.count_below(key)
+        return Cut(rank, key, rank - below, below)
+
+    # --- exact sums of |x| (moment 1) or x² (moment 2) over rank ranges ---------------
+    def _bucket_moment(self, lo: int, hi: int, moment: int) -> list[int]:
+        """Per-exponent scaled moment sums of buckets [lo, hi) grouped by exponent."""
+        if moment == 2:
+            h = self.stats.sq_hi[lo:hi].tolist()
+            lw = self.stats.sq_lo[lo:hi].tolist()
+            vals = [(a << 24) + b for a, b in zip(h, lw, strict=True)]
+        else:
+            vals = self.stats.ab[lo:hi].tolist()
+        return vals
+
+    @staticmethod
+    def _scale(v: int, e: int, moment: int) -> int:
+        return v << (moment * max(e, 1) - moment)
+
+    def _exp_suffix(self, moment: int) -> list[int]:
+        """Exact scaled moment of whole exponents, as suffix sums over exponent index."""
+        if moment not in self._suffix:
+            if moment == 2:
+                hi = self.stats.sq_hi.view(-1, _BUCKETS_PER_EXP).sum(1).tolist()
+                lo = self.stats.sq_lo.view(-1, _BUCKETS_PER_EXP).sum(1).tolist()
+                per_exp = [(h << 24) + lo[e] for e, h in enumerate(hi)]
+            else:
+                per_exp = self.stats.ab.view(-1, _BUCKETS_PER_EXP).sum(1).tolist()
+            suffix = [0] * (len(per_exp) + 1)
+            for e in range(len(per_exp) - 1, -1, -1):
+                suffix[e] = suffix[e + 1] + self._scale(per_exp[e], e, moment)
+            self._suffix[moment] = suffix
+        return self._suffix[moment]
+
+    def _buckets_from(self, b0: int, moment: int) -> int:
+        """Scaled moment of all buckets >= b0."""
+        if b0 >= N_COARSE:
+            return 0
+        e0 = b0 // _BUCKETS_PER_EXP
+        end = (e0 + 1) * _BUCKETS_PER_EXP
+        part = sum(self._bucket_moment(b0, end, moment))
+        return self._exp_suffix(moment)[e0 + 1] + self._scale(part, e0, moment)
+
+    def moment_from(self, cut: Cut, moment: int = 2) -> int:
+        """Exact scaled Σ|x|^moment of the positions >= cut.rank."""
+        if cut.everything:
+            return 0
+        if cut.rank == 0:
+            return self._buckets_from(0, moment)
+        b = cut.key >> COARSE_SHIFT
+        j = cut.key & 0xFFFF
+        total = self._buckets_from(b + 1, moment)
+        tail = self.fine[b][j + 1 :]
+        nz = tail.nonzero().view(-1)
+        value = key_square_scaled if moment == 2 else key_abs_scaled
+        for off, c in zip(nz.tolist(), tail[nz].tolist(), strict=True):
+            total += c * value((b << COARSE_SHIFT) | (j + 1 + off))
+        kept_ties = self.count_at(cut.key) - cut.quota
+        return total + kept_ties * value(cut.key)
+
+    def total_moment(self, moment: int = 2) -> int:
+        return self._buckets_from(0, moment)
+
+
+def scaled_to_float(v: int, bits: int = SQ_SCALE_BITS) -> float:
+    """Round an exact scaled integer to float64 once."""
+    from fractions import Fraction
+
+    return float(Fraction(v, 1 << bits))

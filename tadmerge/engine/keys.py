@@ -1,0 +1,50 @@
+"""Magnitude keys: the bit pattern of |x| as a non-negative int32.
+
+For finite float32 values, the IEEE-754 bit pattern of |x| (sign bit cleared) is
+monotonic in |x|. Sorting, ranking and thresholding |x| can therefore be done on
+integer keys, which makes histograms exact (no float binning) and lets -0.0 and
++0.0 share one key, as they share one magnitude.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+
+COARSE_SHIFT = 16
+N_COARSE = 1 << 15  # top 16 bits of a 31-bit key: sign bit is always 0
+N_FINE = 1 << 16  # low 16 bits
+
+
+def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
+    """int32 keys of |x| for a contiguous float32 tensor (flattened)."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"magnitude_keys needs float32, got {x.dtype}")
+    return x.contiguous().view(-1).view(torch.int32) & 0x7FFFFFFF
+
+
+def key_to_float(key: int) -> float:
+    """The float32 magnitude that a key stands for, as a Python float (exact)."""
+    return struct.unpack("<f", struct.pack("<I", key & 0xFFFFFFFF))[0]
+
+
+def key_mantissa_exponent(key: int) -> tuple[int, int]:
+    """(M, e) with |x| = M * 2**(e - 150) exactly, M < 2**24, e >= 1."""
+    e = key >> 23
+    m = key & 0x7FFFFF
+    if e > 0:
+        m |= 1 << 23
+    return m, max(e, 1)
+
+
+def key_square_scaled(key: int) -> int:
+    """x**2 * 2**298 as an exact integer (the scale used by exact.py)."""
+    m, e = key_mantissa_exponent(key)
+    return (m * m) << (2 * e - 2)
+
+
+def key_abs_scaled(key: int) -> int:
+    """|x| * 2**149 as an exact integer."""
+    m, e = key_mantissa_exponent(key)
+    return m << (e - 1)

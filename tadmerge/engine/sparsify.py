@@ -1,0 +1,254 @@
+"""The sparsifiers Φ applied to each task vector tensor (SPEC sections 3 and 4).
+
+Magnitude-based methods (tadrop, magnitude, breadcrumbs) all keep the positions
+[lo, hi) of one total order: |τ| ascending, ties broken by flat index (lowest
+index first). They differ only in how lo and hi are chosen. Their group-wide
+statistics are resolved by `resolve_selection`, a generator that yields the
+coarse buckets whose fine histograms it still needs. The in-memory path answers
+those requests from the block at hand; the distributed stats stage answers them
+with one map/reduce round per request, batched over every tensor and task.
+DARE (random) and DELLA need no group statistics: their randomness comes from
+streams keyed by (seed, task, tensor, canonical row block), so the result does
+not depend on how the work is split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import torch
+
+from .exact import ABS_SCALE_BITS, SQ_SCALE_BITS
+from .histogram import Cut, RankIndex, fine_histograms, scaled_to_float
+
+MAGNITUDE_METHODS = frozenset({"tadrop", "magnitude", "breadcrumbs"})
+RANDOM_METHODS = frozenset({"random", "della"})
+ALL_METHODS = frozenset({"none"}) | MAGNITUDE_METHODS | RANDOM_METHODS
+RESCALE_MODES = frozenset({"none", "l2", "l1", "inverse_keep"})
+DEFAULT_RESCALE = {
+    "none": "none",
+    "tadrop": "l2",
+    "magnitude": "none",
+    "breadcrumbs": "none",
+    "random": "inverse_keep",
+    "della": "inverse_keep",
+}
+
+
+@dataclass(frozen=True)
+class SparsifySpec:
+    """Parameters of Φ, as resolved from the config (defaults filled in)."""
+
+    method: str = "none"
+    scope: str = "tensor"
+    low_q: float = 0.5
+    high_q: float = 0.95
+    eps: float = 1e-12
+    rescale: str = "none"
+    max_drop: float = 1.0
+    density: float = 0.2
+    p: float = 0.9
+    epsilon: float = 0.1
+    gamma: float = 0.01
+
+    @property
+    def needs_group_stats(self) -> bool:
+        return self.method in MAGNITUDE_METHODS
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A resolved magnitude selection for one (tensor, task): keep ranks [lo, hi)."""
+
+    n: int
+    lo: Cut
+    hi: Cut
+    scale: float  # float64 multiplier of kept entries (applied as float32)
+    drop_rate: float  # d for TADrop; the dropped fraction otherwise
+    q_low: float | None
+    q_high: float | None
+    norm: float
+    norm_after: float
+
+    @property
+    def kept(self) -> int:
+        return self.hi.rank - self.lo.rank
+
+
+def tadrop_rate(index: RankIndex, spec: SparsifySpec) -> Generator[set[int], None, tuple]:
+    """d = min(Q_a / (Q_b + eps), max_drop) over one group. Yields bucket requests."""
+    ranks = index.quantile_ranks(spec.low_q) + index.quantile_ranks(spec.high_q)
+    need = index.missing(ranks)
+    if need:
+        yield need
+    qa = index.quantile(spec.low_q)
+    qb = index.quantile(spec.high_q)
+    d = min(qa / (qb + spec.eps), spec.max_drop)
+    return d, qa, qb
+
+
+def resolve_selection(
+    index: RankIndex, spec: SparsifySpec, rate: float | None = None
+) -> Generator[set[int], None, Selection]:
+    """Resolve the keep range of one (tensor, task) from its histograms.
+
+    `rate` is the TADrop drop rate when it comes from elsewhere (scope: global):
+    then only the per-tensor cut is resolved here.
+    """
+    n = index.n
+    q_low = q_high = None
+    if spec.method == "tadrop":
+        if rate is None:
+            rate, q_low, q_high = yield from tadrop_rate(index, spec)
+        lo_rank, hi_rank = math.floor(rate * n), n
+    elif spec.method == "magnitude":
+        lo_rank, hi_rank = n - math.floor(spec.density * n), n
+    elif spec.method == "breadcrumbs":
+        lo_rank = max(0, math.floor((1.0 - spec.density - spec.gamma) * n))
+        hi_rank = n - math.floor(spec.gamma * n)
+    else:
+        raise ValueError(f"{spec.method} is not a magnitude sparsifier")
+    need = index.missing([lo_rank, hi_rank])
+    if need:
+        yield need
+    lo, hi = index.cut(lo_rank), index.cut(hi_rank)
+    dropped = n - (hi_rank - lo_rank)
+    drop_rate = rate if spec.method == "tadrop" else (dropped / n if n else 0.0)
+    total_sq = index.total_moment(2)
+    kept_sq = index.moment_from(lo, 2) - index.moment_from(hi, 2)
+    norm = scaled_to_float(total_sq, SQ_SCALE_BITS) ** 0.5
+    kept_norm = scaled_to_float(kept_sq, SQ_SCALE_BITS) ** 0.5
+    if spec.rescale == "l2":
+        scale = norm / (kept_norm + spec.eps)
+    elif spec.rescale == "l1":
+        total_abs = scaled_to_float(index.total_moment(1), ABS_SCALE_BITS)
+        kept_abs = scaled_to_float(
+            index.moment_from(lo, 1) - index.moment_from(hi, 1), ABS_SCALE_BITS
+        )
+        scale = total_abs / (kept_abs + spec.eps)
+    elif spec.rescale == "inverse_keep":
+        scale = 1.0 / (1.0 - drop_rate) if drop_rate < 1.0 else 0.0
+    else:
+        scale = 1.0
+    return Selection(n, lo, hi, scale, drop_rate, q_low, q_high, norm, scale * kept_norm)
+
+
+def run_locally(gen: Generator[set[int], None, object], keys: torch.Tensor, index: RankIndex):
+    """Drive a resolver generator with fine histograms computed from `keys`."""
+    try:
+        need = next(gen)
+        while True:
+            for b, h in fine_histograms(keys, sorted(need)).items():
+                index.add_fine(b, h)
+            need = gen.send(None)
+    except StopIteration as stop:
+        return stop.value
+
+
+# ---------------------------------------------------------------------------------
+# Applying a resolved selection to one block
+# ---------------------------------------------------------------------------------
+
+
+def below_cut(keys: torch.Tensor, key: int, quota: int) -> torch.Tensor:
+    """Mask of the block's entries that lie below a cut (quota = ties in this block)."""
+    if key < 0:
+        return torch.ones_like(keys, dtype=torch.bool)
+    mask = keys < key
+    if quota > 0:
+        ties = (keys == key).nonzero().view(-1)
+        mask[ties[:quota]] = True
+    return mask
+
+
+def apply_selection(
+    tau: torch.Tensor,
+    keys: torch.Tensor,
+    lo: tuple[int, int],
+    hi: tuple[int, int],
+    scale: float,
+) -> tuple[torch.Tensor, int]:
+    """t = τ̂ · fl32(scale), τ̂ = τ on ranks [lo, hi). lo/hi are (key, block quota)."""
+    keep = below_cut(keys, *hi)
+    if lo[0] != 0 or lo[1] != 0:
+        keep &= ~below_cut(keys, *lo)
+    s = torch.tensor(scale, dtype=torch.float32, device=tau.device)
+    out = torch.where(keep, tau * s, torch.zeros((), dtype=tau.dtype, device=tau.device))
+    return out, int(keep.sum())
+
+
+def ties_in_block(keys: torch.Tensor, key: int) -> int:
+    return int((keys == key).sum()) if key >= 0 else 0
+
+
+def block_quota(cut: Cut, ties_before: int, ties_here: int) -> int:
+    """How many of this block's ties at the cut key lie below the cut."""
+    return max(0, min(cut.quota - ties_before, ties_here))
+
+
+# ---------------------------------------------------------------------------------
+# DARE and DELLA: reproducible randomness independent of the split
+# ---------------------------------------------------------------------------------
+
+
+def stream_seed(seed: int, task: int, tensor: str, block_start: int) -> int:
+    """seed = hash(run seed, task index, tensor name, row block start)."""
+    h = hashlib.blake2b(f"{seed}\0{task}\0{tensor}\0{block_start}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def uniform_stream(
+    seed: int, task: int, tensor: str, row_start: int, row_end: int, rng_rows: int, row_numel: int
+) -> torch.Tensor:
+    """Uniform [0,1) float32 draws for rows [row_start, row_end), made on the CPU.
+
+    Rows are grouped in canonical blocks of `rng_rows` rows (a function of the
+    tensor's shape only); each block has its own generator, so any split of the
+    tensor along canonical block boundaries sees the same numbers.
+    """
+    parts = []
+    start = row_start
+    while start < row_end:
+        block = (start // rng_rows) * rng_rows
+        block_end = block + rng_rows
+        g = torch.Generator().manual_seed(stream_seed(seed, task, tensor, block))
+        draws = torch.rand((block_end - block) * row_numel, generator=g)
+        lo = (start - block) * row_numel
+        hi = (min(row_end, block_end) - block) * row_numel
+        parts.append(draws[lo:hi])
+        start = min(row_end, block_end)
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def dare_block(tau: torch.Tensor, u: torch.Tensor, spec: SparsifySpec) -> tuple[torch.Tensor, int]:
+    """Drop each entry with probability p (u < p), scale kept by fl32(1/(1-p))."""
+    keep = u.to(tau.device) >= spec.p
+    scale = 1.0 / (1.0 - spec.p) if spec.rescale == "inverse_keep" else 1.0
+    s = torch.tensor(scale, dtype=torch.float32, device=tau.device)
+    return torch.where(keep, tau * s, torch.zeros((), device=tau.device)), int(keep.sum())
+
+
+def della_block(
+    tau: torch.Tensor, keys: torch.Tensor, u: torch.Tensor, row_len: int, spec: SparsifySpec
+) -> tuple[torch.Tensor, int]:
+    """DELLA: per row, keep probability grows linearly with the rank of |τ|."""
+    m = row_len
+    rows = keys.view(-1, m)
+    order = torch.sort(rows, dim=1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(m, device=keys.device).expand_as(order))
+    if m > 1:
+        prob = (spec.density - spec.epsilon) + 2.0 * spec.epsilon * rank.double() / (m - 1)
+    else:
+        prob = torch.full(rank.shape, spec.density, dtype=torch.float64, device=keys.device)
+    prob = prob.view(-1)
+    keep = u.to(tau.device).double() < prob
+    if spec.rescale == "inverse_keep":
+        scale = (1.0 / prob.clamp_min(1e-300)).to(torch.float32)
+        out = tau * scale
+    else:
+        out = tau
+    return torch.where(keep, out, torch.zeros((), device=tau.device)), int(keep.sum())

@@ -1,0 +1,244 @@
+"""The plan: plain data that says exactly what every worker will do.
+
+Units are row blocks of one tensor, sized so that one unit's working set fits
+the memory budget of one worker, and aligned to canonical blocks of the tensor
+(a function of its shape only) so that random streams and EMR mask chunks do not
+depend on the budget. Output shards and every tensor's byte offset are fixed
+here, before any data is read, so workers anywhere can write their bytes in
+place. The fingerprint covers the config, the inputs (path, size, mtime) and the
+layout: `--resume` reuses finished work only under the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from .. import __version__
+from ..config import MergeConfig
+from ..engine.sparsify import MAGNITUDE_METHODS
+from ..errors import ConfigError, OutputError
+from ..io.block_io import OutputTensor, ShardSpec, layout_shards
+from ..io.checkpoint import Checkpoint
+from ..io.publish import check_output_outside_inputs
+from ..io.safetensors_format import DTYPE_INFO, TensorEntry
+from .inventory import EXCLUDE, MERGE, classify, open_inputs
+
+CANONICAL_ELEMS = 1 << 20  # elements per canonical row block (RNG streams, mask chunks)
+FIXED_OVERHEAD = 48 * 2**20  # chunked temporaries (engine _CHUNK), histograms, slack
+MIN_WORKER_BUDGET = 64 * 2**20
+_TORCH_NAME = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+
+
+@dataclass(frozen=True)
+class Unit:
+    id: int
+    tensor: int  # index into Plan.tensors
+    row_start: int
+    row_end: int
+
+
+@dataclass
+class TensorPlan:
+    index: int
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # input dtype (all inputs agree)
+    kind: str  # merge | copy | exclude
+    reason: str
+    sources: tuple[TensorEntry, ...]  # base, then one per model
+    out_dtype: str | None  # None: not written to the main output (EMR copy/exclude)
+    rng_rows: int
+    units: list[int] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
+
+    @property
+    def split(self) -> bool:
+        return len(self.units) > 1
+
+
+@dataclass
+class Plan:
+    config: MergeConfig
+    inputs: list[Checkpoint]
+    tensors: list[TensorPlan]
+    units: list[Unit]
+    shards: list[ShardSpec]
+    task_shards: dict[str, list[ShardSpec]]  # EMR: excluded tensors kept per task
+    unit_budget: int
+    fingerprint: str = ""
+
+    @property
+    def is_emr(self) -> bool:
+        return self.config.merge.method == "emr"
+
+    @property
+    def magnitude_stats(self) -> bool:
+        return self.config.sparsify.method in MAGNITUDE_METHODS
+
+    @property
+    def global_scope(self) -> bool:
+        return self.magnitude_stats and self.config.sparsify.scope == "global"
+
+    def shard_of(self, name: str) -> tuple[str, int] | None:
+        for s in self.shards:
+            if name in s.data_offsets:
+                return s.filename, s.tensor_offset(name)
+        return None
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(e.nbytes for t in self.tensors for e in t.sources)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.file_size for s in self.shards)
+
+    def needs_stats(self) -> bool:
+        if self.global_scope:
+            return True
+        return any(t.split and t.kind == MERGE for t in self.tensors) and (
+            self.magnitude_stats or self.config.merge.method == "ties"
+        )
+
+    def summary(self) -> dict:
+        kinds: dict[str, int] = {}
+        for t in self.tensors:
+            kinds[t.kind] = kinds.get(t.kind, 0) + 1
+        return {
+            "tensors": len(self.tensors),
+            "by_kind": kinds,
+            "units": len(self.units),
+            "split_tensors": sum(1 for t in self.tensors if t.split),
+            "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes,
+            "shards": [s.filename for s in self.shards],
+            "unit_budget": self.unit_budget,
+            "stats_stage": self.needs_stats(),
+        }
+
+
+def bytes_per_element(k: int, itemsize: int) -> int:
+    """Working set per element of a unit: K+1 raw and float32 inputs, τ and t per
+    task, keys, masks, the merged block and its cast. Deliberately generous."""
+    return (k + 1) * (itemsize + 4) + 9 * k + 16
+
+
+def canonical_rows(row_numel: int, block_elements: int = CANONICAL_ELEMS) -> int:
+    return max(1, block_elements // max(1, row_numel))
+
+
+def out_dtype_for(cfg: MergeConfig, kind: str, in_dtype: str) -> str | None:
+    if cfg.merge.method == "emr":
+        return _TORCH_NAME[cfg.emr.delta_dtype] if kind == MERGE else None
+    if kind == MERGE and cfg.output.dtype != "auto":
+        return _TORCH_NAME[cfg.output.dtype]
+    return in_dtype
+
+
+def make_plan(cfg: MergeConfig, *, inputs: list[Checkpoint] | None = None) -> Plan:
+    """Headers only: open, validate, classify, split into units, lay out shards."""
+    inputs = inputs if inputs is not None else open_inputs(cfg)
+    roots = [c.root for c in inputs]
+    try:
+        check_output_outside_inputs(cfg.output.path, roots)
+    except OutputError:
+        raise
+    kinds = classify(cfg, inputs)
+    k = len(cfg.models)
+    workers_here = cfg.runtime.workers if cfg.runtime.executor == "local" else 1
+    per_worker = cfg.runtime.memory_budget // workers_here
+    if per_worker < MIN_WORKER_BUDGET:
+        raise ConfigError(
+            f"runtime.memory_budget: {cfg.runtime.memory_budget} bytes gives {per_worker} per "
+            f"worker; the minimum is {MIN_WORKER_BUDGET // 2**20} MiB per worker"
+        )
+    unit_budget = per_worker - FIXED_OVERHEAD
+
+    tensors: list[TensorPlan] = []
+    units: list[Unit] = []
+    for i, name in enumerate(sorted(kinds)):
+        kind, reason = kinds[name]
+        entry = inputs[0].tensors[name]
+        tp = TensorPlan(
+            index=i,
+            name=name,
+            shape=tuple(entry.shape),
+            dtype=entry.dtype,
+            kind=kind,
+            reason=reason,
+            sources=tuple(c.tensors[name] for c in inputs),
+            out_dtype=out_dtype_for(cfg, kind, entry.dtype),
+            rng_rows=canonical_rows(
+                math.prod(entry.shape[1:]) if len(entry.shape) > 1 else 1,
+                cfg.runtime.block_elements,
+            ),
+        )
+        itemsize = DTYPE_INFO[entry.dtype][1]
+        per_row = tp.row_numel * bytes_per_element(k, itemsize)
+        whole_rows = tp.rows
+        if kind != MERGE or (cfg.sparsify.method == "della" and len(tp.shape) <= 1):
+            step = whole_rows  # DELLA ranks a 1-D tensor as one row: never split it
+        else:
+            step = max(1, unit_budget // max(1, per_row))
+            if cfg.runtime.max_unit_elements is not None:
+                step = min(step, max(1, cfg.runtime.max_unit_elements // tp.row_numel))
+            step = max(tp.rng_rows, (step // tp.rng_rows) * tp.rng_rows)
+        if tp.numel == 0:
+            step = max(1, whole_rows)
+        for start in range(0, max(whole_rows, 1), max(step, 1)):
+            u = Unit(len(units), i, start, min(whole_rows, start + step) if tp.shape else 1)
+            units.append(u)
+            tp.units.append(u.id)
+        tensors.append(tp)
+
+    out_tensors = [
+        OutputTensor(t.name, t.out_dtype, t.shape) for t in tensors if t.out_dtype is not None
+    ]
+    meta = {"tadmerge_version": __version__, "merge_method": cfg.merge.method}
+    shards = layout_shards(out_tensors, cfg.output.shard_size, meta)
+    task_shards: dict[str, list[ShardSpec]] = {}
+    if cfg.merge.method == "emr":
+        excluded = [OutputTensor(t.name, t.dtype, t.shape) for t in tensors if t.kind == EXCLUDE]
+        if excluded:
+            for m in cfg.models:
+                task_shards[m.name] = layout_shards(excluded, cfg.output.shard_size, meta)
+    plan = Plan(cfg, inputs, tensors, units, shards, task_shards, unit_budget)
+    plan.fingerprint = fingerprint(plan)
+    return plan
+
+
+def fingerprint(plan: Plan) -> str:
+    """Hash of everything that decides the output bytes: config, inputs, layout."""
+    cfg = plan.config.to_dict()
+    for key in ("executor", "workers", "progress", "max_retries", "cpus_per_worker"):
+        cfg["runtime"].pop(key, None)
+    cfg["output"].pop("path", None)
+    files = []
+    for ck in plan.inputs:
+        for f in ck.files:
+            st = os.stat(f)
+            files.append([f, st.st_size, st.st_mtime_ns])
+    doc = {
+        "version": __version__,
+        "config": cfg,
+        "files": files,
+        "units": [[u.tensor, u.row_start, u.row_end] for u in plan.units],
+        "shards": [[s.filename, s.header.hex()] for s in plan.shards],
+    }
+    blob = json.dumps(doc, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()

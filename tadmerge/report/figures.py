@@ -1,0 +1,90 @@
+"""Per-tensor, per-task figures of a merge (SPEC section 7), from unit records.
+
+These feed merge_report.json and the drop-rate plots (report/plots.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..engine.exact import ExactSum
+from ..engine.sparsify import Selection
+from ..planners.inventory import MERGE
+
+
+def tensor_report(plan, done: dict, resolved: dict) -> tuple[dict, dict]:
+    """(tensors section of the report, EMR section or {})."""
+    cfg = plan.config
+    names = cfg.task_names
+    k_tasks = len(names)
+    out: dict = {}
+    emr_abs_t = [[0.0] * 0 for _ in range(k_tasks)]  # per task: list of per-tensor means
+    emr_abs_uni = [[0.0] * 0 for _ in range(k_tasks)]
+    for t in plan.tensors:
+        entry: dict = {"kind": t.kind, "shape": list(t.shape), "n": t.numel, "dtype": t.dtype}
+        if t.kind != MERGE:
+            entry["reason"] = t.reason
+            out[t.name] = entry
+            continue
+        entry["units"] = len(t.units)
+        recs = [done[u] for u in t.units]
+        tasks: dict = {}
+        for k in range(k_tasks):
+            sel = _selection_for(t, k, recs, resolved)
+            kept = sum(r.tasks[k].kept for r in recs)
+            fig: dict = {"n": t.numel, "kept": kept}
+            if sel is not None and sel.n == t.numel:
+                fig.update(
+                    q_low=sel.q_low,
+                    q_high=sel.q_high,
+                    drop_rate=sel.drop_rate,
+                    norm=sel.norm,
+                    norm_after=sel.norm_after,
+                    scale=sel.scale,
+                )
+            else:
+                tau = _sum(r.tasks[k].tau for r in recs)
+                tt = _sum(r.tasks[k].t for r in recs)
+                fig.update(
+                    q_low=None,
+                    q_high=None,
+                    drop_rate=1.0 - kept / t.numel if t.numel else 0.0,
+                    norm=tau.l2 if tau is not None else None,
+                    norm_after=(tt.l2 if tt is not None else (tau.l2 if tau is not None else None)),
+                )
+            if plan.is_emr:
+                a = _sum(r.emr_abs_t[k] for r in recs)
+                b = _sum(r.emr_abs_uni[k] for r in recs)
+                fig["mean_abs_t"] = a.abs_sum / t.numel
+                fig["mean_abs_masked_uni"] = b.abs_sum / t.numel
+                emr_abs_t[k].append(fig["mean_abs_t"])
+                emr_abs_uni[k].append(fig["mean_abs_masked_uni"])
+            tasks[names[k]] = fig
+        entry["tasks"] = tasks
+        out[t.name] = entry
+    emr: dict = {}
+    if plan.is_emr:
+        rescalers = {}
+        for k, name in enumerate(names):
+            num = math.fsum(emr_abs_t[k])
+            den = math.fsum(emr_abs_uni[k])
+            rescalers[name] = num / den if den > 0 else 1.0
+        emr = {"rescalers": rescalers}
+    return out, emr
+
+
+def _selection_for(t, k: int, recs: list, resolved: dict) -> Selection | None:
+    if len(recs) == 1 and recs[0].tasks[k].selection is not None:
+        return recs[0].tasks[k].selection
+    ctx = resolved.get(t.units[0]) or {}
+    sels = ctx.get("selections")
+    return sels[k] if sels else None
+
+
+def _sum(items) -> ExactSum | None:
+    total = None
+    for s in items:
+        if s is None:
+            return None
+        total = s if total is None else total + s
+    return total

@@ -1,0 +1,169 @@
+"""Every (sparsifier, combiner, scope) against the reference, whole and split.
+
+Each case merges the test zoo twice: once with whole tensors and one worker,
+once split into small row blocks with two workers. Both must give the same
+bytes, and the whole run must equal the reference (tests/reference.py) bit for
+bit. EMR is checked on its unified delta, masks and rescalers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import reference as R
+import torch
+from checkpoints import write_zoo
+from safetensors.torch import load_file
+
+from tadmerge.cluster.driver import run_merge
+from tadmerge.config import parse_config
+from tadmerge.emr.store import MaskStore
+
+SPARSIFIERS = {
+    "none": {"method": "none", "rescale": "none"},
+    "tadrop": {"method": "tadrop", "low_q": 0.5, "high_q": 0.95, "rescale": "l2"},
+    "magnitude": {"method": "magnitude", "density": 0.3, "rescale": "none"},
+    "random": {"method": "random", "p": 0.6, "rescale": "inverse_keep"},
+    "della": {"method": "della", "density": 0.5, "epsilon": 0.2, "rescale": "inverse_keep"},
+    "breadcrumbs": {"method": "breadcrumbs", "density": 0.6, "gamma": 0.05, "rescale": "none"},
+}
+COMBINERS = ["average", "task_arithmetic", "ties", "emr"]
+BLOCK = 64  # canonical block elements: small so that the zoo splits into many blocks
+WEIGHTS = [1.0, 0.5, 2.0]
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    return root, write_zoo(str(root))
+
+
+def config(root, paths, sp: dict, method: str, scope: str, out: str, split: bool):
+    base, models = paths
+    raw = {
+        "base": base,
+        "models": [
+            {"path": p, "name": f"t{i}", "weight": WEIGHTS[i]} for i, p in enumerate(models)
+        ],
+        "sparsify": {**sp, "scope": scope},
+        "merge": {"method": method, "scale": 0.7, "disjoint": "mean"},
+        "exclude": ["^head\\."],
+        "output": {"path": str(root / out)},
+        "runtime": {"block_elements": BLOCK, "progress": "none"},
+        "seed": 7,
+    }
+    if split:
+        raw["runtime"].update(workers=2, max_unit_elements=2 * BLOCK, memory_budget="256MB")
+    return parse_config(raw)
+
+
+def reference_merge(base: dict, models: list[dict], sp: dict, method: str, scope: str):
+    names = [n for n in sorted(base) if base[n].is_floating_point() and n != "head.weight"]
+    taus = [{n: m[n].float() - base[n].float() for n in names} for m in models]
+    ts: list[dict] = []
+    for k, tau in enumerate(taus):
+        if scope == "global" and sp["method"] in ("tadrop", "magnitude", "breadcrumbs"):
+            ts.append(R.global_sparsify(tau, sp))
+        else:
+            ts.append(
+                {
+                    n: R.sparsify(
+                        tau[n],
+                        sp,
+                        task=k,
+                        name=n,
+                        seed=7,
+                        block_rows=max(1, BLOCK // _row_numel(base[n].shape)),
+                    )  # fmt: skip
+                    for n in names
+                }
+            )
+    out = {}
+    if method == "emr":
+        abs_t = [[] for _ in models]
+        abs_u = [[] for _ in models]
+        for n in names:
+            uni, masks, at, au = R.emr([t[n] for t in ts])
+            out[n] = (uni, masks)
+            for k in range(len(models)):
+                abs_t[k].append(at[k] / base[n].numel())
+                abs_u[k].append(au[k] / base[n].numel())
+        lam = [math.fsum(a) / math.fsum(b) if math.fsum(b) > 0 else 1.0
+               for a, b in zip(abs_t, abs_u, strict=True)]  # fmt: skip
+        return out, lam
+    for n in names:
+        merged = R.combine(
+            method,
+            base[n].float(),
+            [m[n].float() for m in models],
+            [t[n] for t in ts],
+            WEIGHTS,
+            0.7,
+            sparse=sp["method"] != "none",
+        )
+        out[n] = merged.to(base[n].dtype)
+    for n in base:
+        if n not in out:
+            out[n] = base[n]
+    return out, None
+
+
+def _row_numel(shape) -> int:
+    return math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def _files(d: str) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _, files in os.walk(d):
+        for f in files:
+            if f in ("merge_report.json", "manifest.json", "merge_config.yaml"):
+                continue
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, d)] = fh.read()
+    return out
+
+
+CASES = [
+    (s, c, scope)
+    for s in SPARSIFIERS
+    for c in COMBINERS
+    for scope in ("tensor", "global")
+    if not (scope == "global" and s in ("none", "random", "della"))  # scope has no effect
+]
+
+
+@pytest.mark.parametrize("sname,method,scope", CASES)
+def test_matches_reference_whole_and_split(zoo_dir, sname, method, scope):
+    root, (paths, base, models) = zoo_dir[0], (zoo_dir[1][:2], zoo_dir[1][2], zoo_dir[1][3])
+    sp = SPARSIFIERS[sname]
+    tag = f"{sname}-{method}-{scope}"
+    whole = run_merge(config(root, paths, sp, method, scope, f"{tag}-whole", False))
+    split = run_merge(config(root, paths, sp, method, scope, f"{tag}-split", True))
+    assert any(len(t.units) > 1 for t in split.plan.tensors), "split run did not split"
+    assert _files(whole.output) == _files(split.output), "split run changed the bytes"
+
+    expected, lam = reference_merge(base, models, sp, method, scope)
+    if method == "emr":
+        got = load_file(os.path.join(whole.output, "model.safetensors"))
+        store = MaskStore(os.path.join(whole.output, "masks.zarr"))
+        for t in whole.plan.tensors:
+            if t.kind != "merge":
+                assert t.name not in got
+                continue
+            uni, masks = expected[t.name]
+            assert torch.equal(got[t.name], uni), t.name
+            rows = t.shape[0] if t.shape else 1
+            for k, m in enumerate(masks):
+                mk = store.read(t.index, t.shape, t.rng_rows, k, 0, rows)
+                assert torch.equal(mk, m.reshape(-1)), (t.name, k)
+        rescalers = whole.report["emr"]["rescalers"]
+        assert [rescalers[f"t{k}"] for k in range(3)] == lam
+        return
+    got = load_file(os.path.join(whole.output, "model.safetensors"))
+    assert set(got) == set(expected)
+    for n, v in expected.items():
+        assert got[n].dtype == v.dtype, n
+        assert torch.equal(got[n].view(-1), v.reshape(-1)), n
