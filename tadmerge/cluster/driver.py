@@ -39,6 +39,7 @@ STATE_DIR = ".tadmerge"
 REPORT_NAME = "merge_report.json"
 CONFIG_NAME = "merge_config.yaml"
 EMR_NAME = "emr.json"
+DRIVER_FAULT_ENV = "TADMERGE_FAULT_DRIVER_EXIT_AFTER"  # tests only
 
 
 @dataclass
@@ -224,11 +225,15 @@ def run_merge(
         progress.units = reused
         count = {"n": 0}
 
+        exit_after = os.environ.get(DRIVER_FAULT_ENV)
+
         def on_done(rec: UnitRecord) -> None:
             state.append(rec)
             done[rec.unit] = rec
             progress.update(1, unit_bytes(plan, rec.unit))
             count["n"] += 1
+            if exit_after is not None and count["n"] >= int(exit_after):
+                os._exit(137)  # tests: a driver killed mid-merge, no cleanup at all
             if stop_after_units is not None and count["n"] >= stop_after_units:
                 raise _Interrupted()
 
@@ -244,8 +249,14 @@ def run_merge(
         timings["total_s"] = time.monotonic() - t0
         report["timings"] = timings
         report["peak_rss_bytes"] = peak_rss_bytes()
+        executor.close()
         if getattr(executor, "peak_rss_workers", None):
             report["peak_rss_workers_bytes"] = executor.peak_rss_workers
+        report["executor"] = {
+            "kind": plan.config.runtime.executor,
+            "workers": plan.config.runtime.workers,
+            "workers_replaced": getattr(executor, "replaced", 0),
+        }
         _write_json(os.path.join(staging.path, REPORT_NAME), report)
         close_all()
         out = staging.publish()

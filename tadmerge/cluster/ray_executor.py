@@ -1,0 +1,159 @@
+"""The Ray executor: the same plan, run by a pool of actors on a cluster.
+
+Actors receive the plan once (plain data) and then only unit ids and small
+contexts; they read inputs by path and byte range from shared storage and write
+output bytes at the planned offsets themselves, so no tensor ever goes through
+the object store. Results (histograms, sums, counts) come back small. An actor
+that dies (killed process, lost node) is replaced and its unit rerun, up to
+`runtime.max_retries` times per unit; every unit is idempotent (it rewrites the
+same bytes at the same offsets), so a rerun cannot change the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from collections.abc import Callable
+
+from ..errors import MergeRuntimeError, TadmergeError
+from ..planners.plan import Plan
+from .worker import UnitRecord, resolve_device, run_unit, unit_stats
+
+log = logging.getLogger("tadmerge")
+
+FAULT_ENV = "TADMERGE_FAULT_KILL_UNIT"  # tests: the worker that gets this unit dies once
+
+
+class _UnitWorker:
+    """Actor body (wrapped with ray.remote at runtime)."""
+
+    def __init__(self, plan: Plan, staging: str, device: str):
+        self.plan = plan
+        self.staging = staging
+        self.device = str(resolve_device(device))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stats(self, unit_id: int, request: tuple):
+        return unit_stats(self.plan, unit_id, request, self.device)
+
+    def run(self, unit_id: int, resolved: dict | None) -> UnitRecord:
+        fault = os.environ.get(FAULT_ENV)
+        if fault is not None and int(fault) == unit_id:
+            marker = os.path.join(self.staging, ".tadmerge", f"fault-{unit_id}")  # state dir
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)  # simulate a killed worker process
+        return run_unit(self.plan, self.staging, unit_id, resolved, self.device)
+
+    def peak_rss(self) -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def close(self) -> None:
+        from ..io.block_io import close_all
+
+        close_all()
+
+
+class RayExecutor:
+    def __init__(self, plan: Plan, staging: str):
+        import ray
+
+        self.ray = ray
+        rt = plan.config.runtime
+        if not ray.is_initialized():
+            # RAY_ADDRESS (set by `ray job submit`) or a local cluster started for the run
+            ray.init(log_to_driver=True, include_dashboard=False)
+        gpus = rt.gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if rt.device == "cuda" else 0.0
+        self.actor_cls = ray.remote(num_cpus=rt.cpus_per_worker, num_gpus=gpus)(_UnitWorker)
+        self.plan_ref = ray.put(plan)
+        self.staging = staging
+        self.device = rt.device if rt.device != "auto" or gpus > 0 else "cpu"
+        if rt.device == "auto" and gpus > 0:
+            self.device = "cuda"
+        self.max_retries = rt.max_retries
+        self.actors = [self._new_actor() for _ in range(rt.workers)]
+        self.peak_rss_workers: list[int] = []
+        self.replaced = 0
+
+    def _new_actor(self):
+        opts: dict = {"max_restarts": 0}
+        if FAULT_ENV in os.environ:  # fault injection reaches the workers' environment
+            opts["runtime_env"] = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}
+        return self.actor_cls.options(**opts).remote(self.plan_ref, self.staging, self.device)
+
+    def _map(self, method: str, items: list[tuple[int, tuple]], on_result: Callable) -> None:
+        ray = self.ray
+        queue = list(reversed(items))
+        tries: dict[int, int] = {}
+        in_flight: dict = {}  # ref -> (actor index, item)
+        idle = list(range(len(self.actors)))
+
+        def submit(slot: int, item) -> None:
+            unit_id, arg = item
+            ref = getattr(self.actors[slot], method).remote(unit_id, arg)
+            in_flight[ref] = (slot, item)
+
+        while queue or in_flight:
+            while queue and idle:
+                submit(idle.pop(), queue.pop())
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = ready[0]
+            slot, item = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+                tries[item[0]] = tries.get(item[0], 0) + 1
+                if tries[item[0]] > self.max_retries:
+                    raise MergeRuntimeError(
+                        f"unit {item[0]} failed {tries[item[0]]} times (worker died): {e}"
+                    ) from None
+                log.warning("worker died on unit %d; replacing it and rerunning", item[0])
+                self.actors[slot] = self._new_actor()
+                self.replaced += 1
+                queue.append(item)
+                idle.append(slot)
+                continue
+            except ray.exceptions.RayTaskError as e:
+                cause = e.as_instanceof_cause()
+                if isinstance(cause, TadmergeError):
+                    raise _unwrap(cause) from None
+                raise MergeRuntimeError(f"unit {item[0]} failed on a worker: {cause}") from None
+            idle.append(slot)
+            on_result(item[0], result)
+
+    def map_stats(self, label: str, items: list[tuple[int, tuple]], on_result) -> None:
+        self._map("stats", items, on_result)
+
+    def run_units(
+        self, unit_ids: list[int], resolved: dict, on_done: Callable[[UnitRecord], None]
+    ) -> None:
+        self._map("run", [(u, resolved.get(u)) for u in unit_ids], lambda _k, r: on_done(r))
+
+    def close(self) -> None:
+        if not self.actors:
+            return
+        ray = self.ray
+        try:
+            self.peak_rss_workers = ray.get([a.peak_rss.remote() for a in self.actors])
+            ray.get([a.close.remote() for a in self.actors])
+        except Exception:  # a dead actor at shutdown must not mask the merge's own result
+            pass
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def _unwrap(err: TadmergeError) -> TadmergeError:
+    """Ray wraps the worker's exception in a subclass; give the user the original type."""
+    for cls in type(err).__mro__:
+        if cls.__module__.startswith("tadmerge"):
+            new = cls.__new__(cls)
+            new.__dict__.update(err.__dict__)
+            new.args = err.args
+            return new
+    return err
