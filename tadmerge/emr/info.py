@@ -24,6 +24,7 @@ def emr_info(path: str) -> dict:
         _numel(i["shape"]) for i in emr.doc["tensors"].values() if i["kind"] == "merge"
     )
     k = len(emr.tasks)
+    payload = _mask_payload(emr.masks.root)
     separate = k * emr.base.total_bytes
     total = delta_bytes + mask_bytes + excluded_bytes
     report_path = os.path.join(path, "merge_report.json")
@@ -47,8 +48,22 @@ def emr_info(path: str) -> dict:
             "k_separate_checkpoints": separate,
         },
         "mask_bytes_per_element_per_task": mask_bytes / max(1, merged_elems * k),
+        "mask_payload_bytes": payload,
+        "mask_payload_bytes_per_element_per_task": payload / max(1, merged_elems * k),
         "drop_rates": drop,
     }
+
+
+def _mask_payload(root: str) -> int:
+    """Bytes of the packed bits themselves (before zarr's compression and metadata)."""
+    import zarr
+
+    group = zarr.open_group(root, mode="r")
+    total = 0
+    for info in group.attrs["tensors"].values():
+        arr = zarr.open_array(os.path.join(root, info["key"]), mode="r")
+        total += _numel(list(arr.shape))
+    return total
 
 
 def _numel(shape: list[int]) -> int:
@@ -69,7 +84,11 @@ def print_info(path: str) -> None:
     mib = 2**20
     print(f"  unified delta ({info['delta_dtype']}): {b['unified_delta'] / mib:.2f} MiB")
     per_elem = info["mask_bytes_per_element_per_task"]
-    print(f"  masks: {b['masks'] / mib:.2f} MiB ({per_elem:.4f} bytes per element per task)")
+    payload = info["mask_payload_bytes_per_element_per_task"]
+    print(
+        f"  masks: {b['masks'] / mib:.2f} MiB on disk ({per_elem:.4f} bytes per element per "
+        f"task; packed bits {payload:.4f} before compression and metadata)"
+    )
     if b["excluded_per_task"]:
         print(f"  excluded tensors kept per task: {b['excluded_per_task'] / mib:.2f} MiB")
     print(f"  total: {b['total'] / mib:.2f} MiB vs {b['k_separate_checkpoints'] / mib:.2f} MiB "
