@@ -167,3 +167,44 @@ def test_matches_reference_whole_and_split(zoo_dir, sname, method, scope):
     for n, v in expected.items():
         assert got[n].dtype == v.dtype, n
         assert torch.equal(got[n].view(-1), v.reshape(-1)), n
+
+
+def test_ties_majority_on_split_tensor_with_exact_cancellations(tmp_path):
+    """Votes that cancel exactly take the tensor's majority sign, even across blocks.
+
+    Half the entries cancel (+x and -x); the rest vote negative, so the majority is
+    -1 and the provisional +1 of the split run must be corrected by reruns.
+    """
+    from checkpoints import write_checkpoint
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 32, generator=g)
+    x = torch.rand(64, 32, generator=g) + 0.1
+    cancel = torch.rand(64, 32, generator=g) < 0.5
+    m1 = torch.where(cancel, base + x, base - x)
+    m2 = torch.where(cancel, base - x, base - 2 * x)
+    # exact cancellation needs (m1 - base) == -(m2 - base) bit for bit
+    d1, d2 = m1 - base, m2 - base
+    cancel &= d1 == -d2
+    paths = []
+    for name, t in (("base", base), ("m1", m1), ("m2", m2)):
+        paths.append(write_checkpoint(str(tmp_path / name), {"w": t}))
+    raw = {
+        "base": paths[0],
+        "models": [{"path": paths[1]}, {"path": paths[2]}],
+        "merge": {"method": "ties"},
+        "output": {"path": str(tmp_path / "whole")},
+        "runtime": {"progress": "none", "block_elements": 64},
+    }
+    whole = run_merge(parse_config(raw))
+    raw["output"] = {"path": str(tmp_path / "split")}
+    raw["runtime"].update(max_unit_elements=128, workers=2, memory_budget="256MB")
+    split = run_merge(parse_config(raw))
+    assert len(split.plan.tensors[0].units) > 1
+    ref = R.combine("ties", base, [m1, m2], [d1, d2], [1.0, 1.0], 1.0)
+    for out in (whole.output, split.output):
+        got = load_file(os.path.join(out, "model.safetensors"))["w"]
+        assert torch.equal(got, ref)
+    # where votes cancelled, the negative majority kept the negative task's entry
+    assert cancel.any()
+    assert torch.equal(ref[cancel], (base + d2)[cancel])

@@ -120,8 +120,8 @@ def _stats_json(st) -> dict:
         "selection": None
         if st.selection is None
         else {**asdict(st.selection), "lo": asdict(st.selection.lo), "hi": asdict(st.selection.hi)},
-        "tau": None if st.tau is None else st.tau.to_json(),
-        "t": None if st.t is None else st.t.to_json(),
+        "tau_sq": st.tau_sq,
+        "t_sq": st.t_sq,
     }
 
 
@@ -131,6 +131,7 @@ def record_to_json(rec: UnitRecord) -> dict:
         "tasks": [_stats_json(t) for t in rec.tasks],
         "emr_abs_t": None if rec.emr_abs_t is None else [s.to_json() for s in rec.emr_abs_t],
         "emr_abs_uni": None if rec.emr_abs_uni is None else [s.to_json() for s in rec.emr_abs_uni],
+        "ties": None if rec.ties is None else list(rec.ties),
     }
 
 
@@ -147,12 +148,13 @@ def record_from_json(d: dict) -> UnitRecord:
             TaskStats(
                 kept=t["kept"],
                 selection=sel,
-                tau=None if t["tau"] is None else ExactSum.from_json(t["tau"]),
-                t=None if t["t"] is None else ExactSum.from_json(t["t"]),
+                tau_sq=t["tau_sq"],
+                t_sq=t["t_sq"],
             )
         )
     conv = lambda v: None if v is None else [ExactSum.from_json(x) for x in v]  # noqa: E731
-    return UnitRecord(d["unit"], tasks, conv(d["emr_abs_t"]), conv(d["emr_abs_uni"]))
+    ties = None if d.get("ties") is None else tuple(d["ties"])
+    return UnitRecord(d["unit"], tasks, conv(d["emr_abs_t"]), conv(d["emr_abs_uni"]), ties)
 
 
 def make_executor(plan: Plan, staging: str):
@@ -239,6 +241,10 @@ def run_merge(
 
         try:
             executor.run_units(todo, resolved, on_done)
+            redo = ties_reruns(plan, done, resolved)
+            if redo:
+                log.info("TIES: %d block(s) rerun with their tensor's majority sign", len(redo))
+                executor.run_units(redo, resolved, on_done)
         finally:
             progress.close()
         timings["apply_s"] = time.monotonic() - t2
@@ -286,6 +292,29 @@ def run_merge(
 
 class _Interrupted(Exception):
     pass
+
+
+def ties_reruns(plan: Plan, done: dict[int, UnitRecord], resolved: dict) -> list[int]:
+    """Blocks of split TIES tensors that used the wrong provisional majority sign.
+
+    The majority only decides entries whose weighted votes cancel exactly while
+    some task moved; blocks without such entries are already right. Fills in
+    the final sign in `resolved` for the reruns (and for a later --resume).
+    """
+    if plan.config.merge.method != "ties":
+        return []
+    redo = []
+    for t in plan.tensors:
+        if not (t.split and t.kind == MERGE):
+            continue
+        votes = sum(done[u].ties[0] for u in t.units)
+        majority = -1 if votes < 0 else 1
+        for u in t.units:
+            _, cancel, used = done[u].ties
+            if cancel and used != majority:
+                resolved.setdefault(u, {})["majority"] = majority
+                redo.append(u)
+    return redo
 
 
 def peak_rss_bytes() -> int:

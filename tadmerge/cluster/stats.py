@@ -2,14 +2,16 @@
 
 Needed only when a selection spans more than one unit: a tensor split into
 several row blocks (tensor scope), or the whole task vector (scope: global),
-and for the TIES majority sign of a split tensor. Each round maps a request over
+Each round maps a request over
 units (an executor runs it anywhere) and reduces small results by addition:
 
 1. coarse: per unit and task, the coarse histogram with exact Σx² per bucket;
 2. fine (repeated until every resolver is done): the fine histograms of the
    buckets that the resolvers (engine/sparsify.py generators) still ask for;
    per-unit fine counts at each final cut give every unit its share of ties;
-3. sign (TIES on split tensors): Σ sign(Σ_k w_k t_k) per tensor.
+The TIES majority sign of a split tensor needs no round: blocks are merged with
+a provisional sign and report their votes; the driver reruns only the blocks
+whose exactly-cancelling votes needed the other sign (cluster/driver.py).
 
 The result is a small per-unit context that the apply stage hands to
 engine.block.merge_block; it is saved in the staging directory for --resume.
@@ -20,7 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from dataclasses import asdict
 
-from ..engine.histogram import CoarseStats, Cut, RankIndex, SparseFine
+from ..engine.exact import CoarseStats
+from ..engine.histogram import Cut, RankIndex, SparseFine
 from ..engine.sparsify import Selection, resolve_selection, tadrop_rate
 from ..planners.inventory import MERGE
 from ..planners.plan import Plan
@@ -82,38 +85,18 @@ def run_stats_stage(plan: Plan, map_units: MapFn) -> dict[int, dict]:
             }
         }
 
-    if cfg.merge.method == "ties" and split:
-        sums: dict[int, int] = {}
-        items = [(u, ("sign", resolved.get(u))) for t in split for u in t.units]
-
-        def add_sign(unit_id: int, value: object) -> None:
-            t = plan.units[unit_id].tensor
-            sums[t] = sums.get(t, 0) + int(value)  # type: ignore[arg-type]
-
-        map_units("sign", items, add_sign)
-        for t in split:
-            maj = -1 if sums.get(t.index, 0) < 0 else 1
-            for u in t.units:
-                resolved.setdefault(u, {})["majority"] = maj
     return resolved
 
 
 def _group_summary(val: object) -> dict:
     if isinstance(val, Selection):
-        return {
-            "n": val.n,
-            "drop_rate": val.drop_rate,
-            "kept": val.kept,
-            "norm": val.norm,
-            "norm_after": val.norm_after,
-        }
+        return {"n": val.n, "drop_rate": val.drop_rate, "kept": val.kept, "scale": val.scale}
     d, qa, qb = val  # type: ignore[misc]
     return {"drop_rate": d, "q_low": qa, "q_high": qb}
 
 
 def _resolve_groups(plan: Plan, groups: dict[tuple, list[int]], map_units: MapFn) -> dict:
     sp = plan.config.sparsify
-    with_abs = sp.rescale == "l1"
     unit_groups: dict[int, list[tuple]] = {}
     for g, units in groups.items():
         for u in units:
@@ -128,7 +111,8 @@ def _resolve_groups(plan: Plan, groups: dict[tuple, list[int]], map_units: MapFn
             st = value[k]  # type: ignore[index]
             coarse[g] = coarse[g] + st if g in coarse else st
 
-    map_units("coarse", [(u, ("coarse", with_abs)) for u in sorted(unit_groups)], add_coarse)
+    items = [(u, ("coarse", sp.moments)) for u in sorted(unit_groups)]
+    map_units("coarse", items, add_coarse)
     index = {g: RankIndex(coarse.pop(g)) for g in groups}
 
     # resolvers

@@ -14,8 +14,15 @@ from dataclasses import dataclass
 import torch
 
 from ..emr.store import MaskStore
-from ..engine.block import BlockContext, BlockResult, MergeSpec, merge_block, sparsified_sign_sum
-from ..engine.histogram import coarse_stats, fine_histograms
+from ..engine.block import (
+    BlockContext,
+    BlockResult,
+    MergeSpec,
+    NonFiniteTaskVector,
+    merge_block,
+)
+from ..engine.exact import coarse_stats
+from ..engine.histogram import fine_histograms
 from ..engine.keys import magnitude_keys
 from ..errors import InputError, InputProblem
 from ..io.block_io import read_rows, write_at
@@ -52,25 +59,40 @@ def resolve_device(name: str) -> torch.device:
 def read_unit(
     plan: Plan, unit: Unit, device: torch.device
 ) -> tuple[TensorPlan, list[torch.Tensor]]:
-    """Float32 blocks of base and models for one unit, checked finite."""
+    """Float32 blocks of base and models for one unit."""
     tp = plan.tensors[unit.tensor]
     blocks = []
     for src in tp.sources:
         raw = read_rows(src, unit.row_start, unit.row_end)
-        block = raw.to(device=device, dtype=torch.float32)
-        if not plan.config.inputs.allow_nonfinite:
-            bad = int((~torch.isfinite(block)).sum())
-            if bad:
-                raise InputError(
-                    InputProblem(
-                        src.file,
-                        tp.name,
-                        f"{bad} NaN/Inf value(s) in rows {unit.row_start}..{unit.row_end} "
-                        "(set inputs.allow_nonfinite: true to merge anyway)",
-                    )
-                )
-        blocks.append(block)
+        blocks.append(raw.to(device=device, dtype=torch.float32))
     return tp, blocks
+
+
+def nonfinite_error(plan: Plan, unit: Unit, task: int, blocks: list[torch.Tensor]) -> InputError:
+    """Name the input file whose block holds NaN/Inf, found through τ_task.
+
+    blocks[task + 1] may already hold τ_task (merge_block works in place): a
+    non-finite base is reported as such, otherwise the model is the culprit.
+    """
+    tp = plan.tensors[unit.tensor]
+    rows = f"rows {unit.row_start}..{unit.row_end}"
+    hint = "(set inputs.allow_nonfinite: true to merge anyway)"
+    bad_base = int((~torch.isfinite(blocks[0])).sum())
+    if bad_base:
+        return InputError(
+            InputProblem(
+                tp.sources[0].file, tp.name, f"{bad_base} NaN/Inf value(s) in {rows} {hint}"
+            )
+        )
+    bad = int((~torch.isfinite(blocks[task + 1])).sum())
+    return InputError(
+        InputProblem(
+            tp.sources[task + 1].file,
+            tp.name,
+            f"{bad} NaN/Inf value(s) in {rows} (or values whose difference from the base "
+            f"overflows float32) {hint}",
+        )
+    )
 
 
 def block_context(plan: Plan, unit: Unit, resolved: dict | None) -> BlockContext:
@@ -104,17 +126,19 @@ def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu
     base, models = blocks[0], blocks[1:]
     kind = request[0]
     if kind == "coarse":
-        with_abs = request[1]
-        return [coarse_stats(magnitude_keys(m - base), with_abs=with_abs) for m in models]
+        out = []
+        for k, m in enumerate(models):
+            st = coarse_stats(magnitude_keys(m.sub_(base)), moments=request[1])
+            if st.nonfinite and not plan.config.inputs.allow_nonfinite:
+                raise nonfinite_error(plan, unit, k, blocks)
+            out.append(st)
+        return out
     if kind == "fine":
         wanted: dict[int, list[int]] = request[1]
         return {
-            k: fine_histograms(magnitude_keys(models[k] - base), buckets)
+            k: fine_histograms(magnitude_keys(models[k].sub_(base)), buckets)
             for k, buckets in wanted.items()
         }
-    if kind == "sign":
-        ctx = block_context(plan, unit, request[1])
-        return sparsified_sign_sum(base, models, merge_spec(plan), ctx)
     raise ValueError(f"unknown stats request {kind}")
 
 
@@ -131,6 +155,7 @@ class UnitRecord:
     tasks: list  # per task: engine.block.TaskStats
     emr_abs_t: list | None = None
     emr_abs_uni: list | None = None
+    ties: tuple[int, int, int] | None = None  # (sign sum, cancellations, majority used)
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -153,7 +178,12 @@ def run_unit(
     _, blocks = read_unit(plan, unit, device)
     spec = merge_spec(plan)
     ctx = block_context(plan, unit, resolved)
-    res: BlockResult = merge_block(blocks[0], blocks[1:], spec, ctx)
+    try:
+        res: BlockResult = merge_block(
+            blocks[0], blocks[1:], spec, ctx, not plan.config.inputs.allow_nonfinite
+        )
+    except NonFiniteTaskVector as e:
+        raise nonfinite_error(plan, unit, e.task, blocks) from None
     del blocks
     if res.emr is not None:
         _write_tensor_rows(plan, staging, tp, unit, res.emr.tau_uni)
@@ -162,7 +192,7 @@ def run_unit(
         )
         return UnitRecord(unit_id, res.tasks, res.emr.abs_t, res.emr.abs_masked_uni)
     _write_tensor_rows(plan, staging, tp, unit, res.merged)
-    return UnitRecord(unit_id, res.tasks)
+    return UnitRecord(unit_id, res.tasks, ties=res.ties)
 
 
 def _write_tensor_rows(plan: Plan, staging: str, tp: TensorPlan, unit: Unit, values) -> None:

@@ -10,13 +10,14 @@ per tensor, they are computed here from the block itself.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from . import combine as C
-from .exact import ExactSum, exact_sums
-from .histogram import RankIndex, coarse_stats
+from .exact import coarse_stats
+from .histogram import RankIndex
 from .keys import magnitude_keys
 from .sparsify import (
     MAGNITUDE_METHODS,
@@ -74,12 +75,27 @@ class BlockContext:
         return self.row_numel
 
 
+class NonFiniteTaskVector(ValueError):
+    """τ_k of this block holds NaN or Inf (the worker names the files)."""
+
+    def __init__(self, task: int):
+        super().__init__(task)
+        self.task = task
+
+
 @dataclass
 class TaskStats:
+    """What one block tells the report about one task (SPEC section 7)."""
+
     kept: int = 0
     selection: Selection | None = None  # when the block resolved the whole tensor
-    tau: ExactSum | None = None  # Σ over the block, when not known from a selection
-    t: ExactSum | None = None
+    tau_sq: float = 0.0  # Σ τ² of the block, float64 (report only)
+    t_sq: float = 0.0  # Σ t² of the block, float64 (report only)
+
+
+def _sq(x: torch.Tensor) -> float:
+    """Σx² in float64 for the report; a non-finite result means NaN/Inf in x."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2 if x.numel() else 0.0
 
 
 @dataclass
@@ -87,6 +103,7 @@ class BlockResult:
     merged: torch.Tensor | None  # float32, None for EMR
     emr: C.EmrBlock | None
     tasks: list[TaskStats] = field(default_factory=list)
+    ties: tuple[int, int, int] | None = None  # TIES: (sign sum, cancellations, majority used)
 
 
 def sparsify_task(
@@ -94,14 +111,14 @@ def sparsify_task(
 ) -> tuple[torch.Tensor, TaskStats]:
     sp = spec.sparsify
     if sp.method == "none":
-        return tau, TaskStats(kept=tau.numel(), tau=exact_sums(tau, need_abs=False))
+        return tau, TaskStats(kept=tau.numel())
     if sp.method in MAGNITUDE_METHODS:
         keys = magnitude_keys(tau)
         given = ctx.selections[k] if ctx.selections else None
         if given is None:
             if not ctx.whole:
                 raise RuntimeError(f"{ctx.tensor}: split block without resolved selection")
-            index = RankIndex(coarse_stats(keys, with_abs=sp.rescale == "l1"))
+            index = RankIndex(coarse_stats(keys, moments=sp.moments))
             rate = ctx.rates[k] if ctx.rates else None
             sel = run_locally(resolve_selection(index, sp, rate), keys, index)
             t, kept = apply_selection(
@@ -112,13 +129,7 @@ def sparsify_task(
         t, kept = apply_selection(
             tau, keys, (given.lo.key, lo_q), (given.hi.key, hi_q), given.scale
         )
-        stats = TaskStats(kept=kept)
-        if ctx.whole and given.n == tau.numel():
-            stats.selection = given
-        else:
-            stats.tau = exact_sums(tau, need_abs=False)
-            stats.t = exact_sums(t, need_abs=False)
-        return t, stats
+        return t, TaskStats(kept=kept, selection=given if given.n == tau.numel() else None)
     u = uniform_stream(
         spec.seed, k, ctx.tensor, ctx.row_start, ctx.row_end, ctx.rng_rows, ctx.row_numel
     )
@@ -126,22 +137,40 @@ def sparsify_task(
         t, kept = dare_block(tau, u, sp)
     else:
         t, kept = della_block(tau, magnitude_keys(tau), u, ctx.della_row, sp)
-    return t, TaskStats(
-        kept=kept, tau=exact_sums(tau, need_abs=False), t=exact_sums(t, need_abs=False)
-    )
+    return t, TaskStats(kept=kept)
 
 
 def merge_block(
-    base: torch.Tensor, models: list[torch.Tensor], spec: MergeSpec, ctx: BlockContext
+    base: torch.Tensor,
+    models: list[torch.Tensor],
+    spec: MergeSpec,
+    ctx: BlockContext,
+    check_finite: bool = True,
 ) -> BlockResult:
-    """Merge one block. `base` and `models` are flat float32 tensors of equal size."""
+    """Merge one block. `base` and `models` are flat float32 tensors of equal size.
+
+    `models` are consumed: each becomes τ_k, then t_k, in place (the working set
+    stays at K+1 blocks plus a few temporaries). Raises NonFiniteTaskVector when
+    a τ_k holds NaN/Inf (unless check_finite=False).
+    """
     sparsify_none = spec.sparsify.method == "none"
     if spec.method == "average" and sparsify_none:
-        merged = C.average(models, list(spec.weights))
-        return BlockResult(merged, None, [TaskStats(kept=base.numel()) for _ in models])
+        stats = []
+        for k, m in enumerate(models):
+            tau_sq = _sq(m - base)
+            if check_finite and not math.isfinite(tau_sq):
+                raise NonFiniteTaskVector(k)
+            stats.append(TaskStats(kept=base.numel(), tau_sq=tau_sq, t_sq=tau_sq))
+        return BlockResult(C.average(models, list(spec.weights)), None, stats)
     ts, stats = [], []
     for k, m in enumerate(models):
-        t, st = sparsify_task(m - base, k, spec, ctx)
+        tau = m.sub_(base)
+        tau_sq = _sq(tau)
+        if check_finite and not math.isfinite(tau_sq):
+            raise NonFiniteTaskVector(k)
+        t, st = sparsify_task(tau, k, spec, ctx)
+        st.tau_sq = tau_sq
+        st.t_sq = tau_sq if t is tau else _sq(t)
         ts.append(t)
         stats.append(st)
     w = list(spec.weights)
@@ -152,15 +181,12 @@ def merge_block(
     elif spec.method == "task_arithmetic":
         merged = C.task_arithmetic(base, ts, w, spec.scale)
     elif spec.method == "ties":
-        merged = C.ties(base, ts, w, spec.scale, spec.disjoint, ctx.majority)
+        # a split tensor's majority sign is only known once every block voted: use
+        # the resolved one, or +1 provisionally (the driver reruns the few blocks
+        # whose exact cancellations need the other sign)
+        majority = ctx.majority if ctx.majority is not None or ctx.whole else 1
+        tb = C.ties(base, ts, w, spec.scale, spec.disjoint, majority)
+        return BlockResult(tb.merged, None, stats, (tb.sign_sum, tb.cancel, tb.majority))
     else:
         raise ValueError(f"unknown merge method {spec.method}")
     return BlockResult(merged, None, stats)
-
-
-def sparsified_sign_sum(
-    base: torch.Tensor, models: list[torch.Tensor], spec: MergeSpec, ctx: BlockContext
-) -> int:
-    """The block's Σ sign(Σ_k w_k t_k): a stats round for TIES on split tensors."""
-    ts = [sparsify_task(m - base, k, spec, ctx)[0] for k, m in enumerate(models)]
-    return C.ties_sign_sum(ts, list(spec.weights))

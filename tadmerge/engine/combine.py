@@ -21,36 +21,44 @@ def _f32(v: float, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float32, device=like.device)
 
 
+def _scale_(t: torch.Tensor, w: float) -> torch.Tensor:
+    """t ·= fl32(w) in place (x·1 = x exactly, so w = 1 costs nothing)."""
+    return t if w == 1.0 else t.mul_(_f32(w, t))
+
+
 def weighted_sum(ts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Σ_k fl32(w_k)·t_k, accumulated in task order."""
-    acc = ts[0] * _f32(weights[0], ts[0])
+    """Σ_k fl32(w_k)·t_k, accumulated in task order. Consumes `ts` (in place)."""
+    acc = _scale_(ts[0], weights[0])
     for t, w in zip(ts[1:], weights[1:], strict=True):
-        acc = acc + t * _f32(w, t)
+        acc.add_(_scale_(t, w))
     return acc
 
 
 def average(thetas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """θ = Σ w_k θ_k / Σ w_k (Σ w_k in float64, cast once)."""
-    return weighted_sum(thetas, weights) / _f32(sum(weights), thetas[0])
+    """θ = Σ w_k θ_k / Σ w_k (Σ w_k in float64, cast once). Consumes `thetas`."""
+    return weighted_sum(thetas, weights).div_(_f32(sum(weights), thetas[0]))
 
 
 def average_of_deltas(base: torch.Tensor, ts: list[torch.Tensor], weights: list[float]):
     """With a sparsifier, averaging acts on task vectors: θ0 + Σ w_k t_k / Σ w_k."""
-    return base + weighted_sum(ts, weights) / _f32(sum(weights), base)
+    return weighted_sum(ts, weights).div_(_f32(sum(weights), base)).add_(base)
 
 
 def task_arithmetic(base: torch.Tensor, ts: list[torch.Tensor], weights: list[float], scale):
-    """θ = θ0 + λ Σ w_k t_k."""
-    return base + _f32(scale, base) * weighted_sum(ts, weights)
-
-
-def ties_sign_sum(ts: list[torch.Tensor], weights: list[float]) -> int:
-    """Σ over entries of sign(Σ_k w_k t_k): the tensor's majority sign, as an int."""
-    return int(torch.sign(weighted_sum(ts, weights)).sum(dtype=torch.int64))
+    """θ = θ0 + λ Σ w_k t_k. Consumes `ts`."""
+    return weighted_sum(ts, weights).mul_(_f32(scale, base)).add_(base)
 
 
 def majority_sign(sign_sum: int) -> int:
     return -1 if sign_sum < 0 else 1
+
+
+@dataclass
+class TiesBlock:
+    merged: torch.Tensor
+    sign_sum: int  # Σ sign(Σ_k w_k t_k) over the block: the majority vote's share
+    cancel: int  # entries where the weighted votes cancel exactly but some t_k != 0
+    majority: int  # the sign used for those entries
 
 
 def ties(
@@ -60,28 +68,41 @@ def ties(
     scale: float,
     disjoint: str,
     majority: int | None,
-) -> torch.Tensor:
-    """TIES: elect a sign, keep agreeing entries, disjoint mean (or sum)."""
-    prods = [t * _f32(w, t) for t, w in zip(ts, weights, strict=True)]
-    total = prods[0]
+) -> TiesBlock:
+    """TIES: elect a sign, keep agreeing entries, disjoint mean (or sum). Consumes `ts`.
+
+    `majority` None: the block is the whole tensor and its own vote decides.
+    """
+    prods = [_scale_(t, w) for t, w in zip(ts, weights, strict=True)]
+    total = prods[0].clone()
     for p in prods[1:]:
-        total = total + p
+        total.add_(p)
     sigma = torch.sign(total)
+    del total
+    sign_sum = int(sigma.sum(dtype=torch.int64))
+    zero = sigma == 0
+    cancel = 0
+    if bool(zero.any()):
+        moved = torch.zeros_like(zero)
+        for p in prods:
+            moved |= p != 0
+        cancel = int((zero & moved).sum())
     if majority is None:
-        majority = majority_sign(int(sigma.sum(dtype=torch.int64)))
-    sigma = torch.where(sigma == 0, _f32(float(majority), sigma), sigma)
+        majority = majority_sign(sign_sum)
+    sigma.masked_fill_(zero, float(majority))
+    del zero
     num = torch.zeros_like(base)
-    den = torch.zeros_like(base)
+    den = torch.zeros_like(base) if disjoint == "mean" else None
     for p, w in zip(prods, weights, strict=True):
         agree = torch.sign(p) == sigma
-        num = num + torch.where(agree, p, 0.0)
-        if disjoint == "mean":
-            den = den + torch.where(agree, _f32(w, p), 0.0)
-    if disjoint == "mean":
-        delta = torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
-    else:
-        delta = num
-    return base + _f32(scale, base) * delta
+        num.add_(p.masked_fill_(~agree, 0.0))
+        if den is not None:
+            den.add_(agree.to(torch.float32).mul_(_f32(w, base)))
+    if den is not None:
+        nz = den != 0
+        num.div_(den.masked_fill_(~nz, 1.0)).masked_fill_(~nz, 0.0)
+    merged = num.mul_(_f32(scale, base)).add_(base)
+    return TiesBlock(merged, sign_sum, cancel, majority)
 
 
 @dataclass
@@ -106,8 +127,8 @@ def emr(ts: list[torch.Tensor]) -> EmrBlock:
     for t, m in zip(ts, masks, strict=True):
         mag = torch.maximum(mag, torch.where(m, t.abs(), 0.0))
     tau_uni = torch.where(positive, mag, 0.0 - mag)  # +0.0 where no task agrees
-    abs_t = [exact_sums(t) for t in ts]
-    abs_uni = [exact_sums(torch.where(m, mag, 0.0)) for m in masks]
+    abs_t = [exact_sums(t, squares=False) for t in ts]
+    abs_uni = [exact_sums(torch.where(m, mag, 0.0), squares=False) for m in masks]
     return EmrBlock(tau_uni, masks, abs_t, abs_uni)
 
 

@@ -1,17 +1,18 @@
-"""Exact, order-independent sums of float32 values.
+"""Exact, order-independent moments (Σ|x|, Σx²) of float32 values.
 
-Every finite float32 x equals M * 2**(e - 150) with an integer M < 2**24 and e the
-(biased, at least 1) exponent. So |x| * 2**149 and x**2 * 2**298 are integers,
-and sums of them are exact Python integers. We collect, per exponent, the sum of
-M and the sum of M**2 (split into two 24-bit halves) with float64 bincounts: each
-weight is an integer below 2**24 and at most 2**29 values go into one call, so
-every partial sum stays below 2**53 and is exact whatever order the hardware adds
-in. The final value is rounded to float64 once (fractions.Fraction rounds
-correctly), which equals math.fsum of the float64 terms.
+Every finite float32 |x| with magnitude key k (keys.py) is M · 2**(e − 150) with
+e = max(k >> 23, 1) and an integer mantissa M < 2**24. Inside one coarse bucket
+(the top 16 bits of k) the exponent and the top 8 bits of M are fixed, so
+M = B·2**16 + L with B fixed per bucket and L the key's low 16 bits. Hence per
+bucket:  Σ M = n·B·2**16 + Σ L  and  Σ M² = n·B²·2**32 + 2·B·2**16·Σ L + Σ L².
+Counts, Σ L (< 2**16 each) and Σ L² (< 2**32 each) are integer histograms that
+float64 bincount adds exactly (chunks of at most 2**20 values keep every partial
+sum below 2**53), and they add across blocks like any histogram. Scaled by
+2**149 (|x|) or 2**298 (x²) every total is an exact Python integer, rounded to
+float64 once, which equals math.fsum of the float64 terms.
 
-Why: norms (TADrop's L2 rescale) and EMR's rescalers must be bit-identical no
-matter how a tensor is split across blocks, workers or devices. Integer partial
-sums are mergeable by plain addition; float partial sums are not.
+Why: TADrop's L2 rescale and EMR's rescalers change output bytes, and they must
+be identical for any block split, worker count, order or device.
 """
 
 from __future__ import annotations
@@ -21,20 +22,112 @@ from fractions import Fraction
 
 import torch
 
-from .keys import magnitude_keys
+from .keys import COARSE_SHIFT, N_COARSE, magnitude_keys
 
 ABS_SCALE_BITS = 149
 SQ_SCALE_BITS = 298
-_CHUNK = 1 << 20  # bounds temporaries to ~40 MB per call
-_N_EXP = 256
+CHUNK = 1 << 20  # values per bincount call: exactness bound and temporaries (~40 MB)
+_BUCKETS_PER_EXP = 1 << 7
+_LO32 = (1 << 32) - 1
+
+# per bucket: the fixed top bits B of the mantissa and the effective exponent
+_b = torch.arange(N_COARSE, dtype=torch.int64)
+_EXP = _b >> 7
+BUCKET_HIGH = ((_EXP > 0).to(torch.int64) << 7) | (_b & 0x7F)
+BUCKET_EXP = _EXP.clamp_min(1)
+
+
+@dataclass
+class CoarseStats:
+    """Per coarse bucket: count, Σ L and Σ L² (carried as hi·2**32 + lo). Adds exactly."""
+
+    counts: torch.Tensor  # int64 [N_COARSE]
+    s1: torch.Tensor  # int64: Σ L
+    s2_hi: torch.Tensor  # int64: Σ L² = s2_hi·2**32 + s2_lo
+    s2_lo: torch.Tensor  # int64, < 2**32 once normalised
+
+    @classmethod
+    def zeros(cls) -> CoarseStats:
+        z = torch.zeros(N_COARSE, dtype=torch.int64)
+        return cls(z, z.clone(), z.clone(), z.clone())
+
+    def __add__(self, other: CoarseStats) -> CoarseStats:
+        lo = self.s2_lo + other.s2_lo
+        return CoarseStats(
+            self.counts + other.counts,
+            self.s1 + other.s1,
+            self.s2_hi + other.s2_hi + (lo >> 32),
+            lo & _LO32,
+        )
+
+    @property
+    def n(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def nonfinite(self) -> int:
+        """Values with an all-ones exponent (Inf or NaN)."""
+        return int(self.counts[0x7F80:].sum())
+
+    def bucket_moment(self, b: int, moment: int) -> int:
+        """Exact scaled Σ|x| (moment 1) or Σx² (moment 2) of bucket b."""
+        n = int(self.counts[b])
+        if n == 0:
+            return 0
+        hi, e = int(BUCKET_HIGH[b]), int(BUCKET_EXP[b])
+        s1 = int(self.s1[b])
+        if moment == 1:
+            return ((n * hi << 16) + s1) << (e - 1)
+        s2 = (int(self.s2_hi[b]) << 32) + int(self.s2_lo[b])
+        return ((n * hi * hi << 32) + (hi * s1 << 17) + s2) << (2 * e - 2)
+
+    def exponent_moments(self, moment: int) -> list[int]:
+        """Exact scaled moment per exponent (256 entries)."""
+        if self.n < (1 << 28):  # every per-exponent sum fits int64: vectorise
+            c = self.counts
+            if moment == 1:
+                v = (c * BUCKET_HIGH << 16) + self.s1
+                per = v.view(-1, _BUCKETS_PER_EXP).sum(1).tolist()
+                return [x << (max(e, 1) - 1) for e, x in enumerate(per)]
+            t1 = (c * BUCKET_HIGH * BUCKET_HIGH).view(-1, _BUCKETS_PER_EXP).sum(1).tolist()
+            t2 = (BUCKET_HIGH * self.s1).view(-1, _BUCKETS_PER_EXP).sum(1).tolist()
+            t3 = ((self.s2_hi << 32) + self.s2_lo).view(-1, _BUCKETS_PER_EXP).sum(1).tolist()
+            return [
+                ((a << 32) + (b << 17) + d) << (2 * max(e, 1) - 2)
+                for e, (a, b, d) in enumerate(zip(t1, t2, t3, strict=True))
+            ]
+        out = [0] * (N_COARSE // _BUCKETS_PER_EXP)
+        for b in self.counts.nonzero().view(-1).tolist():
+            out[b // _BUCKETS_PER_EXP] += self.bucket_moment(b, moment)
+        return out
+
+    def total(self, moment: int) -> int:
+        return sum(self.exponent_moments(moment))
+
+
+def coarse_stats(keys: torch.Tensor, *, moments: int = 2) -> CoarseStats:
+    """Coarse histogram of magnitude keys; moments: 0 counts only, 1 adds Σ L, 2 adds Σ L²."""
+    dev = keys.device
+    acc = [torch.zeros(N_COARSE, dtype=torch.int64, device=dev) for _ in range(3)]
+    for chunk in keys.split(CHUNK):
+        b = chunk >> COARSE_SHIFT  # int32 indices: bincount takes them as they are
+        acc[0] += torch.bincount(b, minlength=N_COARSE)
+        if moments >= 1:
+            low = (chunk & 0xFFFF).to(torch.float64)
+            acc[1] += torch.bincount(b, weights=low, minlength=N_COARSE).to(torch.int64)
+            if moments >= 2:
+                low.mul_(low)
+                acc[2] += torch.bincount(b, weights=low, minlength=N_COARSE).to(torch.int64)
+    counts, s1, s2 = (a.cpu() for a in acc)
+    return CoarseStats(counts, s1, s2 >> 32, s2 & _LO32)
 
 
 @dataclass
 class ExactSum:
     """Σ|x| and Σx² of a set of float32 values, as exact scaled integers."""
 
-    abs_scaled: int = 0  # Σ|x| * 2**149
-    sq_scaled: int = 0  # Σx² * 2**298
+    abs_scaled: int = 0  # Σ|x| · 2**149
+    sq_scaled: int = 0  # Σx² · 2**298
     count: int = 0
 
     def __add__(self, other: ExactSum) -> ExactSum:
@@ -56,10 +149,6 @@ class ExactSum:
     def l2(self) -> float:
         return self.sq_sum**0.5
 
-    @property
-    def mean_abs(self) -> float:
-        return self.abs_sum / self.count if self.count else 0.0
-
     def to_json(self) -> list:
         return [str(self.abs_scaled), str(self.sq_scaled), self.count]
 
@@ -68,47 +157,14 @@ class ExactSum:
         return cls(int(v[0]), int(v[1]), int(v[2]))
 
 
-def mantissa_exponent(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer mantissa M (float64, exact) and effective exponent index (int64)."""
-    e = keys >> 23
-    m = (keys & 0x7FFFFF) | ((e > 0).to(torch.int32) << 23)
-    return m.to(torch.float64), e.clamp_min(1).to(torch.int64)
-
-
-def split_square(md: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """M² as two float64 halves (high, low 24 bits), each an exact integer < 2**24."""
-    sq = md * md  # < 2**48: exact in float64
-    hi = torch.floor(sq * (2.0**-24))
-    return hi, sq - hi * (2.0**24)
-
-
-def exact_sums(x: torch.Tensor, *, need_abs: bool = True) -> ExactSum:
-    """Exact Σ|x| and Σx² of a float32 tensor (any shape, any device)."""
+def exact_sums(x: torch.Tensor, *, squares: bool = True) -> ExactSum:
+    """Exact Σ|x| (and Σx² unless squares=False) of a float32 tensor."""
     if x.numel() == 0:
         return ExactSum()
-    keys = magnitude_keys(x)
-    s1 = torch.zeros(_N_EXP, dtype=torch.int64, device=keys.device)
-    s2h = torch.zeros_like(s1)
-    s2l = torch.zeros_like(s1)
-    for chunk in keys.split(_CHUNK):
-        md, e = mantissa_exponent(chunk)
-        hi, lo = split_square(md)
-        if need_abs:
-            s1 += torch.bincount(e, weights=md, minlength=_N_EXP).to(torch.int64)
-        s2h += torch.bincount(e, weights=hi, minlength=_N_EXP).to(torch.int64)
-        s2l += torch.bincount(e, weights=lo, minlength=_N_EXP).to(torch.int64)
-    return ExactSum(
-        abs_scaled=combine_by_exponent(s1.tolist(), 1) if need_abs else 0,
-        sq_scaled=combine_by_exponent(s2h.tolist(), 2, s2l.tolist()),
-        count=x.numel(),
-    )
+    st = coarse_stats(magnitude_keys(x), moments=2 if squares else 1)
+    return ExactSum(st.total(1), st.total(2) if squares else 0, x.numel())
 
 
-def combine_by_exponent(hi: list[int], power: int, lo: list[int] | None = None) -> int:
-    """Σ_e value_e << (power*e - power), value_e = hi_e (<<24 + lo_e for squares)."""
-    total = 0
-    for e, h in enumerate(hi):
-        v = h if lo is None else (h << 24) + lo[e]
-        if v:
-            total += v << (power * max(e, 1) - power)
-    return total
+def fast_l2(x: torch.Tensor) -> float:
+    """‖x‖₂ in float64 for reports only (not exact; never feeds output bytes)."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) if x.numel() else 0.0

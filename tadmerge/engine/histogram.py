@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .exact import SQ_SCALE_BITS, mantissa_exponent, split_square
+from .exact import SQ_SCALE_BITS, CoarseStats, coarse_stats  # noqa: F401 (re-exported)
 from .keys import (
     COARSE_SHIFT,
     N_COARSE,
@@ -27,61 +27,7 @@ from .keys import (
     key_to_float,
 )
 
-_CHUNK = 1 << 20  # bounds temporaries to ~40 MB per call
-_BUCKETS_PER_EXP = 1 << 7  # a coarse bucket = exponent (8 bits) + top 7 mantissa bits
-
-
-@dataclass
-class CoarseStats:
-    """Counts and exact Σx² per coarse bucket. Adds like a histogram."""
-
-    counts: torch.Tensor  # int64 [N_COARSE]
-    sq_hi: torch.Tensor  # int64 [N_COARSE]: Σ (M² >> 24)
-    sq_lo: torch.Tensor  # int64 [N_COARSE]: Σ (M² & 0xFFFFFF)
-    ab: torch.Tensor  # int64 [N_COARSE]: Σ M (only filled when asked for: the l1 rescale)
-
-    @classmethod
-    def zeros(cls) -> CoarseStats:
-        z = torch.zeros(N_COARSE, dtype=torch.int64)
-        return cls(z, z.clone(), z.clone(), z.clone())
-
-    def __add__(self, other: CoarseStats) -> CoarseStats:
-        return CoarseStats(
-            self.counts + other.counts,
-            self.sq_hi + other.sq_hi,
-            self.sq_lo + other.sq_lo,
-            self.ab + other.ab,
-        )
-
-    @property
-    def n(self) -> int:
-        return int(self.counts.sum())
-
-    def to_numpy_dict(self) -> dict:
-        return {k: getattr(self, k).numpy() for k in _FIELDS}
-
-    @classmethod
-    def from_numpy_dict(cls, d: dict) -> CoarseStats:
-        return cls(*(torch.as_tensor(d[k]) for k in _FIELDS))
-
-
-_FIELDS = ("counts", "sq_hi", "sq_lo", "ab")
-
-
-def coarse_stats(keys: torch.Tensor, *, with_abs: bool = False) -> CoarseStats:
-    """Coarse histogram with exact per-bucket Σx² (and Σ|x| if asked) of magnitude keys."""
-    dev = keys.device
-    acc = [torch.zeros(N_COARSE, dtype=torch.int64, device=dev) for _ in _FIELDS]
-    for chunk in keys.split(_CHUNK):
-        b = (chunk >> COARSE_SHIFT).to(torch.int64)
-        md, _ = mantissa_exponent(chunk)
-        hi, lo = split_square(md)
-        acc[0] += torch.bincount(b, minlength=N_COARSE)
-        acc[1] += torch.bincount(b, weights=hi, minlength=N_COARSE).to(torch.int64)
-        acc[2] += torch.bincount(b, weights=lo, minlength=N_COARSE).to(torch.int64)
-        if with_abs:
-            acc[3] += torch.bincount(b, weights=md, minlength=N_COARSE).to(torch.int64)
-    return CoarseStats(*(a.cpu() for a in acc))
+_BUCKETS_PER_EXP = 1 << 7
 
 
 @dataclass
@@ -108,7 +54,7 @@ def fine_histograms(keys: torch.Tensor, buckets: list[int]) -> dict[int, SparseF
         return out
     coarse = keys >> COARSE_SHIFT
     for b in buckets:
-        low = (keys[coarse == b] & 0xFFFF).to(torch.int64)
+        low = keys[coarse == b] & 0xFFFF
         dense = torch.bincount(low, minlength=N_FINE).cpu()
         nz = dense.nonzero().view(-1)
         out[b] = SparseFine(nz, dense[nz])
@@ -152,6 +98,16 @@ class RankIndex:
         if not 0 <= rank < self.n:
             raise IndexError(f"rank {rank} outside [0, {self.n})")
         return int(torch.searchsorted(self._cum, torch.tensor([rank]), right=True)[0])
+
+    def bucket_bounds(self, b: int) -> tuple[float, float]:
+        """Smallest and largest magnitude a bucket can hold."""
+        return key_to_float(b << COARSE_SHIFT), key_to_float((b << COARSE_SHIFT) | 0xFFFF)
+
+    def nonempty_buckets(self, lo_rank: int, hi_rank: int) -> list[int]:
+        """Non-empty buckets holding ranks lo_rank..hi_rank (inclusive)."""
+        b0, b1 = self.bucket_of(lo_rank), self.bucket_of(hi_rank)
+        counts = self.stats.counts[b0 : b1 + 1]
+        return [b0 + int(i) for i in counts.nonzero().view(-1).tolist()]
 
     def missing(self, ranks: list[int]) -> set[int]:
         return {self.bucket_of(r) for r in ranks if 0 <= r < self.n} - set(self.fine)
@@ -213,32 +169,13 @@ class RankIndex:
         return Cut(rank, key, rank - below, below)
 
     # --- exact sums of |x| (moment 1) or x² (moment 2) over rank ranges ---------------
-    def _bucket_moment(self, lo: int, hi: int, moment: int) -> list[int]:
-        """Per-exponent scaled moment sums of buckets [lo, hi) grouped by exponent."""
-        if moment == 2:
-            h = self.stats.sq_hi[lo:hi].tolist()
-            lw = self.stats.sq_lo[lo:hi].tolist()
-            vals = [(a << 24) + b for a, b in zip(h, lw, strict=True)]
-        else:
-            vals = self.stats.ab[lo:hi].tolist()
-        return vals
-
-    @staticmethod
-    def _scale(v: int, e: int, moment: int) -> int:
-        return v << (moment * max(e, 1) - moment)
-
     def _exp_suffix(self, moment: int) -> list[int]:
         """Exact scaled moment of whole exponents, as suffix sums over exponent index."""
         if moment not in self._suffix:
-            if moment == 2:
-                hi = self.stats.sq_hi.view(-1, _BUCKETS_PER_EXP).sum(1).tolist()
-                lo = self.stats.sq_lo.view(-1, _BUCKETS_PER_EXP).sum(1).tolist()
-                per_exp = [(h << 24) + lo[e] for e, h in enumerate(hi)]
-            else:
-                per_exp = self.stats.ab.view(-1, _BUCKETS_PER_EXP).sum(1).tolist()
+            per_exp = self.stats.exponent_moments(moment)
             suffix = [0] * (len(per_exp) + 1)
             for e in range(len(per_exp) - 1, -1, -1):
-                suffix[e] = suffix[e + 1] + self._scale(per_exp[e], e, moment)
+                suffix[e] = suffix[e + 1] + per_exp[e]
             self._suffix[moment] = suffix
         return self._suffix[moment]
 
@@ -248,8 +185,8 @@ class RankIndex:
             return 0
         e0 = b0 // _BUCKETS_PER_EXP
         end = (e0 + 1) * _BUCKETS_PER_EXP
-        part = sum(self._bucket_moment(b0, end, moment))
-        return self._exp_suffix(moment)[e0 + 1] + self._scale(part, e0, moment)
+        part = sum(self.stats.bucket_moment(b, moment) for b in range(b0, end))
+        return self._exp_suffix(moment)[e0 + 1] + part
 
     def moment_from(self, cut: Cut, moment: int = 2) -> int:
         """Exact scaled Σ|x|^moment of the positions >= cut.rank."""
@@ -269,7 +206,7 @@ class RankIndex:
         return total + kept_ties * value(cut.key)
 
     def total_moment(self, moment: int = 2) -> int:
-        return self._buckets_from(0, moment)
+        return self._exp_suffix(moment)[0]
 
 
 def scaled_to_float(v: int, bits: int = SQ_SCALE_BITS) -> float:

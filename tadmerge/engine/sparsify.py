@@ -58,6 +58,11 @@ class SparsifySpec:
     def needs_group_stats(self) -> bool:
         return self.method in MAGNITUDE_METHODS
 
+    @property
+    def moments(self) -> int:
+        """Exact moments the selection needs: 2 for l2, 1 for l1, else counts only."""
+        return {"l2": 2, "l1": 1}.get(self.rescale, 0)
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -70,18 +75,39 @@ class Selection:
     drop_rate: float  # d for TADrop; the dropped fraction otherwise
     q_low: float | None
     q_high: float | None
-    norm: float
-    norm_after: float
 
     @property
     def kept(self) -> int:
         return self.hi.rank - self.lo.rank
 
 
-def tadrop_rate(index: RankIndex, spec: SparsifySpec) -> Generator[set[int], None, tuple]:
-    """d = min(Q_a / (Q_b + eps), max_drop) over one group. Yields bucket requests."""
-    ranks = index.quantile_ranks(spec.low_q) + index.quantile_ranks(spec.high_q)
-    need = index.missing(ranks)
+PREDICTED_BUCKETS = 16  # fetch the cut's candidate buckets with the quantiles' if few
+
+
+def tadrop_rate(
+    index: RankIndex, spec: SparsifySpec, predict_cut: bool = False
+) -> Generator[set[int], None, tuple]:
+    """d = min(Q_a / (Q_b + eps), max_drop) over one group. Yields bucket requests.
+
+    With predict_cut, the buckets that can hold the cut rank floor(d·n), bounded
+    from the coarse histogram alone, are requested in the same round when there
+    are few of them: the whole selection then costs one fine round, not two.
+    """
+    ra, rb = index.quantile_ranks(spec.low_q), index.quantile_ranks(spec.high_q)
+    need = index.missing(ra + rb)
+    if need and predict_cut and index.n:
+        qa_lo = index.bucket_bounds(index.bucket_of(ra[0]))[0]
+        qa_hi = index.bucket_bounds(index.bucket_of(ra[-1]))[1]
+        qb_lo = index.bucket_bounds(index.bucket_of(rb[0]))[0]
+        qb_hi = index.bucket_bounds(index.bucket_of(rb[-1]))[1]
+        d_lo = min(qa_lo / (qb_hi + spec.eps), spec.max_drop)
+        d_hi = min(qa_hi / (qb_lo + spec.eps), spec.max_drop)
+        r_lo = min(index.n - 1, math.floor(d_lo * index.n))
+        r_hi = min(index.n - 1, math.floor(d_hi * index.n))
+        if math.isfinite(d_hi) and r_hi >= r_lo:
+            candidates = index.nonempty_buckets(r_lo, r_hi)
+            if len(candidates) <= PREDICTED_BUCKETS:
+                need |= set(candidates) - set(index.fine)
     if need:
         yield need
     qa = index.quantile(spec.low_q)
@@ -102,7 +128,7 @@ def resolve_selection(
     q_low = q_high = None
     if spec.method == "tadrop":
         if rate is None:
-            rate, q_low, q_high = yield from tadrop_rate(index, spec)
+            rate, q_low, q_high = yield from tadrop_rate(index, spec, predict_cut=True)
         lo_rank, hi_rank = math.floor(rate * n), n
     elif spec.method == "magnitude":
         lo_rank, hi_rank = n - math.floor(spec.density * n), n
@@ -117,12 +143,10 @@ def resolve_selection(
     lo, hi = index.cut(lo_rank), index.cut(hi_rank)
     dropped = n - (hi_rank - lo_rank)
     drop_rate = rate if spec.method == "tadrop" else (dropped / n if n else 0.0)
-    total_sq = index.total_moment(2)
-    kept_sq = index.moment_from(lo, 2) - index.moment_from(hi, 2)
-    norm = scaled_to_float(total_sq, SQ_SCALE_BITS) ** 0.5
-    kept_norm = scaled_to_float(kept_sq, SQ_SCALE_BITS) ** 0.5
     if spec.rescale == "l2":
-        scale = norm / (kept_norm + spec.eps)
+        norm = scaled_to_float(index.total_moment(2), SQ_SCALE_BITS) ** 0.5
+        kept_sq = index.moment_from(lo, 2) - index.moment_from(hi, 2)
+        scale = norm / (scaled_to_float(kept_sq, SQ_SCALE_BITS) ** 0.5 + spec.eps)
     elif spec.rescale == "l1":
         total_abs = scaled_to_float(index.total_moment(1), ABS_SCALE_BITS)
         kept_abs = scaled_to_float(
@@ -133,7 +157,7 @@ def resolve_selection(
         scale = 1.0 / (1.0 - drop_rate) if drop_rate < 1.0 else 0.0
     else:
         scale = 1.0
-    return Selection(n, lo, hi, scale, drop_rate, q_low, q_high, norm, scale * kept_norm)
+    return Selection(n, lo, hi, scale, drop_rate, q_low, q_high)
 
 
 def run_locally(gen: Generator[set[int], None, object], keys: torch.Tensor, index: RankIndex):
@@ -171,13 +195,24 @@ def apply_selection(
     hi: tuple[int, int],
     scale: float,
 ) -> tuple[torch.Tensor, int]:
-    """t = τ̂ · fl32(scale), τ̂ = τ on ranks [lo, hi). lo/hi are (key, block quota)."""
-    keep = below_cut(keys, *hi)
-    if lo[0] != 0 or lo[1] != 0:
-        keep &= ~below_cut(keys, *lo)
-    s = torch.tensor(scale, dtype=torch.float32, device=tau.device)
-    out = torch.where(keep, tau * s, torch.zeros((), dtype=tau.dtype, device=tau.device))
-    return out, int(keep.sum())
+    """t = τ̂ · fl32(scale), τ̂ = τ on ranks [lo, hi). lo/hi are (key, block quota).
+
+    Works in place on `tau` (the caller's task vector becomes t).
+    """
+    if hi[0] < 0:  # the hi cut is the end of the order: only the lo cut drops
+        keep = ~below_cut(keys, *lo)
+    else:
+        keep = below_cut(keys, *hi)
+        if lo[0] != 0 or lo[1] != 0:
+            keep &= ~below_cut(keys, *lo)
+    return _keep_scaled_(tau, keep, scale), int(keep.sum())
+
+
+def _keep_scaled_(tau: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """In place: kept entries times fl32(scale), dropped entries +0.0."""
+    if scale != 1.0:
+        tau.mul_(torch.tensor(scale, dtype=torch.float32, device=tau.device))
+    return tau.masked_fill_(~keep, 0.0)
 
 
 def ties_in_block(keys: torch.Tensor, key: int) -> int:
@@ -227,8 +262,7 @@ def dare_block(tau: torch.Tensor, u: torch.Tensor, spec: SparsifySpec) -> tuple[
     """Drop each entry with probability p (u < p), scale kept by fl32(1/(1-p))."""
     keep = u.to(tau.device) >= spec.p
     scale = 1.0 / (1.0 - spec.p) if spec.rescale == "inverse_keep" else 1.0
-    s = torch.tensor(scale, dtype=torch.float32, device=tau.device)
-    return torch.where(keep, tau * s, torch.zeros((), device=tau.device)), int(keep.sum())
+    return _keep_scaled_(tau, keep, scale), int(keep.sum())
 
 
 def della_block(

@@ -111,9 +111,7 @@ class Plan:
     def needs_stats(self) -> bool:
         if self.global_scope:
             return True
-        return any(t.split and t.kind == MERGE for t in self.tensors) and (
-            self.magnitude_stats or self.config.merge.method == "ties"
-        )
+        return self.magnitude_stats and any(t.split and t.kind == MERGE for t in self.tensors)
 
     def summary(self) -> dict:
         kinds: dict[str, int] = {}
@@ -133,9 +131,11 @@ class Plan:
 
 
 def bytes_per_element(k: int, itemsize: int) -> int:
-    """Working set per element of a unit: K+1 raw and float32 inputs, τ and t per
-    task, keys, masks, the merged block and its cast. Deliberately generous."""
-    return (k + 1) * (itemsize + 4) + 9 * k + 16
+    """Working set per element of a unit, with margin: K+1 float32 blocks (τ_k and
+    t_k are made in place), one raw block being converted, the int32 keys and
+    masks of one task, the combiner's temporaries (TIES: four float32 planes; EMR:
+    three plus K masks) and the output cast."""
+    return 4 * (k + 1) + itemsize + k + 40
 
 
 def canonical_rows(row_numel: int, block_elements: int = CANONICAL_ELEMS) -> int:

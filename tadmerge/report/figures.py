@@ -33,25 +33,15 @@ def tensor_report(plan, done: dict, resolved: dict) -> tuple[dict, dict]:
             sel = _selection_for(t, k, recs, resolved)
             kept = sum(r.tasks[k].kept for r in recs)
             fig: dict = {"n": t.numel, "kept": kept}
-            if sel is not None and sel.n == t.numel:
-                fig.update(
-                    q_low=sel.q_low,
-                    q_high=sel.q_high,
-                    drop_rate=sel.drop_rate,
-                    norm=sel.norm,
-                    norm_after=sel.norm_after,
-                    scale=sel.scale,
-                )
-            else:
-                tau = _sum(r.tasks[k].tau for r in recs)
-                tt = _sum(r.tasks[k].t for r in recs)
-                fig.update(
-                    q_low=None,
-                    q_high=None,
-                    drop_rate=1.0 - kept / t.numel if t.numel else 0.0,
-                    norm=tau.l2 if tau is not None else None,
-                    norm_after=(tt.l2 if tt is not None else (tau.l2 if tau is not None else None)),
-                )
+            whole = sel is not None and sel.n == t.numel
+            fig["q_low"] = sel.q_low if whole else None
+            fig["q_high"] = sel.q_high if whole else None
+            fig["drop_rate"] = (
+                sel.drop_rate if whole else (1.0 - kept / t.numel if t.numel else 0.0)
+            )
+            fig["scale"] = sel.scale if whole else None
+            fig["norm"] = math.fsum(r.tasks[k].tau_sq for r in recs) ** 0.5
+            fig["norm_after"] = math.fsum(r.tasks[k].t_sq for r in recs) ** 0.5
             if plan.is_emr:
                 a = _sum(r.emr_abs_t[k] for r in recs)
                 b = _sum(r.emr_abs_uni[k] for r in recs)
