@@ -356,7 +356,10 @@ def load_config(path: str | Path) -> MergeConfig:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if raw is None:
         raise ConfigError(f"{path}: the config is empty")
     return parse_config(raw, p.parent)

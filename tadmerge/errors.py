@@ -37,8 +37,16 @@ class InputProblem:
     message: str
 
     def __str__(self) -> str:
-        where = self.file if self.tensor is None else f"{self.file} [{self.tensor}]"
-        return f"{where}: {self.message}"
+        file = printable(self.file)
+        where = file if self.tensor is None else f"{file} [{printable(self.tensor, 200)}]"
+        return f"{where}: {printable(self.message, 2000)}"
+
+
+def printable(text: str, limit: int = 4096) -> str:
+    """Escape control characters (a tensor name with a newline must not forge log
+    lines) and clip hostile lengths."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return out if len(out) <= limit else out[: limit - 1] + "…"
 
 
 class InputError(TadmergeError):

@@ -25,7 +25,7 @@ from ..config import MergeConfig
 from ..emr.store import MaskStore
 from ..engine.exact import ExactSum
 from ..engine.sparsify import Selection
-from ..errors import MergeRuntimeError, OutputError, TadmergeError
+from ..errors import InputError, InputProblem, MergeRuntimeError, OutputError, TadmergeError
 from ..io.block_io import close_all, create_shard_files, index_json
 from ..io.publish import Staging
 from ..planners.inventory import MERGE
@@ -54,7 +54,8 @@ class RunState:
 
     def __init__(self, staging: str):
         self.dir = os.path.join(staging, STATE_DIR)
-        os.makedirs(self.dir, exist_ok=True)
+        with writing(self.dir):
+            os.makedirs(self.dir, exist_ok=True)
         self.units_path = os.path.join(self.dir, "units.jsonl")
 
     def check_or_write_fingerprint(self, fingerprint: str, resume: bool) -> None:
@@ -97,7 +98,7 @@ class RunState:
 
     def append(self, rec: UnitRecord) -> None:
         line = json.dumps(record_to_json(rec)) + "\n"
-        with open(self.units_path, "a") as f:
+        with writing(self.units_path), open(self.units_path, "a") as f:
             f.write(line)
             f.flush()
 
@@ -105,13 +106,32 @@ class RunState:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class writing:
+    """Turn an OSError while writing `path` into a MergeRuntimeError naming it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        if isinstance(exc, OSError):
+            raise MergeRuntimeError(
+                f"writing {self.path} failed: {exc.strerror or exc}; the staging directory "
+                "is kept: fix the cause and rerun with --resume"
+            ) from exc
+        return False
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def _stats_json(st) -> dict:
@@ -194,8 +214,6 @@ def run_merge(
     plan = plan or make_plan(cfg)
     timings["plan_s"] = time.monotonic() - t0
     staging = Staging(cfg.output.path, overwrite=overwrite, resume=resume)
-    state = RunState(staging.path)
-    state.check_or_write_fingerprint(plan.fingerprint, resume)
     log.info(
         "plan %s: %d tensors, %d units, %.2f GB in, %.2f GB out",
         plan.fingerprint[:12],
@@ -204,9 +222,13 @@ def run_merge(
         plan.input_bytes / 1e9,
         plan.output_bytes / 1e9,
     )
-    _prepare_outputs(plan, staging.path)
-    executor = make_executor(plan, staging.path)
+    executor = None
     try:
+        state = RunState(staging.path)
+        state.check_or_write_fingerprint(plan.fingerprint, resume)
+        with writing(staging.path):
+            _prepare_outputs(plan, staging.path)
+        executor = make_executor(plan, staging.path)
         t1 = time.monotonic()
         resolved = state.load_stats() if resume else None
         if resolved is None:
@@ -228,8 +250,12 @@ def run_merge(
         count = {"n": 0}
 
         exit_after = os.environ.get(DRIVER_FAULT_ENV)
+        nonfinite: dict[tuple[str, str], int] = {}
 
         def on_done(rec: UnitRecord) -> None:
+            if rec.nonfinite:
+                note_nonfinite(plan, rec, nonfinite)
+                return
             state.append(rec)
             done[rec.unit] = rec
             progress.update(1, unit_bytes(plan, rec.unit))
@@ -241,6 +267,8 @@ def run_merge(
 
         try:
             executor.run_units(todo, resolved, on_done)
+            if nonfinite:
+                raise nonfinite_input_error(nonfinite)
             redo = ties_reruns(plan, done, resolved)
             if redo:
                 log.info("TIES: %d block(s) rerun with their tensor's majority sign", len(redo))
@@ -250,7 +278,6 @@ def run_merge(
         timings["apply_s"] = time.monotonic() - t2
         t3 = time.monotonic()
         report = _finalize(plan, staging.path, done, resolved, reused, executor)
-        state.remove()
         timings["finalize_s"] = time.monotonic() - t3
         timings["total_s"] = time.monotonic() - t0
         report["timings"] = timings
@@ -265,7 +292,7 @@ def run_merge(
         }
         _write_json(os.path.join(staging.path, REPORT_NAME), report)
         close_all()
-        out = staging.publish()
+        out = staging.publish(scratch=STATE_DIR)
         log.info("published %s in %.1fs", out, timings["total_s"])
         return MergeResult(out, plan, report)
     except _Interrupted:
@@ -274,6 +301,12 @@ def run_merge(
             f"merge stopped after {stop_after_units} units (test hook); staging kept at "
             f"{staging.path}: rerun with --resume"
         ) from None
+    except InputError:
+        # bad input found while reading: this staging can never be resumed (the
+        # fixed input changes the plan), so leave nothing behind
+        close_all()
+        shutil.rmtree(staging.path, ignore_errors=True)
+        raise
     except TadmergeError:
         close_all()
         raise
@@ -287,11 +320,26 @@ def run_merge(
             "fix the cause and rerun with --resume"
         ) from e
     finally:
-        executor.close()
+        if executor is not None:
+            executor.close()
 
 
 class _Interrupted(Exception):
     pass
+
+
+def note_nonfinite(plan: Plan, rec: UnitRecord, acc: dict[tuple[str, str], int]) -> None:
+    tp = plan.tensors[plan.units[rec.unit].tensor]
+    for i, n in rec.nonfinite or []:
+        file = tp.sources[i].file if i >= 0 else tp.sources[-1].file
+        acc[(file, tp.name)] = acc.get((file, tp.name), 0) + n
+
+
+def nonfinite_input_error(acc: dict[tuple[str, str], int]) -> InputError:
+    hint = "(set inputs.allow_nonfinite: true to merge anyway)"
+    return InputError(
+        [InputProblem(f, t, f"{n} NaN/Inf value(s) {hint}") for (f, t), n in sorted(acc.items())]
+    )
 
 
 def ties_reruns(plan: Plan, done: dict[int, UnitRecord], resolved: dict) -> list[int]:
@@ -345,7 +393,7 @@ def _prepare_outputs(plan: Plan, staging: str) -> None:
 
 
 def _write_json(path: str, doc: dict) -> None:
-    with open(path, "w") as f:
+    with writing(path), open(path, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=False, default=_json_default)
         f.write("\n")
 
@@ -364,18 +412,18 @@ def _finalize(
     if missing:
         raise MergeRuntimeError(f"{len(missing)} unit(s) did not finish: {missing[:10]}")
     if len(plan.shards) > 1:
-        with open(os.path.join(staging, "model.safetensors.index.json"), "wb") as f:
-            f.write(index_json(plan.shards))
+        _atomic_write(
+            os.path.join(staging, "model.safetensors.index.json"), index_json(plan.shards)
+        )
     for name, shards in plan.task_shards.items():
         if len(shards) > 1:
-            with open(
-                os.path.join(staging, TASKS_DIR, name, "model.safetensors.index.json"), "wb"
-            ) as f:
-                f.write(index_json(shards))
+            index_path = os.path.join(staging, TASKS_DIR, name, "model.safetensors.index.json")
+            _atomic_write(index_path, index_json(shards))
     for src in plan.inputs[0].extra_files:
-        shutil.copyfile(src, os.path.join(staging, os.path.basename(src)))
-    with open(os.path.join(staging, CONFIG_NAME), "w") as f:
-        f.write(cfg.to_yaml())
+        dest = os.path.join(staging, os.path.basename(src))
+        with writing(dest):
+            shutil.copyfile(src, dest)
+    _atomic_write(os.path.join(staging, CONFIG_NAME), cfg.to_yaml().encode())
     from ..report.figures import tensor_report
 
     tensors, emr = tensor_report(plan, done, resolved)

@@ -1,20 +1,26 @@
 """The statistics stage: exact group statistics as rounds of map and reduce.
 
-Needed only when a selection spans more than one unit: a tensor split into
-several row blocks (tensor scope), or the whole task vector (scope: global),
-Each round maps a request over
-units (an executor runs it anywhere) and reduces small results by addition:
+Needed only when a magnitude selection spans more than one unit: a tensor split
+into several row blocks (tensor scope), or the whole task vector (scope:
+global). Each round maps a request over units (an executor runs it anywhere)
+and reduces small results by addition:
 
-1. coarse: per unit and task, the coarse histogram with exact Σx² per bucket;
-2. fine (repeated until every resolver is done): the fine histograms of the
-   buckets that the resolvers (engine/sparsify.py generators) still ask for;
-   per-unit fine counts at each final cut give every unit its share of ties;
-The TIES majority sign of a split tensor needs no round: blocks are merged with
-a provisional sign and report their votes; the driver reruns only the blocks
-whose exactly-cancelling votes needed the other sign (cluster/driver.py).
+1. coarse: per unit and task, the coarse histogram (with exact moments when
+   the rescale needs them);
+2. fine (until every resolver is done; usually once): the fine histograms of
+   the buckets that the resolvers (engine/sparsify.py generators) ask for;
+3. ties (only when a cut falls inside a run of equal |τ| spread over several
+   blocks): each block counts the cut key, so each gets its share of the ties
+   in flat-index order.
 
-The result is a small per-unit context that the apply stage hands to
-engine.block.merge_block; it is saved in the staging directory for --resume.
+The driver's memory is bounded: nothing is kept per unit, and split tensors are
+resolved in batches whose histograms fit a quarter of the memory budget. The
+TIES majority sign of a split tensor needs no round at all: blocks are merged
+with a provisional sign and report their votes, and the driver reruns only the
+blocks whose exactly-cancelling votes needed the other sign (cluster/driver.py).
+
+The result is a small per-unit context handed to engine.block.merge_block; it
+is saved in the staging directory for --resume.
 """
 
 from __future__ import annotations
@@ -23,68 +29,73 @@ from collections.abc import Callable, Generator
 from dataclasses import asdict
 
 from ..engine.exact import CoarseStats
-from ..engine.histogram import Cut, RankIndex, SparseFine
-from ..engine.sparsify import Selection, resolve_selection, tadrop_rate
+from ..engine.histogram import Cut, RankIndex
+from ..engine.sparsify import PREDICTED_BUCKETS, Selection, resolve_selection, tadrop_rate
 from ..planners.inventory import MERGE
 from ..planners.plan import Plan
 
-# An executor's map: (request kind label, [(unit_id, request)], on_result(unit_id, result))
+# An executor's map: (label, [(unit_id, request)], on_result(unit_id, result))
 MapFn = Callable[[str, list[tuple[int, tuple]], Callable[[int, object], None]], None]
+GROUP_BYTES = (4 + 2 * (PREDICTED_BUCKETS + 4)) * 2**18  # coarse arrays + fine histograms
 
 
-def run_stats_stage(plan: Plan, map_units: MapFn) -> dict[int, dict]:
+def run_stats_stage(plan: Plan, map_units: MapFn) -> dict:
     """Resolve every group statistic; returns {unit_id: resolved context}."""
     cfg = plan.config
     sp = cfg.sparsify
     k_tasks = len(cfg.models)
     merge_tensors = [t for t in plan.tensors if t.kind == MERGE]
     split = [t for t in merge_tensors if t.split]
-    resolved: dict[int, dict] = {}
+    resolved: dict = {}
     if not plan.needs_stats():
         return resolved
 
-    groups: dict[tuple, list[int]] = {}  # group -> ordered unit ids
+    rates = None
+    global_sel: dict[int, Selection] = {}
+    quotas: dict[tuple, dict[int, tuple[int, int]]] = {}
     if plan.global_scope:
         all_units = [u for t in merge_tensors for u in t.units]
-        for k in range(k_tasks):
-            groups[("g", k)] = all_units
-    per_tensor_groups = plan.magnitude_stats and (sp.scope == "tensor" or sp.method == "tadrop")
-    if per_tensor_groups:
-        for t in split:
-            for k in range(k_tasks):
-                groups[("t", t.index, k)] = list(t.units)
-
-    if groups:
-        results = _resolve_groups(plan, groups, map_units)
-        rates = None
-        if plan.global_scope and sp.method == "tadrop":
+        groups = {("g", k): all_units for k in range(k_tasks)}
+        results = _resolve(plan, groups, map_units, global_rate=sp.method == "tadrop")
+        if sp.method == "tadrop":
             rates = [results[("g", k)][0] for k in range(k_tasks)]
-        for t in merge_tensors:
-            for u in t.units:
-                ctx: dict = {}
-                if rates is not None:
-                    ctx["rates"] = rates
-                sels: list[Selection | None] = [None] * k_tasks
-                quotas: list[tuple[int, int]] = [(0, 0)] * k_tasks
-                for k in range(k_tasks):
-                    g = ("t", t.index, k) if ("t", t.index, k) in results else ("g", k)
-                    val = results.get(g)
-                    if isinstance(val, Selection):
-                        sels[k] = val
-                        quotas[k] = results[("quota", g)][u]
-                if any(s is not None for s in sels):
-                    ctx["selections"] = sels
-                    ctx["quotas"] = quotas
-                if ctx:
-                    resolved[u] = ctx
-        resolved["_global"] = {  # type: ignore[index]
-            "groups": {
-                str(k): _group_summary(results[("g", k)])
-                for k in range(k_tasks)
-                if ("g", k) in results
-            }
+        else:
+            global_sel = {k: results[("g", k)] for k in range(k_tasks)}
+            quotas.update({g: results[("quota", g)] for g in groups})
+        resolved["_global"] = {
+            "groups": {str(k): _group_summary(results[("g", k)]) for k in range(k_tasks)}
         }
 
+    tensor_sel: dict[tuple[int, int], Selection] = {}
+    if split and (sp.scope == "tensor" or sp.method == "tadrop"):
+        per_batch = max(1, (cfg.runtime.memory_budget // 4) // (GROUP_BYTES * k_tasks))
+        for i in range(0, len(split), per_batch):
+            batch = split[i : i + per_batch]
+            groups = {("t", t.index, k): list(t.units) for t in batch for k in range(k_tasks)}
+            results = _resolve(plan, groups, map_units, rates=rates)
+            for g in groups:
+                tensor_sel[(g[1], g[2])] = results[g]
+                quotas[g] = results[("quota", g)]
+
+    for t in merge_tensors:
+        for u in t.units:
+            ctx: dict = {}
+            if rates is not None:
+                ctx["rates"] = rates
+            sels: list[Selection | None] = [None] * k_tasks
+            qs: list[tuple[int, int]] = [(0, 0)] * k_tasks
+            for k in range(k_tasks):
+                if (t.index, k) in tensor_sel:
+                    sels[k] = tensor_sel[(t.index, k)]
+                    qs[k] = quotas[("t", t.index, k)][u]
+                elif k in global_sel:
+                    sels[k] = global_sel[k]
+                    qs[k] = quotas[("g", k)][u]
+            if any(s is not None for s in sels):
+                ctx["selections"] = sels
+                ctx["quotas"] = qs
+            if ctx:
+                resolved[u] = ctx
     return resolved
 
 
@@ -95,39 +106,41 @@ def _group_summary(val: object) -> dict:
     return {"drop_rate": d, "q_low": qa, "q_high": qb}
 
 
-def _resolve_groups(plan: Plan, groups: dict[tuple, list[int]], map_units: MapFn) -> dict:
+def _resolve(
+    plan: Plan,
+    groups: dict[tuple, list[int]],
+    map_units: MapFn,
+    *,
+    global_rate: bool = False,
+    rates: list[float] | None = None,
+) -> dict:
+    """Resolve the given groups: coarse round, fine rounds, then tie counts."""
     sp = plan.config.sparsify
     unit_groups: dict[int, list[tuple]] = {}
     for g, units in groups.items():
         for u in units:
             unit_groups.setdefault(u, []).append(g)
 
-    # round 1: coarse histograms
     coarse: dict[tuple, CoarseStats] = {}
 
     def add_coarse(unit_id: int, value: object) -> None:
         for g in unit_groups[unit_id]:
-            k = g[-1]
-            st = value[k]  # type: ignore[index]
+            st = value[g[-1]]  # type: ignore[index]
             coarse[g] = coarse[g] + st if g in coarse else st
 
     items = [(u, ("coarse", sp.moments)) for u in sorted(unit_groups)]
     map_units("coarse", items, add_coarse)
     index = {g: RankIndex(coarse.pop(g)) for g in groups}
 
-    # resolvers
     gens: dict[tuple, Generator] = {}
+    for g in groups:
+        if global_rate:
+            gens[g] = tadrop_rate(index[g], sp)
+        else:
+            rate = rates[g[-1]] if rates is not None else None
+            gens[g] = resolve_selection(index[g], sp, rate)
     results: dict = {}
     pending: dict[tuple, set[int]] = {}
-
-    def start(g: tuple) -> None:
-        if g[0] == "g" and sp.method == "tadrop":
-            gens[g] = tadrop_rate(index[g], sp)
-        elif g[0] == "t" and sp.scope == "global":
-            return  # started once its task's global rate is known
-        else:
-            gens[g] = resolve_selection(index[g], sp)
-        advance(g, first=True)
 
     def advance(g: tuple, first: bool = False) -> None:
         try:
@@ -135,17 +148,12 @@ def _resolve_groups(plan: Plan, groups: dict[tuple, list[int]], map_units: MapFn
         except StopIteration as stop:
             pending.pop(g, None)
             results[g] = stop.value
-            if g[0] == "g" and sp.method == "tadrop":
-                rate = stop.value[0]
-                for h in groups:
-                    if h[0] == "t" and h[-1] == g[1]:
-                        gens[h] = resolve_selection(index[h], sp, rate)
-                        advance(h, first=True)
+            if not isinstance(stop.value, Selection):
+                index.pop(g, None)  # a rate: the histograms are no longer needed
 
     for g in groups:
-        start(g)
+        advance(g, first=True)
 
-    unit_fine: dict[tuple[int, int], dict[int, SparseFine]] = {}
     while pending:
         wanted: dict[int, dict[int, set[int]]] = {}
         for g, buckets in pending.items():
@@ -155,12 +163,10 @@ def _resolve_groups(plan: Plan, groups: dict[tuple, list[int]], map_units: MapFn
 
         def add_fine(unit_id: int, value: object, asked: dict = asked) -> None:
             for k, hists in value.items():  # type: ignore[union-attr]
-                unit_fine.setdefault((unit_id, k), {}).update(hists)
                 for g in unit_groups[unit_id]:
-                    if g[-1] != k or g not in asked:
-                        continue
-                    for b in asked[g]:
-                        index[g].add_fine(b, hists[b])
+                    if g[-1] == k and g in asked:
+                        for b in asked[g]:
+                            index[g].add_fine(b, hists[b])
 
         items = [
             (u, ("fine", {k: sorted(b) for k, b in per_task.items()}))
@@ -170,23 +176,62 @@ def _resolve_groups(plan: Plan, groups: dict[tuple, list[int]], map_units: MapFn
         for g in list(asked):
             advance(g)
 
-    # per-unit quotas of ties at each cut, in the group's unit order
-    for g, val in list(results.items()):
-        if not isinstance(val, Selection):
+    _tie_quotas(groups, index, results, map_units)
+    return results
+
+
+def _tie_quotas(groups: dict, index: dict, results: dict, map_units: MapFn) -> None:
+    """Each unit's share of the ties at every cut, in the group's unit order.
+
+    A cut whose quota is 0 or all of its key's entries needs no counting; only a
+    cut inside a run of ties asks each unit for its count of that key.
+    """
+    partial: dict[tuple, list[Cut]] = {}
+    for g in groups:
+        sel = results.get(g)
+        if not isinstance(sel, Selection):
             continue
-        k = g[-1]
-        per_unit: dict[int, list[int]] = {u: [0, 0] for u in groups[g]}
-        for side, cut in enumerate((val.lo, val.hi)):
+        for cut in (sel.lo, sel.hi):
+            if not cut.everything and 0 < cut.quota < index[g].count_at(cut.key):
+                partial.setdefault(g, []).append(cut)
+    counts: dict[tuple[int, int, int], int] = {}  # (unit, task, key) -> count
+    if partial:
+        wanted: dict[int, dict[int, set[int]]] = {}
+        for g, cuts in partial.items():
+            for u in groups[g]:
+                wanted.setdefault(u, {}).setdefault(g[-1], set()).update(c.key for c in cuts)
+
+        def add_counts(unit_id: int, value: object) -> None:
+            for k, per_key in value.items():  # type: ignore[union-attr]
+                for key, n in per_key.items():
+                    counts[(unit_id, k, key)] = n
+
+        items = [
+            (u, ("ties", {k: sorted(keys) for k, keys in per_task.items()}))
+            for u, per_task in sorted(wanted.items())
+        ]
+        map_units("ties", items, add_counts)
+    for g in groups:
+        sel = results.get(g)
+        if not isinstance(sel, Selection):
+            continue
+        per_unit = {u: [0, 0] for u in groups[g]}
+        for side, cut in enumerate((sel.lo, sel.hi)):
             if cut.everything or cut.quota == 0:
                 continue
+            if cut not in partial.get(g, []):
+                # the cut takes every entry of its key: the whole quota covers any
+                # unit's own ties (below_cut slices at most what the unit has)
+                for u in groups[g]:
+                    per_unit[u][side] = cut.quota
+                continue
             before = 0
-            b, j = cut.key >> 16, cut.key & 0xFFFF
             for u in groups[g]:
-                here = unit_fine[(u, k)][b].count_at(j)
+                here = counts[(u, g[-1], cut.key)]
                 per_unit[u][side] = max(0, min(cut.quota - before, here))
                 before += here
         results[("quota", g)] = {u: (q[0], q[1]) for u, q in per_unit.items()}
-    return results
+        index.pop(g, None)
 
 
 # ------------------------------------------------------------------------------------

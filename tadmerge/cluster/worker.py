@@ -139,6 +139,12 @@ def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu
             k: fine_histograms(magnitude_keys(models[k].sub_(base)), buckets)
             for k, buckets in wanted.items()
         }
+    if kind == "ties":
+        out = {}
+        for k, keys_wanted in request[1].items():
+            keys = magnitude_keys(models[k].sub_(base))
+            out[k] = {key: int((keys == key).sum()) for key in keys_wanted}
+        return out
     raise ValueError(f"unknown stats request {kind}")
 
 
@@ -156,6 +162,7 @@ class UnitRecord:
     emr_abs_t: list | None = None
     emr_abs_uni: list | None = None
     ties: tuple[int, int, int] | None = None  # (sign sum, cancellations, majority used)
+    nonfinite: list | None = None  # [(source index, count)]: the unit was not written
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -182,8 +189,18 @@ def run_unit(
         res: BlockResult = merge_block(
             blocks[0], blocks[1:], spec, ctx, not plan.config.inputs.allow_nonfinite
         )
-    except NonFiniteTaskVector as e:
-        raise nonfinite_error(plan, unit, e.task, blocks) from None
+    except NonFiniteTaskVector:
+        # report every input of this unit with NaN/Inf (re-read: the blocks were
+        # consumed in place); the driver sums the counts per file and tensor
+        counts = []
+        for i, src in enumerate(tp.sources):
+            raw = read_rows(src, unit.row_start, unit.row_end)
+            bad = int((~torch.isfinite(raw.to(torch.float32))).sum())
+            if bad:
+                counts.append((i, bad))
+        if not counts:  # finite inputs whose difference overflows float32
+            counts.append((-1, 1))
+        return UnitRecord(unit_id, [], nonfinite=counts)
     del blocks
     if res.emr is not None:
         _write_tensor_rows(plan, staging, tp, unit, res.emr.tau_uni)

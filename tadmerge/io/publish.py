@@ -25,7 +25,7 @@ import secrets
 import shutil
 import stat
 
-from tadmerge.errors import OutputError, VerifyError
+from tadmerge.errors import MergeRuntimeError, OutputError, VerifyError
 from tadmerge.io.block_io import close_all, sync_all
 
 __all__ = [
@@ -134,12 +134,19 @@ def _is_replaceable(path: str) -> bool:
 # --------------------------------------------------------------------------- manifest
 
 
-def write_manifest(directory: str) -> dict:
-    """Hash every file of ``directory`` into ``manifest.json`` (atomic) and return it."""
+def _under(rel: str, folder: str | None) -> bool:
+    return folder is not None and (rel == folder or rel.startswith(folder + "/"))
+
+
+def write_manifest(directory: str, exclude: str | None = None) -> dict:
+    """Hash every file of ``directory`` into ``manifest.json`` (atomic) and return it.
+
+    ``exclude`` names a subdirectory left out (a scratch folder deleted before publish).
+    """
     files, _ = _walk(directory, strict=True)
     entries = []
     for rel in files:
-        if rel in (MANIFEST_NAME, _MANIFEST_TMP):
+        if rel in (MANIFEST_NAME, _MANIFEST_TMP) or _under(rel, exclude):
             continue
         full = os.path.join(directory, rel)
         entries.append({"path": rel, "size": os.path.getsize(full), "sha256": _sha256(full)})
@@ -258,6 +265,12 @@ class Staging:
                 )
             try:
                 os.makedirs(self.parent, exist_ok=True)
+            except OSError as exc:  # e.g. a parent component is a regular file
+                raise OutputError(
+                    f"cannot create the output's parent directory {self.parent}: "
+                    f"{exc.strerror or exc}; choose another output path"
+                ) from None
+            try:
                 os.mkdir(self.path, 0o755)
             except FileExistsError:
                 raise OutputError(
@@ -277,22 +290,30 @@ class Staging:
                 "remove it yourself or choose another path"
             )
 
-    def publish(self) -> str:
-        """fsync, write the manifest, and rename staging to the output atomically."""
+    def publish(self, scratch: str | None = None) -> str:
+        """fsync, write the manifest, and rename staging to the output atomically.
+
+        `scratch` names a subdirectory (the resume log) that is left out of the
+        manifest and deleted only just before the rename, so a failure while
+        finalizing can still be resumed.
+        """
         if self._published:
             raise OutputError(f"{self.output} was already published from this staging")
         if os.path.islink(self.path) or not os.path.isdir(self.path):
             raise OutputError(f"staging directory {self.path} is gone; rerun the merge")
         try:
             files, _ = _walk(self.path, strict=True)
+            files = [f for f in files if not _under(f, scratch)]
             sync_all(os.path.join(self.path, rel) for rel in files)
-            write_manifest(self.path)
+            write_manifest(self.path, exclude=scratch)
             for dirpath, _dirs, _files in os.walk(self.path):
                 _fsync_dir(dirpath)
+            if scratch:
+                shutil.rmtree(os.path.join(self.path, scratch), ignore_errors=True)
         except OSError as exc:
-            raise OutputError(
-                f"cannot finalize {self.path}: {exc.strerror or exc}; fix it and rerun with "
-                "--resume"
+            raise MergeRuntimeError(
+                f"cannot finalize {exc.filename or self.path}: {exc.strerror or exc}; the "
+                "staging directory is kept: fix it and rerun with --resume"
             ) from None
 
         aside = None

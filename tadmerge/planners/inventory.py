@@ -16,29 +16,34 @@ MERGE, COPY, EXCLUDE = "merge", "copy", "exclude"
 
 
 def open_inputs(cfg: MergeConfig) -> list[Checkpoint]:
-    """Open base then models; every problem of every input in one InputError."""
+    """Open base then models and check they agree; every problem in one InputError.
+
+    A model that cannot be opened does not hide the disagreements of the others.
+    """
     problems: list[InputProblem] = []
-    out: list[Checkpoint] = []
+    out: list[Checkpoint | None] = []
     for source in [cfg.base] + [m.path for m in cfg.models]:
         try:
             out.append(open_checkpoint(source, allow_pickle=cfg.inputs.allow_pickle))
         except InputError as e:
             problems.extend(e.problems)
+            out.append(None)
+    if out[0] is not None:
+        problems.extend(agreement_problems(cfg, out))
     if problems:
         raise InputError(problems)
-    return out
+    return out  # type: ignore[return-value]
 
 
-def classify(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, tuple[str, str]]:
-    """Decide per tensor: merge, copy (non-float) or exclude; check agreement.
-
-    Returns {name: (kind, reason)}. Raises InputError listing every disagreement:
-    missing or extra tensors, shape or dtype mismatches.
-    """
+def agreement_problems(cfg: MergeConfig, inputs: list[Checkpoint | None]) -> list[InputProblem]:
+    """Missing or extra tensors, shape or dtype mismatches (models that opened)."""
     base = inputs[0]
+    assert base is not None
     problems: list[InputProblem] = []
     names = set(base.tensors)
     for ck, model in zip(inputs[1:], cfg.models, strict=True):
+        if ck is None:
+            continue
         where = _where(ck)
         for n in sorted(names - set(ck.tensors)):
             problems.append(InputProblem(where, n, f"missing in model '{model.name}'"))
@@ -54,8 +59,16 @@ def classify(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, tuple[str,
                 )
             if a.dtype != b.dtype:
                 problems.append(InputProblem(b.file, n, f"dtype {b.dtype} != base {a.dtype}"))
+    return problems
+
+
+def classify(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, tuple[str, str]]:
+    """Decide per tensor: merge, copy (non-float) or exclude ({name: (kind, reason)})."""
+    problems = agreement_problems(cfg, list(inputs))
     if problems:
         raise InputError(problems)
+    base = inputs[0]
+    names = set(base.tensors)
     patterns = [re.compile(p) for p in cfg.exclude]
     kinds: dict[str, tuple[str, str]] = {}
     for n in sorted(names):

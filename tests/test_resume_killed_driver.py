@@ -1,0 +1,218 @@
+"""A driver killed mid-merge (kill -9, no cleanup) publishes nothing and resumes.
+
+`python merge.py CONFIG` runs in a subprocess with TADMERGE_FAULT_DRIVER_EXIT_AFTER=3:
+the driver `os._exit(137)`s right after its third finished unit is logged. The
+staging directory is left behind, a plain rerun is refused (exit 2, "--resume"),
+a resume with a changed config is refused (exit 2, "changed"), and `--resume`
+finishes the merge reusing the logged units, with the same bytes as a merge that
+was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from checkpoints import write_zoo
+
+from tadmerge.cli import main
+from tadmerge.cluster.driver import DRIVER_FAULT_ENV
+from tadmerge.errors import EXIT_CONFIG, EXIT_OK
+
+REPO = Path(__file__).resolve().parent.parent
+RUNTIME = {
+    "block_elements": 64,
+    "max_unit_elements": 256,
+    "memory_budget": "256MB",
+    "progress": "none",
+    "device": "cpu",
+}
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ tadmerge (DEBUG|INFO) ")
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("killzoo")
+    base, models, *_ = write_zoo(str(root / "in"))
+    return root, base, models
+
+
+def write_cfg(path: Path, zoo, out: Path, **merge) -> str:
+    _, base, models = zoo
+    cfg = {
+        "base": base,
+        "models": [{"path": p, "name": f"t{i}"} for i, p in enumerate(models)],
+        # DARE + TIES: random streams, and a statistics stage (TIES signs of split tensors)
+        "sparsify": {"method": "random", "p": 0.5},
+        "merge": {"method": "ties", "scale": 0.8, **merge},
+        "exclude": ["^head\\."],
+        "output": {"path": str(out)},
+        "runtime": dict(RUNTIME),
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(path)
+
+
+def merge_py(*args: str, exit_after: int | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != DRIVER_FAULT_ENV}
+    if exit_after is not None:
+        env[DRIVER_FAULT_ENV] = str(exit_after)
+    return subprocess.run(
+        [sys.executable, str(REPO / "merge.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,  # a hang fails the test instead of blocking the suite
+    )
+
+
+def model_files(d: Path) -> dict[str, bytes]:
+    """Everything but the files that record paths or timings."""
+    skip = {"merge_report.json", "manifest.json", "merge_config.yaml"}
+    out = {}
+    for dirpath, _, files in os.walk(d):
+        for f in files:
+            if f not in skip:
+                p = os.path.join(dirpath, f)
+                out[os.path.relpath(p, d)] = Path(p).read_bytes()
+    return out
+
+
+def error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.strip() and not _LOG_LINE.match(ln)]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    rc = main(list(argv))
+    return rc, error_lines(capsys.readouterr().err)
+
+
+def units_logged(staging: Path) -> int:
+    return len((staging / ".tadmerge" / "units.jsonl").read_text().splitlines())
+
+
+def test_killed_driver_resumes_to_the_same_bytes(zoo, tmp_path, capsys):
+    ref_out = tmp_path / "ref"
+    rc, lines = run_cli(capsys, "merge", write_cfg(tmp_path / "ref.yaml", zoo, ref_out))
+    assert rc == EXIT_OK, lines
+    ref_report = json.loads((ref_out / "merge_report.json").read_text())
+    total = ref_report["units"]["total"]
+    assert total >= 10, "the config must give many units"
+
+    out = tmp_path / "out"
+    staging = tmp_path / ".out.tadmerge-staging"
+    cfg = write_cfg(tmp_path / "merge.yaml", zoo, out)
+
+    # 1. killed after 3 units: nothing published, staging and its resume log kept
+    p = merge_py(cfg, exit_after=3)
+    assert p.returncode == 137, p.stderr
+    assert "merged" not in p.stdout
+    assert not out.exists()
+    assert sorted(x.name for x in tmp_path.iterdir() if x.name.startswith((".out", "out"))) == [
+        staging.name
+    ]
+    assert not (staging / "manifest.json").exists()
+    assert (staging / ".tadmerge" / "fingerprint").is_file()
+    assert (staging / ".tadmerge" / "stats.json").is_file()
+    assert units_logged(staging) == 3
+
+    # 2. a plain rerun is refused and touches nothing
+    before = sorted((q.name, q.stat().st_size) for q in (staging / ".tadmerge").iterdir())
+    rc, lines = run_cli(capsys, "merge", cfg)
+    assert rc == EXIT_CONFIG
+    assert len(lines) == 1 and lines[0].startswith("tadmerge: error: "), lines
+    assert str(staging) in lines[0] and "--resume" in lines[0]
+    assert not out.exists()
+    assert sorted((q.name, q.stat().st_size) for q in (staging / ".tadmerge").iterdir()) == before
+
+    # 3. resuming with another config is refused: the finished units belong to the old one
+    changed = write_cfg(tmp_path / "changed.yaml", zoo, out, scale=0.5)
+    rc, lines = run_cli(capsys, "merge", changed, "--resume")
+    assert rc == EXIT_CONFIG
+    assert len(lines) == 1 and lines[0].startswith("tadmerge: error: --resume: "), lines
+    assert "changed since the interrupted merge" in lines[0]
+    assert not out.exists() and units_logged(staging) == 3
+
+    # ... and so is resuming after an input was republished (same config, new file)
+    model = os.path.join(zoo[2][1], "model.safetensors")
+    st = os.stat(model)
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        rc, lines = run_cli(capsys, "merge", cfg, "--resume")
+    finally:
+        os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert rc == EXIT_CONFIG and "changed since the interrupted merge" in lines[0], lines
+    assert not out.exists() and units_logged(staging) == 3
+
+    # 4. killed again while resuming: the log keeps growing, still nothing published
+    p = merge_py(cfg, "--resume", exit_after=3)
+    assert p.returncode == 137, p.stderr
+    assert not out.exists() and units_logged(staging) == 6
+
+    # 5. --resume finishes, reusing the 6 logged units, with the uninterrupted bytes
+    p = merge_py(cfg, "--resume")
+    assert p.returncode == 0, p.stderr
+    assert f"6 of {total} units reused" in p.stdout
+    assert not staging.exists()
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["units"]["reused"] >= 3
+    assert report["units"] == {"total": total, "reused": 6}
+    assert report["plan_fingerprint"] == ref_report["plan_fingerprint"]
+    assert model_files(out) == model_files(ref_out)
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == EXIT_OK
+    assert capsys.readouterr().out.startswith(f"OK {out}")
+
+
+def test_resume_without_staging_is_refused(zoo, tmp_path, capsys):
+    cfg = write_cfg(tmp_path / "merge.yaml", zoo, tmp_path / "out")
+    rc, lines = run_cli(capsys, "merge", cfg, "--resume")
+    assert rc == EXIT_CONFIG
+    assert len(lines) == 1 and "no staging directory" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml"]
+
+
+def test_ctrl_c_keeps_staging_for_resume(zoo, tmp_path, capsys, monkeypatch):
+    """A real SIGINT after the third unit: exit 130, one line, staging kept; --resume
+    finishes it with the bytes of an uninterrupted merge."""
+    import tadmerge.cluster.driver as driver
+
+    out = tmp_path / "out"
+    cfg = write_cfg(tmp_path / "merge.yaml", zoo, out)
+    real_update = driver.Progress.update
+    seen = {"n": 0}
+
+    def update_then_sigint(self, *a, **kw):
+        real_update(self, *a, **kw)
+        seen["n"] += 1
+        if seen["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(driver.Progress, "update", update_then_sigint)
+    rc, lines = run_cli(capsys, "merge", cfg)
+    monkeypatch.undo()
+    assert rc == 130
+    assert lines == ["tadmerge: interrupted; the staging directory is kept: rerun with --resume"]
+    staging = tmp_path / ".out.tadmerge-staging"
+    assert not out.exists() and staging.is_dir()
+    assert not (staging / "manifest.json").exists()
+    assert units_logged(staging) == 3
+
+    rc, lines = run_cli(capsys, "merge", cfg, "--resume")
+    assert rc == EXIT_OK, lines
+    assert out.is_dir() and not staging.exists()
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["units"]["reused"] == 3
+    ref = tmp_path / "ref"
+    assert main(["-q", "merge", write_cfg(tmp_path / "ref.yaml", zoo, ref)]) == EXIT_OK
+    assert model_files(out) == model_files(ref)
+    assert main(["-q", "verify", str(out)]) == EXIT_OK
