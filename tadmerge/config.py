@@ -260,28 +260,19 @@ def _parse_sparsify(raw: dict) -> SparsifySpec:
     )
 
 
-def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
-    """Validate a config mapping (as loaded from YAML) into a MergeConfig."""
-    base_dir = Path(base_dir)
-    _check_keys(raw, _TOP_KEYS, "config")
-    if "base" not in raw or not isinstance(raw["base"], str) or not raw["base"]:
-        raise ConfigError("base: required (a directory, a .safetensors file or a repo id)")
-    models = _parse_models(raw.get("models"), base_dir)
-    sparsify = _parse_sparsify(raw.get("sparsify") or {})
-
-    m = raw.get("merge") or {}
+def _parse_merge(m: Any, models: tuple[ModelEntry, ...]) -> MergeMethod:
     _check_keys(m, {"method", "scale", "disjoint"}, "merge")
     merge = MergeMethod(
         method=_choice(m.get("method", "task_arithmetic"), "merge.method", COMBINERS),
         scale=_num(m.get("scale", 1.0), "merge.scale"),
         disjoint=_choice(m.get("disjoint", "mean"), "merge.disjoint", {"mean", "sum"}),
     )
-    if merge.method in {"task_arithmetic", "ties", "average"}:
-        total_w = sum(x.weight for x in models)
-        if merge.method == "average" and total_w == 0:
-            raise ConfigError("models[*].weight: the weights of an average must not sum to 0")
+    if merge.method == "average" and models and sum(x.weight for x in models) == 0:
+        raise ConfigError("models[*].weight: the weights of an average must not sum to 0")
+    return merge
 
-    exclude = raw.get("exclude") or []
+
+def _parse_exclude(exclude: Any) -> tuple[str, ...]:
     if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
         raise ConfigError("exclude: expected a list of regular expressions")
     for i, pat in enumerate(exclude):
@@ -289,25 +280,28 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
             re.compile(pat)
         except re.error as e:
             raise ConfigError(f"exclude[{i}]: invalid regular expression {pat!r}: {e}") from None
+    return tuple(exclude)
 
-    o = raw.get("output") or {}
+
+def _parse_output(o: Any, base_dir: Path) -> OutputSpec:
     _check_keys(o, {"path", "dtype", "shard_size"}, "output")
     out_path = o.get("path", "out")
     if not isinstance(out_path, str) or not out_path:
         raise ConfigError("output.path: expected a directory path")
-    output = OutputSpec(
+    return OutputSpec(
         path=str((base_dir / out_path).resolve()) if not Path(out_path).is_absolute() else out_path,
         dtype=_choice(o.get("dtype", "auto"), "output.dtype", OUTPUT_DTYPES),
         shard_size=parse_size(o.get("shard_size", "5GB"), "output.shard_size"),
     )
 
-    r = raw.get("runtime") or {}
+
+def _parse_runtime(r: Any) -> RuntimeSpec:
     _check_keys(r, {"executor", "workers", "device", "memory_budget", "cpus_per_worker",
                     "gpus_per_worker", "max_retries", "progress", "max_unit_elements",
                     "block_elements"}, "runtime")  # fmt: skip
     mue = r.get("max_unit_elements")
     gpus = r.get("gpus_per_worker")
-    runtime = RuntimeSpec(
+    return RuntimeSpec(
         executor=_choice(r.get("executor", "local"), "runtime.executor", {"local", "ray"}),
         workers=_int(r.get("workers", 1), "runtime.workers", 1),
         device=_choice(r.get("device", "auto"), "runtime.device", {"auto", "cpu", "cuda"}),
@@ -322,25 +316,73 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
         block_elements=_int(r.get("block_elements", 1 << 20), "runtime.block_elements", 1),
     )
 
-    i = raw.get("inputs") or {}
+
+def _parse_inputs(i: Any) -> InputPolicy:
     _check_keys(i, {"allow_pickle", "allow_nonfinite"}, "inputs")
-    inputs = InputPolicy(
+    return InputPolicy(
         allow_pickle=_bool(i.get("allow_pickle", False), "inputs.allow_pickle"),
         allow_nonfinite=_bool(i.get("allow_nonfinite", False), "inputs.allow_nonfinite"),
     )
-    e = raw.get("emr") or {}
+
+
+def _parse_emr(e: Any) -> EmrSpec:
     _check_keys(e, {"delta_dtype"}, "emr")
-    emr = EmrSpec(delta_dtype=_choice(e.get("delta_dtype", "float32"), "emr.delta_dtype",
-                                      DELTA_DTYPES))  # fmt: skip
-    seed = raw.get("seed", 0)
+    return EmrSpec(
+        delta_dtype=_choice(e.get("delta_dtype", "float32"), "emr.delta_dtype", DELTA_DTYPES)
+    )
+
+
+def _parse_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed: expected an integer, got {seed!r}")
+    return seed
+
+
+def _parse_base(raw: dict, base_dir: Path) -> str:
+    if "base" not in raw or not isinstance(raw["base"], str) or not raw["base"]:
+        raise ConfigError("base: required (a directory, a .safetensors file or a repo id)")
+    return _resolve_path(raw["base"], base_dir)
+
+
+def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
+    """Validate a config mapping (as loaded from YAML) into a MergeConfig.
+
+    Every section is checked even when an earlier one is wrong, and all problems
+    are reported together (the first of each section), on one line.
+    """
+    base_dir = Path(base_dir)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping, got {type(raw).__name__}")
+    errors: list[str] = []
+
+    def section(fn, *args, default=None):
+        try:
+            return fn(*args)
+        except ConfigError as e:
+            errors.append(str(e))
+            return default
+
+    section(_check_keys, raw, _TOP_KEYS, "config")
+    base = section(_parse_base, raw, base_dir)
+    models = section(_parse_models, raw.get("models"), base_dir, default=())
+    sparsify = section(_parse_sparsify, raw.get("sparsify") or {}, default=SparsifySpec())
+    merge = section(_parse_merge, raw.get("merge") or {}, models, default=MergeMethod())
+    exclude = section(_parse_exclude, raw.get("exclude") or [], default=())
+    output = section(_parse_output, raw.get("output") or {}, base_dir, default=OutputSpec())
+    runtime = section(_parse_runtime, raw.get("runtime") or {}, default=RuntimeSpec())
+    inputs = section(_parse_inputs, raw.get("inputs") or {}, default=InputPolicy())
+    emr = section(_parse_emr, raw.get("emr") or {}, default=EmrSpec())
+    seed = section(_parse_seed, raw.get("seed", 0), default=0)
+    if errors:
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        raise ConfigError(f"{len(errors)} config problems: " + "; ".join(errors))
     return MergeConfig(
-        base=_resolve_path(raw["base"], base_dir),
+        base=base,
         models=models,
         sparsify=sparsify,
         merge=merge,
-        exclude=tuple(exclude),
+        exclude=exclude,
         output=output,
         runtime=runtime,
         inputs=inputs,

@@ -660,16 +660,11 @@ def test_unreadable_config_file(tmp_path, capsys, text, needles):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN LIMITATION: config.parse_config raises at the first bad key, so a "
-    "config with two errors needs two runs to find both (not all problems at once)",
-)
 def test_config_with_two_errors_reports_both(tmp_path, capsys):
     w = make_world(tmp_path)
     w.cfg["merge"]["method"] = "tie"
     w.cfg["runtime"]["workers"] = 0
-    run_bad(capsys, w, EXIT_CONFIG, ["merge.method", "runtime.workers"])
+    run_bad(capsys, w, EXIT_CONFIG, ["2 config problems", "merge.method", "runtime.workers"])
 
 
 def test_output_under_a_regular_file(tmp_path, capsys):
