@@ -29,6 +29,9 @@ class _UnitWorker:
     """Actor body (wrapped with ray.remote at runtime)."""
 
     def __init__(self, plan: Plan, staging: str, device: str):
+        from .memory import tune_malloc
+
+        tune_malloc()
         self.plan = plan
         self.staging = staging
         self.device = str(resolve_device(device))

@@ -94,8 +94,17 @@ class TaskStats:
 
 
 def _sq(x: torch.Tensor) -> float:
-    """Σx² in float64 for the report; a non-finite result means NaN/Inf in x."""
-    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2 if x.numel() else 0.0
+    """Σx² for the report (float32 accumulation: one fast pass, not exact).
+
+    A non-finite result means NaN/Inf in x, or squares beyond float32's range:
+    the latter is told apart with isfinite (and then summed in float64).
+    """
+    if not x.numel():
+        return 0.0
+    v = float(torch.linalg.vector_norm(x)) ** 2
+    if not math.isfinite(v) and bool(torch.isfinite(x).all()):
+        v = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+    return v
 
 
 @dataclass
@@ -185,7 +194,7 @@ def merge_block(
         # the resolved one, or +1 provisionally (the driver reruns the few blocks
         # whose exact cancellations need the other sign)
         majority = ctx.majority if ctx.majority is not None or ctx.whole else 1
-        tb = C.ties(base, ts, w, spec.scale, spec.disjoint, majority)
+        tb = C.ties(base, ts, w, spec.scale, spec.disjoint, majority, not ctx.whole)
         return BlockResult(tb.merged, None, stats, (tb.sign_sum, tb.cancel, tb.majority))
     else:
         raise ValueError(f"unknown merge method {spec.method}")

@@ -68,39 +68,60 @@ def ties(
     scale: float,
     disjoint: str,
     majority: int | None,
+    count_cancel: bool = False,
 ) -> TiesBlock:
     """TIES: elect a sign, keep agreeing entries, disjoint mean (or sum). Consumes `ts`.
 
     `majority` None: the block is the whole tensor and its own vote decides.
+    Computed as q_k = p_k·s with s = ±1 the elected sign (exact): p_k agrees iff
+    q_k > 0, and Σ agreeing p_k = s·Σ max(q_k, 0) exactly (negation commutes with
+    rounding), summed in task order like the definition.
     """
     prods = [_scale_(t, w) for t, w in zip(ts, weights, strict=True)]
     total = prods[0].clone()
     for p in prods[1:]:
         total.add_(p)
-    sigma = torch.sign(total)
+    up = total > 0
+    down = total < 0
     del total
-    sign_sum = int(sigma.sum(dtype=torch.int64))
-    zero = sigma == 0
-    cancel = 0
-    if bool(zero.any()):
-        moved = torch.zeros_like(zero)
-        for p in prods:
-            moved |= p != 0
-        cancel = int((zero & moved).sum())
+    sign_sum = int(up.sum(dtype=torch.int64)) - int(down.sum(dtype=torch.int64))
     if majority is None:
         majority = majority_sign(sign_sum)
-    sigma.masked_fill_(zero, float(majority))
-    del zero
-    num = torch.zeros_like(base)
-    den = torch.zeros_like(base) if disjoint == "mean" else None
+    cancel = 0
+    if count_cancel:  # votes that cancel exactly while some task moved
+        zero = ~(up | down)
+        if bool(zero.any()):
+            moved = prods[0] != 0
+            for p in prods[1:]:
+                moved |= p != 0
+            cancel = int((zero & moved).sum())
+    if majority > 0:
+        up = ~down  # zero votes take the majority sign
+    del down
+    sign = torch.where(up, 1.0, -1.0)
+    del up
+    num = None
+    den = None
     for p, w in zip(prods, weights, strict=True):
-        agree = torch.sign(p) == sigma
-        num.add_(p.masked_fill_(~agree, 0.0))
-        if den is not None:
-            den.add_(agree.to(torch.float32).mul_(_f32(w, base)))
+        q = p.mul_(sign)
+        agree = q > 0
+        q = torch.where(agree, q, 0.0)  # +0.0 where it does not agree, like the definition
+        num = q if num is None else num.add_(q)
+        if disjoint == "mean":
+            if den is None:
+                den = agree.to(torch.float32)
+                if w != 1.0:
+                    den.mul_(_f32(w, base))
+            elif w == 1.0:
+                den.add_(agree)
+            else:
+                den.add_(agree.to(torch.float32).mul_(_f32(w, base)))
+    num.mul_(sign)
     if den is not None:
         nz = den != 0
         num.div_(den.masked_fill_(~nz, 1.0)).masked_fill_(~nz, 0.0)
+    else:
+        num.add_(0.0)  # -0.0 (no agreement, elected sign -1) becomes +0.0, as defined
     merged = num.mul_(_f32(scale, base)).add_(base)
     return TiesBlock(merged, sign_sum, cancel, majority)
 

@@ -48,16 +48,26 @@ class SparseFine:
 
 
 def fine_histograms(keys: torch.Tensor, buckets: list[int]) -> dict[int, SparseFine]:
-    """Sparse fine histograms of the given coarse buckets."""
+    """Sparse fine histograms of the given coarse buckets, in one pass over keys.
+
+    A lookup table maps each coarse bucket to its slot among the wanted ones
+    (-1 elsewhere); the selected keys' (slot, low 16 bits) pairs go through one
+    bincount, however many buckets are asked for.
+    """
     out: dict[int, SparseFine] = {}
     if not buckets:
         return out
-    coarse = keys >> COARSE_SHIFT
-    for b in buckets:
-        low = keys[coarse == b] & 0xFFFF
-        dense = torch.bincount(low, minlength=N_FINE).cpu()
-        nz = dense.nonzero().view(-1)
-        out[b] = SparseFine(nz, dense[nz])
+    wanted = torch.tensor(sorted(buckets), dtype=torch.int64)
+    lut = torch.full((N_COARSE,), -1, dtype=torch.int32, device=keys.device)
+    lut[wanted.to(keys.device)] = torch.arange(len(wanted), dtype=torch.int32, device=keys.device)
+    slot = lut[(keys >> COARSE_SHIFT).to(torch.int64)]
+    where = (slot >= 0).nonzero().view(-1)
+    combined = (slot[where] << 16) | (keys[where] & 0xFFFF)
+    dense = torch.bincount(combined, minlength=len(wanted) * N_FINE).view(len(wanted), N_FINE)
+    dense = dense.cpu()
+    for i, b in enumerate(wanted.tolist()):
+        nz = dense[i].nonzero().view(-1)
+        out[b] = SparseFine(nz, dense[i][nz])
     return out
 
 

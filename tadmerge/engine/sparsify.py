@@ -200,19 +200,19 @@ def apply_selection(
     Works in place on `tau` (the caller's task vector becomes t).
     """
     if hi[0] < 0:  # the hi cut is the end of the order: only the lo cut drops
-        keep = ~below_cut(keys, *lo)
+        drop = below_cut(keys, *lo)
     else:
-        keep = below_cut(keys, *hi)
+        drop = ~below_cut(keys, *hi)
         if lo[0] != 0 or lo[1] != 0:
-            keep &= ~below_cut(keys, *lo)
-    return _keep_scaled_(tau, keep, scale), int(keep.sum())
+            drop |= below_cut(keys, *lo)
+    return _drop_scaled_(tau, drop, scale), tau.numel() - int(drop.sum())
 
 
-def _keep_scaled_(tau: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+def _drop_scaled_(tau: torch.Tensor, drop: torch.Tensor, scale: float) -> torch.Tensor:
     """In place: kept entries times fl32(scale), dropped entries +0.0."""
     if scale != 1.0:
         tau.mul_(torch.tensor(scale, dtype=torch.float32, device=tau.device))
-    return tau.masked_fill_(~keep, 0.0)
+    return tau.masked_fill_(drop, 0.0)
 
 
 def ties_in_block(keys: torch.Tensor, key: int) -> int:
@@ -260,9 +260,9 @@ def uniform_stream(
 
 def dare_block(tau: torch.Tensor, u: torch.Tensor, spec: SparsifySpec) -> tuple[torch.Tensor, int]:
     """Drop each entry with probability p (u < p), scale kept by fl32(1/(1-p))."""
-    keep = u.to(tau.device) >= spec.p
+    drop = u.to(tau.device) < spec.p
     scale = 1.0 / (1.0 - spec.p) if spec.rescale == "inverse_keep" else 1.0
-    return _keep_scaled_(tau, keep, scale), int(keep.sum())
+    return _drop_scaled_(tau, drop, scale), tau.numel() - int(drop.sum())
 
 
 def della_block(

@@ -135,7 +135,7 @@ def bytes_per_element(k: int, itemsize: int) -> int:
     t_k are made in place), one raw block being converted, the int32 keys and
     masks of one task, the combiner's temporaries (TIES: four float32 planes; EMR:
     three plus K masks) and the output cast."""
-    return 4 * (k + 1) + itemsize + k + 40
+    return 4 * (k + 1) + itemsize + k + 48
 
 
 def canonical_rows(row_numel: int, block_elements: int = CANONICAL_ELEMS) -> int:
