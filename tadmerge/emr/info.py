@@ -55,15 +55,22 @@ def emr_info(path: str) -> dict:
 
 
 def _mask_payload(root: str) -> int:
-    """Bytes of the packed bits themselves (before zarr's compression and metadata)."""
+    """Bytes of packed bits written: 1 bit per element, each canonical block padded
+    to a whole byte (before zarr's compression and metadata; the unused tail of a
+    tensor's last chunk is not counted: it holds no bits and compresses away)."""
     import zarr
 
     group = zarr.open_group(root, mode="r")
+    k = len(group.attrs["tasks"])
     total = 0
     for info in group.attrs["tensors"].values():
-        arr = zarr.open_array(os.path.join(root, info["key"]), mode="r")
-        total += _numel(list(arr.shape))
-    return total
+        shape = info["shape"]
+        rows = shape[0] if shape else 1
+        row_numel = _numel(shape[1:]) if len(shape) > 1 else 1
+        br = info["block_rows"]
+        full, last = divmod(rows, br)
+        total += full * ((br * row_numel + 7) // 8) + (last * row_numel + 7) // 8
+    return total * k
 
 
 def _numel(shape: list[int]) -> int:

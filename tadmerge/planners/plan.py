@@ -183,9 +183,14 @@ def make_plan(cfg: MergeConfig, *, inputs: list[Checkpoint] | None = None) -> Pl
             reason=reason,
             sources=tuple(c.tensors[name] for c in inputs),
             out_dtype=out_dtype_for(cfg, kind, entry.dtype),
-            rng_rows=canonical_rows(
-                math.prod(entry.shape[1:]) if len(entry.shape) > 1 else 1,
-                cfg.runtime.block_elements,
+            # a tensor smaller than one canonical block is one block of its own rows
+            # (same random-stream prefix; no padding in the EMR mask chunks)
+            rng_rows=min(
+                max(1, entry.shape[0] if entry.shape else 1),
+                canonical_rows(
+                    math.prod(entry.shape[1:]) if len(entry.shape) > 1 else 1,
+                    cfg.runtime.block_elements,
+                ),
             ),
         )
         itemsize = DTYPE_INFO[entry.dtype][1]
