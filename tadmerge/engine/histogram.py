@@ -60,7 +60,7 @@ def fine_histograms(keys: torch.Tensor, buckets: list[int]) -> dict[int, SparseF
     wanted = torch.tensor(sorted(buckets), dtype=torch.int64)
     lut = torch.full((N_COARSE,), -1, dtype=torch.int32, device=keys.device)
     lut[wanted.to(keys.device)] = torch.arange(len(wanted), dtype=torch.int32, device=keys.device)
-    slot = lut[(keys >> COARSE_SHIFT).to(torch.int64)]
+    slot = lut.index_select(0, keys >> COARSE_SHIFT)  # int32 indices: no int64 copy
     where = (slot >= 0).nonzero().view(-1)
     combined = (slot[where] << 16) | (keys[where] & 0xFFFF)
     dense = torch.bincount(combined, minlength=len(wanted) * N_FINE).view(len(wanted), N_FINE)
