@@ -198,7 +198,13 @@ def test_ctrl_c_keeps_staging_for_resume(zoo, tmp_path, capsys, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(driver.Progress, "update", update_then_sigint)
-    rc, lines = run_cli(capsys, "merge", cfg)
+    # a job started in the background (nohup, CI runners) inherits SIGINT ignored;
+    # a user's Ctrl-C reaches Python's default handler, so test with that one
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        rc, lines = run_cli(capsys, "merge", cfg)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     assert rc == 130
     assert lines == ["tadmerge: interrupted; the staging directory is kept: rerun with --resume"]
