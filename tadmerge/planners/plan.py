@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -54,17 +53,18 @@ class TensorPlan:
     rng_rows: int
     units: list[int] = field(default_factory=list)
 
+    # the shape figures are the base entry's (every input agrees on the shape)
     @property
     def numel(self) -> int:
-        return math.prod(self.shape)
+        return self.sources[0].numel
 
     @property
     def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
+        return self.sources[0].rows
 
     @property
     def row_numel(self) -> int:
-        return math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
+        return self.sources[0].row_numel
 
     @property
     def split(self) -> bool:
@@ -186,11 +186,7 @@ def make_plan(cfg: MergeConfig, *, inputs: list[Checkpoint] | None = None) -> Pl
             # a tensor smaller than one canonical block is one block of its own rows
             # (same random-stream prefix; no padding in the EMR mask chunks)
             rng_rows=min(
-                max(1, entry.shape[0] if entry.shape else 1),
-                canonical_rows(
-                    math.prod(entry.shape[1:]) if len(entry.shape) > 1 else 1,
-                    cfg.runtime.block_elements,
-                ),
+                max(1, entry.rows), canonical_rows(entry.row_numel, cfg.runtime.block_elements)
             ),
         )
         itemsize = DTYPE_INFO[entry.dtype][1]
