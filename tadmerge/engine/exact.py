@@ -163,8 +163,3 @@ def exact_sums(x: torch.Tensor, *, squares: bool = True) -> ExactSum:
         return ExactSum()
     st = coarse_stats(magnitude_keys(x), moments=2 if squares else 1)
     return ExactSum(st.total(1), st.total(2) if squares else 0, x.numel())
-
-
-def fast_l2(x: torch.Tensor) -> float:
-    """‖x‖₂ in float64 for reports only (not exact; never feeds output bytes)."""
-    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) if x.numel() else 0.0

@@ -55,10 +55,6 @@ class SparsifySpec:
     gamma: float = 0.01
 
     @property
-    def needs_group_stats(self) -> bool:
-        return self.method in MAGNITUDE_METHODS
-
-    @property
     def moments(self) -> int:
         """Exact moments the selection needs: 2 for l2, 1 for l1, else counts only."""
         return {"l2": 2, "l1": 1}.get(self.rescale, 0)
