@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -365,8 +364,7 @@ def ties_reruns(plan: Plan, done: dict[int, UnitRecord], resolved: dict) -> list
     return redo
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from .memory import peak_rss_bytes  # noqa: E402  (re-exported for the report)
 
 
 def _run_stats(plan: Plan, executor) -> dict:

@@ -28,3 +28,21 @@ def tune_malloc() -> bool:
         return bool(ok)
     except (OSError, AttributeError):
         return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS (VmHWM).
+
+    ru_maxrss can carry a launching process's high-water mark across exec, so a
+    merge started from a large process would report that process's peak instead.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 from collections.abc import Callable
 
 from ..errors import MergeRuntimeError, TadmergeError
@@ -52,7 +51,9 @@ class _UnitWorker:
         return run_unit(self.plan, self.staging, unit_id, resolved, self.device)
 
     def peak_rss(self) -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        from .memory import peak_rss_bytes
+
+        return peak_rss_bytes()
 
     def close(self) -> None:
         from ..io.block_io import close_all
