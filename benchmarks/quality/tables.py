@@ -145,6 +145,7 @@ def assemble(
         label: str,
         tables: tuple[str, ...],
         per_seed_acc: list[dict],
+        row_seeds: list[int],
         extra: dict | None = None,
     ) -> None:
         test = {t: _mean_std([p[t] for p in per_seed_acc]) for t in tasks}
@@ -159,6 +160,7 @@ def assemble(
             "avg_std": sd,
             "per_seed_avg": avgs,
             "n_seeds": len(avgs),
+            "seeds": row_seeds,
             **(extra or {}),
         }
 
@@ -167,12 +169,14 @@ def assemble(
         "Individual (LP-FT)",
         ("t1",),
         [{t: finetune[str(s)][t]["test"] for t in tasks} for s in seeds],
+        seeds,
     )
     add_row(
         "linear_probe",
         "Linear probe on the base",
         ("t1",),
         [{t: finetune[str(s)][t]["lp_test"] for t in tasks} for s in seeds],
+        seeds,
     )
     for fam in fams:
         recs = [per_seed[s][fam.name] for s in seeds if fam.name in per_seed[s]]
@@ -190,7 +194,8 @@ def assemble(
             extra["val_grid"] = [r["selection"]["grid"] for r in recs]
         if fam.name == "emr_uniform_matched":
             extra["density"] = [r["sparsify"].get("density") for r in recs]
-        add_row(fam.name, fam.label, fam.tables, [r["acc"]["test"] for r in recs], extra)
+        row_seeds = [s for s in seeds if fam.name in per_seed[s]]
+        add_row(fam.name, fam.label, fam.tables, [r["acc"]["test"] for r in recs], row_seeds, extra)
         rows[fam.name]["normalized"] = statistics.fmean(
             rows[fam.name]["test"][t] / rows["individual"]["test"][t] * 100 for t in tasks
         )
@@ -199,12 +204,10 @@ def assemble(
     for a, b, label in PAIRS:
         if a not in rows or b not in rows:
             continue
-        per = [
-            rows[b]["per_seed_avg"][i] - rows[a]["per_seed_avg"][i]
-            for i in range(min(rows[a]["n_seeds"], rows[b]["n_seeds"]))
-        ]
+        common = [s for s in rows[a]["seeds"] if s in rows[b]["seeds"]]
+        per = [_seed_avg(rows[b], s) - _seed_avg(rows[a], s) for s in common]
         boot = {}
-        for s in seeds:
+        for s in common:
             ca = _correct(results_dir, s, per_seed[s][a]["name"])
             cb = _correct(results_dir, s, per_seed[s][b]["name"])
             if ca and cb:
@@ -277,6 +280,10 @@ def assemble(
     }
 
 
+def _seed_avg(row: dict, seed: int) -> float:
+    return row["per_seed_avg"][row["seeds"].index(seed)]
+
+
 def _correct(results_dir: Path, seed: int, name: str) -> dict[str, str] | None:
     p = results_dir / "runs" / f"seed{seed}" / f"{name}.preds.json"
     if not p.is_file():
@@ -305,7 +312,8 @@ def _fmt(v: float | None, sd: float | None = None, nd: int = 1) -> str:
 def _table(res: dict, table: str, order: list[str], base_for: dict[str, str]) -> list[str]:
     tasks = res["settings"]["tasks"]
     rows = res["rows"]
-    multi = max((rows[k]["n_seeds"] for k in order if k in rows), default=1) > 1
+    max_seeds = max((rows[k]["n_seeds"] for k in order if k in rows), default=1)
+    multi = max_seeds > 1
     head = ["Method", *[SHORT.get(t, t) for t in tasks], "Avg" + (" ± sd" if multi else ""), "Δ"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in order:
@@ -318,10 +326,15 @@ def _table(res: dict, table: str, order: list[str], base_for: dict[str, str]) ->
             label += f" (λ={'/'.join(f'{x:g}' for x in lams)})"
         if k == "emr_uniform_matched" and r.get("density"):
             label += f" (density {statistics.fmean(r['density']):.2f})"
+        if multi and r["n_seeds"] < max_seeds:
+            label += f" [seed {', '.join(map(str, r['seeds']))} only]"
         delta = "-"
         if k in base_for and base_for[k] in rows:
-            d = r["avg"] - rows[base_for[k]]["avg"]
-            delta = f"{d:+.1f}"
+            base = rows[base_for[k]]
+            common = [s for s in r["seeds"] if s in base["seeds"]]
+            if common:
+                d = statistics.fmean(_seed_avg(r, s) - _seed_avg(base, s) for s in common)
+                delta = f"{d:+.2f}"
         cells = [label, *[_fmt(r["test"][t]) for t in tasks], _fmt(r["avg"], r["avg_std"]), delta]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -408,7 +421,7 @@ def markdown(
         ],
         base_for,
     )
-    L += ["", "Δ: the row's average minus the same method without TADrop.", ""]
+    L += ["", "Δ: the row's average minus the same method without TADrop (on the same seeds).", ""]
 
     t4 = [
         "emr",
