@@ -8,6 +8,7 @@ into a silently different merge.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -78,7 +79,7 @@ class OutputSpec:
 @dataclass(frozen=True)
 class RuntimeSpec:
     executor: str = "local"
-    workers: int = 1
+    workers: int | None = None  # None: auto (local: one per core, up to AUTO_WORKERS_MAX)
     device: str = "auto"
     memory_budget: int = 2 * 10**9
     cpus_per_worker: float = 1.0
@@ -90,6 +91,24 @@ class RuntimeSpec:
     # Advanced. Elements per canonical row block: the grain of DARE/DELLA random streams
     # and of EMR mask chunks, so it is part of the output's definition.
     block_elements: int = 1 << 20
+
+    def local_workers(self) -> int:
+        """Worker threads of the local executor: as set, or one per available core
+        (at most AUTO_WORKERS_MAX: each worker gets memory_budget / workers, and
+        more, smaller units would mean more statistics rounds for split tensors)."""
+        if self.workers is not None:
+            return self.workers
+        return max(1, min(available_cpus(), AUTO_WORKERS_MAX))
+
+
+AUTO_WORKERS_MAX = 4
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -303,7 +322,7 @@ def _parse_runtime(r: Any) -> RuntimeSpec:
     gpus = r.get("gpus_per_worker")
     return RuntimeSpec(
         executor=_choice(r.get("executor", "local"), "runtime.executor", {"local", "ray"}),
-        workers=_int(r.get("workers", 1), "runtime.workers", 1),
+        workers=_workers(r.get("workers", "auto"), "runtime.workers"),
         device=_choice(r.get("device", "auto"), "runtime.device", {"auto", "cpu", "cuda"}),
         memory_budget=parse_size(r.get("memory_budget", "2GB"), "runtime.memory_budget"),
         cpus_per_worker=_num(r.get("cpus_per_worker", 1.0), "runtime.cpus_per_worker", 0.0),
@@ -315,6 +334,12 @@ def _parse_runtime(r: Any) -> RuntimeSpec:
         max_unit_elements=None if mue is None else _int(mue, "runtime.max_unit_elements", 1),
         block_elements=_int(r.get("block_elements", 1 << 20), "runtime.block_elements", 1),
     )
+
+
+def _workers(v: Any, where: str) -> int | None:
+    if v is None or v == "auto":
+        return None
+    return _int(v, where, 1)
 
 
 def _parse_inputs(i: Any) -> InputPolicy:
@@ -423,7 +448,7 @@ def with_overrides(cfg: MergeConfig, **kw: Any) -> MergeConfig:
     if kw.get("executor") is not None:
         rt = replace(rt, executor=_choice(kw["executor"], "--executor", {"local", "ray"}))
     if kw.get("workers") is not None:
-        rt = replace(rt, workers=_int(kw["workers"], "--workers", 1))
+        rt = replace(rt, workers=_workers(kw["workers"], "--workers"))
     if kw.get("progress") is not None:
         rt = replace(rt, progress=kw["progress"])
     cfg = replace(cfg, output=out, runtime=rt)

@@ -185,7 +185,7 @@ def make_executor(plan: Plan, staging: str):
     from .local import LocalExecutor
     from .worker import resolve_device
 
-    return LocalExecutor(plan, staging, rt.workers, str(resolve_device(rt.device)))
+    return LocalExecutor(plan, staging, rt.local_workers(), str(resolve_device(rt.device)))
 
 
 def unit_bytes(plan: Plan, unit_id: int) -> int:
@@ -286,7 +286,7 @@ def run_merge(
             report["peak_rss_workers_bytes"] = executor.peak_rss_workers
         report["executor"] = {
             "kind": plan.config.runtime.executor,
-            "workers": plan.config.runtime.workers,
+            "workers": getattr(executor, "workers", plan.config.runtime.workers),
             "workers_replaced": getattr(executor, "replaced", 0),
         }
         _write_json(os.path.join(staging.path, REPORT_NAME), report)

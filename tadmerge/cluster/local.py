@@ -13,7 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
+import torch
+
+from ..config import available_cpus
 from ..planners.plan import Plan
+from .buffers import POOL
 from .worker import UnitRecord, run_unit, unit_stats
 
 
@@ -24,6 +28,12 @@ class LocalExecutor:
         self.workers = max(1, workers)
         self.device = device
         self.peak_rss_workers: list[int] = []
+        # Several workers on a CPU: each runs its kernels on its own share of the
+        # cores. The engine works in cache-sized chunks, where an intra-op thread
+        # pool costs more in synchronisation than it gains.
+        self._threads = torch.get_num_threads()
+        if device == "cpu" and self.workers > 1:
+            torch.set_num_threads(max(1, available_cpus() // self.workers))
 
     def _bounded_map(self, fn: Callable, items: list, on_result: Callable) -> None:
         if self.workers == 1:
@@ -64,4 +74,5 @@ class LocalExecutor:
         )
 
     def close(self) -> None:
-        pass
+        POOL.release()
+        torch.set_num_threads(self._threads)

@@ -61,6 +61,19 @@ class _UnitWorker:
         close_all()
 
 
+ACTOR_OVERHEAD = 512 * 2**20  # interpreter, torch and Ray's worker beside the budget
+
+
+def auto_actors(ray, cpus_per_worker: float, memory_budget: int) -> int:
+    """`workers: auto` on Ray: as many actors as the cluster's CPUs hold, and no
+    more than its memory holds at memory_budget (plus overhead) each."""
+    res = ray.cluster_resources()
+    cpus = float(res.get("CPU", 1.0))
+    by_cpu = int(cpus // cpus_per_worker) if cpus_per_worker > 0 else int(cpus)
+    by_mem = int(float(res.get("memory", 0.0)) // (memory_budget + ACTOR_OVERHEAD))
+    return max(1, min(by_cpu, by_mem) if by_mem > 0 else by_cpu)
+
+
 class RayExecutor:
     def __init__(self, plan: Plan, staging: str):
         import ray
@@ -80,7 +93,8 @@ class RayExecutor:
         if rt.device == "auto" and gpus > 0:
             self.device = "cuda"
         self.max_retries = rt.max_retries
-        self.actors = [self._new_actor() for _ in range(rt.workers)]
+        self.workers = rt.workers or auto_actors(ray, rt.cpus_per_worker, rt.memory_budget)
+        self.actors = [self._new_actor() for _ in range(self.workers)]
         self.peak_rss_workers: list[int] = []
         self.replaced = 0
 

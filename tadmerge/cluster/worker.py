@@ -29,6 +29,7 @@ from ..io.block_io import read_rows, write_at
 from ..io.safetensors_format import DTYPE_INFO
 from ..planners.inventory import COPY, EXCLUDE, MERGE
 from ..planners.plan import Plan, TensorPlan, Unit
+from .buffers import POOL
 
 MASKS_DIR = "masks.zarr"
 TASKS_DIR = "tasks"
@@ -62,9 +63,16 @@ def read_unit(
     """Float32 blocks of base and models for one unit."""
     tp = plan.tensors[unit.tensor]
     blocks = []
-    for src in tp.sources:
-        raw = read_rows(src, unit.row_start, unit.row_end)
-        blocks.append(raw.to(device=device, dtype=torch.float32))
+    n = (unit.row_end - unit.row_start) * tp.row_numel
+    for i, src in enumerate(tp.sources):
+        if device.type != "cpu":
+            raw = read_rows(src, unit.row_start, unit.row_end)
+            blocks.append(raw.to(device=device, dtype=torch.float32))
+            continue
+        raw = read_rows(
+            src, unit.row_start, unit.row_end, POOL.get("raw", n * src.itemsize, torch.uint8)
+        )
+        blocks.append(POOL.get(f"block{i}", n, torch.float32).copy_(raw))
     return tp, blocks
 
 
@@ -143,7 +151,7 @@ def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu
         out = {}
         for k, keys_wanted in request[1].items():
             keys = magnitude_keys(models[k].sub_(base))
-            out[k] = {key: int((keys == key).sum()) for key in keys_wanted}
+            out[k] = {key: int(torch.count_nonzero(keys == key)) for key in keys_wanted}
         return out
     raise ValueError(f"unknown stats request {kind}")
 
@@ -216,7 +224,11 @@ def _write_tensor_rows(plan: Plan, staging: str, tp: TensorPlan, unit: Unit, val
     where = plan.shard_of(tp.name)
     assert where is not None and tp.out_dtype is not None
     filename, offset = where
-    out = values.to(_torch_dtype(tp.out_dtype)).cpu()
+    dtype = _torch_dtype(tp.out_dtype)
+    if values.device.type == "cpu":
+        out = POOL.get("out", values.numel(), dtype).copy_(values.view(-1))
+    else:
+        out = values.to(dtype).cpu()
     write_at(
         os.path.join(staging, filename), offset + _row_offset(tp, unit.row_start, tp.out_dtype), out
     )

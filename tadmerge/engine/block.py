@@ -23,11 +23,12 @@ from .sparsify import (
     MAGNITUDE_METHODS,
     Selection,
     SparsifySpec,
-    apply_selection,
+    apply_cuts,
     dare_block,
     della_block,
     resolve_selection,
     run_locally,
+    tie_prefix_end,
     uniform_stream,
 )
 
@@ -115,12 +116,27 @@ class BlockResult:
     ties: tuple[int, int, int] | None = None  # TIES: (sign sum, cancellations, majority used)
 
 
-def sparsify_task(
-    tau: torch.Tensor, k: int, spec: MergeSpec, ctx: BlockContext
-) -> tuple[torch.Tensor, TaskStats]:
+# Elements per chunk of the apply phase on a CPU: the K task-vector slices and the
+# combiner's temporaries of one chunk stay in cache, where one pass costs a
+# fraction of a pass through memory. (On a GPU the whole block is one chunk.)
+CHUNK_ELEMENTS = 1 << 18
+
+
+@dataclass
+class TaskPlan:
+    """How one task's τ is turned into t, chunk by chunk, once its selection is known."""
+
+    stats: TaskStats
+    cuts: tuple[tuple[int, int], tuple[int, int], float] | None = None  # lo, hi, scale
+    uniform: torch.Tensor | None = None  # DARE draws for the block
+    done: bool = False  # t was made whole-block (DELLA ranks rows)
+
+
+def plan_task(tau: torch.Tensor, k: int, spec: MergeSpec, ctx: BlockContext) -> TaskPlan:
+    """Phase one for one task: the block's own statistics, whole-block passes only."""
     sp = spec.sparsify
     if sp.method == "none":
-        return tau, TaskStats(kept=tau.numel())
+        return TaskPlan(TaskStats(kept=tau.numel()))
     if sp.method in MAGNITUDE_METHODS:
         keys = magnitude_keys(tau)
         given = ctx.selections[k] if ctx.selections else None
@@ -130,23 +146,44 @@ def sparsify_task(
             index = RankIndex(coarse_stats(keys, moments=sp.moments))
             rate = ctx.rates[k] if ctx.rates else None
             sel = run_locally(resolve_selection(index, sp, rate), keys, index)
-            t, kept = apply_selection(
-                tau, keys, (sel.lo.key, sel.lo.quota), (sel.hi.key, sel.hi.quota), sel.scale
-            )
-            return t, TaskStats(kept=kept, selection=sel)
-        lo_q, hi_q = ctx.quotas[k]
-        t, kept = apply_selection(
-            tau, keys, (given.lo.key, lo_q), (given.hi.key, hi_q), given.scale
-        )
-        return t, TaskStats(kept=kept, selection=given if given.n == tau.numel() else None)
+            lo, hi = (sel.lo.key, sel.lo.quota), (sel.hi.key, sel.hi.quota)
+            stats = TaskStats(selection=sel)
+        else:
+            sel = given
+            lo_q, hi_q = ctx.quotas[k]
+            lo, hi = (sel.lo.key, lo_q), (sel.hi.key, hi_q)
+            stats = TaskStats(selection=given if given.n == tau.numel() else None)
+        lo_end = tie_prefix_end(keys, *lo)
+        hi_end = tie_prefix_end(keys, *hi)
+        return TaskPlan(stats, ((lo[0], lo_end), (hi[0], hi_end), sel.scale))
     u = uniform_stream(
         spec.seed, k, ctx.tensor, ctx.row_start, ctx.row_end, ctx.rng_rows, ctx.row_numel
     )
     if sp.method == "random":
-        t, kept = dare_block(tau, u, sp)
+        return TaskPlan(TaskStats(), uniform=u)
+    t, kept = della_block(tau, magnitude_keys(tau), u, ctx.della_row, sp)
+    tau.copy_(t)
+    return TaskPlan(TaskStats(kept=kept), done=True)
+
+
+def sparsify_chunk(tp: TaskPlan, tau: torch.Tensor, start: int, spec: MergeSpec) -> None:
+    """Phase two for one task on τ[start:start+len]: t in place, kept counted."""
+    if tp.done or (tp.cuts is None and tp.uniform is None):
+        return
+    end = start + tau.numel()
+    if tp.cuts is not None:
+        (lo_key, lo_end), (hi_key, hi_end), scale = tp.cuts
+        lo = (lo_key, min(max(lo_end - start, 0), end - start))
+        hi = (hi_key, min(max(hi_end - start, 0), end - start))
+        _, kept = apply_cuts(tau, magnitude_keys(tau), lo, hi, scale)
     else:
-        t, kept = della_block(tau, magnitude_keys(tau), u, ctx.della_row, sp)
-    return t, TaskStats(kept=kept)
+        _, kept = dare_block(tau, tp.uniform[start:end], spec.sparsify)
+    tp.stats.kept += kept
+
+
+def _chunks(n: int, device: torch.device) -> list[tuple[int, int]]:
+    step = n if device.type != "cpu" else CHUNK_ELEMENTS
+    return [(a, min(n, a + step)) for a in range(0, n, max(1, step))]
 
 
 def merge_block(
@@ -158,9 +195,12 @@ def merge_block(
 ) -> BlockResult:
     """Merge one block. `base` and `models` are flat float32 tensors of equal size.
 
-    `models` are consumed: each becomes τ_k, then t_k, in place (the working set
-    stays at K+1 blocks plus a few temporaries). Raises NonFiniteTaskVector when
-    a τ_k holds NaN/Inf (unless check_finite=False).
+    `models` are consumed: each becomes τ_k, then t_k, in place, and the merged
+    block is written over models[0] (the working set stays at K+1 blocks plus a
+    few chunk-sized temporaries). Phase one makes each τ_k and its statistics
+    with whole-block passes; phase two sparsifies and combines chunk by chunk
+    (CHUNK_ELEMENTS). Raises NonFiniteTaskVector when a τ_k holds NaN/Inf (unless
+    check_finite=False).
     """
     sparsify_none = spec.sparsify.method == "none"
     if spec.method == "average" and sparsify_none:
@@ -171,31 +211,72 @@ def merge_block(
                 raise NonFiniteTaskVector(k)
             stats.append(TaskStats(kept=base.numel(), tau_sq=tau_sq, t_sq=tau_sq))
         return BlockResult(C.average(models, list(spec.weights)), None, stats)
-    ts, stats = [], []
+    plans = []
     for k, m in enumerate(models):
         tau = m.sub_(base)
         tau_sq = _sq(tau)
         if check_finite and not math.isfinite(tau_sq):
             raise NonFiniteTaskVector(k)
-        t, st = sparsify_task(tau, k, spec, ctx)
-        st.tau_sq = tau_sq
-        st.t_sq = tau_sq if t is tau else _sq(t)
-        ts.append(t)
-        stats.append(st)
+        tp = plan_task(tau, k, spec, ctx)
+        tp.stats.tau_sq = tau_sq
+        if sparsify_none:
+            tp.stats.t_sq = tau_sq
+        plans.append(tp)
+    taus = models
     w = list(spec.weights)
+    chunks = _chunks(base.numel(), base.device)
+
+    def sparsify(a: int, b: int) -> list[torch.Tensor]:
+        ts = []
+        for tp, tau in zip(plans, taus, strict=True):
+            t = tau[a:b]
+            if not sparsify_none:
+                sparsify_chunk(tp, t, a, spec)
+                tp.stats.t_sq += _sq(t)
+            ts.append(t)
+        return ts
+
+    stats = [tp.stats for tp in plans]
     if spec.method == "emr":
-        return BlockResult(None, C.emr(ts), stats)
-    if spec.method == "average":
-        merged = C.average_of_deltas(base, ts, w)
-    elif spec.method == "task_arithmetic":
-        merged = C.task_arithmetic(base, ts, w, spec.scale)
-    elif spec.method == "ties":
-        # a split tensor's majority sign is only known once every block voted: use
-        # the resolved one, or +1 provisionally (the driver reruns the few blocks
-        # whose exact cancellations need the other sign)
-        majority = ctx.majority if ctx.majority is not None or ctx.whole else 1
-        tb = C.ties(base, ts, w, spec.scale, spec.disjoint, majority, not ctx.whole)
-        return BlockResult(tb.merged, None, stats, (tb.sign_sum, tb.cancel, tb.majority))
-    else:
+        for a, b in chunks:
+            sparsify(a, b)
+        return BlockResult(None, C.emr(taus), stats)
+    if spec.method == "ties":
+        majority = ctx.majority
+        if majority is None and ctx.whole:
+            # the block is the whole tensor: its own vote decides, so count it first
+            votes = 0
+            for a, b in chunks:
+                votes += C.ties_vote(sparsify(a, b), w)
+            majority = C.majority_sign(votes)
+            sparsified = True
+        else:
+            # a split tensor's majority sign is only known once every block voted:
+            # use the resolved one, or +1 provisionally (the driver reruns the few
+            # blocks whose exact cancellations need the other sign)
+            majority = 1 if majority is None else majority
+            sparsified = False
+        sign_sum = cancel = 0
+        for a, b in chunks:
+            ts = [t[a:b] for t in taus] if sparsified else sparsify(a, b)
+            tb = C.ties(base[a:b], ts, w, spec.scale, spec.disjoint, majority, not ctx.whole)
+            _store(taus[0][a:b], tb.merged)
+            sign_sum += tb.sign_sum
+            cancel += tb.cancel
+        return BlockResult(taus[0], None, stats, (sign_sum, cancel, majority))
+    if spec.method not in ("average", "task_arithmetic"):
         raise ValueError(f"unknown merge method {spec.method}")
-    return BlockResult(merged, None, stats)
+    for a, b in chunks:
+        ts = sparsify(a, b)
+        if spec.method == "average":
+            merged = C.average_of_deltas(base[a:b], ts, w)
+        else:
+            merged = C.task_arithmetic(base[a:b], ts, w, spec.scale)
+        _store(taus[0][a:b], merged)
+    return BlockResult(taus[0], None, stats)
+
+
+def _store(dest: torch.Tensor, merged: torch.Tensor) -> None:
+    """The combiners work in place on the first task's slice; copy when one did not."""
+    if merged.data_ptr() != dest.data_ptr():
+        dest.copy_(merged)

@@ -173,35 +173,72 @@ def run_locally(gen: Generator[set[int], None, object], keys: torch.Tensor, inde
 # ---------------------------------------------------------------------------------
 
 
-def below_cut(keys: torch.Tensor, key: int, quota: int) -> torch.Tensor:
-    """Mask of the block's entries that lie below a cut (quota = ties in this block)."""
+def below_bits(keys: torch.Tensor, key: int, tie_end: int) -> torch.Tensor:
+    """int32 mask of entries below a cut: -1 (all bits) below, 0 elsewhere.
+
+    Below the cut are the keys < `key`, and the ties (keys == `key`) at flat
+    positions < `tie_end` (see `tie_prefix_end`). Integer arithmetic instead of
+    bool masks: (k - key) >> 31 is -1 exactly where k < key (keys and cut keys are
+    in [0, 2**31), so the difference cannot overflow), and comparing the first
+    `tie_end` entries with key + 1 instead takes their ties in without listing
+    them. The mask is applied to float bits with one bitwise and; all of it
+    vectorises, where masked_fill_ and bool sums do not.
+    """
     if key < 0:
-        return torch.ones_like(keys, dtype=torch.bool)
-    mask = keys < key
-    if quota > 0:
-        ties = (keys == key).nonzero().view(-1)
-        mask[ties[:quota]] = True
-    return mask
+        return torch.full_like(keys, -1)
+    mask = torch.sub(keys, key)
+    if tie_end > 0:
+        mask[:tie_end].sub_(1)
+    return mask.bitwise_right_shift_(31)
 
 
-def apply_selection(
+TIE_SCAN = 1 << 16  # entries per count when looking for the n-th tie
+
+
+def tie_prefix_end(keys: torch.Tensor, key: int, quota: int) -> int:
+    """One past the flat index of the quota-th entry equal to `key` (0 if quota is 0;
+    len(keys) if the block has fewer ties than the quota: all of them are below).
+
+    Counts ties per slice of TIE_SCAN entries (count_nonzero vectorises), then
+    lists the ties of the one slice that holds the quota-th: no list of all ties.
+    """
+    if quota <= 0 or key < 0:
+        return 0
+    eq = keys == key
+    m = eq.numel()
+    full = m - m % TIE_SCAN
+    per = torch.count_nonzero(eq[:full].view(-1, TIE_SCAN), dim=1) if full else eq[:0].long()
+    cum = torch.cumsum(per, 0)
+    i = int(torch.searchsorted(cum, torch.tensor([quota], device=cum.device))[0])
+    start = i * TIE_SCAN
+    before = int(cum[i - 1]) if i > 0 else 0
+    hits = eq[start : start + TIE_SCAN].nonzero().view(-1)
+    if quota - before > hits.numel():
+        return m
+    return start + int(hits[quota - before - 1]) + 1
+
+
+def apply_cuts(
     tau: torch.Tensor,
     keys: torch.Tensor,
     lo: tuple[int, int],
     hi: tuple[int, int],
     scale: float,
 ) -> tuple[torch.Tensor, int]:
-    """t = τ̂ · fl32(scale), τ̂ = τ on ranks [lo, hi). lo/hi are (key, block quota).
+    """t = τ̂ · fl32(scale), τ̂ = τ on ranks [lo, hi), in place on `tau`.
 
-    Works in place on `tau` (the caller's task vector becomes t).
+    lo/hi are (cut key, tie_end): the block's ties at a cut key that lie below
+    the cut are those before tie_end (tie_prefix_end). Dropped entries become
+    +0.0: their bits are cleared after the scaling, as in the definition (kept
+    entries times fl32(scale), then the mask).
     """
-    if hi[0] < 0:  # the hi cut is the end of the order: only the lo cut drops
-        drop = below_cut(keys, *lo)
-    else:
-        drop = ~below_cut(keys, *hi)
-        if lo[0] != 0 or lo[1] != 0:
-            drop |= below_cut(keys, *lo)
-    return _drop_scaled_(tau, drop, scale), tau.numel() - int(drop.sum())
+    keep = below_bits(keys, *lo).bitwise_not_()
+    if hi[0] >= 0:  # otherwise the hi cut is the end of the order
+        keep.bitwise_and_(below_bits(keys, *hi))
+    if scale != 1.0:
+        tau.mul_(torch.tensor(scale, dtype=torch.float32, device=tau.device))
+    tau.view(torch.int32).bitwise_and_(keep)
+    return tau, int(torch.count_nonzero(keep))
 
 
 def _drop_scaled_(tau: torch.Tensor, drop: torch.Tensor, scale: float) -> torch.Tensor:
@@ -258,7 +295,7 @@ def dare_block(tau: torch.Tensor, u: torch.Tensor, spec: SparsifySpec) -> tuple[
     """Drop each entry with probability p (u < p), scale kept by fl32(1/(1-p))."""
     drop = u.to(tau.device) < spec.p
     scale = 1.0 / (1.0 - spec.p) if spec.rescale == "inverse_keep" else 1.0
-    return _drop_scaled_(tau, drop, scale), tau.numel() - int(drop.sum())
+    return _drop_scaled_(tau, drop, scale), tau.numel() - int(torch.count_nonzero(drop))
 
 
 def della_block(

@@ -179,11 +179,14 @@ def _errtext(exc: OSError) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-def read_rows(entry: TensorEntry, row_start: int, row_end: int) -> torch.Tensor:
+def read_rows(
+    entry: TensorEntry, row_start: int, row_end: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rows ``[row_start, row_end)`` of ``entry`` as a flat 1-D CPU tensor.
 
     A 0-d tensor is one row of one element. The bytes go straight from the kernel into
-    the returned tensor's storage (no intermediate ``bytes``).
+    the returned tensor's storage (no intermediate ``bytes``): a new one, or the
+    first bytes of ``out`` (a uint8 tensor large enough) when given.
     """
     if not (0 <= row_start <= row_end <= entry.rows):
         raise ValueError(
@@ -192,7 +195,7 @@ def read_rows(entry: TensorEntry, row_start: int, row_end: int) -> torch.Tensor:
     row_bytes = entry.row_numel * entry.itemsize
     nbytes = (row_end - row_start) * row_bytes
     offset = entry.offset + row_start * row_bytes
-    buf = torch.empty(nbytes, dtype=torch.uint8)
+    buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
     if nbytes:
         view = memoryview(buf.numpy())
         try:

@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import stat
+from concurrent.futures import ThreadPoolExecutor
 
 from tadmerge.errors import MergeRuntimeError, OutputError, VerifyError
 from tadmerge.io.block_io import close_all, sync_all
@@ -144,12 +145,15 @@ def write_manifest(directory: str, exclude: str | None = None) -> dict:
     ``exclude`` names a subdirectory left out (a scratch folder deleted before publish).
     """
     files, _ = _walk(directory, strict=True)
-    entries = []
-    for rel in files:
-        if rel in (MANIFEST_NAME, _MANIFEST_TMP) or _under(rel, exclude):
-            continue
-        full = os.path.join(directory, rel)
-        entries.append({"path": rel, "size": os.path.getsize(full), "sha256": _sha256(full)})
+    keep = [r for r in files if r not in (MANIFEST_NAME, _MANIFEST_TMP) and not _under(r, exclude)]
+    full = [os.path.join(directory, rel) for rel in keep]
+    # hashlib releases the GIL on large buffers: shards hash in parallel
+    with ThreadPoolExecutor(max(1, min(len(full), os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(_sha256, full))
+    entries = [
+        {"path": rel, "size": os.path.getsize(f), "sha256": d}
+        for rel, f, d in zip(keep, full, digests, strict=True)
+    ]
     manifest = {"format": MANIFEST_FORMAT, "files": entries}
     data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
     tmp = os.path.join(directory, _MANIFEST_TMP)

@@ -27,7 +27,7 @@ from ..io.safetensors_format import DTYPE_INFO, TensorEntry
 from .inventory import EXCLUDE, MERGE, classify, open_inputs
 
 CANONICAL_ELEMS = 1 << 20  # elements per canonical row block (RNG streams, mask chunks)
-FIXED_OVERHEAD = 48 * 2**20  # chunked temporaries (engine _CHUNK), histograms, slack
+FIXED_OVERHEAD = 48 * 2**20  # chunk temporaries (engine CHUNK_ELEMENTS), histograms, slack
 MIN_WORKER_BUDGET = 64 * 2**20
 _TORCH_NAME = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 
@@ -130,12 +130,30 @@ class Plan:
         }
 
 
-def bytes_per_element(k: int, itemsize: int) -> int:
-    """Working set per element of a unit, with margin: K+1 float32 blocks (τ_k and
-    t_k are made in place), one raw block being converted, the int32 keys and
-    masks of one task, the combiner's temporaries (TIES: four float32 planes; EMR:
-    three plus K masks) and the output cast."""
-    return 4 * (k + 1) + itemsize + k + 48
+def bytes_per_element(k: int, itemsize: int, method: str = "ties", sparsify: str = "none") -> int:
+    """Working set per element of a unit (engine/block.py), with a small margin.
+
+    Always: K+1 float32 blocks (τ_k and t_k are made in place, and the merge is
+    written over the first), one raw block being converted, the output cast.
+    Phase one adds a task's int32 keys and the fine histogram's masks (magnitude
+    methods; TADrop's buckets lie apart, which takes an int32 slot per key too),
+    the DARE draws of every task (random), or DELLA's per-row ranking (int64
+    indices and ranks, float64 probabilities). Phase two works in chunks of fixed
+    size (in FIXED_OVERHEAD), except EMR, whose combiner takes the whole block:
+    sign sum, magnitudes, where-temporaries, τ_uni and K masks.
+    """
+    n = 4 * (k + 1) + itemsize + max(itemsize, 4) + 4
+    if sparsify == "tadrop":  # keys, a lookup slot per key, masks (quantiles lie apart)
+        n += 16
+    elif sparsify in MAGNITUDE_METHODS:  # keys and three bool masks
+        n += 8
+    elif sparsify == "random":
+        n += 4 * k + 4
+    elif sparsify == "della":
+        n += 56
+    if method == "emr":
+        n += 36 + k
+    return n
 
 
 def canonical_rows(row_numel: int, block_elements: int = CANONICAL_ELEMS) -> int:
@@ -160,7 +178,7 @@ def make_plan(cfg: MergeConfig, *, inputs: list[Checkpoint] | None = None) -> Pl
         raise
     kinds = classify(cfg, inputs)
     k = len(cfg.models)
-    workers_here = cfg.runtime.workers if cfg.runtime.executor == "local" else 1
+    workers_here = cfg.runtime.local_workers() if cfg.runtime.executor == "local" else 1
     per_worker = cfg.runtime.memory_budget // workers_here
     if per_worker < MIN_WORKER_BUDGET:
         raise ConfigError(
@@ -190,7 +208,9 @@ def make_plan(cfg: MergeConfig, *, inputs: list[Checkpoint] | None = None) -> Pl
             ),
         )
         itemsize = DTYPE_INFO[entry.dtype][1]
-        per_row = tp.row_numel * bytes_per_element(k, itemsize)
+        per_row = tp.row_numel * bytes_per_element(
+            k, itemsize, cfg.merge.method, cfg.sparsify.method
+        )
         whole_rows = tp.rows
         if kind != MERGE or (cfg.sparsify.method == "della" and len(tp.shape) <= 1):
             step = whole_rows  # DELLA ranks a 1-D tensor as one row: never split it
