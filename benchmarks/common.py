@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -141,6 +142,14 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no safetensors files in {model_dir}")
     return files
+
+
+def clear_output(out: Path) -> None:
+    """Remove a merge output and the staging directory an interrupted tadmerge run
+    may have left beside it (which would otherwise refuse the next run)."""
+    out = Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.parent / f".{out.name}.tadmerge-staging", ignore_errors=True)
 
 
 def dir_bytes(path: Path, suffix: str = ".safetensors") -> int:

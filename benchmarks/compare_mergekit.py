@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ import yaml
 from benchmarks import io_limit
 from benchmarks.common import (
     DEFAULT_ENVS,
+    clear_output,
     code_version,
     dir_bytes,
     median,
@@ -145,7 +145,7 @@ class Job:
         self.cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     def run(self, dirs, log_dir: Path, tag: str) -> dict:
-        shutil.rmtree(self.out, ignore_errors=True)
+        clear_output(self.out)
         version = code_version()
         warm_cache(dirs)
         m = measure(
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
                             agreement[key] = {"error": repr(e)}
             if not a.keep_outputs:
                 for t in order:
-                    shutil.rmtree(jobs[(t, method)].out, ignore_errors=True)
+                    clear_output(jobs[(t, method)].out)
 
     io = io_limit.summarize(io_runs)
     results: dict = {}

@@ -34,7 +34,7 @@ if __package__ in (None, ""):
 
 import yaml
 
-from benchmarks.common import REPO, warm_cache, write_result
+from benchmarks.common import REPO, clear_output, warm_cache, write_result
 from benchmarks.compare_mergekit import tadmerge_exe
 from benchmarks.configs import tadmerge_config
 
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     rep_path = out / "merge_report.json"
     if rep_path.exists():
         report = json.loads(rep_path.read_text()).get("timings", {})
-    shutil.rmtree(out, ignore_errors=True)
+    clear_output(out)
     agg = aggregate(raw, a.top)
     path = write_result(
         f"profile_{tag}",

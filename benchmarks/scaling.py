@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from benchmarks.common import (
     DEFAULT_DATA,
     RESULTS_DIR,
     checkpoint_files,
+    clear_output,
     code_version,
     median,
     parse_bytes,
@@ -106,7 +106,7 @@ def run_point(data: Path, k: int, method: str, work: Path, a) -> dict:
     runs, ios = [], []
     for rep in range(a.reps):
         ios.append(io_limit.measure_once(dirs, work))
-        shutil.rmtree(out, ignore_errors=True)
+        clear_output(out)
         version = code_version()
         warm_cache(dirs)
         m = measure(
@@ -123,7 +123,7 @@ def run_point(data: Path, k: int, method: str, work: Path, a) -> dict:
             except (OSError, json.JSONDecodeError):
                 pass
         runs.append(d)
-        shutil.rmtree(out, ignore_errors=True)
+        clear_output(out)
         print(
             f"[scaling] {manifest['params_human']:>6} K={k} {method:16s} rc={m.returncode} "
             f"wall={m.wall_s:.2f}s rss={m.peak_rss_bytes / 1e9:.3f}GB "

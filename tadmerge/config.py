@@ -81,7 +81,7 @@ class RuntimeSpec:
     executor: str = "local"
     workers: int | None = None  # None: auto (local: one per core, up to AUTO_WORKERS_MAX)
     device: str = "auto"
-    memory_budget: int = 2 * 10**9
+    memory_budget: int = 10**9  # flat speed from 512MB to 2GB on a 271M merge: docs/benchmarks.md
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # default: 1 when device is cuda
     max_retries: int = 3
@@ -324,7 +324,7 @@ def _parse_runtime(r: Any) -> RuntimeSpec:
         executor=_choice(r.get("executor", "local"), "runtime.executor", {"local", "ray"}),
         workers=_workers(r.get("workers", "auto"), "runtime.workers"),
         device=_choice(r.get("device", "auto"), "runtime.device", {"auto", "cpu", "cuda"}),
-        memory_budget=parse_size(r.get("memory_budget", "2GB"), "runtime.memory_budget"),
+        memory_budget=parse_size(r.get("memory_budget", "1GB"), "runtime.memory_budget"),
         cpus_per_worker=_num(r.get("cpus_per_worker", 1.0), "runtime.cpus_per_worker", 0.0),
         gpus_per_worker=None if gpus is None else _num(gpus, "runtime.gpus_per_worker", 0.0),
         max_retries=_int(r.get("max_retries", 3), "runtime.max_retries", 0),

@@ -23,7 +23,7 @@ from ..engine.block import (
 )
 from ..engine.exact import coarse_stats
 from ..engine.histogram import fine_histograms
-from ..engine.keys import magnitude_keys
+from ..engine.keys import KeyChunks
 from ..errors import InputError, InputProblem
 from ..io.block_io import read_rows, write_at
 from ..io.safetensors_format import DTYPE_INFO
@@ -136,7 +136,7 @@ def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu
     if kind == "coarse":
         out = []
         for k, m in enumerate(models):
-            st = coarse_stats(magnitude_keys(m.sub_(base)), moments=request[1])
+            st = coarse_stats(KeyChunks(m.sub_(base)), moments=request[1])
             if st.nonfinite and not plan.config.inputs.allow_nonfinite:
                 raise nonfinite_error(plan, unit, k, blocks)
             out.append(st)
@@ -144,14 +144,18 @@ def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu
     if kind == "fine":
         wanted: dict[int, list[int]] = request[1]
         return {
-            k: fine_histograms(magnitude_keys(models[k].sub_(base)), buckets)
+            k: fine_histograms(KeyChunks(models[k].sub_(base)), buckets)
             for k, buckets in wanted.items()
         }
     if kind == "ties":
         out = {}
         for k, keys_wanted in request[1].items():
-            keys = magnitude_keys(models[k].sub_(base))
-            out[k] = {key: int(torch.count_nonzero(keys == key)) for key in keys_wanted}
+            keys = KeyChunks(models[k].sub_(base))
+            counts = dict.fromkeys(keys_wanted, 0)
+            for chunk in keys:
+                for key in keys_wanted:
+                    counts[key] += int(torch.count_nonzero(chunk == key))
+            out[k] = counts
         return out
     raise ValueError(f"unknown stats request {kind}")
 

@@ -18,7 +18,7 @@ import torch
 from . import combine as C
 from .exact import coarse_stats
 from .histogram import RankIndex
-from .keys import magnitude_keys
+from .keys import KeyChunks, magnitude_keys
 from .sparsify import (
     MAGNITUDE_METHODS,
     Selection,
@@ -138,7 +138,7 @@ def plan_task(tau: torch.Tensor, k: int, spec: MergeSpec, ctx: BlockContext) -> 
     if sp.method == "none":
         return TaskPlan(TaskStats(kept=tau.numel()))
     if sp.method in MAGNITUDE_METHODS:
-        keys = magnitude_keys(tau)
+        keys = KeyChunks(tau)
         given = ctx.selections[k] if ctx.selections else None
         if given is None:
             if not ctx.whole:

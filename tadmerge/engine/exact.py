@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import torch
 
-from .keys import COARSE_SHIFT, N_COARSE, magnitude_keys
+from .keys import COARSE_SHIFT, N_COARSE, KeyChunks, key_chunks
 
 ABS_SCALE_BITS = 149
 SQ_SCALE_BITS = 298
@@ -105,11 +105,16 @@ class CoarseStats:
         return sum(self.exponent_moments(moment))
 
 
-def coarse_stats(keys: torch.Tensor, *, moments: int = 2) -> CoarseStats:
-    """Coarse histogram of magnitude keys; moments: 0 counts only, 1 adds Σ L, 2 adds Σ L²."""
-    dev = keys.device
-    acc = [torch.zeros(N_COARSE, dtype=torch.int64, device=dev) for _ in range(3)]
-    for chunk in keys.split(CHUNK):
+def coarse_stats(keys: torch.Tensor | KeyChunks, *, moments: int = 2) -> CoarseStats:
+    """Coarse histogram of magnitude keys; moments: 0 counts only, 1 adds Σ L, 2 adds Σ L².
+
+    `keys`: a key tensor, or KeyChunks (keys made chunk by chunk; chunks must stay
+    at most CHUNK long, which keeps every float64 partial sum exact).
+    """
+    acc = None
+    for chunk in key_chunks(keys):
+        if acc is None:
+            acc = [torch.zeros(N_COARSE, dtype=torch.int64, device=chunk.device) for _ in range(3)]
         b = chunk >> COARSE_SHIFT  # int32 indices: bincount takes them as they are
         acc[0] += torch.bincount(b, minlength=N_COARSE)
         if moments >= 1:
@@ -118,6 +123,8 @@ def coarse_stats(keys: torch.Tensor, *, moments: int = 2) -> CoarseStats:
             if moments >= 2:
                 low.mul_(low)
                 acc[2] += torch.bincount(b, weights=low, minlength=N_COARSE).to(torch.int64)
+    if acc is None:
+        return CoarseStats.zeros()
     counts, s1, s2 = (a.cpu() for a in acc)
     return CoarseStats(counts, s1, s2 >> 32, s2 & _LO32)
 
@@ -161,5 +168,5 @@ def exact_sums(x: torch.Tensor, *, squares: bool = True) -> ExactSum:
     """Exact Σ|x| (and Σx² unless squares=False) of a float32 tensor."""
     if x.numel() == 0:
         return ExactSum()
-    st = coarse_stats(magnitude_keys(x), moments=2 if squares else 1)
+    st = coarse_stats(KeyChunks(x), moments=2 if squares else 1)
     return ExactSum(st.total(1), st.total(2) if squares else 0, x.numel())

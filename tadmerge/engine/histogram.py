@@ -22,7 +22,9 @@ from .keys import (
     COARSE_SHIFT,
     N_COARSE,
     N_FINE,
+    KeyChunks,
     key_abs_scaled,
+    key_chunks,
     key_square_scaled,
     key_to_float,
 )
@@ -50,35 +52,43 @@ class SparseFine:
 NARROW_SPAN = 64  # buckets: a request within this span is selected first, then binned
 
 
-def fine_histograms(keys: torch.Tensor, buckets: list[int]) -> dict[int, SparseFine]:
+def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[int, SparseFine]:
     """Sparse fine histograms of the given coarse buckets, in one pass over keys.
 
-    When the wanted buckets lie close together (one cut of a trim, say), the keys
-    in their span are selected with two compares and binned: a few percent of the
-    block at most. Otherwise a lookup table maps each coarse bucket to its slot
-    among the wanted ones (-1 elsewhere) and the selected keys' (slot, low 16 bits)
-    pairs go through one bincount, however many buckets are asked for.
+    `keys`: a key tensor or KeyChunks. When the wanted buckets lie close together
+    (one cut of a trim, say), each chunk's keys in their span are picked with two
+    compares: a few percent of the block at most, binned at the end. Otherwise a
+    lookup table maps each coarse bucket to its slot among the wanted ones (-1
+    elsewhere) and the picked keys' (slot, low 16 bits) pairs are binned at once,
+    however many buckets are asked for.
     """
     out: dict[int, SparseFine] = {}
     if not buckets:
         return out
     wanted = sorted(buckets)
     b0, b1 = wanted[0], wanted[-1]
-    if b1 - b0 < NARROW_SPAN:
-        lo, hi = b0 << COARSE_SHIFT, (b1 + 1) << COARSE_SHIFT
-        picked = keys[(keys >= lo) & (keys < hi)].sub_(lo)
-        span = b1 - b0 + 1
-        dense = torch.bincount(picked, minlength=span * N_FINE).view(span, N_FINE).cpu()
-        rows = [b - b0 for b in wanted]
-    else:
-        w = torch.tensor(wanted, dtype=torch.int64)
-        lut = torch.full((N_COARSE,), -1, dtype=torch.int32, device=keys.device)
-        lut[w.to(keys.device)] = torch.arange(len(w), dtype=torch.int32, device=keys.device)
-        slot = lut.index_select(0, keys >> COARSE_SHIFT)  # int32 indices: no int64 copy
+    narrow = b1 - b0 < NARROW_SPAN
+    picked: list[torch.Tensor] = []
+    lut = None
+    for chunk in key_chunks(keys):
+        if narrow:
+            lo, hi = b0 << COARSE_SHIFT, (b1 + 1) << COARSE_SHIFT
+            picked.append(chunk[(chunk >= lo) & (chunk < hi)].sub_(lo))
+            continue
+        if lut is None:
+            w = torch.tensor(wanted, dtype=torch.int64, device=chunk.device)
+            lut = torch.full((N_COARSE,), -1, dtype=torch.int32, device=chunk.device)
+            lut[w] = torch.arange(len(wanted), dtype=torch.int32, device=chunk.device)
+        slot = lut.index_select(0, chunk >> COARSE_SHIFT)  # int32 indices: no int64 copy
         where = (slot >= 0).nonzero().view(-1)
-        combined = (slot[where] << 16) | (keys[where] & 0xFFFF)
-        dense = torch.bincount(combined, minlength=len(w) * N_FINE).view(len(w), N_FINE).cpu()
-        rows = list(range(len(w)))
+        picked.append((slot[where] << 16) | (chunk[where] & 0xFFFF))
+    n_rows = (b1 - b0 + 1) if narrow else len(wanted)
+    if picked:
+        allp = torch.cat(picked) if len(picked) > 1 else picked[0]
+        dense = torch.bincount(allp, minlength=n_rows * N_FINE).view(n_rows, N_FINE).cpu()
+    else:
+        dense = torch.zeros((n_rows, N_FINE), dtype=torch.int64)
+    rows = [b - b0 for b in wanted] if narrow else list(range(len(wanted)))
     for b, i in zip(wanted, rows, strict=True):
         nz = dense[i].nonzero().view(-1)
         out[b] = SparseFine(nz, dense[i][nz])

@@ -24,6 +24,36 @@ def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(-1).view(torch.int32) & 0x7FFFFFFF
 
 
+KEY_CHUNK = 1 << 18  # keys made at a time: they and their masks stay in cache
+
+
+class KeyChunks:
+    """The magnitude keys of a float32 tensor, made chunk by chunk as they are read.
+
+    Statistics passes (histograms, tie scans) iterate over this instead of a
+    whole-block key tensor: no 4 bytes per element held, and each chunk's keys
+    and masks are still in cache when they are used.
+    """
+
+    def __init__(self, x: torch.Tensor, chunk: int = KEY_CHUNK):
+        self.x = x.reshape(-1)
+        self.chunk = max(1, chunk)
+
+    def __len__(self) -> int:
+        return self.x.numel()
+
+    def __iter__(self):
+        for a in range(0, self.x.numel(), self.chunk):
+            yield magnitude_keys(self.x[a : a + self.chunk])
+
+
+def key_chunks(keys) -> list | KeyChunks:
+    """Chunks of keys from a key tensor (split) or a KeyChunks (as is)."""
+    if isinstance(keys, torch.Tensor):
+        return list(keys.reshape(-1).split(KEY_CHUNK)) if keys.numel() else []
+    return keys
+
+
 def key_to_float(key: int) -> float:
     """The float32 magnitude that a key stands for, as a Python float (exact)."""
     return struct.unpack("<f", struct.pack("<I", key & 0xFFFFFFFF))[0]

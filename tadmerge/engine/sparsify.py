@@ -23,6 +23,7 @@ import torch
 
 from .exact import ABS_SCALE_BITS, SQ_SCALE_BITS
 from .histogram import Cut, RankIndex, fine_histograms, scaled_to_float
+from .keys import KeyChunks, key_chunks
 
 MAGNITUDE_METHODS = frozenset({"tadrop", "magnitude", "breadcrumbs"})
 RANDOM_METHODS = frozenset({"random", "della"})
@@ -156,7 +157,9 @@ def resolve_selection(
     return Selection(n, lo, hi, scale, drop_rate, q_low, q_high)
 
 
-def run_locally(gen: Generator[set[int], None, object], keys: torch.Tensor, index: RankIndex):
+def run_locally(
+    gen: Generator[set[int], None, object], keys: torch.Tensor | KeyChunks, index: RankIndex
+):
     """Drive a resolver generator with fine histograms computed from `keys`."""
     try:
         need = next(gen)
@@ -192,30 +195,26 @@ def below_bits(keys: torch.Tensor, key: int, tie_end: int) -> torch.Tensor:
     return mask.bitwise_right_shift_(31)
 
 
-TIE_SCAN = 1 << 16  # entries per count when looking for the n-th tie
-
-
-def tie_prefix_end(keys: torch.Tensor, key: int, quota: int) -> int:
+def tie_prefix_end(keys: torch.Tensor | KeyChunks, key: int, quota: int) -> int:
     """One past the flat index of the quota-th entry equal to `key` (0 if quota is 0;
-    len(keys) if the block has fewer ties than the quota: all of them are below).
+    the block's length if it has fewer ties than the quota: all of them are below).
 
-    Counts ties per slice of TIE_SCAN entries (count_nonzero vectorises), then
-    lists the ties of the one slice that holds the quota-th: no list of all ties.
+    Counts ties chunk by chunk (count_nonzero vectorises) and lists the ties of
+    the one chunk that holds the quota-th: never a list of all ties.
     """
     if quota <= 0 or key < 0:
         return 0
-    eq = keys == key
-    m = eq.numel()
-    full = m - m % TIE_SCAN
-    per = torch.count_nonzero(eq[:full].view(-1, TIE_SCAN), dim=1) if full else eq[:0].long()
-    cum = torch.cumsum(per, 0)
-    i = int(torch.searchsorted(cum, torch.tensor([quota], device=cum.device))[0])
-    start = i * TIE_SCAN
-    before = int(cum[i - 1]) if i > 0 else 0
-    hits = eq[start : start + TIE_SCAN].nonzero().view(-1)
-    if quota - before > hits.numel():
-        return m
-    return start + int(hits[quota - before - 1]) + 1
+    start = 0
+    seen = 0
+    for chunk in key_chunks(keys):
+        eq = chunk == key
+        here = int(torch.count_nonzero(eq))
+        if seen + here >= quota:
+            hits = eq.nonzero().view(-1)
+            return start + int(hits[quota - seen - 1]) + 1
+        seen += here
+        start += chunk.numel()
+    return start
 
 
 def apply_cuts(

@@ -135,18 +135,19 @@ def bytes_per_element(k: int, itemsize: int, method: str = "ties", sparsify: str
 
     Always: K+1 float32 blocks (τ_k and t_k are made in place, and the merge is
     written over the first), one raw block being converted, the output cast.
-    Phase one adds a task's int32 keys and the fine histogram's masks (magnitude
-    methods; TADrop's buckets lie apart, which takes an int32 slot per key too),
+    Phase one adds what its statistics pick whole-block (magnitude methods: the
+    keys of the fine histograms' buckets, a few percent of the block, more for
+    TADrop's several buckets; keys and masks themselves are made chunk by chunk),
     the DARE draws of every task (random), or DELLA's per-row ranking (int64
     indices and ranks, float64 probabilities). Phase two works in chunks of fixed
     size (in FIXED_OVERHEAD), except EMR, whose combiner takes the whole block:
     sign sum, magnitudes, where-temporaries, τ_uni and K masks.
     """
     n = 4 * (k + 1) + itemsize + max(itemsize, 4) + 4
-    if sparsify == "tadrop":  # keys, a lookup slot per key, masks (quantiles lie apart)
-        n += 16
-    elif sparsify in MAGNITUDE_METHODS:  # keys and three bool masks
-        n += 8
+    if sparsify == "tadrop":
+        n += 4
+    elif sparsify in MAGNITUDE_METHODS:
+        n += 2
     elif sparsify == "random":
         n += 4 * k + 4
     elif sparsify == "della":
