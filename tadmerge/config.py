@@ -81,7 +81,7 @@ class RuntimeSpec:
     executor: str = "local"
     workers: int | None = None  # None: auto (local: one per core, up to AUTO_WORKERS_MAX)
     device: str = "auto"
-    memory_budget: int = 10**9  # flat speed from 512MB to 2GB on a 271M merge: docs/benchmarks.md
+    memory_budget: int = 512 * 10**6  # larger budgets were no faster: docs/benchmarks.md
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # default: 1 when device is cuda
     max_retries: int = 3
@@ -93,15 +93,18 @@ class RuntimeSpec:
     block_elements: int = 1 << 20
 
     def local_workers(self) -> int:
-        """Worker threads of the local executor: as set, or one per available core
-        (at most AUTO_WORKERS_MAX: each worker gets memory_budget / workers, and
-        more, smaller units would mean more statistics rounds for split tensors)."""
+        """Worker threads of the local executor: as set, or one per available core,
+        at most AUTO_WORKERS_MAX and at most one per AUTO_WORKER_BUDGET of the
+        budget (each worker gets memory_budget / workers: smaller units would split
+        more tensors, and split tensors need statistics rounds)."""
         if self.workers is not None:
             return self.workers
-        return max(1, min(available_cpus(), AUTO_WORKERS_MAX))
+        by_budget = self.memory_budget // AUTO_WORKER_BUDGET
+        return max(1, min(available_cpus(), AUTO_WORKERS_MAX, by_budget))
 
 
 AUTO_WORKERS_MAX = 4
+AUTO_WORKER_BUDGET = 256 * 10**6
 
 
 def available_cpus() -> int:
@@ -324,7 +327,7 @@ def _parse_runtime(r: Any) -> RuntimeSpec:
         executor=_choice(r.get("executor", "local"), "runtime.executor", {"local", "ray"}),
         workers=_workers(r.get("workers", "auto"), "runtime.workers"),
         device=_choice(r.get("device", "auto"), "runtime.device", {"auto", "cpu", "cuda"}),
-        memory_budget=parse_size(r.get("memory_budget", "1GB"), "runtime.memory_budget"),
+        memory_budget=parse_size(r.get("memory_budget", "512MB"), "runtime.memory_budget"),
         cpus_per_worker=_num(r.get("cpus_per_worker", 1.0), "runtime.cpus_per_worker", 0.0),
         gpus_per_worker=None if gpus is None else _num(gpus, "runtime.gpus_per_worker", 0.0),
         max_retries=_int(r.get("max_retries", 3), "runtime.max_retries", 0),
