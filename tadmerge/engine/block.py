@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import combine as C
-from .exact import coarse_stats
+from .exact import ExactSum, coarse_stats
 from .histogram import RankIndex
 from .keys import KeyChunks, magnitude_keys
 from .sparsify import (
@@ -238,9 +238,20 @@ def merge_block(
 
     stats = [tp.stats for tp in plans]
     if spec.method == "emr":
+        # chunk by chunk too: τ_uni over the first task's block, the masks into
+        # whole-block bool planes, the exact sums added (exactly) across chunks
+        n = base.numel()
+        masks = [torch.empty(n, dtype=torch.bool, device=base.device) for _ in taus]
+        abs_t = [ExactSum() for _ in taus]
+        abs_uni = [ExactSum() for _ in taus]
         for a, b in chunks:
-            sparsify(a, b)
-        return BlockResult(None, C.emr(taus), stats)
+            eb = C.emr(sparsify(a, b))
+            _store(taus[0][a:b], eb.tau_uni)
+            for k in range(len(taus)):
+                masks[k][a:b] = eb.masks[k]
+                abs_t[k] += eb.abs_t[k]
+                abs_uni[k] += eb.abs_masked_uni[k]
+        return BlockResult(None, C.EmrBlock(taus[0], masks, abs_t, abs_uni), stats)
     if spec.method == "ties":
         majority = ctx.majority
         if majority is None and ctx.whole:

@@ -140,8 +140,8 @@ def bytes_per_element(k: int, itemsize: int, method: str = "ties", sparsify: str
     TADrop's several buckets; keys and masks themselves are made chunk by chunk),
     the DARE draws of every task (random), or DELLA's per-row ranking (int64
     indices and ranks, float64 probabilities). Phase two works in chunks of fixed
-    size (in FIXED_OVERHEAD), except EMR, whose combiner takes the whole block:
-    sign sum, magnitudes, where-temporaries, τ_uni and K masks.
+    size (in FIXED_OVERHEAD); EMR keeps its K masks whole-block (bool) for the
+    mask store, and τ_uni as float32 when the delta is written in another dtype.
     """
     n = 4 * (k + 1) + itemsize + max(itemsize, 4) + 4
     if sparsify == "tadrop":
@@ -153,7 +153,7 @@ def bytes_per_element(k: int, itemsize: int, method: str = "ties", sparsify: str
     elif sparsify == "della":
         n += 56
     if method == "emr":
-        n += 36 + k
+        n += k + 4
     return n
 
 
