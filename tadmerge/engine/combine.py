@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .exact import ExactSum, exact_sums
+from .exact import ExactSum, exact_abs_sum
 
 COMBINERS = frozenset({"average", "task_arithmetic", "ties", "emr"})
 
@@ -178,18 +178,31 @@ class EmrBlock:
 
 
 def emr(ts: list[torch.Tensor]) -> EmrBlock:
-    """σ = sign(Σ t_k) with 0 → -1; M_k = [t_k σ > 0]; τ_uni = σ·max_k(M_k |t_k|)."""
-    total = ts[0]
-    for t in ts[1:]:
-        total = total + t
-    positive = total > 0
-    masks = [torch.where(positive, t > 0, t < 0) for t in ts]
-    mag = torch.zeros_like(ts[0])
-    for t, m in zip(ts, masks, strict=True):
-        mag = torch.maximum(mag, torch.where(m, t.abs(), 0.0))
-    tau_uni = torch.where(positive, mag, 0.0 - mag)  # +0.0 where no task agrees
-    abs_t = [exact_sums(t, squares=False) for t in ts]
-    abs_uni = [exact_sums(torch.where(m, mag, 0.0), squares=False) for m in masks]
+    """σ = sign(Σ t_k) with 0 → -1; M_k = [t_k σ > 0]; τ_uni = σ·max_k(M_k |t_k|).
+
+    Consumes `ts`. With s = ±1 the elected sign, q_k = t_k·s is exact, M_k is
+    q_k > 0 and M_k |t_k| = max(q_k, 0): arithmetic that vectorises instead of
+    torch.where over bool masks.
+    """
+    total = ts[0].clone() if len(ts) == 1 else torch.add(ts[0], ts[1])
+    for t in ts[2:]:
+        total.add_(t)
+    sign = torch.ones_like(total).copysign_(torch.rsub(total, 0.0)).neg_()  # 0 → -1
+    del total
+    abs_t = [exact_abs_sum(t) for t in ts]
+    masks = []
+    mag = None
+    for t in ts:
+        q = t.mul_(sign)
+        masks.append(q > 0)
+        q.clamp_min_(0.0)  # M_k |t_k|, ±0.0 elsewhere
+        mag = q if mag is None else torch.maximum(mag, q, out=mag)
+    abs_uni = []
+    for m in masks:
+        kept = mag.clone()
+        kept.view(torch.int32).bitwise_and_(m.to(torch.int32).neg_())
+        abs_uni.append(exact_abs_sum(kept))
+    tau_uni = mag.mul_(sign).add_(0.0)  # +0.0 where no task agrees
     return EmrBlock(tau_uni, masks, abs_t, abs_uni)
 
 

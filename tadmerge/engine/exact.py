@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import torch
 
-from .keys import COARSE_SHIFT, N_COARSE, KeyChunks, key_chunks
+from .keys import COARSE_SHIFT, N_COARSE, KeyChunks, key_chunks, magnitude_keys
 
 ABS_SCALE_BITS = 149
 SQ_SCALE_BITS = 298
@@ -164,9 +164,21 @@ class ExactSum:
         return cls(int(v[0]), int(v[1]), int(v[2]))
 
 
-def exact_sums(x: torch.Tensor, *, squares: bool = True) -> ExactSum:
-    """Exact Σ|x| (and Σx² unless squares=False) of a float32 tensor."""
+ABS_CHUNK = 1 << 28  # values per exponent bincount: each mantissa < 2**24, sums < 2**52
+
+
+def exact_abs_sum(x: torch.Tensor) -> ExactSum:
+    """Exact Σ|x| of a float32 tensor, by exponent: |x| = M·2**(e−150), so the
+    mantissas of each exponent add exactly (float64 holds sums below 2**53), and
+    Σ M·2**(e−1) is |x|'s sum scaled by 2**149. One 256-bin bincount per chunk,
+    where the per-bucket moments of coarse_stats take two of 32768 bins."""
     if x.numel() == 0:
         return ExactSum()
-    st = coarse_stats(KeyChunks(x), moments=2 if squares else 1)
-    return ExactSum(st.total(1), st.total(2) if squares else 0, x.numel())
+    total = 0
+    for chunk in x.reshape(-1).split(ABS_CHUNK):
+        keys = magnitude_keys(chunk)
+        e = keys >> 23
+        m = (keys & 0x7FFFFF) | ((e > 0).to(torch.int32) << 23)
+        per = torch.bincount(e, weights=m.to(torch.float64), minlength=256).cpu().tolist()
+        total += sum(int(v) << (max(i, 1) - 1) for i, v in enumerate(per) if v)
+    return ExactSum(total, 0, x.numel())
