@@ -177,6 +177,16 @@ def warm_cache(model_dirs) -> int:
     return read_files([f for d in model_dirs for f in checkpoint_files(d)])
 
 
+def drop_caches() -> None:
+    """Empty the page cache (Linux, root): the next reads come from disk."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+    except OSError as exc:
+        raise SystemExit(f"--cold needs root to drop the page cache: {exc}") from None
+
+
 def fsync_tree(path: Path) -> int:
     """fsync every regular file under path (and the directories); returns
     the number of files. Used after a tool exits, so that the dirty pages a

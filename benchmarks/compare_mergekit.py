@@ -51,6 +51,7 @@ from benchmarks.common import (
     clear_output,
     code_version,
     dir_bytes,
+    drop_caches,
     median,
     warm_cache,
     write_result,
@@ -144,10 +145,13 @@ class Job:
             ]
         self.cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
-    def run(self, dirs, log_dir: Path, tag: str) -> dict:
+    def run(self, dirs, log_dir: Path, tag: str, cold: bool = False) -> dict:
         clear_output(self.out)
         version = code_version()
-        warm_cache(dirs)
+        if cold:
+            drop_caches()
+        else:
+            warm_cache(dirs)
         m = measure(
             self.cmd, log_dir=log_dir, name=f"{self.cfg_path.stem}-{tag}", flush_dir=self.out
         )
@@ -160,7 +164,7 @@ class Job:
             try:
                 rep = json.loads(report.read_text())
                 d["tool_report"] = {
-                    k: rep.get(k) for k in ("timings", "peak_rss_bytes") if k in rep
+                    k: rep.get(k) for k in ("timings", "peak_rss_bytes", "reads") if k in rep
                 }
             except (OSError, json.JSONDecodeError):
                 pass
@@ -231,6 +235,12 @@ def main(argv=None) -> int:
     ap.add_argument("--envs", type=Path, default=DEFAULT_ENVS)
     ap.add_argument("--work", type=Path, help="scratch dir (default DATA/work)")
     ap.add_argument("--no-agreement", action="store_true", help="skip comparing outputs")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache before every measured run and before the I/O limit "
+        "(needs root): inputs come from disk, as for checkpoints larger than RAM",
+    )
     ap.add_argument("--keep-outputs", action="store_true")
     a = ap.parse_args(argv)
 
@@ -256,7 +266,9 @@ def main(argv=None) -> int:
     agreement: dict = {}
     t_start = time.time()
     for rep in range(a.reps):
-        io_runs.append(io_limit.measure_once(dirs, work, direct=(rep == 0)))
+        if a.cold:
+            drop_caches()
+        io_runs.append(io_limit.measure_once(dirs, work, warm=not a.cold, direct=(rep == 0)))
         print(f"[compare] rep {rep}: I/O limit {io_runs[-1]['total_s']:.2f}s", file=sys.stderr)
         for method in methods:
             order = [t for t in tools if (t, method) in jobs]
@@ -264,7 +276,7 @@ def main(argv=None) -> int:
                 order.reverse()
             for tool in order:
                 job = jobs[(tool, method)]
-                d = job.run(dirs, log_dir, f"rep{rep}")
+                d = job.run(dirs, log_dir, f"rep{rep}", cold=a.cold)
                 d["rep"], d["position"] = rep, order.index(tool)
                 runs[(tool, method)].append(d)
                 print(
@@ -322,7 +334,11 @@ def main(argv=None) -> int:
             "workers": a.workers,
             "tools": tools,
             "methods": methods,
-            "page_cache": "warm (inputs read once before every measured run)",
+            "page_cache": (
+                "cold (page cache dropped before every measured run and the I/O limit)"
+                if a.cold
+                else "warm (inputs read once before every measured run)"
+            ),
             "output_flush": "fsync of the output dir after each run (flush_s)",
             "mergekit_flags": MERGEKIT_FLAGS,
             "nice": os.nice(0),

@@ -81,15 +81,16 @@ def tool_label(tool: str) -> str:
     if tool.startswith("tadmerge:"):
         return f"**tadmerge** (memory_budget {tool.partition(':')[2]})"
     if tool == "tadmerge":
-        return "**tadmerge** (default memory_budget 2GB)"
+        return "**tadmerge** (defaults: memory_budget 512MB, workers auto)"
     return TOOL_LABEL.get(tool, tool)
 
 
 def _header(d: dict) -> str:
     ds, st = d["dataset"], d["settings"]
+    cache = "cold page cache" if str(st.get("page_cache", "")).startswith("cold") else "warm"
     return (
-        f"**{ds['params_human']} parameters, K = {ds['tasks']} fine-tunes, {ds['dtype']}** "
-        f"(`{d['_file']}`, {st['reps']} repetition(s), medians; {d['created']}, "
+        f"**{ds['params_human']} parameters, K = {ds['tasks']} fine-tunes, {ds['dtype']}, "
+        f"{cache}** (`{d['_file']}`, {st['reps']} repetition(s), medians; {d['created']}, "
         f"git {d.get('git_rev')}; {_machine(d)})\n"
     )
 
@@ -115,9 +116,11 @@ def compare_tables(runs: list[dict]) -> str:
                 + ".\n"
             )
         rd = f"; O_DIRECT read {sec(io.get('read_direct_s'))}" if io.get("read_direct_s") else ""
+        cold = str(d["settings"].get("page_cache", "")).startswith("cold")
         parts.append(
             f"I/O limit: {sec(io['total_s'])} = read {gb(io['input_bytes'])} "
-            f"{sec(io['read_s'])} (warm) + write {gb(io['output_bytes'])} {sec(io['write_s'])} "
+            f"{sec(io['read_s'])} ({'after dropping the page cache' if cold else 'warm'}) "
+            f"+ write {gb(io['output_bytes'])} {sec(io['write_s'])} "
             f"+ fsync {sec(io['fsync_s'])}{rd}.\n"
         )
         parts.append(
@@ -186,6 +189,8 @@ def targets_table(runs: list[dict]) -> str:
     for d in runs:
         meth, io = d["methods"], d["io_limit"]
         tag = f"{d['dataset']['params_human']} K={d['dataset']['tasks']} {d['dataset']['dtype']}"
+        if str(d["settings"].get("page_cache", "")).startswith("cold"):
+            tag += " cold"
         ties = meth.get("ties", {}).get("ratios", {})
         for key, sp in ties.items():
             if ":speedup_vs_" not in key:

@@ -114,7 +114,6 @@ def families(smoke: bool = False) -> list[Family]:
             grid=TIES_GRID,
             extend=TIES_EXTEND,
             tables=("t1",),
-            plot=True,
             notes="original TIES: top-20% by magnitude over the whole task vector",
         ),
         Family(
