@@ -1,0 +1,90 @@
+"""The chunked statistics passes against whole-tensor and plain-Python references.
+
+Merges resolve their statistics from keys made chunk by chunk (KeyChunks), find
+the ties below a cut by counting chunk by chunk, and sum |x| by exponent. Small
+chunk sizes make every run of ties and every bucket straddle chunk boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tadmerge.config import RuntimeSpec, available_cpus
+from tadmerge.engine.exact import coarse_stats, exact_abs_sum
+from tadmerge.engine.histogram import fine_histograms
+from tadmerge.engine.keys import KeyChunks, magnitude_keys
+from tadmerge.engine.sparsify import below_bits, tie_prefix_end
+
+
+def _tied_values(n: int, seed: int) -> torch.Tensor:
+    """float32 values with many exact ties and both signs (like bf16 task vectors)."""
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.tensor([0.0, 1e-3, 2e-3, 2.5e-3, 0.5, 3.0], dtype=torch.float32)
+    x = levels[torch.randint(0, len(levels), (n,), generator=g)]
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    return (x * sign).to(torch.float32)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_tie_prefix_end_matches_a_listing_of_ties(chunk):
+    x = _tied_values(701, seed=chunk)
+    keys = magnitude_keys(x)
+    for key in sorted(set(keys.tolist())):
+        ties = [i for i, k in enumerate(keys.tolist()) if k == key]
+        for quota in (0, 1, len(ties) // 2, len(ties), len(ties) + 5):
+            want = 0 if quota == 0 else (ties[quota - 1] + 1 if quota <= len(ties) else len(x))
+            assert tie_prefix_end(KeyChunks(x, chunk), key, quota) == want
+            assert tie_prefix_end(keys, key, quota) == want
+            below = below_bits(keys, key, want) == -1
+            ref = torch.tensor([k < key for k in keys.tolist()])
+            ref[ties[:quota]] = True
+            assert torch.equal(below, ref)
+
+
+@pytest.mark.parametrize("chunk", [5, 333])
+def test_histograms_from_chunks_equal_the_whole_block(chunk):
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([_tied_values(500, 1), torch.randn(1500, generator=g) * 1e-2])
+    keys = magnitude_keys(x)
+    whole = coarse_stats(keys, moments=2)
+    parts = coarse_stats(KeyChunks(x, chunk), moments=2)
+    for a, b in zip(
+        (whole.counts, whole.s1, whole.s2_hi, whole.s2_lo),
+        (parts.counts, parts.s1, parts.s2_hi, parts.s2_lo),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+    buckets = sorted(set((keys >> 16).tolist()))
+    # a narrow request (neighbouring buckets) and a wide one (far apart)
+    for wanted in (buckets[len(buckets) // 2 : len(buckets) // 2 + 3], [buckets[0], buckets[-1]]):
+        ref = {
+            b: torch.bincount(keys[(keys >> 16) == b] & 0xFFFF, minlength=1 << 16) for b in wanted
+        }
+        for source in (keys, KeyChunks(x, chunk)):
+            got = fine_histograms(source, wanted)
+            assert sorted(got) == sorted(wanted)
+            for b in wanted:
+                assert torch.equal(got[b].dense(), ref[b]), b
+
+
+def test_exact_abs_sum_is_fsum():
+    g = torch.Generator().manual_seed(5)
+    for x in (
+        torch.randn(10_000, generator=g) * torch.rand(10_000, generator=g) ** 6,
+        torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3.0e38, -2.5, 1.17549435e-38]),
+        torch.zeros(0),
+    ):
+        got = exact_abs_sum(x.to(torch.float32))
+        assert got.abs_sum == math.fsum(abs(v) for v in x.to(torch.float32).double().tolist())
+        assert got.count == x.numel()
+
+
+def test_auto_workers_one_per_core_within_the_budget():
+    cpus = available_cpus()
+    assert RuntimeSpec(workers=3).local_workers() == 3
+    assert RuntimeSpec(memory_budget=512 * 10**6).local_workers() == max(1, min(cpus, 4, 2))
+    assert RuntimeSpec(memory_budget=100 * 10**6).local_workers() == 1
+    assert RuntimeSpec(memory_budget=64 * 10**9).local_workers() == max(1, min(cpus, 4))
