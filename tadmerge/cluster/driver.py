@@ -379,6 +379,7 @@ def _run_stats(plan: Plan, executor, reads: dict) -> dict:
 
     def counted_map(label: str, items: list, on_result) -> None:
         reads["stats_rounds"] += 1
+        reads.setdefault("round_kinds", []).append(label)
         reads["stats_read_bytes"] += sum(unit_bytes(plan, u) for u, _ in items)
         executor.map_stats(label, items, on_result)
 

@@ -78,7 +78,7 @@ class Selection:
         return self.hi.rank - self.lo.rank
 
 
-PREDICTED_BUCKETS = 16  # fetch the cut's candidate buckets with the quantiles' if few
+PREDICTED_BUCKETS = 32  # fetch the cut's candidate buckets with the quantiles' if few
 
 
 def tadrop_rate(
