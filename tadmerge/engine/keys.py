@@ -35,9 +35,12 @@ class KeyChunks:
     and masks are still in cache when they are used.
     """
 
-    def __init__(self, x: torch.Tensor, chunk: int = KEY_CHUNK):
+    def __init__(self, x: torch.Tensor, chunk: int | None = None):
         self.x = x.reshape(-1)
-        self.chunk = max(1, chunk)
+        # on a GPU, fewer and larger kernels; 2**20 is the exactness bound of the
+        # float64 bincounts that take these chunks (exact.CHUNK)
+        default = KEY_CHUNK if self.x.device.type == "cpu" else 1 << 20
+        self.chunk = max(1, chunk or default)
 
     def __len__(self) -> int:
         return self.x.numel()
