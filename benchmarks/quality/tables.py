@@ -578,8 +578,15 @@ def markdown(
             ]
 
     t = res["timings"]
-    L += ["## Timings", "", "| Stage | Seconds |", "|---|---|"]
-    L += [f"| {k} | {v:.0f} |" for k, v in t.items()]
+    L += [
+        "## Timings",
+        "",
+        "| Stage | Seconds |",
+        "|---|---|",
+    ]
+    # Stage times are this invocation's only: cached fine-tunes and merges are reused, so a
+    # re-assembly shows ~0 there; the per-run rows below were recorded when each run ran.
+    L += [f"| {k} (this invocation) | {v:.0f} |" for k, v in t.items()]
     fts = [i["seconds"] for s in res["finetune"].values() for i in s.values()]
     if fts:
         L += [
@@ -590,6 +597,12 @@ def markdown(
         L += [
             f"| `tadmerge merge` per merge (mean of {len(merges)} final merges) | "
             f"{statistics.fmean(merges):.0f} |"
+        ]
+    evals = [r["eval_seconds"] for s in res["runs"].values() for r in s.values()]
+    if evals:
+        L += [
+            f"| evaluation of one merge on {len(tasks)} tasks (mean of {len(evals)}) | "
+            f"{statistics.fmean(evals):.0f} |"
         ]
     L += [
         "",
