@@ -13,10 +13,20 @@ import pytest
 import torch
 
 from tadmerge.config import RuntimeSpec, available_cpus
+from tadmerge.engine import kernels
 from tadmerge.engine.exact import coarse_stats, exact_abs_sum
 from tadmerge.engine.histogram import fine_histograms
 from tadmerge.engine.keys import KeyChunks, magnitude_keys
 from tadmerge.engine.sparsify import below_bits, tie_prefix_end
+
+
+@pytest.fixture(params=["torch", "numba"])
+def stats_backend(request, monkeypatch):
+    """Run a statistics test on the torch ops and on the numba kernels (kernels.py)."""
+    if request.param == "numba" and kernels._numba_kernels() is None:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(kernels, "_backend", request.param)
+    return request.param
 
 
 def _tied_values(n: int, seed: int) -> torch.Tensor:
@@ -45,7 +55,7 @@ def test_tie_prefix_end_matches_a_listing_of_ties(chunk):
 
 
 @pytest.mark.parametrize("chunk", [5, 333])
-def test_histograms_from_chunks_equal_the_whole_block(chunk):
+def test_histograms_from_chunks_equal_the_whole_block(chunk, stats_backend):
     g = torch.Generator().manual_seed(3)
     x = torch.cat([_tied_values(500, 1), torch.randn(1500, generator=g) * 1e-2])
     keys = magnitude_keys(x)
@@ -68,6 +78,72 @@ def test_histograms_from_chunks_equal_the_whole_block(chunk):
             assert sorted(got) == sorted(wanted)
             for b in wanted:
                 assert torch.equal(got[b].dense(), ref[b]), b
+
+
+def _from_bits(bits: list[int]) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("chunk", [16, 400, None])
+def test_fine_histograms_of_heavy_buckets(chunk, stats_backend):
+    """Buckets holding much of the data (exact zeros, one tied value) are binned whole.
+
+    Edge keys of a bucket (its first and last fine bin, and the neighbours just
+    outside) must land in the right histogram whichever way a bucket is counted.
+    """
+    g = torch.Generator().manual_seed(11)
+    n = 4000
+    x = torch.randn(n, generator=g) * 1e-2
+    x[torch.rand(n, generator=g) < 0.6] = 0.0  # bucket 0: exact zeros
+    x[torch.rand(n, generator=g) < 0.1] = 0.0625  # one heavy non-zero bucket
+    mid = int(magnitude_keys(torch.tensor([0.0625]))[0]) >> 16
+    edges = [1, 2, 0xFFFF, 0x10000, 0x10001]  # denormals around bucket 0's end
+    for b in (mid, mid + 1):
+        edges += [(b << 16) - 1, b << 16, (b << 16) + 1, (b << 16) + 0xFFFF]
+    x[torch.randperm(n, generator=g)[: len(edges)]] = _from_bits(edges)
+    keys = magnitude_keys(x)
+    present = sorted(set((keys >> 16).tolist()))
+    far = present[len(present) // 3]
+    wide = sorted({0, far, mid, mid + 1, present[-1] + 300})
+    narrow_around = [mid - 3, mid - 2, mid, mid + 1, mid + 2, mid + 5]  # heavy inside the span
+    for wanted in ([0], [0, 1], [0, mid], [mid], [mid - 1, mid, mid + 1], wide, narrow_around):
+        ref = {
+            b: torch.bincount(keys[(keys >> 16) == b] & 0xFFFF, minlength=1 << 16) for b in wanted
+        }
+        source = keys if chunk is None else KeyChunks(x, chunk)
+        got = fine_histograms(source, wanted)
+        assert sorted(got) == sorted(wanted)
+        for b in wanted:
+            assert torch.equal(got[b].dense(), ref[b]), (wanted, b)
+    got = fine_histograms(keys, present)  # more buckets than are ever binned whole
+    for b in present:
+        assert torch.equal(
+            got[b].dense(), torch.bincount(keys[(keys >> 16) == b] & 0xFFFF, minlength=1 << 16)
+        )
+
+
+@pytest.mark.parametrize("moments", [0, 1, 2])
+def test_coarse_stats_against_python_counts(moments, stats_backend):
+    x = torch.cat(
+        [
+            _tied_values(300, 4),
+            torch.randn(700, generator=torch.Generator().manual_seed(4)) * 1e-3,
+            _from_bits([1, 0xFFFF, 0x10000, 0x7F7FFFFF]),  # denormals, the largest float
+        ]
+    )
+    counts, s1, s2 = [0] * (1 << 15), [0] * (1 << 15), [0] * (1 << 15)
+    for k in magnitude_keys(x).tolist():
+        counts[k >> 16] += 1
+        s1[k >> 16] += k & 0xFFFF
+        s2[k >> 16] += (k & 0xFFFF) ** 2
+    for source in (magnitude_keys(x), KeyChunks(x, 100)):
+        got = coarse_stats(source, moments=moments)
+        assert got.counts.tolist() == counts
+        assert got.s1.tolist() == (s1 if moments >= 1 else [0] * len(s1))
+        want2 = s2 if moments >= 2 else [0] * len(s2)
+        hi_lo = zip(got.s2_hi.tolist(), got.s2_lo.tolist(), strict=True)
+        assert [(h << 32) + lo for h, lo in hi_lo] == want2
+    assert coarse_stats(torch.zeros(0, dtype=torch.int32), moments=moments).n == 0
 
 
 def test_exact_abs_sum_is_fsum():

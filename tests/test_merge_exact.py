@@ -21,6 +21,7 @@ from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
 from tadmerge.emr.store import MaskStore
 from tadmerge.engine import block as engine_block
+from tadmerge.engine import kernels
 
 SPARSIFIERS = {
     "none": {"method": "none", "rescale": "none"},
@@ -156,6 +157,12 @@ def test_matches_reference_whole_and_split(zoo_dir, sname, method, scope, monkey
     monkeypatch.setattr(engine_block, "CHUNK_ELEMENTS", 37)
     chunked = run_merge(config(root, paths, sp, method, scope, f"{tag}-chunked", False))
     assert _files(whole.output) == _files(chunked.output), "chunking changed the bytes"
+    # the statistics kernels (numba, when installed) and the torch ops give the same bytes
+    if sname in ("tadrop", "magnitude", "breadcrumbs") and kernels.backend() != "torch":
+        monkeypatch.setattr(kernels, "_backend", "torch")
+        plain = run_merge(config(root, paths, sp, method, scope, f"{tag}-torch", True))
+        monkeypatch.undo()
+        assert _files(whole.output) == _files(plain.output), "torch statistics changed the bytes"
 
     expected, lam = reference_merge(base, models, sp, method, scope)
     if method == "emr":

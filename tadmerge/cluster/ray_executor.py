@@ -61,7 +61,7 @@ class _UnitWorker:
         close_all()
 
 
-ACTOR_OVERHEAD = 512 * 2**20  # interpreter, torch and Ray's worker beside the budget
+ACTOR_OVERHEAD = 640 * 2**20  # interpreter, torch, numba kernels and Ray's worker beside the budget
 
 
 def auto_actors(ray, cpus_per_worker: float, memory_budget: int) -> int:

@@ -22,6 +22,7 @@ from fractions import Fraction
 
 import torch
 
+from . import kernels
 from .keys import COARSE_SHIFT, N_COARSE, KeyChunks, key_chunks, magnitude_keys
 
 ABS_SCALE_BITS = 149
@@ -109,8 +110,21 @@ def coarse_stats(keys: torch.Tensor | KeyChunks, *, moments: int = 2) -> CoarseS
     """Coarse histogram of magnitude keys; moments: 0 counts only, 1 adds Σ L, 2 adds Σ L².
 
     `keys`: a key tensor, or KeyChunks (keys made chunk by chunk; chunks must stay
-    at most CHUNK long, which keeps every float64 partial sum exact).
+    at most CHUNK long, which keeps every float64 partial sum exact). On the CPU
+    with numba, one fused pass over the values instead (kernels.py): the same
+    integers.
     """
+    source = keys.x if isinstance(keys, KeyChunks) else keys
+    if source.numel() and kernels.enabled(source):
+        out = CoarseStats.zeros()
+        for counts, s1, s2 in kernels.coarse_pieces(source, moments):
+            if moments < 2:
+                s2[:] = 0
+            if moments < 1:
+                s1[:] = 0
+            c, a, q = (torch.from_numpy(v) for v in (counts, s1, s2))
+            out = out + CoarseStats(c, a, q >> 32, q & _LO32)
+        return out
     acc = None
     for chunk in key_chunks(keys):
         if acc is None:

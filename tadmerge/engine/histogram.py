@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import kernels
 from .exact import SQ_SCALE_BITS, CoarseStats, coarse_stats  # noqa: F401 (re-exported)
 from .keys import (
     COARSE_SHIFT,
@@ -52,13 +53,81 @@ class SparseFine:
 NARROW_SPAN = 64  # buckets: a request within this span is selected first, then binned
 
 
+HEAVY_SHARE = 16  # a wanted bucket holding > 1/16 of the first chunk is binned whole
+DENSE_ROWS = 4  # at most this many buckets are binned whole (N_FINE bins each)
+
+
+def _dense_buckets(chunk: torch.Tensor, wanted: list[int]) -> list[int]:
+    """The wanted buckets to bin whole rather than pick entries out of.
+
+    Picking costs about 10 ns per picked entry (nonzero, gathers, a
+    concatenation), binning a whole chunk about 2 ns per entry, so a bucket that
+    holds a large share of the data is binned whole: bucket 0 when much of τ is
+    exact zeros (weights a bf16 fine-tune did not move), or a bucket that starts
+    an exponent (bf16 differences of one ulp are exact powers of two). Decided
+    on the first chunk. When few buckets are wanted and one is heavy, all are
+    binned together: one pass instead of two.
+    """
+    counts = torch.bincount(chunk >> COARSE_SHIFT, minlength=N_COARSE)
+    share = counts[torch.tensor(wanted, dtype=torch.int64, device=chunk.device)].tolist()
+    limit = chunk.numel() // HEAVY_SHARE
+    heavy = sorted((c, b) for b, c in zip(wanted, share, strict=True) if c > limit)
+    if not heavy:
+        return []
+    if len(wanted) <= DENSE_ROWS:
+        return list(wanted)
+    return sorted(b for _, b in heavy[-DENSE_ROWS:])
+
+
+class _DenseBins:
+    """Fine histograms of a few whole buckets, accumulated chunk by chunk.
+
+    One bucket: keys shifted so that the bucket's are 1..N_FINE, the rest
+    clamped to the two end bins. Several: a lookup table maps each coarse bucket
+    to its row (the last row collects every other bucket), and (row, low 16 bits)
+    is binned. Either way one bincount per chunk and no entries picked out.
+    """
+
+    def __init__(self, buckets: list[int], device: torch.device):
+        self.buckets = buckets
+        rows = 1 if len(buckets) == 1 else len(buckets) + 1
+        self.size = rows * N_FINE + (2 if len(buckets) == 1 else 0)
+        self.acc = torch.zeros(self.size, dtype=torch.int64, device=device)
+        self.lut = None
+        if len(buckets) > 1:
+            self.lut = torch.full((N_COARSE,), len(buckets), dtype=torch.int32, device=device)
+            w = torch.tensor(buckets, dtype=torch.int64, device=device)
+            self.lut[w] = torch.arange(len(buckets), dtype=torch.int32, device=device)
+
+    def add(self, chunk: torch.Tensor) -> None:
+        if self.lut is None:
+            idx = (chunk - ((self.buckets[0] << COARSE_SHIFT) - 1)).clamp_(0, N_FINE + 1)
+        else:
+            idx = self.lut.index_select(0, chunk >> COARSE_SHIFT)
+            idx.bitwise_left_shift_(COARSE_SHIFT).bitwise_or_(chunk & 0xFFFF)
+        self.acc += torch.bincount(idx, minlength=self.size)
+
+    def histograms(self) -> dict[int, SparseFine]:
+        acc = self.acc.cpu()
+        if self.lut is None:
+            rows = acc[1 : N_FINE + 1].view(1, N_FINE)
+        else:
+            rows = acc.view(-1, N_FINE)
+        out = {}
+        for i, b in enumerate(self.buckets):
+            nz = rows[i].nonzero().view(-1)
+            out[b] = SparseFine(nz, rows[i][nz])
+        return out
+
+
 def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[int, SparseFine]:
     """Sparse fine histograms of the given coarse buckets, in one pass over keys.
 
-    `keys`: a key tensor or KeyChunks. When the wanted buckets lie close together
-    (one cut of a trim, say), each chunk's keys in their span are picked with two
-    compares: a few percent of the block at most, binned at the end. Otherwise a
-    lookup table maps each coarse bucket to its slot among the wanted ones (-1
+    `keys`: a key tensor or KeyChunks. Buckets that hold a large share of the
+    data are binned whole (`_DenseBins`). The entries of the others are picked
+    out: when they lie close together (one cut of a trim, say), with two
+    compares (a few percent of the block at most), binned at the end; otherwise
+    a lookup table maps each coarse bucket to its slot among the wanted ones (-1
     elsewhere) and the picked keys' (slot, low 16 bits) pairs are binned at once,
     however many buckets are asked for.
     """
@@ -66,32 +135,60 @@ def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[
     if not buckets:
         return out
     wanted = sorted(buckets)
-    b0, b1 = wanted[0], wanted[-1]
-    narrow = b1 - b0 < NARROW_SPAN
+    source = keys.x if isinstance(keys, KeyChunks) else keys
+    if source.numel() and kernels.enabled(source):
+        # one fused pass (kernels.py): the same counts as the torch path below
+        rows = kernels.fine_histogram_rows(source, wanted)
+        for b, (bins, counts) in zip(wanted, rows, strict=True):
+            out[b] = SparseFine(torch.from_numpy(bins), torch.from_numpy(counts))
+        return out
+    dense: _DenseBins | None = None
+    light: list[int] | None = None
+    narrow = True
+    b0 = b1 = 0
     picked: list[torch.Tensor] = []
     lut = None
     for chunk in key_chunks(keys):
+        if light is None:
+            whole = _dense_buckets(chunk, wanted)
+            dense = _DenseBins(whole, chunk.device) if whole else None
+            light = [b for b in wanted if b not in whole]
+            if light:
+                b0, b1 = light[0], light[-1]
+                narrow = b1 - b0 < NARROW_SPAN
+        if dense is not None:
+            dense.add(chunk)
+        if not light:
+            continue
         if narrow:
             lo, hi = b0 << COARSE_SHIFT, (b1 + 1) << COARSE_SHIFT
-            picked.append(chunk[(chunk >= lo) & (chunk < hi)].sub_(lo))
+            sel = (chunk >= lo) & (chunk < hi)
+            for b in dense.buckets if dense is not None else []:
+                if b0 < b < b1:  # binned whole already: picking it would only cost time
+                    sel &= (chunk >> COARSE_SHIFT) != b
+            picked.append(chunk[sel].sub_(lo))
             continue
         if lut is None:
-            w = torch.tensor(wanted, dtype=torch.int64, device=chunk.device)
+            w = torch.tensor(light, dtype=torch.int64, device=chunk.device)
             lut = torch.full((N_COARSE,), -1, dtype=torch.int32, device=chunk.device)
-            lut[w] = torch.arange(len(wanted), dtype=torch.int32, device=chunk.device)
+            lut[w] = torch.arange(len(light), dtype=torch.int32, device=chunk.device)
         slot = lut.index_select(0, chunk >> COARSE_SHIFT)  # int32 indices: no int64 copy
         where = (slot >= 0).nonzero().view(-1)
         picked.append((slot[where] << 16) | (chunk[where] & 0xFFFF))
-    n_rows = (b1 - b0 + 1) if narrow else len(wanted)
+    if dense is not None:
+        out.update(dense.histograms())
+    if not light:
+        return out
+    n_rows = (b1 - b0 + 1) if narrow else len(light)
     if picked:
         allp = torch.cat(picked) if len(picked) > 1 else picked[0]
-        dense = torch.bincount(allp, minlength=n_rows * N_FINE).view(n_rows, N_FINE).cpu()
+        rows = torch.bincount(allp, minlength=n_rows * N_FINE).view(n_rows, N_FINE).cpu()
     else:
-        dense = torch.zeros((n_rows, N_FINE), dtype=torch.int64)
-    rows = [b - b0 for b in wanted] if narrow else list(range(len(wanted)))
-    for b, i in zip(wanted, rows, strict=True):
-        nz = dense[i].nonzero().view(-1)
-        out[b] = SparseFine(nz, dense[i][nz])
+        rows = torch.zeros((n_rows, N_FINE), dtype=torch.int64)
+    index = [b - b0 for b in light] if narrow else list(range(len(light)))
+    for b, i in zip(light, index, strict=True):
+        nz = rows[i].nonzero().view(-1)
+        out[b] = SparseFine(nz, rows[i][nz])
     return out
 
 

@@ -1,0 +1,205 @@
+"""Fused CPU kernels for the statistics passes, when numba is installed.
+
+The exact statistics of a magnitude selection (exact.coarse_stats,
+histogram.fine_histograms) are integer histograms of the magnitude keys. In
+torch each is a chain of whole-tensor ops (mask, shift, convert, three
+bincounts), 5-6 ns per element and task on one core, which made TADrop's
+statistics cost more than reading the inputs. Here each is one loop over the
+float32 bits: the key, its bucket and the counts in registers, about 0.7 ns per
+element. The results are the same integers (tests/test_engine_kernels.py runs
+both backends against plain references), so output bytes do not depend on
+which backend ran.
+
+Backend: numba when it can be imported and the data is on the CPU, else torch.
+`TADMERGE_KERNELS=torch` in the environment (or `set_backend("torch")`) forces
+the torch path. Kernels are compiled on first use and cached on disk
+(numba's `cache=True`), and they release the GIL, so the local executor's
+worker threads run them in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from functools import cache
+
+import numpy as np
+import torch
+
+from .keys import N_COARSE, N_FINE
+
+# Elements per kernel call: Σ L² per bucket stays below 2**62 in int64.
+PIECE = 1 << 30
+# up to this many wanted buckets the fine kernel keeps one table per stream
+TWO_STREAM_ROWS = 8
+
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """'auto' (numba if importable), 'numba' (required) or 'torch'."""
+    global _backend
+    if name not in ("auto", "numba", "torch"):
+        raise ValueError(f"TADMERGE_KERNELS must be auto, numba or torch, not {name!r}")
+    _backend = name
+
+
+set_backend(os.environ.get("TADMERGE_KERNELS", "auto").strip().lower() or "auto")
+
+
+def backend() -> str:
+    return _backend
+
+
+_LOCK = threading.Lock()
+
+
+def _numba_kernels():
+    """The compiled kernels, once per process (worker threads share them); None
+    without numba."""
+    with _LOCK:
+        return _compile()
+
+
+@cache
+def _compile():
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    # Each kernel runs two independent streams (the two halves of the input) into
+    # two tables: a value that repeats (the zeros of an untouched row) otherwise
+    # makes every increment wait for the previous one to the same counter.
+
+    @numba.njit(cache=True, nogil=True)
+    def coarse_counts(bits, counts, counts2):  # pragma: no cover (compiled)
+        h = bits.shape[0] // 2
+        for i in range(h):
+            counts[(bits[i] & 0x7FFFFFFF) >> 16] += 1
+            counts2[(bits[i + h] & 0x7FFFFFFF) >> 16] += 1
+        for i in range(2 * h, bits.shape[0]):
+            counts[(bits[i] & 0x7FFFFFFF) >> 16] += 1
+
+    @numba.njit(cache=True, nogil=True)
+    def coarse_moments(bits, acc, acc2):  # pragma: no cover (compiled)
+        # acc[b] = (count, Σ L, Σ L²) of bucket b
+        h = bits.shape[0] // 2
+        for i in range(h):
+            k = bits[i] & 0x7FFFFFFF
+            k2 = bits[i + h] & 0x7FFFFFFF
+            b, low = k >> 16, np.int64(k & 0xFFFF)
+            b2, low2 = k2 >> 16, np.int64(k2 & 0xFFFF)
+            acc[b, 0] += 1
+            acc[b, 1] += low
+            acc[b, 2] += low * low
+            acc2[b2, 0] += 1
+            acc2[b2, 1] += low2
+            acc2[b2, 2] += low2 * low2
+        for i in range(2 * h, bits.shape[0]):
+            k = bits[i] & 0x7FFFFFFF
+            b, low = k >> 16, np.int64(k & 0xFFFF)
+            acc[b, 0] += 1
+            acc[b, 1] += low
+            acc[b, 2] += low * low
+
+    @numba.njit(cache=True, nogil=True)
+    def fine_rows(bits, lut, rows, rows2):  # pragma: no cover (compiled)
+        # lut: coarse bucket -> row; unwanted buckets map to the last row (no branch)
+        h = bits.shape[0] // 2
+        for i in range(h):
+            k = bits[i] & 0x7FFFFFFF
+            k2 = bits[i + h] & 0x7FFFFFFF
+            rows[lut[k >> 16], k & 0xFFFF] += 1
+            rows2[lut[k2 >> 16], k2 & 0xFFFF] += 1
+        for i in range(2 * h, bits.shape[0]):
+            k = bits[i] & 0x7FFFFFFF
+            rows[lut[k >> 16], k & 0xFFFF] += 1
+
+    # materialise every signature now, under the lock, rather than on first use
+    # in several worker threads at once
+    bits = np.zeros(4, np.int32)
+    coarse_counts(bits, np.zeros(N_COARSE, np.int64), np.zeros(N_COARSE, np.int64))
+    acc = np.zeros((2, N_COARSE, 3), np.int64)
+    coarse_moments(bits, acc[0], acc[1])
+    rows = np.zeros((2, 1, N_FINE), np.int32)
+    fine_rows(bits, np.zeros(N_COARSE, np.int32), rows[0], rows[1])
+    return coarse_counts, coarse_moments, fine_rows
+
+
+def load() -> bool:
+    """Compile or load the kernels now (what a process pays for them: time and RSS)."""
+    return _backend != "torch" and _numba_kernels() is not None
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """Whether the numba kernels take `x` (a float32 or int32 tensor)."""
+    if _backend == "torch" or x.device.type != "cpu":
+        return False
+    if _numba_kernels() is None:
+        if _backend == "numba":
+            raise RuntimeError("TADMERGE_KERNELS=numba, but numba cannot be imported")
+        return False
+    return True
+
+
+def _bits(x: torch.Tensor) -> np.ndarray:
+    """The 32-bit patterns of a float32 (or int32 key) tensor, flat, without a copy."""
+    x = x.reshape(-1)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if x.dtype == torch.float32:
+        x = x.view(torch.int32)
+    elif x.dtype != torch.int32:
+        raise TypeError(f"statistics kernels take float32 values or int32 keys, not {x.dtype}")
+    return x.numpy()
+
+
+def coarse_pieces(x: torch.Tensor, moments: int):
+    """Per coarse bucket of |x|'s key: count, Σ L and Σ L² (int64; zeros without
+    moments), for each piece of at most PIECE elements (every sum stays below 2**62)."""
+    coarse_counts, coarse_moments, _ = _numba_kernels()
+    bits = _bits(x)
+    for a in range(0, max(1, bits.shape[0]), PIECE):
+        piece = bits[a : a + PIECE]
+        if moments:
+            acc = np.zeros((2, N_COARSE, 3), np.int64)
+            coarse_moments(piece, acc[0], acc[1])
+            tot = acc[0] + acc[1]
+            yield tot[:, 0].copy(), tot[:, 1].copy(), tot[:, 2].copy()
+        else:
+            counts = np.zeros((2, N_COARSE), np.int64)
+            coarse_counts(piece, counts[0], counts[1])
+            zero = np.zeros(N_COARSE, np.int64)
+            yield counts[0] + counts[1], zero, zero.copy()
+
+
+def fine_histogram_rows(x: torch.Tensor, wanted: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Fine histograms of the wanted coarse buckets: (non-empty low-16-bit bins,
+    their counts) per bucket, int64.
+
+    The count tables are int32 (a piece of at most 2**30 entries cannot overflow
+    them), one row per wanted bucket and one for every other bucket (no branch in
+    the loop), two tables (one per stream) while they are small.
+    """
+    fine_rows = _numba_kernels()[2]
+    bits = _bits(x)
+    m = len(wanted)
+    lut = np.full(N_COARSE, m, np.int32)
+    lut[np.asarray(wanted, dtype=np.int64)] = np.arange(m, dtype=np.int32)
+    streams = 2 if m <= TWO_STREAM_ROWS else 1
+    rows = np.empty((streams, m + 1, N_FINE), np.int32)
+    total: np.ndarray | None = None  # int64 sums, only for inputs of several pieces
+    for a in range(0, bits.shape[0], PIECE):
+        rows[:] = 0
+        fine_rows(bits[a : a + PIECE], lut, rows[0], rows[-1])  # one table: both streams
+        if streams == 2:
+            rows[0] += rows[1]  # each < 2**30: no overflow
+        if a or bits.shape[0] > PIECE:
+            total = rows[0, :m].astype(np.int64) if total is None else total + rows[0, :m]
+    out = []
+    for i in range(m):
+        row = rows[0, i] if total is None else total[i]
+        nz = np.flatnonzero(row)
+        out.append((nz.astype(np.int64), row[nz].astype(np.int64)))
+    return out
