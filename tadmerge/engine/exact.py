@@ -115,7 +115,7 @@ def coarse_stats(keys: torch.Tensor | KeyChunks, *, moments: int = 2) -> CoarseS
     integers.
     """
     source = keys.x if isinstance(keys, KeyChunks) else keys
-    if source.numel() and kernels.enabled(source):
+    if source.numel() and kernels.enabled(source, load_now=moments > 0):
         out = CoarseStats.zeros()
         for counts, s1, s2 in kernels.coarse_pieces(source, moments):
             if moments < 2:

@@ -136,7 +136,7 @@ def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[
         return out
     wanted = sorted(buckets)
     source = keys.x if isinstance(keys, KeyChunks) else keys
-    if source.numel() and kernels.enabled(source):
+    if source.numel() and kernels.enabled(source, load_now=False):
         # one fused pass (kernels.py): the same counts as the torch path below
         rows = kernels.fine_histogram_rows(source, wanted)
         for b, (bins, counts) in zip(wanted, rows, strict=True):

@@ -132,9 +132,18 @@ def load() -> bool:
     return _backend != "torch" and _numba_kernels() is not None
 
 
-def enabled(x: torch.Tensor) -> bool:
-    """Whether the numba kernels take `x` (a float32 or int32 tensor)."""
+def enabled(x: torch.Tensor, load_now: bool = True) -> bool:
+    """Whether the numba kernels take `x` (a float32 or int32 tensor).
+
+    With load_now=False they take it only if this process loaded them already.
+    Callers pass that for counts-only histograms: there torch is within 2x of
+    the kernels, which is not worth loading numba and LLVM (~160 MB of RSS and
+    ~0.3 s) for a merge without exact moments (TIES, plain magnitude trims).
+    With TADMERGE_KERNELS=numba they are always loaded.
+    """
     if _backend == "torch" or x.device.type != "cpu":
+        return False
+    if not load_now and _backend == "auto" and not _compile.cache_info().currsize:
         return False
     if _numba_kernels() is None:
         if _backend == "numba":
