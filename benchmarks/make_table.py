@@ -220,9 +220,11 @@ def targets_table(runs: list[dict]) -> str:
                 extra = t_td["median"]["wall_s"] - t["median"]["wall_s"]
                 one = io.get("read_direct_s") or io["read_s"]
                 kind = "O_DIRECT, cold" if io.get("read_direct_s") else "warm"
+                is_cold = str(d["settings"].get("page_cache", "")).startswith("cold")
                 rows.append(
                     f"| {tag}: TADrop adds <= one read of the inputs ({kind}: {sec(one)}; "
-                    f"warm: {sec(io['read_s'])}) | +{sec(extra)} (TA {sec(t['median']['wall_s'])}"
+                    f"buffered, {'cold' if is_cold else 'warm'}: {sec(io['read_s'])}) "
+                    f"| +{sec(extra)} (TA {sec(t['median']['wall_s'])}"
                     f" -> TA + TADrop {sec(t_td['median']['wall_s'])}) "
                     f"| {'yes' if extra <= one else 'NO'} |"
                 )
