@@ -86,6 +86,9 @@ class RuntimeSpec:
     gpus_per_worker: float | None = None  # default: 1 when device is cuda
     max_retries: int = 3
     progress: str = "auto"  # auto | bar | log | none
+    # Statistics kernels: auto (TADMERGE_KERNELS, else numba when installed) | numba |
+    # torch. Never changes the output bytes (engine/kernels.py).
+    kernels: str = "auto"
     # Advanced. Cap on the elements of one unit (smaller units than the budget allows).
     max_unit_elements: int | None = None
     # Advanced. Elements per canonical row block: the grain of DARE/DELLA random streams
@@ -320,7 +323,7 @@ def _parse_output(o: Any, base_dir: Path) -> OutputSpec:
 def _parse_runtime(r: Any) -> RuntimeSpec:
     _check_keys(r, {"executor", "workers", "device", "memory_budget", "cpus_per_worker",
                     "gpus_per_worker", "max_retries", "progress", "max_unit_elements",
-                    "block_elements"}, "runtime")  # fmt: skip
+                    "block_elements", "kernels"}, "runtime")  # fmt: skip
     mue = r.get("max_unit_elements")
     gpus = r.get("gpus_per_worker")
     return RuntimeSpec(
@@ -336,6 +339,7 @@ def _parse_runtime(r: Any) -> RuntimeSpec:
         ),
         max_unit_elements=None if mue is None else _int(mue, "runtime.max_unit_elements", 1),
         block_elements=_int(r.get("block_elements", 1 << 20), "runtime.block_elements", 1),
+        kernels=_choice(r.get("kernels", "auto"), "runtime.kernels", {"auto", "numba", "torch"}),
     )
 
 

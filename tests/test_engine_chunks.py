@@ -164,3 +164,36 @@ def test_auto_workers_one_per_core_within_the_budget():
     assert RuntimeSpec(memory_budget=512 * 10**6).local_workers() == max(1, min(cpus, 4, 2))
     assert RuntimeSpec(memory_budget=100 * 10**6).local_workers() == 1
     assert RuntimeSpec(memory_budget=64 * 10**9).local_workers() == max(1, min(cpus, 4))
+
+
+def test_kernels_fall_back_when_they_cannot_be_cached(monkeypatch):
+    """No writable cache location: compiled in memory; numba broken: torch ops."""
+    if kernels._numba_kernels() is None:
+        pytest.skip("numba is not installed")
+    build = kernels._build
+
+    def no_disk_cache(numba, cache_on_disk):
+        if cache_on_disk:
+            raise RuntimeError("cannot cache function: no locator available")
+        return build(numba, cache_on_disk)
+
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(8))
+    want = coarse_stats(magnitude_keys(x), moments=2)
+    try:
+        monkeypatch.setattr(kernels, "_build", no_disk_cache)
+        kernels._compile.cache_clear()
+        with pytest.warns(UserWarning, match="without the disk cache"):
+            assert kernels.load()
+        assert torch.equal(coarse_stats(KeyChunks(x), moments=2).s1, want.s1)
+
+        def broken(numba, cache_on_disk):
+            raise RuntimeError("LLVM is unhappy")
+
+        monkeypatch.setattr(kernels, "_build", broken)
+        kernels._compile.cache_clear()
+        with pytest.warns(UserWarning, match="using torch ops"):
+            assert not kernels.load()
+        assert torch.equal(coarse_stats(KeyChunks(x), moments=2).s1, want.s1)
+    finally:
+        monkeypatch.undo()
+        kernels._compile.cache_clear()

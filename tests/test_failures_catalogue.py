@@ -594,6 +594,10 @@ CONFIG_CASES = {
         _cfg_edit(lambda c, w: c["runtime"].update(memory_budget="10MB")),
         ["runtime.memory_budget", "minimum"],
     ),
+    "unknown_kernels": (
+        _cfg_edit(lambda c, w: c["runtime"].update(kernels="cuda")),
+        ["runtime.kernels", "cuda"],
+    ),
     "output_inside_input": (
         _cfg_edit(lambda c, w: c["output"].update(path=os.path.join(w.base, "merged"))),
         ["is inside the input checkpoint", "<base>"],

@@ -42,7 +42,9 @@ def zoo_dir(tmp_path_factory):
     return root, write_zoo(str(root))
 
 
-def config(root, paths, sp: dict, method: str, scope: str, out: str, split: bool):
+def config(
+    root, paths, sp: dict, method: str, scope: str, out: str, split: bool, kernels: str = "auto"
+):
     base, models = paths
     raw = {
         "base": base,
@@ -53,7 +55,7 @@ def config(root, paths, sp: dict, method: str, scope: str, out: str, split: bool
         "merge": {"method": method, "scale": 0.7, "disjoint": "mean"},
         "exclude": ["^head\\."],
         "output": {"path": str(root / out)},
-        "runtime": {"block_elements": BLOCK, "progress": "none"},
+        "runtime": {"block_elements": BLOCK, "progress": "none", "kernels": kernels},
         "seed": 7,
     }
     if split:
@@ -160,11 +162,9 @@ def test_matches_reference_whole_and_split(zoo_dir, sname, method, scope, monkey
     # the statistics kernels (numba, when installed) and the torch ops give the same bytes
     if sname in ("tadrop", "magnitude", "breadcrumbs"):
         backends = ["torch"] + (["numba"] if kernels.load() else [])
-        for name in backends:
-            monkeypatch.setattr(kernels, "_backend", name)
-            other = run_merge(config(root, paths, sp, method, scope, f"{tag}-{name}", True))
+        for name in backends:  # runtime.kernels; split: the statistics rounds run too
+            other = run_merge(config(root, paths, sp, method, scope, f"{tag}-{name}", True, name))
             assert _files(whole.output) == _files(other.output), f"{name} statistics changed bytes"
-        monkeypatch.undo()
 
     expected, lam = reference_merge(base, models, sp, method, scope)
     if method == "emr":

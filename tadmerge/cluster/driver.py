@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from .. import __version__
 from ..config import MergeConfig
 from ..emr.store import MaskStore
+from ..engine import kernels
 from ..engine.exact import ExactSum
 from ..engine.sparsify import Selection
 from ..errors import InputError, InputProblem, MergeRuntimeError, OutputError, TadmergeError
@@ -221,6 +222,7 @@ def run_merge(
         plan.input_bytes / 1e9,
         plan.output_bytes / 1e9,
     )
+    kernels.configure(cfg.runtime.kernels)
     executor = None
     try:
         state = RunState(staging.path)

@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Callable
 
+from ..engine import kernels
 from ..errors import MergeRuntimeError, TadmergeError
 from ..planners.plan import Plan
 from .worker import UnitRecord, resolve_device, run_unit, unit_stats
@@ -31,6 +32,7 @@ class _UnitWorker:
         from .memory import tune_malloc
 
         tune_malloc()
+        kernels.configure(plan.config.runtime.kernels)
         self.plan = plan
         self.staging = staging
         self.device = str(resolve_device(device))

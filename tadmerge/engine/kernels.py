@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from functools import cache
 
 import numpy as np
@@ -44,7 +45,13 @@ def set_backend(name: str) -> None:
     _backend = name
 
 
-set_backend(os.environ.get("TADMERGE_KERNELS", "auto").strip().lower() or "auto")
+_ENV_BACKEND = os.environ.get("TADMERGE_KERNELS", "auto").strip().lower() or "auto"
+set_backend(_ENV_BACKEND)
+
+
+def configure(name: str) -> None:
+    """Apply a merge's `runtime.kernels`: 'auto' leaves it to TADMERGE_KERNELS."""
+    set_backend(_ENV_BACKEND if name == "auto" else name)
 
 
 def backend() -> str:
@@ -67,12 +74,29 @@ def _compile():
         import numba
     except ImportError:
         return None
+    try:
+        return _build(numba, cache_on_disk=True)
+    except Exception as e:  # no writable cache location, or a numba/LLVM problem
+        first = e
+    try:
+        built = _build(numba, cache_on_disk=False)
+    except Exception as e:
+        if _backend == "numba":
+            raise
+        warnings.warn(f"tadmerge: numba kernels unavailable, using torch ops ({e})", stacklevel=3)
+        return None
+    warnings.warn(f"tadmerge: numba kernels without the disk cache ({first})", stacklevel=3)
+    return built
+
+
+def _build(numba, cache_on_disk: bool):
+    jit = numba.njit(cache=cache_on_disk, nogil=True)
 
     # Each kernel runs two independent streams (the two halves of the input) into
     # two tables: a value that repeats (the zeros of an untouched row) otherwise
     # makes every increment wait for the previous one to the same counter.
 
-    @numba.njit(cache=True, nogil=True)
+    @jit
     def coarse_counts(bits, counts, counts2):  # pragma: no cover (compiled)
         h = bits.shape[0] // 2
         for i in range(h):
@@ -81,7 +105,7 @@ def _compile():
         for i in range(2 * h, bits.shape[0]):
             counts[(bits[i] & 0x7FFFFFFF) >> 16] += 1
 
-    @numba.njit(cache=True, nogil=True)
+    @jit
     def coarse_moments(bits, acc, acc2):  # pragma: no cover (compiled)
         # acc[b] = (count, Σ L, Σ L²) of bucket b
         h = bits.shape[0] // 2
@@ -103,7 +127,7 @@ def _compile():
             acc[b, 1] += low
             acc[b, 2] += low * low
 
-    @numba.njit(cache=True, nogil=True)
+    @jit
     def fine_rows(bits, lut, rows, rows2):  # pragma: no cover (compiled)
         # lut: coarse bucket -> row; unwanted buckets map to the last row (no branch)
         h = bits.shape[0] // 2

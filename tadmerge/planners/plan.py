@@ -247,7 +247,7 @@ def make_plan(cfg: MergeConfig, *, inputs: list[Checkpoint] | None = None) -> Pl
 def fingerprint(plan: Plan) -> str:
     """Hash of everything that decides the output bytes: config, inputs, layout."""
     cfg = plan.config.to_dict()
-    for key in ("executor", "workers", "progress", "max_retries", "cpus_per_worker"):
+    for key in ("executor", "workers", "progress", "max_retries", "cpus_per_worker", "kernels"):
         cfg["runtime"].pop(key, None)
     cfg["output"].pop("path", None)
     files = []
