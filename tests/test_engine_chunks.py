@@ -146,6 +146,14 @@ def test_coarse_stats_against_python_counts(moments, stats_backend):
     assert coarse_stats(torch.zeros(0, dtype=torch.int32), moments=moments).n == 0
 
 
+def test_fine_histograms_of_nothing_are_empty(stats_backend):
+    for source in (torch.zeros(0, dtype=torch.int32), KeyChunks(torch.zeros(0))):
+        for wanted in ([0], [3, 5], [0, 20000]):
+            got = fine_histograms(source, wanted)
+            assert sorted(got) == wanted
+            assert all(int(got[b].dense().sum()) == 0 for b in wanted)
+
+
 def test_exact_abs_sum_is_fsum():
     g = torch.Generator().manual_seed(5)
     for x in (

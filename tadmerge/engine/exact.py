@@ -118,10 +118,6 @@ def coarse_stats(keys: torch.Tensor | KeyChunks, *, moments: int = 2) -> CoarseS
     if source.numel() and kernels.enabled(source, load_now=moments > 0):
         out = CoarseStats.zeros()
         for counts, s1, s2 in kernels.coarse_pieces(source, moments):
-            if moments < 2:
-                s2[:] = 0
-            if moments < 1:
-                s1[:] = 0
             c, a, q = (torch.from_numpy(v) for v in (counts, s1, s2))
             out = out + CoarseStats(c, a, q >> 32, q & _LO32)
         return out

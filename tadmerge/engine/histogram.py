@@ -177,6 +177,8 @@ def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[
         picked.append((slot[where] << 16) | (chunk[where] & 0xFFFF))
     if dense is not None:
         out.update(dense.histograms())
+    if light is None:  # no entries at all: every wanted histogram is empty
+        light, b0, b1, narrow = wanted, 0, 0, False
     if not light:
         return out
     n_rows = (b1 - b0 + 1) if narrow else len(light)

@@ -81,8 +81,6 @@ def _compile():
     try:
         built = _build(numba, cache_on_disk=False)
     except Exception as e:
-        if _backend == "numba":
-            raise
         warnings.warn(f"tadmerge: numba kernels unavailable, using torch ops ({e})", stacklevel=3)
         return None
     warnings.warn(f"tadmerge: numba kernels without the disk cache ({first})", stacklevel=3)
@@ -163,7 +161,8 @@ def enabled(x: torch.Tensor, load_now: bool = True) -> bool:
     Callers pass that for counts-only histograms: there torch is within 2x of
     the kernels, which is not worth loading numba and LLVM (~160 MB of RSS and
     ~0.3 s) for a merge without exact moments (TIES, plain magnitude trims).
-    With TADMERGE_KERNELS=numba they are always loaded.
+    With the backend set to numba (runtime.kernels or TADMERGE_KERNELS) they are
+    always loaded, and their absence is an error.
     """
     if _backend == "torch" or x.device.type != "cpu":
         return False
@@ -171,7 +170,10 @@ def enabled(x: torch.Tensor, load_now: bool = True) -> bool:
         return False
     if _numba_kernels() is None:
         if _backend == "numba":
-            raise RuntimeError("TADMERGE_KERNELS=numba, but numba cannot be imported")
+            raise RuntimeError(
+                "kernels: numba was asked for (runtime.kernels or TADMERGE_KERNELS), but "
+                "numba cannot be imported or compile them (see the warning, if any)"
+            )
         return False
     return True
 
@@ -189,8 +191,9 @@ def _bits(x: torch.Tensor) -> np.ndarray:
 
 
 def coarse_pieces(x: torch.Tensor, moments: int):
-    """Per coarse bucket of |x|'s key: count, Σ L and Σ L² (int64; zeros without
-    moments), for each piece of at most PIECE elements (every sum stays below 2**62)."""
+    """Per coarse bucket of |x|'s key: count, Σ L (moments >= 1) and Σ L² (moments
+    2), int64, zeros for the moments not asked for (as the torch path leaves them),
+    for each piece of at most PIECE elements (every sum stays below 2**62)."""
     coarse_counts, coarse_moments, _ = _numba_kernels()
     bits = _bits(x)
     for a in range(0, max(1, bits.shape[0]), PIECE):
@@ -199,6 +202,8 @@ def coarse_pieces(x: torch.Tensor, moments: int):
             acc = np.zeros((2, N_COARSE, 3), np.int64)
             coarse_moments(piece, acc[0], acc[1])
             tot = acc[0] + acc[1]
+            if moments < 2:
+                tot[:, 2] = 0
             yield tot[:, 0].copy(), tot[:, 1].copy(), tot[:, 2].copy()
         else:
             counts = np.zeros((2, N_COARSE), np.int64)
