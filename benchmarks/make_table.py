@@ -85,9 +85,14 @@ def tool_label(tool: str) -> str:
     return TOOL_LABEL.get(tool, tool)
 
 
+def _is_cold(d: dict) -> bool:
+    """Whether a comparison ran with the page cache dropped before every run."""
+    return str(d["settings"].get("page_cache", "")).startswith("cold")
+
+
 def _header(d: dict) -> str:
     ds, st = d["dataset"], d["settings"]
-    cache = "cold page cache" if str(st.get("page_cache", "")).startswith("cold") else "warm"
+    cache = "cold page cache" if _is_cold(d) else "warm"
     return (
         f"**{ds['params_human']} parameters, K = {ds['tasks']} fine-tunes, {ds['dtype']}, "
         f"{cache}** (`{d['_file']}`, {st['reps']} repetition(s), medians; {d['created']}, "
@@ -116,7 +121,7 @@ def compare_tables(runs: list[dict]) -> str:
                 + ".\n"
             )
         rd = f"; O_DIRECT read {sec(io.get('read_direct_s'))}" if io.get("read_direct_s") else ""
-        cold = str(d["settings"].get("page_cache", "")).startswith("cold")
+        cold = _is_cold(d)
         parts.append(
             f"I/O limit: {sec(io['total_s'])} = read {gb(io['input_bytes'])} "
             f"{sec(io['read_s'])} ({'after dropping the page cache' if cold else 'warm'}) "
@@ -189,7 +194,7 @@ def targets_table(runs: list[dict]) -> str:
     for d in runs:
         meth, io = d["methods"], d["io_limit"]
         tag = f"{d['dataset']['params_human']} K={d['dataset']['tasks']} {d['dataset']['dtype']}"
-        if str(d["settings"].get("page_cache", "")).startswith("cold"):
+        if _is_cold(d):
             tag += " cold"
         ties = meth.get("ties", {}).get("ratios", {})
         for key, sp in ties.items():
@@ -220,10 +225,9 @@ def targets_table(runs: list[dict]) -> str:
                 extra = t_td["median"]["wall_s"] - t["median"]["wall_s"]
                 one = io.get("read_direct_s") or io["read_s"]
                 kind = "O_DIRECT, cold" if io.get("read_direct_s") else "warm"
-                is_cold = str(d["settings"].get("page_cache", "")).startswith("cold")
                 rows.append(
                     f"| {tag}: TADrop adds <= one read of the inputs ({kind}: {sec(one)}; "
-                    f"buffered, {'cold' if is_cold else 'warm'}: {sec(io['read_s'])}) "
+                    f"buffered, {'cold' if _is_cold(d) else 'warm'}: {sec(io['read_s'])}) "
                     f"| +{sec(extra)} (TA {sec(t['median']['wall_s'])}"
                     f" -> TA + TADrop {sec(t_td['median']['wall_s'])}) "
                     f"| {'yes' if extra <= one else 'NO'} |"
