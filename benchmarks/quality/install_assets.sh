@@ -11,14 +11,12 @@
 #           shared venv's torch (2.13.0+cpu) is never upgraded.
 #
 # Usage: benchmarks/quality/install_assets.sh [--pip-only]
-#   PIP=/path/to/pip (default /work/venv/bin/pip if present, else pip)
+#   PIP=/path/to/pip (default: python -m pip, i.e. the environment of the python on PATH)
 #   --pip-only: skip the Debian packages (the smoke test needs the PyPI assets only).
 set -euo pipefail
 
 if [[ -n "${PIP:-}" ]]; then
     pip_cmd=("$PIP")
-elif [[ -x /work/venv/bin/pip ]]; then
-    pip_cmd=(/work/venv/bin/pip)
 else
     pip_cmd=(python -m pip)
 fi
