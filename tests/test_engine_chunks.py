@@ -17,7 +17,7 @@ from tadmerge.engine import kernels
 from tadmerge.engine.exact import coarse_stats, exact_abs_sum
 from tadmerge.engine.histogram import fine_histograms
 from tadmerge.engine.keys import KeyChunks, magnitude_keys
-from tadmerge.engine.sparsify import below_bits, tie_prefix_end
+from tadmerge.engine.sparsify import below_bits, ties_below
 
 
 @pytest.fixture(params=["torch", "numba"])
@@ -39,19 +39,23 @@ def _tied_values(n: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
-def test_tie_prefix_end_matches_a_listing_of_ties(chunk):
+def test_ties_below_a_cut_chunk_by_chunk_match_a_listing_of_ties(chunk):
     x = _tied_values(701, seed=chunk)
     keys = magnitude_keys(x)
     for key in sorted(set(keys.tolist())):
         ties = [i for i, k in enumerate(keys.tolist()) if k == key]
         for quota in (0, 1, len(ties) // 2, len(ties), len(ties) + 5):
-            want = 0 if quota == 0 else (ties[quota - 1] + 1 if quota <= len(ties) else len(x))
-            assert tie_prefix_end(KeyChunks(x, chunk), key, quota) == want
-            assert tie_prefix_end(keys, key, quota) == want
-            below = below_bits(keys, key, want) == -1
+            # the apply pass: chunks in flat order, the quota running down
+            left = quota
+            parts = []
+            for part in keys.split(chunk):
+                tie_end, left = ties_below(part, key, left)
+                parts.append(below_bits(part, key, tie_end) == -1)
+            below = torch.cat(parts)
             ref = torch.tensor([k < key for k in keys.tolist()])
             ref[ties[:quota]] = True
             assert torch.equal(below, ref)
+            assert left == max(0, quota - len(ties))
 
 
 @pytest.mark.parametrize("chunk", [5, 333])

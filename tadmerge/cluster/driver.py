@@ -17,12 +17,11 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from .. import __version__
 from ..config import MergeConfig
 from ..emr.store import MaskStore
-from ..engine import kernels
 from ..engine.exact import ExactSum
 from ..engine.sparsify import Selection
 from ..errors import InputError, InputProblem, MergeRuntimeError, OutputError, TadmergeError
@@ -32,7 +31,7 @@ from ..planners.inventory import MERGE
 from ..planners.plan import Plan, make_plan
 from .progress import Progress
 from .stats import resolved_from_json, resolved_to_json, run_stats_stage
-from .worker import MASKS_DIR, TASKS_DIR, UnitRecord
+from .worker import MASKS_DIR, TASKS_DIR, UnitRecord, start_kernels
 
 log = logging.getLogger("tadmerge")
 STATE_DIR = ".tadmerge"
@@ -134,12 +133,16 @@ def _atomic_write(path: str, data: bytes) -> None:
         os.replace(tmp, path)
 
 
+def _selection_json(sel: Selection) -> dict:
+    # vars() of the flat dataclasses: dataclasses.asdict deep-copies, and this runs
+    # for every task of every unit
+    return {**vars(sel), "lo": dict(vars(sel.lo)), "hi": dict(vars(sel.hi))}
+
+
 def _stats_json(st) -> dict:
     return {
         "kept": st.kept,
-        "selection": None
-        if st.selection is None
-        else {**asdict(st.selection), "lo": asdict(st.selection.lo), "hi": asdict(st.selection.hi)},
+        "selection": None if st.selection is None else _selection_json(st.selection),
         "tau_sq": st.tau_sq,
         "t_sq": st.t_sq,
     }
@@ -211,6 +214,7 @@ def run_merge(
     """
     t0 = time.monotonic()
     timings: dict[str, float] = {}
+    start_kernels(cfg)
     plan = plan or make_plan(cfg)
     timings["plan_s"] = time.monotonic() - t0
     staging = Staging(cfg.output.path, overwrite=overwrite, resume=resume)
@@ -222,7 +226,6 @@ def run_merge(
         plan.input_bytes / 1e9,
         plan.output_bytes / 1e9,
     )
-    kernels.configure(cfg.runtime.kernels)
     executor = None
     try:
         state = RunState(staging.path)
@@ -379,17 +382,22 @@ def _run_stats(plan: Plan, executor, reads: dict) -> dict:
         return {}
     t = time.monotonic()
 
+    times: list[str] = []
+
     def counted_map(label: str, items: list, on_result) -> None:
         reads["stats_rounds"] += 1
         reads.setdefault("round_kinds", []).append(label)
         reads["stats_read_bytes"] += sum(unit_bytes(plan, u) for u, _ in items)
+        t_round = time.monotonic()
         executor.map_stats(label, items, on_result)
+        times.append(f"{label} {time.monotonic() - t_round:.1f}s")
 
     resolved = run_stats_stage(plan, counted_map)
     log.info(
-        "statistics stage done in %.1fs: %d round(s) read %.2f of the inputs again",
+        "statistics stage done in %.1fs: %d round(s) (%s) read %.2f of the inputs again",
         time.monotonic() - t,
         reads["stats_rounds"],
+        ", ".join(times),
         reads["stats_read_bytes"] / max(1, plan.input_bytes),
     )
     return resolved

@@ -15,10 +15,9 @@ import logging
 import os
 from collections.abc import Callable
 
-from ..engine import kernels
 from ..errors import MergeRuntimeError, TadmergeError
 from ..planners.plan import Plan
-from .worker import UnitRecord, resolve_device, run_unit, unit_stats
+from .worker import UnitRecord, resolve_device, run_unit, start_kernels, unit_stats
 
 log = logging.getLogger("tadmerge")
 
@@ -32,7 +31,7 @@ class _UnitWorker:
         from .memory import tune_malloc
 
         tune_malloc()
-        kernels.configure(plan.config.runtime.kernels)
+        start_kernels(plan.config)
         self.plan = plan
         self.staging = staging
         self.device = str(resolve_device(device))

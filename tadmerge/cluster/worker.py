@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import MergeConfig
 from ..emr.store import MaskStore
+from ..engine import kernels
 from ..engine.block import (
     BlockContext,
     BlockResult,
@@ -124,6 +126,14 @@ def block_context(plan: Plan, unit: Unit, resolved: dict | None) -> BlockContext
 # ------------------------------------------------------------------------------------
 # statistics rounds
 # ------------------------------------------------------------------------------------
+
+
+def start_kernels(cfg: MergeConfig) -> None:
+    """Apply `runtime.kernels`, and begin loading the statistics kernels at once
+    when this merge's histograms take them (exact moments on the CPU)."""
+    kernels.configure(cfg.runtime.kernels)
+    if cfg.sparsify.moments and resolve_device(cfg.runtime.device).type == "cpu":
+        kernels.preload()
 
 
 def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu"):

@@ -28,7 +28,7 @@ from .sparsify import (
     della_block,
     resolve_selection,
     run_locally,
-    tie_prefix_end,
+    ties_below,
     uniform_stream,
 )
 
@@ -123,11 +123,24 @@ CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass
+class BlockCuts:
+    """A resolved selection as one block applies it, chunk by chunk in flat order:
+    the two cut keys, how many of the block's ties at each are below the cut and
+    not yet met (ties_below), and the scale of kept entries."""
+
+    lo_key: int
+    lo_left: int
+    hi_key: int
+    hi_left: int
+    scale: float
+
+
+@dataclass
 class TaskPlan:
     """How one task's τ is turned into t, chunk by chunk, once its selection is known."""
 
     stats: TaskStats
-    cuts: tuple[tuple[int, int], tuple[int, int], float] | None = None  # lo, hi, scale
+    cuts: BlockCuts | None = None
     uniform: torch.Tensor | None = None  # DARE draws for the block
     done: bool = False  # t was made whole-block (DELLA ranks rows)
 
@@ -146,16 +159,14 @@ def plan_task(tau: torch.Tensor, k: int, spec: MergeSpec, ctx: BlockContext) -> 
             index = RankIndex(coarse_stats(keys, moments=sp.moments))
             rate = ctx.rates[k] if ctx.rates else None
             sel = run_locally(resolve_selection(index, sp, rate), keys, index)
-            lo, hi = (sel.lo.key, sel.lo.quota), (sel.hi.key, sel.hi.quota)
+            quotas = (sel.lo.quota, sel.hi.quota)
             stats = TaskStats(selection=sel)
         else:
             sel = given
-            lo_q, hi_q = ctx.quotas[k]
-            lo, hi = (sel.lo.key, lo_q), (sel.hi.key, hi_q)
+            quotas = ctx.quotas[k]
             stats = TaskStats(selection=given if given.n == tau.numel() else None)
-        lo_end = tie_prefix_end(keys, *lo)
-        hi_end = tie_prefix_end(keys, *hi)
-        return TaskPlan(stats, ((lo[0], lo_end), (hi[0], hi_end), sel.scale))
+        cuts = BlockCuts(sel.lo.key, quotas[0], sel.hi.key, quotas[1], sel.scale)
+        return TaskPlan(stats, cuts)
     u = uniform_stream(
         spec.seed, k, ctx.tensor, ctx.row_start, ctx.row_end, ctx.rng_rows, ctx.row_numel
     )
@@ -167,17 +178,20 @@ def plan_task(tau: torch.Tensor, k: int, spec: MergeSpec, ctx: BlockContext) -> 
 
 
 def sparsify_chunk(tp: TaskPlan, tau: torch.Tensor, start: int, spec: MergeSpec) -> None:
-    """Phase two for one task on τ[start:start+len]: t in place, kept counted."""
+    """Phase two for one task on τ[start:start+len]: t in place, kept counted.
+
+    Called once per chunk, chunks in flat order (the cuts' tie quotas run down).
+    """
     if tp.done or (tp.cuts is None and tp.uniform is None):
         return
-    end = start + tau.numel()
     if tp.cuts is not None:
-        (lo_key, lo_end), (hi_key, hi_end), scale = tp.cuts
-        lo = (lo_key, min(max(lo_end - start, 0), end - start))
-        hi = (hi_key, min(max(hi_end - start, 0), end - start))
-        _, kept = apply_cuts(tau, magnitude_keys(tau), lo, hi, scale)
+        c = tp.cuts  # chunks come in flat order, each once: the tie quotas run down
+        keys = magnitude_keys(tau)
+        lo_end, c.lo_left = ties_below(keys, c.lo_key, c.lo_left)
+        hi_end, c.hi_left = ties_below(keys, c.hi_key, c.hi_left)
+        _, kept = apply_cuts(tau, keys, (c.lo_key, lo_end), (c.hi_key, hi_end), c.scale)
     else:
-        _, kept = dare_block(tau, tp.uniform[start:end], spec.sparsify)
+        _, kept = dare_block(tau, tp.uniform[start : start + tau.numel()], spec.sparsify)
     tp.stats.kept += kept
 
 

@@ -35,10 +35,25 @@ _BUCKETS_PER_EXP = 1 << 7
 
 @dataclass
 class SparseFine:
-    """Fine histogram of one bucket: the non-empty low-16-bit bins and their counts."""
+    """Fine histogram of one bucket: the non-empty low-16-bit bins and their counts.
+
+    Kept sparse everywhere (workers, driver, RankIndex): a bucket of bf16 task
+    vector entries holds a few hundred distinct keys at most, and a dense table
+    of 2**16 bins per bucket cost more to allocate and scan than to use.
+    """
 
     bins: torch.Tensor  # int64, ascending
     counts: torch.Tensor  # int64
+
+    def __add__(self, other: SparseFine) -> SparseFine:
+        if not other.bins.numel():
+            return self
+        if not self.bins.numel():
+            return other
+        bins, inverse = torch.unique(torch.cat([self.bins, other.bins]), return_inverse=True)
+        counts = torch.zeros(bins.numel(), dtype=torch.int64)
+        counts.index_add_(0, inverse, torch.cat([self.counts, other.counts]))
+        return SparseFine(bins, counts)
 
     def dense(self) -> torch.Tensor:
         d = torch.zeros(N_FINE, dtype=torch.int64)
@@ -46,8 +61,21 @@ class SparseFine:
         return d
 
     def count_at(self, fine_bin: int) -> int:
-        hit = (self.bins == fine_bin).nonzero()
-        return int(self.counts[hit[0, 0]]) if hit.numel() else 0
+        i = int(torch.searchsorted(self.bins, fine_bin))
+        return int(self.counts[i]) if i < self.bins.numel() and self.bins[i] == fine_bin else 0
+
+    def count_below(self, fine_bin: int) -> int:
+        return int(self.counts[: int(torch.searchsorted(self.bins, fine_bin))].sum())
+
+    def bin_at(self, within: int) -> int:
+        """The bin holding the within-th entry of the bucket (0-based, ascending)."""
+        i = int(torch.searchsorted(torch.cumsum(self.counts, 0), within, right=True))
+        return int(self.bins[i])
+
+    def above(self, fine_bin: int) -> tuple[list[int], list[int]]:
+        """The non-empty bins > fine_bin and their counts."""
+        i = int(torch.searchsorted(self.bins, fine_bin, right=True))
+        return self.bins[i:].tolist(), self.counts[i:].tolist()
 
 
 NARROW_SPAN = 64  # buckets: a request within this span is selected first, then binned
@@ -219,7 +247,7 @@ class RankIndex:
     """Answers exact rank queries for one group (a tensor, or a whole task vector)."""
 
     stats: CoarseStats
-    fine: dict[int, torch.Tensor] = field(default_factory=dict)  # bucket -> dense counts
+    fine: dict[int, SparseFine] = field(default_factory=dict)  # bucket -> fine histogram
 
     def __post_init__(self) -> None:
         self.n = self.stats.n
@@ -245,12 +273,8 @@ class RankIndex:
     def missing(self, ranks: list[int]) -> set[int]:
         return {self.bucket_of(r) for r in ranks if 0 <= r < self.n} - set(self.fine)
 
-    def add_fine(self, bucket: int, hist: SparseFine | torch.Tensor) -> None:
-        dense = hist.dense() if isinstance(hist, SparseFine) else hist
-        if bucket in self.fine:
-            self.fine[bucket] = self.fine[bucket] + dense
-        else:
-            self.fine[bucket] = dense
+    def add_fine(self, bucket: int, hist: SparseFine) -> None:
+        self.fine[bucket] = self.fine[bucket] + hist if bucket in self.fine else hist
 
     # --- exact answers -------------------------------------------------------------
     def _before_bucket(self, b: int) -> int:
@@ -260,10 +284,7 @@ class RankIndex:
         b = self.bucket_of(rank)
         if b not in self.fine:
             raise KeyError(f"fine histogram of bucket {b} not computed")
-        within = rank - self._before_bucket(b)
-        fc = torch.cumsum(self.fine[b], 0)
-        j = int(torch.searchsorted(fc, torch.tensor([within]), right=True)[0])
-        return (b << COARSE_SHIFT) | j
+        return (b << COARSE_SHIFT) | self.fine[b].bin_at(rank - self._before_bucket(b))
 
     def value_at(self, rank: int) -> float:
         return key_to_float(self.key_at(rank))
@@ -287,10 +308,10 @@ class RankIndex:
 
     def count_below(self, key: int) -> int:
         b = key >> COARSE_SHIFT
-        return self._before_bucket(b) + int(self.fine[b][: key & 0xFFFF].sum())
+        return self._before_bucket(b) + self.fine[b].count_below(key & 0xFFFF)
 
     def count_at(self, key: int) -> int:
-        return int(self.fine[key >> COARSE_SHIFT][key & 0xFFFF])
+        return self.fine[key >> COARSE_SHIFT].count_at(key & 0xFFFF)
 
     def cut(self, rank: int) -> Cut:
         if rank >= self.n:
@@ -318,8 +339,7 @@ class RankIndex:
             return 0
         e0 = b0 // _BUCKETS_PER_EXP
         end = (e0 + 1) * _BUCKETS_PER_EXP
-        part = sum(self.stats.bucket_moment(b, moment) for b in range(b0, end))
-        return self._exp_suffix(moment)[e0 + 1] + part
+        return self._exp_suffix(moment)[e0 + 1] + self.stats.range_moment(b0, end, moment)
 
     def moment_from(self, cut: Cut, moment: int = 2) -> int:
         """Exact scaled Σ|x|^moment of the positions >= cut.rank."""
@@ -330,11 +350,9 @@ class RankIndex:
         b = cut.key >> COARSE_SHIFT
         j = cut.key & 0xFFFF
         total = self._buckets_from(b + 1, moment)
-        tail = self.fine[b][j + 1 :]
-        nz = tail.nonzero().view(-1)
         value = key_square_scaled if moment == 2 else key_abs_scaled
-        for off, c in zip(nz.tolist(), tail[nz].tolist(), strict=True):
-            total += c * value((b << COARSE_SHIFT) | (j + 1 + off))
+        for fine_bin, c in zip(*self.fine[b].above(j), strict=True):
+            total += c * value((b << COARSE_SHIFT) | fine_bin)
         kept_ties = self.count_at(cut.key) - cut.quota
         return total + kept_ties * value(cut.key)
 

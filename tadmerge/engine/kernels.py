@@ -68,6 +68,19 @@ def _numba_kernels():
         return _compile()
 
 
+def preload() -> None:
+    """Start loading the kernels in a background thread.
+
+    Importing numba and loading the cached machine code takes ~0.3 s, mostly in
+    Python; begun when a merge starts, it overlaps planning and the first reads
+    instead of stalling the first histogram (which waits on the lock until it
+    is done). Called only for merges whose histograms will take the kernels.
+    """
+    if _backend == "torch" or _compile.cache_info().currsize:
+        return
+    threading.Thread(target=_numba_kernels, name="tadmerge-kernels", daemon=True).start()
+
+
 @cache
 def _compile():
     try:

@@ -23,7 +23,7 @@ import torch
 
 from .exact import ABS_SCALE_BITS, SQ_SCALE_BITS
 from .histogram import Cut, RankIndex, fine_histograms, scaled_to_float
-from .keys import KeyChunks, key_chunks
+from .keys import KeyChunks
 
 MAGNITUDE_METHODS = frozenset({"tadrop", "magnitude", "breadcrumbs"})
 RANDOM_METHODS = frozenset({"random", "della"})
@@ -180,7 +180,7 @@ def below_bits(keys: torch.Tensor, key: int, tie_end: int) -> torch.Tensor:
     """int32 mask of entries below a cut: -1 (all bits) below, 0 elsewhere.
 
     Below the cut are the keys < `key`, and the ties (keys == `key`) at flat
-    positions < `tie_end` (see `tie_prefix_end`). Integer arithmetic instead of
+    positions < `tie_end` (see `ties_below`). Integer arithmetic instead of
     bool masks: (k - key) >> 31 is -1 exactly where k < key (keys and cut keys are
     in [0, 2**31), so the difference cannot overflow), and comparing the first
     `tie_end` entries with key + 1 instead takes their ties in without listing
@@ -195,26 +195,23 @@ def below_bits(keys: torch.Tensor, key: int, tie_end: int) -> torch.Tensor:
     return mask.bitwise_right_shift_(31)
 
 
-def tie_prefix_end(keys: torch.Tensor | KeyChunks, key: int, quota: int) -> int:
-    """One past the flat index of the quota-th entry equal to `key` (0 if quota is 0;
-    the block's length if it has fewer ties than the quota: all of them are below).
+def ties_below(keys: torch.Tensor, key: int, quota: int) -> tuple[int, int]:
+    """Where a cut's ties end in one chunk, taken in flat order: (tie_end, quota left).
 
-    Counts ties chunk by chunk (count_nonzero vectorises) and lists the ties of
-    the one chunk that holds the quota-th: never a list of all ties.
+    `quota` is how many of the block's ties at `key` (entries equal to it) are
+    below the cut and not yet met in earlier chunks. The first `quota` ties of
+    this chunk are below: tie_end is one past the last of them (the chunk's
+    length when it holds no more than `quota`), and the rest of the quota is for
+    the chunks after it. Run in the apply pass on the chunk's keys while they
+    are in cache, instead of a pass of its own over the block.
     """
     if quota <= 0 or key < 0:
-        return 0
-    start = 0
-    seen = 0
-    for chunk in key_chunks(keys):
-        eq = chunk == key
-        here = int(torch.count_nonzero(eq))
-        if seen + here >= quota:
-            hits = eq.nonzero().view(-1)
-            return start + int(hits[quota - seen - 1]) + 1
-        seen += here
-        start += chunk.numel()
-    return start
+        return 0, 0
+    eq = keys == key
+    here = int(torch.count_nonzero(eq))
+    if here <= quota:
+        return (keys.numel() if here else 0), quota - here
+    return int(eq.nonzero()[quota - 1, 0]) + 1, 0
 
 
 def apply_cuts(
@@ -227,7 +224,7 @@ def apply_cuts(
     """t = τ̂ · fl32(scale), τ̂ = τ on ranks [lo, hi), in place on `tau`.
 
     lo/hi are (cut key, tie_end): the block's ties at a cut key that lie below
-    the cut are those before tie_end (tie_prefix_end). Dropped entries become
+    the cut are those before tie_end (ties_below). Dropped entries become
     +0.0: their bits are cleared after the scaling, as in the definition (kept
     entries times fl32(scale), then the mask).
     """
