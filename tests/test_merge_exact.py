@@ -17,6 +17,7 @@ import torch
 from checkpoints import write_zoo
 from safetensors.torch import load_file
 
+from tadmerge.cluster import stats as stats_stage
 from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
 from tadmerge.emr.store import MaskStore
@@ -165,6 +166,13 @@ def test_matches_reference_whole_and_split(zoo_dir, sname, method, scope, monkey
         for name in backends:  # runtime.kernels; split: the statistics rounds run too
             other = run_merge(config(root, paths, sp, method, scope, f"{tag}-{name}", True, name))
             assert _files(whole.output) == _files(other.output), f"{name} statistics changed bytes"
+        # the cuts' tie shares come from the per-unit fine histograms the driver
+        # kept; without them (past their memory share) from a round of tie counts
+        assert "ties" not in split.report["reads"]["round_kinds"]
+        monkeypatch.setattr(stats_stage, "PER_UNIT_SHARE", 1 << 62)
+        counted = run_merge(config(root, paths, sp, method, scope, f"{tag}-counted", True))
+        assert _files(whole.output) == _files(counted.output), "tie round changed the bytes"
+        assert "ties" in counted.report["reads"]["round_kinds"]
 
     expected, lam = reference_merge(base, models, sp, method, scope)
     if method == "emr":

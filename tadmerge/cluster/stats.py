@@ -9,9 +9,12 @@ and reduces small results by addition:
    the rescale needs them);
 2. fine (until every resolver is done; usually once): the fine histograms of
    the buckets that the resolvers (engine/sparsify.py generators) ask for;
-3. ties (only when a cut falls inside a run of equal |τ| spread over several
-   blocks): each block counts the cut key, so each gets its share of the ties
-   in flat-index order.
+3. ties: a cut that falls inside a run of equal |τ| spread over several
+   blocks gives each block its share of the ties in flat-index order, from each
+   block's count of the cut key. The driver keeps every block's fine
+   histograms from round 2 (sparse: a few hundred bins per bucket for bf16
+   task vectors), which hold those counts, so this round runs only when they
+   did not fit PER_UNIT_SHARE of the memory budget.
 
 The driver's memory is bounded: nothing is kept per unit, and split tensors are
 resolved in batches whose histograms fit a quarter of the memory budget. The
@@ -29,7 +32,8 @@ from collections.abc import Callable, Generator
 from dataclasses import asdict
 
 from ..engine.exact import CoarseStats
-from ..engine.histogram import Cut, RankIndex
+from ..engine.histogram import Cut, RankIndex, SparseFine
+from ..engine.keys import COARSE_SHIFT
 from ..engine.sparsify import PREDICTED_BUCKETS, Selection, resolve_selection, tadrop_rate
 from ..planners.inventory import MERGE
 from ..planners.plan import Plan
@@ -37,6 +41,8 @@ from ..planners.plan import Plan
 # An executor's map: (label, [(unit_id, request)], on_result(unit_id, result))
 MapFn = Callable[[str, list[tuple[int, tuple]], Callable[[int, object], None]], None]
 GROUP_BYTES = (4 + 2 * (PREDICTED_BUCKETS + 4)) * 2**18  # coarse arrays + fine histograms
+PER_UNIT_SHARE = 16  # per-unit fine histograms kept for the tie counts: budget / 16
+SPARSE_BIN_BYTES = 16  # one bin of a SparseFine: int64 bin + int64 count
 
 
 def run_stats_stage(plan: Plan, map_units: MapFn) -> dict:
@@ -141,6 +147,8 @@ def _resolve(
             gens[g] = resolve_selection(index[g], sp, rate)
     results: dict = {}
     pending: dict[tuple, set[int]] = {}
+    # each unit's own fine histograms, for the tie counts: {(group, bucket): {unit: hist}}
+    per_unit = PerUnitFine(plan.config.runtime.memory_budget // PER_UNIT_SHARE)
 
     def advance(g: tuple, first: bool = False) -> None:
         try:
@@ -167,6 +175,7 @@ def _resolve(
                     if g[-1] == k and g in asked:
                         for b in asked[g]:
                             index[g].add_fine(b, hists[b])
+                            per_unit.add(g, b, unit_id, hists[b])
 
         items = [
             (u, ("fine", {k: sorted(b) for k, b in per_task.items()}))
@@ -176,15 +185,47 @@ def _resolve(
         for g in list(asked):
             advance(g)
 
-    _tie_quotas(groups, index, results, map_units)
+    _tie_quotas(groups, index, results, map_units, per_unit)
     return results
 
 
-def _tie_quotas(groups: dict, index: dict, results: dict, map_units: MapFn) -> None:
+class PerUnitFine:
+    """Each unit's fine histograms of its groups' buckets, while they fit `limit` bytes.
+
+    Past the limit all are dropped at once (and the tie round counts instead):
+    a group's counts are only of use when every unit's histogram is there.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.bytes = 0
+        self.dropped = False
+        self.hists: dict[tuple, dict[int, SparseFine]] = {}
+
+    def add(self, g: tuple, bucket: int, unit_id: int, hist: SparseFine) -> None:
+        if self.dropped:
+            return
+        self.bytes += SPARSE_BIN_BYTES * hist.bins.numel()
+        if self.bytes > self.limit:
+            self.dropped = True
+            self.hists.clear()
+            return
+        self.hists.setdefault((g, bucket), {})[unit_id] = hist
+
+    def count(self, g: tuple, key: int, unit_id: int) -> int | None:
+        """The unit's count of `key`, or None when its histogram was not kept."""
+        hist = self.hists.get((g, key >> COARSE_SHIFT), {}).get(unit_id)
+        return None if hist is None else hist.count_at(key & 0xFFFF)
+
+
+def _tie_quotas(
+    groups: dict, index: dict, results: dict, map_units: MapFn, per_unit: PerUnitFine
+) -> None:
     """Each unit's share of the ties at every cut, in the group's unit order.
 
     A cut whose quota is 0 or all of its key's entries needs no counting; only a
-    cut inside a run of ties asks each unit for its count of that key.
+    cut inside a run of ties needs each unit's count of that key: from the kept
+    per-unit fine histograms, or else from a round that asks the units.
     """
     partial: dict[tuple, list[Cut]] = {}
     for g in groups:
@@ -195,11 +236,16 @@ def _tie_quotas(groups: dict, index: dict, results: dict, map_units: MapFn) -> N
             if not cut.everything and 0 < cut.quota < index[g].count_at(cut.key):
                 partial.setdefault(g, []).append(cut)
     counts: dict[tuple[int, int, int], int] = {}  # (unit, task, key) -> count
-    if partial:
-        wanted: dict[int, dict[int, set[int]]] = {}
-        for g, cuts in partial.items():
-            for u in groups[g]:
-                wanted.setdefault(u, {}).setdefault(g[-1], set()).update(c.key for c in cuts)
+    wanted: dict[int, dict[int, set[int]]] = {}
+    for g, cuts in partial.items():
+        for u in groups[g]:
+            for c in cuts:
+                here = per_unit.count(g, c.key, u)
+                if here is None:
+                    wanted.setdefault(u, {}).setdefault(g[-1], set()).add(c.key)
+                else:
+                    counts[(u, g[-1], c.key)] = here
+    if wanted:
 
         def add_counts(unit_id: int, value: object) -> None:
             for k, per_key in value.items():  # type: ignore[union-attr]
@@ -215,7 +261,7 @@ def _tie_quotas(groups: dict, index: dict, results: dict, map_units: MapFn) -> N
         sel = results.get(g)
         if not isinstance(sel, Selection):
             continue
-        per_unit = {u: [0, 0] for u in groups[g]}
+        shares = {u: [0, 0] for u in groups[g]}
         for side, cut in enumerate((sel.lo, sel.hi)):
             if cut.everything or cut.quota == 0:
                 continue
@@ -223,14 +269,14 @@ def _tie_quotas(groups: dict, index: dict, results: dict, map_units: MapFn) -> N
                 # the cut takes every entry of its key: the whole quota covers any
                 # unit's own ties (below_cut slices at most what the unit has)
                 for u in groups[g]:
-                    per_unit[u][side] = cut.quota
+                    shares[u][side] = cut.quota
                 continue
             before = 0
             for u in groups[g]:
                 here = counts[(u, g[-1], cut.key)]
-                per_unit[u][side] = max(0, min(cut.quota - before, here))
+                shares[u][side] = max(0, min(cut.quota - before, here))
                 before += here
-        results[("quota", g)] = {u: (q[0], q[1]) for u, q in per_unit.items()}
+        results[("quota", g)] = {u: (q[0], q[1]) for u, q in shares.items()}
         index.pop(g, None)
 
 
