@@ -209,3 +209,32 @@ def test_kernels_fall_back_when_they_cannot_be_cached(monkeypatch):
     finally:
         monkeypatch.undo()
         kernels._compile.cache_clear()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cut_kernel_keeps_exactly_the_ranks_of_a_stable_sort(seed):
+    """kernels.cut_block (the apply phase's fused pass) against a stable argsort:
+    ranks [lo, hi) of (|x|, flat index) kept and times fl32(scale), +0.0 elsewhere,
+    for cuts inside runs of ties, at the ends and at zero."""
+    if kernels._numba_kernels() is None:
+        pytest.skip("numba is not installed")
+    x = _tied_values(997, seed)
+    n = x.numel()
+    order = torch.sort(magnitude_keys(x), stable=True).indices
+    keys = magnitude_keys(x)[order].tolist()
+
+    def cut(rank: int) -> tuple[int, int]:  # (key, ties of that key below the rank)
+        if rank >= n:
+            return (-1, 0)
+        return (keys[rank], rank - keys.index(keys[rank]))
+
+    ranks = [0, 1, n // 3, n // 2, n - 1, n] + [keys.index(k) for k in sorted(set(keys))]
+    for lo in ranks:
+        for hi in [r for r in ranks if r >= lo]:
+            for scale in (1.0, 1.3):
+                kept = torch.zeros(n, dtype=torch.bool)
+                kept[order[lo:hi]] = True
+                ref = torch.where(kept, x * torch.tensor(scale, dtype=torch.float32), 0.0)
+                t = x.clone()
+                assert kernels.cut_block(t, cut(lo), cut(hi), scale) == hi - lo
+                assert torch.equal(t.view(torch.int32), ref.view(torch.int32)), (lo, hi, scale)

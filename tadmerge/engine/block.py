@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import combine as C
+from . import kernels
 from .exact import ExactSum, coarse_stats
 from .histogram import RankIndex
 from .keys import KeyChunks, magnitude_keys
@@ -142,14 +143,26 @@ class TaskPlan:
     stats: TaskStats
     cuts: BlockCuts | None = None
     uniform: torch.Tensor | None = None  # DARE draws for the block
-    done: bool = False  # t was made whole-block (DELLA ranks rows)
+    # t was made whole-block and its stats are complete (no selection; DELLA ranks
+    # rows; a selection applied by the fused kernel)
+    done: bool = False
 
 
-def plan_task(tau: torch.Tensor, k: int, spec: MergeSpec, ctx: BlockContext) -> TaskPlan:
-    """Phase one for one task: the block's own statistics, whole-block passes only."""
+def plan_task(
+    tau: torch.Tensor,
+    k: int,
+    spec: MergeSpec,
+    ctx: BlockContext,
+    fused: bool = False,
+) -> TaskPlan:
+    """Phase one for one task: the block's own statistics, whole-block passes only.
+
+    `fused`: apply a magnitude selection here, whole-block, with the CPU kernel
+    (kernels.cut_block) instead of chunk by chunk with torch ops: same bytes.
+    """
     sp = spec.sparsify
     if sp.method == "none":
-        return TaskPlan(TaskStats(kept=tau.numel()))
+        return TaskPlan(TaskStats(kept=tau.numel()), done=True)
     if sp.method in MAGNITUDE_METHODS:
         keys = KeyChunks(tau)
         given = ctx.selections[k] if ctx.selections else None
@@ -166,6 +179,11 @@ def plan_task(tau: torch.Tensor, k: int, spec: MergeSpec, ctx: BlockContext) -> 
             quotas = ctx.quotas[k]
             stats = TaskStats(selection=given if given.n == tau.numel() else None)
         cuts = BlockCuts(sel.lo.key, quotas[0], sel.hi.key, quotas[1], sel.scale)
+        if fused:
+            lo, hi = (cuts.lo_key, cuts.lo_left), (cuts.hi_key, cuts.hi_left)
+            stats.kept = kernels.cut_block(tau, lo, hi, cuts.scale)
+            stats.t_sq = _sq(tau)
+            return TaskPlan(stats, done=True)
         return TaskPlan(stats, cuts)
     u = uniform_stream(
         spec.seed, k, ctx.tensor, ctx.row_start, ctx.row_end, ctx.rng_rows, ctx.row_numel
@@ -174,7 +192,7 @@ def plan_task(tau: torch.Tensor, k: int, spec: MergeSpec, ctx: BlockContext) -> 
         return TaskPlan(TaskStats(), uniform=u)
     t, kept = della_block(tau, magnitude_keys(tau), u, ctx.della_row, sp)
     tau.copy_(t)
-    return TaskPlan(TaskStats(kept=kept), done=True)
+    return TaskPlan(TaskStats(kept=kept, t_sq=_sq(tau)), done=True)
 
 
 def sparsify_chunk(tp: TaskPlan, tau: torch.Tensor, start: int, spec: MergeSpec) -> None:
@@ -182,7 +200,7 @@ def sparsify_chunk(tp: TaskPlan, tau: torch.Tensor, start: int, spec: MergeSpec)
 
     Called once per chunk, chunks in flat order (the cuts' tie quotas run down).
     """
-    if tp.done or (tp.cuts is None and tp.uniform is None):
+    if tp.done:
         return
     if tp.cuts is not None:
         c = tp.cuts  # chunks come in flat order, each once: the tie quotas run down
@@ -226,12 +244,17 @@ def merge_block(
             stats.append(TaskStats(kept=base.numel(), tau_sq=tau_sq, t_sq=tau_sq))
         return BlockResult(C.average(models, list(spec.weights)), None, stats)
     plans = []
+    # the fused cut kernel (CPU, numba): always when the selection needs exact
+    # moments (the merge loads numba for them), otherwise only if this process
+    # has loaded it already (numba costs RSS and start-up)
+    magnitude = spec.sparsify.method in MAGNITUDE_METHODS
+    fused = magnitude and kernels.enabled(base, load_now=spec.sparsify.moments > 0)
     for k, m in enumerate(models):
         tau = m.sub_(base)
         tau_sq = _sq(tau)
         if check_finite and not math.isfinite(tau_sq):
             raise NonFiniteTaskVector(k)
-        tp = plan_task(tau, k, spec, ctx)
+        tp = plan_task(tau, k, spec, ctx, fused)
         tp.stats.tau_sq = tau_sq
         if sparsify_none:
             tp.stats.t_sq = tau_sq
@@ -244,7 +267,7 @@ def merge_block(
         ts = []
         for tp, tau in zip(plans, taus, strict=True):
             t = tau[a:b]
-            if not sparsify_none:
+            if not tp.done:
                 sparsify_chunk(tp, t, a, spec)
                 tp.stats.t_sq += _sq(t)
             ts.append(t)
