@@ -158,11 +158,12 @@ def _build(numba, cache_on_disk: bool):
     # loop body is written out: numba's calls of a helper, even inlined, cost
     # ~30 ns per element here.
 
+    # Kernels call no other kernel: numba's disk cache misses, every process,
+    # for a function that holds another dispatcher in its closure.
+
     @jit
     def tie_end(tb, key, quota):  # pragma: no cover (compiled)
         """One past the quota-th entry with magnitude key `key` (0 if none wanted)."""
-        if quota <= 0 or key < 0:
-            return 0
         c = 0
         for i in range(tb.shape[0]):
             c += np.int64((tb[i] & 0x7FFFFFFF) == key)
@@ -171,15 +172,13 @@ def _build(numba, cache_on_disk: bool):
         return tb.shape[0]
 
     @jit
-    def cut_pass(t, lo_key, lo_quota, hi_key, hi_quota, scale, rescale):  # pragma: no cover
+    def cut_pass(t, lo_key, lo_end, hi_key, hi_end, scale, rescale):  # pragma: no cover
         # Branch-free where the data decides (keep or drop is a coin flip at
         # TADrop's rates, and a branch there mispredicts half the time): masks
         # from the sign of differences, -1 below a cut, 0 elsewhere. Ties at a
         # cut key are below it before the position where the block's quota of
-        # them ends, found first, so no count runs through the loop.
+        # them ends (tie_end, found first), so no count runs through the loop.
         tb = t.view(np.int32)
-        lo_end = tie_end(tb, lo_key, lo_quota)
-        hi_end = tie_end(tb, hi_key, hi_quota)
         lk = np.int64(1 << 31) if lo_key < 0 else np.int64(lo_key)  # -1: all below
         hk = np.int64(1 << 31) if hi_key < 0 else np.int64(hi_key)
         kept = np.int64(0)
@@ -203,8 +202,9 @@ def _build(numba, cache_on_disk: bool):
     rows = np.zeros((2, 1, N_FINE), np.int32)
     fine_rows(bits, np.zeros(N_COARSE, np.int32), rows[0], rows[1])
     vals = np.zeros(4, np.float32)
+    tie_end(bits, np.int64(0), np.int64(1))
     cut_pass(vals, np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.float32(1), True)
-    return coarse_counts, coarse_moments, fine_rows, cut_pass
+    return coarse_counts, coarse_moments, fine_rows, tie_end, cut_pass
 
 
 def load() -> bool:
@@ -314,14 +314,15 @@ def cut_block(t: torch.Tensor, lo: tuple[int, int], hi: tuple[int, int], scale: 
     lo/hi are (cut key, the block's ties at that key below the cut), as in
     sparsify.apply_cuts; kept entries become τ·fl32(scale), dropped ones +0.0.
     Returns the kept count."""
-    cut_pass = _numba_kernels()[3]
+    tie_end, cut_pass = _numba_kernels()[3:5]
+    x = _flat32(t)
+    bits = x.view(np.int32)
+    ends = [
+        tie_end(bits, np.int64(key), np.int64(quota)) if quota > 0 and key >= 0 else 0
+        for key, quota in (lo, hi)
+    ]
     kept = cut_pass(
-        _flat32(t),
-        np.int64(lo[0]),
-        np.int64(lo[1]),
-        np.int64(hi[0]),
-        np.int64(hi[1]),
-        np.float32(scale),
-        scale != 1.0,
-    )
+        x, np.int64(lo[0]), np.int64(ends[0]), np.int64(hi[0]), np.int64(ends[1]),
+        np.float32(scale), scale != 1.0,
+    )  # fmt: skip
     return int(kept)
