@@ -174,3 +174,31 @@ def test_rename_noreplace_never_replaces(tmp_path) -> None:
         _rename_noreplace(str(tmp_path / "src"), str(tmp_path / "dst"))
     _rename_noreplace(str(tmp_path / "src"), str(tmp_path / "new"))
     assert (tmp_path / "new").is_dir()
+
+
+def test_streamed_digests_follow_the_finished_prefix(tmp_path) -> None:
+    """Ranges final in any order are hashed once their prefix is complete; a file
+    with a gap, or one that is shorter than said, gets no streamed digest (the
+    manifest hashes it), and a streamed digest is used only at the same size."""
+    from tadmerge.io import digest
+
+    data = os.urandom(3 * digest._READ_BLOCK + 123)
+    fill(str(tmp_path), {"a": data, "gap": data, "short": data[:50]})
+    d = digest.StreamingDigests(str(tmp_path), {"a": len(data), "gap": 200, "short": 100})
+    cuts = [0, 7, 4096, digest._READ_BLOCK + 5, len(data) - 1, len(data)]
+    ranges = list(zip(cuts, cuts[1:], strict=False))
+    for r in ranges[::-1] + ranges[:2]:  # out of order, some twice
+        d.final("a", *r)
+    d.final("gap", 0, 100)
+    d.final("gap", 101, 200)
+    d.final("short", 0, 100)
+    d.final("unknown", 0, 10)
+    got = d.finish()
+    assert got == {"a": (len(data), hashlib.sha256(data).hexdigest())}
+    manifest = write_manifest(str(tmp_path), known=got)
+    sha = {e["path"]: e["sha256"] for e in manifest["files"]}
+    assert sha["a"] == sha["gap"] == hashlib.sha256(data).hexdigest()
+    # a known digest for a file whose size changed is not taken
+    manifest = write_manifest(str(tmp_path), known={"short": (100, "0" * 64)})
+    sha = {e["path"]: e["sha256"] for e in manifest["files"]}
+    assert sha["short"] == hashlib.sha256(data[:50]).hexdigest()

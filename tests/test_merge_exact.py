@@ -23,6 +23,7 @@ from tadmerge.config import parse_config
 from tadmerge.emr.store import MaskStore
 from tadmerge.engine import block as engine_block
 from tadmerge.engine import kernels
+from tadmerge.io import publish
 
 SPARSIFIERS = {
     "none": {"method": "none", "rescale": "none"},
@@ -115,6 +116,19 @@ def reference_merge(base: dict, models: list[dict], sp: dict, method: str, scope
     return out, None
 
 
+def spy_streamed_digests(monkeypatch) -> list[set[str]]:
+    """Per published merge, the files whose digests were streamed (io/digest.py)."""
+    calls: list[set[str]] = []
+    real = publish.write_manifest
+
+    def spy(directory, exclude=None, known=None):
+        calls.append(set(known or {}))
+        return real(directory, exclude, known)
+
+    monkeypatch.setattr(publish, "write_manifest", spy)
+    return calls
+
+
 def _row_numel(shape) -> int:
     return math.prod(shape[1:]) if len(shape) > 1 else 1
 
@@ -145,10 +159,16 @@ def test_matches_reference_whole_and_split(zoo_dir, sname, method, scope, monkey
     root, (paths, base, models) = zoo_dir[0], (zoo_dir[1][:2], zoo_dir[1][2], zoo_dir[1][3])
     sp = SPARSIFIERS[sname]
     tag = f"{sname}-{method}-{scope}"
+    streamed = spy_streamed_digests(monkeypatch)
     whole = run_merge(config(root, paths, sp, method, scope, f"{tag}-whole", False))
     split = run_merge(config(root, paths, sp, method, scope, f"{tag}-split", True))
     assert any(len(t.units) > 1 for t in split.plan.tensors), "split run did not split"
     assert _files(whole.output) == _files(split.output), "split run changed the bytes"
+    # the shards were hashed while written (TIES: split blocks after their reruns),
+    # and the manifest holds the digests of the bytes as they were published
+    for res in (whole, split):
+        assert streamed.pop(0) == {s.filename for s in res.plan.shards}
+        assert publish.verify_output(res.output) == []
     # exact statistics read the inputs again only for groups spread over several units
     if scope == "tensor" or sname in ("none", "random", "della"):
         assert whole.report["reads"]["stats_read_bytes"] == 0
@@ -198,7 +218,7 @@ def test_matches_reference_whole_and_split(zoo_dir, sname, method, scope, monkey
         assert torch.equal(got[n].view(-1), v.reshape(-1)), n
 
 
-def test_ties_majority_on_split_tensor_with_exact_cancellations(tmp_path):
+def test_ties_majority_on_split_tensor_with_exact_cancellations(tmp_path, monkeypatch):
     """Votes that cancel exactly take the tensor's majority sign, even across blocks.
 
     Half the entries cancel (+x and -x); the rest vote negative, so the majority is
@@ -228,8 +248,12 @@ def test_ties_majority_on_split_tensor_with_exact_cancellations(tmp_path):
     whole = run_merge(parse_config(raw))
     raw["output"] = {"path": str(tmp_path / "split")}
     raw["runtime"].update(max_unit_elements=128, workers=2, memory_budget="256MB")
+    streamed = spy_streamed_digests(monkeypatch)
     split = run_merge(parse_config(raw))
     assert len(split.plan.tensors[0].units) > 1
+    # the rerun blocks rewrote their bytes: the streamed digest saw the final ones
+    assert streamed == [{"model.safetensors"}]
+    assert publish.verify_output(split.output) == []
     ref = R.combine("ties", base, [m1, m2], [d1, d2], [1.0, 1.0], 1.0)
     for out in (whole.output, split.output):
         got = load_file(os.path.join(out, "model.safetensors"))["w"]

@@ -26,12 +26,13 @@ from ..engine.exact import ExactSum
 from ..engine.sparsify import Selection
 from ..errors import InputError, InputProblem, MergeRuntimeError, OutputError, TadmergeError
 from ..io.block_io import close_all, create_shard_files, index_json
+from ..io.digest import StreamingDigests
 from ..io.publish import Staging
 from ..planners.inventory import MERGE
 from ..planners.plan import Plan, make_plan
 from .progress import Progress
 from .stats import resolved_from_json, resolved_to_json, run_stats_stage
-from .worker import MASKS_DIR, TASKS_DIR, UnitRecord, start_kernels
+from .worker import MASKS_DIR, TASKS_DIR, UnitRecord, start_kernels, unit_output_range
 
 log = logging.getLogger("tadmerge")
 STATE_DIR = ".tadmerge"
@@ -227,11 +228,13 @@ def run_merge(
         plan.output_bytes / 1e9,
     )
     executor = None
+    digests = None
     try:
         state = RunState(staging.path)
         state.check_or_write_fingerprint(plan.fingerprint, resume)
         with writing(staging.path):
             _prepare_outputs(plan, staging.path)
+        digests = _start_digests(plan, staging.path)
         executor = make_executor(plan, staging.path)
         t1 = time.monotonic()
         resolved = state.load_stats() if resume else None
@@ -244,6 +247,19 @@ def run_merge(
         t2 = time.monotonic()
         done = state.finished() if resume else {}
         reused = len(done)
+        # output ranges go to the digests once final: split TIES blocks only after
+        # the reruns below, which may rewrite them
+        held: set[int] = set()
+
+        def final(unit_id: int) -> None:
+            tp = plan.tensors[plan.units[unit_id].tensor]
+            if plan.config.merge.method == "ties" and tp.split and tp.kind == MERGE:
+                held.add(unit_id)
+            elif (where := unit_output_range(plan, plan.units[unit_id])) is not None:
+                digests.final(*where)
+
+        for u in done:
+            final(u)
         todo = [u.id for u in plan.units if u.id not in done]
         progress = Progress(
             "merge",
@@ -263,6 +279,7 @@ def run_merge(
                 return
             state.append(rec)
             done[rec.unit] = rec
+            final(rec.unit)
             progress.update(1, unit_bytes(plan, rec.unit))
             count["n"] += 1
             if exit_after is not None and count["n"] >= int(exit_after):
@@ -278,6 +295,9 @@ def run_merge(
             if redo:
                 log.info("TIES: %d block(s) rerun with their tensor's majority sign", len(redo))
                 executor.run_units(redo, resolved, on_done)
+            for u in held:
+                if (where := unit_output_range(plan, plan.units[u])) is not None:
+                    digests.final(*where)
         finally:
             progress.close()
         timings["apply_s"] = time.monotonic() - t2
@@ -300,7 +320,7 @@ def run_merge(
         }
         _write_json(os.path.join(staging.path, REPORT_NAME), report)
         close_all()
-        out = staging.publish(scratch=STATE_DIR)
+        out = staging.publish(scratch=STATE_DIR, known=digests.finish())
         log.info("published %s in %.1fs", out, timings["total_s"])
         return MergeResult(out, plan, report)
     except _Interrupted:
@@ -328,8 +348,18 @@ def run_merge(
             "fix the cause and rerun with --resume"
         ) from e
     finally:
+        if digests is not None:
+            digests.abort()  # a no-op after finish()
         if executor is not None:
             executor.close()
+
+
+def _start_digests(plan: Plan, staging: str) -> StreamingDigests:
+    """Hash the output shards as they are written (io/digest.py); headers are final."""
+    digests = StreamingDigests(staging, {s.filename: s.file_size for s in plan.shards})
+    for s in plan.shards:
+        digests.final(s.filename, 0, len(s.header))
+    return digests
 
 
 class _Interrupted(Exception):

@@ -234,18 +234,29 @@ def run_unit(
     return UnitRecord(unit_id, res.tasks, ties=res.ties)
 
 
-def _write_tensor_rows(plan: Plan, staging: str, tp: TensorPlan, unit: Unit, values) -> None:
+def unit_output_range(plan: Plan, unit: Unit) -> tuple[str, int, int] | None:
+    """The bytes of the output shards that a unit writes: (file, start, end), or
+    None when its tensor is not in them (excluded tensors of an EMR merge)."""
+    tp = plan.tensors[unit.tensor]
     where = plan.shard_of(tp.name)
-    assert where is not None and tp.out_dtype is not None
+    if where is None:
+        return None
     filename, offset = where
+    dtype = tp.out_dtype if tp.kind == MERGE else tp.dtype  # copies keep the base's bytes
+    assert dtype is not None
+    start = offset + _row_offset(tp, unit.row_start, dtype)
+    return filename, start, offset + _row_offset(tp, unit.row_end, dtype)
+
+
+def _write_tensor_rows(plan: Plan, staging: str, tp: TensorPlan, unit: Unit, values) -> None:
+    where = unit_output_range(plan, unit)
+    assert where is not None and tp.out_dtype is not None
     dtype = _torch_dtype(tp.out_dtype)
     if values.device.type == "cpu":
         out = POOL.get("out", values.numel(), dtype).copy_(values.view(-1))
     else:
         out = values.to(dtype).cpu()
-    write_at(
-        os.path.join(staging, filename), offset + _row_offset(tp, unit.row_start, tp.out_dtype), out
-    )
+    write_at(os.path.join(staging, where[0]), where[1], out)
 
 
 def _copy_unit(plan: Plan, staging: str, unit: Unit, tp: TensorPlan) -> UnitRecord:
@@ -263,14 +274,9 @@ def _copy_unit(plan: Plan, staging: str, unit: Unit, tp: TensorPlan) -> UnitReco
                         "(it cannot be merged; exclude it or make the inputs agree)",
                     )
                 )
-    where = plan.shard_of(tp.name)
+    where = unit_output_range(plan, unit)
     if where is not None:
-        filename, offset = where
-        write_at(
-            os.path.join(staging, filename),
-            offset + _row_offset(tp, unit.row_start, tp.dtype),
-            raws[0],
-        )
+        write_at(os.path.join(staging, where[0]), where[1], raws[0])
     if tp.kind == EXCLUDE and plan.task_shards:
         for m, raw in zip(plan.config.models, raws[1:], strict=True):
             for shard in plan.task_shards[m.name]:

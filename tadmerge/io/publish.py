@@ -139,20 +139,32 @@ def _under(rel: str, folder: str | None) -> bool:
     return folder is not None and (rel == folder or rel.startswith(folder + "/"))
 
 
-def write_manifest(directory: str, exclude: str | None = None) -> dict:
+def write_manifest(
+    directory: str, exclude: str | None = None, known: dict[str, tuple[int, str]] | None = None
+) -> dict:
     """Hash every file of ``directory`` into ``manifest.json`` (atomic) and return it.
 
     ``exclude`` names a subdirectory left out (a scratch folder deleted before publish).
+    ``known``: {file: (size, sha256)} hashed while it was written (io/digest.py),
+    taken for a file whose size still matches instead of reading it again.
     """
     files, _ = _walk(directory, strict=True)
     keep = [r for r in files if r not in (MANIFEST_NAME, _MANIFEST_TMP) and not _under(r, exclude)]
     full = [os.path.join(directory, rel) for rel in keep]
+    sizes = [os.path.getsize(f) for f in full]
+    known = known or {}
+    digests: list[str | None] = [
+        known[rel][1] if rel in known and known[rel][0] == n else None
+        for rel, n in zip(keep, sizes, strict=True)
+    ]
+    todo = [i for i, d in enumerate(digests) if d is None]
     # hashlib releases the GIL on large buffers: shards hash in parallel
-    with ThreadPoolExecutor(max(1, min(len(full), os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(_sha256, full))
+    with ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        for i, d in zip(todo, pool.map(_sha256, [full[i] for i in todo]), strict=True):
+            digests[i] = d
     entries = [
-        {"path": rel, "size": os.path.getsize(f), "sha256": d}
-        for rel, f, d in zip(keep, full, digests, strict=True)
+        {"path": rel, "size": n, "sha256": d}
+        for rel, n, d in zip(keep, sizes, digests, strict=True)
     ]
     manifest = {"format": MANIFEST_FORMAT, "files": entries}
     data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
@@ -294,12 +306,15 @@ class Staging:
                 "remove it yourself or choose another path"
             )
 
-    def publish(self, scratch: str | None = None) -> str:
+    def publish(
+        self, scratch: str | None = None, known: dict[str, tuple[int, str]] | None = None
+    ) -> str:
         """fsync, write the manifest, and rename staging to the output atomically.
 
         `scratch` names a subdirectory (the resume log) that is left out of the
         manifest and deleted only just before the rename, so a failure while
-        finalizing can still be resumed.
+        finalizing can still be resumed. `known`: digests streamed while the
+        files were written (see write_manifest).
         """
         if self._published:
             raise OutputError(f"{self.output} was already published from this staging")
@@ -309,7 +324,7 @@ class Staging:
             files, _ = _walk(self.path, strict=True)
             files = [f for f in files if not _under(f, scratch)]
             sync_all(os.path.join(self.path, rel) for rel in files)
-            write_manifest(self.path, exclude=scratch)
+            write_manifest(self.path, exclude=scratch, known=known)
             for dirpath, _dirs, _files in os.walk(self.path):
                 _fsync_dir(dirpath)
             if scratch:
