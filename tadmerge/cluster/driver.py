@@ -251,9 +251,9 @@ def run_merge(
         # the reruns below, which may rewrite them
         held: set[int] = set()
 
-        def final(unit_id: int) -> None:
+        def final(unit_id: int, reruns_done: bool = False) -> None:
             tp = plan.tensors[plan.units[unit_id].tensor]
-            if plan.config.merge.method == "ties" and tp.split and tp.kind == MERGE:
+            if not reruns_done and plan.config.merge.method == "ties" and tp.split:
                 held.add(unit_id)
             elif (where := unit_output_range(plan, plan.units[unit_id])) is not None:
                 digests.final(*where)
@@ -296,8 +296,7 @@ def run_merge(
                 log.info("TIES: %d block(s) rerun with their tensor's majority sign", len(redo))
                 executor.run_units(redo, resolved, on_done)
             for u in held:
-                if (where := unit_output_range(plan, plan.units[u])) is not None:
-                    digests.final(*where)
+                final(u, reruns_done=True)
         finally:
             progress.close()
         timings["apply_s"] = time.monotonic() - t2
