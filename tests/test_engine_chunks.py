@@ -238,3 +238,28 @@ def test_cut_kernel_keeps_exactly_the_ranks_of_a_stable_sort(seed):
                 t = x.clone()
                 assert kernels.cut_block(t, cut(lo), cut(hi), scale) == hi - lo
                 assert torch.equal(t.view(torch.int32), ref.view(torch.int32)), (lo, hi, scale)
+
+
+@pytest.mark.parametrize("disjoint", ["mean", "sum"])
+def test_ties_kernel_gives_the_bytes_of_the_torch_combiner(disjoint):
+    """kernels.ties_merge against combine.ties (torch ops, tested against the
+    reference in test_merge_exact) on values full of ties, zeros and exactly
+    cancelling votes, for both majority signs."""
+    if kernels._numba_kernels() is None:
+        pytest.skip("numba is not installed")
+    from tadmerge.engine import combine
+
+    n = 4001
+    base = _tied_values(n, 10)
+    t1 = _tied_values(n, 11)
+    ts = [t1, -t1, _tied_values(n, 12)]  # the first two cancel wherever the third is 0
+    weights = [1.0, 1.0, 0.5] if disjoint == "mean" else [1.0, 1.0, -2.0]
+    for majority in (1, -1):
+        ref = combine.ties(base, [t.clone() for t in ts], weights, 0.7, disjoint, majority, True)
+        got = [t.clone() for t in ts]
+        sign_sum, cancel = kernels.ties_merge(
+            got, weights, base, 0.7, disjoint == "mean", majority, True
+        )
+        assert torch.equal(got[0].view(torch.int32), ref.merged.view(torch.int32))
+        assert (sign_sum, cancel) == (ref.sign_sum, ref.cancel) and cancel > 0
+    assert kernels.ties_votes(ts, weights) == combine.ties_vote(ts, weights)

@@ -26,6 +26,7 @@ from ..engine.block import (
 from ..engine.exact import coarse_stats
 from ..engine.histogram import fine_histograms
 from ..engine.keys import KeyChunks
+from ..engine.sparsify import MAGNITUDE_METHODS
 from ..errors import InputError, InputProblem
 from ..io.block_io import read_rows, write_at
 from ..io.safetensors_format import DTYPE_INFO
@@ -129,10 +130,11 @@ def block_context(plan: Plan, unit: Unit, resolved: dict | None) -> BlockContext
 
 
 def start_kernels(cfg: MergeConfig) -> None:
-    """Apply `runtime.kernels`, and begin loading the statistics kernels at once
-    when this merge's histograms take them (exact moments on the CPU)."""
+    """Apply `runtime.kernels`, and begin loading the CPU kernels at once when
+    this merge takes them (a magnitude selection: TADrop, trims; TIES)."""
     kernels.configure(cfg.runtime.kernels)
-    if cfg.sparsify.moments and resolve_device(cfg.runtime.device).type == "cpu":
+    takes = cfg.sparsify.method in MAGNITUDE_METHODS or cfg.merge.method == "ties"
+    if takes and resolve_device(cfg.runtime.device).type == "cpu":
         kernels.preload()
 
 

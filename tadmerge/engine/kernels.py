@@ -193,6 +193,62 @@ def _build(numba, cache_on_disk: bool):
             kept -= keep
         return kept
 
+    # TIES on a whole block, one pass (combine.ties makes ~15 torch passes over
+    # each chunk). ts: a tuple of the K sparsified task vectors (one compiled
+    # version per K, cached on disk); w: their float32 weights. The same float32
+    # operations in the same order as combine.ties for finite values: products
+    # p_k = t_k·w_k, total = ((p_1 + p_2) + p_3) + ..., the elected sign s (zero
+    # totals take `majority`), num = Σ of the agreeing q_k = p_k·s in task order
+    # from +0.0, den = Σ of their weights, merged = (num·s / den, +0.0 if no task
+    # agrees)·scale + base, written over ts[0].
+
+    @jit
+    def ties_votes(ts, w):  # pragma: no cover (compiled)
+        up = np.int64(0)
+        down = np.int64(0)
+        for i in range(ts[0].shape[0]):
+            total = ts[0][i] * w[0]
+            for k in range(1, len(ts)):
+                total += ts[k][i] * w[k]
+            up += np.int64(total > 0)
+            down += np.int64(total < 0)
+        return up, down
+
+    @jit
+    def ties_merge(ts, w, base, scale, mean, majority, count_cancel):  # pragma: no cover
+        out = ts[0]
+        up = np.int64(0)
+        down = np.int64(0)
+        cancel = np.int64(0)
+        zero = np.float32(0.0)
+        for i in range(out.shape[0]):
+            total = ts[0][i] * w[0]
+            for k in range(1, len(ts)):
+                total += ts[k][i] * w[k]
+            up += np.int64(total > 0)
+            down += np.int64(total < 0)
+            if count_cancel and total == 0:
+                moved = False
+                for k in range(len(ts)):
+                    moved |= ts[k][i] * w[k] != 0
+                cancel += np.int64(moved)
+            if majority > 0:
+                s = np.float32(-1.0) if total < 0 else np.float32(1.0)
+            else:
+                s = np.float32(1.0) if total > 0 else np.float32(-1.0)
+            num = zero
+            den = zero
+            for k in range(len(ts)):
+                q = (ts[k][i] * w[k]) * s
+                agree = q > 0
+                num += q if agree else zero
+                den += w[k] if agree else zero
+            v = num * s
+            if mean:
+                v = v / (den if den != 0 else np.float32(1.0))
+            out[i] = (v + zero) * scale + base[i]
+        return up, down, cancel
+
     # materialise every signature now, under the lock, rather than on first use
     # in several worker threads at once
     bits = np.zeros(4, np.int32)
@@ -204,7 +260,8 @@ def _build(numba, cache_on_disk: bool):
     vals = np.zeros(4, np.float32)
     tie_end(bits, np.int64(0), np.int64(1))
     cut_pass(vals, np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.float32(1), True)
-    return coarse_counts, coarse_moments, fine_rows, tie_end, cut_pass
+    # (the TIES kernels compile per K on first use; numba's compiler lock is global)
+    return coarse_counts, coarse_moments, fine_rows, tie_end, cut_pass, ties_votes, ties_merge
 
 
 def load() -> bool:
@@ -326,3 +383,33 @@ def cut_block(t: torch.Tensor, lo: tuple[int, int], hi: tuple[int, int], scale: 
         np.float32(scale), scale != 1.0,
     )  # fmt: skip
     return int(kept)
+
+
+def ties_votes(ts: list[torch.Tensor], weights: list[float]) -> int:
+    """Σ sign(Σ_k fl32(w_k)·t_k) over a block, as combine.ties_vote counts it."""
+    up, down = _numba_kernels()[5](tuple(_flat32(t) for t in ts), np.float32(weights))
+    return int(up) - int(down)
+
+
+def ties_merge(
+    ts: list[torch.Tensor],
+    weights: list[float],
+    base: torch.Tensor,
+    scale: float,
+    mean: bool,
+    majority: int,
+    count_cancel: bool,
+) -> tuple[int, int]:
+    """TIES of a whole block over ts[0] (see the kernel): the bytes of combine.ties
+    for finite values, with positive weights when `mean`. Returns (Σ sign of the
+    votes, entries whose votes cancel exactly while a task moved, if counted)."""
+    up, down, cancel = _numba_kernels()[6](
+        tuple(_flat32(t) for t in ts),
+        np.float32(weights),
+        _flat32(base),
+        np.float32(scale),
+        mean,
+        np.int64(majority),
+        count_cancel,
+    )
+    return int(up) - int(down), int(cancel)
