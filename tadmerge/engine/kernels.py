@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the statistics passes, when numba is installed.
+"""Fused CPU kernels for the statistics and apply passes, when numba is installed.
 
 The exact statistics of a magnitude selection (exact.coarse_stats,
 histogram.fine_histograms) are integer histograms of the magnitude keys. In
@@ -6,9 +6,12 @@ torch each is a chain of whole-tensor ops (mask, shift, convert, three
 bincounts), 5-6 ns per element and task on one core, which made TADrop's
 statistics cost more than reading the inputs. Here each is one loop over the
 float32 bits: the key, its bucket and the counts in registers, about 0.7 ns per
-element. The results are the same integers (tests/test_engine_kernels.py runs
+element. The results are the same integers (tests/test_engine_chunks.py runs
 both backends against plain references), so output bytes do not depend on
-which backend ran.
+which backend ran. The apply phase has two more: a resolved selection applied
+to a whole block (cut_block) and TIES on a whole block (ties_votes,
+ties_merge), each one pass instead of ten or more chunked torch ops, with the
+same float32 operations in the same order.
 
 Backend: numba when it can be imported and the data is on the CPU, else torch.
 `TADMERGE_KERNELS=torch` in the environment (or `set_backend("torch")`) forces
@@ -272,10 +275,11 @@ def load() -> bool:
 def enabled(x: torch.Tensor, load_now: bool = True) -> bool:
     """Whether the numba kernels take `x` (a float32 or int32 tensor).
 
-    With load_now=False they take it only if this process loaded them already.
-    Callers pass that for counts-only histograms: there torch is within 2x of
-    the kernels, which is not worth loading numba and LLVM (~160 MB of RSS and
-    ~0.3 s) for a merge without exact moments (TIES, plain magnitude trims).
+    With load_now=False they take it only if this process loaded them already
+    (numba and LLVM cost ~145 MB of RSS and ~0.9 s to load): the statistics
+    rounds of a counts-only selection pass that, since torch is within 2x of
+    the kernels there, and the merges that take the apply kernels (magnitude
+    selections, TIES) load them at the start (cluster/worker.start_kernels).
     With the backend set to numba (runtime.kernels or TADMERGE_KERNELS) they are
     always loaded, and their absence is an error.
     """
