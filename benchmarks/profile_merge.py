@@ -64,22 +64,33 @@ def short_file(path: str) -> str:
     return path.rsplit("/", 1)[-1]
 
 
+# Innermost frames of threads that wait for work (py-spy's idle detection does
+# not see these as idle): left out of the shares, counted as `waiting_samples`.
+WAITING = {
+    ("Condition.wait", "threading.py"),  # e.g. the digest thread between units
+    ("_worker", "thread.py"),  # an idle ThreadPoolExecutor worker
+}
+
+
 def aggregate(raw: Path, top: int = 25) -> dict:
     self_t: collections.Counter = collections.Counter()
     self_line: collections.Counter = collections.Counter()
     incl: collections.Counter = collections.Counter()
     phase: collections.Counter = collections.Counter()
-    total = 0
+    total = waiting = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
         n = int(count)
-        total += n
         frames = [parse_frame(f) for f in stack.split(";")]
         named = [(fn, short_file(fl)) for fn, fl, _ in frames]
         # innermost frame (with --native, the C/C++ symbol)
         leaf_fn, leaf_file = named[-1]
+        if (leaf_fn, leaf_file) in WAITING:
+            waiting += n
+            continue
+        total += n
         self_t[f"{leaf_fn} ({leaf_file})"] += n
         self_line[f"{leaf_fn} ({leaf_file}:{frames[-1][2]})"] += n
         seen = set()
@@ -107,6 +118,7 @@ def aggregate(raw: Path, top: int = 25) -> dict:
 
     return {
         "samples": total,
+        "waiting_samples": waiting,
         "self": rows(self_t),
         "self_lines": rows(self_line),
         "inclusive": rows(incl),
@@ -126,10 +138,22 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-budget")
     ap.add_argument("--workers", type=int)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument(
+        "--aggregate-only",
+        action="store_true",
+        help="re-aggregate the raw samples of an earlier run of this tag (no new run)",
+    )
     a = ap.parse_args(argv)
 
     data = a.data.resolve()
     tag = a.tag or f"{a.method}-{data.name}-k{a.tasks}"
+    if a.aggregate_only:
+        path = REPO / "benchmarks" / "results" / f"profile_{tag}.json"
+        doc = json.loads(path.read_text())
+        doc.update(aggregate(Path(doc["raw"]), a.top))
+        path.write_text(json.dumps(doc, indent=1, sort_keys=False, default=str) + "\n")
+        print(f"[profile] re-aggregated {path}", file=sys.stderr)
+        return 0
     work = REPO / "benchmarks" / "work"
     work.mkdir(parents=True, exist_ok=True)
     dirs = [data / "base"] + [data / f"ft_{i + 1}" for i in range(a.tasks)]
