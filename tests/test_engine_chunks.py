@@ -263,3 +263,26 @@ def test_ties_kernel_gives_the_bytes_of_the_torch_combiner(disjoint):
         assert torch.equal(got[0].view(torch.int32), ref.merged.view(torch.int32))
         assert (sign_sum, cancel) == (ref.sign_sum, ref.cancel) and cancel > 0
     assert kernels.ties_votes(ts, weights) == combine.ties_vote(ts, weights)
+
+
+def test_emr_kernel_gives_the_bytes_and_sums_of_the_torch_combiner():
+    """kernels.emr_merge against combine.emr (torch ops, tested against the
+    reference in test_merge_exact): τ_uni, masks and the exact rescaler sums, on
+    values full of ties, zeros and totals that cancel to zero."""
+    if kernels._numba_kernels() is None:
+        pytest.skip("numba is not installed")
+    from tadmerge.engine import combine
+    from tadmerge.engine.exact import exact_sum_by_exponent
+
+    n = 4001
+    t1 = _tied_values(n, 21)
+    ts = [t1, -t1, _tied_values(n, 22) * 1e-30]  # cancelling totals; subnormal values
+    ref = combine.emr([t.clone() for t in ts])
+    got = [t.clone() for t in ts]
+    planes = torch.empty((3, n), dtype=torch.bool)
+    abs_t, abs_u = kernels.emr_merge(got, planes)
+    assert torch.equal(got[0].view(torch.int32), ref.tau_uni.view(torch.int32))
+    for k in range(3):
+        assert torch.equal(planes[k], ref.masks[k])
+        assert exact_sum_by_exponent(abs_t[k], n) == ref.abs_t[k]
+        assert exact_sum_by_exponent(abs_u[k], n) == ref.abs_masked_uni[k]

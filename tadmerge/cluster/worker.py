@@ -133,7 +133,7 @@ def start_kernels(cfg: MergeConfig) -> None:
     """Apply `runtime.kernels`, and begin loading the CPU kernels at once when
     this merge takes them (a magnitude selection: TADrop, trims; TIES)."""
     kernels.configure(cfg.runtime.kernels)
-    takes = cfg.sparsify.method in MAGNITUDE_METHODS or cfg.merge.method == "ties"
+    takes = cfg.sparsify.method in MAGNITUDE_METHODS or cfg.merge.method in ("ties", "emr")
     if takes and resolve_device(cfg.runtime.device).type == "cpu":
         kernels.preload()
 

@@ -17,7 +17,7 @@ import torch
 
 from . import combine as C
 from . import kernels
-from .exact import ExactSum, coarse_stats
+from .exact import ExactSum, coarse_stats, exact_sum_by_exponent
 from .histogram import RankIndex
 from .keys import KeyChunks, magnitude_keys
 from .sparsify import (
@@ -275,9 +275,25 @@ def merge_block(
 
     stats = [tp.stats for tp in plans]
     if spec.method == "emr":
+        n = base.numel()
+        if check_finite and kernels.enabled(base) and n <= kernels.PIECE:
+            # one fused pass (kernels.emr_merge), the same bytes and exact sums
+            for a, b in chunks:
+                sparsify(a, b)
+            planes = torch.empty((len(taus), n), dtype=torch.bool)
+            abs_t, abs_u = kernels.emr_merge(taus, planes)
+            return BlockResult(
+                None,
+                C.EmrBlock(
+                    taus[0],
+                    list(planes),
+                    [exact_sum_by_exponent(v, n) for v in abs_t],
+                    [exact_sum_by_exponent(v, n) for v in abs_u],
+                ),
+                stats,
+            )
         # chunk by chunk too: τ_uni over the first task's block, the masks into
         # whole-block bool planes, the exact sums added (exactly) across chunks
-        n = base.numel()
         masks = [torch.empty(n, dtype=torch.bool, device=base.device) for _ in taus]
         abs_t = [ExactSum() for _ in taus]
         abs_uni = [ExactSum() for _ in taus]

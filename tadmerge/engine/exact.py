@@ -196,6 +196,13 @@ class ExactSum:
 ABS_CHUNK = 1 << 28  # values per exponent bincount: each mantissa < 2**24, sums < 2**52
 
 
+def exact_sum_by_exponent(per_exponent, count: int) -> ExactSum:
+    """Σ|x| from the sums of the 24-bit mantissas of |x| per exponent e (256):
+    |x| = M·2**(e−150) (e >= 1), so the sum scaled by 2**149 is Σ_e S_e·2**(e−1)."""
+    total = sum(int(v) << (max(e, 1) - 1) for e, v in enumerate(per_exponent) if v)
+    return ExactSum(total, 0, count)
+
+
 def exact_abs_sum(x: torch.Tensor) -> ExactSum:
     """Exact Σ|x| of a float32 tensor, by exponent: |x| = M·2**(e−150), so the
     mantissas of each exponent add exactly (float64 holds sums below 2**53), and
@@ -209,5 +216,5 @@ def exact_abs_sum(x: torch.Tensor) -> ExactSum:
         e = keys >> 23
         m = (keys & 0x7FFFFF) | ((e > 0).to(torch.int32) << 23)
         per = torch.bincount(e, weights=m.to(torch.float64), minlength=256).cpu().tolist()
-        total += sum(int(v) << (max(i, 1) - 1) for i, v in enumerate(per) if v)
+        total += exact_sum_by_exponent(per, 0).abs_scaled
     return ExactSum(total, 0, x.numel())
