@@ -246,9 +246,10 @@ def merge_block(
     plans = []
     # a magnitude selection is applied by the fused cut kernel (CPU, numba) when
     # it is installed: 0.8 ns per element against ~7.5 for the torch ops, worth
-    # numba's start-up and RSS for every such merge (TADrop, TIES trims, ...)
+    # numba's start-up and RSS for every such merge (TADrop, TIES trims, ...);
+    # non-finite values (allow_nonfinite) keep the torch ops, as in TIES and EMR
     magnitude = spec.sparsify.method in MAGNITUDE_METHODS
-    fused = magnitude and kernels.enabled(base)
+    fused = magnitude and check_finite and kernels.enabled(base)
     for k, m in enumerate(models):
         tau = m.sub_(base)
         tau_sq = _sq(tau)
