@@ -309,20 +309,20 @@ def merge_block(
     if spec.method == "ties":
         # the fused kernel (finite values; the disjoint mean's divisor needs
         # positive weights) or the torch ops chunk by chunk: the same bytes
-        fused = (
+        fused_ties = (
             check_finite
             and (spec.disjoint == "sum" or all(x > 0 for x in w))
             and kernels.enabled(base)
         )
         sparsified = False
-        if fused:
+        if fused_ties:
             for a, b in chunks:
                 sparsify(a, b)
             sparsified = True
         majority = ctx.majority
         if majority is None and ctx.whole:
             # the block is the whole tensor: its own vote decides, so count it first
-            if fused:
+            if fused_ties:
                 votes = kernels.ties_votes(taus, w)
             else:
                 votes = sum(C.ties_vote(sparsify(a, b), w) for a, b in chunks)
@@ -333,7 +333,7 @@ def merge_block(
             # use the resolved one, or +1 provisionally (the driver reruns the few
             # blocks whose exact cancellations need the other sign)
             majority = 1 if majority is None else majority
-        if fused:
+        if fused_ties:
             mean = spec.disjoint == "mean"
             sign_sum, cancel = kernels.ties_merge(
                 taus, w, base, spec.scale, mean, majority, not ctx.whole

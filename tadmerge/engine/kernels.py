@@ -8,10 +8,10 @@ statistics cost more than reading the inputs. Here each is one loop over the
 float32 bits: the key, its bucket and the counts in registers, about 0.7 ns per
 element. The results are the same integers (tests/test_engine_chunks.py runs
 both backends against plain references), so output bytes do not depend on
-which backend ran. The apply phase has two more: a resolved selection applied
-to a whole block (cut_block) and TIES on a whole block (ties_votes,
-ties_merge), each one pass instead of ten or more chunked torch ops, with the
-same float32 operations in the same order.
+which backend ran. The apply phase has more: a resolved selection applied to
+a whole block (cut_block), TIES on a whole block (ties_votes, ties_merge) and
+EMR on a whole block (emr_merge), each one pass instead of ten or more chunked
+torch ops, with the same float32 operations in the same order.
 
 Backend: numba when it can be imported and the data is on the CPU, else torch.
 `TADMERGE_KERNELS=torch` in the environment (or `set_backend("torch")`) forces
@@ -26,6 +26,7 @@ import os
 import threading
 import warnings
 from functools import cache
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -64,7 +65,20 @@ def backend() -> str:
 _LOCK = threading.Lock()
 
 
-def _numba_kernels():
+class _Kernels(NamedTuple):
+    """The compiled kernels (numba dispatchers), by name."""
+
+    coarse_counts: Any
+    coarse_moments: Any
+    fine_rows: Any
+    tie_end: Any
+    cut_pass: Any
+    ties_votes: Any
+    ties_merge: Any
+    emr_merge: Any
+
+
+def _numba_kernels() -> _Kernels | None:
     """The compiled kernels, once per process (worker threads share them); None
     without numba."""
     with _LOCK:
@@ -159,10 +173,9 @@ def _build(numba, cache_on_disk: bool):
     # for the report is left to torch's vectorised norm: a float64 sum in this
     # loop would make every element wait on the previous one's addition. The
     # loop body is written out: numba's calls of a helper, even inlined, cost
-    # ~30 ns per element here.
-
-    # Kernels call no other kernel: numba's disk cache misses, every process,
-    # for a function that holds another dispatcher in its closure.
+    # ~30 ns per element here. Kernels call no other kernel: numba's disk cache
+    # misses, every process, for a function that holds another dispatcher in
+    # its closure.
 
     @jit
     def tie_end(tb, key, quota):  # pragma: no cover (compiled)
@@ -291,7 +304,7 @@ def _build(numba, cache_on_disk: bool):
                 agree = q > 0
                 masks[k, i] = agree
                 mag = max(mag, q if agree else zero)
-            out[i] = mag
+            out[i] = mag  # stored to read its bits (numba has no scalar bitcast)
             key = obits[i] & 0x7FFFFFFF
             e = key >> 23
             m = (key & 0x7FFFFF) | (np.int64(e > 0) << 23)
@@ -310,8 +323,9 @@ def _build(numba, cache_on_disk: bool):
     vals = np.zeros(4, np.float32)
     tie_end(bits, np.int64(0), np.int64(1))
     cut_pass(vals, np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.float32(1), True)
-    # (the TIES kernels compile per K on first use; numba's compiler lock is global)
-    return (
+    # (the TIES and EMR kernels compile per K on first use; numba's compiler lock
+    # is global)
+    return _Kernels(
         coarse_counts, coarse_moments, fine_rows, tie_end, cut_pass, ties_votes, ties_merge,
         emr_merge,
     )  # fmt: skip
@@ -329,7 +343,7 @@ def enabled(x: torch.Tensor, load_now: bool = True) -> bool:
     (numba and LLVM cost ~145 MB of RSS and ~0.9 s to load): the statistics
     rounds of a counts-only selection pass that, since torch is within 2x of
     the kernels there, and the merges that take the apply kernels (magnitude
-    selections, TIES) load them at the start (cluster/worker.start_kernels).
+    selections, TIES, EMR) load them at the start (cluster/worker.start_kernels).
     With the backend set to numba (runtime.kernels or TADMERGE_KERNELS) they are
     always loaded, and their absence is an error.
     """
@@ -363,7 +377,8 @@ def coarse_pieces(x: torch.Tensor, moments: int):
     """Per coarse bucket of |x|'s key: count, Σ L (moments >= 1) and Σ L² (moments
     2), int64, zeros for the moments not asked for (as the torch path leaves them),
     for each piece of at most PIECE elements (every sum stays below 2**62)."""
-    coarse_counts, coarse_moments = _numba_kernels()[:2]
+    k = _numba_kernels()
+    coarse_counts, coarse_moments = k.coarse_counts, k.coarse_moments
     bits = _bits(x)
     for a in range(0, max(1, bits.shape[0]), PIECE):
         piece = bits[a : a + PIECE]
@@ -389,7 +404,7 @@ def fine_histogram_rows(x: torch.Tensor, wanted: list[int]) -> list[tuple[np.nda
     them), one row per wanted bucket and one for every other bucket (no branch in
     the loop), two tables (one per stream) while they are small.
     """
-    fine_rows = _numba_kernels()[2]
+    fine_rows = _numba_kernels().fine_rows
     bits = _bits(x)
     m = len(wanted)
     lut = np.full(N_COARSE, m, np.int32)
@@ -425,14 +440,14 @@ def cut_block(t: torch.Tensor, lo: tuple[int, int], hi: tuple[int, int], scale: 
     lo/hi are (cut key, the block's ties at that key below the cut), as in
     sparsify.apply_cuts; kept entries become τ·fl32(scale), dropped ones +0.0.
     Returns the kept count."""
-    tie_end, cut_pass = _numba_kernels()[3:5]
+    k = _numba_kernels()
     x = _flat32(t)
     bits = x.view(np.int32)
     ends = [
-        tie_end(bits, np.int64(key), np.int64(quota)) if quota > 0 and key >= 0 else 0
+        k.tie_end(bits, np.int64(key), np.int64(quota)) if quota > 0 and key >= 0 else 0
         for key, quota in (lo, hi)
     ]
-    kept = cut_pass(
+    kept = k.cut_pass(
         x, np.int64(lo[0]), np.int64(ends[0]), np.int64(hi[0]), np.int64(ends[1]),
         np.float32(scale), scale != 1.0,
     )  # fmt: skip
@@ -441,7 +456,7 @@ def cut_block(t: torch.Tensor, lo: tuple[int, int], hi: tuple[int, int], scale: 
 
 def ties_votes(ts: list[torch.Tensor], weights: list[float]) -> int:
     """Σ sign(Σ_k fl32(w_k)·t_k) over a block, as combine.ties_vote counts it."""
-    up, down = _numba_kernels()[5](tuple(_flat32(t) for t in ts), np.float32(weights))
+    up, down = _numba_kernels().ties_votes(tuple(_flat32(t) for t in ts), np.float32(weights))
     return int(up) - int(down)
 
 
@@ -457,7 +472,7 @@ def ties_merge(
     """TIES of a whole block over ts[0] (see the kernel): the bytes of combine.ties
     for finite values, with positive weights when `mean`. Returns (Σ sign of the
     votes, entries whose votes cancel exactly while a task moved, if counted)."""
-    up, down, cancel = _numba_kernels()[6](
+    up, down, cancel = _numba_kernels().ties_merge(
         tuple(_flat32(t) for t in ts),
         np.float32(weights),
         _flat32(base),
@@ -480,7 +495,7 @@ def emr_merge(ts: list[torch.Tensor], masks: torch.Tensor) -> tuple[np.ndarray, 
     k = len(arrays)
     abs_t = np.zeros((k, 256), np.int64)
     abs_u = np.zeros((k, 256), np.int64)
-    _numba_kernels()[7](
+    _numba_kernels().emr_merge(
         arrays, tuple(a.view(np.int32) for a in arrays), masks.numpy(), abs_t, abs_u
     )
     return abs_t, abs_u
