@@ -27,6 +27,7 @@ from ..engine.exact import coarse_stats
 from ..engine.histogram import fine_histograms
 from ..engine.keys import KeyChunks
 from ..engine.sparsify import MAGNITUDE_METHODS
+from ..engine.stream import merge_raw, streams
 from ..errors import InputError, InputProblem
 from ..io.block_io import read_rows, write_at
 from ..io.safetensors_format import DTYPE_INFO
@@ -206,13 +207,14 @@ def run_unit(
     tp = plan.tensors[unit.tensor]
     if tp.kind != MERGE:
         return _copy_unit(plan, staging, unit, tp)
-    _, blocks = read_unit(plan, unit, device)
     spec = merge_spec(plan)
-    ctx = block_context(plan, unit, resolved)
+    check_finite = not plan.config.inputs.allow_nonfinite
     try:
-        res: BlockResult = merge_block(
-            blocks[0], blocks[1:], spec, ctx, not plan.config.inputs.allow_nonfinite
-        )
+        if streams(spec, device):
+            return _stream_unit(plan, staging, unit, tp, spec, check_finite)
+        _, blocks = read_unit(plan, unit, device)
+        ctx = block_context(plan, unit, resolved)
+        res: BlockResult = merge_block(blocks[0], blocks[1:], spec, ctx, check_finite)
     except NonFiniteTaskVector:
         # report every input of this unit with NaN/Inf (re-read: the blocks were
         # consumed in place); the driver sums the counts per file and tensor
@@ -236,6 +238,25 @@ def run_unit(
     return UnitRecord(unit_id, res.tasks, ties=res.ties)
 
 
+def _stream_unit(
+    plan: Plan, staging: str, unit: Unit, tp: TensorPlan, spec: MergeSpec, check_finite: bool
+) -> UnitRecord:
+    """A merge that needs only the block (engine/stream.py): the inputs stay in
+    their own dtype and the output is made in the output dtype, chunk by chunk."""
+    n = (unit.row_end - unit.row_start) * tp.row_numel
+    raws = [
+        read_rows(
+            src, unit.row_start, unit.row_end, POOL.get(f"raw{i}", n * src.itemsize, torch.uint8)
+        )
+        for i, src in enumerate(tp.sources)
+    ]
+    assert tp.out_dtype is not None
+    out = POOL.get("out", n, _torch_dtype(tp.out_dtype))
+    tasks = merge_raw(raws[0], raws[1:], out, spec, check_finite)
+    _write_out(plan, staging, unit, out)
+    return UnitRecord(unit.id, tasks)
+
+
 def unit_output_range(plan: Plan, unit: Unit) -> tuple[str, int, int] | None:
     """The bytes of the output shards that a unit writes: (file, start, end), or
     None when its tensor is not in them (excluded tensors of an EMR merge)."""
@@ -251,13 +272,19 @@ def unit_output_range(plan: Plan, unit: Unit) -> tuple[str, int, int] | None:
 
 
 def _write_tensor_rows(plan: Plan, staging: str, tp: TensorPlan, unit: Unit, values) -> None:
-    where = unit_output_range(plan, unit)
-    assert where is not None and tp.out_dtype is not None
+    assert tp.out_dtype is not None
     dtype = _torch_dtype(tp.out_dtype)
     if values.device.type == "cpu":
         out = POOL.get("out", values.numel(), dtype).copy_(values.view(-1))
     else:
         out = values.to(dtype).cpu()
+    _write_out(plan, staging, unit, out)
+
+
+def _write_out(plan: Plan, staging: str, unit: Unit, out: torch.Tensor) -> None:
+    """Write a unit's output rows (already in the output dtype) at their offset."""
+    where = unit_output_range(plan, unit)
+    assert where is not None
     write_at(os.path.join(staging, where[0]), where[1], out)
 
 

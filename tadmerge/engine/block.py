@@ -95,7 +95,7 @@ class TaskStats:
     t_sq: float = 0.0  # Σ t² of the block, float64 (report only)
 
 
-def _sq(x: torch.Tensor) -> float:
+def square_sum(x: torch.Tensor) -> float:
     """Σx² for the report (float32 accumulation: one fast pass, not exact).
 
     A non-finite result means NaN/Inf in x, or squares beyond float32's range:
@@ -182,7 +182,7 @@ def plan_task(
         if fused:
             lo, hi = (cuts.lo_key, cuts.lo_left), (cuts.hi_key, cuts.hi_left)
             stats.kept = kernels.cut_block(tau, lo, hi, cuts.scale)
-            stats.t_sq = _sq(tau)
+            stats.t_sq = square_sum(tau)
             return TaskPlan(stats, done=True)
         return TaskPlan(stats, cuts)
     u = uniform_stream(
@@ -192,7 +192,7 @@ def plan_task(
         return TaskPlan(TaskStats(), uniform=u)
     t, kept = della_block(tau, magnitude_keys(tau), u, ctx.della_row, sp)
     tau.copy_(t)
-    return TaskPlan(TaskStats(kept=kept, t_sq=_sq(tau)), done=True)
+    return TaskPlan(TaskStats(kept=kept, t_sq=square_sum(tau)), done=True)
 
 
 def sparsify_chunk(tp: TaskPlan, tau: torch.Tensor, start: int, spec: MergeSpec) -> None:
@@ -238,7 +238,7 @@ def merge_block(
     if spec.method == "average" and sparsify_none:
         stats = []
         for k, m in enumerate(models):
-            tau_sq = _sq(m - base)
+            tau_sq = square_sum(m - base)
             if check_finite and not math.isfinite(tau_sq):
                 raise NonFiniteTaskVector(k)
             stats.append(TaskStats(kept=base.numel(), tau_sq=tau_sq, t_sq=tau_sq))
@@ -252,7 +252,7 @@ def merge_block(
     fused = magnitude and check_finite and kernels.enabled(base)
     for k, m in enumerate(models):
         tau = m.sub_(base)
-        tau_sq = _sq(tau)
+        tau_sq = square_sum(tau)
         if check_finite and not math.isfinite(tau_sq):
             raise NonFiniteTaskVector(k)
         tp = plan_task(tau, k, spec, ctx, fused)
@@ -270,7 +270,7 @@ def merge_block(
             t = tau[a:b]
             if not tp.done:
                 sparsify_chunk(tp, t, a, spec)
-                tp.stats.t_sq += _sq(t)
+                tp.stats.t_sq += square_sum(t)
             ts.append(t)
         return ts
 
