@@ -7,7 +7,7 @@ checkpoints built locally, merged with EMR + TADrop). On a cluster:
 
 import sys
 
-from tadmerge.cli import main
+from tadmerge.cli import run
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
@@ -17,4 +17,4 @@ if __name__ == "__main__":
         not argv[0].startswith("-")
     ):
         argv = ["merge", *argv]
-    sys.exit(main(argv))
+    run(argv)

@@ -7,10 +7,14 @@ Errors are one line for users (exit codes in errors.py) and a full trace with
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
+import os
 import sys
+import threading
 import traceback
+from typing import NoReturn
 
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, TadmergeError
 
@@ -238,5 +242,33 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RUNTIME
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the process with `code` without tearing the interpreter down.
+
+    Python's finalisation frees the objects of every loaded module one by one:
+    with torch loaded that is 0.35-0.7 s on a 2-core Xeon, a tenth of a small
+    merge. Nothing is lost by skipping it: every file tadmerge writes is fsynced
+    and published before main() returns, and here the atexit handlers (Ray's
+    shutdown among them), logging and the standard streams are flushed first.
+    While another thread is alive its work might be cut short, so the exit is
+    then the usual one.
+    """
+    if threading.active_count() > 1:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to save
+            pass
+    os._exit(code)
+
+
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The command-line entry point: main(), then exit_now()."""
+    exit_now(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
