@@ -34,7 +34,7 @@ if __package__ in (None, ""):
 
 import yaml
 
-from benchmarks.common import REPO, clear_output, warm_cache, write_result
+from benchmarks.common import REPO, clear_output, tool_env, warm_cache, write_result
 from benchmarks.compare_mergekit import tadmerge_exe
 from benchmarks.configs import tadmerge_config
 
@@ -173,12 +173,14 @@ def main(argv=None) -> int:
     if a.native:
         spy.append("--native")
     warm_cache(dirs)
-    subprocess.run([*spy, "--", *cmd], check=True)
+    subprocess.run([*spy, "--", *cmd], check=True, env=tool_env())
     if a.svg:
         svg = work / f"profile_{tag}.svg"
         warm_cache(dirs)
         subprocess.run(
-            [pyspy(), "record", "--rate", str(a.rate), "-o", str(svg), "--", *cmd], check=True
+            [pyspy(), "record", "--rate", str(a.rate), "-o", str(svg), "--", *cmd],
+            check=True,
+            env=tool_env(),
         )
     report = {}
     rep_path = out / "merge_report.json"

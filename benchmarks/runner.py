@@ -36,7 +36,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import fsync_tree
+from benchmarks.common import fsync_tree, tool_env
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -162,7 +162,7 @@ def measure(
     log_dir = Path(log_dir or "/tmp")
     log_dir.mkdir(parents=True, exist_ok=True)
     out_p, err_p = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
-    full_env = dict(os.environ, **(env or {}))
+    full_env = dict(tool_env(), **(env or {}))
     pre = (lambda: os.nice(nice)) if nice else None
     load0 = os.getloadavg()[0]
     with open(out_p, "wb") as fo, open(err_p, "wb") as fe:
