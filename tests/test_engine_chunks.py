@@ -286,3 +286,46 @@ def test_emr_kernel_gives_the_bytes_and_sums_of_the_torch_combiner():
         assert torch.equal(planes[k], ref.masks[k])
         assert exact_sum_by_exponent(abs_t[k], n) == ref.abs_t[k]
         assert exact_sum_by_exponent(abs_u[k], n) == ref.abs_masked_uni[k]
+
+
+@pytest.mark.parametrize("share", [0.0, 0.01, 0.06, 0.07, 1.0])
+def test_histograms_of_keys_mostly_without_low_bits(share, stats_backend):
+    """bf16 task vectors: most keys have no low 16 bits, so the kernels count
+    buckets and set the few other keys aside (kernels.coarse_sparse) instead of
+    binning every entry; above n / SIDE_SHARE such keys they bin as before.
+    Either way the counts, moments and fine bins are the plain ones."""
+    g = torch.Generator().manual_seed(int(share * 100))
+    n = 3200
+    x = (torch.randn(n, generator=g) * 0.05).bfloat16().float()  # low 16 bits zero
+    x[torch.rand(n, generator=g) < 0.3] = 0.0
+    bits = x.view(torch.int32).clone()
+    lowbits = torch.randperm(n, generator=g)[: int(share * n)]
+    bits[lowbits] |= torch.randint(1, 1 << 16, (lowbits.numel(),), generator=g, dtype=torch.int32)
+    x = bits.view(torch.float32)
+    keys = magnitude_keys(x)
+    with_low = int(((keys & 0xFFFF) != 0).sum())
+    assert with_low == int(share * n)
+    counts, s1, s2 = [0] * (1 << 15), [0] * (1 << 15), [0] * (1 << 15)
+    for k in keys.tolist():
+        counts[k >> 16] += 1
+        s1[k >> 16] += k & 0xFFFF
+        s2[k >> 16] += (k & 0xFFFF) ** 2
+    present = sorted(set((keys >> 16).tolist()))
+    wanted = sorted({0, present[len(present) // 2], present[-1], present[-1] + 7})
+    for source in (keys, KeyChunks(x, 100)):
+        got = coarse_stats(source, moments=2)
+        assert got.counts.tolist() == counts and got.s1.tolist() == s1
+        hi_lo = zip(got.s2_hi.tolist(), got.s2_lo.tolist(), strict=True)
+        assert [(h << 32) + lo for h, lo in hi_lo] == s2
+        hists = fine_histograms(source, wanted)
+        for b in wanted:
+            ref = torch.bincount(keys[(keys >> 16) == b] & 0xFFFF, minlength=1 << 16)
+            assert torch.equal(hists[b].dense(), ref), b
+        if isinstance(source, KeyChunks) and stats_backend == "numba":
+            # the path taken: keys set aside while they are few enough
+            assert bool(source.sparse) == (with_low <= n // kernels.SIDE_SHARE)
+    fresh = KeyChunks(x)  # a fine histogram asked for first (a statistics round)
+    hists = fine_histograms(fresh, wanted)
+    for b in wanted:
+        ref = torch.bincount(keys[(keys >> 16) == b] & 0xFFFF, minlength=1 << 16)
+        assert torch.equal(hists[b].dense(), ref), b

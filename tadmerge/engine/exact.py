@@ -125,6 +125,20 @@ class CoarseStats:
         return sum(self.exponent_moments(moment))
 
 
+def sparse_keys(keys: torch.Tensor | KeyChunks) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(counts per coarse bucket, the keys whose low 16 bits are not all zero)
+    when those keys are few (kernels.coarse_sparse: bf16 task vectors), else
+    None. Asked once per KeyChunks, which keeps the answer for the block's later
+    histograms. The caller checks that the kernels take the block."""
+    if isinstance(keys, KeyChunks) and keys.sparse is not None:
+        return keys.sparse or None  # type: ignore[return-value]
+    got = kernels.coarse_sparse(keys.x if isinstance(keys, KeyChunks) else keys)
+    result = None if got is None else (torch.from_numpy(got[0]), torch.from_numpy(got[1]))
+    if isinstance(keys, KeyChunks):
+        keys.sparse = result if result is not None else False
+    return result
+
+
 def coarse_stats(keys: torch.Tensor | KeyChunks, *, moments: int = 2) -> CoarseStats:
     """Coarse histogram of magnitude keys; moments: 0 counts only, 1 adds Σ L, 2 adds Σ L².
 
@@ -135,6 +149,15 @@ def coarse_stats(keys: torch.Tensor | KeyChunks, *, moments: int = 2) -> CoarseS
     """
     source = keys.x if isinstance(keys, KeyChunks) else keys
     if source.numel() and kernels.enabled(source, load_now=moments > 0):
+        sparse = sparse_keys(keys)
+        if sparse is not None:  # the moments are those of the keys set aside
+            counts, side = sparse
+            out = CoarseStats(counts, *(torch.zeros_like(counts) for _ in range(3)))
+            if moments and side.numel():
+                for _, s1, s2 in kernels.coarse_pieces(side, moments):
+                    a, q = torch.from_numpy(s1), torch.from_numpy(s2)
+                    out = out + CoarseStats(torch.zeros_like(counts), a, q >> 32, q & _LO32)
+            return out
         out = CoarseStats.zeros()
         for counts, s1, s2 in kernels.coarse_pieces(source, moments):
             c, a, q = (torch.from_numpy(v) for v in (counts, s1, s2))

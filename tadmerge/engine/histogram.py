@@ -15,10 +15,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import kernels
-from .exact import SQ_SCALE_BITS, CoarseStats, coarse_stats  # noqa: F401 (re-exported)
+from .exact import SQ_SCALE_BITS, CoarseStats, coarse_stats, sparse_keys  # noqa: F401
 from .keys import (
     COARSE_SHIFT,
     N_COARSE,
@@ -148,6 +149,13 @@ class _DenseBins:
         return out
 
 
+def _side_rows(side: torch.Tensor, wanted: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    if not side.numel():
+        empty = np.zeros(0, np.int64)
+        return [(empty, empty) for _ in wanted]
+    return kernels.fine_histogram_rows(side, wanted)
+
+
 def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[int, SparseFine]:
     """Sparse fine histograms of the given coarse buckets, in one pass over keys.
 
@@ -165,6 +173,17 @@ def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[
     wanted = sorted(buckets)
     source = keys.x if isinstance(keys, KeyChunks) else keys
     if source.numel() and kernels.enabled(source, load_now=False):
+        sparse = sparse_keys(keys)
+        if sparse is not None:
+            # bin 0 holds the entries not set aside, the rest are binned from those
+            counts, side = sparse
+            for b, (bins, hits) in zip(wanted, _side_rows(side, wanted), strict=True):
+                zero = int(counts[b]) - int(hits.sum())
+                if zero:
+                    bins = np.concatenate(([0], bins))
+                    hits = np.concatenate(([zero], hits))
+                out[b] = SparseFine(torch.from_numpy(bins), torch.from_numpy(hits))
+            return out
         # one fused pass (kernels.py): the same counts as the torch path below
         rows = kernels.fine_histogram_rows(source, wanted)
         for b, (bins, counts) in zip(wanted, rows, strict=True):

@@ -41,6 +41,8 @@ class KeyChunks:
         # float64 bincounts that take these chunks (exact.CHUNK)
         default = KEY_CHUNK if self.x.device.type == "cpu" else 1 << 20
         self.chunk = max(1, chunk or default)
+        # exact.sparse_keys' answer for this block once asked (False: not sparse)
+        self.sparse: object = None
 
     def __len__(self) -> int:
         return self.x.numel()
