@@ -261,3 +261,32 @@ def test_ties_majority_on_split_tensor_with_exact_cancellations(tmp_path, monkey
     # where votes cancelled, the negative majority kept the negative task's entry
     assert cancel.any()
     assert torch.equal(ref[cancel], (base + d2)[cancel])
+
+
+@pytest.mark.skipif(not kernels.load(), reason="numba is not installed")
+@pytest.mark.parametrize("sname", ["tadrop", "magnitude", "breadcrumbs"])
+def test_bf16_split_tensors_take_one_statistics_round(zoo_dir, sname, monkeypatch):
+    """bf16 task vectors: the units set their few keys with low bits aside in the
+    coarse round (histogram.KeysAside), and the driver makes every fine histogram
+    and tie share from those: no fine round, no tie round, the same bytes.
+
+    The zoo's blocks are tiny (at most n/16 keys set aside is a handful) and its
+    small bf16 weights move by many ulps: with the share lifted every block is
+    taken as sparse, which exercises the path whatever the data."""
+    root, (paths, _, _) = zoo_dir[0], (zoo_dir[1][:2], zoo_dir[1][2], zoo_dir[1][3])
+
+    def merge(out: str, split: bool, backend: str):
+        cfg = config(root, paths, SPARSIFIERS[sname], "task_arithmetic", "tensor", out, split)
+        bf16_only = [*cfg.exclude, "^layers\\.0\\.(attn|bias)", "^zero\\.", "^scale$"]
+        raw = {**cfg.to_dict(), "exclude": bf16_only}
+        raw["runtime"]["kernels"] = backend
+        return run_merge(parse_config(raw))
+
+    whole = merge(f"bf16-{sname}-whole", False, "torch")
+    rounds = merge(f"bf16-{sname}-torch", True, "torch")
+    monkeypatch.setattr(kernels, "SIDE_SHARE", 1)
+    aside = merge(f"bf16-{sname}-numba", True, "numba")
+    assert {t.dtype for t in aside.plan.tensors if t.kind == "merge"} == {"BF16"}
+    assert _files(whole.output) == _files(rounds.output) == _files(aside.output)
+    assert rounds.report["reads"]["round_kinds"][:2] == ["coarse", "fine"]
+    assert aside.report["reads"]["round_kinds"] == ["coarse"]

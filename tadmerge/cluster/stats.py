@@ -6,9 +6,12 @@ global). Each round maps a request over units (an executor runs it anywhere)
 and reduces small results by addition:
 
 1. coarse: per unit and task, the coarse histogram (with exact moments when
-   the rescale needs them);
+   the rescale needs them) and, for a split tensor, the block's keys with low
+   bits set when they are few (histogram.KeysAside: bf16 task vectors);
 2. fine (until every resolver is done; usually once): the fine histograms of
-   the buckets that the resolvers (engine/sparsify.py generators) ask for;
+   the buckets that the resolvers (engine/sparsify.py generators) ask for. A
+   group whose every unit set its keys aside takes none: the driver makes its
+   fine histograms from those keys and the counts;
 3. ties: a cut that falls inside a run of equal |τ| spread over several
    blocks gives each block its share of the ties in flat-index order, from each
    block's count of the cut key. The driver keeps every block's fine
@@ -32,7 +35,7 @@ from collections.abc import Callable, Generator
 from dataclasses import asdict
 
 from ..engine.exact import CoarseStats
-from ..engine.histogram import Cut, RankIndex, SparseFine
+from ..engine.histogram import Cut, KeysAside, RankIndex, SparseFine
 from ..engine.keys import COARSE_SHIFT
 from ..engine.sparsify import PREDICTED_BUCKETS, Selection, resolve_selection, tadrop_rate
 from ..planners.inventory import MERGE
@@ -78,7 +81,7 @@ def run_stats_stage(plan: Plan, map_units: MapFn) -> dict:
         for i in range(0, len(split), per_batch):
             batch = split[i : i + per_batch]
             groups = {("t", t.index, k): list(t.units) for t in batch for k in range(k_tasks)}
-            results = _resolve(plan, groups, map_units, rates=rates)
+            results = _resolve(plan, groups, map_units, rates=rates, aside=True)
             for g in groups:
                 tensor_sel[(g[1], g[2])] = results[g]
                 quotas[g] = results[("quota", g)]
@@ -119,8 +122,15 @@ def _resolve(
     *,
     global_rate: bool = False,
     rates: list[float] | None = None,
+    aside: bool = False,
 ) -> dict:
-    """Resolve the given groups: coarse round, fine rounds, then tie counts."""
+    """Resolve the given groups: coarse round, fine rounds, then tie counts.
+
+    `aside`: the units also return their keys set aside (histogram.KeysAside,
+    bf16 task vectors), from which the driver makes the fine histograms of the
+    groups whose every unit had them: no fine round for those. They are kept
+    while they fit PER_UNIT_SHARE of the memory budget, like PerUnitFine.
+    """
     sp = plan.config.sparsify
     unit_groups: dict[int, list[tuple]] = {}
     for g, units in groups.items():
@@ -128,13 +138,15 @@ def _resolve(
             unit_groups.setdefault(u, []).append(g)
 
     coarse: dict[tuple, CoarseStats] = {}
+    asides = AsideKeys(groups if aside else {}, plan.config.runtime.memory_budget // PER_UNIT_SHARE)
 
     def add_coarse(unit_id: int, value: object) -> None:
         for g in unit_groups[unit_id]:
-            st = value[g[-1]]  # type: ignore[index]
+            st, keys_aside = value[g[-1]]  # type: ignore[index]
             coarse[g] = coarse[g] + st if g in coarse else st
+            asides.add(g, unit_id, keys_aside)
 
-    items = [(u, ("coarse", sp.moments)) for u in sorted(unit_groups)]
+    items = [(u, ("coarse", sp.moments, aside)) for u in sorted(unit_groups)]
     map_units("coarse", items, add_coarse)
     index = {g: RankIndex(coarse.pop(g)) for g in groups}
 
@@ -163,6 +175,17 @@ def _resolve(
         advance(g, first=True)
 
     while pending:
+        served = [g for g in pending if asides.complete(g)]
+        for g in served:  # from the keys the units set aside: no round
+            for b in pending[g]:
+                for u in groups[g]:
+                    hist = asides.fine(g, u, b)
+                    index[g].add_fine(b, hist)
+                    per_unit.add(g, b, u, hist)
+        for g in served:
+            advance(g)
+        if served:
+            continue
         wanted: dict[int, dict[int, set[int]]] = {}
         for g, buckets in pending.items():
             for u in groups[g]:
@@ -187,6 +210,39 @@ def _resolve(
 
     _tie_quotas(groups, index, results, map_units, per_unit)
     return results
+
+
+class AsideKeys:
+    """Each unit's KeysAside per group, while all of a group's units have them and
+    they fit `limit` bytes (past it all are dropped, and fine rounds run)."""
+
+    def __init__(self, groups: dict[tuple, list[int]], limit: int):
+        self.limit = limit
+        self.bytes = 0
+        self.units = {g: len(units) for g, units in groups.items()}
+        self.keys: dict[tuple, dict[int, KeysAside] | None] = {g: {} for g in groups}
+
+    def add(self, g: tuple, unit_id: int, keys: KeysAside | None) -> None:
+        held = self.keys.get(g)
+        if held is None:
+            return
+        if keys is None:  # this unit's keys were not sparse: the group takes rounds
+            self.bytes -= sum(k.nbytes for k in held.values())
+            self.keys[g] = None
+            return
+        self.bytes += keys.nbytes
+        if self.bytes > self.limit:
+            self.keys = dict.fromkeys(self.keys)
+            self.bytes = 0
+            return
+        held[unit_id] = keys
+
+    def complete(self, g: tuple) -> bool:
+        held = self.keys.get(g)
+        return held is not None and len(held) == self.units[g]
+
+    def fine(self, g: tuple, unit_id: int, bucket: int) -> SparseFine:
+        return self.keys[g][unit_id].fine(bucket)  # type: ignore[index]
 
 
 class PerUnitFine:

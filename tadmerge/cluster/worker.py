@@ -24,7 +24,7 @@ from ..engine.block import (
     merge_block,
 )
 from ..engine.exact import coarse_stats
-from ..engine.histogram import fine_histograms
+from ..engine.histogram import KeysAside, fine_histograms
 from ..engine.keys import KeyChunks
 from ..engine.sparsify import MAGNITUDE_METHODS
 from ..engine.stream import merge_raw, streams
@@ -147,12 +147,15 @@ def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu
     base, models = blocks[0], blocks[1:]
     kind = request[0]
     if kind == "coarse":
+        # per task (coarse histogram, KeysAside or None): the keys set aside only
+        # when asked (request[2]: tensor-scope groups, whose fine round they save)
         out = []
         for k, m in enumerate(models):
-            st = coarse_stats(KeyChunks(m.sub_(base)), moments=request[1])
+            keys = KeyChunks(m.sub_(base))
+            st = coarse_stats(keys, moments=request[1])
             if st.nonfinite and not plan.config.inputs.allow_nonfinite:
                 raise nonfinite_error(plan, unit, k, blocks)
-            out.append(st)
+            out.append((st, KeysAside.of(keys) if len(request) > 2 and request[2] else None))
         return out
     if kind == "fine":
         wanted: dict[int, list[int]] = request[1]

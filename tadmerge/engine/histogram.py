@@ -79,6 +79,49 @@ class SparseFine:
         return self.bins[i:].tolist(), self.counts[i:].tolist()
 
 
+@dataclass
+class KeysAside:
+    """A block's fine histograms in small form, when few of its keys have low bits.
+
+    kernels.coarse_sparse counts a block's buckets and sets aside the keys whose
+    low 16 bits are not all zero (~1% of a bf16 task vector's). The other keys of
+    a bucket all fall in fine bin 0, so the block's non-empty buckets with their
+    counts and the keys set aside give the fine histogram of any bucket: a
+    statistics round returns this with the coarse histogram (a few hundred KB
+    for a block of millions of bf16 entries) and the fine round is not needed.
+    """
+
+    buckets: torch.Tensor  # int64, ascending: the block's non-empty coarse buckets
+    counts: torch.Tensor  # int64: their entries
+    side: torch.Tensor  # int32, ascending: the keys with low bits set
+
+    @classmethod
+    def of(cls, keys: KeyChunks) -> KeysAside | None:
+        """From a block whose coarse statistics were just made (exact.sparse_keys'
+        answer, kept on the KeyChunks); None when its keys are not sparse."""
+        if not keys.sparse:
+            return None
+        counts, side = keys.sparse  # type: ignore[misc]
+        buckets = counts.nonzero().view(-1)
+        return cls(buckets, counts[buckets], torch.sort(side).values)
+
+    @property
+    def nbytes(self) -> int:
+        return 16 * self.buckets.numel() + 4 * self.side.numel()
+
+    def fine(self, bucket: int) -> SparseFine:
+        i = int(torch.searchsorted(self.buckets, bucket))
+        n = int(self.counts[i]) if i < self.buckets.numel() and self.buckets[i] == bucket else 0
+        lo = int(torch.searchsorted(self.side, bucket << COARSE_SHIFT))
+        hi = int(torch.searchsorted(self.side, (bucket + 1) << COARSE_SHIFT))
+        bins, hits = torch.unique_consecutive(self.side[lo:hi] & 0xFFFF, return_counts=True)
+        bins, hits = bins.to(torch.int64), hits.to(torch.int64)
+        if n > hi - lo:  # the bucket's keys without low bits
+            bins = torch.cat([torch.zeros(1, dtype=torch.int64), bins])
+            hits = torch.cat([torch.tensor([n - (hi - lo)], dtype=torch.int64), hits])
+        return SparseFine(bins, hits)
+
+
 NARROW_SPAN = 64  # buckets: a request within this span is selected first, then binned
 
 
