@@ -290,3 +290,25 @@ def test_bf16_split_tensors_take_one_statistics_round(zoo_dir, sname, monkeypatc
     assert _files(whole.output) == _files(rounds.output) == _files(aside.output)
     assert rounds.report["reads"]["round_kinds"][:2] == ["coarse", "fine"]
     assert aside.report["reads"]["round_kinds"] == ["coarse"]
+
+
+@pytest.mark.skipif(not kernels.load(), reason="numba is not installed")
+def test_report_norms_of_tensors_resolved_whole_are_exact(zoo_dir):
+    """With the kernels, a tensor resolved from its own block reports ‖τ‖ from the
+    exact moments (no float32 pass) and ‖t‖ as fl32(scale)·‖kept τ‖."""
+    root, (paths, base, models) = zoo_dir[0], (zoo_dir[1][:2], zoo_dir[1][2], zoo_dir[1][3])
+    sp = SPARSIFIERS["tadrop"]
+    res = run_merge(config(root, paths, sp, "task_arithmetic", "tensor", "norms", False, "numba"))
+    expected, _ = reference_merge(base, models, sp, "task_arithmetic", "tensor")
+    checked = 0
+    for name, fig in res.report["tensors"].items():
+        if fig["kind"] != "merge" or not base[name].numel():
+            continue
+        for k, m in enumerate(models):
+            tau = m[name].float() - base[name].float()
+            st = fig["tasks"][f"t{k}"]
+            assert st["norm"] == pytest.approx(math.sqrt(R.fsum_sq(tau)), rel=1e-15, abs=0)
+            t = R.sparsify(tau, sp, task=k, name=name, seed=7, block_rows=1)
+            assert st["norm_after"] == pytest.approx(math.sqrt(R.fsum_sq(t)), rel=1e-6)
+            checked += 1
+    assert checked

@@ -18,7 +18,7 @@ import torch
 from . import combine as C
 from . import kernels
 from .exact import ExactSum, coarse_stats, exact_sum_by_exponent
-from .histogram import RankIndex
+from .histogram import RankIndex, scaled_to_float
 from .keys import KeyChunks, magnitude_keys
 from .sparsify import (
     MAGNITUDE_METHODS,
@@ -170,6 +170,8 @@ def plan_task(
             if not ctx.whole:
                 raise RuntimeError(f"{ctx.tensor}: split block without resolved selection")
             index = RankIndex(coarse_stats(keys, moments=sp.moments))
+            if fused and index.stats.nonfinite:  # (fused: finite values are required)
+                raise NonFiniteTaskVector(k)
             rate = ctx.rates[k] if ctx.rates else None
             sel = run_locally(resolve_selection(index, sp, rate), keys, index)
             quotas = (sel.lo.quota, sel.hi.quota)
@@ -182,7 +184,16 @@ def plan_task(
         if fused:
             lo, hi = (cuts.lo_key, cuts.lo_left), (cuts.hi_key, cuts.hi_left)
             stats.kept = kernels.cut_block(tau, lo, hi, cuts.scale)
-            stats.t_sq = square_sum(tau)
+            if exact_norms(spec, ctx, k):
+                # the report's norms from the exact moments: no passes over τ and t
+                # (Σ t² = fl32(scale)² Σ kept τ², up to the rounding of each product)
+                kept_sq = index.moment_from(sel.lo, 2) - index.moment_from(sel.hi, 2)
+                stats.tau_sq = scaled_to_float(index.total_moment(2))
+                stats.t_sq = float(torch.tensor(sel.scale, dtype=torch.float32)) ** 2 * (
+                    scaled_to_float(kept_sq)
+                )
+            else:
+                stats.t_sq = square_sum(tau)
             return TaskPlan(stats, done=True)
         return TaskPlan(stats, cuts)
     u = uniform_stream(
@@ -193,6 +204,13 @@ def plan_task(
     t, kept = della_block(tau, magnitude_keys(tau), u, ctx.della_row, sp)
     tau.copy_(t)
     return TaskPlan(TaskStats(kept=kept, t_sq=square_sum(tau)), done=True)
+
+
+def exact_norms(spec: MergeSpec, ctx: BlockContext, k: int) -> bool:
+    """Whether plan_task(fused=True) reports task k's norms from the exact moments
+    of the block's own statistics (and checks for NaN/Inf in its counts)."""
+    own = (ctx.selections[k] if ctx.selections else None) is None
+    return own and spec.sparsify.method in MAGNITUDE_METHODS and spec.sparsify.moments == 2
 
 
 def sparsify_chunk(tp: TaskPlan, tau: torch.Tensor, start: int, spec: MergeSpec) -> None:
@@ -252,6 +270,9 @@ def merge_block(
     fused = magnitude and check_finite and kernels.enabled(base)
     for k, m in enumerate(models):
         tau = m.sub_(base)
+        if fused and exact_norms(spec, ctx, k):
+            plans.append(plan_task(tau, k, spec, ctx, fused))  # norms and check there
+            continue
         tau_sq = square_sum(tau)
         if check_finite and not math.isfinite(tau_sq):
             raise NonFiniteTaskVector(k)
