@@ -103,20 +103,28 @@ class CoarseStats:
 
     def exponent_moments(self, moment: int) -> list[int]:
         """Exact scaled moment per exponent (256 entries)."""
-        if self.n < (1 << 28):  # every per-exponent sum fits int64: vectorise
-            c = self.counts
-            if moment == 1:
-                v = (c * BUCKET_HIGH << 16) + self.s1
-                per = v.view(-1, _BUCKETS_PER_EXP).sum(1).tolist()
-                return [x << (max(e, 1) - 1) for e, x in enumerate(per)]
-            t1 = (c * BUCKET_HIGH * BUCKET_HIGH).view(-1, _BUCKETS_PER_EXP).sum(1).tolist()
-            t2 = (BUCKET_HIGH * self.s1).view(-1, _BUCKETS_PER_EXP).sum(1).tolist()
-            t3 = ((self.s2_hi << 32) + self.s2_lo).view(-1, _BUCKETS_PER_EXP).sum(1).tolist()
-            return [
-                ((a << 32) + (b << 17) + d) << (2 * max(e, 1) - 2)
-                for e, (a, b, d) in enumerate(zip(t1, t2, t3, strict=True))
-            ]
         out = [0] * (N_COARSE // _BUCKETS_PER_EXP)
+        if self.n < (1 << 28):  # every per-exponent sum fits int64: vectorise
+            # over the exponents that hold values only (a task vector's span a few
+            # dozen of the 256): a block's fixed cost, paid per tensor and task
+            rows = self.counts.view(-1, _BUCKETS_PER_EXP)
+            live = rows.sum(1).nonzero().view(-1)
+            c = rows.index_select(0, live)
+            hi = BUCKET_HIGH.view(-1, _BUCKETS_PER_EXP).index_select(0, live)
+            s1 = self.s1.view(-1, _BUCKETS_PER_EXP).index_select(0, live)
+            exps = live.tolist()
+            if moment == 1:
+                per = ((c * hi << 16) + s1).sum(1).tolist()
+                for e, x in zip(exps, per, strict=True):
+                    out[e] = x << (max(e, 1) - 1)
+                return out
+            s2 = (self.s2_hi << 32) + self.s2_lo
+            t1 = (c * hi * hi).sum(1).tolist()
+            t2 = (hi * s1).sum(1).tolist()
+            t3 = s2.view(-1, _BUCKETS_PER_EXP).index_select(0, live).sum(1).tolist()
+            for e, a, b, d in zip(exps, t1, t2, t3, strict=True):
+                out[e] = ((a << 32) + (b << 17) + d) << (2 * max(e, 1) - 2)
+            return out
         for b in self.counts.nonzero().view(-1).tolist():
             out[b // _BUCKETS_PER_EXP] += self.bucket_moment(b, moment)
         return out
@@ -152,12 +160,12 @@ def coarse_stats(keys: torch.Tensor | KeyChunks, *, moments: int = 2) -> CoarseS
         sparse = sparse_keys(keys)
         if sparse is not None:  # the moments are those of the keys set aside
             counts, side = sparse
-            out = CoarseStats(counts, *(torch.zeros_like(counts) for _ in range(3)))
-            if moments and side.numel():
-                for _, s1, s2 in kernels.coarse_pieces(side, moments):
-                    a, q = torch.from_numpy(s1), torch.from_numpy(s2)
-                    out = out + CoarseStats(torch.zeros_like(counts), a, q >> 32, q & _LO32)
-            return out
+            if not (moments and side.numel()):
+                return CoarseStats(counts, *(torch.zeros_like(counts) for _ in range(3)))
+            # one piece: the keys set aside are at most n/16 <= PIECE
+            ((_, s1, s2),) = kernels.coarse_pieces(side, moments)
+            q = torch.from_numpy(s2)
+            return CoarseStats(counts, torch.from_numpy(s1), q >> 32, q & _LO32)
         out = CoarseStats.zeros()
         for counts, s1, s2 in kernels.coarse_pieces(source, moments):
             c, a, q = (torch.from_numpy(v) for v in (counts, s1, s2))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from . import kernels
@@ -86,14 +85,16 @@ class KeysAside:
     kernels.coarse_sparse counts a block's buckets and sets aside the keys whose
     low 16 bits are not all zero (~1% of a bf16 task vector's). The other keys of
     a bucket all fall in fine bin 0, so the block's non-empty buckets with their
-    counts and the keys set aside give the fine histogram of any bucket: a
-    statistics round returns this with the coarse histogram (a few hundred KB
-    for a block of millions of bf16 entries) and the fine round is not needed.
+    counts and the distinct keys set aside, with theirs, give the fine histogram
+    of any bucket: a statistics round returns this with the coarse histogram (a
+    few KB to a few hundred KB for a block of millions of bf16 entries) and the
+    fine round is not needed.
     """
 
     buckets: torch.Tensor  # int64, ascending: the block's non-empty coarse buckets
     counts: torch.Tensor  # int64: their entries
-    side: torch.Tensor  # int32, ascending: the keys with low bits set
+    keys: torch.Tensor  # int64, ascending: the distinct keys with low bits set
+    hits: torch.Tensor  # int64: how many entries have each
 
     @classmethod
     def of(cls, keys: KeyChunks) -> KeysAside | None:
@@ -101,24 +102,33 @@ class KeysAside:
         answer, kept on the KeyChunks); None when its keys are not sparse."""
         if not keys.sparse:
             return None
-        counts, side = keys.sparse  # type: ignore[misc]
+        if keys.aside is None:
+            keys.aside = cls.from_counts(*keys.sparse)  # type: ignore[misc]
+        return keys.aside  # type: ignore[return-value]
+
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor, side: torch.Tensor) -> KeysAside:
+        """From exact.sparse_keys' answer: all bucket counts and the keys set aside."""
         buckets = counts.nonzero().view(-1)
-        return cls(buckets, counts[buckets], torch.sort(side).values)
+        distinct, hits = torch.unique_consecutive(
+            torch.sort(side.to(torch.int64)).values, return_counts=True
+        )
+        return cls(buckets, counts[buckets], distinct, hits)
 
     @property
     def nbytes(self) -> int:
-        return 16 * self.buckets.numel() + 4 * self.side.numel()
+        return 16 * (self.buckets.numel() + self.keys.numel())
 
     def fine(self, bucket: int) -> SparseFine:
         i = int(torch.searchsorted(self.buckets, bucket))
         n = int(self.counts[i]) if i < self.buckets.numel() and self.buckets[i] == bucket else 0
-        lo = int(torch.searchsorted(self.side, bucket << COARSE_SHIFT))
-        hi = int(torch.searchsorted(self.side, (bucket + 1) << COARSE_SHIFT))
-        bins, hits = torch.unique_consecutive(self.side[lo:hi] & 0xFFFF, return_counts=True)
-        bins, hits = bins.to(torch.int64), hits.to(torch.int64)
-        if n > hi - lo:  # the bucket's keys without low bits
+        ends = torch.tensor([bucket << COARSE_SHIFT, (bucket + 1) << COARSE_SHIFT])
+        lo, hi = torch.searchsorted(self.keys, ends).tolist()
+        bins, hits = self.keys[lo:hi] & 0xFFFF, self.hits[lo:hi]
+        rest = n - int(hits.sum())  # the bucket's keys without low bits: bin 0
+        if rest:
             bins = torch.cat([torch.zeros(1, dtype=torch.int64), bins])
-            hits = torch.cat([torch.tensor([n - (hi - lo)], dtype=torch.int64), hits])
+            hits = torch.cat([torch.tensor([rest], dtype=torch.int64), hits])
         return SparseFine(bins, hits)
 
 
@@ -192,13 +202,6 @@ class _DenseBins:
         return out
 
 
-def _side_rows(side: torch.Tensor, wanted: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    if not side.numel():
-        empty = np.zeros(0, np.int64)
-        return [(empty, empty) for _ in wanted]
-    return kernels.fine_histogram_rows(side, wanted)
-
-
 def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[int, SparseFine]:
     """Sparse fine histograms of the given coarse buckets, in one pass over keys.
 
@@ -217,16 +220,10 @@ def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[
     source = keys.x if isinstance(keys, KeyChunks) else keys
     if source.numel() and kernels.enabled(source, load_now=False):
         sparse = sparse_keys(keys)
-        if sparse is not None:
-            # bin 0 holds the entries not set aside, the rest are binned from those
-            counts, side = sparse
-            for b, (bins, hits) in zip(wanted, _side_rows(side, wanted), strict=True):
-                zero = int(counts[b]) - int(hits.sum())
-                if zero:
-                    bins = np.concatenate(([0], bins))
-                    hits = np.concatenate(([zero], hits))
-                out[b] = SparseFine(torch.from_numpy(bins), torch.from_numpy(hits))
-            return out
+        if sparse is not None:  # from the keys set aside, sorted once per block
+            aside = KeysAside.of(keys) if isinstance(keys, KeyChunks) else None
+            aside = aside or KeysAside.from_counts(*sparse)
+            return {b: aside.fine(b) for b in wanted}
         # one fused pass (kernels.py): the same counts as the torch path below
         rows = kernels.fine_histogram_rows(source, wanted)
         for b, (bins, counts) in zip(wanted, rows, strict=True):

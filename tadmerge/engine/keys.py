@@ -41,8 +41,10 @@ class KeyChunks:
         # float64 bincounts that take these chunks (exact.CHUNK)
         default = KEY_CHUNK if self.x.device.type == "cpu" else 1 << 20
         self.chunk = max(1, chunk or default)
-        # exact.sparse_keys' answer for this block once asked (False: not sparse)
+        # exact.sparse_keys' answer for this block once asked (False: not sparse),
+        # and the histogram.KeysAside made from it
         self.sparse: object = None
+        self.aside: object = None
 
     def __len__(self) -> int:
         return self.x.numel()
