@@ -293,12 +293,14 @@ def test_bf16_split_tensors_take_one_statistics_round(zoo_dir, sname, monkeypatc
 
 
 @pytest.mark.skipif(not kernels.load(), reason="numba is not installed")
-def test_report_norms_of_tensors_resolved_whole_are_exact(zoo_dir):
+@pytest.mark.parametrize("sname", ["tadrop", "magnitude"])
+def test_report_norms_of_tensors_resolved_whole_are_exact(zoo_dir, sname):
     """With the kernels, a tensor resolved from its own block reports ‖τ‖ from the
     exact moments (no float32 pass) and ‖t‖ as fl32(scale)·‖kept τ‖."""
     root, (paths, base, models) = zoo_dir[0], (zoo_dir[1][:2], zoo_dir[1][2], zoo_dir[1][3])
-    sp = SPARSIFIERS["tadrop"]
-    res = run_merge(config(root, paths, sp, "task_arithmetic", "tensor", "norms", False, "numba"))
+    sp = SPARSIFIERS[sname]
+    cfg = config(root, paths, sp, "task_arithmetic", "tensor", f"norms-{sname}", False, "numba")
+    res = run_merge(cfg)
     expected, _ = reference_merge(base, models, sp, "task_arithmetic", "tensor")
     checked = 0
     for name, fig in res.report["tensors"].items():

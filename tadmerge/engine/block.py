@@ -169,7 +169,10 @@ def plan_task(
         if given is None:
             if not ctx.whole:
                 raise RuntimeError(f"{ctx.tensor}: split block without resolved selection")
-            index = RankIndex(coarse_stats(keys, moments=sp.moments))
+            # with the kernels, Σ τ² comes along (the report's norms; nearly free
+            # for a bf16 block, whose moments come from the few keys set aside)
+            moments = 2 if fused else sp.moments
+            index = RankIndex(coarse_stats(keys, moments=moments))
             if fused and index.stats.nonfinite:  # (fused: finite values are required)
                 raise NonFiniteTaskVector(k)
             rate = ctx.rates[k] if ctx.rates else None
@@ -210,7 +213,7 @@ def exact_norms(spec: MergeSpec, ctx: BlockContext, k: int) -> bool:
     """Whether plan_task(fused=True) reports task k's norms from the exact moments
     of the block's own statistics (and checks for NaN/Inf in its counts)."""
     own = (ctx.selections[k] if ctx.selections else None) is None
-    return own and spec.sparsify.method in MAGNITUDE_METHODS and spec.sparsify.moments == 2
+    return own and spec.sparsify.method in MAGNITUDE_METHODS
 
 
 def sparsify_chunk(tp: TaskPlan, tau: torch.Tensor, start: int, spec: MergeSpec) -> None:
