@@ -23,6 +23,8 @@ CASES = {
         {"method": "ties", "scale": 0.8},
     ),
     "emr-tadrop": ({"method": "tadrop"}, {"method": "emr"}),
+    # no sparsifier: the units stream from the raw inputs (engine/stream.py)
+    "ta-streamed": ({"method": "none"}, {"method": "task_arithmetic", "scale": 0.5}),
 }
 
 
