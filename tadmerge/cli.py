@@ -246,12 +246,12 @@ def exit_now(code: int) -> NoReturn:
     """End the process with `code` without tearing the interpreter down.
 
     Python's finalisation frees the objects of every loaded module one by one:
-    with torch loaded that is 0.35-0.7 s on a 2-core Xeon, a tenth of a small
-    merge. Nothing is lost by skipping it: every file tadmerge writes is fsynced
-    and published before main() returns, and here the atexit handlers (Ray's
-    shutdown among them), logging and the standard streams are flushed first.
-    While another thread is alive its work might be cut short, so the exit is
-    then the usual one.
+    after a 271M merge that is 0.45 s on a 2-core Xeon, against 0.03 s here
+    (benchmarks/kernel_costs.py), a tenth of the merge. Nothing is lost by
+    skipping it: every file tadmerge writes is fsynced and published before
+    main() returns, and here the atexit handlers (Ray's shutdown among them),
+    logging and the standard streams are flushed first. While another thread
+    is alive its work might be cut short, so the exit is then the usual one.
     """
     if threading.active_count() > 1:
         sys.exit(code)

@@ -3,12 +3,13 @@
 Task arithmetic and averaging without a sparsifier make each output entry from
 the same entry of the K+1 inputs. merge_block would first widen every input
 block to float32 (a pass through memory per input), make τ_k in place (another),
-sum its squares (another) and combine chunk by chunk: ~2.8 ns per element and
-task on a 2-core Xeon, memory-bound. Here the inputs stay in their own dtype
-(bf16: half the bytes) and each cache-sized chunk is widened, subtracted,
+sum its squares (another) and combine chunk by chunk: 2.0-2.5 ns per element
+and task on a 2-core Xeon, memory-bound. Here the inputs stay in their own
+dtype (bf16: half the bytes) and each cache-sized chunk is widened, subtracted,
 squared, combined and narrowed to the output dtype while it is in cache:
-~1.1-1.6 ns. The arithmetic is combine.task_arithmetic / combine.average's,
-in the same order, so the bytes are the same (tests/test_engine_stream.py).
+1.6-1.7 ns (benchmarks/kernel_costs.py). The arithmetic is
+combine.task_arithmetic / combine.average's, in the same order, so the bytes
+are the same (tests/test_engine_stream.py).
 It is written out here rather than calling them on K chunk buffers: that
 costs K+1 buffers in cache instead of three and measured ~30% slower.
 """

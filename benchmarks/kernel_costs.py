@@ -1,0 +1,193 @@
+"""Per-element costs of the engine's inner passes, on one real tensor of a set.
+
+    python benchmarks/kernel_costs.py [--data DIR] [--tensor NAME] [--tasks 3]
+
+The docs quote these figures. This script measures them on one tensor of a
+checkpoint set made by make_checkpoints.py, with one torch thread and medians
+of several runs:
+- task arithmetic of one block: merge_block's float32 path (widen K+1 blocks,
+  then whole-block passes) against the streamed merge (engine/stream.py);
+- the statistics of one task vector: the coarse pass with exact moments plus
+  the fine pass of three buckets, against one counting pass that sets the
+  keys with low bits aside (kernels.coarse_sparse) and the fine histograms
+  made from those keys (histogram.KeysAside);
+- the report's ‖τ‖ as a float32 pass (block.square_sum) against the exact value;
+- the exit of a process after a task arithmetic merge of the set: Python's
+  normal exit against cli.exit_now (os._exit).
+Results: benchmarks/results/kernel_costs.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import DEFAULT_DATA, tool_env, write_result
+from benchmarks.configs import tadmerge_config
+from tadmerge.engine import kernels
+from tadmerge.engine.block import BlockContext, MergeSpec, merge_block, square_sum
+from tadmerge.engine.exact import coarse_stats
+from tadmerge.engine.histogram import SQ_SCALE_BITS, KeysAside, scaled_to_float
+from tadmerge.engine.keys import magnitude_keys
+from tadmerge.engine.sparsify import SparsifySpec
+from tadmerge.engine.stream import merge_raw
+from tadmerge.io.block_io import read_rows
+from tadmerge.io.checkpoint import open_checkpoint
+
+
+def median_s(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def load(path: Path, name: str) -> torch.Tensor:
+    entry = open_checkpoint(str(path)).tensors[name]
+    return read_rows(entry, 0, entry.rows)
+
+
+_EXIT_CHILD = """
+import sys, time
+from tadmerge import cli
+code = cli.main(["-q", "merge", sys.argv[1], "--overwrite"])
+print(repr(time.time()), file=sys.stderr, flush=True)
+if sys.argv[2] == "fast":
+    cli.exit_now(code)
+sys.exit(code)
+"""
+
+
+def exit_cost(data: Path, tasks: int, reps: int) -> dict:
+    """Seconds from the end of a task arithmetic merge's main() to the process's
+    end, with Python's normal exit and with cli.exit_now (os._exit)."""
+    work = Path(tempfile.mkdtemp(prefix="kernel_costs_"))
+    try:
+        fts = [data / f"ft_{k}" for k in range(1, tasks + 1)]
+        cfg = tadmerge_config("task_arithmetic", data / "base", fts, work / "out")
+        cfg_path = work / "ta.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        out: dict = {}
+        for mode in ("normal", "fast"):
+            times = []
+            for _ in range(reps):
+                r = subprocess.run(
+                    [sys.executable, "-c", _EXIT_CHILD, str(cfg_path), mode],
+                    check=True, env=tool_env(), capture_output=True, text=True,
+                )  # fmt: skip
+                times.append(time.time() - float(r.stderr.strip().splitlines()[-1]))
+            out[f"{mode}_exit_s"] = statistics.median(times)
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA / "llama-271M-k8-bf16")
+    ap.add_argument("--tensor", default="model.layers.3.mlp.down_proj.weight")
+    ap.add_argument("--tasks", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=7)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    if not kernels.load():
+        sys.exit("kernel_costs: numba kernels are not available")
+
+    raws = [load(a.data / "base", a.tensor)]
+    raws += [load(a.data / f"ft_{k}", a.tensor) for k in range(1, a.tasks + 1)]
+    n, k_tasks = raws[0].numel(), a.tasks
+    per = n * k_tasks
+
+    # 1. task arithmetic of one block
+    ta = MergeSpec(SparsifySpec(method="none"), "task_arithmetic", 0.3, weights=(1.0,) * k_tasks)
+    ctx = BlockContext(tensor=a.tensor, shape=(n,), row_start=0, row_end=n, rng_rows=n, whole=True)
+    blocks = [torch.empty(n) for _ in raws]
+    out = torch.empty(n, dtype=raws[0].dtype)
+
+    def block_path():
+        for blk, raw in zip(blocks, raws, strict=True):
+            blk.copy_(raw)
+        out.copy_(merge_block(blocks[0], blocks[1:], ta, ctx).merged)
+
+    ta_block = median_s(block_path, a.reps) / per * 1e9
+    ta_stream = median_s(lambda: merge_raw(raws[0], raws[1:], out, ta), a.reps) / per * 1e9
+
+    # 2. the statistics of one task vector
+    tau = raws[1].float() - raws[0].float()
+    keys = magnitude_keys(tau)
+    order = torch.sort(keys).values
+    wanted = sorted({int(order[int(q * (n - 1))]) >> 16 for q in (0.3, 0.5, 0.95)})
+    low_share = float(((keys & 0xFFFF) != 0).double().mean())
+
+    def binned():
+        list(kernels.coarse_pieces(tau, 2))
+        kernels.fine_histogram_rows(tau, wanted)
+
+    def counted():
+        counts, side = kernels.coarse_sparse(tau)
+        c, s = torch.from_numpy(counts), torch.from_numpy(side)
+        if s.numel():
+            list(kernels.coarse_pieces(s, 2))
+        aside = KeysAside.from_counts(c, s, only=wanted)
+        for b in wanted:
+            aside.fine(b)
+
+    sparse = kernels.coarse_sparse(tau) is not None
+    stats_binned = median_s(binned, a.reps) / n * 1e9
+    stats_counted = median_s(counted, a.reps) / n * 1e9 if sparse else None
+
+    # 3. the report's norm
+    exact = math.sqrt(scaled_to_float(coarse_stats(tau, moments=2).total(2), SQ_SCALE_BITS))
+    approx = math.sqrt(square_sum(tau))
+
+    result = {
+        "data": str(a.data),
+        "tensor": a.tensor,
+        "numel": n,
+        "tasks": k_tasks,
+        "torch_threads": 1,
+        "reps": a.reps,
+        "task_arithmetic_ns_per_element_task": {"merge_block": ta_block, "streamed": ta_stream},
+        "statistics_ns_per_element": {
+            "coarse_moments_plus_fine": stats_binned,
+            "counting_with_keys_aside": stats_counted,
+            "keys_with_low_bits_share": low_share,
+            "wanted_buckets": wanted,
+        },
+        "report_norm": {
+            "exact": exact,
+            "float32_pass": approx,
+            "relative_error": abs(approx - exact) / exact if exact else 0.0,
+        },
+        "exit": exit_cost(a.data, k_tasks, min(a.reps, 3)),
+    }
+    path = write_result("kernel_costs", result)
+    print(f"task arithmetic: merge_block {ta_block:.2f} ns, streamed {ta_stream:.2f} ns "
+          f"per element and task")  # fmt: skip
+    print(f"statistics: coarse + fine {stats_binned:.2f} ns, counting with keys aside "
+          f"{stats_counted if stats_counted is None else round(stats_counted, 2)} ns per "
+          f"element ({low_share:.2%} of keys have low bits)")  # fmt: skip
+    print(f"report norm: float32 pass off by {result['report_norm']['relative_error']:.1e}")
+    ex = result["exit"]
+    print(f"exit after a merge: {ex['normal_exit_s']:.2f} s normal, "
+          f"{ex['fast_exit_s']:.2f} s exit_now")  # fmt: skip
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
