@@ -314,3 +314,57 @@ def test_report_norms_of_tensors_resolved_whole_are_exact(zoo_dir, sname):
             assert st["norm_after"] == pytest.approx(math.sqrt(R.fsum_sq(t)), rel=1e-6)
             checked += 1
     assert checked
+
+
+@pytest.mark.skipif(not kernels.load(), reason="numba is not installed")
+@pytest.mark.parametrize("method", ["task_arithmetic", "average"])
+def test_bf16_magnitude_merges_stream_from_the_raw_inputs(zoo_dir, method, monkeypatch):
+    """bf16 inputs, a magnitude selection, task arithmetic or averaging: every unit,
+    whole or a block of a split tensor, is merged from its raw 16-bit blocks
+    (engine/raw.py) with no float32 block made: the bytes of the torch path, and
+    the split tensors' report norms are their exact moments'."""
+    from tadmerge.cluster import worker
+
+    root, (paths, base, models) = zoo_dir[0], (zoo_dir[1][:2], zoo_dir[1][2], zoo_dir[1][3])
+    sp = SPARSIFIERS["tadrop"]
+
+    def merge(out: str, split: bool, backend: str):
+        cfg = config(root, paths, sp, method, "tensor", out, split)
+        bf16_only = [*cfg.exclude, "^layers\\.0\\.(attn|bias)", "^zero\\.", "^scale$"]
+        raw = {**cfg.to_dict(), "exclude": bf16_only}
+        raw["runtime"]["kernels"] = backend
+        return run_merge(parse_config(raw))
+
+    whole = merge(f"raw-{method}-torch", False, "torch")
+    monkeypatch.setattr(kernels, "SIDE_SHARE", 1)  # the zoo's tiny blocks count as sparse
+    used = {"raw": 0, "block": 0}
+    real_raw, real_block = worker.merge_raw_sparse, worker.merge_block
+
+    def spy_raw(*a, **kw):
+        got = real_raw(*a, **kw)
+        used["raw"] += got is not None
+        return got
+
+    def spy_block(*a, **kw):
+        used["block"] += 1
+        return real_block(*a, **kw)
+
+    monkeypatch.setattr(worker, "merge_raw_sparse", spy_raw)
+    monkeypatch.setattr(worker, "merge_block", spy_block)
+    split = merge(f"raw-{method}-numba", True, "numba")
+    merged_units = [u for t in split.plan.tensors if t.kind == "merge" for u in t.units]
+    assert used == {"raw": len(merged_units), "block": 0}
+    assert any(len(t.units) > 1 for t in split.plan.tensors if t.kind == "merge")
+    assert _files(whole.output) == _files(split.output)
+    checked = 0
+    for t in split.plan.tensors:
+        if t.kind != "merge" or len(t.units) < 2:
+            continue
+        for k, m in enumerate(models):
+            tau = m[t.name].float() - base[t.name].float()
+            fig = split.report["tensors"][t.name]["tasks"][f"t{k}"]
+            assert fig["norm"] == pytest.approx(math.sqrt(R.fsum_sq(tau)), rel=1e-15, abs=0)
+            ts = R.sparsify(tau, sp, task=k, name=t.name, seed=7, block_rows=1)
+            assert fig["norm_after"] == pytest.approx(math.sqrt(R.fsum_sq(ts)), rel=1e-6)
+            checked += 1
+    assert checked

@@ -25,7 +25,8 @@ from ..engine.block import (
 )
 from ..engine.exact import coarse_stats
 from ..engine.histogram import KeysAside, fine_histograms
-from ..engine.keys import KeyChunks
+from ..engine.keys import KeyChunks, SparseKeys
+from ..engine.raw import merge_raw_sparse, takes
 from ..engine.sparsify import MAGNITUDE_METHODS
 from ..engine.stream import merge_raw, streams
 from ..errors import InputError, InputProblem
@@ -143,6 +144,10 @@ def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu
     """One unit's share of a statistics round (see cluster/stats.py)."""
     device = resolve_device(device_name)
     unit = plan.units[unit_id]
+    if request[0] == "coarse" and _raw_inputs(plan.tensors[unit.tensor], device, request[1]):
+        got = _raw_coarse(plan, unit, request)
+        if got is not None:
+            return got
     _, blocks = read_unit(plan, unit, device)
     base, models = blocks[0], blocks[1:]
     kind = request[0]
@@ -174,6 +179,48 @@ def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu
             out[k] = counts
         return out
     raise ValueError(f"unknown stats request {kind}")
+
+
+def _raw_inputs(tp: TensorPlan, device: torch.device, moments: int = 2) -> bool:
+    """Whether a unit's task vectors can be counted from its raw bf16 inputs
+    (kernels.coarse_sparse_raw) with no float32 block made. Counts alone do not
+    load the kernels (as in exact.coarse_stats)."""
+    return (
+        device.type == "cpu"
+        and all(src.dtype == "BF16" for src in tp.sources)
+        and kernels.enabled(torch.empty(0), load_now=moments > 0)
+    )
+
+
+def _read_raw(plan: Plan, unit: Unit) -> list[torch.Tensor]:
+    """The unit's raw input blocks, in the buffers of read_unit's float32 blocks
+    (half their size for bf16): a unit handed back to read_unit holds no more."""
+    tp = plan.tensors[unit.tensor]
+    n = (unit.row_end - unit.row_start) * tp.row_numel
+    return [
+        read_rows(
+            src, unit.row_start, unit.row_end, POOL.get(f"block{i}", n * src.itemsize, torch.uint8)
+        )
+        for i, src in enumerate(tp.sources)
+    ]
+
+
+def _raw_coarse(plan: Plan, unit: Unit, request: tuple) -> list | None:
+    """A coarse request answered from the raw bf16 blocks; None when a task
+    vector's keys are not sparse (read_unit's path answers it then)."""
+    raws = _read_raw(plan, unit)
+    n = raws[0].numel()
+    out = []
+    for k, model in enumerate(raws[1:]):
+        got = kernels.coarse_sparse_raw(raws[0], model)
+        if got is None:
+            return None
+        keys = SparseKeys(n, torch.from_numpy(got[0]), torch.from_numpy(got[1]))
+        st = coarse_stats(keys, moments=request[1])
+        if st.nonfinite and not plan.config.inputs.allow_nonfinite:
+            raise nonfinite_error(plan, unit, k, raws)
+        out.append((st, KeysAside.of(keys) if len(request) > 2 and request[2] else None))
+    return out
 
 
 # ------------------------------------------------------------------------------------
@@ -215,6 +262,14 @@ def run_unit(
     try:
         if streams(spec, device):
             return _stream_unit(plan, staging, unit, tp, spec, check_finite)
+        if (
+            check_finite
+            and takes(spec, [s.dtype for s in tp.sources], tp.out_dtype or "", device)
+            and kernels.enabled(torch.empty(0))
+        ):
+            rec = _raw_unit(plan, staging, unit, tp, spec, resolved)
+            if rec is not None:
+                return rec
         _, blocks = read_unit(plan, unit, device)
         ctx = block_context(plan, unit, resolved)
         res: BlockResult = merge_block(blocks[0], blocks[1:], spec, ctx, check_finite)
@@ -256,6 +311,21 @@ def _stream_unit(
     assert tp.out_dtype is not None
     out = POOL.get("out", n, _torch_dtype(tp.out_dtype))
     tasks = merge_raw(raws[0], raws[1:], out, spec, check_finite)
+    _write_out(plan, staging, unit, out)
+    return UnitRecord(unit.id, tasks)
+
+
+def _raw_unit(
+    plan: Plan, staging: str, unit: Unit, tp: TensorPlan, spec: MergeSpec, resolved: dict | None
+) -> UnitRecord | None:
+    """A magnitude selection with task arithmetic or averaging, from the raw bf16
+    blocks (engine/raw.py); None when merge_block must merge this unit."""
+    raws = _read_raw(plan, unit)
+    assert tp.out_dtype is not None
+    out = POOL.get("out", raws[0].numel(), _torch_dtype(tp.out_dtype))
+    tasks = merge_raw_sparse(raws[0], raws[1:], out, spec, block_context(plan, unit, resolved))
+    if tasks is None:
+        return None
     _write_out(plan, staging, unit, out)
     return UnitRecord(unit.id, tasks)
 

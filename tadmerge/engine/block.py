@@ -188,13 +188,7 @@ def plan_task(
             lo, hi = (cuts.lo_key, cuts.lo_left), (cuts.hi_key, cuts.hi_left)
             stats.kept = kernels.cut_block(tau, lo, hi, cuts.scale)
             if exact_norms(spec, ctx, k):
-                # the report's norms from the exact moments: no passes over τ and t
-                # (Σ t² = fl32(scale)² Σ kept τ², up to the rounding of each product)
-                kept_sq = index.moment_from(sel.lo, 2) - index.moment_from(sel.hi, 2)
-                stats.tau_sq = scaled_to_float(index.total_moment(2))
-                stats.t_sq = float(torch.tensor(sel.scale, dtype=torch.float32)) ** 2 * (
-                    scaled_to_float(kept_sq)
-                )
+                stats.tau_sq, stats.t_sq = own_norms(index, sel)
             else:
                 stats.t_sq = square_sum(tau)
             return TaskPlan(stats, done=True)
@@ -207,6 +201,15 @@ def plan_task(
     t, kept = della_block(tau, magnitude_keys(tau), u, ctx.della_row, sp)
     tau.copy_(t)
     return TaskPlan(TaskStats(kept=kept, t_sq=square_sum(tau)), done=True)
+
+
+def own_norms(index: RankIndex, sel: Selection) -> tuple[float, float]:
+    """The report's Σ τ² and Σ t² of a block that resolved its own selection,
+    from its exact moments (index built with moments=2): no passes over τ and t
+    (Σ t² = fl32(scale)² Σ kept τ², up to the rounding of each product)."""
+    kept_sq = index.moment_from(sel.lo, 2) - index.moment_from(sel.hi, 2)
+    t_sq = float(torch.tensor(sel.scale, dtype=torch.float32)) ** 2 * scaled_to_float(kept_sq)
+    return scaled_to_float(index.total_moment(2)), t_sq
 
 
 def exact_norms(spec: MergeSpec, ctx: BlockContext, k: int) -> bool:

@@ -35,6 +35,13 @@ from .keys import N_COARSE, N_FINE
 
 # Elements per kernel call: Σ L² per bucket stays below 2**62 in int64.
 PIECE = 1 << 30
+# entries per chunk of cut_combine_raw: its four buffers stay in L1
+RAW_CHUNK = 2048
+# shift counts as unsigned numbers: an unsigned value shifted by a signed one is
+# a signed int64 to numba, whose indexing then checks for negative indices
+U16 = np.uint32(16)
+M31 = np.uint32(0x7FFFFFFF)
+LOW16 = np.uint32(0xFFFF)
 # up to this many wanted buckets the fine kernel keeps one table per stream
 TWO_STREAM_ROWS = 8
 
@@ -77,6 +84,9 @@ class _Kernels(NamedTuple):
     ties_votes: Any
     ties_merge: Any
     emr_merge: Any
+    coarse_side_raw: Any
+    tie_end_raw: Any
+    cut_combine_raw: Any
 
 
 def _numba_kernels() -> _Kernels | None:
@@ -124,34 +134,42 @@ def _build(numba, cache_on_disk: bool):
     # Each kernel runs two independent streams (the two halves of the input) into
     # two tables: a value that repeats (the zeros of an untouched row) otherwise
     # makes every increment wait for the previous one to the same counter.
+    #
+    # Indexing: numba wraps a negative index unless it knows the index is not
+    # negative: a range variable from 0, or an unsigned integer. That check on
+    # every access keeps a loop from vectorising (a loop over x[a + j] ran 7x
+    # slower than over a slice x[a:b] indexed by j), so loops index slices from 0
+    # and tables take unsigned bucket numbers (U16, M31, LOW16).
 
     @jit
     def coarse_counts(bits, counts, counts2):  # pragma: no cover (compiled)
         h = bits.shape[0] // 2
+        lo, hi = bits[:h], bits[h : 2 * h]
         for i in range(h):
-            counts[(bits[i] & 0x7FFFFFFF) >> 16] += 1
-            counts2[(bits[i + h] & 0x7FFFFFFF) >> 16] += 1
-        for i in range(2 * h, bits.shape[0]):
-            counts[(bits[i] & 0x7FFFFFFF) >> 16] += 1
+            counts[(np.uint32(lo[i]) & M31) >> U16] += 1
+            counts2[(np.uint32(hi[i]) & M31) >> U16] += 1
+        if bits.shape[0] % 2:
+            counts[(np.uint32(bits[-1]) & M31) >> U16] += 1
 
     @jit
     def coarse_moments(bits, acc, acc2):  # pragma: no cover (compiled)
         # acc[b] = (count, Σ L, Σ L²) of bucket b
         h = bits.shape[0] // 2
+        lo, hi = bits[:h], bits[h : 2 * h]
         for i in range(h):
-            k = bits[i] & 0x7FFFFFFF
-            k2 = bits[i + h] & 0x7FFFFFFF
-            b, low = k >> 16, np.int64(k & 0xFFFF)
-            b2, low2 = k2 >> 16, np.int64(k2 & 0xFFFF)
+            k = np.uint32(lo[i]) & M31
+            k2 = np.uint32(hi[i]) & M31
+            b, low = k >> U16, np.int64(k & 0xFFFF)
+            b2, low2 = k2 >> U16, np.int64(k2 & 0xFFFF)
             acc[b, 0] += 1
             acc[b, 1] += low
             acc[b, 2] += low * low
             acc2[b2, 0] += 1
             acc2[b2, 1] += low2
             acc2[b2, 2] += low2 * low2
-        for i in range(2 * h, bits.shape[0]):
-            k = bits[i] & 0x7FFFFFFF
-            b, low = k >> 16, np.int64(k & 0xFFFF)
+        if bits.shape[0] % 2:
+            k = np.uint32(bits[-1]) & M31
+            b, low = k >> U16, np.int64(k & 0xFFFF)
             acc[b, 0] += 1
             acc[b, 1] += low
             acc[b, 2] += low * low
@@ -166,11 +184,12 @@ def _build(numba, cache_on_disk: bool):
         h = n // 2
         cap = side.shape[0]
         ns = 0
+        lo, hi = bits[:h], bits[h : 2 * h]
         for i in range(h):
-            k = bits[i] & 0x7FFFFFFF
-            k2 = bits[i + h] & 0x7FFFFFFF
-            counts[k >> 16] += 1
-            counts2[k2 >> 16] += 1
+            k = np.uint32(lo[i]) & M31
+            k2 = np.uint32(hi[i]) & M31
+            counts[k >> U16] += 1
+            counts2[k2 >> U16] += 1
             if (k & 0xFFFF) != 0:
                 if ns == cap:
                     return -1
@@ -181,9 +200,9 @@ def _build(numba, cache_on_disk: bool):
                     return -1
                 side[ns] = k2
                 ns += 1
-        for i in range(2 * h, n):
-            k = bits[i] & 0x7FFFFFFF
-            counts[k >> 16] += 1
+        if n % 2:
+            k = np.uint32(bits[-1]) & M31
+            counts[k >> U16] += 1
             if (k & 0xFFFF) != 0:
                 if ns == cap:
                     return -1
@@ -195,14 +214,15 @@ def _build(numba, cache_on_disk: bool):
     def fine_rows(bits, lut, rows, rows2):  # pragma: no cover (compiled)
         # lut: coarse bucket -> row; unwanted buckets map to the last row (no branch)
         h = bits.shape[0] // 2
+        lo, hi = bits[:h], bits[h : 2 * h]
         for i in range(h):
-            k = bits[i] & 0x7FFFFFFF
-            k2 = bits[i + h] & 0x7FFFFFFF
-            rows[lut[k >> 16], k & 0xFFFF] += 1
-            rows2[lut[k2 >> 16], k2 & 0xFFFF] += 1
-        for i in range(2 * h, bits.shape[0]):
-            k = bits[i] & 0x7FFFFFFF
-            rows[lut[k >> 16], k & 0xFFFF] += 1
+            k = np.uint32(lo[i]) & M31
+            k2 = np.uint32(hi[i]) & M31
+            rows[np.uint32(lut[k >> U16]), k & LOW16] += 1
+            rows2[np.uint32(lut[k2 >> U16]), k2 & LOW16] += 1
+        if bits.shape[0] % 2:
+            k = np.uint32(bits[-1]) & M31
+            rows[np.uint32(lut[k >> U16]), k & LOW16] += 1
 
     # The apply phase: a resolved selection applied to a whole block in one pass
     # (sparsify.apply_cuts makes about ten torch passes over each chunk). Σ t²
@@ -224,14 +244,15 @@ def _build(numba, cache_on_disk: bool):
         a = 0
         while a < n:
             b = min(n, a + 1024)
+            s = tb[a:b]
             here = 0
-            for i in range(a, b):
-                here += np.int64((tb[i] & 0x7FFFFFFF) == key)
+            for j in range(b - a):
+                here += np.int64((s[j] & 0x7FFFFFFF) == key)
             if c + here >= quota:
-                for i in range(a, b):
-                    c += np.int64((tb[i] & 0x7FFFFFFF) == key)
+                for j in range(b - a):
+                    c += np.int64((s[j] & 0x7FFFFFFF) == key)
                     if c == quota:
-                        return i + 1
+                        return a + j + 1
             c += here
             a = b
         return n
@@ -348,6 +369,170 @@ def _build(numba, cache_on_disk: bool):
                 abs_u[k, e] += m if masks[k, i] else 0
             out[i] = mag * s + zero
 
+    # Magnitude selections on raw bf16 inputs (engine/raw.py): each task vector
+    # entry τ = fl32(θ_k) − fl32(θ_0) is made in registers from the two 16-bit
+    # patterns (a bf16 is the top half of its float32) and never stored, where
+    # merge_block widens every input to a float32 block, writes τ over it and
+    # reads it back in each later pass. The same float32 subtraction, so the same
+    # bits.
+
+    @jit
+    def coarse_side_raw(base, task, counts, counts2, side):  # pragma: no cover
+        # coarse_side of τ's keys (two streams), τ made from the raw bf16 bits
+        n = base.shape[0]
+        h = n // 2
+        cap = side.shape[0]
+        ns = 0
+        b1, b2, t1, t2 = base[:h], base[h : 2 * h], task[:h], task[h : 2 * h]
+        for i in range(h):
+            x = np.int32(np.int32(t1[i]) << 16).view(np.float32)
+            y = np.int32(np.int32(b1[i]) << 16).view(np.float32)
+            x2 = np.int32(np.int32(t2[i]) << 16).view(np.float32)
+            y2 = np.int32(np.int32(b2[i]) << 16).view(np.float32)
+            k = np.uint32(np.float32(x - y).view(np.int32)) & M31
+            k2 = np.uint32(np.float32(x2 - y2).view(np.int32)) & M31
+            counts[k >> U16] += 1
+            counts2[k2 >> U16] += 1
+            if (k & 0xFFFF) != 0:
+                if ns == cap:
+                    return -1
+                side[ns] = k
+                ns += 1
+            if (k2 & 0xFFFF) != 0:
+                if ns == cap:
+                    return -1
+                side[ns] = k2
+                ns += 1
+        if n % 2:
+            x = np.int32(np.int32(task[n - 1]) << 16).view(np.float32)
+            y = np.int32(np.int32(base[n - 1]) << 16).view(np.float32)
+            k = np.uint32(np.float32(x - y).view(np.int32)) & M31
+            counts[k >> U16] += 1
+            if (k & 0xFFFF) != 0:
+                if ns == cap:
+                    return -1
+                side[ns] = k
+                ns += 1
+        return ns
+
+    @jit
+    def tie_end_raw(base, task, key, quota):  # pragma: no cover (compiled)
+        # tie_end over τ's keys, τ made from the raw bf16 bits
+        n = base.shape[0]
+        k32 = np.int32(key)
+        c = 0
+        a = 0
+        while a < n:
+            b = min(n, a + 1024)
+            bs, ts = base[a:b], task[a:b]
+            here = 0
+            for j in range(b - a):
+                x = np.int32(np.int32(ts[j]) << 16).view(np.float32)
+                y = np.int32(np.int32(bs[j]) << 16).view(np.float32)
+                here += np.int32((np.float32(x - y).view(np.int32) & 0x7FFFFFFF) == k32)
+            if c + here >= quota:
+                for j in range(b - a):
+                    x = np.int32(np.int32(ts[j]) << 16).view(np.float32)
+                    y = np.int32(np.int32(bs[j]) << 16).view(np.float32)
+                    c += np.int64((np.float32(x - y).view(np.int32) & 0x7FFFFFFF) == k32)
+                    if c == quota:
+                        return a + j + 1
+            c += here
+            a = b
+        return n
+
+    @jit
+    def cut_combine_raw(
+        base,
+        tasks,
+        lo_key,
+        lo_end,
+        hi_key,
+        hi_end,
+        scale,
+        w,
+        lam,
+        total_w,
+        average,
+        out16,
+        out32,
+        kept,
+    ):  # pragma: no cover (compiled)
+        # Per entry: τ_k from the raw bits, t_k = τ_k·fl32(s_k), kept or +0.0 as
+        # cut_pass decides, then the combiner of combine.task_arithmetic
+        # (Σ_k t_k·w_k in task order, ·λ, + θ0) or of combine.average_of_deltas
+        # (Σ_k t_k·w_k / Σw + θ0), rounded to bf16 as torch rounds (to nearest,
+        # ties to even) into out16, or stored into out32. x·1 = x exactly, so
+        # unit weights and scales need no branch. Chunk by chunk through small
+        # buffers whose float32 and int32 views give the bits of a value (loops
+        # that vectorise). Cut keys are int32 here: "all below" (2**31) becomes
+        # 0x7FFFFFFF, above every finite key. Returns how many results are NaN
+        # (torch's bf16 NaN pattern is its own business: the caller redoes the
+        # block with torch).
+        n = base.shape[0]
+        narrow = out16.shape[0] > 0
+        c = RAW_CHUNK
+        bb = np.empty(c, np.int32)
+        bf = bb.view(np.float32)
+        tb = np.empty(c, np.int32)
+        tf = tb.view(np.float32)
+        sb = np.empty(c, np.int32)
+        sf = sb.view(np.float32)
+        acc = np.empty(c, np.float32)
+        accb = acc.view(np.int32)
+        nan = 0
+        for a in range(0, n, c):
+            m = min(c, n - a)
+            bs = base[a : a + m]
+            for j in range(m):
+                bb[j] = np.int32(bs[j]) << 16
+            for k in range(len(tasks)):
+                ts = tasks[k][a : a + m]
+                lk = np.int32(min(lo_key[k], 0x7FFFFFFF))
+                hk = np.int32(min(hi_key[k], 0x7FFFFFFF))
+                le = np.int32(max(-1, min(lo_end[k] - a, c + 1)))
+                he = np.int32(max(-1, min(hi_end[k] - a, c + 1)))
+                s = scale[k]
+                wk = w[k]
+                cnt = np.int32(0)
+                for j in range(m):
+                    tb[j] = np.int32(ts[j]) << 16
+                    tf[j] = tf[j] - bf[j]
+                    kb = tb[j] & np.int32(0x7FFFFFFF)
+                    jj = np.int32(j)
+                    below_lo = (kb < lk) | ((kb == lk) & (jj < le))
+                    below_hi = (kb < hk) | ((kb == hk) & (jj < he))
+                    keep = below_hi & ~below_lo
+                    cnt += np.int32(keep)
+                    sf[j] = tf[j] * s
+                    sb[j] = sb[j] & -np.int32(keep)
+                kept[k] += cnt
+                if k == 0:
+                    for j in range(m):
+                        acc[j] = sf[j] * wk
+                else:
+                    for j in range(m):
+                        acc[j] = acc[j] + sf[j] * wk
+            if average:
+                for j in range(m):
+                    acc[j] = acc[j] / total_w + bf[j]
+            else:
+                for j in range(m):
+                    acc[j] = acc[j] * lam + bf[j]
+            if narrow:
+                o16 = out16[a : a + m]
+                for j in range(m):
+                    u = np.uint32(accb[j])
+                    nan += np.int32((u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000))
+                    r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> 16
+                    o16[j] = np.uint16(r)
+            else:
+                o32 = out32[a : a + m]
+                for j in range(m):
+                    nan += np.int32((accb[j] & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000))
+                    o32[j] = acc[j]
+        return nan
+
     # materialise every signature now, under the lock, rather than on first use
     # in several worker threads at once
     bits = np.zeros(4, np.int32)
@@ -359,11 +544,14 @@ def _build(numba, cache_on_disk: bool):
     vals = np.zeros(4, np.float32)
     tie_end(bits, np.int64(0), np.int64(1))
     cut_pass(vals, np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.float32(1), True)
-    # (the TIES and EMR kernels compile per K on first use; numba's compiler lock
-    # is global)
+    raw = np.zeros(4, np.uint16)
+    coarse_side_raw(raw, raw, np.zeros(N_COARSE, np.int64), np.zeros(N_COARSE, np.int64), bits)
+    tie_end_raw(raw, raw, np.int64(0), np.int64(1))
+    # (the TIES, EMR and raw combine kernels compile per K on first use; numba's
+    # compiler lock is global)
     return _Kernels(
         coarse_counts, coarse_moments, coarse_side, fine_rows, tie_end, cut_pass, ties_votes,
-        ties_merge, emr_merge,
+        ties_merge, emr_merge, coarse_side_raw, tie_end_raw, cut_combine_raw,
     )  # fmt: skip
 
 
@@ -562,3 +750,78 @@ def emr_merge(ts: list[torch.Tensor], masks: torch.Tensor) -> tuple[np.ndarray, 
         arrays, tuple(a.view(np.int32) for a in arrays), masks.numpy(), abs_t, abs_u
     )
     return abs_t, abs_u
+
+
+# ---------------------------------------------------------------------------------
+# raw bf16 inputs (engine/raw.py)
+# ---------------------------------------------------------------------------------
+
+
+def _raw16(x: torch.Tensor) -> np.ndarray:
+    """The 16-bit patterns of a flat contiguous bf16 tensor, without a copy."""
+    if x.dtype != torch.bfloat16 or not x.is_contiguous():
+        raise TypeError("the raw kernels take contiguous bfloat16 tensors")
+    return x.view(-1).view(torch.int16).numpy().view(np.uint16)
+
+
+def coarse_sparse_raw(
+    base: torch.Tensor, task: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """coarse_sparse of τ = fl32(task) − fl32(base) for bf16 blocks, τ never stored."""
+    b, t = _raw16(base), _raw16(task)
+    n = b.shape[0]
+    if n > PIECE:
+        return None
+    counts = np.zeros((2, N_COARSE), np.int64)
+    side = np.empty(max(1, n // SIDE_SHARE), np.int32)
+    ns = _numba_kernels().coarse_side_raw(b, t, counts[0], counts[1], side)
+    if ns < 0:
+        return None
+    return counts[0] + counts[1], side[:ns]
+
+
+def tie_end_raw(base: torch.Tensor, task: torch.Tensor, key: int, quota: int) -> int:
+    """tie_end over τ = fl32(task) − fl32(base) of bf16 blocks (0 if none wanted)."""
+    if quota <= 0 or key < 0:
+        return 0
+    return int(
+        _numba_kernels().tie_end_raw(_raw16(base), _raw16(task), np.int64(key), np.int64(quota))
+    )
+
+
+def cut_combine_raw(
+    base: torch.Tensor,
+    tasks: list[torch.Tensor],
+    cuts: list[tuple[int, int, int, int, float]],
+    weights: list[float],
+    scale: float,
+    average: bool,
+    out: torch.Tensor,
+) -> list[int] | None:
+    """Task arithmetic (or averaging) of the cut, rescaled task vectors of bf16
+    blocks, into `out` (bf16 or float32): the bytes of cut_block then
+    combine.task_arithmetic / average_of_deltas and the cast, in one pass.
+
+    cuts: per task (lo key, lo tie end, hi key, hi tie end, scale), as cut_pass
+    takes them. Returns the kept count per task, or None when a result is NaN
+    (the caller merges the block with torch instead; `out` is then garbage)."""
+    k = len(tasks)
+    lo_key = np.array([1 << 31 if c[0] < 0 else c[0] for c in cuts], np.int64)
+    hi_key = np.array([1 << 31 if c[2] < 0 else c[2] for c in cuts], np.int64)
+    lo_end = np.array([c[1] for c in cuts], np.int64)
+    hi_end = np.array([c[3] for c in cuts], np.int64)
+    scales = np.array([c[4] for c in cuts], np.float32)
+    empty16, empty32 = np.empty(0, np.uint16), np.empty(0, np.float32)
+    if out.dtype == torch.bfloat16:
+        out16, out32 = _raw16(out), empty32
+    elif out.dtype == torch.float32 and out.is_contiguous():
+        out16, out32 = empty16, out.view(-1).numpy()
+    else:
+        raise TypeError(f"cut_combine_raw writes bfloat16 or float32, not {out.dtype}")
+    kept = np.zeros(k, np.int64)
+    nan = _numba_kernels().cut_combine_raw(
+        _raw16(base), tuple(_raw16(t) for t in tasks), lo_key, lo_end, hi_key, hi_end,
+        scales, np.float32(weights), np.float32(scale), np.float32(sum(weights)), average,
+        out16, out32, kept,
+    )  # fmt: skip
+    return None if nan else [int(v) for v in kept]

@@ -54,6 +54,25 @@ class KeyChunks:
             yield magnitude_keys(self.x[a : a + self.chunk])
 
 
+class SparseKeys(KeyChunks):
+    """The keys of a block that was never stored, known by exact.sparse_keys'
+    answer alone (kernels.coarse_sparse_raw made it from the raw inputs).
+
+    Every statistic of a sparse block comes from that answer (coarse_stats,
+    fine_histograms): nothing iterates over the keys, and iterating is an error
+    rather than a silent pass over a stand-in.
+    """
+
+    def __init__(self, n: int, counts: torch.Tensor, side: torch.Tensor):
+        self.x = torch.zeros(1).expand(n)  # n elements, no memory: numel and device
+        self.chunk = KEY_CHUNK
+        self.sparse = (counts, side)
+        self.aside = None
+
+    def __iter__(self):
+        raise RuntimeError("SparseKeys holds no keys to iterate: only their sparse counts")
+
+
 def key_chunks(keys) -> list | KeyChunks:
     """Chunks of keys from a key tensor (split) or a KeyChunks (as is)."""
     if isinstance(keys, torch.Tensor):

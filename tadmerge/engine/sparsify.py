@@ -72,6 +72,12 @@ class Selection:
     drop_rate: float  # d for TADrop; the dropped fraction otherwise
     q_low: float | None
     q_high: float | None
+    # the report's norms of the whole group, from its exact moments (l2 rescale
+    # only: the other selections do not gather Σ τ²): ‖τ‖² and ‖t‖² taken as
+    # fl32(scale)²·Σ kept τ² (each product's rounding aside). Blocks of a split
+    # tensor need not sum their own (engine/raw.py does not).
+    tau_sq: float | None = None
+    t_sq: float | None = None
 
     @property
     def kept(self) -> int:
@@ -140,10 +146,12 @@ def resolve_selection(
     lo, hi = index.cut(lo_rank), index.cut(hi_rank)
     dropped = n - (hi_rank - lo_rank)
     drop_rate = rate if spec.method == "tadrop" else (dropped / n if n else 0.0)
+    norms: tuple[float, float] | tuple[None, None] = (None, None)
     if spec.rescale == "l2":
-        norm = scaled_to_float(index.total_moment(2), SQ_SCALE_BITS) ** 0.5
-        kept_sq = index.moment_from(lo, 2) - index.moment_from(hi, 2)
-        scale = norm / (scaled_to_float(kept_sq, SQ_SCALE_BITS) ** 0.5 + spec.eps)
+        tau_sq = scaled_to_float(index.total_moment(2), SQ_SCALE_BITS)
+        kept_sq = scaled_to_float(index.moment_from(lo, 2) - index.moment_from(hi, 2))
+        scale = tau_sq**0.5 / (kept_sq**0.5 + spec.eps)
+        norms = (tau_sq, float(torch.tensor(scale, dtype=torch.float32)) ** 2 * kept_sq)
     elif spec.rescale == "l1":
         total_abs = scaled_to_float(index.total_moment(1), ABS_SCALE_BITS)
         kept_abs = scaled_to_float(
@@ -154,7 +162,7 @@ def resolve_selection(
         scale = 1.0 / (1.0 - drop_rate) if drop_rate < 1.0 else 0.0
     else:
         scale = 1.0
-    return Selection(n, lo, hi, scale, drop_rate, q_low, q_high)
+    return Selection(n, lo, hi, scale, drop_rate, q_low, q_high, *norms)
 
 
 def run_locally(

@@ -40,8 +40,12 @@ def tensor_report(plan, done: dict, resolved: dict) -> tuple[dict, dict]:
                 sel.drop_rate if whole else (1.0 - kept / t.numel if t.numel else 0.0)
             )
             fig["scale"] = sel.scale if whole else None
-            fig["norm"] = math.fsum(r.tasks[k].tau_sq for r in recs) ** 0.5
-            fig["norm_after"] = math.fsum(r.tasks[k].t_sq for r in recs) ** 0.5
+            if whole and sel.tau_sq is not None:  # the tensor's exact moments
+                fig["norm"] = sel.tau_sq**0.5
+                fig["norm_after"] = sel.t_sq**0.5
+            else:  # the blocks' own sums (float32 passes)
+                fig["norm"] = math.fsum(r.tasks[k].tau_sq for r in recs) ** 0.5
+                fig["norm_after"] = math.fsum(r.tasks[k].t_sq for r in recs) ** 0.5
             if plan.is_emr:
                 a = _sum(r.emr_abs_t[k] for r in recs)
                 b = _sum(r.emr_abs_uni[k] for r in recs)

@@ -1,0 +1,103 @@
+"""Magnitude selections with task arithmetic or averaging, from raw bf16 inputs.
+
+merge_block widens every input block to float32 (a pass through memory per
+input), writes τ_k over it (another), counts its keys, scans for the cut's
+ties, applies the cut and combines: each pass reads or writes 4 bytes per entry
+and task. For bf16 checkpoints, the usual LLM case, τ_k is cheap to make again
+from the raw 16-bit patterns, in registers: here the K+1 raw blocks are the
+only block-sized memory, and each entry of τ_k is made three times (counting,
+the tie scan, the cut and combine) without ever being stored
+(kernels.coarse_sparse_raw, tie_end_raw, cut_combine_raw). The float32
+operations are merge_block's in the same order, so the bytes are the same
+(tests/test_engine_raw.py).
+
+This takes bf16 task vectors whose keys are sparse (kernels.coarse_sparse: ~1%
+of a bf16 difference's keys have low bits), which is what makes the statistics
+one counting pass with no τ to re-read. When a block's keys are not sparse,
+merge_raw_sparse returns None and the caller merges it the usual way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import kernels
+from .block import BlockContext, MergeSpec, NonFiniteTaskVector, TaskStats, own_norms
+from .exact import coarse_stats
+from .histogram import RankIndex
+from .keys import SparseKeys
+from .sparsify import MAGNITUDE_METHODS, resolve_selection, run_locally
+
+
+def takes(spec: MergeSpec, in_dtypes: list[str], out_dtype: str, device: torch.device) -> bool:
+    """Whether merge_raw_sparse can merge blocks of this merge (it may still hand
+    a block back); dtypes by their safetensors names. The kernels need finite
+    values: the caller checks."""
+    return (
+        device.type == "cpu"
+        and spec.sparsify.method in MAGNITUDE_METHODS
+        and spec.method in ("task_arithmetic", "average")
+        and all(d == "BF16" for d in in_dtypes)
+        and out_dtype in ("BF16", "F32")
+    )
+
+
+def merge_raw_sparse(
+    base: torch.Tensor,
+    models: list[torch.Tensor],
+    out: torch.Tensor,
+    spec: MergeSpec,
+    ctx: BlockContext,
+) -> list[TaskStats] | None:
+    """Merge one block of raw bf16 inputs into `out` (bf16 or float32).
+
+    The block resolves its own selections when it is the whole tensor (scope
+    tensor), else it applies the ones in ctx, which must carry their tensor's
+    norms (Selection.tau_sq: l2 rescale) since no block sums its own here
+    (the report takes them from the selection, report/figures.py).
+    Returns None, having written nothing that counts, when merge_block must do
+    it: keys not sparse, a resolved selection without norms, or a NaN result.
+    Raises NonFiniteTaskVector when a task vector holds NaN/Inf.
+    """
+    n = base.numel()
+    sp = spec.sparsify
+    cuts = []
+    stats = []
+    for k, model in enumerate(models):
+        given = ctx.selections[k] if ctx.selections else None
+        if given is None:
+            if not ctx.whole:
+                raise RuntimeError(f"{ctx.tensor}: split block without resolved selection")
+            got = kernels.coarse_sparse_raw(base, model)
+            if got is None:
+                return None
+            keys = SparseKeys(n, torch.from_numpy(got[0]), torch.from_numpy(got[1]))
+            index = RankIndex(coarse_stats(keys, moments=2))
+            if index.stats.nonfinite:
+                raise NonFiniteTaskVector(k)
+            rate = ctx.rates[k] if ctx.rates else None
+            sel = run_locally(resolve_selection(index, sp, rate), keys, index)
+            quotas = (sel.lo.quota, sel.hi.quota)
+            st = TaskStats(selection=sel)
+            st.tau_sq, st.t_sq = own_norms(index, sel)
+        else:
+            if given.tau_sq is None or given.n != math.prod(ctx.shape):
+                return None  # no norms, or a global selection (not this tensor's)
+            sel = given
+            quotas = ctx.quotas[k]
+            # the report takes the tensor's norms from the selection
+            st = TaskStats(selection=given if given.n == n else None)
+        lo_end = kernels.tie_end_raw(base, model, sel.lo.key, quotas[0])
+        hi_end = kernels.tie_end_raw(base, model, sel.hi.key, quotas[1])
+        cuts.append((sel.lo.key, lo_end, sel.hi.key, hi_end, sel.scale))
+        stats.append(st)
+    kept = kernels.cut_combine_raw(
+        base, models, cuts, list(spec.weights), spec.scale, spec.method == "average", out
+    )
+    if kept is None:
+        return None
+    for st, c in zip(stats, kept, strict=True):
+        st.kept = c
+    return stats
