@@ -11,6 +11,10 @@ of several runs:
   the fine pass of three buckets, against one counting pass that sets the
   keys with low bits aside (kernels.coarse_sparse) and the fine histograms
   made from those keys (histogram.KeysAside);
+- task arithmetic + TADrop of one block that resolves its own selection:
+  merge_block's float32 path (widen, τ in place, count, resolve, cut, combine)
+  against the raw bf16 path (engine/raw.py), with the raw path's three kernels
+  timed alone (counting, a full tie scan, cut + combine);
 - the report's ‖τ‖ as a float32 pass (block.square_sum) against the exact value;
 - the exit of a process after a task arithmetic merge of the set: Python's
   normal exit against cli.exit_now (os._exit).
@@ -42,6 +46,7 @@ from tadmerge.engine.block import BlockContext, MergeSpec, merge_block, square_s
 from tadmerge.engine.exact import coarse_stats
 from tadmerge.engine.histogram import SQ_SCALE_BITS, KeysAside, scaled_to_float
 from tadmerge.engine.keys import magnitude_keys
+from tadmerge.engine.raw import merge_raw_sparse
 from tadmerge.engine.sparsify import SparsifySpec
 from tadmerge.engine.stream import merge_raw
 from tadmerge.io.block_io import read_rows
@@ -151,7 +156,41 @@ def main() -> None:
     stats_binned = median_s(binned, a.reps) / n * 1e9
     stats_counted = median_s(counted, a.reps) / n * 1e9 if sparse else None
 
-    # 3. the report's norm
+    # 3. task arithmetic + TADrop of one whole block
+    td = MergeSpec(SparsifySpec(method="tadrop"), "task_arithmetic", 0.3, weights=(1.0,) * k_tasks)
+
+    def tadrop_block():
+        for blk, raw in zip(blocks, raws, strict=True):
+            blk.copy_(raw)
+        out.copy_(merge_block(blocks[0], blocks[1:], td, ctx).merged)
+
+    tadrop: dict = {"merge_block": median_s(tadrop_block, a.reps) / per * 1e9}
+    if raws[0].dtype == torch.bfloat16:
+        stats = merge_raw_sparse(raws[0], raws[1:], out, td, ctx)
+        if stats is not None:
+            tadrop["raw"] = median_s(
+                lambda: merge_raw_sparse(raws[0], raws[1:], out, td, ctx), a.reps
+            ) / per * 1e9  # fmt: skip
+            cuts = [
+                (st.selection.lo.key, 0, st.selection.hi.key, 0, st.selection.scale) for st in stats
+            ]
+            w = [1.0] * k_tasks
+            kernel_ns = {
+                "coarse_sparse_raw": lambda: [
+                    kernels.coarse_sparse_raw(raws[0], m) for m in raws[1:]
+                ],
+                "tie_end_raw_full_scan": lambda: [
+                    kernels.tie_end_raw(raws[0], m, 1, n + 1) for m in raws[1:]
+                ],
+                "cut_combine_raw": lambda: kernels.cut_combine_raw(
+                    raws[0], raws[1:], cuts, w, 0.3, False, out
+                ),
+            }
+            tadrop["raw_kernels"] = {
+                name: median_s(fn, a.reps) / per * 1e9 for name, fn in kernel_ns.items()
+            }
+
+    # 4. the report's norm
     exact = math.sqrt(scaled_to_float(coarse_stats(tau, moments=2).total(2), SQ_SCALE_BITS))
     approx = math.sqrt(square_sum(tau))
 
@@ -169,6 +208,7 @@ def main() -> None:
             "keys_with_low_bits_share": low_share,
             "wanted_buckets": wanted,
         },
+        "task_arithmetic_tadrop_ns_per_element_task": tadrop,
         "report_norm": {
             "exact": exact,
             "float32_pass": approx,
@@ -182,6 +222,12 @@ def main() -> None:
     print(f"statistics: coarse + fine {stats_binned:.2f} ns, counting with keys aside "
           f"{stats_counted if stats_counted is None else round(stats_counted, 2)} ns per "
           f"element ({low_share:.2%} of keys have low bits)")  # fmt: skip
+    print(
+        "task arithmetic + TADrop: "
+        + ", ".join(f"{k} {v:.2f} ns" for k, v in tadrop.items() if not isinstance(v, dict))
+        + " per element and task; raw kernels: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in tadrop.get("raw_kernels", {}).items())
+    )
     print(f"report norm: float32 pass off by {result['report_norm']['relative_error']:.1e}")
     ex = result["exit"]
     print(f"exit after a merge: {ex['normal_exit_s']:.2f} s normal, "
