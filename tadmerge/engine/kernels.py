@@ -11,7 +11,10 @@ both backends against plain references), so output bytes do not depend on
 which backend ran. The apply phase has more: a resolved selection applied to
 a whole block (cut_block), TIES on a whole block (ties_votes, ties_merge) and
 EMR on a whole block (emr_merge), each one pass instead of ten or more chunked
-torch ops, with the same float32 operations in the same order.
+torch ops, with the same float32 operations in the same order. For bf16
+inputs, the raw kernels (coarse_sparse_raw, tie_end_raw, cut_combine_raw) make
+τ = fl32(θ_k) − fl32(θ_0) in registers from the 16-bit patterns instead of
+reading a stored float32 τ (engine/raw.py).
 
 Backend: numba when it can be imported and the data is on the CPU, else torch.
 `TADMERGE_KERNELS=torch` in the environment (or `set_backend("torch")`) forces
