@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -162,8 +163,10 @@ def coarse_stats(keys: torch.Tensor | KeyChunks, *, moments: int = 2) -> CoarseS
             counts, side = sparse
             if not (moments and side.numel()):
                 return CoarseStats(counts, *(torch.zeros_like(counts) for _ in range(3)))
-            # one piece: the keys set aside are at most n/16 <= PIECE
-            ((_, s1, s2),) = kernels.coarse_pieces(side, moments)
+            if side.numel() < SMALL_SIDE:
+                s1, s2 = _side_moments(side.numpy(), moments)
+            else:  # one piece: the keys set aside are at most n/16 <= PIECE
+                ((_, s1, s2),) = kernels.coarse_pieces(side, moments)
             q = torch.from_numpy(s2)
             return CoarseStats(counts, torch.from_numpy(s1), q >> 32, q & _LO32)
         out = CoarseStats.zeros()
@@ -187,6 +190,24 @@ def coarse_stats(keys: torch.Tensor | KeyChunks, *, moments: int = 2) -> CoarseS
         return CoarseStats.zeros()
     counts, s1, s2 = (a.cpu() for a in acc)
     return CoarseStats(counts, s1, s2 >> 32, s2 & _LO32)
+
+
+# Up to this many keys set aside, their moments are float64 bincounts: every
+# partial sum of L² < 2**32 stays below 2**53, so the counts are exact integers.
+SMALL_SIDE = 1 << 21
+
+
+def _side_moments(side, moments: int):
+    """Σ L and Σ L² per coarse bucket of the few keys set aside (int64 arrays):
+    two bincounts over them, not a kernel pass with its 1.5 MB of tables to
+    clear and add (the fixed cost that mattered, once per block and task)."""
+    buckets = side >> COARSE_SHIFT
+    low = (side & 0xFFFF).astype(np.float64)
+    s1 = np.bincount(buckets, weights=low, minlength=N_COARSE).astype(np.int64)
+    if moments < 2:
+        return s1, np.zeros(N_COARSE, np.int64)
+    s2 = np.bincount(buckets, weights=low * low, minlength=N_COARSE).astype(np.int64)
+    return s1, s2
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -112,31 +113,53 @@ class KeysAside:
     ) -> KeysAside:
         """From exact.sparse_keys' answer: all bucket counts and the keys set aside;
         with `only`, the fine histograms of those buckets alone are wanted, and only
-        their keys are sorted (sorting them all cost ~1 ms per block and task)."""
-        keys = side.to(torch.int64)
-        if only is not None and keys.numel():
-            wanted = torch.zeros(N_COARSE, dtype=torch.bool)
-            wanted[torch.tensor(only, dtype=torch.int64)] = True
+        their keys are sorted (sorting them all cost ~1 ms per block and task).
+        In numpy: this runs once per block and task on small arrays, where a
+        torch op's fixed cost (several µs) was most of the time."""
+        keys = side.numpy()
+        if only is not None and keys.size:
+            wanted = np.zeros(N_COARSE, dtype=bool)
+            wanted[np.asarray(only, dtype=np.int64)] = True
             keys = keys[wanted[keys >> COARSE_SHIFT]]
-        buckets = counts.nonzero().view(-1)
-        distinct, hits = torch.unique_consecutive(torch.sort(keys).values, return_counts=True)
-        return cls(buckets, counts[buckets], distinct, hits)
+        distinct, hits = np.unique(keys.astype(np.int64), return_counts=True)
+        c = counts.numpy()
+        buckets = np.flatnonzero(c)
+        return cls(
+            torch.from_numpy(buckets.astype(np.int64)),
+            torch.from_numpy(c[buckets]),
+            torch.from_numpy(distinct),
+            torch.from_numpy(hits.astype(np.int64)),
+        )
 
     @property
     def nbytes(self) -> int:
         return 16 * (self.buckets.numel() + self.keys.numel())
 
     def fine(self, bucket: int) -> SparseFine:
-        i = int(torch.searchsorted(self.buckets, bucket))
-        n = int(self.counts[i]) if i < self.buckets.numel() and self.buckets[i] == bucket else 0
-        ends = torch.tensor([bucket << COARSE_SHIFT, (bucket + 1) << COARSE_SHIFT])
-        lo, hi = torch.searchsorted(self.keys, ends).tolist()
-        bins, hits = self.keys[lo:hi] & 0xFFFF, self.hits[lo:hi]
-        rest = n - int(hits.sum())  # the bucket's keys without low bits: bin 0
-        if rest:
-            bins = torch.cat([torch.zeros(1, dtype=torch.int64), bins])
-            hits = torch.cat([torch.tensor([rest], dtype=torch.int64), hits])
-        return SparseFine(bins, hits)
+        return self.fines([bucket])[bucket]
+
+    def fines(self, buckets: list[int]) -> dict[int, SparseFine]:
+        """The fine histograms of the given buckets: the bins of their keys set
+        aside, and bin 0 for the rest of each bucket's count."""
+        bk, ck = self.buckets.numpy(), self.counts.numpy()
+        keys, hits = self.keys.numpy(), self.hits.numpy()
+        want = np.asarray(buckets, dtype=np.int64)
+        if bk.size:
+            i = np.minimum(np.searchsorted(bk, want), bk.size - 1)
+            n = np.where(bk[i] == want, ck[i], 0)
+        else:
+            n = np.zeros(want.size, dtype=np.int64)
+        lo = np.searchsorted(keys, want << COARSE_SHIFT).tolist()
+        hi = np.searchsorted(keys, (want + 1) << COARSE_SHIFT).tolist()
+        out = {}
+        for b, m, a, z in zip(buckets, n.tolist(), lo, hi, strict=True):
+            bins, h = keys[a:z] & 0xFFFF, hits[a:z].copy()
+            rest = m - int(h.sum())  # the bucket's keys without low bits: bin 0
+            if rest:
+                bins = np.concatenate((np.zeros(1, np.int64), bins))
+                h = np.concatenate((np.array([rest], np.int64), h))
+            out[b] = SparseFine(torch.from_numpy(bins), torch.from_numpy(h))
+        return out
 
 
 NARROW_SPAN = 64  # buckets: a request within this span is selected first, then binned
@@ -230,7 +253,7 @@ def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[
         if sparse is not None:  # from the keys set aside (all of them sorted once, if kept)
             aside = keys.aside if isinstance(keys, KeyChunks) else None
             aside = aside or KeysAside.from_counts(*sparse, only=wanted)
-            return {b: aside.fine(b) for b in wanted}  # type: ignore[union-attr]
+            return aside.fines(wanted)  # type: ignore[union-attr]
         # one fused pass (kernels.py): the same counts as the torch path below
         rows = kernels.fine_histogram_rows(source, wanted)
         for b, (bins, counts) in zip(wanted, rows, strict=True):
@@ -318,13 +341,14 @@ class RankIndex:
     def __post_init__(self) -> None:
         self.n = self.stats.n
         self._cum = torch.cumsum(self.stats.counts, 0)
+        self._cum_np = self._cum.numpy()  # (rank lookups: numpy's call costs less)
         self._suffix: dict[int, list[int]] = {}
 
     # --- which fine histograms are needed -------------------------------------------
     def bucket_of(self, rank: int) -> int:
         if not 0 <= rank < self.n:
             raise IndexError(f"rank {rank} outside [0, {self.n})")
-        return int(torch.searchsorted(self._cum, torch.tensor([rank]), right=True)[0])
+        return int(np.searchsorted(self._cum_np, rank, side="right"))
 
     def bucket_bounds(self, b: int) -> tuple[float, float]:
         """Smallest and largest magnitude a bucket can hold."""
