@@ -22,6 +22,7 @@ from tadmerge.io.block_io import (
     create_shard_files,
     index_json,
     layout_shards,
+    prefetch_rows,
     read_rows,
     sync_all,
     write_at,
@@ -102,6 +103,30 @@ def test_read_rows_short_file(tmp_path) -> None:
     assert read_rows(e, 0, 2).numel() == 8  # rows still present read fine
     os.remove(path)
     close_all()
+    with pytest.raises(InputError):
+        read_rows(e, 0, 1)
+
+
+def test_prefetch_rows_is_advice_only(tmp_path, monkeypatch) -> None:
+    """Prefetching asks the kernel for the rows' pages and changes nothing else:
+    the rows read the same, and a missing file or a platform without
+    posix_fadvise is not an error (the read that follows reports it)."""
+    path = str(tmp_path / "p.safetensors")
+    x = sample(torch.bfloat16, (64, 33))
+    save_file({"x": x}, path)
+    e = read_header(path).tensors["x"]
+    advised = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: (advised.append(a[1:]), real(*a))[1])
+    prefetch_rows(e, 10, 20)
+    prefetch_rows(e, 5, 5)  # nothing to ask for
+    assert advised == [(e.offset + 10 * 66, 10 * 66, os.POSIX_FADV_WILLNEED)]
+    assert torch.equal(read_rows(e, 10, 20).view(10, 33), x[10:20])
+    os.remove(path)
+    close_all()
+    prefetch_rows(e, 0, 64)  # no error
+    monkeypatch.delattr(os, "posix_fadvise")
+    prefetch_rows(e, 0, 64)
     with pytest.raises(InputError):
         read_rows(e, 0, 1)
 

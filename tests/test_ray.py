@@ -25,6 +25,9 @@ CASES = {
     "emr-tadrop": ({"method": "tadrop"}, {"method": "emr"}),
     # no sparsifier: the units stream from the raw inputs (engine/stream.py)
     "ta-streamed": ({"method": "none"}, {"method": "task_arithmetic", "scale": 0.5}),
+    # bf16 units try the raw path (engine/raw.py) and hand back those whose keys
+    # are not sparse: the choice is the unit's own, on any executor
+    "ta-tadrop": ({"method": "tadrop"}, {"method": "task_arithmetic", "scale": 0.5}),
 }
 
 

@@ -16,9 +16,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 import torch
 
 from ..config import available_cpus
+from ..io.block_io import prefetch_rows
 from ..planners.plan import Plan
 from .buffers import POOL
 from .worker import UnitRecord, run_unit, unit_stats
+
+# units read ahead into the page cache (not RSS): a few, so that the disk keeps
+# reading while the workers compute
+PREFETCH_AHEAD = 4
 
 
 class LocalExecutor:
@@ -36,26 +41,48 @@ class LocalExecutor:
             torch.set_num_threads(max(1, available_cpus() // self.workers))
 
     def _bounded_map(self, fn: Callable, items: list, on_result: Callable) -> None:
+        """Run fn over items (key = unit id first), at most `workers` at a time.
+
+        The unit after those running is prefetched into the page cache as each
+        one starts (io/block_io.prefetch_rows), so that on a cold cache the disk
+        reads ahead while the workers compute instead of waiting for their next
+        pread.
+        """
+        pending = list(items)
+        for key, *_ in pending[:PREFETCH_AHEAD]:
+            self._prefetch(key)
         if self.workers == 1:
-            for key, *args in items:
+            for i, (key, *args) in enumerate(pending):
+                if i + PREFETCH_AHEAD < len(pending):
+                    self._prefetch(pending[i + PREFETCH_AHEAD][0])
                 on_result(key, fn(*args))
             return
         with ThreadPoolExecutor(self.workers) as pool:
             running: dict[Future, object] = {}
-            it = iter(items)
-            for key, *args in it:
+            pos = 0
+
+            def submit() -> None:
+                nonlocal pos
+                key, *args = pending[pos]
+                if pos + PREFETCH_AHEAD < len(pending):
+                    self._prefetch(pending[pos + PREFETCH_AHEAD][0])
+                pos += 1
                 running[pool.submit(fn, *args)] = key
-                if len(running) >= self.workers:
-                    break
+
+            while pos < len(pending) and len(running) < self.workers:
+                submit()
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for f in done:
                     key = running.pop(f)
                     on_result(key, f.result())
-                    nxt = next(it, None)
-                    if nxt is not None:
-                        k2, *a2 = nxt
-                        running[pool.submit(fn, *a2)] = k2
+                    if pos < len(pending):
+                        submit()
+
+    def _prefetch(self, unit_id: int) -> None:
+        unit = self.plan.units[unit_id]
+        for src in self.plan.tensors[unit.tensor].sources:
+            prefetch_rows(src, unit.row_start, unit.row_end)
 
     def map_stats(self, label: str, items: list[tuple[int, tuple]], on_result) -> None:
         self._bounded_map(
