@@ -15,7 +15,6 @@ on 271M parameters, K = 3). The big blocks themselves are reused buffers
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 M_MMAP_THRESHOLD = -3
@@ -27,7 +26,7 @@ def tune_malloc() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's libc (find_library would run ldconfig)
         ok = libc.mallopt(M_ARENA_MAX, 1) == 1
         ok &= libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20) == 1
         ok &= libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1

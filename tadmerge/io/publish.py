@@ -16,7 +16,6 @@ output or the new complete one, never a half-written directory under the output 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -99,7 +98,9 @@ def _rename_noreplace(src: str, dst: str) -> None:
     to it (after an existence check) where renameat2 is unavailable.
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # the process's own symbols (libc's among them): find_library("c") would
+        # run ldconfig in a child process, forking a merge of hundreds of MB
+        libc = ctypes.CDLL(None, use_errno=True)
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
         renameat2 = None
