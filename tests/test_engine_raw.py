@@ -22,7 +22,7 @@ from tadmerge.engine.block import BlockContext, MergeSpec, NonFiniteTaskVector
 from tadmerge.engine.exact import coarse_stats
 from tadmerge.engine.histogram import RankIndex
 from tadmerge.engine.keys import KeyChunks
-from tadmerge.engine.raw import merge_raw_sparse
+from tadmerge.engine.raw import applies, merge_raw_sparse
 from tadmerge.engine.sparsify import SparsifySpec, resolve_selection, run_locally
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason="numba kernels not installed")
@@ -126,6 +126,7 @@ def test_a_selection_without_norms_or_keys_not_sparse_are_handed_back():
     sel = run_locally(resolve_selection(index, spec.sparsify), KeyChunks(tau), index)
     assert sel.tau_sq is None  # rescale none: no norms gathered
     ctx = BlockContext("x", (2 * n,), 0, n, 1, False, selections=[sel, sel], quotas=[(0, 0)] * 2)
+    assert not applies(ctx)  # the worker asks before it reads the block
     assert merge_raw_sparse(raws[0], raws[1:], out, spec, ctx) is None
     # a base far from the models: differences with many significant bits
     far = [torch.full((n,), 3.0, dtype=torch.bfloat16), raws[1], raws[2]]

@@ -26,7 +26,7 @@ from ..engine.block import (
 from ..engine.exact import coarse_stats
 from ..engine.histogram import KeysAside, fine_histograms
 from ..engine.keys import KeyChunks, SparseKeys
-from ..engine.raw import merge_raw_sparse, takes
+from ..engine.raw import RAW_DTYPE, applies, merge_raw_sparse, takes
 from ..engine.sparsify import MAGNITUDE_METHODS
 from ..engine.stream import merge_raw, streams
 from ..errors import InputError, InputProblem
@@ -187,7 +187,7 @@ def _raw_inputs(tp: TensorPlan, device: torch.device, moments: int = 2) -> bool:
     load the kernels (as in exact.coarse_stats)."""
     return (
         device.type == "cpu"
-        and all(src.dtype == "BF16" for src in tp.sources)
+        and all(src.dtype == RAW_DTYPE for src in tp.sources)
         and kernels.enabled(torch.empty(0), load_now=moments > 0)
     )
 
@@ -319,11 +319,15 @@ def _raw_unit(
     plan: Plan, staging: str, unit: Unit, tp: TensorPlan, spec: MergeSpec, resolved: dict | None
 ) -> UnitRecord | None:
     """A magnitude selection with task arithmetic or averaging, from the raw bf16
-    blocks (engine/raw.py); None when merge_block must merge this unit."""
+    blocks (engine/raw.py); None when merge_block must merge this unit (decided
+    before reading where the resolved selections already tell)."""
+    ctx = block_context(plan, unit, resolved)
+    if not applies(ctx):
+        return None
     raws = _read_raw(plan, unit)
     assert tp.out_dtype is not None
     out = POOL.get("out", raws[0].numel(), _torch_dtype(tp.out_dtype))
-    tasks = merge_raw_sparse(raws[0], raws[1:], out, spec, block_context(plan, unit, resolved))
+    tasks = merge_raw_sparse(raws[0], raws[1:], out, spec, ctx)
     if tasks is None:
         return None
     _write_out(plan, staging, unit, out)

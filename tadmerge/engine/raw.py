@@ -30,6 +30,8 @@ from .histogram import RankIndex
 from .keys import SparseKeys
 from .sparsify import MAGNITUDE_METHODS, resolve_selection, run_locally
 
+RAW_DTYPE = "BF16"  # the inputs the raw kernels read (safetensors' name)
+
 
 def takes(spec: MergeSpec, in_dtypes: list[str], out_dtype: str, device: torch.device) -> bool:
     """Whether merge_raw_sparse can merge blocks of this merge (it may still hand
@@ -39,9 +41,17 @@ def takes(spec: MergeSpec, in_dtypes: list[str], out_dtype: str, device: torch.d
         device.type == "cpu"
         and spec.sparsify.method in MAGNITUDE_METHODS
         and spec.method in ("task_arithmetic", "average")
-        and all(d == "BF16" for d in in_dtypes)
+        and all(d == RAW_DTYPE for d in in_dtypes)
         and out_dtype in ("BF16", "F32")
     )
+
+
+def applies(ctx: BlockContext) -> bool:
+    """Whether the selections ctx gives a block can be applied here: each must be
+    its tensor's (not a global one) and carry the tensor's norms (l2 rescale),
+    since no block sums its own. Known before the block is read."""
+    numel = math.prod(ctx.shape)
+    return all(s is None or (s.tau_sq is not None and s.n == numel) for s in ctx.selections or ())
 
 
 def merge_raw_sparse(
@@ -61,6 +71,8 @@ def merge_raw_sparse(
     it: keys not sparse, a resolved selection without norms, or a NaN result.
     Raises NonFiniteTaskVector when a task vector holds NaN/Inf.
     """
+    if not applies(ctx):
+        return None
     n = base.numel()
     sp = spec.sparsify
     cuts = []
@@ -83,8 +95,6 @@ def merge_raw_sparse(
             st = TaskStats(selection=sel)
             st.tau_sq, st.t_sq = own_norms(index, sel)
         else:
-            if given.tau_sq is None or given.n != math.prod(ctx.shape):
-                return None  # no norms, or a global selection (not this tensor's)
             sel = given
             quotas = ctx.quotas[k]
             # the report takes the tensor's norms from the selection
