@@ -19,3 +19,13 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _kernels_backend_restored():
+    """A merge applies its runtime.kernels to the process (kernels.configure);
+    each test starts from the environment's choice, whatever ran before it."""
+    from tadmerge.engine import kernels
+
+    yield
+    kernels.configure("auto")
