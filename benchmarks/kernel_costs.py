@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -130,7 +131,11 @@ def main() -> None:
         out.copy_(merge_block(blocks[0], blocks[1:], ta, ctx).merged)
 
     ta_block = median_s(block_path, a.reps) / per * 1e9
-    ta_stream = median_s(lambda: merge_raw(raws[0], raws[1:], out, ta), a.reps) / per * 1e9
+    # the streamed merge works on numpy arrays (bf16: its bit patterns)
+    np_raws = [r.view(torch.int16).numpy().view(np.uint16) for r in raws]
+    np_out = np.empty(n, np.uint16)
+    ta_stream = median_s(lambda: merge_raw(np_raws[0], np_raws[1:], np_out, ta), a.reps)
+    ta_stream = ta_stream / per * 1e9
 
     # 2. the statistics of one task vector
     tau = raws[1].float() - raws[0].float()

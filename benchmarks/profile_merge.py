@@ -41,6 +41,10 @@ from benchmarks.configs import tadmerge_config
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]+?)(?::(?P<line>\d+))?\)$")
 
 
+# the modules whose functions are a unit's phases
+UNIT_FILES = ("tadmerge/cluster/worker.py", "tadmerge/cluster/engine_units.py")
+
+
 def pyspy() -> str:
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(exe).exists():
@@ -102,7 +106,9 @@ def aggregate(raw: Path, top: int = 25) -> dict:
         # phase: the first tadmerge frame below the executor's unit loop, else the deepest
         ph = "other"
         for fn, fl in named:
-            if fl.startswith("tadmerge/cluster/worker.py") and fn != "run_unit":
+            if fl.startswith(
+                ("tadmerge/cluster/worker.py", "tadmerge/cluster/engine_units.py")
+            ) and fn not in ("run_unit", "merge_unit"):
                 ph = f"{fn} ({fl})"
                 break
             if "_find_and_load" in fn:

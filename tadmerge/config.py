@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from .engine.combine import COMBINERS
-from .engine.sparsify import (
+from .engine.spec import (
     ALL_METHODS,
+    COMBINERS,
     DEFAULT_RESCALE,
     RESCALE_MODES,
     SparsifySpec,

@@ -4,12 +4,15 @@ merge_raw makes task arithmetic and averaging chunk by chunk from the inputs'
 own dtypes; it must give the bytes of the definition (SPEC section 5: τ_k in
 float32, products before sums in task order, one cast at the end) and report
 Σ τ_k² like merge_block, for any chunk size and any mix of input dtypes.
+merge_raw works on numpy arrays (bf16 as uint16 bit patterns); the reference
+is the torch one.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from reference import combine, fsum_sq
@@ -35,6 +38,24 @@ def _inputs(n: int, dtypes: list[torch.dtype], seed: int) -> list[torch.Tensor]:
     return out
 
 
+NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """The tensor as merge_raw takes it (bf16: its bit patterns)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _empty(n: int, dtype: torch.dtype) -> np.ndarray:
+    return np.empty(n, stream.NP_DTYPES[NAMES[dtype]])
+
+
+def _bytes(a: np.ndarray) -> bytes:
+    return a.tobytes()
+
+
 def _reference(method, raws, weights, scale, out_dtype) -> torch.Tensor:
     thetas = [r.to(torch.float32) for r in raws]
     taus = [t - thetas[0] for t in thetas[1:]]
@@ -50,6 +71,8 @@ def _reference(method, raws, weights, scale, out_dtype) -> torch.Tensor:
         ([torch.bfloat16] * 4, torch.bfloat16),
         ([torch.float32, torch.bfloat16, torch.float16, torch.float32], torch.float32),
         ([torch.float16] * 3, torch.bfloat16),
+        ([torch.bfloat16, torch.float64, torch.bfloat16], torch.float16),
+        ([torch.float64, torch.float32], torch.float64),
     ],
 )
 def test_streamed_merge_is_the_reference_bit_for_bit(monkeypatch, method, chunk, dtypes, out_dtype):
@@ -57,12 +80,13 @@ def test_streamed_merge_is_the_reference_bit_for_bit(monkeypatch, method, chunk,
     n = 5003  # chunks of every size end mid-way
     raws = _inputs(n, dtypes, seed=chunk)
     weights = (1.0, 0.7, -0.25)[: len(raws) - 1]
-    out = torch.empty(n, dtype=out_dtype)
-    snapshot = [r.clone() for r in raws]
-    stats = stream.merge_raw(raws[0], raws[1:], out, _spec(method, weights))
+    out = _empty(n, out_dtype)
+    arrays = [_np(r) for r in raws]
+    snapshot = [a.copy() for a in arrays]
+    stats = stream.merge_raw(arrays[0], arrays[1:], out, _spec(method, weights))
     ref = _reference(method, raws, list(weights), 0.3, out_dtype)
-    assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
-    assert all(torch.equal(a, b) for a, b in zip(raws, snapshot, strict=True))  # untouched
+    assert _bytes(out) == _bytes(_np(ref))
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, snapshot, strict=True))  # untouched
     for k, st in enumerate(stats):
         tau = raws[k + 1].to(torch.float32) - raws[0].to(torch.float32)
         assert st.kept == n
@@ -71,13 +95,34 @@ def test_streamed_merge_is_the_reference_bit_for_bit(monkeypatch, method, chunk,
 
 
 def test_only_merges_without_a_sparsifier_on_a_cpu_stream():
-    cpu = torch.device("cpu")
-    assert stream.streams(_spec("task_arithmetic", (1.0,)), cpu)
-    assert stream.streams(_spec("average", (1.0,)), cpu)
-    assert not stream.streams(_spec("ties", (1.0,)), cpu)
-    assert not stream.streams(_spec("task_arithmetic", (1.0,)), torch.device("meta"))
+    ta, avg = _spec("task_arithmetic", (1.0,)), _spec("average", (1.0,))
+    assert stream.streams(ta, "cpu", ["BF16", "F32"])
+    assert stream.streams(avg, "cpu", ["F16", "F64"])
+    assert not stream.streams(_spec("ties", (1.0,)), "cpu", ["BF16"])
+    assert not stream.streams(ta, "cuda", ["BF16"])
+    assert not stream.streams(ta, "cpu", ["BF16", "F8_E4M3"])  # no numpy dtype: merge_block
     tadrop = MergeSpec(SparsifySpec(method="tadrop"), "task_arithmetic", weights=(1.0,))
-    assert not stream.streams(tadrop, cpu)
+    assert not stream.streams(tadrop, "cpu", ["BF16"])
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nan_and_overflow_round_as_torch_does(out_dtype):
+    """With allow_nonfinite, NaN and Inf reach the output: Inf and every finite
+    value as torch rounds them, NaN where torch has NaN (its bits are not
+    torch's: those differ between torch's own vectorised and scalar casts)."""
+    base = torch.tensor([0.0, 1.0, -2.0, 0.0, 3e38, -3e38, 5.0, 0.0])
+    m1 = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, 3e38, -3e38, 5.0, -0.0])
+    m2 = torch.tensor([1.0, -float("inf"), 1.0, float("nan"), 3e38, -3e38, 7e4, 0.0])
+    spec = _spec("task_arithmetic", (2.0, 1.0), scale=1.0)
+    out = _empty(8, out_dtype)
+    stream.merge_raw(_np(base), [_np(m1), _np(m2)], out, spec, check_finite=False)
+    ref = _reference("task_arithmetic", [base, m1, m2], [2.0, 1.0], 1.0, out_dtype)
+    got = torch.from_numpy(out.view(np.int16) if out.dtype == np.uint16 else out)
+    got = got.view(out_dtype) if out.dtype == np.uint16 else got
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(got), nan) and nan.any()
+    assert _bytes(out[~nan.numpy()]) == _bytes(_np(ref)[~nan.numpy()])
+    assert torch.isinf(ref).any()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -86,20 +131,21 @@ def test_a_non_finite_task_vector_raises_and_allow_nonfinite_merges_it(monkeypat
     raws = _inputs(1000, [torch.float32] * 3, seed=1)
     raws[2][517] = bad
     spec = _spec("task_arithmetic", (1.0, 1.0))
-    out = torch.empty(1000)
+    out = _empty(1000, torch.float32)
+    arrays = [_np(r) for r in raws]
     with pytest.raises(NonFiniteTaskVector):
-        stream.merge_raw(raws[0], raws[1:], out, spec)
-    stats = stream.merge_raw(raws[0], raws[1:], out, spec, check_finite=False)
+        stream.merge_raw(arrays[0], arrays[1:], out, spec)
+    stats = stream.merge_raw(arrays[0], arrays[1:], out, spec, check_finite=False)
     ref = _reference("task_arithmetic", raws, [1.0, 1.0], 0.3, torch.float32)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(torch.from_numpy(out), ref, rtol=0, atol=0, equal_nan=True)
     assert not math.isfinite(stats[1].tau_sq) and math.isfinite(stats[0].tau_sq)
 
 
 def test_a_difference_that_overflows_raises_but_large_squares_do_not():
-    base = torch.tensor([-3e38, 0.0, 1.0])
-    overflow = torch.tensor([3e38, 0.0, 1.0])  # τ = 6e38: Inf in float32
-    big = torch.tensor([-3e38, 1e20, 1.0])  # τ² = 1e40 > float32's max
-    out = torch.empty(3)
+    base = np.array([-3e38, 0.0, 1.0], np.float32)
+    overflow = np.array([3e38, 0.0, 1.0], np.float32)  # τ = 6e38: Inf in float32
+    big = np.array([-3e38, 1e20, 1.0], np.float32)  # τ² = 1e40 > float32's max
+    out = np.empty(3, np.float32)
     with pytest.raises(NonFiniteTaskVector):
         stream.merge_raw(base, [overflow], out, _spec("task_arithmetic", (1.0,)))
     stats = stream.merge_raw(base, [big], out, _spec("task_arithmetic", (1.0,)))

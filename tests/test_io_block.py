@@ -27,7 +27,7 @@ from tadmerge.io.block_io import (
     sync_all,
     write_at,
 )
-from tadmerge.io.safetensors_format import DTYPE_INFO, read_header
+from tadmerge.io.safetensors_format import DTYPE_SIZE, read_header, torch_dtype
 
 
 @pytest.fixture(autouse=True)
@@ -52,13 +52,13 @@ def sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.T
     return raw.view(dtype).reshape(shape)
 
 
-ALL_DTYPES = sorted(DTYPE_INFO)
+ALL_DTYPES = sorted(DTYPE_SIZE)
 
 
 def test_read_rows_matches_safetensors_for_every_dtype(tmp_path) -> None:
     tensors = {}
     for i, name in enumerate(ALL_DTYPES):
-        dt = DTYPE_INFO[name][0]
+        dt = torch_dtype(name)
         tensors[f"{name}.m"] = sample(dt, (5, 3), seed=i)
         tensors[f"{name}.v"] = sample(dt, (7,), seed=100 + i)
         tensors[f"{name}.s"] = sample(dt, (), seed=200 + i)
@@ -201,7 +201,7 @@ def test_header_bytes_deterministic_padded_aligned() -> None:
     for t in ts:
         begin, end = s1.data_offsets[t.name]
         assert end - begin == t.nbytes
-        assert s1.tensor_offset(t.name) % DTYPE_INFO[t.dtype][1] == 0  # aligned
+        assert s1.tensor_offset(t.name) % DTYPE_SIZE[t.dtype] == 0  # aligned
 
 
 def test_layout_write_roundtrip_through_safetensors(tmp_path) -> None:

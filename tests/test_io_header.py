@@ -14,11 +14,12 @@ from safetensors.torch import save_file
 
 from tadmerge.errors import InputError
 from tadmerge.io.safetensors_format import (
-    DTYPE_INFO,
+    DTYPE_SIZE,
     FLOAT_DTYPES,
     SafetensorsHeader,
     dtype_name,
     read_header,
+    torch_dtype,
 )
 
 
@@ -38,10 +39,12 @@ def problems_of(path: str, **kw) -> tuple[InputError, str]:
 
 def test_dtype_tables() -> None:
     for name in ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"]:
-        dt, size = DTYPE_INFO[name]
+        dt, size = torch_dtype(name), DTYPE_SIZE[name]
         assert dt.itemsize == size
         assert dtype_name(dt) == name
-    assert {"F8_E4M3", "F8_E5M2"} <= set(DTYPE_INFO)
+    assert {"F8_E4M3", "F8_E5M2"} <= set(DTYPE_SIZE)
+    for name, size in DTYPE_SIZE.items():  # every name this torch knows maps both ways
+        assert torch_dtype(name).itemsize == size and dtype_name(torch_dtype(name)) == name
     assert {"F32", "BF16", "F16", "F64", "F8_E4M3"} <= FLOAT_DTYPES
     assert "I32" not in FLOAT_DTYPES and "BOOL" not in FLOAT_DTYPES
     with pytest.raises(ValueError):

@@ -10,23 +10,37 @@ more than the largest unit, which the planner fits in the memory budget.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 class BufferPool:
+    """Buffers are numpy byte arrays (torch tensors are views of them), so that
+    the streamed merges use the pool without importing torch."""
+
     def __init__(self) -> None:
         self._local = threading.local()
 
+    def bytes(self, name: str, nbytes: int) -> np.ndarray:
+        """A uint8 array of `nbytes` (uninitialised) reusing the buffer `name`."""
+        store = self._local.__dict__.setdefault("buffers", {})
+        buf = store.get(name)
+        if buf is None or buf.size < nbytes:
+            store.pop(name, None)  # free the old one before allocating the larger
+            buf = store[name] = np.empty(nbytes, dtype=np.uint8)
+        return buf[:nbytes]
+
     def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat tensor of `numel` elements (uninitialised) reusing the buffer `name`."""
-        store = self._local.__dict__.setdefault("buffers", {})
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        buf = store.get(name)
-        if buf is None or buf.numel() < nbytes:
-            store.pop(name, None)  # free the old one before allocating the larger
-            buf = store[name] = torch.empty(nbytes, dtype=torch.uint8)
-        return buf[:nbytes].view(dtype)
+        import torch
+
+        if not numel:  # torch views no empty array as a wider dtype
+            return torch.empty(0, dtype=dtype)
+        return torch.from_numpy(self.bytes(name, numel * dtype.itemsize)).view(dtype)
 
     def release(self) -> None:
         """Drop this thread's buffers (threads of a finished pool drop theirs on exit)."""

@@ -7,6 +7,11 @@ merge therefore resumes with `--resume`: same fingerprint required, finished
 units and statistics reused, the rest recomputed; the result is the same bytes.
 The state folder is removed just before the manifest is written and the
 directory is renamed into place.
+
+The engine's modules (torch, numba) are imported where a merge needs them: the
+statistics, EMR's masks, selections read back on --resume. A merge whose units
+all stream (task arithmetic and averaging on CPU, engine/stream.py) never
+imports torch, which saves ~2 s of start-up.
 """
 
 from __future__ import annotations
@@ -21,9 +26,7 @@ from dataclasses import dataclass, field
 
 from .. import __version__
 from ..config import MergeConfig
-from ..emr.store import MaskStore
-from ..engine.exact import ExactSum
-from ..engine.sparsify import Selection
+from ..engine.spec import TaskStats
 from ..errors import InputError, InputProblem, MergeRuntimeError, OutputError, TadmergeError
 from ..io.block_io import close_all, create_shard_files, index_json
 from ..io.digest import StreamingDigests
@@ -31,7 +34,6 @@ from ..io.publish import Staging
 from ..planners.inventory import MERGE
 from ..planners.plan import Plan, make_plan
 from .progress import Progress
-from .stats import resolved_from_json, resolved_to_json, run_stats_stage
 from .worker import MASKS_DIR, TASKS_DIR, UnitRecord, start_kernels, unit_output_range
 
 log = logging.getLogger("tadmerge")
@@ -77,10 +79,19 @@ class RunState:
         if not os.path.exists(path):
             return None
         with open(path) as f:
-            return resolved_from_json(json.load(f))
+            doc = json.load(f)
+        if not doc:  # a merge without statistics: no engine import
+            return {}
+        from .stats import resolved_from_json
+
+        return resolved_from_json(doc)
 
     def save_stats(self, resolved: dict) -> None:
-        doc = json.dumps(resolved_to_json(resolved)).encode()
+        doc = b"{}"
+        if resolved:
+            from .stats import resolved_to_json
+
+            doc = json.dumps(resolved_to_json(resolved)).encode()
         _atomic_write(os.path.join(self.dir, "stats.json"), doc)
 
     def finished(self) -> dict[int, UnitRecord]:
@@ -134,7 +145,7 @@ def _atomic_write(path: str, data: bytes) -> None:
         os.replace(tmp, path)
 
 
-def _selection_json(sel: Selection) -> dict:
+def _selection_json(sel) -> dict:  # an engine.sparsify.Selection
     # vars() of the flat dataclasses: dataclasses.asdict deep-copies, and this runs
     # for every task of every unit
     return {**vars(sel), "lo": dict(vars(sel.lo)), "hi": dict(vars(sel.hi))}
@@ -160,13 +171,13 @@ def record_to_json(rec: UnitRecord) -> dict:
 
 
 def record_from_json(d: dict) -> UnitRecord:
-    from ..engine.block import TaskStats
-    from ..engine.histogram import Cut
-
     tasks = []
     for t in d["tasks"]:
         sel = t["selection"]
         if sel is not None:
+            from ..engine.histogram import Cut
+            from ..engine.sparsify import Selection
+
             sel = Selection(**{**sel, "lo": Cut(**sel["lo"]), "hi": Cut(**sel["hi"])})
         tasks.append(
             TaskStats(
@@ -176,7 +187,14 @@ def record_from_json(d: dict) -> UnitRecord:
                 t_sq=t["t_sq"],
             )
         )
-    conv = lambda v: None if v is None else [ExactSum.from_json(x) for x in v]  # noqa: E731
+
+    def conv(v: list | None) -> list | None:
+        if v is None:
+            return None
+        from ..engine.exact import ExactSum
+
+        return [ExactSum.from_json(x) for x in v]
+
     ties = None if d.get("ties") is None else tuple(d["ties"])
     return UnitRecord(d["unit"], tasks, conv(d["emr_abs_t"]), conv(d["emr_abs_uni"]), ties)
 
@@ -190,7 +208,7 @@ def make_executor(plan: Plan, staging: str):
     from .local import LocalExecutor
     from .worker import resolve_device
 
-    return LocalExecutor(plan, staging, rt.local_workers(), str(resolve_device(rt.device)))
+    return LocalExecutor(plan, staging, rt.local_workers(), resolve_device(rt.device))
 
 
 def unit_bytes(plan: Plan, unit_id: int) -> int:
@@ -421,6 +439,8 @@ def _run_stats(plan: Plan, executor, reads: dict) -> dict:
         executor.map_stats(label, items, on_result)
         times.append(f"{label} {time.monotonic() - t_round:.1f}s")
 
+    from .stats import run_stats_stage
+
     resolved = run_stats_stage(plan, counted_map)
     log.info(
         "statistics stage done in %.1fs: %d round(s) (%s) read %.2f of the inputs again",
@@ -439,6 +459,8 @@ def _prepare_outputs(plan: Plan, staging: str) -> None:
         os.makedirs(d, exist_ok=True)
         create_shard_files(d, shards)
     if plan.is_emr:
+        from ..emr.store import MaskStore
+
         MaskStore.create(
             os.path.join(staging, MASKS_DIR),
             plan.config.task_names,

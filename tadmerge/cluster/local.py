@@ -1,7 +1,8 @@
 """The in-process executor: a bounded pool of threads over units.
 
-torch releases the GIL in its kernels and reads/writes are pread/pwrite, so
-threads overlap I/O and compute without copying data between processes. At
+torch and numpy release the GIL in their kernels and reads/writes are
+pread/pwrite, so threads overlap I/O and compute without copying data between
+processes. At
 most `workers` units are in flight, which keeps the working set within the
 memory budget that the planner divided among them. Results are delivered to
 the driver's callbacks in completion order; every reduction they feed is exact
@@ -13,13 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-import torch
-
 from ..config import available_cpus
 from ..io.block_io import prefetch_rows
 from ..planners.plan import Plan
 from .buffers import POOL
-from .worker import UnitRecord, run_unit, unit_stats
+from .worker import UnitRecord, run_unit, streams_only, unit_stats
 
 # units read ahead into the page cache (not RSS): a few, so that the disk keeps
 # reading while the workers compute
@@ -36,8 +35,12 @@ class LocalExecutor:
         # Several workers on a CPU: each runs its kernels on its own share of the
         # cores. The engine works in cache-sized chunks, where an intra-op thread
         # pool costs more in synchronisation than it gains.
-        self._threads = torch.get_num_threads()
-        if device == "cpu" and self.workers > 1:
+        # (A merge whose units all stream runs numpy and never imports torch.)
+        self._threads: int | None = None
+        if device == "cpu" and self.workers > 1 and not streams_only(plan, device):
+            import torch
+
+            self._threads = torch.get_num_threads()
             torch.set_num_threads(max(1, available_cpus() // self.workers))
 
     def _bounded_map(self, fn: Callable, items: list, on_result: Callable) -> None:
@@ -102,4 +105,7 @@ class LocalExecutor:
 
     def close(self) -> None:
         POOL.release()
-        torch.set_num_threads(self._threads)
+        if self._threads is not None:
+            import torch
+
+            torch.set_num_threads(self._threads)

@@ -34,7 +34,7 @@ class _UnitWorker:
         start_kernels(plan.config)
         self.plan = plan
         self.staging = staging
-        self.device = str(resolve_device(device))
+        self.device = resolve_device(device)
 
     def pid(self) -> int:
         return os.getpid()

@@ -23,7 +23,6 @@ from .keys import KeyChunks, magnitude_keys
 from .sparsify import (
     MAGNITUDE_METHODS,
     Selection,
-    SparsifySpec,
     apply_cuts,
     dare_block,
     della_block,
@@ -32,16 +31,7 @@ from .sparsify import (
     ties_below,
     uniform_stream,
 )
-
-
-@dataclass(frozen=True)
-class MergeSpec:
-    sparsify: SparsifySpec
-    method: str  # average | task_arithmetic | ties | emr
-    scale: float = 1.0
-    disjoint: str = "mean"
-    weights: tuple[float, ...] = ()
-    seed: int = 0
+from .spec import MergeSpec, NonFiniteTaskVector, TaskStats  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -75,24 +65,6 @@ class BlockContext:
         if len(self.shape) <= 1:
             return max(1, self.shape[0] if self.shape else 1)
         return self.row_numel
-
-
-class NonFiniteTaskVector(ValueError):
-    """τ_k of this block holds NaN or Inf (the worker names the files)."""
-
-    def __init__(self, task: int):
-        super().__init__(task)
-        self.task = task
-
-
-@dataclass
-class TaskStats:
-    """What one block tells the report about one task (SPEC section 7)."""
-
-    kept: int = 0
-    selection: Selection | None = None  # when the block resolved the whole tensor
-    tau_sq: float = 0.0  # Σ τ² of the block, float64 (report only)
-    t_sq: float = 0.0  # Σ t² of the block, float64 (report only)
 
 
 def square_sum(x: torch.Tensor) -> float:

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .exact import ExactSum, exact_abs_sum
-
-COMBINERS = frozenset({"average", "task_arithmetic", "ties", "emr"})
+from .spec import COMBINERS  # noqa: F401  (re-exported)
 
 
 def _f32(v: float, like: torch.Tensor) -> torch.Tensor:

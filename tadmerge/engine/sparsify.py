@@ -24,41 +24,14 @@ import torch
 from .exact import ABS_SCALE_BITS, SQ_SCALE_BITS
 from .histogram import Cut, RankIndex, fine_histograms, scaled_to_float
 from .keys import KeyChunks
-
-MAGNITUDE_METHODS = frozenset({"tadrop", "magnitude", "breadcrumbs"})
-RANDOM_METHODS = frozenset({"random", "della"})
-ALL_METHODS = frozenset({"none"}) | MAGNITUDE_METHODS | RANDOM_METHODS
-RESCALE_MODES = frozenset({"none", "l2", "l1", "inverse_keep"})
-DEFAULT_RESCALE = {
-    "none": "none",
-    "tadrop": "l2",
-    "magnitude": "none",
-    "breadcrumbs": "none",
-    "random": "inverse_keep",
-    "della": "inverse_keep",
-}
-
-
-@dataclass(frozen=True)
-class SparsifySpec:
-    """Parameters of Φ, as resolved from the config (defaults filled in)."""
-
-    method: str = "none"
-    scope: str = "tensor"
-    low_q: float = 0.5
-    high_q: float = 0.95
-    eps: float = 1e-12
-    rescale: str = "none"
-    max_drop: float = 1.0
-    density: float = 0.2
-    p: float = 0.9
-    epsilon: float = 0.1
-    gamma: float = 0.01
-
-    @property
-    def moments(self) -> int:
-        """Exact moments the selection needs: 2 for l2, 1 for l1, else counts only."""
-        return {"l2": 2, "l1": 1}.get(self.rescale, 0)
+from .spec import (  # noqa: F401  (re-exported: the engine's names for them)
+    ALL_METHODS,
+    DEFAULT_RESCALE,
+    MAGNITUDE_METHODS,
+    RANDOM_METHODS,
+    RESCALE_MODES,
+    SparsifySpec,
+)
 
 
 @dataclass(frozen=True)

@@ -1,92 +1,162 @@
 """Merges that need nothing but the block itself, streamed from the raw inputs.
 
 Task arithmetic and averaging without a sparsifier make each output entry from
-the same entry of the K+1 inputs. merge_block would first widen every input
-block to float32 (a pass through memory per input), make τ_k in place (another),
-sum its squares (another) and combine chunk by chunk: 2.0-2.5 ns per element
-and task on a 2-core Xeon, memory-bound. Here the inputs stay in their own
-dtype (bf16: half the bytes) and each cache-sized chunk is widened, subtracted,
-squared, combined and narrowed to the output dtype while it is in cache:
-1.6-1.7 ns (benchmarks/kernel_costs.py). The arithmetic is
-combine.task_arithmetic / combine.average's, in the same order, so the bytes
+the same entry of the K+1 inputs. The inputs stay in their own dtype (bf16:
+half the bytes) and each cache-sized chunk is widened, subtracted, squared,
+combined and narrowed to the output dtype while it is in cache. The arithmetic
+is combine.task_arithmetic / combine.average's, in the same order, so the bytes
 are the same (tests/test_engine_stream.py).
-It is written out here rather than calling them on K chunk buffers: that
-costs K+1 buffers in cache instead of three and measured ~30% slower.
+
+In numpy, not torch: these are the only merges that need no statistics, and
+a merge made of them alone (task arithmetic, averaging) then never imports
+torch, whose import takes ~2 s on a 2-core VM: more than reading and writing a
+271M-parameter merge of three fine-tunes from a warm page cache. numpy's
+ufuncs on cache-resident chunks also cost less per element than torch's
+(~1.0 against 1.87 ns per element and task, benchmarks/kernel_costs.py), and
+release the GIL, so the executor's threads run them in parallel.
+
+bf16 has no numpy dtype: its blocks are uint16 arrays of the bit patterns,
+widened by a shift into the high half of a float32 and narrowed by rounding
+to nearest even, as torch does. NaN (only with inputs.allow_nonfinite) stays
+NaN, but its bits are not torch's: torch itself writes 0xFFFF or 0x7FC0 for
+a bf16 NaN depending on whether its vectorised loop or its scalar tail
+converts it (SPEC does not fix them).
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
 
-from . import combine as C
-from .block import MergeSpec, NonFiniteTaskVector, TaskStats, square_sum
+from .spec import MergeSpec, NonFiniteTaskVector, TaskStats
 
 # Elements per chunk: the chunk's few float32 temporaries stay in L2 (measured
-# best among 2^14..2^18 on a 2 MB-L2 Xeon; larger chunks spill, smaller ones
-# pay torch's per-op dispatch).
+# best among 2^14..2^18 on a 2 MB-L2 Xeon).
 STREAM_CHUNK = 1 << 16
 
+# the safetensors dtypes a block may stream in, as numpy arrays of these
+# (BF16: the bit patterns)
+NP_DTYPES: dict[str, np.dtype] = {
+    "BF16": np.dtype(np.uint16),
+    "F16": np.dtype(np.float16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+}
 
-def streams(spec: MergeSpec, device: torch.device) -> bool:
-    """Whether a block of this merge can be merged by merge_raw (CPU only: on a
-    GPU the whole block is one chunk anyway)."""
+
+def streams(spec: MergeSpec, device: str, dtypes: list[str]) -> bool:
+    """Whether a block of this merge can be merged by merge_raw: CPU only (on a
+    GPU the whole block is one chunk anyway), inputs and output in NP_DTYPES."""
     return (
-        device.type == "cpu"
+        device == "cpu"
         and spec.sparsify.method == "none"
         and spec.method in ("task_arithmetic", "average")
+        and all(d in NP_DTYPES for d in dtypes)
     )
 
 
+def _widen(src: np.ndarray, f32: np.ndarray, u32: np.ndarray) -> np.ndarray:
+    """src (any NP_DTYPES array) as float32 into f32 (u32: the same buffer)."""
+    if src.dtype == np.uint16:  # bf16: its bits are a float32's high half
+        np.copyto(u32, src, casting="unsafe")
+        np.left_shift(u32, 16, out=u32)
+    else:
+        np.copyto(f32, src, casting="same_kind")
+    return f32
+
+
+def _narrow(acc: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
+    """acc (float32) rounded to out's dtype, nearest even; tmp: uint32 scratch."""
+    if out.dtype != np.uint16:
+        np.copyto(out, acc, casting="same_kind")
+        return
+    u = acc.view(np.uint32)
+    np.right_shift(u, 16, out=tmp)
+    np.bitwise_and(tmp, 1, out=tmp)
+    np.add(tmp, 0x7FFF, out=tmp)
+    np.add(tmp, u, out=tmp)
+    np.right_shift(tmp, 16, out=tmp)
+    np.copyto(out, tmp, casting="unsafe")
+    if not math.isfinite(float(np.dot(acc, acc))):
+        out[np.isnan(acc)] = 0x7FC0  # the sum above may have carried a NaN into Inf or 0
+
+
+def square_sum(x: np.ndarray) -> float:
+    """Σx² for the report (float32 accumulation: one fast pass, not exact). A
+    non-finite result means NaN/Inf in x, or squares beyond float32's range:
+    the latter is told apart with isfinite (and then summed in float64)."""
+    v = float(np.dot(x, x))
+    if not math.isfinite(v) and bool(np.isfinite(x).all()):
+        x64 = x.astype(np.float64)
+        v = float(np.dot(x64, x64))
+    return v
+
+
 def merge_raw(
-    base: torch.Tensor,
-    models: list[torch.Tensor],
-    out: torch.Tensor,
+    base: np.ndarray,
+    models: list[np.ndarray],
+    out: np.ndarray,
     spec: MergeSpec,
     check_finite: bool = True,
 ) -> list[TaskStats]:
     """Merge one block from the inputs' own values into `out` (the output dtype).
 
-    `base` and `models` are flat CPU tensors of any floating dtypes, `out` a flat
-    tensor of the same length; the inputs are not modified. Raises
-    NonFiniteTaskVector as merge_block does (unless check_finite=False), in
-    which case `out` holds part of the block and must not be written.
+    `base`, `models` and `out` are flat arrays of equal length in NP_DTYPES'
+    types; the inputs are not modified. Raises NonFiniteTaskVector as
+    merge_block does (unless check_finite=False), in which case `out` holds
+    part of the block and must not be written.
     """
-    n = base.numel()
-    k_count = len(models)
-    weights = list(spec.weights)
+    with np.errstate(over="ignore", invalid="ignore"):  # Inf/NaN are reported, not warned
+        return _merge_raw(base, models, out, spec, check_finite)
+
+
+def _merge_raw(
+    base: np.ndarray,
+    models: list[np.ndarray],
+    out: np.ndarray,
+    spec: MergeSpec,
+    check_finite: bool,
+) -> list[TaskStats]:
+    n = base.size
+    weights = [np.float32(w) for w in spec.weights]
     step = min(n, STREAM_CHUNK) or 1
-    base_f = torch.empty(step, dtype=torch.float32)
-    acc_f = torch.empty(step, dtype=torch.float32)
-    tau_f = torch.empty(step, dtype=torch.float32)
-    scale = C._f32(spec.scale, acc_f)
-    total_w = C._f32(sum(weights), acc_f)
-    sq = [0.0] * k_count
+    base_u = np.empty(step, np.uint32)
+    acc_u = np.empty(step, np.uint32)
+    tau_u = np.empty(step, np.uint32)
+    tmp = np.empty(step, np.uint32)
+    base_f, acc_f, tau_f = base_u.view(np.float32), acc_u.view(np.float32), tau_u.view(np.float32)
+    scale = np.float32(spec.scale)
+    total_w = np.float32(sum(spec.weights))
+    sq = [0.0] * len(models)
     average = spec.method == "average"
     for a in range(0, n, step):
         b = min(n, a + step)
         m = b - a
-        bv, acc, tau = base_f[:m].copy_(base[a:b]), acc_f[:m], tau_f[:m]
+        bv = _widen(base[a:b], base_f[:m], base_u[:m])
+        acc = acc_f[:m]
         for k, model in enumerate(models):
             # τ_k for the report (and the finite check); task arithmetic sums it
-            t = acc if k == 0 and not average else tau
-            t.copy_(model[a:b]).sub_(bv)
-            s = square_sum(t)
+            first = k == 0
+            t = _widen(model[a:b], acc if first else tau_f[:m], acc_u[:m] if first else tau_u[:m])
+            if average:
+                # averaging sums θ_k, not τ_k: τ_k is made for the report only
+                tau = np.subtract(t, bv, out=tmp[:m].view(np.float32))
+            else:
+                tau = np.subtract(t, bv, out=t)
+            s = square_sum(tau)
             if check_finite and not math.isfinite(s):
                 raise NonFiniteTaskVector(k)
             sq[k] += s
-            if average:  # averaging sums θ_k, not τ_k
-                t.copy_(model[a:b])
-                if k == 0:
-                    acc.copy_(t)
-                    t = acc
-            C._scale_(t, weights[k])
-            if t is not acc:
-                acc.add_(t)
+            if weights[k] != 1.0:
+                np.multiply(t, weights[k], out=t)
+            if not first:
+                np.add(acc, t, out=acc)
         if average:
-            acc.div_(total_w)
+            np.divide(acc, total_w, out=acc)
         else:
-            acc.mul_(scale).add_(bv)
-        out[a:b].copy_(acc)
+            if scale != 1.0:
+                np.multiply(acc, scale, out=acc)
+            np.add(acc, bv, out=acc)
+        _narrow(acc, out[a:b], tmp[:m])
     return [TaskStats(kept=n, tau_sq=s, t_sq=s) for s in sq]

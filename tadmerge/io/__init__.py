@@ -23,16 +23,17 @@ from tadmerge.io.publish import (
     write_manifest,
 )
 from tadmerge.io.safetensors_format import (
-    DTYPE_INFO,
+    DTYPE_SIZE,
     FLOAT_DTYPES,
     SafetensorsHeader,
     TensorEntry,
     dtype_name,
     read_header,
+    torch_dtype,
 )
 
 __all__ = [
-    "DTYPE_INFO",
+    "DTYPE_SIZE",
     "FLOAT_DTYPES",
     "Checkpoint",
     "OutputTensor",
@@ -48,6 +49,7 @@ __all__ = [
     "layout_shards",
     "open_checkpoint",
     "read_header",
+    "torch_dtype",
     "read_rows",
     "sync_all",
     "verify_output",

@@ -29,11 +29,15 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from tadmerge.errors import InputError, InputProblem, MergeRuntimeError
-from tadmerge.io.safetensors_format import DTYPE_INFO, METADATA_KEY, TensorEntry, dtype_name
+from tadmerge.io.safetensors_format import DTYPE_SIZE, METADATA_KEY, TensorEntry, dtype_name
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "OutputTensor",
@@ -42,6 +46,7 @@ __all__ = [
     "create_shard_files",
     "index_json",
     "layout_shards",
+    "read_bytes",
     "read_rows",
     "sync_all",
     "write_at",
@@ -179,14 +184,15 @@ def _errtext(exc: OSError) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-def read_rows(
-    entry: TensorEntry, row_start: int, row_end: int, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Rows ``[row_start, row_end)`` of ``entry`` as a flat 1-D CPU tensor.
+def read_bytes(
+    entry: TensorEntry, row_start: int, row_end: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The raw bytes of rows ``[row_start, row_end)`` of ``entry`` as a flat uint8
+    array: a new one, or the first bytes of ``out`` (a uint8 array large enough).
 
-    A 0-d tensor is one row of one element. The bytes go straight from the kernel into
-    the returned tensor's storage (no intermediate ``bytes``): a new one, or the
-    first bytes of ``out`` (a uint8 tensor large enough) when given.
+    A 0-d tensor is one row of one element. The bytes go straight from the kernel
+    into the array's memory (no intermediate ``bytes``). numpy, not torch: the
+    streamed merges (engine/stream.py) never import torch.
     """
     if not (0 <= row_start <= row_end <= entry.rows):
         raise ValueError(
@@ -195,9 +201,9 @@ def read_rows(
     row_bytes = entry.row_numel * entry.itemsize
     nbytes = (row_end - row_start) * row_bytes
     offset = entry.offset + row_start * row_bytes
-    buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
+    buf = np.empty(nbytes, dtype=np.uint8) if out is None else out[:nbytes]
     if nbytes:
-        view = memoryview(buf.numpy())
+        view = memoryview(buf)
         try:
             with _READ_FDS.acquire(entry.file) as fd:
                 got = 0
@@ -225,7 +231,20 @@ def read_rows(
             ) from exc
         finally:
             view.release()
-    return buf.view(entry.torch_dtype)
+    return buf
+
+
+def read_rows(
+    entry: TensorEntry, row_start: int, row_end: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows ``[row_start, row_end)`` of ``entry`` as a flat 1-D CPU tensor: a new
+    one, or over the first bytes of ``out`` (a uint8 tensor large enough)."""
+    import torch
+
+    raw = read_bytes(entry, row_start, row_end, None if out is None else out.numpy())
+    if not raw.size:  # torch views no empty array as a wider dtype
+        return torch.empty(0, dtype=entry.torch_dtype)
+    return torch.from_numpy(raw).view(entry.torch_dtype)
 
 
 def prefetch_rows(entry: TensorEntry, row_start: int, row_end: int) -> None:
@@ -250,19 +269,23 @@ def prefetch_rows(entry: TensorEntry, row_start: int, row_end: int) -> None:
 # --------------------------------------------------------------------------- writing
 
 
-def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+def _as_bytes(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
     """A contiguous CPU uint8 view of the tensor's raw bytes (bf16/fp8/bool included)."""
+    if isinstance(tensor, np.ndarray):
+        return np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
+    import torch
+
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous().reshape(-1)
     if t.dtype != torch.uint8:
         t = t.view(torch.uint8)
-    return t
+    return t.numpy()
 
 
-def write_at(path: str, offset: int, tensor: torch.Tensor) -> None:
-    """Write ``tensor``'s raw bytes at absolute ``offset`` of ``path``.
+def write_at(path: str, offset: int, tensor: torch.Tensor | np.ndarray) -> None:
+    """Write ``tensor``'s raw bytes (a tensor or a numpy array) at absolute ``offset`` of ``path``.
 
     Any OSError (ENOSPC, EACCES, EIO, ...) becomes a MergeRuntimeError that names the
     file, so a full disk reads as such in the nightly log and staging is kept.
@@ -270,10 +293,10 @@ def write_at(path: str, offset: int, tensor: torch.Tensor) -> None:
     if offset < 0:
         raise ValueError(f"negative offset {offset} for {path}")
     data = _as_bytes(tensor)
-    total = data.numel()
+    total = data.size
     if total == 0:
         return
-    view = memoryview(data.numpy())
+    view = memoryview(data)
     try:
         with _WRITE_FDS.acquire(path) as fd:
             done = 0
@@ -325,7 +348,7 @@ class OutputTensor:
     shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_INFO:
+        if self.dtype not in DTYPE_SIZE:
             raise ValueError(f"{self.name}: unknown dtype {self.dtype!r}")
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in self.shape):
             raise ValueError(f"{self.name}: invalid shape {self.shape!r}")
@@ -338,7 +361,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPE_INFO[self.dtype][1]
+        return self.numel * DTYPE_SIZE[self.dtype]
 
     @staticmethod
     def like(name: str, tensor: torch.Tensor) -> OutputTensor:
@@ -427,7 +450,7 @@ def layout_shards(
         filename = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
         offsets: dict[str, tuple[int, int]] = {}
         pos = 0
-        for t in sorted(group, key=lambda t: (-DTYPE_INFO[t.dtype][1], t.name)):
+        for t in sorted(group, key=lambda t: (-DTYPE_SIZE[t.dtype], t.name)):
             offsets[t.name] = (pos, pos + t.nbytes)
             pos += t.nbytes
         shards.append(

@@ -24,8 +24,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from tadmerge.errors import InputError, InputProblem
 from tadmerge.io.block_io import (
@@ -43,6 +42,9 @@ from tadmerge.io.safetensors_format import (
     dtype_name,
     read_header,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Checkpoint", "open_checkpoint", "EXTRA_FILE_NAMES", "cache_dir"]
 
@@ -353,6 +355,8 @@ def _sha256_file(path: str) -> str:
 
 
 def _torch_load(path: str) -> object:
+    import torch  # only pickled checkpoints need it
+
     try:
         return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except Exception:
@@ -362,6 +366,8 @@ def _torch_load(path: str) -> object:
 
 
 def _state_dict(path: str, obj: object, problems: list[InputProblem]) -> dict[str, torch.Tensor]:
+    import torch
+
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model", "module"):
             if isinstance(obj.get(key), dict):

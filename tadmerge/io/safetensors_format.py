@@ -23,68 +23,75 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from tadmerge.errors import InputError, InputProblem
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
-    "DTYPE_INFO",
+    "DTYPE_SIZE",
     "FLOAT_DTYPES",
     "SafetensorsHeader",
     "TensorEntry",
     "dtype_name",
     "read_header",
+    "torch_dtype",
 ]
 
 
-def _build_dtype_info() -> dict[str, tuple[torch.dtype, int]]:
-    """Map safetensors dtype strings to torch dtypes; optional ones only if torch has them."""
-    info: dict[str, tuple[torch.dtype, int]] = {
-        "F64": (torch.float64, 8),
-        "F32": (torch.float32, 4),
-        "F16": (torch.float16, 2),
-        "BF16": (torch.bfloat16, 2),
-        "I64": (torch.int64, 8),
-        "I32": (torch.int32, 4),
-        "I16": (torch.int16, 2),
-        "I8": (torch.int8, 1),
-        "U8": (torch.uint8, 1),
-        "BOOL": (torch.bool, 1),
-    }
-    optional = {
-        "F8_E4M3": ("float8_e4m3fn", 1),
-        "F8_E5M2": ("float8_e5m2", 1),
-        "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1),
-        "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1),
-        "U16": ("uint16", 2),
-        "U32": ("uint32", 4),
-        "U64": ("uint64", 8),
-    }
-    for name, (attr, size) in optional.items():
-        dt = getattr(torch, attr, None)
-        if isinstance(dt, torch.dtype):
-            info[name] = (dt, size)
-    return info
+# safetensors dtype string -> (the torch dtype's name, bytes per element). Plain
+# strings: reading headers and planning must not import torch (a merge that
+# only streams never does, engine/stream.py).
+_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1),
+    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "U16": ("uint16", 2),
+    "U32": ("uint32", 4),
+    "U64": ("uint64", 8),
+    "BOOL": ("bool", 1),
+}
+DTYPE_SIZE: dict[str, int] = {name: size for name, (_, size) in _DTYPES.items()}
+FLOAT_DTYPES: frozenset[str] = frozenset(n for n in _DTYPES if n.startswith(("F", "BF")))
+_NAME_OF: dict[str, str] = {attr: name for name, (attr, _) in _DTYPES.items()}
 
 
-DTYPE_INFO: dict[str, tuple[torch.dtype, int]] = _build_dtype_info()
-FLOAT_DTYPES: frozenset[str] = frozenset(
-    name for name, (dt, _) in DTYPE_INFO.items() if dt.is_floating_point
-)
-_NAME_OF: dict[torch.dtype, str] = {dt: name for name, (dt, _) in DTYPE_INFO.items()}
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype string (imports torch).
+
+    Raises ValueError for a string this torch has no dtype for.
+    """
+    import torch
+
+    dt = getattr(torch, _DTYPES[name][0], None) if name in _DTYPES else None
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"dtype {name!r} has no torch dtype in torch {torch.__version__}")
+    return dt
+
 
 METADATA_KEY = "__metadata__"
 DEFAULT_MAX_HEADER_BYTES = 100 * 2**20
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """Inverse of :data:`DTYPE_INFO`: the safetensors string for a torch dtype.
+    """Inverse of :func:`torch_dtype`: the safetensors string for a torch dtype.
 
     Raises ValueError for dtypes safetensors (or this engine) cannot store, e.g. complex.
     """
     try:
-        return _NAME_OF[dtype]
+        return _NAME_OF[str(dtype).removeprefix("torch.")]
     except KeyError:
         raise ValueError(f"dtype {dtype} has no safetensors equivalent") from None
 
@@ -115,11 +122,11 @@ class TensorEntry:
 
     @property
     def itemsize(self) -> int:
-        return DTYPE_INFO[self.dtype][1]
+        return DTYPE_SIZE[self.dtype]
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPE_INFO[self.dtype][0]
+        return torch_dtype(self.dtype)
 
     @property
     def is_float(self) -> bool:
@@ -220,11 +227,11 @@ def _check_entry(
         if not isinstance(dtype, str):
             bad(f"dtype must be a string, got {type(dtype).__name__}")
             ok = False
-        elif dtype not in DTYPE_INFO:
-            bad(f"unknown dtype {dtype[:40]!r} (known: {', '.join(sorted(DTYPE_INFO))})")
+        elif dtype not in DTYPE_SIZE:
+            bad(f"unknown dtype {dtype[:40]!r} (known: {', '.join(sorted(DTYPE_SIZE))})")
             ok = False
         else:
-            itemsize = DTYPE_INFO[dtype][1]
+            itemsize = DTYPE_SIZE[dtype]
 
     shape_raw = raw.get("shape")
     shape: tuple[int, ...] | None = None

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 from .. import __version__
 from ..config import MergeConfig
-from ..engine.sparsify import MAGNITUDE_METHODS
+from ..engine.spec import MAGNITUDE_METHODS
 from ..errors import ConfigError, OutputError
 from ..io.block_io import OutputTensor, ShardSpec, layout_shards
 from ..io.checkpoint import Checkpoint
 from ..io.publish import check_output_outside_inputs
-from ..io.safetensors_format import DTYPE_INFO, TensorEntry
+from ..io.safetensors_format import DTYPE_SIZE, TensorEntry
 from .inventory import EXCLUDE, MERGE, classify, open_inputs
 
 CANONICAL_ELEMS = 1 << 20  # elements per canonical row block (RNG streams, mask chunks)
@@ -208,7 +208,7 @@ def make_plan(cfg: MergeConfig, *, inputs: list[Checkpoint] | None = None) -> Pl
                 max(1, entry.rows), canonical_rows(entry.row_numel, cfg.runtime.block_elements)
             ),
         )
-        itemsize = DTYPE_INFO[entry.dtype][1]
+        itemsize = DTYPE_SIZE[entry.dtype]
         per_row = tp.row_numel * bytes_per_element(
             k, itemsize, cfg.merge.method, cfg.sparsify.method
         )

@@ -6,10 +6,13 @@ These feed merge_report.json and the drop-rate plots (report/plots.py).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from ..engine.exact import ExactSum
-from ..engine.sparsify import Selection
 from ..planners.inventory import MERGE
+
+if TYPE_CHECKING:
+    from ..engine.exact import ExactSum
+    from ..engine.sparsify import Selection
 
 
 def tensor_report(plan, done: dict, resolved: dict) -> tuple[dict, dict]:

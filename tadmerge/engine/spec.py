@@ -1,0 +1,78 @@
+"""What a merge asks of the engine: the method tables and the specs.
+
+Plain data, no torch: the config, the planner and the streamed merges
+(engine/stream.py) read these, and a merge that only streams never loads torch
+(about 2 s of start-up, more than the whole I/O of a small merge).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .sparsify import Selection
+
+COMBINERS = frozenset({"average", "task_arithmetic", "ties", "emr"})
+MAGNITUDE_METHODS = frozenset({"tadrop", "magnitude", "breadcrumbs"})
+RANDOM_METHODS = frozenset({"random", "della"})
+ALL_METHODS = frozenset({"none"}) | MAGNITUDE_METHODS | RANDOM_METHODS
+RESCALE_MODES = frozenset({"none", "l2", "l1", "inverse_keep"})
+DEFAULT_RESCALE = {
+    "none": "none",
+    "tadrop": "l2",
+    "magnitude": "none",
+    "breadcrumbs": "none",
+    "random": "inverse_keep",
+    "della": "inverse_keep",
+}
+
+
+@dataclass(frozen=True)
+class SparsifySpec:
+    """Parameters of Φ, as resolved from the config (defaults filled in)."""
+
+    method: str = "none"
+    scope: str = "tensor"
+    low_q: float = 0.5
+    high_q: float = 0.95
+    eps: float = 1e-12
+    rescale: str = "none"
+    max_drop: float = 1.0
+    density: float = 0.2
+    p: float = 0.9
+    epsilon: float = 0.1
+    gamma: float = 0.01
+
+    @property
+    def moments(self) -> int:
+        """Exact moments the selection needs: 2 for l2, 1 for l1, else counts only."""
+        return {"l2": 2, "l1": 1}.get(self.rescale, 0)
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    sparsify: SparsifySpec
+    method: str  # average | task_arithmetic | ties | emr
+    scale: float = 1.0
+    disjoint: str = "mean"
+    weights: tuple[float, ...] = ()
+    seed: int = 0
+
+
+class NonFiniteTaskVector(ValueError):
+    """τ_k of this block holds NaN or Inf (the worker names the files)."""
+
+    def __init__(self, task: int):
+        super().__init__(task)
+        self.task = task
+
+
+@dataclass
+class TaskStats:
+    """What one block tells the report about one task (SPEC section 7)."""
+
+    kept: int = 0
+    selection: Selection | None = None  # when the block resolved the whole tensor
+    tau_sq: float = 0.0  # Σ τ² of the block, float64 (report only)
+    t_sq: float = 0.0  # Σ t² of the block, float64 (report only)
