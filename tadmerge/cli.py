@@ -20,6 +20,12 @@ from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, TadmergeError
 
 log = logging.getLogger("tadmerge")
 
+# The executor already runs one unit per core: OpenBLAS's threads (numpy's
+# np.dot in engine/stream.py) would only spin beside them (~0.25 s of CPU in
+# a 271M task arithmetic merge). Read when numpy loads, which is later than
+# this; a user's own setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("overrides (take precedence over the config file)")
