@@ -105,14 +105,17 @@ def test_only_merges_without_a_sparsifier_on_a_cpu_stream():
     assert not stream.streams(tadrop, "cpu", ["BF16"])
 
 
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_nan_and_overflow_round_as_torch_does(out_dtype):
+def test_nan_and_overflow_round_as_torch_does(in_dtype, out_dtype):
     """With allow_nonfinite, NaN and Inf reach the output: Inf and every finite
     value as torch rounds them, NaN where torch has NaN (its bits are not
     torch's: those differ between torch's own vectorised and scalar casts)."""
     base = torch.tensor([0.0, 1.0, -2.0, 0.0, 3e38, -3e38, 5.0, 0.0])
     m1 = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, 3e38, -3e38, 5.0, -0.0])
     m2 = torch.tensor([1.0, -float("inf"), 1.0, float("nan"), 3e38, -3e38, 7e4, 0.0])
+    # bf16 in and out: the packed widening and narrowing (even entries, then odd)
+    base, m1, m2 = (t.to(in_dtype) for t in (base, m1, m2))
     spec = _spec("task_arithmetic", (2.0, 1.0), scale=1.0)
     out = _empty(8, out_dtype)
     stream.merge_raw(_np(base), [_np(m1), _np(m2)], out, spec, check_finite=False)
