@@ -23,7 +23,8 @@ from tadmerge.engine.exact import coarse_stats
 from tadmerge.engine.histogram import RankIndex
 from tadmerge.engine.keys import KeyChunks
 from tadmerge.engine.raw import applies, merge_raw_sparse
-from tadmerge.engine.sparsify import SparsifySpec, resolve_selection, run_locally
+from tadmerge.engine.selection import resolve_selection, run_locally
+from tadmerge.engine.spec import SparsifySpec
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason="numba kernels not installed")
 
@@ -50,6 +51,15 @@ def _bf16_inputs(n: int, k: int, seed: int) -> list[torch.Tensor]:
     return out
 
 
+def _np(x: torch.Tensor) -> np.ndarray:
+    """A tensor as merge_raw_sparse takes it (bf16: its patterns), sharing memory."""
+    return x.view(torch.int16).numpy().view(np.uint16) if x.dtype == torch.bfloat16 else x.numpy()
+
+
+def _merge(raws: list[torch.Tensor], out: torch.Tensor, spec, ctx):
+    return merge_raw_sparse(_np(raws[0]), [_np(r) for r in raws[1:]], _np(out), spec, ctx)
+
+
 def _sp(d: dict) -> SparsifySpec:
     return SparsifySpec(**{k: v for k, v in d.items()})
 
@@ -71,7 +81,7 @@ def test_whole_tensor_is_the_reference_bit_for_bit(sname, method, out_dtype, k):
     weights = (1.0, -0.5, 2.25)[:k]
     spec = MergeSpec(_sp(SPARSIFIERS[sname]), method, scale=0.7, weights=weights)
     out = torch.empty(n, dtype=out_dtype)
-    stats = merge_raw_sparse(raws[0], raws[1:], out, spec, BlockContext("x", (n,), 0, n, n, True))
+    stats = _merge(raws, out, spec, BlockContext("x", (n,), 0, n, n, True))
     assert stats is not None
     want = _reference(raws, SPARSIFIERS[sname], method, weights, 0.7, out_dtype)
     assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
@@ -110,7 +120,7 @@ def test_blocks_of_a_split_tensor_apply_the_resolved_selection():
                 q.append(int(((below >= a) & (below < b)).sum()))
             quotas.append(tuple(q))
         ctx = BlockContext("x", (n,), a, b, 1, False, selections=sels, quotas=quotas)
-        got = merge_raw_sparse(raws[0][a:b], [r[a:b] for r in raws[1:]], out[a:b], spec, ctx)
+        got = _merge([r[a:b] for r in raws], out[a:b], spec, ctx)
         assert got is not None and all(st.selection is None for st in got)
     want = _reference(raws, sp, "task_arithmetic", weights, 0.3, torch.bfloat16)
     assert torch.equal(out.view(torch.int16), want.view(torch.int16))
@@ -127,11 +137,11 @@ def test_a_selection_without_norms_or_keys_not_sparse_are_handed_back():
     assert sel.tau_sq is None  # rescale none: no norms gathered
     ctx = BlockContext("x", (2 * n,), 0, n, 1, False, selections=[sel, sel], quotas=[(0, 0)] * 2)
     assert not applies(ctx)  # the worker asks before it reads the block
-    assert merge_raw_sparse(raws[0], raws[1:], out, spec, ctx) is None
+    assert _merge(raws, out, spec, ctx) is None
     # a base far from the models: differences with many significant bits
     far = [torch.full((n,), 3.0, dtype=torch.bfloat16), raws[1], raws[2]]
     whole = BlockContext("x", (n,), 0, n, n, True)
-    assert merge_raw_sparse(far[0], far[1:], out, spec, whole) is None
+    assert _merge(far, out, spec, whole) is None
 
 
 def test_non_finite_task_vector_raises():
@@ -140,10 +150,9 @@ def test_non_finite_task_vector_raises():
     raws[2][17] = float("inf")
     spec = MergeSpec(_sp(SPARSIFIERS["tadrop"]), "task_arithmetic", 1.0, weights=(1.0, 1.0))
     with pytest.raises(NonFiniteTaskVector) as e:
-        merge_raw_sparse(
-            raws[0], raws[1:], torch.empty(n, dtype=torch.bfloat16), spec,
-            BlockContext("x", (n,), 0, n, n, True),
-        )  # fmt: skip
+        _merge(
+            raws, torch.empty(n, dtype=torch.bfloat16), spec, BlockContext("x", (n,), 0, n, n, True)
+        )
     assert e.value.task == 1
 
 

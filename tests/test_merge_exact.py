@@ -323,7 +323,7 @@ def test_bf16_magnitude_merges_stream_from_the_raw_inputs(zoo_dir, method, monke
     whole or a block of a split tensor, is merged from its raw 16-bit blocks
     (engine/raw.py) with no float32 block made: the bytes of the torch path, and
     the split tensors' report norms are their exact moments'."""
-    from tadmerge.cluster import engine_units
+    from tadmerge.cluster import engine_units, worker
 
     root, (paths, base, models) = zoo_dir[0], (zoo_dir[1][:2], zoo_dir[1][2], zoo_dir[1][3])
     sp = SPARSIFIERS["tadrop"]
@@ -338,7 +338,7 @@ def test_bf16_magnitude_merges_stream_from_the_raw_inputs(zoo_dir, method, monke
     whole = merge(f"raw-{method}-torch", False, "torch")
     monkeypatch.setattr(kernels, "SIDE_SHARE", 1)  # the zoo's tiny blocks count as sparse
     used = {"raw": 0, "block": 0}
-    real_raw, real_block = engine_units.merge_raw_sparse, engine_units.merge_block
+    real_raw, real_block = worker.merge_raw_sparse, engine_units.merge_block
 
     def spy_raw(*a, **kw):
         got = real_raw(*a, **kw)
@@ -349,7 +349,7 @@ def test_bf16_magnitude_merges_stream_from_the_raw_inputs(zoo_dir, method, monke
         used["block"] += 1
         return real_block(*a, **kw)
 
-    monkeypatch.setattr(engine_units, "merge_raw_sparse", spy_raw)
+    monkeypatch.setattr(worker, "merge_raw_sparse", spy_raw)
     monkeypatch.setattr(engine_units, "merge_block", spy_block)
     split = merge(f"raw-{method}-numba", True, "numba")
     merged_units = [u for t in split.plan.tensors if t.kind == "merge" for u in t.units]

@@ -1,6 +1,8 @@
-"""Task arithmetic and averaging merge without importing torch.
+"""Task arithmetic and averaging, with or without a magnitude selection on
+bf16 inputs, merge without importing torch.
 
-Their units all stream (engine/stream.py, numpy) or copy bytes, and torch's
+Their units all stream (engine/stream.py, numpy), take the raw bf16 path
+(engine/raw.py, numba, its statistics in numpy) or copy bytes, and torch's
 import costs ~2 s: more than reading and writing a small merge. The command
 line runs here in a child process in which importing torch fails, and its
 output is checked against the float32 reference.
@@ -8,6 +10,7 @@ output is checked against the float32 reference.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -16,19 +19,24 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from reference import combine
+from reference import combine, sparsify
 from safetensors.torch import load_file, save_file
+
+from tadmerge.engine import kernels
 
 REPO = Path(__file__).resolve().parent.parent
 
-# run the command line with torch (and numba) made unimportable
+# run the command line with torch (and, for a merge without statistics, numba)
+# made unimportable
 CHILD = textwrap.dedent(
     """
     import sys, traceback
 
+    BLOCKED = sys.argv.pop(1).split(",")
+
     class NoTorch:
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "numba"):
+            if name.split(".")[0] in BLOCKED:
                 traceback.print_stack()
                 raise ImportError(f"test: {name} must not be imported")
             return None
@@ -40,7 +48,7 @@ CHILD = textwrap.dedent(
 )
 
 
-def _write(tmp: Path) -> tuple[str, list[str]]:
+def _write(tmp: Path, bf16_only: bool = False) -> tuple[str, list[str]]:
     g = torch.Generator().manual_seed(0)
     base = {
         "layers.0.w": torch.randn(48, 40, generator=g).to(torch.bfloat16),
@@ -48,6 +56,9 @@ def _write(tmp: Path) -> tuple[str, list[str]]:
         "norm": torch.randn(40, generator=g),
         "position_ids": torch.arange(12),
     }
+    if bf16_only:  # what the raw path takes (and a tensor that splits into units)
+        base = {n: v.to(torch.bfloat16) if v.is_floating_point() else v for n, v in base.items()}
+        base["embed"] = torch.randn(512, 64, generator=g).to(torch.bfloat16)
     paths = []
     for k in range(3):
         d = tmp / ("base" if k == 0 else f"ft{k}")
@@ -55,7 +66,7 @@ def _write(tmp: Path) -> tuple[str, list[str]]:
         t = dict(base)
         if k:
             t = {
-                n: v + (torch.randn(v.shape, generator=g) * 0.01).to(v.dtype)
+                n: (v.float() + torch.randn(v.shape, generator=g) * 0.01).to(v.dtype)
                 if v.is_floating_point()
                 else v
                 for n, v in base.items()
@@ -65,25 +76,9 @@ def _write(tmp: Path) -> tuple[str, list[str]]:
     return paths[0], paths[1:]
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "average"])
-def test_a_streamed_merge_never_imports_torch(tmp_path, method):
-    base, models = _write(tmp_path)
-    weights = [1.0, 0.6]
-    cfg = tmp_path / "merge.yaml"
-    out = tmp_path / "out"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "base": base,
-                "models": [{"path": p, "weight": w} for p, w in zip(models, weights, strict=True)],
-                "merge": {"method": method, "scale": 0.3},
-                "output": {"path": str(out)},
-                "runtime": {"workers": 2},
-            }
-        )
-    )
+def _run(cfg: Path, blocked: str) -> None:
     r = subprocess.run(
-        [sys.executable, "-c", CHILD, "-q", "merge", str(cfg)],
+        [sys.executable, "-c", CHILD, blocked, "-q", "merge", str(cfg)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -91,6 +86,32 @@ def test_a_streamed_merge_never_imports_torch(tmp_path, method):
     )
     assert r.returncode == 0, r.stderr
     assert "must not be imported" not in r.stderr
+
+
+def _config(tmp: Path, base: str, models: list[str], weights, merge: dict, **extra) -> Path:
+    cfg = tmp / "merge.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "base": base,
+                "models": [{"path": p, "weight": w} for p, w in zip(models, weights, strict=True)],
+                "merge": merge,
+                "output": {"path": str(tmp / "out")},
+                **extra,
+            }
+        )
+    )
+    return cfg
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "average"])
+def test_a_streamed_merge_never_imports_torch(tmp_path, method):
+    base, models = _write(tmp_path)
+    weights = [1.0, 0.6]
+    merge = {"method": method, "scale": 0.3}
+    cfg = _config(tmp_path, base, models, weights, merge, runtime={"workers": 2})
+    _run(cfg, "torch,numba")
+    out = tmp_path / "out"
 
     got = load_file(str(out / "model.safetensors"))
     inputs = [load_file(str(Path(p) / "model.safetensors")) for p in [base, *models]]
@@ -103,3 +124,36 @@ def test_a_streamed_merge_never_imports_torch(tmp_path, method):
         ref = combine(method, thetas[0], thetas[1:], taus, weights, 0.3, sparse=False)
         assert got[name].dtype == b.dtype
         assert torch.equal(got[name], ref.to(b.dtype)), name
+
+
+@pytest.mark.skipif(not kernels.load(), reason="numba kernels not installed")
+@pytest.mark.parametrize("split", [False, True])
+def test_a_magnitude_selection_on_bf16_never_imports_torch(tmp_path, split):
+    """TA + TADrop on bf16 checkpoints: the raw path merges every unit, and
+    with split tensors the statistics round counts them, all without torch."""
+    base, models = _write(tmp_path, bf16_only=True)
+    weights = [1.0, 0.6]
+    sp = {"method": "tadrop", "low_q": 0.5, "high_q": 0.95, "rescale": "l2"}
+    merge = {"method": "task_arithmetic", "scale": 0.3}
+    runtime = {"workers": 2, "kernels": "numba"}
+    if split:
+        runtime.update(max_unit_elements=4096, block_elements=1024, memory_budget="256MB")
+    cfg = _config(tmp_path, base, models, weights, merge, sparsify=sp, runtime=runtime)
+    _run(cfg, "torch")
+
+    out = tmp_path / "out"
+    got = load_file(str(out / "model.safetensors"))
+    report = json.loads((out / "merge_report.json").read_text())
+    inputs = [load_file(str(Path(p) / "model.safetensors")) for p in [base, *models]]
+    for name, b in inputs[0].items():
+        if not b.is_floating_point():
+            assert torch.equal(got[name], b)
+            continue
+        thetas = [t[name].to(torch.float32) for t in inputs]
+        taus = [t - thetas[0] for t in thetas[1:]]
+        ts = [sparsify(t, sp, task=i, name=name, seed=0, block_rows=1) for i, t in enumerate(taus)]
+        ref = combine("task_arithmetic", thetas[0], thetas[1:], ts, weights, 0.3)
+        assert torch.equal(got[name], ref.to(b.dtype)), name
+    # split: "embed" (32768 entries) is merged in several units, after a statistics round
+    assert (report["units"]["total"] > len(inputs[0])) == split
+    assert (report["reads"]["stats_rounds"] > 0) == split

@@ -145,7 +145,7 @@ def _atomic_write(path: str, data: bytes) -> None:
         os.replace(tmp, path)
 
 
-def _selection_json(sel) -> dict:  # an engine.sparsify.Selection
+def _selection_json(sel) -> dict:  # an engine.selection.Selection
     # vars() of the flat dataclasses: dataclasses.asdict deep-copies, and this runs
     # for every task of every unit
     return {**vars(sel), "lo": dict(vars(sel.lo)), "hi": dict(vars(sel.hi))}
@@ -176,7 +176,7 @@ def record_from_json(d: dict) -> UnitRecord:
         sel = t["selection"]
         if sel is not None:
             from ..engine.histogram import Cut
-            from ..engine.sparsify import Selection
+            from ..engine.selection import Selection
 
             sel = Selection(**{**sel, "lo": Cut(**sel["lo"]), "hi": Cut(**sel["hi"])})
         tasks.append(

@@ -18,7 +18,7 @@ from ..config import available_cpus
 from ..io.block_io import prefetch_rows
 from ..planners.plan import Plan
 from .buffers import POOL
-from .worker import UnitRecord, run_unit, streams_only, unit_stats
+from .worker import UnitRecord, run_unit, torch_free, unit_stats
 
 # units read ahead into the page cache (not RSS): a few, so that the disk keeps
 # reading while the workers compute
@@ -35,9 +35,10 @@ class LocalExecutor:
         # Several workers on a CPU: each runs its kernels on its own share of the
         # cores. The engine works in cache-sized chunks, where an intra-op thread
         # pool costs more in synchronisation than it gains.
-        # (A merge whose units all stream runs numpy and never imports torch.)
+        # (A merge whose units all stream or take the raw bf16 path runs numpy
+        # and numba, and never imports torch.)
         self._threads: int | None = None
-        if device == "cpu" and self.workers > 1 and not streams_only(plan, device):
+        if device == "cpu" and self.workers > 1 and not torch_free(plan, device):
             import torch
 
             self._threads = torch.get_num_threads()

@@ -9,7 +9,7 @@ and reduces small results by addition:
    the rescale needs them) and, for a split tensor, the block's keys with low
    bits set when they are few (histogram.KeysAside: bf16 task vectors);
 2. fine (until every resolver is done; usually once): the fine histograms of
-   the buckets that the resolvers (engine/sparsify.py generators) ask for. A
+   the buckets that the resolvers (engine/selection.py generators) ask for. A
    group whose every unit set its keys aside takes none: the driver makes its
    fine histograms from those keys and the counts;
 3. ties: a cut that falls inside a run of equal |τ| spread over several
@@ -37,7 +37,7 @@ from dataclasses import asdict
 from ..engine.exact import CoarseStats
 from ..engine.histogram import Cut, KeysAside, RankIndex, SparseFine
 from ..engine.keys import COARSE_SHIFT
-from ..engine.sparsify import PREDICTED_BUCKETS, Selection, resolve_selection, tadrop_rate
+from ..engine.selection import PREDICTED_BUCKETS, Selection, resolve_selection, tadrop_rate
 from ..planners.inventory import MERGE
 from ..planners.plan import Plan
 
@@ -261,7 +261,7 @@ class PerUnitFine:
     def add(self, g: tuple, bucket: int, unit_id: int, hist: SparseFine) -> None:
         if self.dropped:
             return
-        self.bytes += SPARSE_BIN_BYTES * hist.bins.numel()
+        self.bytes += SPARSE_BIN_BYTES * hist.bins.size
         if self.bytes > self.limit:
             self.dropped = True
             self.hists.clear()

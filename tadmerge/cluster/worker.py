@@ -16,7 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import MergeConfig
-from ..engine.spec import MAGNITUDE_METHODS, MergeSpec, NonFiniteTaskVector
+from ..engine import kernels
+from ..engine.exact import coarse_stats
+from ..engine.histogram import KeysAside
+from ..engine.keys import SparseKeys
+from ..engine.raw import RAW_DTYPE, applies, merge_raw_sparse, takes
+from ..engine.spec import MAGNITUDE_METHODS, BlockContext, MergeSpec, NonFiniteTaskVector
 from ..engine.stream import NP_DTYPES, merge_raw, streams
 from ..errors import ConfigError, InputError, InputProblem
 from ..io.block_io import read_bytes, write_at
@@ -60,15 +65,70 @@ def resolve_device(name: str) -> str:
     return "cpu"
 
 
-def streams_only(plan: Plan, device: str) -> bool:
-    """Whether every unit of the plan is streamed or copied (engine/stream.py),
-    so that no worker needs torch."""
+def torch_free(plan: Plan, device: str) -> bool:
+    """Whether every unit of the plan is copied, streamed (engine/stream.py) or
+    merged from its raw bf16 blocks (engine/raw.py, which may still hand a
+    unit back to the torch engine), so that no worker should need torch."""
     spec = merge_spec(plan)
     return all(
-        streams(spec, device, [s.dtype for s in t.sources] + [t.out_dtype or ""])
+        _streams(spec, t, device) or _raw(plan, spec, t, device)
         for t in plan.tensors
         if t.kind == MERGE
     )
+
+
+def _streams(spec: MergeSpec, tp: TensorPlan, device: str) -> bool:
+    return streams(spec, device, [s.dtype for s in tp.sources] + [tp.out_dtype or ""])
+
+
+def _raw(plan: Plan, spec: MergeSpec, tp: TensorPlan, device: str) -> bool:
+    """Whether a tensor's units try the raw bf16 path first (engine/raw.py)."""
+    return (
+        not plan.config.inputs.allow_nonfinite
+        and takes(spec, [s.dtype for s in tp.sources], tp.out_dtype or "", device)
+        and kernels.enabled(None)
+    )
+
+
+def nonfinite_input(plan: Plan, unit: Unit, task: int, bad_base: int, bad: int) -> InputError:
+    """The input file whose block holds NaN/Inf, given the counts in the base's
+    block and in task `task`'s: a non-finite base is reported as such,
+    otherwise the model is the culprit."""
+    tp = plan.tensors[unit.tensor]
+    rows = f"rows {unit.row_start}..{unit.row_end}"
+    hint = "(set inputs.allow_nonfinite: true to merge anyway)"
+    if bad_base:
+        return InputError(
+            InputProblem(
+                tp.sources[0].file, tp.name, f"{bad_base} NaN/Inf value(s) in {rows} {hint}"
+            )
+        )
+    return InputError(
+        InputProblem(
+            tp.sources[task + 1].file,
+            tp.name,
+            f"{bad} NaN/Inf value(s) in {rows} (or values whose difference from the base "
+            f"overflows float32) {hint}",
+        )
+    )
+
+
+def block_context(plan: Plan, unit: Unit, resolved: dict | None) -> BlockContext:
+    tp = plan.tensors[unit.tensor]
+    ctx = BlockContext(
+        tensor=tp.name,
+        shape=tp.shape,
+        row_start=unit.row_start,
+        row_end=unit.row_end,
+        rng_rows=tp.rng_rows,
+        whole=not tp.split,
+    )
+    if resolved:
+        ctx.selections = resolved.get("selections")
+        ctx.quotas = resolved.get("quotas")
+        ctx.rates = resolved.get("rates")
+        ctx.majority = resolved.get("majority")
+    return ctx
 
 
 def uses_torch() -> bool:
@@ -87,8 +147,6 @@ def start_kernels(cfg: MergeConfig) -> None:
     takes = cfg.sparsify.method in MAGNITUDE_METHODS or cfg.merge.method in ("ties", "emr")
     if not takes:
         return  # no kernels (and no torch) for this merge
-    from ..engine import kernels
-
     kernels.configure(cfg.runtime.kernels)
     if resolve_device(cfg.runtime.device) == "cpu":
         kernels.preload()
@@ -121,8 +179,12 @@ def run_unit(
         return _copy_unit(plan, staging, unit, tp)
     spec = merge_spec(plan)
     device = resolve_device(device_name)
-    if streams(spec, device, [s.dtype for s in tp.sources] + [tp.out_dtype or ""]):
+    if _streams(spec, tp, device):
         return _stream_unit(plan, staging, unit, tp, spec)
+    if _raw(plan, spec, tp, device):
+        rec = _raw_unit(plan, staging, unit, tp, spec, resolved)
+        if rec is not None:
+            return rec
     from .engine_units import merge_unit
 
     return merge_unit(plan, staging, unit_id, resolved, device)
@@ -130,9 +192,82 @@ def run_unit(
 
 def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu"):
     """One unit's share of a statistics round (see cluster/stats.py)."""
+    unit = plan.units[unit_id]
+    tp = plan.tensors[unit.tensor]
+    if request[0] == "coarse" and _raw_inputs(tp, resolve_device(device_name), request[1]):
+        got = _raw_coarse(plan, unit, request)
+        if got is not None:
+            return got
     from . import engine_units
 
     return engine_units.unit_stats(plan, unit_id, request, device_name)
+
+
+def _raw_inputs(tp: TensorPlan, device: str, moments: int = 2) -> bool:
+    """Whether a unit's task vectors can be counted from its raw bf16 inputs
+    (kernels.coarse_sparse_raw) with no float32 block made. Counts alone do not
+    load the kernels (as in exact.coarse_stats)."""
+    return (
+        device == "cpu"
+        and all(src.dtype == RAW_DTYPE for src in tp.sources)
+        and kernels.enabled(None, load_now=moments > 0)
+    )
+
+
+def _read_raw(plan: Plan, unit: Unit) -> list[np.ndarray]:
+    """The unit's raw bf16 blocks (uint16 arrays), in the buffers of the torch
+    engine's float32 blocks (half their size): a unit handed back to it holds
+    no more."""
+    tp = plan.tensors[unit.tensor]
+    n = (unit.row_end - unit.row_start) * tp.row_numel
+    return [
+        read_bytes(
+            src, unit.row_start, unit.row_end, POOL.bytes(f"block{i}", n * src.itemsize)
+        ).view(np.uint16)
+        for i, src in enumerate(tp.sources)
+    ]
+
+
+def _raw_coarse(plan: Plan, unit: Unit, request: tuple) -> list | None:
+    """A coarse request answered from the raw bf16 blocks; None when a task
+    vector's keys are not sparse (the torch engine answers it then)."""
+    raws = _read_raw(plan, unit)
+    n = raws[0].size
+    out = []
+    for k, model in enumerate(raws[1:]):
+        got = kernels.coarse_sparse_raw(raws[0], model)
+        if got is None:
+            return None
+        keys = SparseKeys(n, got[0], got[1])
+        st = coarse_stats(keys, moments=request[1])
+        if st.nonfinite and not plan.config.inputs.allow_nonfinite:
+            bad_base = int(np.count_nonzero(~_finite(raws[0])))
+            raise nonfinite_input(plan, unit, k, bad_base, int(np.count_nonzero(~_finite(model))))
+        out.append((st, KeysAside.of(keys) if len(request) > 2 and request[2] else None))
+    return out
+
+
+def _raw_unit(
+    plan: Plan, staging: str, unit: Unit, tp: TensorPlan, spec: MergeSpec, resolved: dict | None
+) -> UnitRecord | None:
+    """A magnitude selection with task arithmetic or averaging, from the raw bf16
+    blocks (engine/raw.py); None when the torch engine must merge this unit
+    (decided before reading where the resolved selections already tell)."""
+    ctx = block_context(plan, unit, resolved)
+    if not applies(ctx):
+        return None
+    raws = _read_raw(plan, unit)
+    assert tp.out_dtype is not None
+    n = raws[0].size
+    out = POOL.bytes("out", n * DTYPE_SIZE[tp.out_dtype]).view(NP_DTYPES[tp.out_dtype])
+    try:
+        tasks = merge_raw_sparse(raws[0], raws[1:], out, spec, ctx)
+    except NonFiniteTaskVector:
+        return None  # the torch engine names the inputs (and reads them as float32)
+    if tasks is None:
+        return None
+    write_out(plan, staging, unit, out)
+    return UnitRecord(unit.id, tasks)
 
 
 def _row_offset(tp: TensorPlan, row: int, dtype: str) -> int:

@@ -18,11 +18,11 @@ import torch
 from . import combine as C
 from . import kernels
 from .exact import ExactSum, coarse_stats, exact_sum_by_exponent
-from .histogram import RankIndex, scaled_to_float
+from .histogram import RankIndex
 from .keys import KeyChunks, magnitude_keys
+from .selection import own_norms  # noqa: F401  (re-exported)
 from .sparsify import (
     MAGNITUDE_METHODS,
-    Selection,
     apply_cuts,
     dare_block,
     della_block,
@@ -31,40 +31,12 @@ from .sparsify import (
     ties_below,
     uniform_stream,
 )
-from .spec import MergeSpec, NonFiniteTaskVector, TaskStats  # noqa: F401  (re-exported)
-
-
-@dataclass
-class BlockContext:
-    """Where the block sits and what the group statistics already decided."""
-
-    tensor: str
-    shape: tuple[int, ...]
-    row_start: int
-    row_end: int
-    rng_rows: int
-    whole: bool
-    # per task, a Selection resolved over the whole tensor or the whole task vector
-    selections: list[Selection | None] | None = None
-    # per task, the block's quotas of ties below the lo and hi cuts
-    quotas: list[tuple[int, int]] | None = None
-    # per task, TADrop drop rates decided globally (scope: global)
-    rates: list[float] | None = None
-    majority: int | None = None
-
-    @property
-    def row_numel(self) -> int:
-        n = 1
-        for s in self.shape[1:]:
-            n *= s
-        return n
-
-    @property
-    def della_row(self) -> int:
-        """DELLA ranks within rows; 0-d and 1-D tensors are one row."""
-        if len(self.shape) <= 1:
-            return max(1, self.shape[0] if self.shape else 1)
-        return self.row_numel
+from .spec import (  # noqa: F401  (re-exported)
+    BlockContext,
+    MergeSpec,
+    NonFiniteTaskVector,
+    TaskStats,
+)
 
 
 def square_sum(x: torch.Tensor) -> float:
@@ -173,15 +145,6 @@ def plan_task(
     t, kept = della_block(tau, magnitude_keys(tau), u, ctx.della_row, sp)
     tau.copy_(t)
     return TaskPlan(TaskStats(kept=kept, t_sq=square_sum(tau)), done=True)
-
-
-def own_norms(index: RankIndex, sel: Selection) -> tuple[float, float]:
-    """The report's Σ τ² and Σ t² of a block that resolved its own selection,
-    from its exact moments (index built with moments=2): no passes over τ and t
-    (Σ t² = fl32(scale)² Σ kept τ², up to the rounding of each product)."""
-    kept_sq = index.moment_from(sel.lo, 2) - index.moment_from(sel.hi, 2)
-    t_sq = float(torch.tensor(sel.scale, dtype=torch.float32)) ** 2 * scaled_to_float(kept_sq)
-    return scaled_to_float(index.total_moment(2)), t_sq
 
 
 def exact_norms(spec: MergeSpec, ctx: BlockContext, k: int) -> bool:

@@ -13,18 +13,26 @@ float64 once, which equals math.fsum of the float64 terms.
 
 Why: TADrop's L2 rescale and EMR's rescalers change output bytes, and they must
 be identical for any block split, worker count, order or device.
+
+The histograms are numpy arrays (small: 32768 buckets), whatever made them: a
+merge whose statistics all come from the numba kernels (bf16 inputs on a CPU,
+engine/raw.py) never imports torch. The torch path (float32 blocks, GPUs)
+imports it where it runs and hands its bincounts over as numpy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from . import kernels
-from .keys import COARSE_SHIFT, N_COARSE, KeyChunks, key_chunks, magnitude_keys
+from .keys import COARSE_SHIFT, N_COARSE, KeyChunks, key_chunks, magnitude_keys, numel
+
+if TYPE_CHECKING:
+    import torch
 
 ABS_SCALE_BITS = 149
 SQ_SCALE_BITS = 298
@@ -33,25 +41,24 @@ _BUCKETS_PER_EXP = 1 << 7
 _LO32 = (1 << 32) - 1
 
 # per bucket: the fixed top bits B of the mantissa and the effective exponent
-_b = torch.arange(N_COARSE, dtype=torch.int64)
+_b = np.arange(N_COARSE, dtype=np.int64)
 _EXP = _b >> 7
-BUCKET_HIGH = ((_EXP > 0).to(torch.int64) << 7) | (_b & 0x7F)
-BUCKET_EXP = _EXP.clamp_min(1)
+BUCKET_HIGH = ((_EXP > 0).astype(np.int64) << 7) | (_b & 0x7F)
+BUCKET_EXP = np.maximum(_EXP, 1)
 
 
 @dataclass
 class CoarseStats:
     """Per coarse bucket: count, Σ L and Σ L² (carried as hi·2**32 + lo). Adds exactly."""
 
-    counts: torch.Tensor  # int64 [N_COARSE]
-    s1: torch.Tensor  # int64: Σ L
-    s2_hi: torch.Tensor  # int64: Σ L² = s2_hi·2**32 + s2_lo
-    s2_lo: torch.Tensor  # int64, < 2**32 once normalised
+    counts: np.ndarray  # int64 [N_COARSE]
+    s1: np.ndarray  # int64: Σ L
+    s2_hi: np.ndarray  # int64: Σ L² = s2_hi·2**32 + s2_lo
+    s2_lo: np.ndarray  # int64, < 2**32 once normalised
 
     @classmethod
     def zeros(cls) -> CoarseStats:
-        z = torch.zeros(N_COARSE, dtype=torch.int64)
-        return cls(z, z.clone(), z.clone(), z.clone())
+        return cls(*(np.zeros(N_COARSE, dtype=np.int64) for _ in range(4)))
 
     def __add__(self, other: CoarseStats) -> CoarseStats:
         lo = self.s2_lo + other.s2_lo
@@ -108,11 +115,11 @@ class CoarseStats:
         if self.n < (1 << 28):  # every per-exponent sum fits int64: vectorise
             # over the exponents that hold values only (a task vector's span a few
             # dozen of the 256): a block's fixed cost, paid per tensor and task
-            rows = self.counts.view(-1, _BUCKETS_PER_EXP)
-            live = rows.sum(1).nonzero().view(-1)
-            c = rows.index_select(0, live)
-            hi = BUCKET_HIGH.view(-1, _BUCKETS_PER_EXP).index_select(0, live)
-            s1 = self.s1.view(-1, _BUCKETS_PER_EXP).index_select(0, live)
+            rows = self.counts.reshape(-1, _BUCKETS_PER_EXP)
+            live = np.flatnonzero(rows.sum(1))
+            c = rows[live]
+            hi = BUCKET_HIGH.reshape(-1, _BUCKETS_PER_EXP)[live]
+            s1 = self.s1.reshape(-1, _BUCKETS_PER_EXP)[live]
             exps = live.tolist()
             if moment == 1:
                 per = ((c * hi << 16) + s1).sum(1).tolist()
@@ -122,11 +129,11 @@ class CoarseStats:
             s2 = (self.s2_hi << 32) + self.s2_lo
             t1 = (c * hi * hi).sum(1).tolist()
             t2 = (hi * s1).sum(1).tolist()
-            t3 = s2.view(-1, _BUCKETS_PER_EXP).index_select(0, live).sum(1).tolist()
+            t3 = s2.reshape(-1, _BUCKETS_PER_EXP)[live].sum(1).tolist()
             for e, a, b, d in zip(exps, t1, t2, t3, strict=True):
                 out[e] = ((a << 32) + (b << 17) + d) << (2 * max(e, 1) - 2)
             return out
-        for b in self.counts.nonzero().view(-1).tolist():
+        for b in np.flatnonzero(self.counts).tolist():
             out[b // _BUCKETS_PER_EXP] += self.bucket_moment(b, moment)
         return out
 
@@ -134,15 +141,14 @@ class CoarseStats:
         return sum(self.exponent_moments(moment))
 
 
-def sparse_keys(keys: torch.Tensor | KeyChunks) -> tuple[torch.Tensor, torch.Tensor] | None:
+def sparse_keys(keys: torch.Tensor | KeyChunks) -> tuple[np.ndarray, np.ndarray] | None:
     """(counts per coarse bucket, the keys whose low 16 bits are not all zero)
     when those keys are few (kernels.coarse_sparse: bf16 task vectors), else
     None. Asked once per KeyChunks, which keeps the answer for the block's later
     histograms. The caller checks that the kernels take the block."""
     if isinstance(keys, KeyChunks) and keys.sparse is not None:
         return keys.sparse or None  # type: ignore[return-value]
-    got = kernels.coarse_sparse(keys.x if isinstance(keys, KeyChunks) else keys)
-    result = None if got is None else (torch.from_numpy(got[0]), torch.from_numpy(got[1]))
+    result = kernels.coarse_sparse(keys.x if isinstance(keys, KeyChunks) else keys)
     if isinstance(keys, KeyChunks):
         keys.sparse = result if result is not None else False
     return result
@@ -156,24 +162,34 @@ def coarse_stats(keys: torch.Tensor | KeyChunks, *, moments: int = 2) -> CoarseS
     with numba, one fused pass over the values instead (kernels.py): the same
     integers.
     """
-    source = keys.x if isinstance(keys, KeyChunks) else keys
-    if source.numel() and kernels.enabled(source, load_now=moments > 0):
+    if isinstance(keys, KeyChunks) and keys.x is None:  # SparseKeys: counts only
+        on_cpu = numel(keys) > 0 and kernels.enabled(None, load_now=moments > 0)
+    else:
+        source = keys.x if isinstance(keys, KeyChunks) else keys
+        on_cpu = source.numel() > 0 and kernels.enabled(source, load_now=moments > 0)
+    if on_cpu:
         sparse = sparse_keys(keys)
         if sparse is not None:  # the moments are those of the keys set aside
             counts, side = sparse
-            if not (moments and side.numel()):
-                return CoarseStats(counts, *(torch.zeros_like(counts) for _ in range(3)))
-            if side.numel() < SMALL_SIDE:
-                s1, s2 = _side_moments(side.numpy(), moments)
+            if not (moments and side.size):
+                zero = np.zeros(N_COARSE, dtype=np.int64)
+                return CoarseStats(counts, zero, zero.copy(), zero.copy())
+            if side.size < SMALL_SIDE:
+                s1, s2 = _side_moments(side, moments)
             else:  # one piece: the keys set aside are at most n/16 <= PIECE
                 ((_, s1, s2),) = kernels.coarse_pieces(side, moments)
-            q = torch.from_numpy(s2)
-            return CoarseStats(counts, torch.from_numpy(s1), q >> 32, q & _LO32)
+            return CoarseStats(counts, s1, s2 >> 32, s2 & _LO32)
         out = CoarseStats.zeros()
         for counts, s1, s2 in kernels.coarse_pieces(source, moments):
-            c, a, q = (torch.from_numpy(v) for v in (counts, s1, s2))
-            out = out + CoarseStats(c, a, q >> 32, q & _LO32)
+            out = out + CoarseStats(counts, s1, s2 >> 32, s2 & _LO32)
         return out
+    return _coarse_stats_torch(keys, moments)
+
+
+def _coarse_stats_torch(keys: torch.Tensor | KeyChunks, moments: int) -> CoarseStats:
+    """coarse_stats by torch ops, on the keys' device (GPUs, or no kernels)."""
+    import torch
+
     acc = None
     for chunk in key_chunks(keys):
         if acc is None:
@@ -188,7 +204,7 @@ def coarse_stats(keys: torch.Tensor | KeyChunks, *, moments: int = 2) -> CoarseS
                 acc[2] += torch.bincount(b, weights=low, minlength=N_COARSE).to(torch.int64)
     if acc is None:
         return CoarseStats.zeros()
-    counts, s1, s2 = (a.cpu() for a in acc)
+    counts, s1, s2 = (a.cpu().numpy() for a in acc)
     return CoarseStats(counts, s1, s2 >> 32, s2 & _LO32)
 
 
@@ -260,6 +276,8 @@ def exact_abs_sum(x: torch.Tensor) -> ExactSum:
     mantissas of each exponent add exactly (float64 holds sums below 2**53), and
     Σ M·2**(e−1) is |x|'s sum scaled by 2**149. One 256-bin bincount per chunk,
     where the per-bucket moments of coarse_stats take two of 32768 bins."""
+    import torch
+
     if x.numel() == 0:
         return ExactSum()
     total = 0

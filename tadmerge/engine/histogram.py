@@ -8,15 +8,18 @@ the value at any rank is found exactly: no sort, no sampling, no 2**24 limit.
 The coarse level also carries exact integer sums of squares per bucket (see
 exact.py), which gives the exact L2 norm of any rank range (what TADrop's
 rescale needs) without another pass over the data.
+
+Histograms are numpy arrays wherever they come from (see exact.py): the torch
+path below imports torch where it runs.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from . import kernels
 from .exact import SQ_SCALE_BITS, CoarseStats, coarse_stats, sparse_keys  # noqa: F401
@@ -29,7 +32,11 @@ from .keys import (
     key_chunks,
     key_square_scaled,
     key_to_float,
+    numel,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 _BUCKETS_PER_EXP = 1 << 7
 
@@ -43,39 +50,39 @@ class SparseFine:
     of 2**16 bins per bucket cost more to allocate and scan than to use.
     """
 
-    bins: torch.Tensor  # int64, ascending
-    counts: torch.Tensor  # int64
+    bins: np.ndarray  # int64, ascending
+    counts: np.ndarray  # int64
 
     def __add__(self, other: SparseFine) -> SparseFine:
-        if not other.bins.numel():
+        if not other.bins.size:
             return self
-        if not self.bins.numel():
+        if not self.bins.size:
             return other
-        bins, inverse = torch.unique(torch.cat([self.bins, other.bins]), return_inverse=True)
-        counts = torch.zeros(bins.numel(), dtype=torch.int64)
-        counts.index_add_(0, inverse, torch.cat([self.counts, other.counts]))
+        bins, inverse = np.unique(np.concatenate([self.bins, other.bins]), return_inverse=True)
+        counts = np.zeros(bins.size, dtype=np.int64)
+        np.add.at(counts, inverse, np.concatenate([self.counts, other.counts]))
         return SparseFine(bins, counts)
 
-    def dense(self) -> torch.Tensor:
-        d = torch.zeros(N_FINE, dtype=torch.int64)
+    def dense(self) -> np.ndarray:
+        d = np.zeros(N_FINE, dtype=np.int64)
         d[self.bins] = self.counts
         return d
 
     def count_at(self, fine_bin: int) -> int:
-        i = int(torch.searchsorted(self.bins, fine_bin))
-        return int(self.counts[i]) if i < self.bins.numel() and self.bins[i] == fine_bin else 0
+        i = int(np.searchsorted(self.bins, fine_bin))
+        return int(self.counts[i]) if i < self.bins.size and self.bins[i] == fine_bin else 0
 
     def count_below(self, fine_bin: int) -> int:
-        return int(self.counts[: int(torch.searchsorted(self.bins, fine_bin))].sum())
+        return int(self.counts[: int(np.searchsorted(self.bins, fine_bin))].sum())
 
     def bin_at(self, within: int) -> int:
         """The bin holding the within-th entry of the bucket (0-based, ascending)."""
-        i = int(torch.searchsorted(torch.cumsum(self.counts, 0), within, right=True))
+        i = int(np.searchsorted(np.cumsum(self.counts), within, side="right"))
         return int(self.bins[i])
 
     def above(self, fine_bin: int) -> tuple[list[int], list[int]]:
         """The non-empty bins > fine_bin and their counts."""
-        i = int(torch.searchsorted(self.bins, fine_bin, right=True))
+        i = int(np.searchsorted(self.bins, fine_bin, side="right"))
         return self.bins[i:].tolist(), self.counts[i:].tolist()
 
 
@@ -92,10 +99,10 @@ class KeysAside:
     fine round is not needed.
     """
 
-    buckets: torch.Tensor  # int64, ascending: the block's non-empty coarse buckets
-    counts: torch.Tensor  # int64: their entries
-    keys: torch.Tensor  # int64, ascending: the distinct keys with low bits set
-    hits: torch.Tensor  # int64: how many entries have each
+    buckets: np.ndarray  # int64, ascending: the block's non-empty coarse buckets
+    counts: np.ndarray  # int64: their entries
+    keys: np.ndarray  # int64, ascending: the distinct keys with low bits set
+    hits: np.ndarray  # int64: how many entries have each
 
     @classmethod
     def of(cls, keys: KeyChunks) -> KeysAside | None:
@@ -109,31 +116,23 @@ class KeysAside:
 
     @classmethod
     def from_counts(
-        cls, counts: torch.Tensor, side: torch.Tensor, only: list[int] | None = None
+        cls, counts: np.ndarray, side: np.ndarray, only: list[int] | None = None
     ) -> KeysAside:
         """From exact.sparse_keys' answer: all bucket counts and the keys set aside;
         with `only`, the fine histograms of those buckets alone are wanted, and only
-        their keys are sorted (sorting them all cost ~1 ms per block and task).
-        In numpy: this runs once per block and task on small arrays, where a
-        torch op's fixed cost (several µs) was most of the time."""
-        keys = side.numpy()
+        their keys are sorted (sorting them all cost ~1 ms per block and task)."""
+        keys = side
         if only is not None and keys.size:
             wanted = np.zeros(N_COARSE, dtype=bool)
             wanted[np.asarray(only, dtype=np.int64)] = True
             keys = keys[wanted[keys >> COARSE_SHIFT]]
         distinct, hits = np.unique(keys.astype(np.int64), return_counts=True)
-        c = counts.numpy()
-        buckets = np.flatnonzero(c)
-        return cls(
-            torch.from_numpy(buckets.astype(np.int64)),
-            torch.from_numpy(c[buckets]),
-            torch.from_numpy(distinct),
-            torch.from_numpy(hits.astype(np.int64)),
-        )
+        buckets = np.flatnonzero(counts)
+        return cls(buckets.astype(np.int64), counts[buckets], distinct, hits.astype(np.int64))
 
     @property
     def nbytes(self) -> int:
-        return 16 * (self.buckets.numel() + self.keys.numel())
+        return 16 * (self.buckets.size + self.keys.size)
 
     def fine(self, bucket: int) -> SparseFine:
         return self.fines([bucket])[bucket]
@@ -141,8 +140,7 @@ class KeysAside:
     def fines(self, buckets: list[int]) -> dict[int, SparseFine]:
         """The fine histograms of the given buckets: the bins of their keys set
         aside, and bin 0 for the rest of each bucket's count."""
-        bk, ck = self.buckets.numpy(), self.counts.numpy()
-        keys, hits = self.keys.numpy(), self.hits.numpy()
+        bk, ck, keys, hits = self.buckets, self.counts, self.keys, self.hits
         want = np.asarray(buckets, dtype=np.int64)
         if bk.size:
             i = np.minimum(np.searchsorted(bk, want), bk.size - 1)
@@ -158,7 +156,7 @@ class KeysAside:
             if rest:
                 bins = np.concatenate((np.zeros(1, np.int64), bins))
                 h = np.concatenate((np.array([rest], np.int64), h))
-            out[b] = SparseFine(torch.from_numpy(bins), torch.from_numpy(h))
+            out[b] = SparseFine(bins, h)
         return out
 
 
@@ -180,6 +178,8 @@ def _dense_buckets(chunk: torch.Tensor, wanted: list[int]) -> list[int]:
     on the first chunk. When few buckets are wanted and one is heavy, all are
     binned together: one pass instead of two.
     """
+    import torch
+
     counts = torch.bincount(chunk >> COARSE_SHIFT, minlength=N_COARSE)
     share = counts[torch.tensor(wanted, dtype=torch.int64, device=chunk.device)].tolist()
     limit = chunk.numel() // HEAVY_SHARE
@@ -201,6 +201,8 @@ class _DenseBins:
     """
 
     def __init__(self, buckets: list[int], device: torch.device):
+        import torch
+
         self.buckets = buckets
         rows = 1 if len(buckets) == 1 else len(buckets) + 1
         self.size = rows * N_FINE + (2 if len(buckets) == 1 else 0)
@@ -212,6 +214,8 @@ class _DenseBins:
             self.lut[w] = torch.arange(len(buckets), dtype=torch.int32, device=device)
 
     def add(self, chunk: torch.Tensor) -> None:
+        import torch
+
         if self.lut is None:
             idx = (chunk - ((self.buckets[0] << COARSE_SHIFT) - 1)).clamp_(0, N_FINE + 1)
         else:
@@ -227,8 +231,9 @@ class _DenseBins:
             rows = acc.view(-1, N_FINE)
         out = {}
         for i, b in enumerate(self.buckets):
-            nz = rows[i].nonzero().view(-1)
-            out[b] = SparseFine(nz, rows[i][nz])
+            row = rows[i].numpy()
+            nz = np.flatnonzero(row)
+            out[b] = SparseFine(nz, row[nz])
         return out
 
 
@@ -248,7 +253,7 @@ def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[
         return out
     wanted = sorted(buckets)
     source = keys.x if isinstance(keys, KeyChunks) else keys
-    if source.numel() and kernels.enabled(source, load_now=False):
+    if numel(keys) and kernels.enabled(source, load_now=False):
         sparse = sparse_keys(keys)
         if sparse is not None:  # from the keys set aside (all of them sorted once, if kept)
             aside = keys.aside if isinstance(keys, KeyChunks) else None
@@ -257,8 +262,16 @@ def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[
         # one fused pass (kernels.py): the same counts as the torch path below
         rows = kernels.fine_histogram_rows(source, wanted)
         for b, (bins, counts) in zip(wanted, rows, strict=True):
-            out[b] = SparseFine(torch.from_numpy(bins), torch.from_numpy(counts))
+            out[b] = SparseFine(bins, counts)
         return out
+    return _fine_histograms_torch(keys, wanted)
+
+
+def _fine_histograms_torch(keys: torch.Tensor | KeyChunks, wanted: list[int]):
+    """fine_histograms by torch ops, on the keys' device (GPUs, or no kernels)."""
+    import torch
+
+    out: dict[int, SparseFine] = {}
     dense: _DenseBins | None = None
     light: list[int] | None = None
     narrow = True
@@ -305,8 +318,9 @@ def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[
     else:
         rows = torch.zeros((n_rows, N_FINE), dtype=torch.int64)
     index = [b - b0 for b in light] if narrow else list(range(len(light)))
+    rows = rows.numpy()
     for b, i in zip(light, index, strict=True):
-        nz = rows[i].nonzero().view(-1)
+        nz = np.flatnonzero(rows[i])
         out[b] = SparseFine(nz, rows[i][nz])
     return out
 
@@ -340,15 +354,14 @@ class RankIndex:
 
     def __post_init__(self) -> None:
         self.n = self.stats.n
-        self._cum = torch.cumsum(self.stats.counts, 0)
-        self._cum_np = self._cum.numpy()  # (rank lookups: numpy's call costs less)
+        self._cum = np.cumsum(self.stats.counts)
         self._suffix: dict[int, list[int]] = {}
 
     # --- which fine histograms are needed -------------------------------------------
     def bucket_of(self, rank: int) -> int:
         if not 0 <= rank < self.n:
             raise IndexError(f"rank {rank} outside [0, {self.n})")
-        return int(np.searchsorted(self._cum_np, rank, side="right"))
+        return int(np.searchsorted(self._cum, rank, side="right"))
 
     def bucket_bounds(self, b: int) -> tuple[float, float]:
         """Smallest and largest magnitude a bucket can hold."""
@@ -358,7 +371,7 @@ class RankIndex:
         """Non-empty buckets holding ranks lo_rank..hi_rank (inclusive)."""
         b0, b1 = self.bucket_of(lo_rank), self.bucket_of(hi_rank)
         counts = self.stats.counts[b0 : b1 + 1]
-        return [b0 + int(i) for i in counts.nonzero().view(-1).tolist()]
+        return [b0 + int(i) for i in np.flatnonzero(counts).tolist()]
 
     def missing(self, ranks: list[int]) -> set[int]:
         return {self.bucket_of(r) for r in ranks if 0 <= r < self.n} - set(self.fine)

@@ -29,12 +29,14 @@ import os
 import threading
 import warnings
 from functools import cache
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import torch
 
 from .keys import N_COARSE, N_FINE
+
+if TYPE_CHECKING:
+    import torch
 
 # Elements per kernel call: Σ L² per bucket stays below 2**62 in int64.
 PIECE = 1 << 30
@@ -563,8 +565,9 @@ def load() -> bool:
     return _backend != "torch" and _numba_kernels() is not None
 
 
-def enabled(x: torch.Tensor, load_now: bool = True) -> bool:
-    """Whether the numba kernels take `x` (a float32 or int32 tensor).
+def enabled(x: torch.Tensor | np.ndarray | None, load_now: bool = True) -> bool:
+    """Whether the numba kernels take `x` (a float32 or int32 tensor, a numpy
+    array, or None: a CPU block that was never stored, keys.SparseKeys).
 
     With load_now=False they take it only if this process loaded them already
     (numba and LLVM cost ~145 MB of RSS and ~0.9 s to load): the statistics
@@ -574,7 +577,7 @@ def enabled(x: torch.Tensor, load_now: bool = True) -> bool:
     With the backend set to numba (runtime.kernels or TADMERGE_KERNELS) they are
     always loaded, and their absence is an error.
     """
-    if _backend == "torch" or x.device.type != "cpu":
+    if _backend == "torch" or not _on_cpu(x):
         return False
     if not load_now and _backend == "auto" and not _compile.cache_info().currsize:
         return False
@@ -588,8 +591,21 @@ def enabled(x: torch.Tensor, load_now: bool = True) -> bool:
     return True
 
 
-def _bits(x: torch.Tensor) -> np.ndarray:
-    """The 32-bit patterns of a float32 (or int32 key) tensor, flat, without a copy."""
+def _on_cpu(x) -> bool:
+    """A torch tensor on the CPU, a numpy array, or None (no values held)."""
+    device = getattr(x, "device", "cpu")  # numpy arrays say "cpu" too
+    return getattr(device, "type", device) == "cpu"
+
+
+def _bits(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The 32-bit patterns of a float32 (or int32 key) tensor or array, flat,
+    without a copy."""
+    if isinstance(x, np.ndarray):
+        if x.dtype not in (np.float32, np.int32):
+            raise TypeError(f"statistics kernels take float32 values or int32 keys, not {x.dtype}")
+        return np.ascontiguousarray(x).reshape(-1).view(np.int32)
+    import torch
+
     x = x.reshape(-1)
     if not x.is_contiguous():
         x = x.contiguous()
@@ -683,6 +699,8 @@ def fine_histogram_rows(x: torch.Tensor, wanted: list[int]) -> list[tuple[np.nda
 
 def _flat32(x: torch.Tensor) -> np.ndarray:
     """A contiguous flat float32 tensor as a numpy array sharing its memory."""
+    import torch
+
     if x.dtype != torch.float32 or not x.is_contiguous():
         raise TypeError("the apply kernels take contiguous float32 tensors")
     return x.view(-1).numpy()
@@ -760,8 +778,15 @@ def emr_merge(ts: list[torch.Tensor], masks: torch.Tensor) -> tuple[np.ndarray, 
 # ---------------------------------------------------------------------------------
 
 
-def _raw16(x: torch.Tensor) -> np.ndarray:
-    """The 16-bit patterns of a flat contiguous bf16 tensor, without a copy."""
+def _raw16(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The 16-bit patterns of a flat contiguous bf16 tensor (or a uint16 array
+    of them), without a copy."""
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint16 or not x.flags.c_contiguous:
+            raise TypeError("the raw kernels take contiguous arrays of bf16 patterns (uint16)")
+        return x.reshape(-1)
+    import torch
+
     if x.dtype != torch.bfloat16 or not x.is_contiguous():
         raise TypeError("the raw kernels take contiguous bfloat16 tensors")
     return x.view(-1).view(torch.int16).numpy().view(np.uint16)
@@ -793,13 +818,13 @@ def tie_end_raw(base: torch.Tensor, task: torch.Tensor, key: int, quota: int) ->
 
 
 def cut_combine_raw(
-    base: torch.Tensor,
-    tasks: list[torch.Tensor],
+    base: torch.Tensor | np.ndarray,
+    tasks: list,
     cuts: list[tuple[int, int, int, int, float]],
     weights: list[float],
     scale: float,
     average: bool,
-    out: torch.Tensor,
+    out: torch.Tensor | np.ndarray,
 ) -> list[int] | None:
     """Task arithmetic (or averaging) of the cut, rescaled task vectors of bf16
     blocks, into `out` (bf16 or float32): the bytes of cut_block then
@@ -815,10 +840,14 @@ def cut_combine_raw(
     hi_end = np.array([c[3] for c in cuts], np.int64)
     scales = np.array([c[4] for c in cuts], np.float32)
     empty16, empty32 = np.empty(0, np.uint16), np.empty(0, np.float32)
-    if out.dtype == torch.bfloat16:
+    if not isinstance(out, np.ndarray):  # a torch tensor: its memory as numpy
+        import torch
+
+        out = _raw16(out) if out.dtype == torch.bfloat16 else _flat32(out)
+    if out.dtype == np.uint16:  # bf16 patterns
         out16, out32 = _raw16(out), empty32
-    elif out.dtype == torch.float32 and out.is_contiguous():
-        out16, out32 = empty16, out.view(-1).numpy()
+    elif out.dtype == np.float32 and out.flags.c_contiguous:
+        out16, out32 = empty16, out.reshape(-1)
     else:
         raise TypeError(f"cut_combine_raw writes bfloat16 or float32, not {out.dtype}")
     kept = np.zeros(k, np.int64)

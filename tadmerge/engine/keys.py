@@ -4,13 +4,19 @@ For finite float32 values, the IEEE-754 bit pattern of |x| (sign bit cleared) is
 monotonic in |x|. Sorting, ranking and thresholding |x| can therefore be done on
 integer keys, which makes histograms exact (no float binning) and lets -0.0 and
 +0.0 share one key, as they share one magnitude.
+
+torch is imported by the functions that take tensors only: SparseKeys (the
+raw bf16 path) and the key arithmetic below need none.
 """
 
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 COARSE_SHIFT = 16
 N_COARSE = 1 << 15  # top 16 bits of a 31-bit key: sign bit is always 0
@@ -19,6 +25,8 @@ N_FINE = 1 << 16  # low 16 bits
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
     """int32 keys of |x| for a contiguous float32 tensor (flattened)."""
+    import torch
+
     if x.dtype != torch.float32:
         raise TypeError(f"magnitude_keys needs float32, got {x.dtype}")
     return x.contiguous().view(-1).view(torch.int32) & 0x7FFFFFFF
@@ -63,19 +71,28 @@ class SparseKeys(KeyChunks):
     rather than a silent pass over a stand-in.
     """
 
-    def __init__(self, n: int, counts: torch.Tensor, side: torch.Tensor):
-        self.x = torch.zeros(1).expand(n)  # n elements, no memory: numel and device
+    def __init__(self, n: int, counts: np.ndarray, side: np.ndarray):
+        self.x = None  # type: ignore[assignment]  (no values: see numel)
+        self.n = n
         self.chunk = KEY_CHUNK
         self.sparse = (counts, side)
         self.aside = None
+
+    def __len__(self) -> int:
+        return self.n
 
     def __iter__(self):
         raise RuntimeError("SparseKeys holds no keys to iterate: only their sparse counts")
 
 
+def numel(keys) -> int:
+    """Entries of a key tensor or KeyChunks (SparseKeys included)."""
+    return len(keys) if isinstance(keys, KeyChunks) else keys.numel()
+
+
 def key_chunks(keys) -> list | KeyChunks:
     """Chunks of keys from a key tensor (split) or a KeyChunks (as is)."""
-    if isinstance(keys, torch.Tensor):
+    if not isinstance(keys, KeyChunks):
         return list(keys.reshape(-1).split(KEY_CHUNK)) if keys.numel() else []
     return keys
 

@@ -11,6 +11,10 @@ the tie scan, the cut and combine) without ever being stored
 operations are merge_block's in the same order, so the bytes are the same
 (tests/test_engine_raw.py).
 
+No torch: the blocks are numpy arrays of bf16 patterns (uint16), and the
+statistics are numpy (exact.py, histogram.py), so a merge whose units all take
+this path, or stream (stream.py), never imports it.
+
 This takes bf16 task vectors whose keys are sparse (kernels.coarse_sparse: ~1%
 of a bf16 difference's keys have low bits), which is what makes the statistics
 one counting pass with no τ to re-read. When a block's keys are not sparse,
@@ -21,24 +25,24 @@ from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
 
 from . import kernels
-from .block import BlockContext, MergeSpec, NonFiniteTaskVector, TaskStats, own_norms
 from .exact import coarse_stats
 from .histogram import RankIndex
 from .keys import SparseKeys
-from .sparsify import MAGNITUDE_METHODS, resolve_selection, run_locally
+from .selection import own_norms, resolve_selection, run_locally
+from .spec import MAGNITUDE_METHODS, BlockContext, MergeSpec, NonFiniteTaskVector, TaskStats
 
 RAW_DTYPE = "BF16"  # the inputs the raw kernels read (safetensors' name)
 
 
-def takes(spec: MergeSpec, in_dtypes: list[str], out_dtype: str, device: torch.device) -> bool:
+def takes(spec: MergeSpec, in_dtypes: list[str], out_dtype: str, device: str) -> bool:
     """Whether merge_raw_sparse can merge blocks of this merge (it may still hand
     a block back); dtypes by their safetensors names. The kernels need finite
     values: the caller checks."""
     return (
-        device.type == "cpu"
+        device == "cpu"
         and spec.sparsify.method in MAGNITUDE_METHODS
         and spec.method in ("task_arithmetic", "average")
         and all(d == RAW_DTYPE for d in in_dtypes)
@@ -55,13 +59,14 @@ def applies(ctx: BlockContext) -> bool:
 
 
 def merge_raw_sparse(
-    base: torch.Tensor,
-    models: list[torch.Tensor],
-    out: torch.Tensor,
+    base: np.ndarray,
+    models: list[np.ndarray],
+    out: np.ndarray,
     spec: MergeSpec,
     ctx: BlockContext,
 ) -> list[TaskStats] | None:
-    """Merge one block of raw bf16 inputs into `out` (bf16 or float32).
+    """Merge one block of raw bf16 inputs (uint16 arrays of their patterns) into
+    `out` (uint16 for bf16, or float32).
 
     The block resolves its own selections when it is the whole tensor (scope
     tensor), else it applies the ones in ctx, which must carry their tensor's
@@ -73,7 +78,7 @@ def merge_raw_sparse(
     """
     if not applies(ctx):
         return None
-    n = base.numel()
+    n = base.size
     sp = spec.sparsify
     cuts = []
     stats = []
@@ -85,7 +90,7 @@ def merge_raw_sparse(
             got = kernels.coarse_sparse_raw(base, model)
             if got is None:
                 return None
-            keys = SparseKeys(n, torch.from_numpy(got[0]), torch.from_numpy(got[1]))
+            keys = SparseKeys(n, got[0], got[1])
             index = RankIndex(coarse_stats(keys, moments=2))
             if index.stats.nonfinite:
                 raise NonFiniteTaskVector(k)

@@ -76,3 +76,36 @@ class TaskStats:
     selection: Selection | None = None  # when the block resolved the whole tensor
     tau_sq: float = 0.0  # Σ τ² of the block, float64 (report only)
     t_sq: float = 0.0  # Σ t² of the block, float64 (report only)
+
+
+@dataclass
+class BlockContext:
+    """Where the block sits and what the group statistics already decided."""
+
+    tensor: str
+    shape: tuple[int, ...]
+    row_start: int
+    row_end: int
+    rng_rows: int
+    whole: bool
+    # per task, a Selection resolved over the whole tensor or the whole task vector
+    selections: list[Selection | None] | None = None
+    # per task, the block's quotas of ties below the lo and hi cuts
+    quotas: list[tuple[int, int]] | None = None
+    # per task, TADrop drop rates decided globally (scope: global)
+    rates: list[float] | None = None
+    majority: int | None = None
+
+    @property
+    def row_numel(self) -> int:
+        n = 1
+        for s in self.shape[1:]:
+            n *= s
+        return n
+
+    @property
+    def della_row(self) -> int:
+        """DELLA ranks within rows; 0-d and 1-D tensors are one row."""
+        if len(self.shape) <= 1:
+            return max(1, self.shape[0] if self.shape else 1)
+        return self.row_numel

@@ -12,7 +12,7 @@ from ..planners.inventory import MERGE
 
 if TYPE_CHECKING:
     from ..engine.exact import ExactSum
-    from ..engine.sparsify import Selection
+    from ..engine.selection import Selection
 
 
 def tensor_report(plan, done: dict, resolved: dict) -> tuple[dict, dict]:
