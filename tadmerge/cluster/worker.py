@@ -149,7 +149,9 @@ def start_kernels(cfg: MergeConfig) -> None:
         return  # no kernels (and no torch) for this merge
     kernels.configure(cfg.runtime.kernels)
     if resolve_device(cfg.runtime.device) == "cpu":
-        kernels.preload()
+        # a selection with TA or averaging takes the raw bf16 kernels (engine/raw.py)
+        # on bf16 inputs, the usual case, and only those are loaded now
+        kernels.preload(raw_only=cfg.merge.method in ("task_arithmetic", "average"))
 
 
 # ------------------------------------------------------------------------------------

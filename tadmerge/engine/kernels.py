@@ -101,17 +101,25 @@ def _numba_kernels() -> _Kernels | None:
         return _compile()
 
 
-def preload() -> None:
+def preload(raw_only: bool = False) -> None:
     """Start loading the kernels in a background thread.
 
-    Importing numba and loading the cached machine code takes ~0.3 s, mostly in
-    Python; begun when a merge starts, it overlaps planning and the first reads
-    instead of stalling the first histogram (which waits on the lock until it
-    is done). Called only for merges whose histograms will take the kernels.
+    Importing numba takes ~0.35 s and loading each kernel's cached machine code
+    ~0.05 s, mostly in Python; begun when a merge starts, it overlaps planning
+    and the first reads instead of stalling the first histogram. Called only
+    for merges whose histograms will take the kernels; `raw_only`: the merge
+    takes the raw bf16 kernels (engine/raw.py), and only those are loaded now
+    (any other loads on its first call, as numba does).
     """
     if _backend == "torch" or _compile.cache_info().currsize:
         return
-    threading.Thread(target=_numba_kernels, name="tadmerge-kernels", daemon=True).start()
+
+    def load() -> None:
+        k = _numba_kernels()  # the raw kernels are loaded with the others' dispatchers
+        if k is not None and not raw_only:
+            _warm(k)
+
+    threading.Thread(target=load, name="tadmerge-kernels", daemon=True).start()
 
 
 @cache
@@ -538,31 +546,53 @@ def _build(numba, cache_on_disk: bool):
                     o32[j] = acc[j]
         return nan
 
-    # materialise every signature now, under the lock, rather than on first use
-    # in several worker threads at once
-    bits = np.zeros(4, np.int32)
-    coarse_counts(bits, np.zeros(N_COARSE, np.int64), np.zeros(N_COARSE, np.int64))
-    acc = np.zeros((2, N_COARSE, 3), np.int64)
-    coarse_moments(bits, acc[0], acc[1])
-    rows = np.zeros((2, 1, N_FINE), np.int32)
-    fine_rows(bits, np.zeros(N_COARSE, np.int32), rows[0], rows[1])
-    vals = np.zeros(4, np.float32)
-    tie_end(bits, np.int64(0), np.int64(1))
-    cut_pass(vals, np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.float32(1), True)
-    raw = np.zeros(4, np.uint16)
-    coarse_side_raw(raw, raw, np.zeros(N_COARSE, np.int64), np.zeros(N_COARSE, np.int64), bits)
-    tie_end_raw(raw, raw, np.int64(0), np.int64(1))
-    # (the TIES, EMR and raw combine kernels compile per K on first use; numba's
-    # compiler lock is global)
-    return _Kernels(
+    k = _Kernels(
         coarse_counts, coarse_moments, coarse_side, fine_rows, tie_end, cut_pass, ties_votes,
         ties_merge, emr_merge, coarse_side_raw, tie_end_raw, cut_combine_raw,
     )  # fmt: skip
+    _warm(k, RAW_KERNELS)  # here, where a failure to compile or cache is caught
+    return k
+
+
+# the kernels of the raw bf16 path (cut_combine_raw compiles per K on first use)
+RAW_KERNELS = frozenset({"coarse_side_raw", "tie_end_raw"})
+
+
+def _warm(k: _Kernels, names: frozenset[str] | None = None) -> None:
+    """Load (or compile) the kernels' machine code for the signatures the engine
+    calls, all of them or `names`, rather than on first use in several worker
+    threads at once (numba's compiler lock makes those wait on each other)."""
+    if names is None or names - RAW_KERNELS:
+        names = frozenset(k._fields)
+    bits = np.zeros(4, np.int32)
+    zeros = np.zeros(N_COARSE, np.int64)
+    if "coarse_side" not in names:  # the raw kernels only
+        raw = np.zeros(4, np.uint16)
+        k.coarse_side_raw(raw, raw, zeros, zeros.copy(), bits)
+        k.tie_end_raw(raw, raw, np.int64(0), np.int64(1))
+        return
+    k.coarse_counts(bits, zeros, zeros.copy())
+    acc = np.zeros((2, N_COARSE, 3), np.int64)
+    k.coarse_moments(bits, acc[0], acc[1])
+    k.coarse_side(bits, zeros, zeros.copy(), np.zeros(4, np.int32))
+    rows = np.zeros((2, 1, N_FINE), np.int32)
+    k.fine_rows(bits, np.zeros(N_COARSE, np.int32), rows[0], rows[1])
+    vals = np.zeros(4, np.float32)
+    k.tie_end(bits, np.int64(0), np.int64(1))
+    k.cut_pass(vals, np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.float32(1), True)
+    raw = np.zeros(4, np.uint16)
+    k.coarse_side_raw(raw, raw, zeros, zeros.copy(), bits)
+    k.tie_end_raw(raw, raw, np.int64(0), np.int64(1))
+    # (the TIES, EMR and raw combine kernels compile per K on first use; numba's
+    # compiler lock is global)
 
 
 def load() -> bool:
     """Compile or load the kernels now (what a process pays for them: time and RSS)."""
-    return _backend != "torch" and _numba_kernels() is not None
+    if _backend == "torch" or (k := _numba_kernels()) is None:
+        return False
+    _warm(k)
+    return True
 
 
 def enabled(x: torch.Tensor | np.ndarray | None, load_now: bool = True) -> bool:
