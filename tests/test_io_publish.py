@@ -202,3 +202,26 @@ def test_streamed_digests_follow_the_finished_prefix(tmp_path) -> None:
     manifest = write_manifest(str(tmp_path), known={"short": (100, "0" * 64)})
     sha = {e["path"]: e["sha256"] for e in manifest["files"]}
     assert sha["short"] == hashlib.sha256(data[:50]).hexdigest()
+
+
+def test_hashed_ranges_are_handed_to_the_disk(tmp_path, monkeypatch) -> None:
+    """Each stretch hashed is passed to sync_file_range (write-back started
+    early, advice only): together the ranges cover the file once, in order."""
+    from tadmerge.io import digest
+
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(
+        digest, "_sync_file_range", lambda fd, a, n, flags: calls.append((a, n, flags))
+    )
+    data = os.urandom(2 * digest._READ_BLOCK + 17)
+    fill(str(tmp_path), {"a": data})
+    d = digest.StreamingDigests(str(tmp_path), {"a": len(data)})
+    for a, b in ((digest._READ_BLOCK, len(data)), (0, digest._READ_BLOCK)):
+        d.final("a", a, b)
+    assert d.finish()["a"] == (len(data), hashlib.sha256(data).hexdigest())
+    assert calls and all(f == digest._SYNC_FILE_RANGE_WRITE for *_, f in calls)
+    ends = [0]
+    for a, n, _ in calls:
+        assert a == ends[-1] and n > 0
+        ends.append(a + n)
+    assert ends[-1] == len(data)

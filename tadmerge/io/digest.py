@@ -8,6 +8,11 @@ the driver says which byte ranges are final (the header once created, a unit's
 rows once written), and the thread hashes every new contiguous stretch from the
 page cache while the workers go on.
 
+Each stretch hashed is also handed to the disk then (sync_file_range's
+asynchronous write-back, Linux): the publish's fsync would otherwise start
+writing the whole output at the end, ~0.3 s for 0.5 GB here, while the
+workers had the CPU and the disk sat idle.
+
 Only final bytes may be reported: a range hashed and then rewritten would give
 a wrong digest. Any failure here (a read error, a file of another size at the
 end) drops the streamed digest of that file, and the manifest hashes it again:
@@ -16,12 +21,35 @@ this is an optimisation, never a source of truth of its own.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import heapq
 import os
 import threading
 
 _READ_BLOCK = 8 * 2**20
+_SYNC_FILE_RANGE_WRITE = 2  # start write-back of the range's dirty pages, do not wait
+
+
+def _writeback_starter():
+    """libc's sync_file_range where there is one (Linux), else None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return fn
+
+
+_sync_file_range = _writeback_starter()
+
+
+def start_writeback(fd: int, start: int, length: int) -> None:
+    """Ask the kernel to begin writing [start, start + length) of the file to
+    disk and return at once; advice only (the publish's fsync still waits for
+    all of it), so any failure is ignored."""
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, start, length, _SYNC_FILE_RANGE_WRITE)
 
 
 class _File:
@@ -76,12 +104,14 @@ class StreamingDigests:
             try:
                 with open(f.path, "rb", buffering=0) as fh:
                     fh.seek(f.hashed)
+                    start = f.hashed
                     while f.hashed < upto:
                         n = fh.readinto(view[: min(_READ_BLOCK, upto - f.hashed)])
                         if not n:
                             raise OSError(f"{f.path}: shorter than its final ranges")
                         f.sha.update(view[:n])
                         f.hashed += n
+                    start_writeback(fh.fileno(), start, upto - start)
             except OSError:
                 f.failed = True
 
