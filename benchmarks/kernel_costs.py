@@ -150,10 +150,9 @@ def main() -> None:
 
     def counted():
         counts, side = kernels.coarse_sparse(tau)
-        c, s = torch.from_numpy(counts), torch.from_numpy(side)
-        if s.numel():
-            list(kernels.coarse_pieces(s, 2))
-        aside = KeysAside.from_counts(c, s, only=wanted)
+        if side.size:
+            list(kernels.coarse_pieces(side, 2))
+        aside = KeysAside.from_counts(counts, side, only=wanted)
         for b in wanted:
             aside.fine(b)
 
@@ -170,11 +169,11 @@ def main() -> None:
         out.copy_(merge_block(blocks[0], blocks[1:], td, ctx).merged)
 
     tadrop: dict = {"merge_block": median_s(tadrop_block, a.reps) / per * 1e9}
-    if raws[0].dtype == torch.bfloat16:
-        stats = merge_raw_sparse(raws[0], raws[1:], out, td, ctx)
+    if raws[0].dtype == torch.bfloat16:  # (the raw path takes numpy arrays of the patterns)
+        stats = merge_raw_sparse(np_raws[0], np_raws[1:], np_out, td, ctx)
         if stats is not None:
             tadrop["raw"] = median_s(
-                lambda: merge_raw_sparse(raws[0], raws[1:], out, td, ctx), a.reps
+                lambda: merge_raw_sparse(np_raws[0], np_raws[1:], np_out, td, ctx), a.reps
             ) / per * 1e9  # fmt: skip
             cuts = [
                 (st.selection.lo.key, 0, st.selection.hi.key, 0, st.selection.scale) for st in stats
@@ -182,13 +181,13 @@ def main() -> None:
             w = [1.0] * k_tasks
             kernel_ns = {
                 "coarse_sparse_raw": lambda: [
-                    kernels.coarse_sparse_raw(raws[0], m) for m in raws[1:]
+                    kernels.coarse_sparse_raw(np_raws[0], m) for m in np_raws[1:]
                 ],
                 "tie_end_raw_full_scan": lambda: [
-                    kernels.tie_end_raw(raws[0], m, 1, n + 1) for m in raws[1:]
+                    kernels.tie_end_raw(np_raws[0], m, 1, n + 1) for m in np_raws[1:]
                 ],
                 "cut_combine_raw": lambda: kernels.cut_combine_raw(
-                    raws[0], raws[1:], cuts, w, 0.3, False, out
+                    np_raws[0], np_raws[1:], cuts, w, 0.3, False, np_out
                 ),
             }
             tadrop["raw_kernels"] = {

@@ -88,6 +88,22 @@ def _run(cfg: Path, blocked: str) -> None:
     assert "must not be imported" not in r.stderr
 
 
+def _check(out: Path, paths: list[str], reference) -> int:
+    """The merged floating tensors equal reference(name, θ, τ) cast to the base's
+    dtype (float32 math), the others the base's; returns the tensor count."""
+    got = load_file(str(out / "model.safetensors"))
+    inputs = [load_file(str(Path(p) / "model.safetensors")) for p in paths]
+    for name, b in inputs[0].items():
+        if not b.is_floating_point():
+            assert torch.equal(got[name], b)
+            continue
+        thetas = [t[name].to(torch.float32) for t in inputs]
+        taus = [t - thetas[0] for t in thetas[1:]]
+        assert got[name].dtype == b.dtype
+        assert torch.equal(got[name], reference(name, thetas, taus).to(b.dtype)), name
+    return len(inputs[0])
+
+
 def _config(tmp: Path, base: str, models: list[str], weights, merge: dict, **extra) -> Path:
     cfg = tmp / "merge.yaml"
     cfg.write_text(
@@ -111,19 +127,9 @@ def test_a_streamed_merge_never_imports_torch(tmp_path, method):
     merge = {"method": method, "scale": 0.3}
     cfg = _config(tmp_path, base, models, weights, merge, runtime={"workers": 2})
     _run(cfg, "torch,numba")
-    out = tmp_path / "out"
-
-    got = load_file(str(out / "model.safetensors"))
-    inputs = [load_file(str(Path(p) / "model.safetensors")) for p in [base, *models]]
-    for name, b in inputs[0].items():
-        if not b.is_floating_point():
-            assert torch.equal(got[name], b)
-            continue
-        thetas = [t[name].to(torch.float32) for t in inputs]
-        taus = [t - thetas[0] for t in thetas[1:]]
-        ref = combine(method, thetas[0], thetas[1:], taus, weights, 0.3, sparse=False)
-        assert got[name].dtype == b.dtype
-        assert torch.equal(got[name], ref.to(b.dtype)), name
+    _check(tmp_path / "out", [base, *models], lambda name, thetas, taus: combine(
+        method, thetas[0], thetas[1:], taus, weights, 0.3, sparse=False
+    ))  # fmt: skip
 
 
 @pytest.mark.skipif(not kernels.load(), reason="numba kernels not installed")
@@ -141,19 +147,12 @@ def test_a_magnitude_selection_on_bf16_never_imports_torch(tmp_path, split):
     cfg = _config(tmp_path, base, models, weights, merge, sparsify=sp, runtime=runtime)
     _run(cfg, "torch")
 
-    out = tmp_path / "out"
-    got = load_file(str(out / "model.safetensors"))
-    report = json.loads((out / "merge_report.json").read_text())
-    inputs = [load_file(str(Path(p) / "model.safetensors")) for p in [base, *models]]
-    for name, b in inputs[0].items():
-        if not b.is_floating_point():
-            assert torch.equal(got[name], b)
-            continue
-        thetas = [t[name].to(torch.float32) for t in inputs]
-        taus = [t - thetas[0] for t in thetas[1:]]
+    def reference(name, thetas, taus):
         ts = [sparsify(t, sp, task=i, name=name, seed=0, block_rows=1) for i, t in enumerate(taus)]
-        ref = combine("task_arithmetic", thetas[0], thetas[1:], ts, weights, 0.3)
-        assert torch.equal(got[name], ref.to(b.dtype)), name
+        return combine("task_arithmetic", thetas[0], thetas[1:], ts, weights, 0.3)
+
+    tensors = _check(tmp_path / "out", [base, *models], reference)
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     # split: "embed" (32768 entries) is merged in several units, after a statistics round
-    assert (report["units"]["total"] > len(inputs[0])) == split
+    assert (report["units"]["total"] > tensors) == split
     assert (report["reads"]["stats_rounds"] > 0) == split
