@@ -235,6 +235,7 @@ def run_merge(
     timings: dict[str, float] = {}
     start_kernels(cfg)
     plan = plan or make_plan(cfg)
+    start_kernels(cfg, plan)  # (what only the plan tells: a large streamed merge)
     timings["plan_s"] = time.monotonic() - t0
     staging = Staging(cfg.output.path, overwrite=overwrite, resume=resume)
     log.info(

@@ -31,7 +31,7 @@ class _UnitWorker:
         from .memory import tune_malloc
 
         tune_malloc()
-        start_kernels(plan.config)
+        start_kernels(plan.config, plan)
         self.plan = plan
         self.staging = staging
         self.device = resolve_device(device)

@@ -141,17 +141,38 @@ def uses_torch() -> bool:
 # ------------------------------------------------------------------------------------
 
 
-def start_kernels(cfg: MergeConfig) -> None:
+def start_kernels(cfg: MergeConfig, plan: Plan | None = None) -> None:
     """Apply `runtime.kernels`, and begin loading the CPU kernels at once when
-    this merge takes them (a magnitude selection: TADrop, trims; TIES)."""
-    takes = cfg.sparsify.method in MAGNITUDE_METHODS or cfg.merge.method in ("ties", "emr")
-    if not takes:
-        return  # no kernels (and no torch) for this merge
+    this merge takes them (a magnitude selection: TADrop, trims; TIES; a large
+    streamed merge, known once there is a plan: see stream_kernel)."""
     kernels.configure(cfg.runtime.kernels)
-    if resolve_device(cfg.runtime.device) == "cpu":
+    if resolve_device(cfg.runtime.device) != "cpu":
+        return
+    if cfg.sparsify.method in MAGNITUDE_METHODS or cfg.merge.method in ("ties", "emr"):
         # a selection with TA or averaging takes the raw bf16 kernels (engine/raw.py)
         # on bf16 inputs, the usual case, and only those are loaded now
         kernels.preload(raw_only=cfg.merge.method in ("task_arithmetic", "average"))
+    elif plan is not None and _stream_kernel_wanted(plan):
+        kernels.preload(raw_only=True)
+
+
+# Input bytes from which streamed bf16 merges take the numba kernel
+# (kernels.stream_raw, ~0.5 against ~1.3 ns per element and task for numpy):
+# below, loading numba (~0.4 s, before the first unit) costs more than the
+# kernel saves on two cores (1e9 elements x tasks: ~2.7 GB of bf16 inputs at
+# K = 3). runtime.kernels: numba takes it at any size.
+STREAM_KERNEL_BYTES = 4 * 2**30
+
+
+def _stream_kernel_wanted(plan: Plan) -> bool:
+    backend = kernels.backend()
+    return backend == "numba" or (backend == "auto" and plan.input_bytes >= STREAM_KERNEL_BYTES)
+
+
+def stream_kernel(plan: Plan) -> bool:
+    """Whether this merge's streamed bf16 units take kernels.stream_raw (decided
+    per merge, so that every unit's report norms are summed the same way)."""
+    return _stream_kernel_wanted(plan) and kernels.enabled(None)
 
 
 # ------------------------------------------------------------------------------------
@@ -292,7 +313,7 @@ def _stream_unit(
     out = POOL.bytes("out", n * DTYPE_SIZE[tp.out_dtype]).view(NP_DTYPES[tp.out_dtype])
     check_finite = not plan.config.inputs.allow_nonfinite
     try:
-        tasks = merge_raw(raws[0], raws[1:], out, spec, check_finite)
+        tasks = merge_raw(raws[0], raws[1:], out, spec, check_finite, stream_kernel(plan))
     except NonFiniteTaskVector:
         # report every input of this unit with NaN/Inf; the driver sums the
         # counts per file and tensor

@@ -75,6 +75,7 @@ def backend() -> str:
 
 
 _LOCK = threading.Lock()
+_preloading = False  # a preload thread was started (it loads once)
 
 
 class _Kernels(NamedTuple):
@@ -92,6 +93,7 @@ class _Kernels(NamedTuple):
     coarse_side_raw: Any
     tie_end_raw: Any
     cut_combine_raw: Any
+    stream_raw: Any
 
 
 def _numba_kernels() -> _Kernels | None:
@@ -111,8 +113,10 @@ def preload(raw_only: bool = False) -> None:
     takes the raw bf16 kernels (engine/raw.py), and only those are loaded now
     (any other loads on its first call, as numba does).
     """
-    if _backend == "torch" or _compile.cache_info().currsize:
+    global _preloading
+    if _backend == "torch" or _compile.cache_info().currsize or _preloading:
         return
+    _preloading = True
 
     def load() -> None:
         k = _numba_kernels()  # the raw kernels are loaded with the others' dispatchers
@@ -546,9 +550,91 @@ def _build(numba, cache_on_disk: bool):
                     o32[j] = acc[j]
         return nan
 
+    @jit
+    def stream_raw(base, tasks, w, lam, total_w, average, out16, out32, sq):  # pragma: no cover
+        # Task arithmetic (Σ_k fl32(w_k)·τ_k in task order, ·λ, + θ0) or averaging
+        # (Σ_k fl32(w_k)·θ_k / Σw) of bf16 blocks, the float32 operations of
+        # engine/stream.py in its order, rounded to bf16 as torch rounds into
+        # out16, or stored into out32. Σ τ_k² for the report goes to sq[k] (float64
+        # per lane, the lanes added at the end: a loop that vectorises). Returns
+        # how many results are NaN (the caller then merges the block in numpy).
+        n = base.shape[0]
+        narrow = out16.shape[0] > 0
+        c = RAW_CHUNK
+        k_count = len(tasks)
+        bb = np.empty(c, np.int32)
+        bf = bb.view(np.float32)
+        tb = np.empty(c, np.int32)
+        tf = tb.view(np.float32)
+        acc = np.empty(c, np.float32)
+        accb = acc.view(np.int32)
+        lanes = np.zeros((k_count, c), np.float64)
+        nan = 0
+        for a in range(0, n, c):
+            m = min(c, n - a)
+            bs = base[a : a + m]
+            for j in range(m):
+                bb[j] = np.int32(bs[j]) << 16
+            for k in range(k_count):
+                ts = tasks[k][a : a + m]
+                wk = w[k]
+                lane = lanes[k]
+                # one loop per (first task or not, averaging or not): no branch inside
+                if average:  # sums θ_k; τ_k for the report only
+                    if k == 0:
+                        for j in range(m):
+                            tb[j] = np.int32(ts[j]) << 16
+                            d = np.float64(tf[j] - bf[j])
+                            lane[j] += d * d
+                            acc[j] = tf[j] * wk
+                    else:
+                        for j in range(m):
+                            tb[j] = np.int32(ts[j]) << 16
+                            d = np.float64(tf[j] - bf[j])
+                            lane[j] += d * d
+                            acc[j] = acc[j] + tf[j] * wk
+                elif k == 0:
+                    for j in range(m):
+                        tb[j] = np.int32(ts[j]) << 16
+                        tf[j] = tf[j] - bf[j]
+                        d = np.float64(tf[j])
+                        lane[j] += d * d
+                        acc[j] = tf[j] * wk
+                else:
+                    for j in range(m):
+                        tb[j] = np.int32(ts[j]) << 16
+                        tf[j] = tf[j] - bf[j]
+                        d = np.float64(tf[j])
+                        lane[j] += d * d
+                        acc[j] = acc[j] + tf[j] * wk
+            if average:
+                for j in range(m):
+                    acc[j] = acc[j] / total_w
+            else:
+                for j in range(m):
+                    acc[j] = acc[j] * lam + bf[j]
+            if narrow:
+                o16 = out16[a : a + m]
+                for j in range(m):
+                    u = np.uint32(accb[j])
+                    nan += np.int32((u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000))
+                    r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> 16
+                    o16[j] = np.uint16(r)
+            else:
+                o32 = out32[a : a + m]
+                for j in range(m):
+                    nan += np.int32((accb[j] & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000))
+                    o32[j] = acc[j]
+        for k in range(k_count):
+            total = 0.0
+            for j in range(c):
+                total += lanes[k, j]
+            sq[k] = total
+        return nan
+
     k = _Kernels(
         coarse_counts, coarse_moments, coarse_side, fine_rows, tie_end, cut_pass, ties_votes,
-        ties_merge, emr_merge, coarse_side_raw, tie_end_raw, cut_combine_raw,
+        ties_merge, emr_merge, coarse_side_raw, tie_end_raw, cut_combine_raw, stream_raw,
     )  # fmt: skip
     _warm(k, RAW_KERNELS)  # here, where a failure to compile or cache is caught
     return k
@@ -887,3 +973,31 @@ def cut_combine_raw(
         out16, out32, kept,
     )  # fmt: skip
     return None if nan else [int(v) for v in kept]
+
+
+def stream_raw(
+    base: np.ndarray,
+    tasks: list[np.ndarray],
+    weights: list[float],
+    scale: float,
+    average: bool,
+    out: np.ndarray,
+) -> list[float] | None:
+    """Task arithmetic (or averaging) of bf16 blocks (uint16 arrays of their
+    patterns) into `out` (uint16 for bf16, or float32): engine/stream.py's
+    bytes in one pass per task. Returns Σ τ_k² per task (float64 lanes, not
+    stream.square_sum's float32 chunks: the report's last digits differ), or
+    None when a result is NaN (`out` is then garbage)."""
+    empty16, empty32 = np.empty(0, np.uint16), np.empty(0, np.float32)
+    if out.dtype == np.uint16:
+        out16, out32 = _raw16(out), empty32
+    elif out.dtype == np.float32 and out.flags.c_contiguous:
+        out16, out32 = empty16, out.reshape(-1)
+    else:
+        raise TypeError(f"stream_raw writes bfloat16 or float32, not {out.dtype}")
+    sq = np.zeros(len(tasks), np.float64)
+    nan = _numba_kernels().stream_raw(
+        _raw16(base), tuple(_raw16(t) for t in tasks), np.float32(weights), np.float32(scale),
+        np.float32(sum(weights)), average, out16, out32, sq,
+    )  # fmt: skip
+    return None if nan else [float(v) for v in sq]
