@@ -136,6 +136,10 @@ def main() -> None:
     np_out = np.empty(n, np.uint16)
     ta_stream = median_s(lambda: merge_raw(np_raws[0], np_raws[1:], np_out, ta), a.reps)
     ta_stream = ta_stream / per * 1e9
+    # the same through the numba kernel (what large merges take: cluster/worker.stream_kernel)
+    ta_kernel = median_s(
+        lambda: merge_raw(np_raws[0], np_raws[1:], np_out, ta, kernel=True), a.reps
+    ) / per * 1e9  # fmt: skip
 
     # 2. the statistics of one task vector
     tau = raws[1].float() - raws[0].float()
@@ -205,7 +209,11 @@ def main() -> None:
         "tasks": k_tasks,
         "torch_threads": 1,
         "reps": a.reps,
-        "task_arithmetic_ns_per_element_task": {"merge_block": ta_block, "streamed": ta_stream},
+        "task_arithmetic_ns_per_element_task": {
+            "merge_block": ta_block,
+            "streamed": ta_stream,
+            "streamed_kernel": ta_kernel,
+        },
         "statistics_ns_per_element": {
             "coarse_moments_plus_fine": stats_binned,
             "counting_with_keys_aside": stats_counted,
@@ -222,7 +230,7 @@ def main() -> None:
     }
     path = write_result("kernel_costs", result)
     print(f"task arithmetic: merge_block {ta_block:.2f} ns, streamed {ta_stream:.2f} ns "
-          f"per element and task")  # fmt: skip
+          f"(numba kernel {ta_kernel:.2f} ns) per element and task")  # fmt: skip
     print(f"statistics: coarse + fine {stats_binned:.2f} ns, counting with keys aside "
           f"{stats_counted if stats_counted is None else round(stats_counted, 2)} ns per "
           f"element ({low_share:.2%} of keys have low bits)")  # fmt: skip
