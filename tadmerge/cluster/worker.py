@@ -157,11 +157,13 @@ def start_kernels(cfg: MergeConfig, plan: Plan | None = None) -> None:
 
 
 # Input bytes from which streamed bf16 merges take the numba kernel
-# (kernels.stream_raw, ~0.5 against ~1.3 ns per element and task for numpy):
-# below, loading numba (~0.4 s, before the first unit) costs more than the
-# kernel saves on two cores (1e9 elements x tasks: ~2.7 GB of bf16 inputs at
-# K = 3). runtime.kernels: numba takes it at any size.
-STREAM_KERNEL_BYTES = 4 * 2**30
+# (kernels.stream_raw, ~0.8-1.0 against ~1.3-1.7 ns per element and task for
+# numpy): below, loading numba (~0.4 s, in a background thread that the first
+# units wait on) costs more than the kernel saves. Measured on two cores,
+# interleaved: 100M x 4 (0.99 GB) 1.24 s against numpy's 1.02 s, 271M x 3
+# (2.17 GB) 1.97 s against 2.23 s; the lines cross near 1.5 GB.
+# runtime.kernels: numba takes it at any size.
+STREAM_KERNEL_BYTES = 1_500_000_000
 
 
 def _stream_kernel_wanted(plan: Plan) -> bool:
