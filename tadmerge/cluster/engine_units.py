@@ -27,6 +27,7 @@ from .worker import (
     block_context,
     merge_spec,
     nonfinite_input,
+    nonfinite_record,
     resolve_device,
     write_out,
 )
@@ -118,17 +119,12 @@ def merge_unit(
         ctx = block_context(plan, unit, resolved)
         res: BlockResult = merge_block(blocks[0], blocks[1:], spec, ctx, check_finite)
     except NonFiniteTaskVector:
-        # report every input of this unit with NaN/Inf (re-read: the blocks were
-        # consumed in place); the driver sums the counts per file and tensor
-        counts = []
-        for i, src in enumerate(tp.sources):
-            raw = read_rows(src, unit.row_start, unit.row_end)
-            bad = int((~torch.isfinite(raw.to(torch.float32))).sum())
-            if bad:
-                counts.append((i, bad))
-        if not counts:  # finite inputs whose difference overflows float32
-            counts.append((-1, 1))
-        return UnitRecord(unit_id, [], nonfinite=counts)
+        # (re-read: the blocks were consumed in place)
+        bad = [
+            int((~torch.isfinite(read_rows(src, unit.row_start, unit.row_end).float())).sum())
+            for src in tp.sources
+        ]
+        return nonfinite_record(unit_id, bad)
     del blocks
     if res.emr is not None:
         _write_tensor_rows(plan, staging, tp, unit, res.emr.tau_uni)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,11 +130,6 @@ def block_context(plan: Plan, unit: Unit, resolved: dict | None) -> BlockContext
     return ctx
 
 
-def uses_torch() -> bool:
-    """Whether this process has imported torch (executors set its threads then)."""
-    return "torch" in sys.modules
-
-
 # ------------------------------------------------------------------------------------
 # statistics rounds
 # ------------------------------------------------------------------------------------
@@ -240,15 +234,15 @@ def _raw_inputs(tp: TensorPlan, device: str, moments: int = 2) -> bool:
 
 
 def _read_raw(plan: Plan, unit: Unit) -> list[np.ndarray]:
-    """The unit's raw bf16 blocks (uint16 arrays), in the buffers of the torch
-    engine's float32 blocks (half their size): a unit handed back to it holds
-    no more."""
+    """The unit's raw input blocks as numpy arrays of their own dtype (bf16: its
+    uint16 patterns), in the buffers of the torch engine's float32 blocks (at
+    most their size): a unit handed back to it holds no more."""
     tp = plan.tensors[unit.tensor]
     n = (unit.row_end - unit.row_start) * tp.row_numel
     return [
         read_bytes(
             src, unit.row_start, unit.row_end, POOL.bytes(f"block{i}", n * src.itemsize)
-        ).view(np.uint16)
+        ).view(NP_DTYPES[src.dtype])
         for i, src in enumerate(tp.sources)
     ]
 
@@ -266,8 +260,7 @@ def _raw_coarse(plan: Plan, unit: Unit, request: tuple) -> list | None:
         keys = SparseKeys(n, got[0], got[1])
         st = coarse_stats(keys, moments=request[1])
         if st.nonfinite and not plan.config.inputs.allow_nonfinite:
-            bad_base = int(np.count_nonzero(~_finite(raws[0])))
-            raise nonfinite_input(plan, unit, k, bad_base, int(np.count_nonzero(~_finite(model))))
+            raise nonfinite_input(plan, unit, k, _nonfinite(raws[0]), _nonfinite(model))
         out.append((st, KeysAside.of(keys) if len(request) > 2 and request[2] else None))
     return out
 
@@ -288,7 +281,7 @@ def _raw_unit(
     try:
         tasks = merge_raw_sparse(raws[0], raws[1:], out, spec, ctx)
     except NonFiniteTaskVector:
-        return None  # the torch engine names the inputs (and reads them as float32)
+        return nonfinite_record(unit.id, [_nonfinite(r) for r in raws])
     if tasks is None:
         return None
     write_out(plan, staging, unit, out)
@@ -304,38 +297,31 @@ def _stream_unit(
 ) -> UnitRecord:
     """A merge that needs only the block (engine/stream.py): the inputs stay in
     their own dtype and the output is made in the output dtype, chunk by chunk."""
-    n = (unit.row_end - unit.row_start) * tp.row_numel
-    raws = [
-        read_bytes(src, unit.row_start, unit.row_end, POOL.bytes(f"raw{i}", n * src.itemsize)).view(
-            NP_DTYPES[src.dtype]
-        )
-        for i, src in enumerate(tp.sources)
-    ]
+    raws = _read_raw(plan, unit)
     assert tp.out_dtype is not None
-    out = POOL.bytes("out", n * DTYPE_SIZE[tp.out_dtype]).view(NP_DTYPES[tp.out_dtype])
+    out = POOL.bytes("out", raws[0].size * DTYPE_SIZE[tp.out_dtype]).view(NP_DTYPES[tp.out_dtype])
     check_finite = not plan.config.inputs.allow_nonfinite
     try:
         tasks = merge_raw(raws[0], raws[1:], out, spec, check_finite, stream_kernel(plan))
     except NonFiniteTaskVector:
-        # report every input of this unit with NaN/Inf; the driver sums the
-        # counts per file and tensor
-        counts = []
-        for i, raw in enumerate(raws):
-            bad = int(np.count_nonzero(~_finite(raw)))
-            if bad:
-                counts.append((i, bad))
-        if not counts:  # finite inputs whose difference overflows float32
-            counts.append((-1, 1))
-        return UnitRecord(unit.id, [], nonfinite=counts)
+        return nonfinite_record(unit.id, [_nonfinite(r) for r in raws])
     write_out(plan, staging, unit, out)
     return UnitRecord(unit.id, tasks)
 
 
-def _finite(raw: np.ndarray) -> np.ndarray:
-    """Which entries of a NP_DTYPES block are finite (bf16: exponent bits not all 1)."""
+def _nonfinite(raw: np.ndarray) -> int:
+    """NaN/Inf entries of a NP_DTYPES block (bf16: exponent bits all 1)."""
     if raw.dtype == np.uint16:
-        return (raw & 0x7F80) != 0x7F80
-    return np.isfinite(raw)
+        return int(np.count_nonzero((raw & 0x7F80) == 0x7F80))
+    return int(np.count_nonzero(~np.isfinite(raw)))
+
+
+def nonfinite_record(unit_id: int, bad: list[int]) -> UnitRecord:
+    """A unit with NaN/Inf in a task vector, not written: the NaN/Inf count of
+    each input (the driver sums them per file and tensor), or (-1, 1) when the
+    inputs are finite and their difference overflows float32."""
+    counts = [(i, b) for i, b in enumerate(bad) if b] or [(-1, 1)]
+    return UnitRecord(unit_id, [], nonfinite=counts)
 
 
 def unit_output_range(plan: Plan, unit: Unit) -> tuple[str, int, int] | None:

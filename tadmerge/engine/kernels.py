@@ -119,9 +119,9 @@ def preload(raw_only: bool = False) -> None:
     _preloading = True
 
     def load() -> None:
-        k = _numba_kernels()  # the raw kernels are loaded with the others' dispatchers
+        k = _numba_kernels()  # (the raw kernels load with the dispatchers)
         if k is not None and not raw_only:
-            _warm(k)
+            _warm_rest(k)
 
     threading.Thread(target=load, name="tadmerge-kernels", daemon=True).start()
 
@@ -636,48 +636,42 @@ def _build(numba, cache_on_disk: bool):
         coarse_counts, coarse_moments, coarse_side, fine_rows, tie_end, cut_pass, ties_votes,
         ties_merge, emr_merge, coarse_side_raw, tie_end_raw, cut_combine_raw, stream_raw,
     )  # fmt: skip
-    _warm(k, RAW_KERNELS)  # here, where a failure to compile or cache is caught
+    _warm_raw(k)  # here, where a failure to compile or cache is caught
     return k
 
 
-# the kernels of the raw bf16 path (cut_combine_raw compiles per K on first use)
-RAW_KERNELS = frozenset({"coarse_side_raw", "tie_end_raw"})
+def _warm_raw(k: _Kernels) -> None:
+    """Load (or compile) the raw bf16 path's kernels (engine/raw.py) for the
+    signatures the engine calls, rather than on first use in several worker
+    threads at once (numba's compiler lock makes those wait on each other).
+    Its combine kernels (cut_combine_raw, stream_raw) compile per K on first use."""
+    raw = np.zeros(4, np.uint16)
+    zeros = np.zeros(N_COARSE, np.int64)
+    k.coarse_side_raw(raw, raw, zeros, zeros.copy(), np.zeros(4, np.int32))
+    k.tie_end_raw(raw, raw, np.int64(0), np.int64(1))
 
 
-def _warm(k: _Kernels, names: frozenset[str] | None = None) -> None:
-    """Load (or compile) the kernels' machine code for the signatures the engine
-    calls, all of them or `names`, rather than on first use in several worker
-    threads at once (numba's compiler lock makes those wait on each other)."""
-    if names is None or names - RAW_KERNELS:
-        names = frozenset(k._fields)
+def _warm_rest(k: _Kernels) -> None:
+    """The same for the statistics and apply kernels of float32 blocks (the
+    TIES and EMR ones compile per K on first use)."""
     bits = np.zeros(4, np.int32)
     zeros = np.zeros(N_COARSE, np.int64)
-    if "coarse_side" not in names:  # the raw kernels only
-        raw = np.zeros(4, np.uint16)
-        k.coarse_side_raw(raw, raw, zeros, zeros.copy(), bits)
-        k.tie_end_raw(raw, raw, np.int64(0), np.int64(1))
-        return
     k.coarse_counts(bits, zeros, zeros.copy())
     acc = np.zeros((2, N_COARSE, 3), np.int64)
     k.coarse_moments(bits, acc[0], acc[1])
     k.coarse_side(bits, zeros, zeros.copy(), np.zeros(4, np.int32))
     rows = np.zeros((2, 1, N_FINE), np.int32)
     k.fine_rows(bits, np.zeros(N_COARSE, np.int32), rows[0], rows[1])
-    vals = np.zeros(4, np.float32)
     k.tie_end(bits, np.int64(0), np.int64(1))
+    vals = np.zeros(4, np.float32)
     k.cut_pass(vals, np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.float32(1), True)
-    raw = np.zeros(4, np.uint16)
-    k.coarse_side_raw(raw, raw, zeros, zeros.copy(), bits)
-    k.tie_end_raw(raw, raw, np.int64(0), np.int64(1))
-    # (the TIES, EMR and raw combine kernels compile per K on first use; numba's
-    # compiler lock is global)
 
 
 def load() -> bool:
     """Compile or load the kernels now (what a process pays for them: time and RSS)."""
     if _backend == "torch" or (k := _numba_kernels()) is None:
         return False
-    _warm(k)
+    _warm_rest(k)
     return True
 
 
@@ -933,6 +927,20 @@ def tie_end_raw(base: torch.Tensor, task: torch.Tensor, key: int, quota: int) ->
     )
 
 
+def _out_views(out: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The raw combine kernels' two outputs: (bf16 patterns, empty) or (empty,
+    float32), from a bf16/uint16 or float32 tensor or array sharing its memory."""
+    if not isinstance(out, np.ndarray):  # a torch tensor: its memory as numpy
+        import torch
+
+        out = _raw16(out) if out.dtype == torch.bfloat16 else _flat32(out)
+    if out.dtype == np.uint16:  # bf16 patterns
+        return _raw16(out), np.empty(0, np.float32)
+    if out.dtype == np.float32 and out.flags.c_contiguous:
+        return np.empty(0, np.uint16), out.reshape(-1)
+    raise TypeError(f"the raw combine kernels write bfloat16 or float32, not {out.dtype}")
+
+
 def cut_combine_raw(
     base: torch.Tensor | np.ndarray,
     tasks: list,
@@ -955,17 +963,7 @@ def cut_combine_raw(
     lo_end = np.array([c[1] for c in cuts], np.int64)
     hi_end = np.array([c[3] for c in cuts], np.int64)
     scales = np.array([c[4] for c in cuts], np.float32)
-    empty16, empty32 = np.empty(0, np.uint16), np.empty(0, np.float32)
-    if not isinstance(out, np.ndarray):  # a torch tensor: its memory as numpy
-        import torch
-
-        out = _raw16(out) if out.dtype == torch.bfloat16 else _flat32(out)
-    if out.dtype == np.uint16:  # bf16 patterns
-        out16, out32 = _raw16(out), empty32
-    elif out.dtype == np.float32 and out.flags.c_contiguous:
-        out16, out32 = empty16, out.reshape(-1)
-    else:
-        raise TypeError(f"cut_combine_raw writes bfloat16 or float32, not {out.dtype}")
+    out16, out32 = _out_views(out)
     kept = np.zeros(k, np.int64)
     nan = _numba_kernels().cut_combine_raw(
         _raw16(base), tuple(_raw16(t) for t in tasks), lo_key, lo_end, hi_key, hi_end,
@@ -988,13 +986,7 @@ def stream_raw(
     bytes in one pass per task. Returns Σ τ_k² per task (float64 lanes, not
     stream.square_sum's float32 chunks: the report's last digits differ), or
     None when a result is NaN (`out` is then garbage)."""
-    empty16, empty32 = np.empty(0, np.uint16), np.empty(0, np.float32)
-    if out.dtype == np.uint16:
-        out16, out32 = _raw16(out), empty32
-    elif out.dtype == np.float32 and out.flags.c_contiguous:
-        out16, out32 = empty16, out.reshape(-1)
-    else:
-        raise TypeError(f"stream_raw writes bfloat16 or float32, not {out.dtype}")
+    out16, out32 = _out_views(out)
     sq = np.zeros(len(tasks), np.float64)
     nan = _numba_kernels().stream_raw(
         _raw16(base), tuple(_raw16(t) for t in tasks), np.float32(weights), np.float32(scale),
