@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -22,7 +23,9 @@ from tadmerge.io.block_io import (
     create_shard_files,
     index_json,
     layout_shards,
+    map_bytes,
     prefetch_rows,
+    read_bytes,
     read_rows,
     sync_all,
     write_at,
@@ -105,6 +108,59 @@ def test_read_rows_short_file(tmp_path) -> None:
     close_all()
     with pytest.raises(InputError):
         read_rows(e, 0, 1)
+
+
+def _big_file(tmp_path, rows: int = 2048, cols: int = 300):
+    """A file whose second tensor starts at an 8-aligned offset and holds more
+    than block_io.MAP_MIN_BYTES, the size from which map_bytes maps."""
+    path = str(tmp_path / "big.safetensors")
+    g = torch.Generator().manual_seed(0)
+    save_file(
+        {
+            "a": torch.randn(3, 4, generator=g).to(torch.bfloat16),
+            "w": torch.randn(rows, cols, generator=g).to(torch.bfloat16),
+        },
+        path,
+    )
+    return path, read_header(path).tensors["w"]
+
+
+@pytest.mark.skipif(not block_io._map_ok, reason="no mmap.madvise here")
+def test_map_bytes_are_the_read_bytes(tmp_path) -> None:
+    path, e = _big_file(tmp_path)
+    assert e.offset % 8 == 0
+    for r0, r1 in [(0, e.rows), (100, 2000)]:
+        got = map_bytes(e, r0, r1)
+        if got is None:  # a kernel without MADV_POPULATE_READ: map_bytes says read
+            assert not block_io._map_ok
+            return
+        assert got.flags.writeable and got.flags.c_contiguous
+        assert (got == read_bytes(e, r0, r1)).all()
+    # small ranges are read, not mapped
+    assert map_bytes(e, 0, 3) is None
+    # the array is copy-on-write: the file never changes under it
+    before = read_bytes(e, 0, e.rows)
+    got = map_bytes(e, 0, e.rows)
+    got[:] = 0
+    del got
+    assert (read_bytes(e, 0, e.rows) == before).all()
+
+
+def test_map_bytes_misaligned_offset_is_read(tmp_path) -> None:
+    path, e = _big_file(tmp_path)
+    shifted = dataclasses.replace(e, offset=e.offset + 2)
+    assert map_bytes(shifted, 0, 1000) is None
+
+
+@pytest.mark.skipif(not block_io._map_ok, reason="no mmap.madvise here")
+def test_map_bytes_short_file(tmp_path) -> None:
+    path, e = _big_file(tmp_path)
+    os.truncate(path, os.path.getsize(path) - 4096)  # truncated after the header check
+    with pytest.raises(InputError) as info:
+        map_bytes(e, 0, e.rows)
+    assert path in str(info.value) and "[w]" in str(info.value)
+    assert "short read" in str(info.value)
+    close_all()
 
 
 def test_prefetch_rows_is_advice_only(tmp_path, monkeypatch) -> None:

@@ -23,7 +23,7 @@ from ..engine.raw import RAW_DTYPE, applies, merge_raw_sparse, takes
 from ..engine.spec import MAGNITUDE_METHODS, BlockContext, MergeSpec, NonFiniteTaskVector
 from ..engine.stream import NP_DTYPES, merge_raw, streams
 from ..errors import ConfigError, InputError, InputProblem
-from ..io.block_io import read_bytes, write_at
+from ..io.block_io import map_bytes, read_bytes, write_at
 from ..io.safetensors_format import DTYPE_SIZE
 from ..planners.inventory import COPY, EXCLUDE, MERGE
 from ..planners.plan import Plan, TensorPlan, Unit
@@ -235,16 +235,19 @@ def _raw_inputs(tp: TensorPlan, device: str, moments: int = 2) -> bool:
 
 def _read_raw(plan: Plan, unit: Unit) -> list[np.ndarray]:
     """The unit's raw input blocks as numpy arrays of their own dtype (bf16: its
-    uint16 patterns), in the buffers of the torch engine's float32 blocks (at
-    most their size): a unit handed back to it holds no more."""
+    uint16 patterns): maps of the page cache where they pay (block_io.map_bytes),
+    else read into the buffers of the torch engine's float32 blocks (at most
+    their size): a unit handed back to it holds no more."""
     tp = plan.tensors[unit.tensor]
     n = (unit.row_end - unit.row_start) * tp.row_numel
-    return [
-        read_bytes(
-            src, unit.row_start, unit.row_end, POOL.bytes(f"block{i}", n * src.itemsize)
-        ).view(NP_DTYPES[src.dtype])
-        for i, src in enumerate(tp.sources)
-    ]
+    blocks = []
+    for i, src in enumerate(tp.sources):
+        raw = map_bytes(src, unit.row_start, unit.row_end)
+        if raw is None:
+            buf = POOL.bytes(f"block{i}", n * src.itemsize)
+            raw = read_bytes(src, unit.row_start, unit.row_end, buf)
+        blocks.append(raw.view(NP_DTYPES[src.dtype]))
+    return blocks
 
 
 def _raw_coarse(plan: Plan, unit: Unit, request: tuple) -> list | None:

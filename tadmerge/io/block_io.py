@@ -1,12 +1,12 @@
 """Positional block I/O on safetensors files, and the output shard layout.
 
-Why ``pread``/``pwrite`` and not mmap: merges stream models far larger than RAM. A
-mapped file's touched pages count against RSS and stay in the page cache, and several
-worker processes mapping the same inputs multiplies that. Reading a row range with
-``preadv`` straight into a freshly allocated tensor costs one copy (kernel -> tensor)
-and leaves memory accounting honest. ``pwrite`` at precomputed absolute offsets lets
-any number of processes fill one output shard concurrently without coordination,
-because :func:`layout_shards` fixes every tensor's byte range before any data exists.
+Reading: merges stream models far larger than RAM, so nothing maps a whole file. A
+row range is either read with ``preadv`` straight into a numpy buffer (one copy, kernel
+-> buffer), or, for the large blocks of the merges that take their inputs raw
+(:func:`map_bytes`), mapped for the unit's lifetime only: no copy, and RSS still
+follows the unit, not the model. ``pwrite`` at precomputed absolute offsets lets any
+number of processes fill one output shard concurrently without coordination, because
+:func:`layout_shards` fixes every tensor's byte range before any data exists.
 
 File descriptors are cached per process (read-only and write caches, LRU, closed on
 eviction). A cached descriptor is re-validated against the path's (device, inode) on
@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import mmap
 import os
 import sys
 import threading
@@ -46,6 +47,7 @@ __all__ = [
     "create_shard_files",
     "index_json",
     "layout_shards",
+    "map_bytes",
     "read_bytes",
     "read_rows",
     "sync_all",
@@ -210,16 +212,7 @@ def read_bytes(
                 while got < nbytes:
                     n = os.preadv(fd, [view[got:]], offset + got)
                     if n == 0:
-                        size = os.fstat(fd).st_size
-                        raise InputError(
-                            InputProblem(
-                                entry.file,
-                                entry.name,
-                                f"short read: needs bytes up to {offset + nbytes}, "
-                                f"file has {size} (truncated or replaced after its header "
-                                "was checked)",
-                            )
-                        )
+                        raise _short_read(entry, offset + nbytes, os.fstat(fd).st_size)
                     got += n
         except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
             raise InputError(
@@ -232,6 +225,83 @@ def read_bytes(
         finally:
             view.release()
     return buf
+
+
+MAP_MIN_BYTES = 1 << 20  # below this a copy costs less than a map, a populate and an unmap
+_MAP_ALIGN = 8  # file offsets of mapped blocks: every dtype's alignment, and numba's
+_MADV_POPULATE_READ = 22  # Linux 5.14+: fault the whole range in now, an error for a hole
+_map_ok = hasattr(mmap, "mmap") and hasattr(mmap.mmap, "madvise")
+
+
+def map_bytes(entry: TensorEntry, row_start: int, row_end: int) -> np.ndarray | None:
+    """Rows ``[row_start, row_end)`` of ``entry`` as a flat uint8 array over the
+    page cache (a private, copy-on-write map of the file), or None where the
+    caller should ``read_bytes`` instead: a small range, an offset the array would
+    be misaligned at, or no ``madvise(MADV_POPULATE_READ)`` (not Linux 5.14+).
+
+    Why: reading a block copies it from the page cache into the process (pread),
+    which cost more than task arithmetic's whole kernel on the 2-core benchmark
+    machine (benchmarks/io_map.py). A map costs page-table entries only. The
+    memory stays honest as with read_bytes: the map covers one unit's rows, is
+    populated now (the pages are read here, and a file truncated after its header
+    was checked is an InputError here, not a SIGBUS later), and is unmapped when
+    the last array over it goes. Copy-on-write, not read-only: the kernels take
+    writable arrays (numba compiles read-only ones separately), and they never
+    write to their inputs.
+    """
+    global _map_ok
+    row_bytes = entry.row_numel * entry.itemsize
+    nbytes = (row_end - row_start) * row_bytes
+    offset = entry.offset + row_start * row_bytes
+    if not _map_ok or nbytes < MAP_MIN_BYTES or offset % _MAP_ALIGN:
+        return None
+    if not (0 <= row_start <= row_end <= entry.rows):
+        raise ValueError(
+            f"row range [{row_start}, {row_end}) outside [0, {entry.rows}) of {entry.name}"
+        )
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        with _READ_FDS.acquire(entry.file) as fd:
+            size = os.fstat(fd).st_size
+            if size < offset + nbytes:
+                raise _short_read(entry, offset + nbytes, size)
+            mm = mmap.mmap(fd, offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+            # a cold range is then read in large requests, as pread's would be, not
+            # 128 KB at a time by the faults of the populate
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise InputError(
+            InputProblem(entry.file, entry.name, f"cannot open: {_errtext(exc)}")
+        ) from None
+    except InputError:
+        raise
+    except OSError:
+        return None  # no map here (a filesystem without mmap): read it
+    try:
+        mm.madvise(_MADV_POPULATE_READ)
+    except OSError as exc:
+        mm.close()
+        if exc.errno == errno.EFAULT:  # a hole: the file shrank since the fstat
+            with _READ_FDS.acquire(entry.file) as fd:
+                raise _short_read(entry, offset + nbytes, os.fstat(fd).st_size) from None
+        if exc.errno in (errno.EINVAL, errno.ENOSYS):
+            _map_ok = False  # an older kernel: read from now on
+            return None
+        raise MergeRuntimeError(
+            f"reading {entry.file} [{entry.name}] failed: {_errtext(exc)}"
+        ) from exc
+    return np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=offset - start)
+
+
+def _short_read(entry: TensorEntry, needed: int, size: int) -> InputError:
+    return InputError(
+        InputProblem(
+            entry.file,
+            entry.name,
+            f"short read: needs bytes up to {needed}, file has {size} (truncated or "
+            "replaced after its header was checked)",
+        )
+    )
 
 
 def read_rows(
