@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from tadmerge.config import RuntimeSpec, available_cpus
+from tadmerge.engine import exact as exact_mod
 from tadmerge.engine import kernels
 from tadmerge.engine.exact import coarse_stats, exact_abs_sum
 from tadmerge.engine.histogram import fine_histograms
-from tadmerge.engine.keys import KeyChunks, magnitude_keys
+from tadmerge.engine.keys import N_COARSE, KeyChunks, magnitude_keys
 from tadmerge.engine.sparsify import below_bits, ties_below
 
 
@@ -210,6 +211,49 @@ def test_kernels_fall_back_when_they_cannot_be_cached(monkeypatch):
     finally:
         monkeypatch.undo()
         kernels._compile.cache_clear()
+
+
+def test_float32_kernels_that_fail_to_compile_fall_back_to_torch(monkeypatch):
+    """Only the raw bf16 kernels load inside _compile's guard; the others load
+    before their first use, and a numba/LLVM failure there means torch ops too,
+    not a failed merge."""
+    if kernels._numba_kernels() is None:
+        pytest.skip("numba is not installed")
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(9))
+    want = coarse_stats(magnitude_keys(x), moments=2)
+
+    def broken(k):
+        raise RuntimeError("LLVM is unhappy")
+
+    try:
+        monkeypatch.setattr(kernels, "_warm_rest", broken)
+        monkeypatch.setattr(kernels, "_rest_state", None)
+        with pytest.warns(UserWarning, match="float32 blocks unavailable"):
+            assert not kernels.enabled(x)
+        assert not kernels.load()
+        assert kernels.enabled(None)  # the raw kernels are still there
+        got = coarse_stats(KeyChunks(x), moments=2)
+        assert np.array_equal(got.counts, want.counts) and np.array_equal(got.s1, want.s1)
+        monkeypatch.setattr(kernels, "_backend", "numba")
+        with pytest.raises(RuntimeError, match="numba was asked for"):
+            kernels.enabled(x)
+    finally:
+        monkeypatch.undo()
+
+
+def test_side_moments_in_exact_pieces(monkeypatch):
+    """The keys set aside are summed SMALL_SIDE at a time: the same integers as
+    one exact sum per bucket."""
+    g = np.random.default_rng(3)
+    side = (g.integers(0, 1 << 31, 5000, dtype=np.int64)).astype(np.int32)
+    monkeypatch.setattr(exact_mod, "SMALL_SIDE", 999)
+    s1, s2 = exact_mod._side_moments(side, 2)
+    want1 = np.zeros(N_COARSE, object)
+    want2 = np.zeros(N_COARSE, object)
+    for k in side.tolist():
+        want1[k >> 16] += k & 0xFFFF
+        want2[k >> 16] += (k & 0xFFFF) ** 2
+    assert s1.tolist() == want1.tolist() and s2.tolist() == want2.tolist()
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -174,10 +174,7 @@ def coarse_stats(keys: torch.Tensor | KeyChunks, *, moments: int = 2) -> CoarseS
             if not (moments and side.size):
                 zero = np.zeros(N_COARSE, dtype=np.int64)
                 return CoarseStats(counts, zero, zero.copy(), zero.copy())
-            if side.size < SMALL_SIDE:
-                s1, s2 = _side_moments(side, moments)
-            else:  # one piece: the keys set aside are at most n/16 <= PIECE
-                ((_, s1, s2),) = kernels.coarse_pieces(side, moments)
+            s1, s2 = _side_moments(side, moments)
             return CoarseStats(counts, s1, s2 >> 32, s2 & _LO32)
         out = CoarseStats.zeros()
         for counts, s1, s2 in kernels.coarse_pieces(source, moments):
@@ -208,21 +205,26 @@ def _coarse_stats_torch(keys: torch.Tensor | KeyChunks, moments: int) -> CoarseS
     return CoarseStats(counts, s1, s2 >> 32, s2 & _LO32)
 
 
-# Up to this many keys set aside, their moments are float64 bincounts: every
-# partial sum of L² < 2**32 stays below 2**53, so the counts are exact integers.
+# The keys set aside go to float64 bincounts this many at a time: every partial
+# sum of L² < 2**32 stays below 2**53, so the counts are exact integers.
 SMALL_SIDE = 1 << 21
 
 
 def _side_moments(side, moments: int):
     """Σ L and Σ L² per coarse bucket of the few keys set aside (int64 arrays):
-    two bincounts over them, not a kernel pass with its 1.5 MB of tables to
-    clear and add (the fixed cost that mattered, once per block and task)."""
-    buckets = side >> COARSE_SHIFT
-    low = (side & 0xFFFF).astype(np.float64)
-    s1 = np.bincount(buckets, weights=low, minlength=N_COARSE).astype(np.int64)
-    if moments < 2:
-        return s1, np.zeros(N_COARSE, np.int64)
-    s2 = np.bincount(buckets, weights=low * low, minlength=N_COARSE).astype(np.int64)
+    bincounts over them, SMALL_SIDE keys at a time (each an exact float64 sum),
+    not a kernel pass with its 1.5 MB of tables to clear and add (the fixed cost
+    that mattered, once per block and task). numpy only: the raw bf16 path that
+    sets keys aside needs no kernel of float32 blocks."""
+    s1 = np.zeros(N_COARSE, np.int64)
+    s2 = np.zeros(N_COARSE, np.int64)
+    for a in range(0, side.size, SMALL_SIDE):
+        part = side[a : a + SMALL_SIDE]
+        buckets = part >> COARSE_SHIFT
+        low = (part & 0xFFFF).astype(np.float64)
+        s1 += np.bincount(buckets, weights=low, minlength=N_COARSE).astype(np.int64)
+        if moments >= 2:
+            s2 += np.bincount(buckets, weights=low * low, minlength=N_COARSE).astype(np.int64)
     return s1, s2
 
 

@@ -121,7 +121,7 @@ def preload(raw_only: bool = False) -> None:
     def load() -> None:
         k = _numba_kernels()  # (the raw kernels load with the dispatchers)
         if k is not None and not raw_only:
-            _warm_rest(k)
+            _rest_ready(k)
 
     threading.Thread(target=load, name="tadmerge-kernels", daemon=True).start()
 
@@ -651,6 +651,33 @@ def _warm_raw(k: _Kernels) -> None:
     k.tie_end_raw(raw, raw, np.int64(0), np.int64(1))
 
 
+_REST_LOCK = threading.Lock()
+_rest_state: bool | None = None  # the kernels of float32 blocks: loaded, failed, not yet
+
+
+def _rest_ready(k: _Kernels) -> bool:
+    """Load the kernels of float32 blocks once (_warm_rest); False, with a
+    warning, when numba or LLVM cannot compile them: the torch ops then do
+    their work, as when numba is missing. Only the raw kernels are loaded
+    inside _compile's guard (a merge on the raw path needs no more), so this
+    is the same guard for the others, taken before their first use."""
+    global _rest_state
+    if _rest_state is None:
+        with _REST_LOCK:
+            if _rest_state is None:
+                try:
+                    _warm_rest(k)
+                    _rest_state = True
+                except Exception as e:  # a numba/LLVM problem
+                    warnings.warn(
+                        f"tadmerge: numba kernels for float32 blocks unavailable, using "
+                        f"torch ops ({e})",
+                        stacklevel=3,
+                    )
+                    _rest_state = False
+    return _rest_state
+
+
 def _warm_rest(k: _Kernels) -> None:
     """The same for the statistics and apply kernels of float32 blocks (the
     TIES and EMR ones compile per K on first use)."""
@@ -671,13 +698,13 @@ def load() -> bool:
     """Compile or load the kernels now (what a process pays for them: time and RSS)."""
     if _backend == "torch" or (k := _numba_kernels()) is None:
         return False
-    _warm_rest(k)
-    return True
+    return _rest_ready(k)
 
 
 def enabled(x: torch.Tensor | np.ndarray | None, load_now: bool = True) -> bool:
     """Whether the numba kernels take `x` (a float32 or int32 tensor, a numpy
-    array, or None: a CPU block that was never stored, keys.SparseKeys).
+    array, or None: a CPU block that was never stored, keys.SparseKeys, which
+    only the raw bf16 kernels read).
 
     With load_now=False they take it only if this process loaded them already
     (numba and LLVM cost ~145 MB of RSS and ~0.9 s to load): the statistics
@@ -691,7 +718,8 @@ def enabled(x: torch.Tensor | np.ndarray | None, load_now: bool = True) -> bool:
         return False
     if not load_now and _backend == "auto" and not _compile.cache_info().currsize:
         return False
-    if _numba_kernels() is None:
+    k = _numba_kernels()
+    if k is None or (x is not None and not _rest_ready(k)):
         if _backend == "numba":
             raise RuntimeError(
                 "kernels: numba was asked for (runtime.kernels or TADMERGE_KERNELS), but "
