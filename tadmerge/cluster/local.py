@@ -24,6 +24,12 @@ from .worker import UnitRecord, run_unit, torch_free, unit_stats
 # reading while the workers compute
 PREFETCH_AHEAD = 4
 
+# units handed to the thread pool beyond those running: a worker that finishes
+# takes the next at once instead of idling while the driver's thread wakes up,
+# takes in the result (a statistics round reduces histograms there, holding the
+# GIL) and submits another. Queued units hold no memory until they start.
+QUEUED_PER_WORKER = 1
+
 
 class LocalExecutor:
     def __init__(self, plan: Plan, staging: str, workers: int = 1, device: str = "cpu"):
@@ -45,7 +51,8 @@ class LocalExecutor:
             torch.set_num_threads(max(1, available_cpus() // self.workers))
 
     def _bounded_map(self, fn: Callable, items: list, on_result: Callable) -> None:
-        """Run fn over items (key = unit id first), at most `workers` at a time.
+        """Run fn over items (key = unit id first), at most `workers` at a time
+        (with QUEUED_PER_WORKER more waiting in the pool's queue).
 
         The unit after those running is prefetched into the page cache as each
         one starts (io/block_io.prefetch_rows), so that on a cold cache the disk
@@ -73,7 +80,8 @@ class LocalExecutor:
                 pos += 1
                 running[pool.submit(fn, *args)] = key
 
-            while pos < len(pending) and len(running) < self.workers:
+            window = self.workers * (1 + QUEUED_PER_WORKER)
+            while pos < len(pending) and len(running) < window:
                 submit()
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
