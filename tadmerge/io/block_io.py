@@ -186,6 +186,16 @@ def _errtext(exc: OSError) -> str:
 # --------------------------------------------------------------------------- reading
 
 
+def _row_span(entry: TensorEntry, row_start: int, row_end: int) -> tuple[int, int]:
+    """(file offset, byte count) of rows [row_start, row_end) of entry."""
+    if not (0 <= row_start <= row_end <= entry.rows):
+        raise ValueError(
+            f"row range [{row_start}, {row_end}) outside [0, {entry.rows}) of {entry.name}"
+        )
+    row_bytes = entry.row_numel * entry.itemsize
+    return entry.offset + row_start * row_bytes, (row_end - row_start) * row_bytes
+
+
 def read_bytes(
     entry: TensorEntry, row_start: int, row_end: int, out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -196,13 +206,7 @@ def read_bytes(
     into the array's memory (no intermediate ``bytes``). numpy, not torch: the
     streamed merges (engine/stream.py) never import torch.
     """
-    if not (0 <= row_start <= row_end <= entry.rows):
-        raise ValueError(
-            f"row range [{row_start}, {row_end}) outside [0, {entry.rows}) of {entry.name}"
-        )
-    row_bytes = entry.row_numel * entry.itemsize
-    nbytes = (row_end - row_start) * row_bytes
-    offset = entry.offset + row_start * row_bytes
+    offset, nbytes = _row_span(entry, row_start, row_end)
     buf = np.empty(nbytes, dtype=np.uint8) if out is None else out[:nbytes]
     if nbytes:
         view = memoryview(buf)
@@ -250,15 +254,9 @@ def map_bytes(entry: TensorEntry, row_start: int, row_end: int) -> np.ndarray | 
     write to their inputs.
     """
     global _map_ok
-    row_bytes = entry.row_numel * entry.itemsize
-    nbytes = (row_end - row_start) * row_bytes
-    offset = entry.offset + row_start * row_bytes
+    offset, nbytes = _row_span(entry, row_start, row_end)
     if not _map_ok or nbytes < MAP_MIN_BYTES or offset % _MAP_ALIGN:
         return None
-    if not (0 <= row_start <= row_end <= entry.rows):
-        raise ValueError(
-            f"row range [{row_start}, {row_end}) outside [0, {entry.rows}) of {entry.name}"
-        )
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
     try:
         with _READ_FDS.acquire(entry.file) as fd:
