@@ -259,15 +259,15 @@ def map_bytes(entry: TensorEntry, row_start: int, row_end: int) -> np.ndarray | 
     if not _map_ok or nbytes < MAP_MIN_BYTES or offset % _MAP_ALIGN:
         return None
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    # a cold range is then read in large requests, as pread's would be, not 128 KB
+    # at a time by the faults of the populate
+    prefetch_rows(entry, row_start, row_end)
     try:
         with _READ_FDS.acquire(entry.file) as fd:
             size = os.fstat(fd).st_size
             if size < offset + nbytes:
                 raise _short_read(entry, offset + nbytes, size)
             mm = mmap.mmap(fd, offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
-            # a cold range is then read in large requests, as pread's would be, not
-            # 128 KB at a time by the faults of the populate
-            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         raise InputError(
             InputProblem(entry.file, entry.name, f"cannot open: {_errtext(exc)}")
