@@ -652,7 +652,8 @@ def _warm_raw(k: _Kernels) -> None:
 
 
 _REST_LOCK = threading.Lock()
-_rest_state: bool | None = None  # the kernels of float32 blocks: loaded, failed, not yet
+# the kernels of float32 blocks: (the set they belong to, loaded or failed)
+_rest_state: tuple[_Kernels, bool] | None = None
 
 
 def _rest_ready(k: _Kernels) -> bool:
@@ -662,20 +663,23 @@ def _rest_ready(k: _Kernels) -> bool:
     inside _compile's guard (a merge on the raw path needs no more), so this
     is the same guard for the others, taken before their first use."""
     global _rest_state
-    if _rest_state is None:
+    state = _rest_state
+    if state is None or state[0] is not k:
         with _REST_LOCK:
-            if _rest_state is None:
+            state = _rest_state
+            if state is None or state[0] is not k:
                 try:
                     _warm_rest(k)
-                    _rest_state = True
+                    state = (k, True)
                 except Exception as e:  # a numba/LLVM problem
                     warnings.warn(
                         f"tadmerge: numba kernels for float32 blocks unavailable, using "
                         f"torch ops ({e})",
                         stacklevel=3,
                     )
-                    _rest_state = False
-    return _rest_state
+                    state = (k, False)
+                _rest_state = state
+    return state[1]
 
 
 def _warm_rest(k: _Kernels) -> None:
