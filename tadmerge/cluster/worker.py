@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import MergeConfig
-from ..engine import kernels
+from ..engine import kernels, native
 from ..engine.exact import coarse_stats
 from ..engine.histogram import KeysAside
 from ..engine.keys import SparseKeys
@@ -137,8 +138,9 @@ def block_context(plan: Plan, unit: Unit, resolved: dict | None) -> BlockContext
 
 def start_kernels(cfg: MergeConfig, plan: Plan | None = None) -> None:
     """Apply `runtime.kernels`, and begin loading the CPU kernels at once when
-    this merge takes them (a magnitude selection: TADrop, trims; TIES; a large
-    streamed merge, known once there is a plan: see stream_kernel)."""
+    this merge takes them (a magnitude selection: TADrop, trims; TIES; a
+    streamed merge: the C kernel, else numba's for a large one, known once
+    there is a plan: see stream_kernel)."""
     kernels.configure(cfg.runtime.kernels)
     if resolve_device(cfg.runtime.device) != "cpu":
         return
@@ -146,29 +148,47 @@ def start_kernels(cfg: MergeConfig, plan: Plan | None = None) -> None:
         # a selection with TA or averaging takes the raw bf16 kernels (engine/raw.py)
         # on bf16 inputs, the usual case, and only those are loaded now
         kernels.preload(raw_only=cfg.merge.method in ("task_arithmetic", "average"))
-    elif plan is not None and _stream_kernel_wanted(plan):
+    elif plan is None:
+        if _streamed(cfg) and kernels.backend() == "auto":
+            native.preload()
+    elif _streamed(cfg) and not _native_stream() and _numba_stream_wanted(plan):
         kernels.preload(raw_only=True)
 
 
-# Input bytes from which streamed bf16 merges take the numba kernel
-# (kernels.stream_raw, ~0.8-1.0 against ~1.3-1.7 ns per element and task for
-# numpy): below, loading numba (~0.4 s, in a background thread that the first
-# units wait on) costs more than the kernel saves. Measured on two cores,
-# interleaved: 100M x 4 (0.99 GB) 1.24 s against numpy's 1.02 s, 271M x 3
-# (2.17 GB) 1.97 s against 2.23 s; the lines cross near 1.5 GB.
-# runtime.kernels: numba takes it at any size.
+def _streamed(cfg: MergeConfig) -> bool:
+    """A merge whose blocks engine/stream.py merges (on a CPU)."""
+    return cfg.sparsify.method == "none" and cfg.merge.method in ("task_arithmetic", "average")
+
+
+# Input bytes from which streamed bf16 merges take numba's kernel where the C
+# kernel cannot be built (kernels.stream_raw, ~0.7 against ~1.3-1.7 ns per
+# element and task for numpy): below, loading numba (~0.4 s, in a background
+# thread that the first units wait on) costs more than the kernel saves.
+# Measured on two cores, interleaved: 100M x 4 (0.99 GB) 1.24 s against
+# numpy's 1.02 s, 271M x 3 (2.17 GB) 1.97 s against 2.23 s; the lines cross
+# near 1.5 GB. runtime.kernels: numba takes it at any size.
 STREAM_KERNEL_BYTES = 1_500_000_000
 
 
-def _stream_kernel_wanted(plan: Plan) -> bool:
+def stream_kernel(plan: Plan) -> Callable | None:
+    """The kernel of this merge's streamed bf16 units: native.stream_raw (C,
+    loaded in a millisecond) wherever it builds and runtime.kernels is auto;
+    else numba's kernels.stream_raw for a large merge or with runtime.kernels:
+    numba; else None (numpy). The two kernels give the same bytes and report
+    norms, numpy the same bytes and float32 norms: the choice is made per
+    process and is the same for every unit of a merge."""
+    if _native_stream():
+        return native.stream_raw
+    return kernels.stream_raw if _numba_stream_wanted(plan) and kernels.enabled(None) else None
+
+
+def _native_stream() -> bool:
+    return kernels.backend() == "auto" and native.available()
+
+
+def _numba_stream_wanted(plan: Plan) -> bool:
     backend = kernels.backend()
     return backend == "numba" or (backend == "auto" and plan.input_bytes >= STREAM_KERNEL_BYTES)
-
-
-def stream_kernel(plan: Plan) -> bool:
-    """Whether this merge's streamed bf16 units take kernels.stream_raw (decided
-    per merge, so that every unit's report norms are summed the same way)."""
-    return _stream_kernel_wanted(plan) and kernels.enabled(None)
 
 
 # ------------------------------------------------------------------------------------

@@ -1,0 +1,197 @@
+"""The C kernels (engine/native.py, engine/native_kernels.c).
+
+The stream kernel must give the bytes of the definition (float32 τ_k, products
+before sums in task order, ·λ + θ0 or / Σw, one rounding to the output dtype)
+for any length and K, and the report norms of numba's kernel to the bit (the
+two stand for each other per process). Where the library cannot be built (no
+compiler, a failing one, TADMERGE_NATIVE=0) merges run on as before.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from reference import fsum_sq
+
+from tadmerge.cluster import worker
+from tadmerge.cluster.driver import run_merge
+from tadmerge.config import parse_config
+from tadmerge.engine import kernels, native
+
+needs_cc = pytest.mark.skipif(not native.available(), reason="no C compiler")
+
+
+def _bf16(x: torch.Tensor) -> np.ndarray:
+    return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def _inputs(n: int, k: int, seed: int) -> list[np.ndarray]:
+    """bf16 base + k fine-tunes: heavy-tailed moves, unmoved entries, zeros,
+    subnormals and entries near bf16's largest, whose sum overflows to Inf."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g) * 0.02
+    base[torch.rand(n, generator=g) < 0.05] = 0.0
+    base[torch.rand(n, generator=g) < 0.02] = 1e-39
+    out = [base]
+    huge = torch.rand(n, generator=g) < 0.01
+    for j in range(k):
+        tau = torch.randn(n, generator=g) * 1e-3 * torch.rand(n, generator=g) ** 4
+        m = base + tau
+        still = torch.rand(n, generator=g) < 0.2
+        m[still] = base[still]
+        if j < 2:  # the first two weights are positive: +Inf, never Inf − Inf
+            m[huge] = 3.3e38
+        out.append(m)
+    return [_bf16(x) for x in out]
+
+
+def _reference(base, tasks, weights, scale, average, out_dtype) -> np.ndarray:
+    """The definition in float32 numpy, one operation at a time."""
+    f32 = [(x.astype(np.uint32) << 16).view(np.float32) for x in (base, *tasks)]
+    with np.errstate(over="ignore", invalid="ignore"):
+        acc = None
+        for w, t in zip(weights, f32[1:], strict=True):
+            term = (t if average else t - f32[0]) * np.float32(w)
+            acc = term if acc is None else acc + term
+        if average:
+            acc = acc / np.float32(sum(weights))
+        else:
+            acc = acc * np.float32(scale) + f32[0]
+    if out_dtype == np.float32:
+        return acc
+    return _bf16(torch.from_numpy(acc))
+
+
+@needs_cc
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("out_dtype", [np.uint16, np.float32])
+@pytest.mark.parametrize("n,k", [(0, 2), (1, 1), (2047, 3), (2048, 2), (2049, 5), (9001, 4)])
+def test_stream_kernel_gives_the_definitions_bytes_and_numbas_norms(n, k, out_dtype, average):
+    arrays = _inputs(n, k, seed=n + k)
+    weights = [1.0, 0.7, -0.25, 2.0, 0.1][:k]
+    out = np.empty(n, out_dtype)
+    sq = native.stream_raw(arrays[0], arrays[1:], weights, 0.3, average, out)
+    ref = _reference(arrays[0], arrays[1:], weights, 0.3, average, out_dtype)
+    assert not np.isnan(_as_f32(ref, out_dtype)).any()
+    if n > 2000 and k > 1 and not average:
+        assert np.isinf(_as_f32(ref, out_dtype)).any()  # (the overflow is exercised)
+    assert sq is not None
+    assert out.tobytes() == ref.tobytes()
+    f32 = [(x.astype(np.uint32) << 16).view(np.float32) for x in arrays]
+    for j, s in enumerate(sq):
+        tau = torch.from_numpy(f32[j + 1] - f32[0])
+        assert math.isclose(s, fsum_sq(tau), rel_tol=1e-12)
+    if kernels.load():  # the numba kernel's float64 lanes, to the bit
+        twin = np.empty(n, out_dtype)
+        assert kernels.stream_raw(arrays[0], arrays[1:], weights, 0.3, average, twin) == sq
+        assert twin.tobytes() == out.tobytes()
+
+
+def _as_f32(ref: np.ndarray, out_dtype) -> np.ndarray:
+    if out_dtype == np.float32:
+        return ref
+    return (ref.astype(np.uint32) << 16).view(np.float32)
+
+
+@needs_cc
+def test_a_nan_result_is_left_to_the_caller():
+    base = _bf16(torch.zeros(8))
+    up, down = _bf16(torch.full((8,), 3e38)), _bf16(torch.full((8,), -3e38))
+    out = np.empty(8, np.uint16)
+    # 2·(+3e38) + 2·(−3e38): Inf − Inf
+    assert native.stream_raw(base, [up, down], [2.0, 2.0], 1.0, False, out) is None
+
+
+@needs_cc
+def test_wrong_arrays_are_refused():
+    a = np.zeros(16, np.uint16)
+    with pytest.raises(TypeError, match="task"):
+        native.stream_raw(a, [a[::2]], [1.0], 1.0, False, np.empty(16, np.uint16))
+    with pytest.raises(TypeError, match="out"):
+        native.stream_raw(a, [a], [1.0], 1.0, False, np.empty(16, np.float64))
+
+
+@needs_cc
+def test_the_library_is_built_once_per_source(tmp_path, monkeypatch):
+    first = native.build(tmp_path)
+    assert first.exists() and first.parent == tmp_path
+
+    def no_compiler(*a, **kw):
+        raise AssertionError("rebuilt a cached library")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    assert native.build(tmp_path) == first
+    # another source (or compiler, or machine) is another library
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-DX"))
+    assert native.library_path(tmp_path) != first
+    assert list(tmp_path.iterdir()) == [first]  # no temporary file left
+
+
+def test_without_a_working_compiler_merges_fall_back(tmp_path, monkeypatch):
+    """No compiler, a failing one, or TADMERGE_NATIVE=0: no library, and a
+    streamed merge takes numba's kernel or numpy, the same bytes."""
+    monkeypatch.setenv("TADMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    for env in ({"CC": str(tmp_path / "no-such-cc")}, {"CC": "false"}, {"TADMERGE_NATIVE": "0"}):
+        monkeypatch.setattr(native, "_state", {})
+        with monkeypatch.context() as m:
+            for name, value in env.items():
+                m.setenv(name, value)
+            assert native.library() is None, env
+            with pytest.raises(native.NativeUnavailable):
+                z = np.zeros(4, np.uint16)
+                native.stream_raw(z, [z], [1.0], 1.0, False, z.copy())
+    with monkeypatch.context() as m:
+        m.setenv("CC", "false")
+        with pytest.raises(native.NativeUnavailable, match="failed"):
+            native.build(tmp_path / "other")
+
+
+def test_a_streamed_merge_takes_the_c_kernel_with_the_bytes_of_the_others(tmp_path, monkeypatch):
+    """runtime.kernels auto takes the C kernel; numba's kernel, numpy and the
+    C kernel write the same bytes."""
+    from checkpoints import write_checkpoint
+
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(300, 70, generator=g), "b": torch.randn(70, generator=g)}
+    paths = []
+    for k in range(3):
+        moved = {n: v + torch.randn(v.shape, generator=g) * 1e-2 * k for n, v in base.items()}
+        bf16 = {n: v.bfloat16() for n, v in moved.items()}
+        paths.append(write_checkpoint(str(tmp_path / f"m{k}"), bf16))
+    used = []
+    real = worker.stream_kernel
+
+    def spy(plan):
+        got = real(plan)
+        used.append(getattr(got, "__module__", None))
+        return got
+
+    monkeypatch.setattr(worker, "stream_kernel", spy)
+
+    def merge(tag: str, backend: str) -> bytes:
+        cfg = parse_config(
+            {
+                "base": paths[0],
+                "models": [{"path": paths[1], "weight": 1.0}, {"path": paths[2], "weight": 0.6}],
+                "merge": {"method": "task_arithmetic", "scale": 0.3},
+                "output": {"path": str(tmp_path / tag)},
+                "runtime": {"kernels": backend, "workers": 2},
+            }
+        )
+        res = run_merge(cfg)
+        return (tmp_path / tag / "model.safetensors").read_bytes(), res
+
+    auto, _ = merge("auto", "auto")
+    if native.available():
+        assert used and set(used) == {"tadmerge.engine.native"}
+    used.clear()
+    assert merge("numpy", "torch")[0] == auto
+    assert set(used) == {None}
+    if kernels.load():
+        used.clear()
+        assert merge("numba", "numba")[0] == auto
+        assert set(used) == {"tadmerge.engine.kernels"}
