@@ -14,7 +14,7 @@ of several runs:
 - task arithmetic + TADrop of one block that resolves its own selection:
   merge_block's float32 path (widen, τ in place, count, resolve, cut, combine)
   against the raw bf16 path (engine/raw.py), with the raw path's three kernels
-  timed alone (counting, a full tie scan, cut + combine);
+  timed alone (counting, a full tie scan, cut + combine), in C and numba;
 - the report's ‖τ‖ as a float32 pass (block.square_sum) against the exact value;
 - the exit of a process after a task arithmetic merge of the set: Python's
   normal exit against cli.exit_now (os._exit).
@@ -42,7 +42,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import DEFAULT_DATA, tool_env, write_result
 from benchmarks.configs import tadmerge_config
-from tadmerge.engine import kernels
+from tadmerge.engine import kernels, native
 from tadmerge.engine.block import BlockContext, MergeSpec, merge_block, square_sum
 from tadmerge.engine.exact import coarse_stats
 from tadmerge.engine.histogram import SQ_SCALE_BITS, KeysAside, scaled_to_float
@@ -103,6 +103,34 @@ def exit_cost(data: Path, tasks: int, reps: int) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+# the compiled kernels of the streamed and raw bf16 paths, by the backend that takes them
+IMPLEMENTATIONS = {"c": "auto", "numba": "numba"}
+
+
+def _raw_costs(np_raws, np_out, td, ctx, reps: int, per: int) -> tuple[float, dict] | None:
+    """ns per element and task of the raw TA + TADrop path (engine/raw.py) and
+    of each of its kernels, with the kernels the backend takes; None when the
+    block's keys are not sparse."""
+    n = np_raws[0].size
+    stats = merge_raw_sparse(np_raws[0], np_raws[1:], np_out, td, ctx)
+    if stats is None:
+        return None
+    whole = median_s(lambda: merge_raw_sparse(np_raws[0], np_raws[1:], np_out, td, ctx), reps)
+    cuts = [(st.selection.lo.key, 0, st.selection.hi.key, 0, st.selection.scale) for st in stats]
+    base, tasks = np_raws[0], np_raws[1:]
+    w = [1.0] * len(tasks)
+    kernel_ns = {
+        "coarse_sparse_raw": lambda: [kernels.coarse_sparse_raw(base, m) for m in tasks],
+        "tie_end_raw_full_scan": lambda: [
+            kernels.tie_end_raw(np_raws[0], m, 1, n + 1) for m in np_raws[1:]
+        ],
+        "cut_combine_raw": lambda: kernels.cut_combine_raw(
+            np_raws[0], np_raws[1:], cuts, w, 0.3, False, np_out
+        ),
+    }
+    return whole / per * 1e9, {k: median_s(fn, reps) / per * 1e9 for k, fn in kernel_ns.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA / "llama-271M-k8-bf16")
@@ -113,6 +141,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if not kernels.load():
         sys.exit("kernel_costs: numba kernels are not available")
+    if not native.available():
+        sys.exit("kernel_costs: the C kernels cannot be built here (no C compiler?)")
 
     raws = [load(a.data / "base", a.tensor)]
     raws += [load(a.data / f"ft_{k}", a.tensor) for k in range(1, a.tasks + 1)]
@@ -136,10 +166,15 @@ def main() -> None:
     np_out = np.empty(n, np.uint16)
     ta_stream = median_s(lambda: merge_raw(np_raws[0], np_raws[1:], np_out, ta), a.reps)
     ta_stream = ta_stream / per * 1e9
-    # the same through the numba kernel (what large merges take: cluster/worker.stream_kernel)
-    ta_kernel = median_s(
-        lambda: merge_raw(np_raws[0], np_raws[1:], np_out, ta, kernel=True), a.reps
-    ) / per * 1e9  # fmt: skip
+    # the same through the compiled kernel (cluster/worker.stream_kernel): in C
+    # (engine/native.py, the backend auto) and numba's
+    ta_kernel = {}
+    for impl, backend in IMPLEMENTATIONS.items():
+        kernels.set_backend(backend)
+        ta_kernel[impl] = median_s(
+            lambda: merge_raw(np_raws[0], np_raws[1:], np_out, ta, kernel=True), a.reps
+        ) / per * 1e9  # fmt: skip
+    kernels.set_backend("auto")
 
     # 2. the statistics of one task vector
     tau = raws[1].float() - raws[0].float()
@@ -174,29 +209,13 @@ def main() -> None:
 
     tadrop: dict = {"merge_block": median_s(tadrop_block, a.reps) / per * 1e9}
     if raws[0].dtype == torch.bfloat16:  # (the raw path takes numpy arrays of the patterns)
-        stats = merge_raw_sparse(np_raws[0], np_raws[1:], np_out, td, ctx)
-        if stats is not None:
-            tadrop["raw"] = median_s(
-                lambda: merge_raw_sparse(np_raws[0], np_raws[1:], np_out, td, ctx), a.reps
-            ) / per * 1e9  # fmt: skip
-            cuts = [
-                (st.selection.lo.key, 0, st.selection.hi.key, 0, st.selection.scale) for st in stats
-            ]
-            w = [1.0] * k_tasks
-            kernel_ns = {
-                "coarse_sparse_raw": lambda: [
-                    kernels.coarse_sparse_raw(np_raws[0], m) for m in np_raws[1:]
-                ],
-                "tie_end_raw_full_scan": lambda: [
-                    kernels.tie_end_raw(np_raws[0], m, 1, n + 1) for m in np_raws[1:]
-                ],
-                "cut_combine_raw": lambda: kernels.cut_combine_raw(
-                    np_raws[0], np_raws[1:], cuts, w, 0.3, False, np_out
-                ),
-            }
-            tadrop["raw_kernels"] = {
-                name: median_s(fn, a.reps) / per * 1e9 for name, fn in kernel_ns.items()
-            }
+        for impl, backend in IMPLEMENTATIONS.items():
+            kernels.set_backend(backend)
+            got = _raw_costs(np_raws, np_out, td, ctx, a.reps, per)
+            if got is not None:
+                tadrop.setdefault("raw", {})[impl] = got[0]
+                tadrop.setdefault("raw_kernels", {})[impl] = got[1]
+        kernels.set_backend("auto")
 
     # 4. the report's norm
     exact = math.sqrt(scaled_to_float(coarse_stats(tau, moments=2).total(2), SQ_SCALE_BITS))

@@ -17,7 +17,6 @@ import pytest
 import torch
 from reference import fsum_sq
 
-from tadmerge.cluster import worker
 from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
 from tadmerge.engine import kernels, native
@@ -74,7 +73,7 @@ def test_stream_kernel_gives_the_definitions_bytes_and_numbas_norms(n, k, out_dt
     arrays = _inputs(n, k, seed=n + k)
     weights = [1.0, 0.7, -0.25, 2.0, 0.1][:k]
     out = np.empty(n, out_dtype)
-    sq = native.stream_raw(arrays[0], arrays[1:], weights, 0.3, average, out)
+    sq = kernels.stream_raw(arrays[0], arrays[1:], weights, 0.3, average, out)
     ref = _reference(arrays[0], arrays[1:], weights, 0.3, average, out_dtype)
     assert not np.isnan(_as_f32(ref, out_dtype)).any()
     if n > 2000 and k > 1 and not average:
@@ -86,6 +85,7 @@ def test_stream_kernel_gives_the_definitions_bytes_and_numbas_norms(n, k, out_dt
         tau = torch.from_numpy(f32[j + 1] - f32[0])
         assert math.isclose(s, fsum_sq(tau), rel_tol=1e-12)
     if kernels.load():  # the numba kernel's float64 lanes, to the bit
+        kernels.set_backend("numba")
         twin = np.empty(n, out_dtype)
         assert kernels.stream_raw(arrays[0], arrays[1:], weights, 0.3, average, twin) == sq
         assert twin.tobytes() == out.tobytes()
@@ -103,16 +103,20 @@ def test_a_nan_result_is_left_to_the_caller():
     up, down = _bf16(torch.full((8,), 3e38)), _bf16(torch.full((8,), -3e38))
     out = np.empty(8, np.uint16)
     # 2·(+3e38) + 2·(−3e38): Inf − Inf
-    assert native.stream_raw(base, [up, down], [2.0, 2.0], 1.0, False, out) is None
+    assert kernels.stream_raw(base, [up, down], [2.0, 2.0], 1.0, False, out) is None
 
 
 @needs_cc
 def test_wrong_arrays_are_refused():
     a = np.zeros(16, np.uint16)
-    with pytest.raises(TypeError, match="task"):
-        native.stream_raw(a, [a[::2]], [1.0], 1.0, False, np.empty(16, np.uint16))
-    with pytest.raises(TypeError, match="out"):
-        native.stream_raw(a, [a], [1.0], 1.0, False, np.empty(16, np.float64))
+    c = native.kernels()
+    w, sq = np.ones(1, np.float32), np.zeros(1)
+    with pytest.raises(TypeError, match="16 entries of uint16"):
+        c.stream_raw(a, (a[::2],), w, 1.0, 1.0, False, a.copy(), np.empty(0, np.float32), sq)
+    with pytest.raises(TypeError, match="float32"):
+        c.stream_raw(a, (a,), w, 1.0, 1.0, False, a[:0], np.empty(16, np.float64), sq)
+    with pytest.raises(TypeError, match="int64"):
+        c.coarse_side_raw(a, a, np.zeros(4, np.int64), np.zeros(4, np.int64), np.zeros(1, np.int32))
 
 
 @needs_cc
@@ -131,28 +135,35 @@ def test_the_library_is_built_once_per_source(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [first]  # no temporary file left
 
 
-def test_without_a_working_compiler_merges_fall_back(tmp_path, monkeypatch):
-    """No compiler, a failing one, or TADMERGE_NATIVE=0: no library, and a
-    streamed merge takes numba's kernel or numpy, the same bytes."""
+def test_without_a_working_compiler_there_is_no_library(tmp_path, monkeypatch):
+    """No compiler, a failing one, or TADMERGE_NATIVE=0: no library (merges
+    then take numba's kernels or numpy: the test below)."""
     monkeypatch.setenv("TADMERGE_CACHE_DIR", str(tmp_path / "cache"))
     for env in ({"CC": str(tmp_path / "no-such-cc")}, {"CC": "false"}, {"TADMERGE_NATIVE": "0"}):
         monkeypatch.setattr(native, "_state", {})
         with monkeypatch.context() as m:
             for name, value in env.items():
                 m.setenv(name, value)
-            assert native.library() is None, env
-            with pytest.raises(native.NativeUnavailable):
-                z = np.zeros(4, np.uint16)
-                native.stream_raw(z, [z], [1.0], 1.0, False, z.copy())
+            assert native.kernels() is None, env
+            assert not isinstance(kernels._raw_kernels(), native.NativeKernels)
     with monkeypatch.context() as m:
         m.setenv("CC", "false")
         with pytest.raises(native.NativeUnavailable, match="failed"):
             native.build(tmp_path / "other")
 
 
-def test_a_streamed_merge_takes_the_c_kernel_with_the_bytes_of_the_others(tmp_path, monkeypatch):
-    """runtime.kernels auto takes the C kernel; numba's kernel, numpy and the
-    C kernel write the same bytes."""
+SELECTIONS = {
+    "none": {"method": "none"},
+    "tadrop": {"method": "tadrop", "low_q": 0.5, "high_q": 0.95, "rescale": "l2"},
+}
+
+
+@pytest.mark.parametrize("sname", ["none", "tadrop"])
+def test_merges_take_the_c_kernels_with_the_bytes_of_the_others(tmp_path, monkeypatch, sname):
+    """bf16 task arithmetic, alone (stream_raw) or with TADrop (the raw
+    kernels): runtime.kernels auto takes the C kernels where they build, and
+    numba's kernels, numpy or torch, and auto without a compiler, write the
+    same bytes."""
     from checkpoints import write_checkpoint
 
     g = torch.Generator().manual_seed(3)
@@ -162,36 +173,38 @@ def test_a_streamed_merge_takes_the_c_kernel_with_the_bytes_of_the_others(tmp_pa
         moved = {n: v + torch.randn(v.shape, generator=g) * 1e-2 * k for n, v in base.items()}
         bf16 = {n: v.bfloat16() for n, v in moved.items()}
         paths.append(write_checkpoint(str(tmp_path / f"m{k}"), bf16))
-    used = []
-    real = worker.stream_kernel
+    used = set()
+    real = kernels._raw_kernels
 
-    def spy(plan):
-        got = real(plan)
-        used.append(getattr(got, "__module__", None))
+    def spy():
+        got = real()
+        used.add(type(got).__name__)
         return got
 
-    monkeypatch.setattr(worker, "stream_kernel", spy)
+    monkeypatch.setattr(kernels, "_raw_kernels", spy)
 
     def merge(tag: str, backend: str) -> bytes:
+        used.clear()
         cfg = parse_config(
             {
                 "base": paths[0],
                 "models": [{"path": paths[1], "weight": 1.0}, {"path": paths[2], "weight": 0.6}],
                 "merge": {"method": "task_arithmetic", "scale": 0.3},
+                "sparsify": SELECTIONS[sname],
                 "output": {"path": str(tmp_path / tag)},
                 "runtime": {"kernels": backend, "workers": 2},
             }
         )
-        res = run_merge(cfg)
-        return (tmp_path / tag / "model.safetensors").read_bytes(), res
+        run_merge(cfg)
+        return (tmp_path / tag / "model.safetensors").read_bytes()
 
-    auto, _ = merge("auto", "auto")
+    auto = merge("auto", "auto")
     if native.available():
-        assert used and set(used) == {"tadmerge.engine.native"}
-    used.clear()
-    assert merge("numpy", "torch")[0] == auto
-    assert set(used) == {None}
+        assert used == {"NativeKernels"}
+    assert merge("torch", "torch") == auto and not used
     if kernels.load():
-        used.clear()
-        assert merge("numba", "numba")[0] == auto
-        assert set(used) == {"tadmerge.engine.kernels"}
+        assert merge("numba", "numba") == auto and used == {"_Kernels"}
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("TADMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    assert merge("no-compiler", "auto") == auto and "NativeKernels" not in used

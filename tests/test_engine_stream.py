@@ -155,18 +155,19 @@ def test_a_difference_that_overflows_raises_but_large_squares_do_not():
     assert math.isclose(stats[0].tau_sq, 1e40, rel_tol=1e-6)
 
 
-def _stream_kernel(name: str):
-    """native.stream_raw (C) or kernels.stream_raw (numba), skipped where the
-    machine cannot build or load it."""
+def _stream_kernel(name: str) -> None:
+    """Make kernels.stream_raw the C kernel (native.py, the backend auto) or
+    numba's; skipped where the machine cannot build or load it."""
     from tadmerge.engine import kernels, native
 
     if name == "native":
         if not native.available():
             pytest.skip("no C compiler")
-        return native.stream_raw
-    if not kernels.load():
-        pytest.skip("numba kernels not installed")
-    return kernels.stream_raw
+        kernels.set_backend("auto")
+    else:
+        if not kernels.load():
+            pytest.skip("numba kernels not installed")
+        kernels.set_backend("numba")
 
 
 @pytest.mark.parametrize("kernel", ["native", "numba"])
@@ -175,13 +176,13 @@ def _stream_kernel(name: str):
 def test_the_compiled_kernels_give_the_same_bytes(kernel, method, out_dtype):
     """The C and numba stream kernels (bf16 merges) against the reference: the
     same bytes; their report norms are float64 sums, close to the exact ones."""
-    fn = _stream_kernel(kernel)
+    _stream_kernel(kernel)
     n = 5003  # several of the kernel's chunks, the last one short
     raws = _inputs(n, [torch.bfloat16] * 4, seed=11)
     weights = (1.0, 0.7, -0.25)
     out = _empty(n, out_dtype)
     arrays = [_np(r) for r in raws]
-    stats = stream.merge_raw(arrays[0], arrays[1:], out, _spec(method, weights), kernel=fn)
+    stats = stream.merge_raw(arrays[0], arrays[1:], out, _spec(method, weights), kernel=True)
     ref = _reference(method, raws, list(weights), 0.3, out_dtype)
     assert _bytes(out) == _bytes(_np(ref))
     for k, st in enumerate(stats):
@@ -193,8 +194,8 @@ def test_the_compiled_kernels_give_the_same_bytes(kernel, method, out_dtype):
     out = _empty(8, torch.bfloat16)
     spec = _spec("task_arithmetic", (2.0, 2.0), scale=1.0)
     b = [_np(t) for t in big]
-    stream.merge_raw(b[0], b[1:], out, spec, check_finite=False, kernel=fn)
+    stream.merge_raw(b[0], b[1:], out, spec, check_finite=False, kernel=True)
     assert (out == 0x7FC0).all()
     inf = _np(torch.full((8,), float("inf"), dtype=torch.bfloat16))
     with pytest.raises(NonFiniteTaskVector):
-        stream.merge_raw(b[0], [b[1], inf], out, spec, kernel=fn)
+        stream.merge_raw(b[0], [b[1], inf], out, spec, kernel=True)

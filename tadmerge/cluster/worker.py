@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,16 +169,14 @@ def _streamed(cfg: MergeConfig) -> bool:
 STREAM_KERNEL_BYTES = 1_500_000_000
 
 
-def stream_kernel(plan: Plan) -> Callable | None:
-    """The kernel of this merge's streamed bf16 units: native.stream_raw (C,
-    loaded in a millisecond) wherever it builds and runtime.kernels is auto;
-    else numba's kernels.stream_raw for a large merge or with runtime.kernels:
-    numba; else None (numpy). The two kernels give the same bytes and report
-    norms, numpy the same bytes and float32 norms: the choice is made per
-    process and is the same for every unit of a merge."""
-    if _native_stream():
-        return native.stream_raw
-    return kernels.stream_raw if _numba_stream_wanted(plan) and kernels.enabled(None) else None
+def stream_kernel(plan: Plan) -> bool:
+    """Whether this merge's streamed bf16 units take kernels.stream_raw: in C
+    (native.py, loaded in a millisecond) wherever it builds and
+    runtime.kernels is auto, else numba's for a large merge or with
+    runtime.kernels: numba; else numpy. The C and numba kernels give the same
+    bytes and report norms, numpy the same bytes and float32 norms: the
+    choice is made per process and is the same for every unit of a merge."""
+    return _native_stream() or (_numba_stream_wanted(plan) and kernels.enabled(None))
 
 
 def _native_stream() -> bool:

@@ -18,7 +18,12 @@ reading a stored float32 τ (engine/raw.py).
 
 Backend: numba when it can be imported and the data is on the CPU, else torch.
 `TADMERGE_KERNELS=torch` in the environment (or `set_backend("torch")`) forces
-the torch path. Kernels are compiled on first use and cached on disk
+the torch path. The kernels of raw bf16 blocks (coarse_side_raw, tie_end_raw,
+cut_combine_raw, stream_raw) also exist in C (native.py): with the backend
+auto those are taken wherever the machine's compiler builds them, since they
+load in a millisecond where numba's import and registries take ~0.5 s of
+CPU (a third of a warm 271M task arithmetic merge), and run faster; the
+same integers and bytes (tests/test_engine_raw.py, test_engine_native.py). Kernels are compiled on first use and cached on disk
 (numba's `cache=True`), and they release the GIL, so the local executor's
 worker threads run them in parallel.
 """
@@ -33,6 +38,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from . import native
 from .keys import N_COARSE, N_FINE
 
 if TYPE_CHECKING:
@@ -119,6 +125,8 @@ def preload(raw_only: bool = False) -> None:
     _preloading = True
 
     def load() -> None:
+        if raw_only and _backend == "auto" and native.available():
+            return  # the raw kernels in C (native.py): numba is not needed up front
         k = _numba_kernels()  # (the raw kernels load with the dispatchers)
         if k is not None and not raw_only:
             _rest_ready(k)
@@ -720,6 +728,8 @@ def enabled(x: torch.Tensor | np.ndarray | None, load_now: bool = True) -> bool:
     """
     if _backend == "torch" or not _on_cpu(x):
         return False
+    if x is None and _backend == "auto" and native.available():
+        return True  # the raw kernels in C (native.py), loaded in a millisecond
     if not load_now and _backend == "auto" and not _compile.cache_info().currsize:
         return False
     k = _numba_kernels()
@@ -920,6 +930,15 @@ def emr_merge(ts: list[torch.Tensor], masks: torch.Tensor) -> tuple[np.ndarray, 
 # ---------------------------------------------------------------------------------
 
 
+def _raw_kernels():
+    """The kernels of raw bf16 blocks (engine/raw.py, and stream_raw): the C
+    ones (native.py: the same integers and bytes, no numba to load) with the
+    backend auto wherever they build, else numba's."""
+    if _backend == "auto" and (k := native.kernels()) is not None:
+        return k
+    return _numba_kernels()
+
+
 def _raw16(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """The 16-bit patterns of a flat contiguous bf16 tensor (or a uint16 array
     of them), without a copy."""
@@ -944,7 +963,7 @@ def coarse_sparse_raw(
         return None
     counts = np.zeros((2, N_COARSE), np.int64)
     side = np.empty(max(1, n // SIDE_SHARE), np.int32)
-    ns = _numba_kernels().coarse_side_raw(b, t, counts[0], counts[1], side)
+    ns = _raw_kernels().coarse_side_raw(b, t, counts[0], counts[1], side)
     if ns < 0:
         return None
     return counts[0] + counts[1], side[:ns]
@@ -955,7 +974,7 @@ def tie_end_raw(base: torch.Tensor, task: torch.Tensor, key: int, quota: int) ->
     if quota <= 0 or key < 0:
         return 0
     return int(
-        _numba_kernels().tie_end_raw(_raw16(base), _raw16(task), np.int64(key), np.int64(quota))
+        _raw_kernels().tie_end_raw(_raw16(base), _raw16(task), np.int64(key), np.int64(quota))
     )
 
 
@@ -997,7 +1016,7 @@ def cut_combine_raw(
     scales = np.array([c[4] for c in cuts], np.float32)
     out16, out32 = _out_views(out)
     kept = np.zeros(k, np.int64)
-    nan = _numba_kernels().cut_combine_raw(
+    nan = _raw_kernels().cut_combine_raw(
         _raw16(base), tuple(_raw16(t) for t in tasks), lo_key, lo_end, hi_key, hi_end,
         scales, np.float32(weights), np.float32(scale), np.float32(sum(weights)), average,
         out16, out32, kept,
@@ -1020,7 +1039,7 @@ def stream_raw(
     None when a result is NaN (`out` is then garbage)."""
     out16, out32 = _out_views(out)
     sq = np.zeros(len(tasks), np.float64)
-    nan = _numba_kernels().stream_raw(
+    nan = _raw_kernels().stream_raw(
         _raw16(base), tuple(_raw16(t) for t in tasks), np.float32(weights), np.float32(scale),
         np.float32(sum(weights)), average, out16, out32, sq,
     )  # fmt: skip

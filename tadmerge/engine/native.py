@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .keys import N_COARSE
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
@@ -53,7 +55,7 @@ CHUNK = 2048
 BUILD_TIMEOUT_S = 120
 
 _LOCK = threading.Lock()
-_state: dict = {}  # "lib": the loaded library, or None once it could not be had
+_state: dict = {}  # "lib": the loaded kernels, or None once they could not be had
 
 
 class NativeUnavailable(RuntimeError):
@@ -114,23 +116,18 @@ def build(directory: Path | None = None) -> Path:
             os.unlink(tmp)
 
 
-def _load() -> ctypes.CDLL:
+def _load() -> NativeKernels:
     try:
         path = build()
     except OSError:  # the cache is not writable: a private directory for this process
         private = Path(tempfile.mkdtemp(prefix="tadmerge-native-"))
         atexit.register(shutil.rmtree, private, True)
         path = build(private)
-    lib = ctypes.CDLL(str(path))
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    f = lib.tadmerge_stream_raw
-    f.restype = i64
-    f.argtypes = [p, p, i64, i64, p, ctypes.c_float, ctypes.c_float, ctypes.c_int, p, p, p, p]
-    return lib
+    return NativeKernels(ctypes.CDLL(str(path)))
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded library, built on first use; None where it cannot be had."""
+def kernels() -> NativeKernels | None:
+    """The loaded library's kernels, built on first use; None where it cannot be had."""
     if "lib" in _state:
         return _state["lib"]
     with _LOCK:
@@ -146,48 +143,84 @@ def library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    return library() is not None
+    return kernels() is not None
 
 
 def preload() -> None:
     """Build or load the library in a background thread (a first build takes
     about a second: the compiler runs while the merge plans)."""
     if "lib" not in _state and wanted():
-        threading.Thread(target=library, name="tadmerge-native", daemon=True).start()
+        threading.Thread(target=kernels, name="tadmerge-native", daemon=True).start()
 
 
-def _flat(x: np.ndarray, dtype, n: int, what: str) -> int:
-    if x.dtype != dtype or x.size != n or not x.flags.c_contiguous:
-        raise TypeError(f"{what}: a contiguous {np.dtype(dtype)} array of {n} entries expected")
-    return x.ctypes.data
+def _ptr(x: np.ndarray, dtype, n: int | None = None) -> int | None:
+    """The address of a flat contiguous array of `dtype` (None for an empty
+    one: the output a kernel does not write)."""
+    if x.dtype != dtype or not x.flags.c_contiguous or (n is not None and x.size != n):
+        want = f"{n} entries of " if n is not None else ""
+        raise TypeError(f"the C kernels take contiguous arrays of {want}{np.dtype(dtype)}")
+    return x.ctypes.data if x.size else None
 
 
-def stream_raw(
-    base: np.ndarray,
-    tasks: list[np.ndarray],
-    weights: list[float],
-    scale: float,
-    average: bool,
-    out: np.ndarray,
-) -> list[float] | None:
-    """kernels.stream_raw in C: task arithmetic (or averaging) of bf16 blocks
-    (uint16 arrays of their patterns) into `out` (uint16 for bf16, or float32).
-    Returns Σ τ_k² per task (float64 lanes, numba's sums to the bit), or None
-    when a result is NaN (`out` is then garbage). The library must be
-    available()."""
-    lib = library()
-    if lib is None:
-        raise NativeUnavailable("the C kernels are not available")
-    n, k = base.size, len(tasks)
-    ptrs = (ctypes.c_void_p * k)(*(_flat(t, np.uint16, n, "task") for t in tasks))
-    out16 = _flat(out, np.uint16, n, "out") if out.dtype == np.uint16 else None
-    out32 = None if out16 is not None else _flat(out, np.float32, n, "out")
-    w = np.asarray(weights, np.float32)
-    sq = np.zeros(k, np.float64)
-    lanes = np.zeros(k * CHUNK, np.float64)
-    nan = lib.tadmerge_stream_raw(
-        _flat(base, np.uint16, n, "base"), ptrs, k, n, w.ctypes.data,
-        float(np.float32(scale)), float(np.float32(sum(weights))), int(average),
-        out16, out32, sq.ctypes.data, lanes.ctypes.data,
-    )  # fmt: skip
-    return None if nan else [float(v) for v in sq]
+class NativeKernels:
+    """The C kernels, called as numba's dispatchers of the same names are
+    (kernels._Kernels): numpy arrays in, the same integers back."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+        signatures = {
+            "stream_raw": [p, p, i64, i64, p, f32, f32, i32, p, p, p, p],
+            "coarse_side_raw": [p, p, i64, p, p, p, i64],
+            "tie_end_raw": [p, p, i64, i64, i64],
+            "cut_combine_raw": [p, p, i64, i64, p, p, p, p, p, p, f32, f32, i32, p, p, p],
+        }
+        for name, args in signatures.items():
+            fn = getattr(lib, f"tadmerge_{name}")
+            fn.argtypes, fn.restype = args, i64
+            setattr(self, f"_{name}", fn)
+        self.lib = lib
+
+    def stream_raw(self, base, tasks, w, lam, total_w, average, out16, out32, sq) -> int:
+        n, k = base.size, len(tasks)
+        lanes = np.zeros(k * CHUNK, np.float64)
+        return self._stream_raw(
+            _ptr(base, np.uint16), _tasks(tasks, n), k, n, _ptr(w, np.float32, k),
+            float(lam), float(total_w), int(average), *_outs(out16, out32, n),
+            _ptr(sq, np.float64, k), lanes.ctypes.data,
+        )  # fmt: skip
+
+    def coarse_side_raw(self, base, task, counts, counts2, side) -> int:
+        n = base.size
+        return self._coarse_side_raw(
+            _ptr(base, np.uint16), _ptr(task, np.uint16, n), n, _ptr(counts, np.int64, N_COARSE),
+            _ptr(counts2, np.int64, N_COARSE), _ptr(side, np.int32), side.size,
+        )  # fmt: skip
+
+    def tie_end_raw(self, base, task, key, quota) -> int:
+        n = base.size
+        return self._tie_end_raw(
+            _ptr(base, np.uint16), _ptr(task, np.uint16, n), n, int(key), int(quota)
+        )
+
+    def cut_combine_raw(
+        self, base, tasks, lo_key, lo_end, hi_key, hi_end, scale, w, lam, total_w, average,
+        out16, out32, kept,
+    ) -> int:  # fmt: skip
+        n, k = base.size, len(tasks)
+        return self._cut_combine_raw(
+            _ptr(base, np.uint16), _tasks(tasks, n), k, n, _ptr(lo_key, np.int64, k),
+            _ptr(lo_end, np.int64, k), _ptr(hi_key, np.int64, k), _ptr(hi_end, np.int64, k),
+            _ptr(scale, np.float32, k), _ptr(w, np.float32, k), float(lam), float(total_w),
+            int(average), *_outs(out16, out32, n), _ptr(kept, np.int64, k),
+        )  # fmt: skip
+
+
+def _tasks(tasks, n: int):
+    return (ctypes.c_void_p * len(tasks))(*(_ptr(t, np.uint16, n) for t in tasks))
+
+
+def _outs(out16: np.ndarray, out32: np.ndarray, n: int) -> tuple[int | None, int | None]:
+    """(bf16 patterns, None) or (None, float32): the output the kernel writes."""
+    if out16.size:
+        return _ptr(out16, np.uint16, n), None
+    return None, _ptr(out32, np.float32, n)

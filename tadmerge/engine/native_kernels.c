@@ -121,3 +121,145 @@ int64_t tadmerge_stream_raw(const uint16_t *base, const uint16_t *const *tasks, 
     }
     return nan;
 }
+
+/* The key of τ = fl32(θ_k) − fl32(θ_0), made from the two 16-bit patterns:
+ * the bits of |τ| (engine/keys.py). */
+static inline uint32_t tau_key(uint16_t t, uint16_t b)
+{
+    return bits_of(from_bf16(t) - from_bf16(b)) & 0x7FFFFFFFu;
+}
+
+/* kernels.coarse_side_raw: the coarse counts of τ's keys (the first half of
+ * the block into counts, the second into counts2: two independent streams of
+ * increments), and the keys whose low 16 bits are not all zero set aside, in
+ * numba's order; -1 as soon as `side` (cap entries) is full. */
+CLONES
+int64_t tadmerge_coarse_side_raw(const uint16_t *base, const uint16_t *task, int64_t n,
+                                 int64_t *counts, int64_t *counts2, int32_t *side, int64_t cap)
+{
+    int64_t h = n / 2, ns = 0;
+    const uint16_t *b1 = base, *b2 = base + h, *t1 = task, *t2 = task + h;
+    for (int64_t i = 0; i < h; i++) {
+        uint32_t k = tau_key(t1[i], b1[i]);
+        uint32_t k2 = tau_key(t2[i], b2[i]);
+        counts[k >> 16] += 1;
+        counts2[k2 >> 16] += 1;
+        if (k & 0xFFFFu) {
+            if (ns == cap)
+                return -1;
+            side[ns++] = (int32_t)k;
+        }
+        if (k2 & 0xFFFFu) {
+            if (ns == cap)
+                return -1;
+            side[ns++] = (int32_t)k2;
+        }
+    }
+    if (n % 2) {
+        uint32_t k = tau_key(task[n - 1], base[n - 1]);
+        counts[k >> 16] += 1;
+        if (k & 0xFFFFu) {
+            if (ns == cap)
+                return -1;
+            side[ns++] = (int32_t)k;
+        }
+    }
+    return ns;
+}
+
+/* kernels.tie_end_raw: one past the index of the quota-th entry whose key is
+ * `key` (n if there are fewer); blocks of 1024 are counted first, a loop that
+ * vectorises, and only the block where the quota is reached is scanned. */
+CLONES
+int64_t tadmerge_tie_end_raw(const uint16_t *base, const uint16_t *task, int64_t n, int64_t key,
+                             int64_t quota)
+{
+    const uint32_t k32 = (uint32_t)key;
+    int64_t c = 0;
+    for (int64_t a = 0; a < n; a += 1024) {
+        int64_t m = n - a < 1024 ? n - a : 1024;
+        int32_t here = 0;
+        for (int64_t j = 0; j < m; j++)
+            here += tau_key(task[a + j], base[a + j]) == k32;
+        if (c + here >= quota) {
+            for (int64_t j = 0; j < m; j++) {
+                c += tau_key(task[a + j], base[a + j]) == k32;
+                if (c == quota)
+                    return a + j + 1;
+            }
+        }
+        c += here;
+    }
+    return n;
+}
+
+/* kernels.cut_combine_raw: per entry, τ_k from the raw bits, t_k = τ_k·fl32(s_k)
+ * kept or +0.0 as kernels.cut_pass decides (kept: key below the high cut and
+ * not below the low one, ties at a cut key split by index at its tie end),
+ * then Σ_k t_k·w_k in task order, ·λ + θ0 (task arithmetic) or / Σw + θ0
+ * (averaging), rounded to bf16 into out16 or stored into out32. Cut keys of
+ * 2^31 and more mean "all below". kept[k] += the entries kept. Returns how
+ * many results are NaN. */
+CLONES
+int64_t tadmerge_cut_combine_raw(const uint16_t *base, const uint16_t *const *tasks,
+                                 int64_t k_count, int64_t n, const int64_t *lo_key,
+                                 const int64_t *lo_end, const int64_t *hi_key,
+                                 const int64_t *hi_end, const float *scale, const float *w,
+                                 float lam, float total_w, int average, uint16_t *out16,
+                                 float *out32, int64_t *kept)
+{
+    float bf[CHUNK], acc[CHUNK];
+    int64_t nan = 0;
+    for (int64_t a = 0; a < n; a += CHUNK) {
+        int64_t m = n - a < CHUNK ? n - a : CHUNK;
+        const uint16_t *bs = base + a;
+        for (int64_t j = 0; j < m; j++)
+            bf[j] = from_bf16(bs[j]);
+        for (int64_t k = 0; k < k_count; k++) {
+            const uint16_t *ts = tasks[k] + a;
+            const int32_t lk = (int32_t)(lo_key[k] < 0x7FFFFFFF ? lo_key[k] : 0x7FFFFFFF);
+            const int32_t hk = (int32_t)(hi_key[k] < 0x7FFFFFFF ? hi_key[k] : 0x7FFFFFFF);
+            /* the tie ends as indices into this chunk, clamped to [-1, CHUNK + 1] */
+            int64_t le64 = lo_end[k] - a, he64 = hi_end[k] - a;
+            const int32_t le = (int32_t)(le64 < -1 ? -1 : le64 > CHUNK + 1 ? CHUNK + 1 : le64);
+            const int32_t he = (int32_t)(he64 < -1 ? -1 : he64 > CHUNK + 1 ? CHUNK + 1 : he64);
+            const float s = scale[k], wk = w[k];
+            int32_t cnt = 0;
+            for (int32_t j = 0; j < (int32_t)m; j++) {
+                float t = from_bf16(ts[j]) - bf[j];
+                int32_t kb = (int32_t)(bits_of(t) & 0x7FFFFFFFu);
+                int32_t below_lo = (kb < lk) | ((kb == lk) & (j < le));
+                int32_t below_hi = (kb < hk) | ((kb == hk) & (j < he));
+                int32_t keep = below_hi & !below_lo;
+                cnt += keep;
+                uint32_t sb = bits_of(t * s) & (uint32_t)(-keep);
+                float st;
+                memcpy(&st, &sb, 4);
+                acc[j] = k == 0 ? st * wk : acc[j] + st * wk;
+            }
+            kept[k] += cnt;
+        }
+        if (average) {
+            for (int64_t j = 0; j < m; j++)
+                acc[j] = acc[j] / total_w + bf[j];
+        } else {
+            for (int64_t j = 0; j < m; j++)
+                acc[j] = acc[j] * lam + bf[j];
+        }
+        if (out16) {
+            uint16_t *o = out16 + a;
+            for (int64_t j = 0; j < m; j++) {
+                uint32_t u = bits_of(acc[j]);
+                nan += (u & 0x7FFFFFFFu) > 0x7F800000u;
+                o[j] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+            }
+        } else {
+            float *o = out32 + a;
+            for (int64_t j = 0; j < m; j++) {
+                nan += (bits_of(acc[j]) & 0x7FFFFFFFu) > 0x7F800000u;
+                o[j] = acc[j];
+            }
+        }
+    }
+    return nan;
+}

@@ -16,8 +16,8 @@ ufuncs on cache-resident chunks also cost less per element than torch's
 release the GIL, so the executor's threads run them in parallel.
 
 On bf16 inputs a compiled kernel does the same in one pass per task, the
-same bytes: native.stream_raw in C (~0.46 ns per element and task), or
-where no C compiler runs, numba's kernels.stream_raw (~0.7 ns) on large
+same bytes: kernels.stream_raw, in C (native.py, ~0.46 ns per element and
+task), or where no C compiler runs in numba (~0.7 ns) on large
 merges (below about 1.5 GB of inputs loading numba costs more than it saves).
 The caller decides, once per merge (cluster/worker.stream_kernel). Their
 report norms are float64 sums (the two kernels' to the bit), so the last
@@ -34,10 +34,10 @@ converts it (SPEC does not fix them).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 
+from . import kernels
 from .spec import MergeSpec, NonFiniteTaskVector, TaskStats
 
 # Elements per chunk: the chunk's few float32 temporaries stay in L2 (measured
@@ -140,20 +140,22 @@ def merge_raw(
     out: np.ndarray,
     spec: MergeSpec,
     check_finite: bool = True,
-    kernel: Callable | None = None,
+    kernel: bool = False,
 ) -> list[TaskStats]:
     """Merge one block from the inputs' own values into `out` (the output dtype).
 
     `base`, `models` and `out` are flat arrays of equal length in NP_DTYPES'
     types; the inputs are not modified. Raises NonFiniteTaskVector as
     merge_block does (unless check_finite=False), in which case `out` holds
-    part of the block and must not be written. `kernel` (native.stream_raw or
-    kernels.stream_raw, loaded by the caller): bf16 inputs go through it, the
-    same bytes.
+    part of the block and must not be written. `kernel`: bf16 inputs go
+    through kernels.stream_raw (C or numba, loaded by the caller), the same
+    bytes.
     """
     bf16 = all(x.dtype == np.uint16 for x in (base, *models))
-    if kernel is not None and bf16 and out.dtype in (np.uint16, np.float32):
-        sq = kernel(base, models, list(spec.weights), spec.scale, spec.method == "average", out)
+    if kernel and bf16 and out.dtype in (np.uint16, np.float32):
+        sq = kernels.stream_raw(
+            base, models, list(spec.weights), spec.scale, spec.method == "average", out
+        )
         if sq is not None:  # (None: a NaN result, which the numpy path below writes)
             for k, s in enumerate(sq):
                 if check_finite and not math.isfinite(s):
