@@ -1,8 +1,9 @@
 """Task arithmetic and averaging, with or without a magnitude selection on
 bf16 inputs, merge without importing torch.
 
-Their units all stream (engine/stream.py, numpy), take the raw bf16 path
-(engine/raw.py, numba, its statistics in numpy) or copy bytes, and torch's
+Their units all stream (engine/stream.py, numpy or the C kernel), take the
+raw bf16 path (engine/raw.py, the C kernels or numba's, its statistics in
+numpy) or copy bytes, and torch's
 import costs ~2 s: more than reading and writing a small merge. The command
 line runs here in a child process in which importing torch fails, and its
 output is checked against the float32 reference.
@@ -22,7 +23,7 @@ import yaml
 from reference import combine, sparsify
 from safetensors.torch import load_file, save_file
 
-from tadmerge.engine import kernels
+from tadmerge.engine import kernels, native
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -132,20 +133,25 @@ def test_a_streamed_merge_never_imports_torch(tmp_path, method):
     ))  # fmt: skip
 
 
-@pytest.mark.skipif(not kernels.load(), reason="numba kernels not installed")
+@pytest.mark.parametrize("backend", ["numba", "auto"])
 @pytest.mark.parametrize("split", [False, True])
-def test_a_magnitude_selection_on_bf16_never_imports_torch(tmp_path, split):
+def test_a_magnitude_selection_on_bf16_never_imports_torch(tmp_path, split, backend):
     """TA + TADrop on bf16 checkpoints: the raw path merges every unit, and
-    with split tensors the statistics round counts them, all without torch."""
+    with split tensors the statistics round counts them, all without torch;
+    with the C kernels (the backend auto) without numba either."""
+    if backend == "numba" and not kernels.load():
+        pytest.skip("numba kernels not installed")
+    if backend == "auto" and not native.available():
+        pytest.skip("no C compiler")
     base, models = _write(tmp_path, bf16_only=True)
     weights = [1.0, 0.6]
     sp = {"method": "tadrop", "low_q": 0.5, "high_q": 0.95, "rescale": "l2"}
     merge = {"method": "task_arithmetic", "scale": 0.3}
-    runtime = {"workers": 2, "kernels": "numba"}
+    runtime = {"workers": 2, "kernels": backend}
     if split:
         runtime.update(max_unit_elements=4096, block_elements=1024, memory_budget="256MB")
     cfg = _config(tmp_path, base, models, weights, merge, sparsify=sp, runtime=runtime)
-    _run(cfg, "torch")
+    _run(cfg, "torch" if backend == "numba" else "torch,numba")
 
     def reference(name, thetas, taus):
         ts = [sparsify(t, sp, task=i, name=name, seed=0, block_rows=1) for i, t in enumerate(taus)]
