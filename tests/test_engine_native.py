@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,3 +209,14 @@ def test_merges_take_the_c_kernels_with_the_bytes_of_the_others(tmp_path, monkey
     monkeypatch.setenv("CC", "false")
     monkeypatch.setenv("TADMERGE_CACHE_DIR", str(tmp_path / "cache"))
     assert merge("no-compiler", "auto") == auto and "NativeKernels" not in used
+
+
+@needs_cc
+def test_an_unwritable_cache_builds_in_a_private_directory(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("TADMERGE_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(native, "_state", {})
+    got = native.kernels()
+    assert got is not None
+    assert blocker.parent not in Path(got.lib._name).parents
