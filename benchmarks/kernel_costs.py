@@ -248,17 +248,16 @@ def main() -> None:
         "exit": exit_cost(a.data, k_tasks, min(a.reps, 3)),
     }
     path = write_result("kernel_costs", result)
+    kernel_s = ", ".join(f"{impl} {v:.2f}" for impl, v in ta_kernel.items())
     print(f"task arithmetic: merge_block {ta_block:.2f} ns, streamed {ta_stream:.2f} ns "
-          f"(numba kernel {ta_kernel:.2f} ns) per element and task")  # fmt: skip
+          f"(kernel: {kernel_s} ns) per element and task")  # fmt: skip
     print(f"statistics: coarse + fine {stats_binned:.2f} ns, counting with keys aside "
           f"{stats_counted if stats_counted is None else round(stats_counted, 2)} ns per "
           f"element ({low_share:.2%} of keys have low bits)")  # fmt: skip
-    print(
-        "task arithmetic + TADrop: "
-        + ", ".join(f"{k} {v:.2f} ns" for k, v in tadrop.items() if not isinstance(v, dict))
-        + " per element and task; raw kernels: "
-        + ", ".join(f"{k} {v:.2f}" for k, v in tadrop.get("raw_kernels", {}).items())
-    )
+    for impl, ns in tadrop.get("raw", {}).items():
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in tadrop["raw_kernels"][impl].items())
+        print(f"task arithmetic + TADrop ({impl}): raw path {ns:.2f} ns per element and task "
+              f"(merge_block {tadrop['merge_block']:.2f}); its kernels: {parts}")  # fmt: skip
     print(f"report norm: float32 pass off by {result['report_norm']['relative_error']:.1e}")
     ex = result["exit"]
     print(f"exit after a merge: {ex['normal_exit_s']:.2f} s normal, "
