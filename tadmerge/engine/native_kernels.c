@@ -35,6 +35,26 @@ static inline uint32_t bits_of(float f)
     return u;
 }
 
+/* A chunk's m float32 results into out16 (rounded to nearest even, as torch
+ * narrows float32 to bf16) or out32; returns how many are NaN. */
+static inline int64_t store(const float *acc, int64_t m, uint16_t *out16, float *out32)
+{
+    int64_t nan = 0;
+    if (out16) {
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t u = bits_of(acc[j]);
+            nan += (u & 0x7FFFFFFFu) > 0x7F800000u;
+            out16[j] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        }
+    } else {
+        for (int64_t j = 0; j < m; j++) {
+            nan += (bits_of(acc[j]) & 0x7FFFFFFFu) > 0x7F800000u;
+            out32[j] = acc[j];
+        }
+    }
+    return nan;
+}
+
 /* Task arithmetic (Σ_k fl32(w_k)·τ_k in task order, ·λ, + θ0) or averaging
  * (Σ_k fl32(w_k)·θ_k / Σw) of n bf16 entries (base, tasks[k]: bit patterns),
  * rounded to bf16 as torch rounds into out16, or stored into out32 (the
@@ -98,20 +118,7 @@ int64_t tadmerge_stream_raw(const uint16_t *base, const uint16_t *const *tasks, 
             for (int64_t j = 0; j < m; j++)
                 acc[j] = acc[j] * lam + bf[j];
         }
-        if (out16) { /* round to nearest even, as torch narrows float32 to bf16 */
-            uint16_t *o = out16 + a;
-            for (int64_t j = 0; j < m; j++) {
-                uint32_t u = bits_of(acc[j]);
-                nan += (u & 0x7FFFFFFFu) > 0x7F800000u;
-                o[j] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-            }
-        } else {
-            float *o = out32 + a;
-            for (int64_t j = 0; j < m; j++) {
-                nan += (bits_of(acc[j]) & 0x7FFFFFFFu) > 0x7F800000u;
-                o[j] = acc[j];
-            }
-        }
+        nan += store(acc, m, out16 ? out16 + a : NULL, out16 ? NULL : out32 + a);
     }
     for (int64_t k = 0; k < k_count; k++) {
         double total = 0.0;
@@ -246,20 +253,7 @@ int64_t tadmerge_cut_combine_raw(const uint16_t *base, const uint16_t *const *ta
             for (int64_t j = 0; j < m; j++)
                 acc[j] = acc[j] * lam + bf[j];
         }
-        if (out16) {
-            uint16_t *o = out16 + a;
-            for (int64_t j = 0; j < m; j++) {
-                uint32_t u = bits_of(acc[j]);
-                nan += (u & 0x7FFFFFFFu) > 0x7F800000u;
-                o[j] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-            }
-        } else {
-            float *o = out32 + a;
-            for (int64_t j = 0; j < m; j++) {
-                nan += (bits_of(acc[j]) & 0x7FFFFFFFu) > 0x7F800000u;
-                o[j] = acc[j];
-            }
-        }
+        nan += store(acc, m, out16 ? out16 + a : NULL, out16 ? NULL : out32 + a);
     }
     return nan;
 }
