@@ -23,9 +23,10 @@ cut_combine_raw, stream_raw) also exist in C (native.py): with the backend
 auto those are taken wherever the machine's compiler builds them, since they
 load in a millisecond where numba's import and registries take ~0.5 s of
 CPU (a third of a warm 271M task arithmetic merge), and run faster; the
-same integers and bytes (tests/test_engine_raw.py, test_engine_native.py). Kernels are compiled on first use and cached on disk
-(numba's `cache=True`), and they release the GIL, so the local executor's
-worker threads run them in parallel.
+same integers and bytes (tests/test_engine_raw.py, test_engine_native.py).
+Kernels are compiled on first use and cached on disk (numba's `cache=True`),
+and they release the GIL, so the local executor's worker threads run them in
+parallel.
 """
 
 from __future__ import annotations
