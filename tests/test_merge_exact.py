@@ -295,6 +295,24 @@ def test_bf16_split_tensors_take_one_statistics_round(zoo_dir, sname, monkeypatc
     assert aside.report["reads"]["round_kinds"] == ["coarse"]
 
 
+def test_keys_aside_past_their_share_drop_only_the_group_that_overflows():
+    """The keys set aside are kept while they fit their share of the budget;
+    past it only the group whose keys overflow takes fine rounds."""
+
+    class Keys:
+        nbytes = 10
+
+    a, b = ("t", 0, 0), ("t", 1, 0)
+    held = stats_stage.AsideKeys({a: [0, 1], b: [2]}, limit=25)
+    held.add(a, 0, Keys())
+    held.add(b, 2, Keys())
+    held.add(a, 1, Keys())  # 30 bytes: a goes (its fine histograms from rounds), b stays
+    assert not held.complete(a) and held.complete(b)
+    assert held.bytes == 10
+    held.add(a, 0, Keys())  # a dropped group takes no more keys
+    assert held.bytes == 10 and not held.complete(a)
+
+
 @pytest.mark.skipif(not kernels.load(), reason="numba is not installed")
 @pytest.mark.parametrize("sname", ["tadrop", "magnitude"])
 def test_report_norms_of_tensors_resolved_whole_are_exact(zoo_dir, sname):

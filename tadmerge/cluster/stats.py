@@ -214,7 +214,8 @@ def _resolve(
 
 class AsideKeys:
     """Each unit's KeysAside per group, while all of a group's units have them and
-    they fit `limit` bytes (past it all are dropped, and fine rounds run)."""
+    they fit `limit` bytes: a group whose keys would not fit is dropped (its
+    fine histograms then come from rounds), the others keep theirs."""
 
     def __init__(self, groups: dict[tuple, list[int]], limit: int):
         self.limit = limit
@@ -230,11 +231,11 @@ class AsideKeys:
             self.bytes -= sum(k.nbytes for k in held.values())
             self.keys[g] = None
             return
-        self.bytes += keys.nbytes
-        if self.bytes > self.limit:
-            self.keys = dict.fromkeys(self.keys)
-            self.bytes = 0
+        if self.bytes + keys.nbytes > self.limit:
+            self.bytes -= sum(k.nbytes for k in held.values())
+            self.keys[g] = None
             return
+        self.bytes += keys.nbytes
         held[unit_id] = keys
 
     def complete(self, g: tuple) -> bool:
