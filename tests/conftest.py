@@ -29,3 +29,21 @@ def _kernels_backend_restored():
 
     yield
     kernels.configure("auto")
+
+
+@pytest.fixture(params=["native", "numba"])
+def compiled_kernels(request):
+    """The kernels of raw bf16 blocks (kernels.stream_raw, coarse_sparse_raw,
+    tie_end_raw, cut_combine_raw) in C (native.py: the backend auto) or in
+    numba; skipped where the machine cannot build or load them."""
+    from tadmerge.engine import kernels, native
+
+    if request.param == "native":
+        if not native.available():
+            pytest.skip("no C compiler")
+        kernels.set_backend("auto")
+    else:
+        if not kernels.load():
+            pytest.skip("numba kernels not installed")
+        kernels.set_backend("numba")
+    return request.param

@@ -17,7 +17,7 @@ import pytest
 import reference as R
 import torch
 
-from tadmerge.engine import kernels, native
+from tadmerge.engine import kernels
 from tadmerge.engine.block import BlockContext, MergeSpec, NonFiniteTaskVector
 from tadmerge.engine.exact import coarse_stats
 from tadmerge.engine.histogram import RankIndex
@@ -26,21 +26,8 @@ from tadmerge.engine.raw import applies, merge_raw_sparse
 from tadmerge.engine.selection import resolve_selection, run_locally
 from tadmerge.engine.spec import SparsifySpec
 
-
-@pytest.fixture(autouse=True, params=["native", "numba"])
-def raw_kernels(request):
-    """Every test runs on both implementations of the raw kernels: the C ones
-    (native.py, taken with the backend auto) and numba's."""
-    if request.param == "native":
-        if not native.available():
-            pytest.skip("no C compiler")
-        kernels.set_backend("auto")
-    else:
-        if not kernels.load():
-            pytest.skip("numba kernels not installed")
-        kernels.set_backend("numba")
-    yield request.param
-
+# every test runs on both implementations of the raw kernels, C and numba
+pytestmark = pytest.mark.usefixtures("compiled_kernels")
 
 SPARSIFIERS = {
     "tadrop": {"method": "tadrop", "low_q": 0.5, "high_q": 0.95, "rescale": "l2"},

@@ -155,28 +155,11 @@ def test_a_difference_that_overflows_raises_but_large_squares_do_not():
     assert math.isclose(stats[0].tau_sq, 1e40, rel_tol=1e-6)
 
 
-def _stream_kernel(name: str) -> None:
-    """Make kernels.stream_raw the C kernel (native.py, the backend auto) or
-    numba's; skipped where the machine cannot build or load it."""
-    from tadmerge.engine import kernels, native
-
-    if name == "native":
-        if not native.available():
-            pytest.skip("no C compiler")
-        kernels.set_backend("auto")
-    else:
-        if not kernels.load():
-            pytest.skip("numba kernels not installed")
-        kernels.set_backend("numba")
-
-
-@pytest.mark.parametrize("kernel", ["native", "numba"])
 @pytest.mark.parametrize("method", ["task_arithmetic", "average"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_the_compiled_kernels_give_the_same_bytes(kernel, method, out_dtype):
+def test_the_compiled_kernels_give_the_same_bytes(compiled_kernels, method, out_dtype):
     """The C and numba stream kernels (bf16 merges) against the reference: the
     same bytes; their report norms are float64 sums, close to the exact ones."""
-    _stream_kernel(kernel)
     n = 5003  # several of the kernel's chunks, the last one short
     raws = _inputs(n, [torch.bfloat16] * 4, seed=11)
     weights = (1.0, 0.7, -0.25)
