@@ -21,6 +21,7 @@ from reference import fsum_sq
 from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
 from tadmerge.engine import kernels, native
+from tadmerge.engine.keys import N_COARSE
 
 needs_cc = pytest.mark.skipif(not native.available(), reason="no C compiler")
 
@@ -220,3 +221,30 @@ def test_an_unwritable_cache_builds_in_a_private_directory(tmp_path, monkeypatch
     got = native.kernels()
     assert got is not None
     assert blocker.parent not in Path(got.lib._name).parents
+
+
+@needs_cc
+@pytest.mark.parametrize("n", [1, 2, 1023, 1024, 1025, 5001])
+def test_the_counting_kernel_counts_and_sets_keys_aside_in_numbas_order(n):
+    """coarse_side_raw: the coarse counts of τ's keys, zero keys included (the C
+    kernel spreads them over spare slots), and the keys with low bits set in
+    the order of numba's two streams; -1 when they do not fit `side`."""
+    base, task = _inputs(n, 1, seed=n)
+    f32 = [(x.astype(np.uint32) << 16).view(np.float32) for x in (base, task)]
+    keys = (f32[1] - f32[0]).view(np.uint32) & 0x7FFFFFFF
+    h = n // 2
+    order = np.stack([keys[:h], keys[h : 2 * h]], axis=1).reshape(-1)
+    order = np.concatenate([order, keys[2 * h :]])
+    low = order[(order & 0xFFFF) != 0].astype(np.int32)
+    if n > 1000:
+        assert (keys == 0).any() and low.size  # (the data has both)
+    c = native.kernels()
+    for cap in sorted({n, low.size, max(0, low.size - 1), 0}):
+        counts, counts2 = np.zeros(N_COARSE, np.int64), np.zeros(N_COARSE, np.int64)
+        side = np.full(cap, -7, np.int32)
+        ns = c.coarse_side_raw(base, task, counts, counts2, side)
+        if cap < low.size:
+            assert ns == -1
+            continue
+        assert ns == low.size and np.array_equal(side[:ns], low)
+        assert np.array_equal(counts + counts2, np.bincount(keys >> 16, minlength=N_COARSE))

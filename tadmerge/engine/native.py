@@ -52,6 +52,8 @@ SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
 # kernels.RAW_CHUNK: the report's float64 lanes are per position in a chunk
 CHUNK = 2048
+# native_kernels.c's ZERO_SLOTS: coarse_side_raw's tables have these past N_COARSE
+ZERO_SLOTS = 8
 BUILD_TIMEOUT_S = 120
 
 _LOCK = threading.Lock()
@@ -190,11 +192,18 @@ class NativeKernels:
         )  # fmt: skip
 
     def coarse_side_raw(self, base, task, counts, counts2, side) -> int:
+        # the C tables have ZERO_SLOTS more slots, for the zero keys (bucket 0)
         n = base.size
-        return self._coarse_side_raw(
-            _ptr(base, np.uint16), _ptr(task, np.uint16, n), n, _ptr(counts, np.int64, N_COARSE),
-            _ptr(counts2, np.int64, N_COARSE), _ptr(side, np.int32), side.size,
+        _ptr(counts, np.int64, N_COARSE), _ptr(counts2, np.int64, N_COARSE)
+        tables = np.zeros((2, N_COARSE + ZERO_SLOTS), np.int64)
+        ns = self._coarse_side_raw(
+            _ptr(base, np.uint16), _ptr(task, np.uint16, n), n, tables[0].ctypes.data,
+            tables[1].ctypes.data, _ptr(side, np.int32), side.size,
         )  # fmt: skip
+        for table, out in zip(tables, (counts, counts2), strict=True):
+            out += table[:N_COARSE]
+            out[0] += table[N_COARSE:].sum()
+        return ns
 
     def tie_end_raw(self, base, task, key, quota) -> int:
         n = base.size

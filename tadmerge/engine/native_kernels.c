@@ -136,30 +136,70 @@ static inline uint32_t tau_key(uint16_t t, uint16_t b)
     return bits_of(from_bf16(t) - from_bf16(b)) & 0x7FFFFFFFu;
 }
 
+/* coarse buckets: keys.N_COARSE (a key's top 15 bits) */
+#define N_COARSE 32768u
+/* entries per stream in a chunk of coarse_side_raw */
+#define COUNT_CHUNK 512
+/* table slots past the coarse buckets that the zero keys are spread over */
+#define ZERO_SLOTS 8
+
 /* kernels.coarse_side_raw: the coarse counts of τ's keys (the first half of
  * the block into counts, the second into counts2: two independent streams of
- * increments), and the keys whose low 16 bits are not all zero set aside, in
- * numba's order; -1 as soon as `side` (cap entries) is full. */
+ * increments), and the keys whose low 16 bits are not all zero set aside in
+ * numba's order; -1 as soon as `side` (cap entries) is full.
+ *
+ * Chunk by chunk: the keys first (a loop that vectorises), then the
+ * increments, then the keys set aside (a branchless compaction while `side`
+ * has room for the whole chunk). Both tables have N_COARSE + ZERO_SLOTS
+ * slots: a zero key (an entry that did not move, often a third of an
+ * embedding) goes to one of the spare slots in turn, so that a run of them
+ * is not one chain of increments to one counter; the caller adds them to
+ * bucket 0. Faster than numba's one loop by a quarter to a third on the
+ * attention and MLP matrices and by a tenth to a fifth on the embeddings. */
 CLONES
 int64_t tadmerge_coarse_side_raw(const uint16_t *base, const uint16_t *task, int64_t n,
                                  int64_t *counts, int64_t *counts2, int32_t *side, int64_t cap)
 {
     int64_t h = n / 2, ns = 0;
     const uint16_t *b1 = base, *b2 = base + h, *t1 = task, *t2 = task + h;
-    for (int64_t i = 0; i < h; i++) {
-        uint32_t k = tau_key(t1[i], b1[i]);
-        uint32_t k2 = tau_key(t2[i], b2[i]);
-        counts[k >> 16] += 1;
-        counts2[k2 >> 16] += 1;
-        if (k & 0xFFFFu) {
-            if (ns == cap)
-                return -1;
-            side[ns++] = (int32_t)k;
+    uint32_t k1[COUNT_CHUNK], k2[COUNT_CHUNK], i1[COUNT_CHUNK], i2[COUNT_CHUNK];
+    for (int64_t a = 0; a < h; a += COUNT_CHUNK) {
+        int64_t m = h - a < COUNT_CHUNK ? h - a : COUNT_CHUNK;
+        int32_t low = 0;
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t spare = N_COARSE + ((uint32_t)j & (ZERO_SLOTS - 1));
+            k1[j] = tau_key(t1[a + j], b1[a + j]);
+            k2[j] = tau_key(t2[a + j], b2[a + j]);
+            i1[j] = k1[j] ? k1[j] >> 16 : spare;
+            i2[j] = k2[j] ? k2[j] >> 16 : spare;
+            low += ((k1[j] | k2[j]) & 0xFFFFu) != 0;
         }
-        if (k2 & 0xFFFFu) {
-            if (ns == cap)
-                return -1;
-            side[ns++] = (int32_t)k2;
+        for (int64_t j = 0; j < m; j++) {
+            counts[i1[j]] += 1;
+            counts2[i2[j]] += 1;
+        }
+        if (!low)
+            continue;
+        if (ns + 2 * m <= cap) {
+            for (int64_t j = 0; j < m; j++) {
+                side[ns] = (int32_t)k1[j];
+                ns += (k1[j] & 0xFFFFu) != 0;
+                side[ns] = (int32_t)k2[j];
+                ns += (k2[j] & 0xFFFFu) != 0;
+            }
+            continue;
+        }
+        for (int64_t j = 0; j < m; j++) {
+            if (k1[j] & 0xFFFFu) {
+                if (ns == cap)
+                    return -1;
+                side[ns++] = (int32_t)k1[j];
+            }
+            if (k2[j] & 0xFFFFu) {
+                if (ns == cap)
+                    return -1;
+                side[ns++] = (int32_t)k2[j];
+            }
         }
     }
     if (n % 2) {
