@@ -167,6 +167,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    """Build (or load) the C kernels now, and say which kernels merges take here:
+    run it on each machine before a scheduled merge to pay the build ahead."""
+    import importlib.util
+
+    from .engine import kernels, native
+
+    print(f"C kernels: {native.describe()}")
+    if importlib.util.find_spec("numba") is None:
+        print("numba: not installed")
+    else:
+        from importlib.metadata import version
+
+        print(f"numba: {version('numba')} installed (loaded by the merges that take it)")
+    backend = kernels.backend()
+    if backend == "torch":
+        taken = "no compiled kernels, numpy and torch ops (TADMERGE_KERNELS=torch)"
+    elif backend == "numba":
+        taken = "numba's kernels (TADMERGE_KERNELS=numba)"
+    elif native.available():
+        taken = "the C kernels for bf16 task arithmetic, averaging and their magnitude "
+        taken += "selections; numba's for TIES, EMR and float32 blocks"
+    else:
+        taken = "numba's kernels where installed (task arithmetic from 1.5 GB of "
+        taken += "inputs), numpy and torch ops otherwise"
+    print(f"merges here take: {taken}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tadmerge",
@@ -210,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("output")
     r.add_argument("--to", help="directory for the PNG files (default: OUTPUT/plots)")
     r.set_defaults(func=cmd_report)
+
+    k = sub.add_parser("kernels", help="build the C kernels now; say which kernels merges take")
+    k.set_defaults(func=cmd_kernels)
 
     d = sub.add_parser("demo", help="build small demo checkpoints and merge them (EMR + TADrop)")
     d.add_argument("--out", default="demo_out", help="where the demo writes (default demo_out)")

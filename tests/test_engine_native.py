@@ -248,3 +248,20 @@ def test_the_counting_kernel_counts_and_sets_keys_aside_in_numbas_order(n):
             continue
         assert ns == low.size and np.array_equal(side[:ns], low)
         assert np.array_equal(counts + counts2, np.bincount(keys >> 16, minlength=N_COARSE))
+
+
+def test_the_kernels_command_builds_and_says_what_merges_take(tmp_path, monkeypatch, capsys):
+    from tadmerge.cli import main
+
+    monkeypatch.setattr(native, "_state", {})
+    assert main(["kernels"]) == 0
+    out = capsys.readouterr().out
+    if native.available():
+        assert "C kernels: ready (" in out and "take: the C kernels" in out
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("TADMERGE_CACHE_DIR", str(tmp_path))
+    assert main(["kernels"]) == 0
+    out = capsys.readouterr().out
+    assert "C kernels: unavailable: false failed on native_kernels.c: exit status 1" in out
+    assert "take: numba's kernels where installed" in out

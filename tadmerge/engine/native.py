@@ -111,8 +111,8 @@ def build(directory: Path | None = None) -> Path:
             if done.returncode == 0:
                 os.replace(tmp, path)
                 return path
-            err = done.stderr.strip()
-        raise NativeUnavailable(f"{' '.join(cmd[:1])} failed on {SOURCE.name}: {err[-800:]}")
+            err = done.stderr.strip() or f"exit status {done.returncode}, no message"
+        raise NativeUnavailable(f"{cmd[0]} failed on {SOURCE.name}: {err[-800:]}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -135,13 +135,24 @@ def kernels() -> NativeKernels | None:
     with _LOCK:
         if "lib" not in _state:
             lib = None
-            if wanted():
+            if not wanted():
+                _state["why"] = "turned off (TADMERGE_NATIVE=0)"
+            else:
                 try:
                     lib = _load()
                 except (NativeUnavailable, OSError) as e:
                     log.info("C kernels unavailable, numba or numpy instead: %s", e)
+                    _state["why"] = str(e)
             _state["lib"] = lib
     return _state["lib"]
+
+
+def describe() -> str:
+    """Where the loaded library is, or why there is none (`tadmerge kernels`)."""
+    k = kernels()
+    if k is not None:
+        return f"ready ({k.lib._name})"
+    return f"unavailable: {_state.get('why', 'unknown')}"
 
 
 def available() -> bool:
