@@ -265,3 +265,13 @@ def test_the_kernels_command_builds_and_says_what_merges_take(tmp_path, monkeypa
     out = capsys.readouterr().out
     assert "C kernels: unavailable: false failed on native_kernels.c: exit status 1" in out
     assert "take: numba's kernels where installed" in out
+
+
+@needs_cc
+def test_a_cached_library_that_does_not_load_is_built_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("TADMERGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    native.library_path().write_bytes(b"not a library")
+    got = native.kernels()
+    assert got is not None and Path(got.lib._name) == native.library_path()
+    assert native.library_path().read_bytes() != b"not a library"

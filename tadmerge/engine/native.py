@@ -125,7 +125,11 @@ def _load() -> NativeKernels:
         private = Path(tempfile.mkdtemp(prefix="tadmerge-native-"))
         atexit.register(shutil.rmtree, private, True)
         path = build(private)
-    return NativeKernels(ctypes.CDLL(str(path)))
+    try:
+        return NativeKernels(ctypes.CDLL(str(path)))
+    except (OSError, AttributeError):  # a cached file that does not load: built again
+        path.unlink(missing_ok=True)
+        return NativeKernels(ctypes.CDLL(str(build(path.parent))))
 
 
 def kernels() -> NativeKernels | None:
