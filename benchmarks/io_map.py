@@ -45,6 +45,9 @@ def main() -> None:
     a = ap.parse_args()
     if not kernels.load():
         sys.exit("io_map: numba kernels are not available")
+    # numba's kernels, as this study measured them (reads against maps); the C
+    # kernels beside numba's: kernel_costs.py
+    kernels.set_backend("numba")
     models = [a.data / "base"] + [a.data / f"ft_{k}" for k in range(1, a.tasks + 1)]
     ckpts = [open_checkpoint(str(m)) for m in models]
     layers = [f"model.layers.{i}." for i in a.layers.split(",")]
