@@ -150,7 +150,7 @@ def start_kernels(cfg: MergeConfig, plan: Plan | None = None) -> None:
     elif plan is None:
         if _streamed(cfg) and kernels.backend() == "auto":
             native.preload()
-    elif _streamed(cfg) and not _native_stream() and _numba_stream_wanted(plan):
+    elif _streamed(cfg) and not kernels.native_raw() and _numba_stream_wanted(plan):
         kernels.preload(raw_only=True)
 
 
@@ -176,11 +176,7 @@ def stream_kernel(plan: Plan) -> bool:
     runtime.kernels: numba; else numpy. The C and numba kernels give the same
     bytes and report norms, numpy the same bytes and float32 norms: the
     choice is made per process and is the same for every unit of a merge."""
-    return _native_stream() or (_numba_stream_wanted(plan) and kernels.enabled(None))
-
-
-def _native_stream() -> bool:
-    return kernels.backend() == "auto" and native.available()
+    return kernels.native_raw() or (_numba_stream_wanted(plan) and kernels.enabled(None))
 
 
 def _numba_stream_wanted(plan: Plan) -> bool:

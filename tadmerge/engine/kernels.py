@@ -126,7 +126,7 @@ def preload(raw_only: bool = False) -> None:
     _preloading = True
 
     def load() -> None:
-        if raw_only and _backend == "auto" and native.available():
+        if raw_only and native_raw():
             return  # the raw kernels in C (native.py): numba is not needed up front
         k = _numba_kernels()  # (the raw kernels load with the dispatchers)
         if k is not None and not raw_only:
@@ -729,7 +729,7 @@ def enabled(x: torch.Tensor | np.ndarray | None, load_now: bool = True) -> bool:
     """
     if _backend == "torch" or not _on_cpu(x):
         return False
-    if x is None and _backend == "auto" and native.available():
+    if x is None and native_raw():
         return True  # the raw kernels in C (native.py), loaded in a millisecond
     if not load_now and _backend == "auto" and not _compile.cache_info().currsize:
         return False
@@ -931,13 +931,16 @@ def emr_merge(ts: list[torch.Tensor], masks: torch.Tensor) -> tuple[np.ndarray, 
 # ---------------------------------------------------------------------------------
 
 
+def native_raw() -> bool:
+    """Whether the kernels of raw bf16 blocks (engine/raw.py, and stream_raw)
+    are the C ones (native.py: the same integers and bytes, no numba to load):
+    with the backend auto, wherever they build."""
+    return _backend == "auto" and native.available()
+
+
 def _raw_kernels():
-    """The kernels of raw bf16 blocks (engine/raw.py, and stream_raw): the C
-    ones (native.py: the same integers and bytes, no numba to load) with the
-    backend auto wherever they build, else numba's."""
-    if _backend == "auto" and (k := native.kernels()) is not None:
-        return k
-    return _numba_kernels()
+    """The kernels of raw bf16 blocks: the C ones where native_raw(), else numba's."""
+    return native.kernels() if native_raw() else _numba_kernels()
 
 
 def _raw16(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -962,12 +965,16 @@ def coarse_sparse_raw(
     n = b.shape[0]
     if n > PIECE:
         return None
-    counts = np.zeros((2, N_COARSE), np.int64)
+    # two streams' tables, with the C kernel's spare slots for zero keys past
+    # the buckets (native.ZERO_SLOTS; numba's leaves them empty): bucket 0's
+    counts = np.zeros((2, N_COARSE + native.ZERO_SLOTS), np.int64)
     side = np.empty(max(1, n // SIDE_SHARE), np.int32)
     ns = _raw_kernels().coarse_side_raw(b, t, counts[0], counts[1], side)
     if ns < 0:
         return None
-    return counts[0] + counts[1], side[:ns]
+    total = counts[0] + counts[1]
+    total[0] += total[N_COARSE:].sum()
+    return total[:N_COARSE], side[:ns]
 
 
 def tie_end_raw(base: torch.Tensor, task: torch.Tensor, key: int, quota: int) -> int:

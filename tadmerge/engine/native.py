@@ -207,18 +207,13 @@ class NativeKernels:
         )  # fmt: skip
 
     def coarse_side_raw(self, base, task, counts, counts2, side) -> int:
-        # the C tables have ZERO_SLOTS more slots, for the zero keys (bucket 0)
-        n = base.size
-        _ptr(counts, np.int64, N_COARSE), _ptr(counts2, np.int64, N_COARSE)
-        tables = np.zeros((2, N_COARSE + ZERO_SLOTS), np.int64)
-        ns = self._coarse_side_raw(
-            _ptr(base, np.uint16), _ptr(task, np.uint16, n), n, tables[0].ctypes.data,
-            tables[1].ctypes.data, _ptr(side, np.int32), side.size,
+        # counts, counts2: N_COARSE + ZERO_SLOTS slots, the last for the zero keys
+        # (bucket 0's: the caller adds them in, kernels.coarse_sparse_raw)
+        n, slots = base.size, N_COARSE + ZERO_SLOTS
+        return self._coarse_side_raw(
+            _ptr(base, np.uint16), _ptr(task, np.uint16, n), n, _ptr(counts, np.int64, slots),
+            _ptr(counts2, np.int64, slots), _ptr(side, np.int32), side.size,
         )  # fmt: skip
-        for table, out in zip(tables, (counts, counts2), strict=True):
-            out += table[:N_COARSE]
-            out[0] += table[N_COARSE:].sum()
-        return ns
 
     def tie_end_raw(self, base, task, key, quota) -> int:
         n = base.size
