@@ -126,10 +126,11 @@ class CoarseStats:
                 for e, x in zip(exps, per, strict=True):
                     out[e] = x << (max(e, 1) - 1)
                 return out
-            s2 = (self.s2_hi << 32) + self.s2_lo
+            s2_hi = self.s2_hi.reshape(-1, _BUCKETS_PER_EXP)[live]
+            s2_lo = self.s2_lo.reshape(-1, _BUCKETS_PER_EXP)[live]
             t1 = (c * hi * hi).sum(1).tolist()
             t2 = (hi * s1).sum(1).tolist()
-            t3 = s2.reshape(-1, _BUCKETS_PER_EXP)[live].sum(1).tolist()
+            t3 = ((s2_hi << 32) + s2_lo).sum(1).tolist()
             for e, a, b, d in zip(exps, t1, t2, t3, strict=True):
                 out[e] = ((a << 32) + (b << 17) + d) << (2 * max(e, 1) - 2)
             return out
@@ -221,10 +222,16 @@ def _side_moments(side, moments: int):
     for a in range(0, side.size, SMALL_SIDE):
         part = side[a : a + SMALL_SIDE]
         buckets = part >> COARSE_SHIFT
+        # binned over the buckets the keys span (a task vector's few dozen
+        # exponents), not all 32768: the tables' allocation and conversion were
+        # most of the cost
+        b0, b1 = int(buckets.min()), int(buckets.max()) + 1
+        buckets -= b0
         low = (part & 0xFFFF).astype(np.float64)
-        s1 += np.bincount(buckets, weights=low, minlength=N_COARSE).astype(np.int64)
+        s1[b0:b1] += np.bincount(buckets, weights=low, minlength=b1 - b0).astype(np.int64)
         if moments >= 2:
-            s2 += np.bincount(buckets, weights=low * low, minlength=N_COARSE).astype(np.int64)
+            low *= low
+            s2[b0:b1] += np.bincount(buckets, weights=low, minlength=b1 - b0).astype(np.int64)
     return s1, s2
 
 

@@ -122,12 +122,17 @@ class KeysAside:
         with `only`, the fine histograms of those buckets alone are wanted, and only
         their keys are sorted (sorting them all cost ~1 ms per block and task)."""
         keys = side
-        if only is not None and keys.size:
-            wanted = np.zeros(N_COARSE, dtype=bool)
-            wanted[np.asarray(only, dtype=np.int64)] = True
-            keys = keys[wanted[keys >> COARSE_SHIFT]]
+        if only is None:
+            buckets = np.flatnonzero(counts)
+        else:
+            # only those buckets are looked up (fines): no scan of all 32768
+            buckets = np.unique(np.asarray(only, dtype=np.int64))
+            buckets = buckets[counts[buckets] > 0]
+            if keys.size:
+                wanted = np.zeros(N_COARSE, dtype=bool)
+                wanted[buckets] = True
+                keys = keys[wanted[keys >> COARSE_SHIFT]]
         distinct, hits = np.unique(keys.astype(np.int64), return_counts=True)
-        buckets = np.flatnonzero(counts)
         return cls(buckets.astype(np.int64), counts[buckets], distinct, hits.astype(np.int64))
 
     @property

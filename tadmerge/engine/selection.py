@@ -153,7 +153,11 @@ def run_locally(
 def own_norms(index: RankIndex, sel: Selection) -> tuple[float, float]:
     """The report's Σ τ² and Σ t² of a block that resolved its own selection,
     from its exact moments (index built with moments=2): no passes over τ and t
-    (Σ t² = fl32(scale)² Σ kept τ², up to the rounding of each product)."""
+    (Σ t² = fl32(scale)² Σ kept τ², up to the rounding of each product).
+    An l2 selection carries the same two figures already (resolve_selection
+    makes them by this formula): they are taken as they are."""
+    if sel.tau_sq is not None and sel.t_sq is not None:
+        return sel.tau_sq, sel.t_sq
     kept_sq = index.moment_from(sel.lo, 2) - index.moment_from(sel.hi, 2)
     t_sq = float(np.float32(sel.scale)) ** 2 * scaled_to_float(kept_sq)
     return scaled_to_float(index.total_moment(2)), t_sq
