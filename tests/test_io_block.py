@@ -163,6 +163,30 @@ def test_map_bytes_short_file(tmp_path) -> None:
     close_all()
 
 
+@pytest.mark.skipif(not block_io._map_ok, reason="no mmap.madvise here")
+@pytest.mark.parametrize("libc", [True, False])
+def test_populate_of_a_hole_is_an_oserror(tmp_path, monkeypatch, libc) -> None:
+    """The populate (libc's madvise through ctypes, else mmap.madvise) fills a
+    map in, and reports a file that shrank under it as EFAULT, not a SIGBUS
+    later: map_bytes turns that into the short-read InputError."""
+    import errno
+    import mmap
+
+    if not libc:
+        monkeypatch.setattr(block_io, "_madvise", None)
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * 64)  # 4 pages
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    block_io._populate(mm)
+    assert mm[:256] == bytes(range(256))
+    os.truncate(path, 0)
+    with pytest.raises(OSError) as info:
+        block_io._populate(mm)
+    assert info.value.errno == errno.EFAULT
+    mm.close()  # nothing of the populate still holds the map
+
+
 def test_prefetch_rows_is_advice_only(tmp_path, monkeypatch) -> None:
     """Prefetching asks the kernel for the rows' pages and changes nothing else:
     the rows read the same, and a missing file or a platform without
