@@ -45,10 +45,12 @@ from benchmarks.configs import tadmerge_config
 from tadmerge.engine import kernels, native
 from tadmerge.engine.block import BlockContext, MergeSpec, merge_block, square_sum
 from tadmerge.engine.exact import coarse_stats
-from tadmerge.engine.histogram import SQ_SCALE_BITS, KeysAside, scaled_to_float
-from tadmerge.engine.keys import magnitude_keys
+from tadmerge.engine.histogram import SQ_SCALE_BITS, KeysAside, RankIndex, scaled_to_float
+from tadmerge.engine.keys import SparseKeys, magnitude_keys
 from tadmerge.engine.raw import merge_raw_sparse
+from tadmerge.engine.selection import own_norms, resolve_selection, run_locally
 from tadmerge.engine.sparsify import SparsifySpec
+from tadmerge.engine.spec import DEFAULT_RESCALE
 from tadmerge.engine.stream import merge_raw
 from tadmerge.io.block_io import read_rows
 from tadmerge.io.checkpoint import open_checkpoint
@@ -131,6 +133,25 @@ def _raw_costs(np_raws, np_out, td, ctx, reps: int, per: int) -> tuple[float, di
     return whole / per * 1e9, {k: median_s(fn, reps) / per * 1e9 for k, fn in kernel_ns.items()}
 
 
+def _resolver_ms(np_raws, sp: SparsifySpec, reps: int) -> float | None:
+    """ms per task of what the raw path does in Python and numpy between its
+    counting pass and its cut (engine/raw.py): the exact moments of the keys
+    set aside, the rank index, the selection and the report's norms. A fixed
+    cost per tensor and task, serialised by the GIL across the workers."""
+    base, n = np_raws[0], np_raws[0].size
+    counted = [kernels.coarse_sparse_raw(base, m) for m in np_raws[1:]]
+    if any(c is None for c in counted):
+        return None
+
+    def resolve():
+        for got in counted:
+            keys = SparseKeys(n, *got)
+            index = RankIndex(coarse_stats(keys, moments=2))
+            own_norms(index, run_locally(resolve_selection(index, sp, None), keys, index))
+
+    return median_s(resolve, reps) / len(counted) * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA / "llama-271M-k8-bf16")
@@ -200,7 +221,9 @@ def main() -> None:
     stats_counted = median_s(counted, a.reps) / n * 1e9 if sparse else None
 
     # 3. task arithmetic + TADrop of one whole block
-    td = MergeSpec(SparsifySpec(method="tadrop"), "task_arithmetic", 0.3, weights=(1.0,) * k_tasks)
+    # the config's rescale for tadrop (l2): the exact moments are part of the cost
+    sp = SparsifySpec(method="tadrop", rescale=DEFAULT_RESCALE["tadrop"])
+    td = MergeSpec(sp, "task_arithmetic", 0.3, weights=(1.0,) * k_tasks)
 
     def tadrop_block():
         for blk, raw in zip(blocks, raws, strict=True):
@@ -216,6 +239,7 @@ def main() -> None:
                 tadrop.setdefault("raw", {})[impl] = got[0]
                 tadrop.setdefault("raw_kernels", {})[impl] = got[1]
         kernels.set_backend("auto")
+        tadrop["resolver_ms_per_task"] = _resolver_ms(np_raws, sp, a.reps)
 
     # 4. the report's norm
     exact = math.sqrt(scaled_to_float(coarse_stats(tau, moments=2).total(2), SQ_SCALE_BITS))
@@ -258,6 +282,9 @@ def main() -> None:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in tadrop["raw_kernels"][impl].items())
         print(f"task arithmetic + TADrop ({impl}): raw path {ns:.2f} ns per element and task "
               f"(merge_block {tadrop['merge_block']:.2f}); its kernels: {parts}")  # fmt: skip
+    if tadrop.get("resolver_ms_per_task") is not None:
+        print(f"task arithmetic + TADrop: {tadrop['resolver_ms_per_task']:.2f} ms per task "
+              "in Python and numpy between counting and cut")  # fmt: skip
     print(f"report norm: float32 pass off by {result['report_norm']['relative_error']:.1e}")
     ex = result["exit"]
     print(f"exit after a merge: {ex['normal_exit_s']:.2f} s normal, "
