@@ -27,11 +27,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml
-
 from benchmarks.common import REPO, clear_output, tool_env, warm_cache, write_result
-from benchmarks.compare_mergekit import tadmerge_exe
-from benchmarks.configs import tadmerge_config
+from benchmarks.profile_merge import add_merge_args, merge_tag, merge_to_profile
 
 ROW = re.compile(r"^\s*(?P<share>\d+\.\d+)%\s+(?P<name>\S.*?)\s*$")
 
@@ -66,31 +63,16 @@ def report(data: Path, sort: str, top: int) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--tasks", type=int, default=3)
-    ap.add_argument("--method", default="tadrop_ta")
-    ap.add_argument("--tag")
+    add_merge_args(ap, "tadrop_ta")
     ap.add_argument("--freq", type=int, default=999, help="samples per second and CPU")
-    ap.add_argument("--memory-budget")
-    ap.add_argument("--workers", type=int)
     ap.add_argument("--top", type=int, default=20)
     a = ap.parse_args(argv)
     if shutil.which("perf") is None:
         sys.exit("perf_profile: no perf here (Debian: apt-get install linux-perf)")
 
-    data = a.data.resolve()
-    tag = a.tag or f"{a.method}-{data.name}-k{a.tasks}"
-    work = REPO / "benchmarks" / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    dirs = [data / "base"] + [data / f"ft_{i + 1}" for i in range(a.tasks)]
-    out = data / "work" / f"perf-out-{a.method}"
-    cfg = tadmerge_config(
-        a.method, dirs[0], dirs[1:], out, memory_budget=a.memory_budget, workers=a.workers
-    )
-    cfg_path = work / f"perf_{tag}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    perf_data = work / f"perf_{tag}.data"
-    cmd = [*tadmerge_exe(), "-q", "merge", str(cfg_path), "--overwrite"]
+    tag = merge_tag(a)
+    dirs, out, cfg, cmd = merge_to_profile(a, "perf")
+    perf_data = REPO / "benchmarks" / "work" / f"perf_{tag}.data"
     warm_cache(dirs)
     subprocess.run(
         ["perf", "record", "-q", "-F", str(a.freq), "-g", "-o", str(perf_data), "--", *cmd],
@@ -103,7 +85,7 @@ def main(argv=None) -> int:
     for row in libraries:
         by_role[role(row["name"])] = by_role.get(role(row["name"]), 0.0) + row["share"]
     result = {
-        "data": str(data),
+        "data": str(a.data.resolve()),
         "tasks": a.tasks,
         "method": a.method,
         "config": cfg,

@@ -132,17 +132,42 @@ def aggregate(raw: Path, top: int = 25) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_merge_args(ap: argparse.ArgumentParser, method: str) -> None:
+    """The one merge a profiler runs (also perf_profile.py's)."""
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--tasks", type=int, default=3)
-    ap.add_argument("--method", default="ties")
+    ap.add_argument("--method", default=method)
     ap.add_argument("--tag")
+    ap.add_argument("--memory-budget")
+    ap.add_argument("--workers", type=int)
+
+
+def merge_tag(a: argparse.Namespace) -> str:
+    return a.tag or f"{a.method}-{a.data.resolve().name}-k{a.tasks}"
+
+
+def merge_to_profile(a: argparse.Namespace, prefix: str) -> tuple[list[Path], Path, dict, list]:
+    """That merge's input dirs, output dir, config (written to
+    benchmarks/work/PREFIX_TAG.yaml) and command line."""
+    data = a.data.resolve()
+    work = REPO / "benchmarks" / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    dirs = [data / "base"] + [data / f"ft_{i + 1}" for i in range(a.tasks)]
+    out = data / "work" / f"{prefix}-out-{a.method}"
+    cfg = tadmerge_config(
+        a.method, dirs[0], dirs[1:], out, memory_budget=a.memory_budget, workers=a.workers
+    )
+    cfg_path = work / f"{prefix}_{merge_tag(a)}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return dirs, out, cfg, [*tadmerge_exe(), "-q", "merge", str(cfg_path), "--overwrite"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_merge_args(ap, "ties")
     ap.add_argument("--rate", type=int, default=50)
     ap.add_argument("--native", action="store_true", help="py-spy --native (C/C++ frames)")
     ap.add_argument("--svg", action="store_true", help="also write a flame graph SVG")
-    ap.add_argument("--memory-budget")
-    ap.add_argument("--workers", type=int)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument(
         "--aggregate-only",
@@ -152,7 +177,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     data = a.data.resolve()
-    tag = a.tag or f"{a.method}-{data.name}-k{a.tasks}"
+    tag = merge_tag(a)
     if a.aggregate_only:
         path = REPO / "benchmarks" / "results" / f"profile_{tag}.json"
         doc = json.loads(path.read_text())
@@ -160,20 +185,8 @@ def main(argv=None) -> int:
         path.write_text(json.dumps(doc, indent=1, sort_keys=False, default=str) + "\n")
         print(f"[profile] re-aggregated {path}", file=sys.stderr)
         return 0
+    dirs, out, _, cmd = merge_to_profile(a, "profile")
     work = REPO / "benchmarks" / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    dirs = [data / "base"] + [data / f"ft_{i + 1}" for i in range(a.tasks)]
-    out = data / "work" / f"profile-out-{a.method}"
-    cfg_path = work / f"profile_{tag}.yaml"
-    cfg_path.write_text(
-        yaml.safe_dump(
-            tadmerge_config(
-                a.method, dirs[0], dirs[1:], out, memory_budget=a.memory_budget, workers=a.workers
-            ),
-            sort_keys=False,
-        )
-    )
-    cmd = [*tadmerge_exe(), "-q", "merge", str(cfg_path), "--overwrite"]
     raw = work / f"profile_{tag}.txt"
     spy = [pyspy(), "record", "--rate", str(a.rate), "--format", "raw", "-o", str(raw)]
     if a.native:
