@@ -19,6 +19,7 @@ module assumes a little-endian host (x86-64, aarch64).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import math
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tadmerge.errors import InputError, InputProblem, MergeRuntimeError
+from tadmerge.io import libc
 from tadmerge.io.safetensors_format import DTYPE_SIZE, METADATA_KEY, TensorEntry, dtype_name
 
 if TYPE_CHECKING:
@@ -237,21 +239,7 @@ _MADV_POPULATE_READ = 22  # Linux 5.14+: fault the whole range in now, an error 
 _map_ok = hasattr(mmap, "mmap") and hasattr(mmap.mmap, "madvise")
 
 
-def _libc_madvise():
-    """libc's madvise through ctypes (which lets go of the GIL while it runs),
-    or None where there is none."""
-    import ctypes
-
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_madvise = _libc_madvise() if _map_ok else None
+_madvise = libc.function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
 
 
 def _populate(mm: mmap.mmap) -> None:
@@ -262,8 +250,6 @@ def _populate(mm: mmap.mmap) -> None:
     if _madvise is None:
         mm.madvise(_MADV_POPULATE_READ)
         return
-    import ctypes
-
     view = np.frombuffer(mm, dtype=np.uint8)  # the map's address; released below
     try:
         if _madvise(view.ctypes.data, len(mm), _MADV_POPULATE_READ) != 0:

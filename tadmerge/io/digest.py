@@ -27,21 +27,16 @@ import heapq
 import os
 import threading
 
+from . import libc
+
 _READ_BLOCK = 8 * 2**20
 _SYNC_FILE_RANGE_WRITE = 2  # start write-back of the range's dirty pages, do not wait
 
 
-def _writeback_starter():
-    """libc's sync_file_range where there is one (Linux), else None."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    return fn
-
-
-_sync_file_range = _writeback_starter()
+# where there is one (Linux), else None
+_sync_file_range = libc.function(
+    "sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+)
 
 
 def start_writeback(fd: int, start: int, length: int) -> None:
