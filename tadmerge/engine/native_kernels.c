@@ -35,6 +35,16 @@ static inline uint32_t bits_of(float f)
     return u;
 }
 
+/* The chunk of the base at a (at most CHUNK entries) widened into bf; returns
+ * its length. The opening of every combining kernel's chunk loop. */
+static inline int64_t widen_base(const uint16_t *base, int64_t a, int64_t n, float *bf)
+{
+    int64_t m = n - a < CHUNK ? n - a : CHUNK;
+    for (int64_t j = 0; j < m; j++)
+        bf[j] = from_bf16(base[a + j]);
+    return m;
+}
+
 /* A chunk's m float32 results into out16 (rounded to nearest even, as torch
  * narrows float32 to bf16) or out32; returns how many are NaN. */
 static inline int64_t store(const float *acc, int64_t m, uint16_t *out16, float *out32)
@@ -70,10 +80,7 @@ int64_t tadmerge_stream_raw(const uint16_t *base, const uint16_t *const *tasks, 
     float bf[CHUNK], acc[CHUNK];
     int64_t nan = 0;
     for (int64_t a = 0; a < n; a += CHUNK) {
-        int64_t m = n - a < CHUNK ? n - a : CHUNK;
-        const uint16_t *bs = base + a;
-        for (int64_t j = 0; j < m; j++)
-            bf[j] = from_bf16(bs[j]);
+        int64_t m = widen_base(base, a, n, bf);
         for (int64_t k = 0; k < k_count; k++) {
             const uint16_t *ts = tasks[k] + a;
             const float wk = w[k];
@@ -258,10 +265,7 @@ int64_t tadmerge_cut_combine_raw(const uint16_t *base, const uint16_t *const *ta
     float bf[CHUNK], acc[CHUNK];
     int64_t nan = 0;
     for (int64_t a = 0; a < n; a += CHUNK) {
-        int64_t m = n - a < CHUNK ? n - a : CHUNK;
-        const uint16_t *bs = base + a;
-        for (int64_t j = 0; j < m; j++)
-            bf[j] = from_bf16(bs[j]);
+        int64_t m = widen_base(base, a, n, bf);
         for (int64_t k = 0; k < k_count; k++) {
             const uint16_t *ts = tasks[k] + a;
             const int32_t lk = (int32_t)(lo_key[k] < 0x7FFFFFFF ? lo_key[k] : 0x7FFFFFFF);
