@@ -196,6 +196,25 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    """The merge methods and their parameters, from their declarations (methods/)."""
+    from . import methods
+    from .errors import ConfigError
+
+    tables = {"sparsify": methods.sparsifiers(), "merge": methods.combiners()}
+    if args.name:
+        found = {s: {args.name: t[args.name]} for s, t in tables.items() if args.name in t}
+        if not found:
+            known = ", ".join(n for t in tables.values() for n in t)
+            raise ConfigError(f"no method {args.name!r}; known: {known}")
+        tables = found
+    for section, table in tables.items():
+        print(f"{section}.method:")
+        for line in methods.describe(table):
+            print(f"  {line}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tadmerge",
@@ -239,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("output")
     r.add_argument("--to", help="directory for the PNG files (default: OUTPUT/plots)")
     r.set_defaults(func=cmd_report)
+
+    me = sub.add_parser("methods", help="list the merge methods and their parameters")
+    me.add_argument("name", nargs="?", help="one method (e.g. tadrop, ties)")
+    me.set_defaults(func=cmd_methods)
 
     k = sub.add_parser("kernels", help="build the C kernels now; say which kernels merges take")
     k.set_defaults(func=cmd_kernels)

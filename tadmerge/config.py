@@ -7,7 +7,7 @@ into a silently different merge.
 
 from __future__ import annotations
 
-import math
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -16,15 +16,12 @@ from typing import Any
 
 import yaml
 
-from .engine.spec import (
-    ALL_METHODS,
-    COMBINERS,
-    DEFAULT_RESCALE,
-    RESCALE_MODES,
-    SparsifySpec,
-)
+from . import methods
+from .engine.spec import SparsifySpec
 from .errors import ConfigError
+from .schema import check_bool, check_choice, check_int, check_number
 
+log = logging.getLogger("tadmerge")
 OUTPUT_DTYPES = {"auto", "float32", "bfloat16", "float16", "float64"}
 DELTA_DTYPES = {"float32", "bfloat16", "float16"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -64,9 +61,17 @@ class ModelEntry:
 
 @dataclass(frozen=True)
 class MergeMethod:
+    """merge.method and the values of the parameters its combiner declares
+    (methods/), in declaration order."""
+
     method: str = "task_arithmetic"
-    scale: float = 1.0
-    disjoint: str = "mean"
+    params: tuple[tuple[str, Any], ...] = (("scale", 1.0),)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return dict(self.params).get(name, default)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **dict(self.params)}
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,7 @@ class MergeConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["models"] = [asdict(m) for m in self.models]
+        d["merge"] = self.merge.to_dict()
         d["exclude"] = list(self.exclude)
         return d
 
@@ -161,8 +167,8 @@ class MergeConfig:
 
 _TOP_KEYS = {"base", "models", "sparsify", "merge", "exclude", "output", "runtime", "seed",
              "inputs", "emr"}  # fmt: skip
-_SPARSIFY_KEYS = {"method", "scope", "low_q", "high_q", "eps", "rescale", "max_drop",
-                  "density", "p", "epsilon", "gamma"}  # fmt: skip
+_SPARSIFY_PARAMS = methods.all_params(methods.sparsifiers())
+_MERGE_PARAMS = methods.all_params(methods.combiners())
 
 
 def _check_keys(section: dict, allowed: set[str], where: str) -> None:
@@ -176,36 +182,10 @@ def _check_keys(section: dict, allowed: set[str], where: str) -> None:
         )
 
 
-def _num(value: Any, key: str, lo: float | None = None, hi: float | None = None,
-         lo_open: bool = False, hi_open: bool = False) -> float:  # fmt: skip
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ConfigError(f"{key}: must be finite, got {value!r}")
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise ConfigError(f"{key}: must be {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None and (v > hi or (hi_open and v == hi)):
-        raise ConfigError(f"{key}: must be {'<' if hi_open else '<='} {hi}, got {value!r}")
-    return v
-
-
-def _choice(value: Any, key: str, choices: set[str] | frozenset[str]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{key}: expected one of {', '.join(sorted(choices))}; got {value!r}")
-    return value
-
-
-def _int(value: Any, key: str, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ConfigError(f"{key}: expected an integer >= {lo}, got {value!r}")
-    return value
-
-
-def _bool(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    return value
+_num = check_number
+_choice = check_choice
+_int = check_int
+_bool = check_bool
 
 
 def _parse_models(raw: Any, base_dir: Path) -> tuple[ModelEntry, ...]:
@@ -241,60 +221,43 @@ def _resolve_path(p: str, base_dir: Path) -> str:
 
 
 def _parse_sparsify(raw: dict) -> SparsifySpec:
-    _check_keys(raw, _SPARSIFY_KEYS, "sparsify")
-    method = _choice(raw.get("method", "none"), "sparsify.method", ALL_METHODS)
-    scope = _choice(raw.get("scope", "tensor"), "sparsify.scope", {"tensor", "global"})
-    d = SparsifySpec()
-    low_q = _num(raw.get("low_q", d.low_q), "sparsify.low_q", 0.0, 1.0)
-    high_q = _num(raw.get("high_q", d.high_q), "sparsify.high_q", 0.0, 1.0)
-    if low_q >= high_q:
-        raise ConfigError(f"sparsify.low_q ({low_q}) must be below sparsify.high_q ({high_q})")
-    rescale = _choice(raw.get("rescale", DEFAULT_RESCALE[method]), "sparsify.rescale",
-                      RESCALE_MODES)  # fmt: skip
-    if method in {"random", "della"} and rescale not in {"none", "inverse_keep"}:
-        raise ConfigError(
-            f"sparsify.rescale: {method} supports none or inverse_keep, not {rescale}"
-        )
-    if method in {"magnitude", "breadcrumbs"} and scope == "global" and rescale in {"l2", "l1"}:
-        raise ConfigError(
-            f"sparsify.rescale: {rescale} with scope global is defined for tadrop only "
-            f"(use none or inverse_keep with {method})"
-        )
-    density = _num(raw.get("density", d.density), "sparsify.density", 0.0, 1.0, lo_open=True)
-    gamma = _num(raw.get("gamma", d.gamma), "sparsify.gamma", 0.0, 1.0, hi_open=True)
-    if method == "breadcrumbs" and density + gamma > 1.0:
-        raise ConfigError(f"sparsify.density + sparsify.gamma must be <= 1 ({density + gamma})")
-    epsilon = _num(raw.get("epsilon", d.epsilon), "sparsify.epsilon", 0.0, 1.0)
-    if method == "della" and (density - epsilon <= 0 or density + epsilon > 1):
-        raise ConfigError(
-            f"sparsify.epsilon: della needs 0 < density - epsilon and density + epsilon <= 1 "
-            f"(density {density}, epsilon {epsilon})"
-        )
-    return SparsifySpec(
-        method=method,
-        scope=scope,
-        low_q=low_q,
-        high_q=high_q,
-        eps=_num(raw.get("eps", d.eps), "sparsify.eps", 0.0),
-        rescale=rescale,
-        max_drop=_num(raw.get("max_drop", d.max_drop), "sparsify.max_drop", 0.0, 1.0),
-        density=density,
-        p=_num(raw.get("p", d.p), "sparsify.p", 0.0, 1.0, hi_open=True),
-        epsilon=epsilon,
-        gamma=gamma,
+    """The sparsify section: the method's declared parameters (methods/)."""
+    _check_keys(raw, {"method"} | set(_SPARSIFY_PARAMS), "sparsify")
+    method = methods.sparsifier(
+        _choice(raw.get("method", "none"), "sparsify.method", frozenset(methods.sparsifiers()))
     )
+    values, ignored = methods.parse_params(method, raw, "sparsify", _SPARSIFY_PARAMS)
+    _warn_ignored("sparsify", method.name, ignored)
+    return SparsifySpec(method=method.name, **values)
 
 
 def _parse_merge(m: Any, models: tuple[ModelEntry, ...]) -> MergeMethod:
-    _check_keys(m, {"method", "scale", "disjoint"}, "merge")
-    merge = MergeMethod(
-        method=_choice(m.get("method", "task_arithmetic"), "merge.method", COMBINERS),
-        scale=_num(m.get("scale", 1.0), "merge.scale"),
-        disjoint=_choice(m.get("disjoint", "mean"), "merge.disjoint", {"mean", "sum"}),
+    _check_keys(m, {"method"} | set(_MERGE_PARAMS), "merge")
+    combiner = methods.combiner(
+        _choice(m.get("method", "task_arithmetic"), "merge.method", frozenset(methods.combiners()))
     )
-    if merge.method == "average" and models and sum(x.weight for x in models) == 0:
-        raise ConfigError("models[*].weight: the weights of an average must not sum to 0")
+    values, ignored = methods.parse_params(combiner, m, "merge", _MERGE_PARAMS)
+    _warn_ignored("merge", combiner.name, ignored)
+    merge = MergeMethod(method=combiner.name, params=tuple(values.items()))
+    normalized = merge.method == "average" or merge.get("normalize", False)
+    if normalized and models and sum(x.weight for x in models) == 0:
+        raise ConfigError(
+            f"models[*].weight: the weights of {merge.method} must not sum to 0 (it divides by it)"
+        )
     return merge
+
+
+def _warn_ignored(section: str, method: str, keys: list[str]) -> None:
+    """Keys of another method: accepted (a config may switch methods and keep them),
+    but said, so that nobody believes they took effect."""
+    if keys:
+        log.warning(
+            "%s: %s takes no %s; ignored (its parameters: `tadmerge methods %s`)",
+            section,
+            method,
+            ", ".join(keys),
+            method,
+        )
 
 
 def _parse_exclude(exclude: Any) -> tuple[str, ...]:

@@ -161,11 +161,18 @@ def wsum(ts: list[torch.Tensor], ws: list[float]) -> torch.Tensor:
     return acc
 
 
+def linear(base, thetas, ts, ws, normalize=True, sparse=True):
+    """mergekit's linear: Σ w θ (/ Σ w); on task vectors with a sparsifier."""
+    if not sparse:
+        acc = wsum(thetas, ws)
+        return acc / f32(sum(ws)) if normalize else acc
+    acc = wsum(ts, ws)
+    return base + (acc / f32(sum(ws)) if normalize else acc)
+
+
 def combine(method: str, base, thetas, ts, ws, scale, disjoint="mean", sparse=True):
-    if method == "average":
-        if not sparse:
-            return wsum(thetas, ws) / f32(sum(ws))
-        return base + wsum(ts, ws) / f32(sum(ws))
+    if method in ("average", "linear"):
+        return linear(base, thetas, ts, ws, True, sparse)
     if method == "task_arithmetic":
         return base + f32(scale) * wsum(ts, ws)
     if method == "ties":

@@ -33,7 +33,7 @@ SPARSIFIERS = {
     "della": {"method": "della", "density": 0.5, "epsilon": 0.2, "rescale": "inverse_keep"},
     "breadcrumbs": {"method": "breadcrumbs", "density": 0.6, "gamma": 0.05, "rescale": "none"},
 }
-COMBINERS = ["average", "task_arithmetic", "ties", "emr"]
+COMBINERS = ["average", "linear", "task_arithmetic", "ties", "emr"]
 BLOCK = 64  # canonical block elements: small so that the zoo splits into many blocks
 WEIGHTS = [1.0, 0.5, 2.0]
 

@@ -38,8 +38,9 @@ def merge_spec(plan: Plan) -> MergeSpec:
     return MergeSpec(
         sparsify=cfg.sparsify,
         method=cfg.merge.method,
-        scale=cfg.merge.scale,
-        disjoint=cfg.merge.disjoint,
+        scale=cfg.merge.get("scale", 1.0),
+        disjoint=cfg.merge.get("disjoint", "mean"),
+        params=cfg.merge.params,
         weights=tuple(m.weight for m in cfg.models),
         seed=cfg.seed,
     )

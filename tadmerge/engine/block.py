@@ -15,17 +15,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import methods
 from . import combine as C
 from . import kernels
-from .exact import ExactSum, coarse_stats, exact_sum_by_exponent
+from .exact import coarse_stats
 from .histogram import RankIndex
 from .keys import KeyChunks, magnitude_keys
 from .selection import own_norms  # noqa: F401  (re-exported)
 from .sparsify import (
     MAGNITUDE_METHODS,
     apply_cuts,
-    dare_block,
-    della_block,
     resolve_selection,
     run_locally,
     ties_below,
@@ -140,9 +139,10 @@ def plan_task(
     u = uniform_stream(
         spec.seed, k, ctx.tensor, ctx.row_start, ctx.row_end, ctx.rng_rows, ctx.row_numel
     )
-    if sp.method == "random":
+    method = methods.sparsifier(sp.method)
+    if not method.whole_rows:
         return TaskPlan(TaskStats(), uniform=u)
-    t, kept = della_block(tau, magnitude_keys(tau), u, ctx.della_row, sp)
+    t, kept = method.block(tau, u, sp, ctx.della_row)
     tau.copy_(t)
     return TaskPlan(TaskStats(kept=kept, t_sq=square_sum(tau)), done=True)
 
@@ -168,7 +168,9 @@ def sparsify_chunk(tp: TaskPlan, tau: torch.Tensor, start: int, spec: MergeSpec)
         hi_end, c.hi_left = ties_below(keys, c.hi_key, c.hi_left)
         _, kept = apply_cuts(tau, keys, (c.lo_key, lo_end), (c.hi_key, hi_end), c.scale)
     else:
-        _, kept = dare_block(tau, tp.uniform[start : start + tau.numel()], spec.sparsify)
+        sp = spec.sparsify
+        u = tp.uniform[start : start + tau.numel()]
+        _, kept = methods.sparsifier(sp.method).block(tau, u, sp, 0)
     tp.stats.kept += kept
 
 
@@ -189,23 +191,18 @@ def merge_block(
     `models` are consumed: each becomes τ_k, then t_k, in place, and the merged
     block is written over models[0] (the working set stays at K+1 blocks plus a
     few chunk-sized temporaries). Phase one makes each τ_k and its statistics
-    with whole-block passes; phase two sparsifies and combines chunk by chunk
-    (CHUNK_ELEMENTS). Raises NonFiniteTaskVector when a τ_k holds NaN/Inf (unless
-    check_finite=False).
+    with whole-block passes; phase two is the combiner's (methods/): it
+    sparsifies and combines chunk by chunk (CHUNK_ELEMENTS). Raises
+    NonFiniteTaskVector when a τ_k holds NaN/Inf (unless check_finite=False).
     """
+    combiner = methods.combiner(spec.method)
     sparsify_none = spec.sparsify.method == "none"
-    if spec.method == "average" and sparsify_none:
-        stats = []
-        for k, m in enumerate(models):
-            tau_sq = square_sum(m - base)
-            if check_finite and not math.isfinite(tau_sq):
-                raise NonFiniteTaskVector(k)
-            stats.append(TaskStats(kept=base.numel(), tau_sq=tau_sq, t_sq=tau_sq))
-        return BlockResult(C.average(models, list(spec.weights)), None, stats)
+    if sparsify_none and combiner.merge_weights is not None:
+        return combiner.merge_weights(base, models, spec, check_finite)
     plans = []
     # a magnitude selection is applied by the fused cut kernel (CPU, numba) when
     # it is installed: 0.8 ns per element against ~7.5 for the torch ops, worth
-    # numba's start-up and RSS for every such merge (TADrop, TIES trims, ...);
+    # numba's start-up and RSS for every such merge (TADrop, trims, ...);
     # non-finite values (allow_nonfinite) keep the torch ops, as in TIES and EMR
     magnitude = spec.sparsify.method in MAGNITUDE_METHODS
     fused = magnitude and check_finite and kernels.enabled(base)
@@ -223,10 +220,9 @@ def merge_block(
             tp.stats.t_sq = tau_sq
         plans.append(tp)
     taus = models
-    w = list(spec.weights)
-    chunks = _chunks(base.numel(), base.device)
 
     def sparsify(a: int, b: int) -> list[torch.Tensor]:
+        """t_k[a:b] of every task (made in place once, chunks in flat order)."""
         ts = []
         for tp, tau in zip(plans, taus, strict=True):
             t = tau[a:b]
@@ -236,92 +232,11 @@ def merge_block(
             ts.append(t)
         return ts
 
-    stats = [tp.stats for tp in plans]
-    if spec.method == "emr":
-        n = base.numel()
-        if check_finite and kernels.enabled(base) and n <= kernels.PIECE:
-            # one fused pass (kernels.emr_merge), the same bytes and exact sums
-            for a, b in chunks:
-                sparsify(a, b)
-            planes = torch.empty((len(taus), n), dtype=torch.bool)
-            abs_t, abs_u = kernels.emr_merge(taus, planes)
-            return BlockResult(
-                None,
-                C.EmrBlock(
-                    taus[0],
-                    list(planes),
-                    [exact_sum_by_exponent(v, n) for v in abs_t],
-                    [exact_sum_by_exponent(v, n) for v in abs_u],
-                ),
-                stats,
-            )
-        # chunk by chunk too: τ_uni over the first task's block, the masks into
-        # whole-block bool planes, the exact sums added (exactly) across chunks
-        masks = [torch.empty(n, dtype=torch.bool, device=base.device) for _ in taus]
-        abs_t = [ExactSum() for _ in taus]
-        abs_uni = [ExactSum() for _ in taus]
-        for a, b in chunks:
-            eb = C.emr(sparsify(a, b))
-            _store(taus[0][a:b], eb.tau_uni)
-            for k in range(len(taus)):
-                masks[k][a:b] = eb.masks[k]
-                abs_t[k] += eb.abs_t[k]
-                abs_uni[k] += eb.abs_masked_uni[k]
-        return BlockResult(None, C.EmrBlock(taus[0], masks, abs_t, abs_uni), stats)
-    if spec.method == "ties":
-        # the fused kernel (finite values; the disjoint mean's divisor needs
-        # positive weights) or the torch ops chunk by chunk: the same bytes
-        fused_ties = (
-            check_finite
-            and (spec.disjoint == "sum" or all(x > 0 for x in w))
-            and kernels.enabled(base)
-        )
-        sparsified = False
-        if fused_ties:
-            for a, b in chunks:
-                sparsify(a, b)
-            sparsified = True
-        majority = ctx.majority
-        if majority is None and ctx.whole:
-            # the block is the whole tensor: its own vote decides, so count it first
-            if fused_ties:
-                votes = kernels.ties_votes(taus, w)
-            else:
-                votes = sum(C.ties_vote(sparsify(a, b), w) for a, b in chunks)
-                sparsified = True
-            majority = C.majority_sign(votes)
-        else:
-            # a split tensor's majority sign is only known once every block voted:
-            # use the resolved one, or +1 provisionally (the driver reruns the few
-            # blocks whose exact cancellations need the other sign)
-            majority = 1 if majority is None else majority
-        if fused_ties:
-            mean = spec.disjoint == "mean"
-            sign_sum, cancel = kernels.ties_merge(
-                taus, w, base, spec.scale, mean, majority, not ctx.whole
-            )
-            return BlockResult(taus[0], None, stats, (sign_sum, cancel, majority))
-        sign_sum = cancel = 0
-        for a, b in chunks:
-            ts = [t[a:b] for t in taus] if sparsified else sparsify(a, b)
-            tb = C.ties(base[a:b], ts, w, spec.scale, spec.disjoint, majority, not ctx.whole)
-            _store(taus[0][a:b], tb.merged)
-            sign_sum += tb.sign_sum
-            cancel += tb.cancel
-        return BlockResult(taus[0], None, stats, (sign_sum, cancel, majority))
-    if spec.method not in ("average", "task_arithmetic"):
-        raise ValueError(f"unknown merge method {spec.method}")
-    for a, b in chunks:
-        ts = sparsify(a, b)
-        if spec.method == "average":
-            merged = C.average_of_deltas(base[a:b], ts, w)
-        else:
-            merged = C.task_arithmetic(base[a:b], ts, w, spec.scale)
-        _store(taus[0][a:b], merged)
-    return BlockResult(taus[0], None, stats)
+    chunks = _chunks(base.numel(), base.device)
+    return combiner.merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite)
 
 
-def _store(dest: torch.Tensor, merged: torch.Tensor) -> None:
+def store(dest: torch.Tensor, merged: torch.Tensor) -> None:
     """The combiners work in place on the first task's slice; copy when one did not."""
     if merged.data_ptr() != dest.data_ptr():
         dest.copy_(merged)

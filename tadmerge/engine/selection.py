@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .. import methods
 from .exact import ABS_SCALE_BITS, SQ_SCALE_BITS
 from .histogram import Cut, RankIndex, fine_histograms, scaled_to_float
 from .keys import KeyChunks
@@ -100,23 +101,18 @@ def resolve_selection(
     """
     n = index.n
     q_low = q_high = None
-    if spec.method == "tadrop":
-        if rate is None:
-            rate, q_low, q_high = yield from tadrop_rate(index, spec, predict_cut=True)
-        lo_rank, hi_rank = math.floor(rate * n), n
-    elif spec.method == "magnitude":
-        lo_rank, hi_rank = n - math.floor(spec.density * n), n
-    elif spec.method == "breadcrumbs":
-        lo_rank = max(0, math.floor((1.0 - spec.density - spec.gamma) * n))
-        hi_rank = n - math.floor(spec.gamma * n)
-    else:
+    method = methods.sparsifier(spec.method)
+    if method.keep_range is None:
         raise ValueError(f"{spec.method} is not a magnitude sparsifier")
+    if method.drop_rate is not None and rate is None:
+        rate, q_low, q_high = yield from method.drop_rate(index, spec)
+    lo_rank, hi_rank = method.keep_range(n, spec, rate)
     need = index.missing([lo_rank, hi_rank])
     if need:
         yield need
     lo, hi = index.cut(lo_rank), index.cut(hi_rank)
     dropped = n - (hi_rank - lo_rank)
-    drop_rate = rate if spec.method == "tadrop" else (dropped / n if n else 0.0)
+    drop_rate = rate if method.drop_rate is not None else (dropped / n if n else 0.0)
     norms: tuple[float, float] | tuple[None, None] = (None, None)
     if spec.rescale == "l2":
         tau_sq = scaled_to_float(index.total_moment(2), SQ_SCALE_BITS)

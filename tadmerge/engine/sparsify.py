@@ -17,7 +17,6 @@ import hashlib
 
 import torch
 
-from .histogram import Cut
 from .selection import (  # noqa: F401  (re-exported)
     PREDICTED_BUCKETS,
     Selection,
@@ -30,7 +29,6 @@ from .spec import (  # noqa: F401  (re-exported: the engine's names for them)
     DEFAULT_RESCALE,
     MAGNITUDE_METHODS,
     RANDOM_METHODS,
-    RESCALE_MODES,
     SparsifySpec,
 )
 
@@ -100,24 +98,8 @@ def apply_cuts(
     return tau, int(torch.count_nonzero(keep))
 
 
-def _drop_scaled_(tau: torch.Tensor, drop: torch.Tensor, scale: float) -> torch.Tensor:
-    """In place: kept entries times fl32(scale), dropped entries +0.0."""
-    if scale != 1.0:
-        tau.mul_(torch.tensor(scale, dtype=torch.float32, device=tau.device))
-    return tau.masked_fill_(drop, 0.0)
-
-
-def ties_in_block(keys: torch.Tensor, key: int) -> int:
-    return int((keys == key).sum()) if key >= 0 else 0
-
-
-def block_quota(cut: Cut, ties_before: int, ties_here: int) -> int:
-    """How many of this block's ties at the cut key lie below the cut."""
-    return max(0, min(cut.quota - ties_before, ties_here))
-
-
 # ---------------------------------------------------------------------------------
-# DARE and DELLA: reproducible randomness independent of the split
+# Random streams (DARE, DELLA: methods/): reproducible independent of the split
 # ---------------------------------------------------------------------------------
 
 
@@ -148,33 +130,3 @@ def uniform_stream(
         parts.append(draws[lo:hi])
         start = min(row_end, block_end)
     return torch.cat(parts) if parts else torch.empty(0)
-
-
-def dare_block(tau: torch.Tensor, u: torch.Tensor, spec: SparsifySpec) -> tuple[torch.Tensor, int]:
-    """Drop each entry with probability p (u < p), scale kept by fl32(1/(1-p))."""
-    drop = u.to(tau.device) < spec.p
-    scale = 1.0 / (1.0 - spec.p) if spec.rescale == "inverse_keep" else 1.0
-    return _drop_scaled_(tau, drop, scale), tau.numel() - int(torch.count_nonzero(drop))
-
-
-def della_block(
-    tau: torch.Tensor, keys: torch.Tensor, u: torch.Tensor, row_len: int, spec: SparsifySpec
-) -> tuple[torch.Tensor, int]:
-    """DELLA: per row, keep probability grows linearly with the rank of |τ|."""
-    m = row_len
-    rows = keys.view(-1, m)
-    order = torch.sort(rows, dim=1, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(m, device=keys.device).expand_as(order))
-    if m > 1:
-        prob = (spec.density - spec.epsilon) + 2.0 * spec.epsilon * rank.double() / (m - 1)
-    else:
-        prob = torch.full(rank.shape, spec.density, dtype=torch.float64, device=keys.device)
-    prob = prob.view(-1)
-    keep = u.to(tau.device).double() < prob
-    if spec.rescale == "inverse_keep":
-        scale = (1.0 / prob.clamp_min(1e-300)).to(torch.float32)
-        out = tau * scale
-    else:
-        out = tau
-    return torch.where(keep, out, torch.zeros((), device=tau.device)), int(keep.sum())

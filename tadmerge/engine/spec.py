@@ -10,21 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import methods
+
 if TYPE_CHECKING:
     from .sparsify import Selection
 
-COMBINERS = frozenset({"average", "task_arithmetic", "ties", "emr"})
-MAGNITUDE_METHODS = frozenset({"tadrop", "magnitude", "breadcrumbs"})
-RANDOM_METHODS = frozenset({"random", "della"})
-ALL_METHODS = frozenset({"none"}) | MAGNITUDE_METHODS | RANDOM_METHODS
-RESCALE_MODES = frozenset({"none", "l2", "l1", "inverse_keep"})
+# the method tables, as the registry declares them (methods/)
+COMBINERS = frozenset(methods.combiners())
+MAGNITUDE_METHODS = methods.family(methods.MAGNITUDE)
+RANDOM_METHODS = methods.family(methods.RANDOM)
+ALL_METHODS = frozenset(methods.sparsifiers())
 DEFAULT_RESCALE = {
-    "none": "none",
-    "tadrop": "l2",
-    "magnitude": "none",
-    "breadcrumbs": "none",
-    "random": "inverse_keep",
-    "della": "inverse_keep",
+    name: (p.default if (p := s.param("rescale")) else "none")
+    for name, s in methods.sparsifiers().items()
 }
 
 
@@ -53,11 +51,16 @@ class SparsifySpec:
 @dataclass(frozen=True)
 class MergeSpec:
     sparsify: SparsifySpec
-    method: str  # average | task_arithmetic | ties | emr
+    method: str  # a combiner of the registry (methods/)
     scale: float = 1.0
     disjoint: str = "mean"
     weights: tuple[float, ...] = ()
     seed: int = 0
+    # every parameter the combiner declares, by name (scale and disjoint too)
+    params: tuple[tuple[str, object], ...] = ()
+
+    def param(self, name: str):
+        return dict(self.params)[name]
 
 
 class NonFiniteTaskVector(ValueError):

@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .. import __version__
+from .. import __version__, methods
 from ..config import MergeConfig
 from ..engine.spec import MAGNITUDE_METHODS
 from ..errors import ConfigError, OutputError
@@ -135,26 +135,13 @@ def bytes_per_element(k: int, itemsize: int, method: str = "ties", sparsify: str
 
     Always: K+1 float32 blocks (τ_k and t_k are made in place, and the merge is
     written over the first), one raw block being converted, the output cast.
-    Phase one adds what its statistics pick whole-block (magnitude methods: the
-    keys of the fine histograms' buckets, a few percent of the block, more for
-    TADrop's several buckets; keys and masks themselves are made chunk by chunk),
-    the DARE draws of every task (random), or DELLA's per-row ranking (int64
-    indices and ranks, float64 probabilities). Phase two works in chunks of fixed
-    size (in FIXED_OVERHEAD); EMR keeps its K masks whole-block (bool) for the
-    mask store, and τ_uni as float32 when the delta is written in another dtype.
+    Each method adds what it holds whole-block (its `extra_bytes`, methods/):
+    a magnitude sparsifier the keys of the fine histograms' buckets, DARE the
+    draws of every task, DELLA its per-row ranking, EMR its K masks. Phase two
+    works in chunks of fixed size (in FIXED_OVERHEAD).
     """
     n = 4 * (k + 1) + itemsize + max(itemsize, 4) + 4
-    if sparsify == "tadrop":
-        n += 4
-    elif sparsify in MAGNITUDE_METHODS:
-        n += 2
-    elif sparsify == "random":
-        n += 4 * k + 4
-    elif sparsify == "della":
-        n += 56
-    if method == "emr":
-        n += k + 4
-    return n
+    return n + methods.sparsifier(sparsify).extra_bytes(k) + methods.combiner(method).extra_bytes(k)
 
 
 def canonical_rows(row_numel: int, block_elements: int = CANONICAL_ELEMS) -> int:

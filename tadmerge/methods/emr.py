@@ -1,0 +1,56 @@
+"""EMR-Merging: a unified task vector τ_uni = σ·max_k(M_k |t_k|) with σ = sign(Σ t_k)
+(0 → -1), a 1-bit mask M_k = [t_k σ > 0] and a rescaler λ_k = Σ|t_k| / Σ|M_k ⊙ τ_uni|
+per task; task k is θ0 + λ_k M_k ⊙ τ_uni. The rescalers are exact sums over the
+whole task vector (integer moments, engine/exact.py)."""
+
+from __future__ import annotations
+
+from .registry import Combiner
+
+
+def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
+    import torch
+
+    from ..engine import combine as C
+    from ..engine import kernels
+    from ..engine.block import BlockResult, store
+    from ..engine.exact import ExactSum, exact_sum_by_exponent
+
+    stats = [tp.stats for tp in plans]
+    n = base.numel()
+    if check_finite and kernels.enabled(base) and n <= kernels.PIECE:
+        # one fused pass (kernels.emr_merge), the same bytes and exact sums
+        for a, b in chunks:
+            sparsify(a, b)
+        planes = torch.empty((len(taus), n), dtype=torch.bool)
+        abs_t, abs_u = kernels.emr_merge(taus, planes)
+        block = C.EmrBlock(
+            taus[0],
+            list(planes),
+            [exact_sum_by_exponent(v, n) for v in abs_t],
+            [exact_sum_by_exponent(v, n) for v in abs_u],
+        )
+        return BlockResult(None, block, stats)
+    # chunk by chunk: τ_uni over the first task's block, the masks into
+    # whole-block bool planes, the exact sums added (exactly) across chunks
+    masks = [torch.empty(n, dtype=torch.bool, device=base.device) for _ in taus]
+    abs_t = [ExactSum() for _ in taus]
+    abs_uni = [ExactSum() for _ in taus]
+    for a, b in chunks:
+        eb = C.emr(sparsify(a, b))
+        store(taus[0][a:b], eb.tau_uni)
+        for k in range(len(taus)):
+            masks[k][a:b] = eb.masks[k]
+            abs_t[k] += eb.abs_t[k]
+            abs_uni[k] += eb.abs_masked_uni[k]
+    return BlockResult(None, C.EmrBlock(taus[0], masks, abs_t, abs_uni), stats)
+
+
+METHOD = Combiner(
+    name="emr",
+    summary="a unified task vector, 1-bit masks and exact rescalers per task (EMR-Merging)",
+    # the K masks whole-block (bool) for the mask store, τ_uni in float32
+    extra_bytes=lambda k: k + 4,
+    merge_block=merge_block,
+    cross_block=("rescalers",),
+)

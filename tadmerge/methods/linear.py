@@ -1,0 +1,55 @@
+"""Linear (mergekit's `linear`): θ = Σ w_k θ_k / Σ w_k, or Σ w_k θ_k without
+normalize. With a sparsifier it acts on task vectors: θ0 + Σ w_k t_k (/ Σ w_k).
+Averaging is linear with normalize (methods/average.py)."""
+
+from __future__ import annotations
+
+import math
+
+from .registry import Combiner, Param
+
+NORMALIZE = Param("normalize", True, "divide by the sum of the weights")
+
+
+def merge_weights(base, models, spec, check_finite: bool, normalize: bool | None = None):
+    """Without a sparsifier the weights themselves are combined (τ_k only for the
+    report and the finite check). Consumes `models`."""
+    from ..engine import combine as C
+    from ..engine.block import BlockResult, square_sum
+    from ..engine.spec import NonFiniteTaskVector, TaskStats
+
+    normalize = spec.param("normalize") if normalize is None else normalize
+    stats = []
+    for k, m in enumerate(models):
+        tau_sq = square_sum(m - base)
+        if check_finite and not math.isfinite(tau_sq):
+            raise NonFiniteTaskVector(k)
+        stats.append(TaskStats(kept=base.numel(), tau_sq=tau_sq, t_sq=tau_sq))
+    w = list(spec.weights)
+    merged = C.average(models, w) if normalize else C.weighted_sum(models, w)
+    return BlockResult(merged, None, stats)
+
+
+def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite, normalize=None):
+    from ..engine import combine as C
+    from ..engine.block import BlockResult, store
+
+    normalize = spec.param("normalize") if normalize is None else normalize
+    w = list(spec.weights)
+    for a, b in chunks:
+        ts = sparsify(a, b)
+        if normalize:
+            merged = C.average_of_deltas(base[a:b], ts, w)
+        else:
+            merged = C.weighted_sum(ts, w).add_(base[a:b])
+        store(taus[0][a:b], merged)
+    return BlockResult(taus[0], None, [tp.stats for tp in plans])
+
+
+METHOD = Combiner(
+    name="linear",
+    summary="Σ w_k θ_k / Σ w_k (mergekit's linear; without normalize: Σ w_k θ_k)",
+    params=(NORMALIZE,),
+    merge_block=merge_block,
+    merge_weights=merge_weights,
+)

@@ -1,0 +1,242 @@
+"""The method registry: what a sparsifier or a combiner declares, and the lookup.
+
+A method is one module of this package that defines ``METHOD`` (a
+:class:`Sparsifier` or a :class:`Combiner`). The registry finds them by
+listing the package, so adding a method is adding a file: its parameters give
+the config schema, its validation and the help text (``tadmerge methods``,
+the README's reference); its block function is the torch reference on every
+device; its working set per element sizes the plan's units.
+
+Method modules import no torch at module level: the config, the planner and
+the torch-free merges (engine/stream.py, engine/raw.py) read the declarations,
+and a merge that never needs torch never loads it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from ..errors import ConfigError
+from ..schema import check_bool, check_choice, check_int, check_number
+
+NONE = "none"  # the sparsifier family of "keep everything"
+MAGNITUDE = "magnitude"  # keeps ranks [lo, hi) of |τ| (exact statistics, engine/selection.py)
+RANDOM = "random"  # keeps entries by a random stream keyed by tensor and canonical block
+
+
+@dataclass(frozen=True)
+class Param:
+    """One config parameter of a method: its key, default, range and help."""
+
+    name: str
+    default: Any
+    help: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple[str, ...] | None = None
+
+    def parse(self, value: Any, where: str) -> Any:
+        """The value checked against the declaration (ConfigError naming `where`)."""
+        if self.choices is not None:
+            return check_choice(value, where, frozenset(self.choices))
+        if isinstance(self.default, bool):
+            return check_bool(value, where)
+        if isinstance(self.default, int):
+            return check_int(value, where, int(self.lo or 0))
+        return check_number(value, where, self.lo, self.hi, self.lo_open, self.hi_open)
+
+    def describe(self) -> str:
+        """'0 <= x <= 1, default 0.5': the range and default, as the help shows them."""
+        if self.choices is not None:
+            kind = " | ".join(self.choices)
+        elif isinstance(self.default, bool):
+            kind = "true | false"
+        else:
+            lo = "" if self.lo is None else f"{_num(self.lo)} {'<' if self.lo_open else '<='} "
+            hi = "" if self.hi is None else f" {'<' if self.hi_open else '<='} {_num(self.hi)}"
+            kind = f"{lo}x{hi}" if lo or hi else "number"
+        return f"{kind}; default {_num(self.default)}"
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return repr(v) if not isinstance(v, str) else v
+
+
+@dataclass(frozen=True)
+class Method:
+    """What every method declares."""
+
+    name: str
+    summary: str  # one line: what it does (help text and the README's reference)
+    params: tuple[Param, ...] = ()
+    # extra bytes per element of a unit's working set, given K tasks, beyond the
+    # K+1 float32 blocks, a raw block and the output cast (planners/plan.py)
+    extra_bytes: Callable[[int], int] = field(default=lambda k: 0)
+    # cross-parameter constraints: check(values, section) is a message naming the
+    # keys (as f"{section}.key"), or None
+    check: Callable[[Mapping[str, Any], str], str | None] = field(
+        default=lambda values, where: None
+    )
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+@dataclass(frozen=True)
+class Sparsifier(Method):
+    """Φ: turns a task vector τ into t. `family` says which machinery serves it."""
+
+    family: str = NONE
+    # magnitude family: keep_range(n, spec, rate) is the kept rank range [lo, hi)
+    # of |τ| in ascending order; drop_rate(index, spec), where the method has one
+    # of its own (TADrop), resolves it from the exact histograms: a generator
+    # that yields the coarse buckets whose fine histograms it still needs and
+    # returns (rate, Q_low, Q_high) (engine/selection.py drives both)
+    keep_range: Callable[..., tuple[int, int]] | None = None
+    drop_rate: Callable[..., Any] | None = None
+    # random family: block(tau, u, spec, row_len) -> (t, kept) with u the
+    # block's uniform draws; whole_rows: it needs whole rows at once (else it is
+    # applied chunk by chunk)
+    block: Callable[..., Any] | None = None
+    whole_rows: bool = False
+
+
+@dataclass(frozen=True)
+class Combiner(Method):
+    """Combines the K sparsified task vectors of one block with the base.
+
+    `merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite)`
+    is the torch reference (engine/block.py calls it after phase one, with
+    τ_k made in place in `taus` and `sparsify(a, b)` giving t_k[a:b]);
+    `cross_block` names what it needs from the whole tensor beyond the
+    sparsifier's statistics (TIES: the majority sign of a split tensor).
+    """
+
+    merge_block: Callable[..., Any] | None = None
+    # merge_weights(base, models, spec, check_finite): the block when there is no
+    # sparsifier and the method then works on the weights, not on task vectors
+    merge_weights: Callable[..., Any] | None = None
+    cross_block: tuple[str, ...] = ()
+
+
+@cache
+def _load() -> tuple[dict[str, Sparsifier], dict[str, Combiner]]:
+    sparsifiers: dict[str, Sparsifier] = {}
+    combiners: dict[str, Combiner] = {}
+    package = importlib.import_module(__package__)
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name.startswith("_") or info.name == "registry":
+            continue
+        module = importlib.import_module(f"{__package__}.{info.name}")
+        method = getattr(module, "METHOD", None)
+        table: dict = sparsifiers if isinstance(method, Sparsifier) else combiners
+        if not isinstance(method, Sparsifier | Combiner):
+            raise TypeError(f"{module.__name__}: METHOD must be a Sparsifier or a Combiner")
+        if method.name in table:
+            raise TypeError(f"{module.__name__}: method {method.name!r} is registered twice")
+        table[method.name] = method
+    return sparsifiers, combiners
+
+
+def sparsifiers() -> dict[str, Sparsifier]:
+    return _load()[0]
+
+
+def combiners() -> dict[str, Combiner]:
+    return _load()[1]
+
+
+def sparsifier(name: str) -> Sparsifier:
+    return sparsifiers()[name]
+
+
+def combiner(name: str) -> Combiner:
+    return combiners()[name]
+
+
+def family(name: str) -> frozenset[str]:
+    """The names of the sparsifiers of one family (MAGNITUDE, RANDOM, NONE)."""
+    return frozenset(n for n, s in sparsifiers().items() if s.family == name)
+
+
+def parse_params(
+    method: Method, section: Mapping[str, Any], where: str, shared: Mapping[str, Param]
+) -> tuple[dict[str, Any], list[str]]:
+    """A config section's parameters for `method`: declared ones checked (defaults
+    filled in), and the keys it set that this method does not take (a warning:
+    today's configs may carry another method's keys)."""
+    values: dict[str, Any] = {}
+    for p in method.params:
+        values[p.name] = p.parse(section.get(p.name, p.default), f"{where}.{p.name}")
+    ignored = sorted(k for k in section if k != "method" and method.param(k) is None)
+    for k in ignored:  # still checked, so a bad value is an error whatever the method
+        if k in shared:
+            shared[k].parse(section[k], f"{where}.{k}")
+    problem = method.check(values, where)
+    if problem:
+        raise ConfigError(problem)
+    return values, ignored
+
+
+def all_params(methods: Mapping[str, Method]) -> dict[str, Param]:
+    """Every parameter any of `methods` declares, by key (first declaration wins)."""
+    out: dict[str, Param] = {}
+    for m in methods.values():
+        for p in m.params:
+            out.setdefault(p.name, p)
+    return out
+
+
+def describe(methods: Mapping[str, Method]) -> Iterator[str]:
+    """Help text lines: each method, its summary and its parameters."""
+    for m in methods.values():
+        yield f"{m.name}: {m.summary}"
+        for p in m.params:
+            yield f"    {p.name}: {p.help} ({p.describe()})"
+
+
+def reference_markdown() -> str:
+    """The README's method reference (between its `methods:begin/end` markers):
+    generated here so that the two cannot drift (tests/test_methods_registry.py)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = []
+    for section, table in (("sparsify", sparsifiers()), ("merge", combiners())):
+        lines += [
+            f"`{section}.method`:",
+            "",
+            "| method | what it does | parameters |",
+            "|---|---|---|",
+        ]
+        for name in sorted(table):
+            m = table[name]
+            params = "<br>".join(f"`{p.name}`: {p.help} ({p.describe()})" for p in m.params)
+            lines.append(f"| `{name}` | {cell(m.summary)} | {cell(params) or '—'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+_README_BLOCK = re.compile(r"(<!-- methods:begin[^\n]*-->\n)(.*?)(<!-- methods:end -->)", re.S)
+
+
+def update_readme(path: str) -> bool:
+    """Rewrite the README's generated method reference; True if it changed."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    new = _README_BLOCK.sub(lambda m: m.group(1) + reference_markdown() + m.group(3), text)
+    if new != text:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(new)
+    return new != text

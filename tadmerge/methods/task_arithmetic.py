@@ -1,0 +1,25 @@
+"""Task Arithmetic: θ = θ0 + λ Σ_k w_k t_k."""
+
+from __future__ import annotations
+
+from .registry import Combiner, Param
+
+SCALE = Param("scale", 1.0, "λ, the scale of the combined task vector")
+
+
+def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
+    from ..engine import combine as C
+    from ..engine.block import BlockResult, store
+
+    w = list(spec.weights)
+    for a, b in chunks:
+        store(taus[0][a:b], C.task_arithmetic(base[a:b], sparsify(a, b), w, spec.scale))
+    return BlockResult(taus[0], None, [tp.stats for tp in plans])
+
+
+METHOD = Combiner(
+    name="task_arithmetic",
+    summary="θ0 + λ Σ w_k t_k",
+    params=(SCALE,),
+    merge_block=merge_block,
+)
