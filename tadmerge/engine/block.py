@@ -236,6 +236,14 @@ def merge_block(
     return combiner.merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite)
 
 
+def combine_chunks(base, taus, plans, sparsify, chunks, combine) -> BlockResult:
+    """An element-wise combiner's block: `combine(base_chunk, t_chunks)` chunk by
+    chunk, the result over the first task's block."""
+    for a, b in chunks:
+        store(taus[0][a:b], combine(base[a:b], sparsify(a, b)))
+    return BlockResult(taus[0], None, [tp.stats for tp in plans])
+
+
 def store(dest: torch.Tensor, merged: torch.Tensor) -> None:
     """The combiners work in place on the first task's slice; copy when one did not."""
     if merged.data_ptr() != dest.data_ptr():

@@ -32,18 +32,15 @@ def merge_weights(base, models, spec, check_finite: bool, normalize: bool | None
 
 def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite, normalize=None):
     from ..engine import combine as C
-    from ..engine.block import BlockResult, store
+    from ..engine.block import combine_chunks
 
     normalize = spec.param("normalize") if normalize is None else normalize
     w = list(spec.weights)
-    for a, b in chunks:
-        ts = sparsify(a, b)
-        if normalize:
-            merged = C.average_of_deltas(base[a:b], ts, w)
-        else:
-            merged = C.weighted_sum(ts, w).add_(base[a:b])
-        store(taus[0][a:b], merged)
-    return BlockResult(taus[0], None, [tp.stats for tp in plans])
+
+    def combine(b, ts):
+        return C.average_of_deltas(b, ts, w) if normalize else C.weighted_sum(ts, w).add_(b)
+
+    return combine_chunks(base, taus, plans, sparsify, chunks, combine)
 
 
 METHOD = Combiner(

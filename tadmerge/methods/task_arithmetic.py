@@ -9,12 +9,12 @@ SCALE = Param("scale", 1.0, "λ, the scale of the combined task vector")
 
 def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
     from ..engine import combine as C
-    from ..engine.block import BlockResult, store
+    from ..engine.block import combine_chunks
 
     w = list(spec.weights)
-    for a, b in chunks:
-        store(taus[0][a:b], C.task_arithmetic(base[a:b], sparsify(a, b), w, spec.scale))
-    return BlockResult(taus[0], None, [tp.stats for tp in plans])
+    return combine_chunks(
+        base, taus, plans, sparsify, chunks, lambda b, ts: C.task_arithmetic(b, ts, w, spec.scale)
+    )
 
 
 METHOD = Combiner(
