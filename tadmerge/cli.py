@@ -172,7 +172,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     run it on each machine before a scheduled merge to pay the build ahead."""
     import importlib.util
 
-    from .engine import kernels, native
+    from .engine import native
 
     print(f"C kernels: {native.describe()}")
     if importlib.util.find_spec("numba") is None:
@@ -181,7 +181,9 @@ def cmd_kernels(args: argparse.Namespace) -> int:
         from importlib.metadata import version
 
         print(f"numba: {version('numba')} installed (loaded by the merges that take it)")
-    backend = kernels.backend()
+    from .cluster.dispatch import KERNELS_ENV
+
+    backend = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
     if backend == "torch":
         taken = "no compiled kernels, numpy and torch ops (TADMERGE_KERNELS=torch)"
     elif backend == "numba":

@@ -23,12 +23,12 @@ def ray_session():
 
 @pytest.fixture(autouse=True)
 def _kernels_backend_restored():
-    """A merge applies its runtime.kernels to the process (kernels.configure);
-    each test starts from the environment's choice, whatever ran before it."""
+    """A merge applies its dispatch's kernels backend to the process
+    (cluster/dispatch.apply); each test starts from auto, whatever ran before it."""
     from tadmerge.engine import kernels
 
     yield
-    kernels.configure("auto")
+    kernels.set_backend("auto")
 
 
 @pytest.fixture(params=["native", "numba"])

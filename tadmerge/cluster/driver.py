@@ -33,6 +33,7 @@ from ..io.digest import StreamingDigests
 from ..io.publish import Staging
 from ..planners.inventory import MERGE
 from ..planners.plan import Plan, make_plan
+from .dispatch import Dispatch, decide
 from .progress import Progress
 from .worker import MASKS_DIR, TASKS_DIR, UnitRecord, start_kernels, unit_output_range
 
@@ -199,16 +200,15 @@ def record_from_json(d: dict) -> UnitRecord:
     return UnitRecord(d["unit"], tasks, conv(d["emr_abs_t"]), conv(d["emr_abs_uni"]), ties)
 
 
-def make_executor(plan: Plan, staging: str):
+def make_executor(plan: Plan, staging: str, dispatch: Dispatch):
     rt = plan.config.runtime
     if rt.executor == "ray":
         from .ray_executor import RayExecutor
 
-        return RayExecutor(plan, staging)
+        return RayExecutor(plan, staging, dispatch)
     from .local import LocalExecutor
-    from .worker import resolve_device
 
-    return LocalExecutor(plan, staging, rt.local_workers(), resolve_device(rt.device))
+    return LocalExecutor(plan, staging, rt.local_workers(), dispatch.device)
 
 
 def unit_bytes(plan: Plan, unit_id: int) -> int:
@@ -233,9 +233,10 @@ def run_merge(
     """
     t0 = time.monotonic()
     timings: dict[str, float] = {}
-    start_kernels(cfg)
+    dispatch = decide(cfg)
+    start_kernels(cfg, dispatch)
     plan = plan or make_plan(cfg)
-    start_kernels(cfg, plan)  # (what only the plan tells: a large streamed merge)
+    start_kernels(cfg, dispatch, plan)  # (what only the plan tells: a large streamed merge)
     timings["plan_s"] = time.monotonic() - t0
     staging = Staging(cfg.output.path, overwrite=overwrite, resume=resume)
     log.info(
@@ -254,7 +255,7 @@ def run_merge(
         with writing(staging.path):
             _prepare_outputs(plan, staging.path)
         digests = _start_digests(plan, staging.path)
-        executor = make_executor(plan, staging.path)
+        executor = make_executor(plan, staging.path, dispatch)
         t1 = time.monotonic()
         resolved = state.load_stats() if resume else None
         reads = {"input_bytes": plan.input_bytes, "stats_rounds": 0, "stats_read_bytes": 0}
@@ -331,6 +332,7 @@ def run_merge(
         executor.close()
         if getattr(executor, "peak_rss_workers", None):
             report["peak_rss_workers_bytes"] = executor.peak_rss_workers
+        report["dispatch"] = dispatch.to_json()
         report["executor"] = {
             "kind": plan.config.runtime.executor,
             "workers": getattr(executor, "workers", plan.config.runtime.workers),

@@ -14,9 +14,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 
 from ..errors import MergeRuntimeError, TadmergeError
 from ..planners.plan import Plan
+from .dispatch import Dispatch
 from .worker import UnitRecord, resolve_device, run_unit, start_kernels, unit_stats
 
 log = logging.getLogger("tadmerge")
@@ -27,14 +29,14 @@ FAULT_ENV = "TADMERGE_FAULT_KILL_UNIT"  # tests: the worker that gets this unit 
 class _UnitWorker:
     """Actor body (wrapped with ray.remote at runtime)."""
 
-    def __init__(self, plan: Plan, staging: str, device: str):
+    def __init__(self, plan: Plan, staging: str, dispatch: Dispatch):
         from .memory import tune_malloc
 
         tune_malloc()
-        start_kernels(plan.config, plan)
+        start_kernels(plan.config, dispatch, plan)  # the driver's choices, as given
         self.plan = plan
         self.staging = staging
-        self.device = resolve_device(device)
+        self.device = resolve_device(dispatch.device)
 
     def pid(self) -> int:
         return os.getpid()
@@ -76,10 +78,11 @@ def auto_actors(ray, cpus_per_worker: float, memory_budget: int) -> int:
 
 
 class RayExecutor:
-    def __init__(self, plan: Plan, staging: str):
+    def __init__(self, plan: Plan, staging: str, dispatch: Dispatch):
         import ray
 
         self.ray = ray
+        self.dispatch = dispatch
         rt = plan.config.runtime
         if not ray.is_initialized():
             # RAY_ADDRESS (set by `ray job submit`) or a local cluster started for the run
@@ -103,7 +106,8 @@ class RayExecutor:
         opts: dict = {"max_restarts": 0}
         if FAULT_ENV in os.environ:  # fault injection reaches the workers' environment
             opts["runtime_env"] = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}
-        return self.actor_cls.options(**opts).remote(self.plan_ref, self.staging, self.device)
+        dispatch = replace(self.dispatch, device=self.device)
+        return self.actor_cls.options(**opts).remote(self.plan_ref, self.staging, dispatch)
 
     def _map(self, method: str, items: list[tuple[int, tuple]], on_result: Callable) -> None:
         ray = self.ray

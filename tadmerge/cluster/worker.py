@@ -28,6 +28,8 @@ from ..io.safetensors_format import DTYPE_SIZE
 from ..planners.inventory import COPY, EXCLUDE, MERGE
 from ..planners.plan import Plan, TensorPlan, Unit
 from .buffers import POOL
+from .dispatch import Dispatch
+from .dispatch import apply as apply_dispatch
 
 MASKS_DIR = "masks.zarr"
 TASKS_DIR = "tasks"
@@ -136,13 +138,13 @@ def block_context(plan: Plan, unit: Unit, resolved: dict | None) -> BlockContext
 # ------------------------------------------------------------------------------------
 
 
-def start_kernels(cfg: MergeConfig, plan: Plan | None = None) -> None:
-    """Apply `runtime.kernels`, and begin loading the CPU kernels at once when
-    this merge takes them (a magnitude selection: TADrop, trims; TIES; a
-    streamed merge: the C kernel, else numba's for a large one, known once
-    there is a plan: see stream_kernel)."""
-    kernels.configure(cfg.runtime.kernels)
-    if resolve_device(cfg.runtime.device) != "cpu":
+def start_kernels(cfg: MergeConfig, dispatch: Dispatch, plan: Plan | None = None) -> None:
+    """Apply the dispatch's kernels backend to this process, and begin loading the
+    CPU kernels at once when this merge takes them (a magnitude selection:
+    TADrop, trims; TIES; a streamed merge: the C kernel, else numba's for a
+    large one, known once there is a plan: see stream_kernel)."""
+    apply_dispatch(dispatch)
+    if resolve_device(dispatch.device) != "cpu":
         return
     if cfg.sparsify.method in MAGNITUDE_METHODS or cfg.merge.method in ("ties", "emr"):
         # a selection with TA or averaging takes the raw bf16 kernels (engine/raw.py)

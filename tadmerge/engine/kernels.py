@@ -17,13 +17,14 @@ inputs, the raw kernels (coarse_sparse_raw, tie_end_raw, cut_combine_raw) make
 reading a stored float32 τ (engine/raw.py).
 
 Backend: numba when it can be imported and the data is on the CPU, else torch.
-`TADMERGE_KERNELS=torch` in the environment (or `set_backend("torch")`) forces
-the torch path. The kernels of raw bf16 blocks (coarse_side_raw, tie_end_raw,
-cut_combine_raw, stream_raw) also exist in C (native.py): with the backend
-auto those are taken wherever the machine's compiler builds them, since they
-load in a millisecond where numba's import and registries take ~0.5 s of
-CPU (a third of a warm 271M task arithmetic merge), and run faster; the
-same integers and bytes (tests/test_engine_raw.py, test_engine_native.py).
+`runtime.kernels: torch` (or TADMERGE_KERNELS=torch, read by the driver's
+dispatch, cluster/dispatch.py) forces the torch path. The kernels of raw bf16
+blocks (coarse_side_raw, tie_end_raw, cut_combine_raw, stream_raw) also exist
+in C (native.py): with the backend auto those are taken wherever the machine's
+compiler builds them, since they load in a millisecond where numba's import and
+registries take ~0.5 s of CPU (a third of a warm 271M task arithmetic merge),
+and run faster; the same integers and bytes (tests/test_engine_raw.py,
+test_engine_native.py).
 Kernels are compiled on first use and cached on disk (numba's `cache=True`),
 and they release the GIL, so the local executor's worker threads run them in
 parallel.
@@ -31,7 +32,6 @@ parallel.
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from functools import cache
@@ -57,6 +57,9 @@ LOW16 = np.uint32(0xFFFF)
 # up to this many wanted buckets the fine kernel keeps one table per stream
 TWO_STREAM_ROWS = 8
 
+# This process's backend, as the driver's dispatch set it (cluster/dispatch.py):
+# a process runs one merge's units at a time, and every unit of a merge takes
+# the same backend.
 _backend = "auto"
 
 
@@ -64,17 +67,8 @@ def set_backend(name: str) -> None:
     """'auto' (numba if importable), 'numba' (required) or 'torch'."""
     global _backend
     if name not in ("auto", "numba", "torch"):
-        raise ValueError(f"TADMERGE_KERNELS must be auto, numba or torch, not {name!r}")
+        raise ValueError(f"kernels backend must be auto, numba or torch, not {name!r}")
     _backend = name
-
-
-_ENV_BACKEND = os.environ.get("TADMERGE_KERNELS", "auto").strip().lower() or "auto"
-set_backend(_ENV_BACKEND)
-
-
-def configure(name: str) -> None:
-    """Apply a merge's `runtime.kernels`: 'auto' leaves it to TADMERGE_KERNELS."""
-    set_backend(_ENV_BACKEND if name == "auto" else name)
 
 
 def backend() -> str:
