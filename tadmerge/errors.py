@@ -65,6 +65,11 @@ class InputError(TadmergeError):
         else:
             super().__init__(head + ":\n  " + "\n  ".join(lines))
 
+    def __reduce__(self):
+        # rebuilt from the problems, not the message (Ray sends a worker's errors
+        # pickled: BaseException's default would pass the text as the problems)
+        return (self.__class__, (self.problems,))
+
 
 class MergeRuntimeError(TadmergeError):
     """The merge failed while running; the staging directory is kept for --resume."""
@@ -82,3 +87,9 @@ class VerifyError(TadmergeError):
     """A published output does not match its manifest."""
 
     exit_code = EXIT_INPUT
+
+
+class InputChangedError(InputError):
+    """An input file changed after the merge planned it (in place, replaced, or
+    rewritten with its size and mtime kept): what was read from it may mix two
+    versions, so nothing is published. Exit 3, like every input problem."""

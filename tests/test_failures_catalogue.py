@@ -819,7 +819,9 @@ def test_non_float_buffer_that_differs_is_refused(tmp_path, capsys):
 
 
 def test_file_truncated_after_its_header_was_checked(tmp_path, capsys, monkeypatch):
-    """A file another team re-uploads mid-merge: a short read is an input error."""
+    """A file another team re-uploads mid-merge: its size is not the planned one, so
+    it changed during the merge, an input error (tests/test_input_changes.py has
+    the other ways an input changes)."""
     import tadmerge.cluster.driver as driver
 
     w = make_world(tmp_path)
@@ -834,9 +836,10 @@ def test_file_truncated_after_its_header_was_checked(tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(driver, "make_plan", plan_then_truncate)
     rc, lines = run_cli(capsys, "merge", w.write_cfg())
-    check_error(rc, lines, EXIT_INPUT, [f, "short read"])
+    check_error(rc, lines, EXIT_INPUT, [f, "changed during the merge: size changed"])
     assert re.search(r"\[(a\.weight|b\.weight|c\.bias|ids)\]", lines[0])
     assert_not_published(w)
+    assert not w.staging.exists()
 
 
 def test_debug_prints_a_traceback(tmp_path, capsys):

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tadmerge.errors import InputError, MergeRuntimeError
+from tadmerge.errors import InputChangedError, InputError, MergeRuntimeError
 from tadmerge.io import block_io
 from tadmerge.io.block_io import (
     OutputTensor,
@@ -96,17 +96,27 @@ def test_read_rows_0d_and_bounds(tmp_path) -> None:
 
 
 def test_read_rows_short_file(tmp_path) -> None:
+    """A file truncated after its header was read is a changed input (its size is
+    not the planned one) for every read; an entry made by hand (no identity)
+    reads the rows still there and reports the missing ones as a short read; a
+    file gone is an OS error (a runtime error: exit 4, not a bad input)."""
     path = str(tmp_path / "t.safetensors")
     save_file({"a": torch.zeros(8, 4)}, path)
     e = read_header(path).tensors["a"]
     os.truncate(path, os.path.getsize(path) - 40)  # truncated after the header check
+    for rows in [(0, 8), (0, 2)]:
+        with pytest.raises(InputChangedError) as info:
+            read_rows(e, *rows)
+        text = str(info.value)
+        assert f"{path} [a]: changed during the merge: size changed" in text, text
+    bare = dataclasses.replace(e, identity=None)
     with pytest.raises(InputError) as info:
-        read_rows(e, 0, 8)
+        read_rows(bare, 0, 8)
     assert path in str(info.value) and "[a]" in str(info.value) and "short read" in str(info.value)
-    assert read_rows(e, 0, 2).numel() == 8  # rows still present read fine
+    assert read_rows(bare, 0, 2).numel() == 8  # rows still present read fine
     os.remove(path)
     close_all()
-    with pytest.raises(InputError):
+    with pytest.raises(MergeRuntimeError, match=r"\(ENOENT\)"):
         read_rows(e, 0, 1)
 
 
@@ -156,8 +166,11 @@ def test_map_bytes_misaligned_offset_is_read(tmp_path) -> None:
 def test_map_bytes_short_file(tmp_path) -> None:
     path, e = _big_file(tmp_path)
     os.truncate(path, os.path.getsize(path) - 4096)  # truncated after the header check
-    with pytest.raises(InputError) as info:
+    with pytest.raises(InputChangedError) as info:
         map_bytes(e, 0, e.rows)
+    assert f"{path} [w]: changed during the merge: size changed" in str(info.value)
+    with pytest.raises(InputError) as info:
+        map_bytes(dataclasses.replace(e, identity=None), 0, e.rows)
     assert path in str(info.value) and "[w]" in str(info.value)
     assert "short read" in str(info.value)
     close_all()
@@ -207,19 +220,56 @@ def test_prefetch_rows_is_advice_only(tmp_path, monkeypatch) -> None:
     prefetch_rows(e, 0, 64)  # no error
     monkeypatch.delattr(os, "posix_fadvise")
     prefetch_rows(e, 0, 64)
-    with pytest.raises(InputError):
+    with pytest.raises(MergeRuntimeError, match=path):
         read_rows(e, 0, 1)
 
 
-def test_fd_cache_revalidates_replaced_file(tmp_path) -> None:
+def test_fd_cache_keeps_the_planned_version_of_a_replaced_file(tmp_path) -> None:
+    """An entry is read from the version of the file its header came from: a path
+    replaced meanwhile is never reopened under the old offsets. The descriptor
+    already open still reads the planned version, and tells that it lost its
+    name; a new one (another process, an evicted descriptor) sees another
+    inode. Both are a changed input. An entry without an identity (made by
+    hand) follows the path, as the write cache does."""
     path = str(tmp_path / "r.safetensors")
     save_file({"a": torch.zeros(4)}, path)
     e = read_header(path).tensors["a"]
     assert read_rows(e, 0, 4).tolist() == [0.0] * 4
     tmp = str(tmp_path / "new.safetensors")
-    save_file({"a": torch.ones(4)}, tmp)
-    os.replace(tmp, path)  # same name, new inode: the cached fd must not be used
-    assert read_rows(e, 0, 4).tolist() == [1.0] * 4
+    save_file({"a": torch.ones(4)}, tmp, metadata={"longer": "header " * 9})
+    os.replace(tmp, path)  # same name, new inode, data at other offsets
+    with pytest.raises(InputChangedError, match="no name left"):
+        read_rows(e, 0, 4)
+    close_all()
+    with pytest.raises(InputChangedError, match="replaced by another file"):
+        read_rows(e, 0, 4)
+    new = read_header(path).tensors["a"]
+    assert read_rows(new, 0, 4).tolist() == [1.0] * 4
+    bare = dataclasses.replace(new, identity=None)
+    tmp = str(tmp_path / "third.safetensors")
+    save_file({"a": torch.full((4,), 2.0)}, tmp, metadata={"longer": "header " * 9})
+    os.replace(tmp, path)
+    assert read_rows(bare, 0, 4).tolist() == [2.0] * 4
+    close_all()
+
+
+def test_fd_cache_sees_a_rewrite_in_place_with_size_and_mtime_kept(tmp_path) -> None:
+    """cp -p / rsync -t / utime back: the open descriptor's ctime moves."""
+    path = str(tmp_path / "p.safetensors")
+    save_file({"a": torch.zeros(4)}, path)
+    e = read_header(path).tensors["a"]
+    assert read_rows(e, 0, 4).tolist() == [0.0] * 4
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(e.offset)
+        f.write(torch.ones(4).numpy().tobytes())
+    while os.stat(path).st_ctime_ns == st.st_ctime_ns:  # (a coarse clock's tick)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.stat(path).st_size == st.st_size
+    with pytest.raises(InputChangedError, match="ctime moved"):
+        read_rows(e, 0, 4)
+    close_all()
 
 
 def test_concurrent_reads_with_eviction(tmp_path, monkeypatch) -> None:

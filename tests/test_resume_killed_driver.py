@@ -142,16 +142,9 @@ def test_killed_driver_resumes_to_the_same_bytes(zoo, tmp_path, capsys):
     assert "changed since the interrupted merge" in lines[0]
     assert not out.exists() and units_logged(staging) == 3
 
-    # ... and so is resuming after an input was republished (same config, new file)
-    model = os.path.join(zoo[2][1], "model.safetensors")
-    st = os.stat(model)
-    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    try:
-        rc, lines = run_cli(capsys, "merge", cfg, "--resume")
-    finally:
-        os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert rc == EXIT_CONFIG and "changed since the interrupted merge" in lines[0], lines
-    assert not out.exists() and units_logged(staging) == 3
+    # (and so is resuming after an input was republished: tests/test_input_changes.py;
+    # not here, where the inputs are shared: no change of a file can be undone, since
+    # even one that restores its bytes and mtime moves its ctime)
 
     # 4. killed again while resuming: the log keeps growing, still nothing published
     p = merge_py(cfg, "--resume", exit_after=3)

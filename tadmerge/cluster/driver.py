@@ -8,6 +8,12 @@ units and statistics reused, the rest recomputed; the result is the same bytes.
 The state folder is removed just before the manifest is written and the
 directory is renamed into place.
 
+The inputs read are those planned with (io/identity.py): the version of every
+input file is recorded in the plan, in the fingerprint and in `.tadmerge/
+inputs.json` (so that a refused `--resume` names the files that changed);
+workers read through descriptors checked against it, and before anything is
+published every input is re-stat'ed and its header re-read.
+
 The engine's modules (torch, numba) are imported where a merge needs them: the
 statistics, EMR's masks, selections read back on --resume. A merge whose units
 all stream (task arithmetic and averaging on CPU, engine/stream.py) never
@@ -27,12 +33,21 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..config import MergeConfig
 from ..engine.spec import TaskStats
-from ..errors import InputError, InputProblem, MergeRuntimeError, OutputError, TadmergeError
-from ..io.block_io import close_all, create_shard_files, index_json
+from ..errors import (
+    InputChangedError,
+    InputError,
+    InputProblem,
+    MergeRuntimeError,
+    OutputError,
+    TadmergeError,
+    printable,
+)
+from ..io.block_io import changed_problem, close_all, create_shard_files, index_json
 from ..io.digest import StreamingDigests
+from ..io.identity import recheck
 from ..io.publish import Staging
 from ..planners.inventory import MERGE
-from ..planners.plan import Plan, make_plan
+from ..planners.plan import Plan, input_versions, make_plan
 from .dispatch import Dispatch, decide
 from .progress import Progress
 from .worker import MASKS_DIR, TASKS_DIR, UnitRecord, start_kernels, unit_output_range
@@ -41,6 +56,7 @@ log = logging.getLogger("tadmerge")
 STATE_DIR = ".tadmerge"
 REPORT_NAME = "merge_report.json"
 CONFIG_NAME = "merge_config.yaml"
+INPUTS_NAME = "inputs.json"  # in STATE_DIR: the input versions the staging was made from
 EMR_NAME = "emr.json"
 DRIVER_FAULT_ENV = "TADMERGE_FAULT_DRIVER_EXIT_AFTER"  # tests only
 
@@ -251,7 +267,10 @@ def run_merge(
     digests = None
     try:
         state = RunState(staging.path)
+        if resume:
+            refuse_changed_inputs(state.dir, plan, staging.path)
         state.check_or_write_fingerprint(plan.fingerprint, resume)
+        record_inputs(state.dir, plan)
         with writing(staging.path):
             _prepare_outputs(plan, staging.path)
         digests = _start_digests(plan, staging.path)
@@ -292,10 +311,15 @@ def run_merge(
 
         exit_after = os.environ.get(DRIVER_FAULT_ENV)
         nonfinite: dict[tuple[str, str], int] = {}
+        overflow: dict[str, int] = {}  # output tensor -> NaN/Inf made by the merge
 
         def on_done(rec: UnitRecord) -> None:
             if rec.nonfinite:
                 note_nonfinite(plan, rec, nonfinite)
+                return
+            if rec.nonfinite_out:
+                name = plan.tensors[plan.units[rec.unit].tensor].name
+                overflow[name] = overflow.get(name, 0) + rec.nonfinite_out
                 return
             state.append(rec)
             done[rec.unit] = rec
@@ -309,16 +333,20 @@ def run_merge(
 
         try:
             executor.run_units(todo, resolved, on_done)
-            if nonfinite:
-                raise nonfinite_input_error(nonfinite)
+            if nonfinite or overflow:
+                raise nonfinite_error(plan, nonfinite, overflow)
             redo = ties_reruns(plan, done, resolved)
             if redo:
                 log.info("TIES: %d block(s) rerun with their tensor's majority sign", len(redo))
                 executor.run_units(redo, resolved, on_done)
+                if nonfinite or overflow:
+                    raise nonfinite_error(plan, nonfinite, overflow)
             for u in held:
                 final(u, reruns_done=True)
         finally:
             progress.close()
+        # every byte is read: were they all of the planned versions of the inputs?
+        check_inputs_unchanged(plan)
         timings["apply_s"] = time.monotonic() - t2
         t3 = time.monotonic()
         report = _finalize(plan, staging.path, done, resolved, reused, executor)
@@ -350,11 +378,24 @@ def run_merge(
             f"{staging.path}: rerun with --resume"
         ) from None
     except InputError:
-        # bad input found while reading: this staging can never be resumed (the
-        # fixed input changes the plan), so leave nothing behind
+        # an input problem found while reading (NaN/Inf, non-float buffers that
+        # differ, an overflow of the output dtype, an input that changed since it
+        # was planned): whatever fixes it (another input, another config, or the
+        # input's new version) changes the fingerprint, so --resume could never
+        # reuse this staging: leave nothing behind
         close_all()
         shutil.rmtree(staging.path, ignore_errors=True)
         raise
+    except MergeRuntimeError as e:
+        # (an OS error reading an input, writing, a lost worker: the finished work
+        # is kept, and --resume tells a replaced input by its identity)
+        close_all()
+        if "--resume" in str(e):
+            raise
+        raise MergeRuntimeError(
+            f"{e}; the staging directory {staging.path} is kept: fix the cause and rerun "
+            "with --resume"
+        ) from e
     except TadmergeError:
         close_all()
         raise
@@ -393,11 +434,93 @@ def note_nonfinite(plan: Plan, rec: UnitRecord, acc: dict[tuple[str, str], int])
         acc[(file, tp.name)] = acc.get((file, tp.name), 0) + n
 
 
-def nonfinite_input_error(acc: dict[tuple[str, str], int]) -> InputError:
+def nonfinite_error(
+    plan: Plan, inputs: dict[tuple[str, str], int], outputs: dict[str, int]
+) -> InputError:
+    """NaN/Inf in the inputs (per file and tensor), and NaN/Inf that the merge
+    made from finite inputs (per output tensor): one error."""
     hint = "(set inputs.allow_nonfinite: true to merge anyway)"
-    return InputError(
-        [InputProblem(f, t, f"{n} NaN/Inf value(s) {hint}") for (f, t), n in sorted(acc.items())]
-    )
+    problems = [
+        InputProblem(f, t, f"{n} NaN/Inf value(s) {hint}") for (f, t), n in sorted(inputs.items())
+    ]
+    for name, n in sorted(outputs.items()):
+        tp = next(t for t in plan.tensors if t.name == name)
+        where = plan.shard_of(name)
+        file = os.path.join(plan.config.output.path, where[0] if where else "")
+        problems.append(
+            InputProblem(
+                file,
+                name,
+                f"{n} NaN/Inf value(s) in the merged {tp.out_dtype} output: the merged values "
+                f"overflow {tp.out_dtype} (likely merge.scale or a model's weight too large, "
+                "or an output dtype narrower than the values) (set inputs.allow_nonfinite: "
+                "true to publish anyway)",
+            )
+        )
+    return InputError(problems)
+
+
+def record_inputs(state_dir: str, plan: Plan) -> None:
+    """Record the input versions this staging is made from (once)."""
+    path = os.path.join(state_dir, INPUTS_NAME)
+    if not os.path.exists(path):
+        _atomic_write(path, json.dumps(input_versions(plan), sort_keys=True).encode())
+
+
+def refuse_changed_inputs(state_dir: str, plan: Plan, staging: str) -> None:
+    """--resume: refuse, naming them, inputs that are not the versions the
+    interrupted merge read (the fingerprint alone would only say "changed")."""
+    try:
+        with open(os.path.join(state_dir, INPUTS_NAME)) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return  # none recorded (an older staging): the fingerprint decides
+    if not isinstance(old, dict):
+        return
+    now = input_versions(plan)
+    changed = []
+    for key in sorted(set(old) | set(now)):
+        a, b = old.get(key), now.get(key)
+        if a != b:
+            changed.append(f"{printable(key, 500)} ({_what_changed(a, b)})")
+    if changed:
+        raise OutputError(
+            "--resume: the inputs changed since the interrupted merge: "
+            + "; ".join(changed[:20])
+            + (f"; and {len(changed) - 20} more" if len(changed) > 20 else "")
+            + f". Its finished work was read from the old versions and cannot be reused "
+            f"(even a file restored to its old bytes and mtime has another ctime): remove "
+            f"the staging directory {staging} and rerun"
+        )
+
+
+def _what_changed(a: dict | None, b: dict | None) -> str:
+    if a is None:
+        return "not an input of the interrupted merge"
+    if b is None:
+        return "no longer an input"
+    if a.get("ino") != b.get("ino"):
+        return "replaced by another file"
+    if a.get("size") != b.get("size"):
+        return f"size {a.get('size')} -> {b.get('size')} bytes"
+    if a.get("header_sha256") != b.get("header_sha256"):
+        return "its header changed"
+    if a.get("mtime_ns") != b.get("mtime_ns"):
+        return "modified: mtime changed"
+    return "rewritten in place or its metadata changed: ctime moved, size and mtime kept"
+
+
+def check_inputs_unchanged(plan: Plan) -> None:
+    """Re-stat every input and re-read its header (io/identity.recheck): an input
+    that is not the version planned with fails the merge, naming every such file,
+    before anything is published."""
+    problems = [
+        changed_problem(path, None, why)
+        for path, ident in sorted(plan.identities.items())
+        if (why := recheck(ident)) is not None
+    ]
+    if problems:
+        raise InputChangedError(problems)
 
 
 def ties_reruns(plan: Plan, done: dict[int, UnitRecord], resolved: dict) -> list[int]:

@@ -9,9 +9,15 @@ number of processes fill one output shard concurrently without coordination, bec
 :func:`layout_shards` fixes every tensor's byte range before any data exists.
 
 File descriptors are cached per process (read-only and write caches, LRU, closed on
-eviction). A cached descriptor is re-validated against the path's (device, inode) on
-every use so a file replaced under the same name (a new staging directory after a
-publish, a re-downloaded input) is never read or written through a stale descriptor.
+eviction). An input's descriptor is checked on every use against the identity of the
+version the plan was made from (``TensorEntry.identity``, io/identity.py): its
+``fstat`` must still give that inode, size, mtime and ctime, and the reader keeps
+using that descriptor, so a path that now names another file is never read at the
+old plan's offsets; any difference raises InputChangedError naming the file. A write
+descriptor (and a read of an entry made by hand, with no identity) is re-validated
+against the path's (device, inode) on every use instead, so a file replaced under
+the same name (a new staging directory after a publish) is never written through a
+stale descriptor.
 
 Byte order: safetensors data is little-endian; like the safetensors library, this
 module assumes a little-endian host (x86-64, aarch64).
@@ -35,8 +41,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tadmerge.errors import InputError, InputProblem, MergeRuntimeError
+from tadmerge.errors import InputChangedError, InputError, InputProblem, MergeRuntimeError
 from tadmerge.io import libc
+from tadmerge.io.identity import FileIdentity
 from tadmerge.io.safetensors_format import DTYPE_SIZE, METADATA_KEY, TensorEntry, dtype_name
 
 if TYPE_CHECKING:
@@ -75,7 +82,8 @@ class _FdCache:
         self._flags = flags
         self._maxsize = maxsize
         self._lock = threading.Lock()
-        # path -> [fd, (st_dev, st_ino), refcount, evicted]
+        # path -> [fd, key, refcount, evicted]; key: the FileIdentity the descriptor
+        # was checked against, or (st_dev, st_ino) where there is none
         self._entries: OrderedDict[str, list] = OrderedDict()
 
     def reset_after_fork(self) -> None:
@@ -84,12 +92,43 @@ class _FdCache:
         self._lock = threading.Lock()
 
     @contextmanager
-    def acquire(self, path: str) -> Iterator[int]:
-        entry = self._get(path)
+    def acquire(
+        self, path: str, identity: FileIdentity | None = None, tensor: str | None = None
+    ) -> Iterator[int]:
+        """A descriptor of ``path``; with ``identity``, one of that version of the
+        file (else InputChangedError naming it and ``tensor``), kept even where the
+        path now names another file."""
+        if identity is None:
+            entry = self._get(path)
+        else:
+            entry = self._get_checked(path, identity, tensor)
         try:
             yield entry[0]
         finally:
             self._release(entry)
+
+    def _get_checked(self, path: str, identity: FileIdentity, tensor: str | None) -> list:
+        with self._lock:
+            entry = self._entries.get(path)
+            if entry is not None and (entry[1] is identity or entry[1] == identity):
+                self._entries.move_to_end(path)
+                entry[2] += 1
+            else:
+                entry = None
+        if entry is None:
+            entry = self._open(path, identity)
+        try:
+            # the descriptor's own file: a rewrite in place (even with the size and
+            # mtime restored) moves its ctime; a replaced path is not looked at
+            why = identity.differs(os.fstat(entry[0]))
+        except OSError:
+            self._release(entry)
+            raise
+        if why is not None:
+            self._release(entry)
+            self.forget(path)
+            raise changed_error(path, tensor, why)
+        return entry
 
     def _get(self, path: str) -> list:
         ident = None
@@ -105,15 +144,17 @@ class _FdCache:
                 self._entries.move_to_end(path)
                 entry[2] += 1
                 return entry
-            if entry is not None:  # stale: the path now names another file
-                self._drop(path)
+        return self._open(path, None)
+
+    def _open(self, path: str, identity: FileIdentity | None) -> list:
+        """Open ``path`` and cache the descriptor (replacing any cached one)."""
         fd = os.open(path, self._flags | _CLOEXEC, 0o644)
         try:
             st = os.fstat(fd)
         except OSError:
             os.close(fd)
             raise
-        entry = [fd, (st.st_dev, st.st_ino), 1, False]
+        entry = [fd, identity if identity is not None else (st.st_dev, st.st_ino), 1, False]
         with self._lock:
             old = self._entries.get(path)
             if old is not None:
@@ -180,6 +221,21 @@ def close_all() -> None:
     _WRITE_FDS.close_all()
 
 
+def changed_problem(path: str, tensor: str | None, why: str) -> InputProblem:
+    """An input that is no longer the version the merge planned with."""
+    return InputProblem(
+        path,
+        tensor,
+        f"changed during the merge: {why}. Nothing is published (what was read from "
+        "it could mix two versions); rerun the merge once the file no longer changes: "
+        "work done from the old version cannot be reused",
+    )
+
+
+def changed_error(path: str, tensor: str | None, why: str) -> InputChangedError:
+    return InputChangedError(changed_problem(path, tensor, why))
+
+
 def _errtext(exc: OSError) -> str:
     code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else "?"
     return f"{exc.strerror or exc} ({code})"
@@ -213,24 +269,26 @@ def read_bytes(
     if nbytes:
         view = memoryview(buf)
         try:
-            with _READ_FDS.acquire(entry.file) as fd:
+            with _READ_FDS.acquire(entry.file, entry.identity, entry.name) as fd:
                 got = 0
                 while got < nbytes:
                     n = os.preadv(fd, [view[got:]], offset + got)
                     if n == 0:
                         raise _short_read(entry, offset + nbytes, os.fstat(fd).st_size)
                     got += n
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-            raise InputError(
-                InputProblem(entry.file, entry.name, f"cannot open: {_errtext(exc)}")
-            ) from None
         except OSError as exc:
-            raise MergeRuntimeError(
-                f"reading {entry.file} [{entry.name}] failed: {_errtext(exc)}"
-            ) from exc
+            raise _read_error(entry, exc) from exc
         finally:
             view.release()
     return buf
+
+
+def _read_error(entry: TensorEntry, exc: OSError) -> MergeRuntimeError:
+    """An OS error while reading data (EACCES, ENOENT, EIO, ...): a runtime error,
+    not a bad input, so the merge keeps its staging for --resume (a brief EACCES
+    on a shared filesystem must not cost the finished work). An input that was
+    in fact replaced is told apart by --resume, which compares identities."""
+    return MergeRuntimeError(f"reading {entry.file} [{entry.name}] failed: {_errtext(exc)}")
 
 
 MAP_MIN_BYTES = 1 << 20  # below this a copy costs less than a map, a populate and an unmap
@@ -285,36 +343,36 @@ def map_bytes(entry: TensorEntry, row_start: int, row_end: int) -> np.ndarray | 
     # at a time by the faults of the populate
     prefetch_rows(entry, row_start, row_end)
     try:
-        with _READ_FDS.acquire(entry.file) as fd:
+        with _READ_FDS.acquire(entry.file, entry.identity, entry.name) as fd:
             size = os.fstat(fd).st_size
             if size < offset + nbytes:
                 raise _short_read(entry, offset + nbytes, size)
-            mm = mmap.mmap(fd, offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        raise InputError(
-            InputProblem(entry.file, entry.name, f"cannot open: {_errtext(exc)}")
-        ) from None
-    except InputError:
-        raise
-    except OSError:
-        return None  # no map here (a filesystem without mmap): read it
+            try:
+                mm = mmap.mmap(fd, offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+            except OSError:
+                return None  # no map here (a filesystem without mmap): read it
+    except OSError as exc:
+        raise _read_error(entry, exc) from exc
     try:
         _populate(mm)
     except OSError as exc:
         mm.close()
         if exc.errno == errno.EFAULT:  # a hole: the file shrank since the fstat
-            with _READ_FDS.acquire(entry.file) as fd:
+            # (with an identity, the acquire itself reports the new size)
+            with _READ_FDS.acquire(entry.file, entry.identity, entry.name) as fd:
                 raise _short_read(entry, offset + nbytes, os.fstat(fd).st_size) from None
         if exc.errno in (errno.EINVAL, errno.ENOSYS):
             _map_ok = False  # an older kernel: read from now on
             return None
-        raise MergeRuntimeError(
-            f"reading {entry.file} [{entry.name}] failed: {_errtext(exc)}"
-        ) from exc
+        raise _read_error(entry, exc) from exc
     return np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=offset - start)
 
 
 def _short_read(entry: TensorEntry, needed: int, size: int) -> InputError:
+    if entry.identity is not None:  # its size was checked: it shrank since
+        return changed_error(
+            entry.file, entry.name, f"it shrank to {size} bytes (a read needs {needed})"
+        )
     return InputError(
         InputProblem(
             entry.file,
@@ -346,15 +404,15 @@ def prefetch_rows(entry: TensorEntry, row_start: int, row_end: int) -> None:
         return
     row_bytes = entry.row_numel * entry.itemsize
     try:
-        with _READ_FDS.acquire(entry.file) as fd:
+        with _READ_FDS.acquire(entry.file, entry.identity, entry.name) as fd:
             os.posix_fadvise(
                 fd,
                 entry.offset + row_start * row_bytes,
                 (row_end - row_start) * row_bytes,
                 os.POSIX_FADV_WILLNEED,
             )
-    except OSError:
-        pass
+    except (OSError, InputError):
+        pass  # the read that follows reports it
 
 
 # --------------------------------------------------------------------------- writing

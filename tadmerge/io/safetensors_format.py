@@ -22,10 +22,11 @@ import math
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tadmerge.errors import InputError, InputProblem
+from tadmerge.io.identity import FileIdentity
 
 if TYPE_CHECKING:
     import torch
@@ -106,6 +107,9 @@ class TensorEntry:
     file: str
     offset: int
     nbytes: int
+    # the version of `file` whose header gave `offset` (io/identity.py): readers
+    # check it; None for entries made by hand (nothing to check against)
+    identity: FileIdentity | None = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
@@ -142,6 +146,7 @@ class SafetensorsHeader:
     data_start: int
     metadata: dict[str, str]
     tensors: dict[str, TensorEntry]
+    identity: FileIdentity | None = None
 
 
 def _is_int(value: object) -> bool:
@@ -340,6 +345,8 @@ def read_header(path: str, *, max_header_bytes: int = 100 * 2**20) -> Safetensor
             raise fail("file shrank while reading the header")
     finally:
         os.close(fd)
+    # the version parsed: the descriptor's fstat and the bytes read through it
+    identity = FileIdentity.of(apath, st, prefix + raw)
 
     try:
         text = raw.decode("utf-8")
@@ -423,6 +430,7 @@ def read_header(path: str, *, max_header_bytes: int = 100 * 2**20) -> Safetensor
             file=apath,
             offset=data_start + begin,
             nbytes=end - begin,
+            identity=identity,
         )
         for name, (dtype, shape, begin, end) in valid.items()
     }
@@ -432,4 +440,5 @@ def read_header(path: str, *, max_header_bytes: int = 100 * 2**20) -> Safetensor
         data_start=data_start,
         metadata=metadata,
         tensors=tensors,
+        identity=identity,
     )

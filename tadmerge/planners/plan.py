@@ -5,8 +5,10 @@ the memory budget of one worker, and aligned to canonical blocks of the tensor
 (a function of its shape only) so that random streams and EMR mask chunks do not
 depend on the budget. Output shards and every tensor's byte offset are fixed
 here, before any data is read, so workers anywhere can write their bytes in
-place. The fingerprint covers the config, the inputs (path, size, mtime) and the
-layout: `--resume` reuses finished work only under the same fingerprint.
+place. The fingerprint covers the config, the layout and the version of every
+input file that was planned with (io/identity.py: inode, size, mtime, ctime and
+the digest of its header; for a Hub snapshot, its revision, file name, size and
+header digest): `--resume` reuses finished work only under the same fingerprint.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..engine.spec import MAGNITUDE_METHODS
 from ..errors import ConfigError, OutputError
 from ..io.block_io import OutputTensor, ShardSpec, layout_shards
 from ..io.checkpoint import Checkpoint
+from ..io.identity import FileIdentity
 from ..io.publish import check_output_outside_inputs
 from ..io.safetensors_format import DTYPE_SIZE, TensorEntry
 from .inventory import EXCLUDE, MERGE, classify, open_inputs
@@ -81,6 +84,8 @@ class Plan:
     task_shards: dict[str, list[ShardSpec]]  # EMR: excluded tensors kept per task
     unit_budget: int
     fingerprint: str = ""
+    # input file -> the version planned with (the one every TensorEntry carries)
+    identities: dict[str, FileIdentity] = field(default_factory=dict)
 
     @property
     def is_emr(self) -> bool:
@@ -227,8 +232,37 @@ def make_plan(cfg: MergeConfig, *, inputs: list[Checkpoint] | None = None) -> Pl
             for m in cfg.models:
                 task_shards[m.name] = layout_shards(excluded, cfg.output.shard_size, meta)
     plan = Plan(cfg, inputs, tensors, units, shards, task_shards, unit_budget)
+    plan.identities = {
+        e.file: e.identity for ck in inputs for e in ck.tensors.values() if e.identity is not None
+    }
     plan.fingerprint = fingerprint(plan)
     return plan
+
+
+def input_versions(plan: Plan) -> dict[str, dict]:
+    """What `--resume` compares per input file, keyed by a name for messages.
+
+    A local file: its path, and inode, size, mtime, ctime and header digest (no
+    device number: a shared filesystem gives each node its own). A Hub snapshot's
+    file: the repo, revision and file name, size and header digest, so that the
+    same revision fetched again (another cache, another node) resumes.
+    """
+    out: dict[str, dict] = {}
+    for ck in plan.inputs:
+        for f in ck.files:
+            ident = plan.identities.get(f)
+            if ident is None:  # a file holding no tensor: nothing is read from it
+                st = os.stat(f)
+                out[f] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            elif ck.revision is not None:
+                rel = os.path.relpath(f, ck.root)
+                out[f"{ck.source}@{ck.revision}/{rel}"] = {
+                    "size": ident.size,
+                    "header_sha256": ident.header_sha256,
+                }
+            else:
+                out[f] = ident.resume_key()
+    return out
 
 
 def fingerprint(plan: Plan) -> str:
@@ -237,15 +271,10 @@ def fingerprint(plan: Plan) -> str:
     for key in ("executor", "workers", "progress", "max_retries", "cpus_per_worker", "kernels"):
         cfg["runtime"].pop(key, None)
     cfg["output"].pop("path", None)
-    files = []
-    for ck in plan.inputs:
-        for f in ck.files:
-            st = os.stat(f)
-            files.append([f, st.st_size, st.st_mtime_ns])
     doc = {
         "version": __version__,
         "config": cfg,
-        "files": files,
+        "files": sorted(input_versions(plan).items()),
         "units": [[u.tensor, u.row_start, u.row_end] for u in plan.units],
         "shards": [[s.filename, s.header.hex()] for s in plan.shards],
     }
