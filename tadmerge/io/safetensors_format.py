@@ -153,6 +153,10 @@ def _is_int(value: object) -> bool:
 # comes near these, and capping avoids multiplying thousands of huge integers.
 _MAX_DIM = 2**53
 _NUMEL_CAP = 2**64
+# The safetensors library computes a tensor's element count left to right, then its
+# byte count, in unsigned 64-bit arithmetic, and refuses the file when either overflows
+# (SafeTensorError::ValidationOverflow); so does this reader, with the same rule.
+_U64_MAX = 2**64 - 1
 _MAX_NAME_IN_MESSAGE = 200
 _MAX_PROBLEMS_PER_FILE = 50
 
@@ -176,6 +180,16 @@ def _capped_numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def _overflows_u64(shape: tuple[int, ...], itemsize: int) -> bool:
+    """True where safetensors' checked u64 products (shape, then bytes) overflow."""
+    n = 1
+    for dim in shape:  # no early exit on a 0 dim: the library multiplies in order too
+        n *= dim
+        if n > _U64_MAX:
+            return True
+    return n * itemsize > _U64_MAX
+
+
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:
     """Read exactly ``size`` bytes or fewer at EOF; loops on short reads."""
     chunks: list[bytes] = []
@@ -187,6 +201,14 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _DuplicateKeys(ValueError):
@@ -277,6 +299,12 @@ def _check_entry(
 
     if ok and shape is not None and itemsize is not None and begin is not None:
         assert end is not None
+        if _overflows_u64(shape, itemsize):
+            bad(
+                f"shape {list(shape)} of {dtype}: its element or byte count overflows 64 bits "
+                "(the safetensors library refuses it: ValidationOverflow)"
+            )
+            return None
         expected = _capped_numel(shape) * itemsize
         if end - begin != expected:
             bad(
@@ -355,6 +383,10 @@ def read_header(path: str, *, max_header_bytes: int = 100 * 2**20) -> Safetensor
         raise fail(f"header is not valid JSON ({str(exc)[:120]})") from None
     if not isinstance(doc, dict):
         raise fail(f"header must be a JSON object, got {type(doc).__name__}")
+    # A \uD800-style escape decodes to a lone surrogate: a str that cannot be encoded
+    # again (UTF-8 output headers, messages, reports, hashes of names). Refused here so
+    # nothing later meets one; only headers with escapes at all pay for the check.
+    check_unicode = "\\u" in text
 
     data_start = 8 + header_len
     data_size = file_size - data_start
@@ -367,6 +399,10 @@ def read_header(path: str, *, max_header_bytes: int = 100 * 2**20) -> Safetensor
             problems.append(
                 InputProblem(apath, None, "__metadata__ must be an object of string -> string")
             )
+        elif check_unicode and not all(_encodable(k) and _encodable(v) for k, v in meta.items()):
+            problems.append(
+                InputProblem(apath, None, "__metadata__ holds a string that is not valid Unicode")
+            )
         else:
             metadata = dict(meta)
 
@@ -374,6 +410,16 @@ def read_header(path: str, *, max_header_bytes: int = 100 * 2**20) -> Safetensor
     for name in sorted(k for k in doc if k != METADATA_KEY):
         if name == "":
             problems.append(InputProblem(apath, None, "a tensor has an empty name"))
+            continue
+        if check_unicode and not _encodable(name):
+            problems.append(
+                InputProblem(
+                    apath,
+                    None,
+                    f"tensor name {ascii(name)[:_MAX_NAME_IN_MESSAGE]} is not valid Unicode "
+                    "(a lone surrogate escape)",
+                )
+            )
             continue
         checked = _check_entry(apath, name, doc[name], problems)
         if checked is not None:
