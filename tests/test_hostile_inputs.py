@@ -11,6 +11,8 @@ import copy
 import json
 import os
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -254,3 +256,46 @@ def tiny_world(tmp: Path, n: int) -> str:
     path = tmp / "merge.yaml"
     path.write_text(_yaml(cfg))
     return str(path)
+
+
+_PLAN_RSS = """
+import sys
+from tadmerge.config import load_config
+from tadmerge.planners.plan import make_plan
+def hwm():  # this process's peak RSS (VmHWM: reset by exec, unlike ru_maxrss)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+before = hwm()
+plan = make_plan(load_config(sys.argv[1]))
+assert len(plan.tensors) == int(sys.argv[2])
+print(before, hwm())
+"""
+
+
+def _plan_peak(tmp: Path, n: int) -> int:
+    cfg = tiny_world(tmp, n)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", _PLAN_RSS, cfg, str(n)],
+        env={**os.environ, "PYTHONPATH": repo},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, peak = map(int, proc.stdout.split())
+    return peak - before
+
+
+@pytest.mark.slow
+def test_planning_many_tiny_tensors_costs_bounded_memory_per_tensor(tmp_path):
+    """Peak RSS of planning grows by a bounded amount per tensor (base + 1 model).
+
+    Measured here: ~2.5 KB per tensor before the header parser kept compact entries,
+    entries, units and plans had __slots__ and the output header and the fingerprint
+    were streamed; ~1.9 KB after. The bound holds that gain.
+    """
+    small = _plan_peak(tmp_path / "small", 10_000)
+    large = _plan_peak(tmp_path / "large", 100_000)
+    per_tensor = (large - small) / 90_000
+    assert per_tensor < 2200, f"{per_tensor:.0f} bytes of peak RSS per tensor"
