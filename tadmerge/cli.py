@@ -145,7 +145,13 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     from .emr.materialize import materialize
 
     out = materialize(
-        args.output, args.task, args.to, overwrite=args.overwrite, memory_budget=args.memory_budget
+        args.output,
+        args.task,
+        args.to,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        memory_budget=args.memory_budget,
+        verify_base=args.verify_base,
     )
     print(f"wrote task {args.task} to {out}")
     return EXIT_OK
@@ -252,8 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("output")
     mt.add_argument("--task", required=True)
     mt.add_argument("--to", required=True, help="directory to write the task model to")
-    mt.add_argument("--overwrite", action="store_true")
+    mt.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output; discard what an interrupted materialize wrote",
+    )
+    mt.add_argument(
+        "--resume", action="store_true", help="finish an interrupted materialize of this task"
+    )
     mt.add_argument("--memory-budget", default="1GB")
+    mt.add_argument(
+        "--no-verify-base",
+        dest="verify_base",
+        action="store_false",
+        help="check the base's sizes and headers only, not its SHA-256 (no extra read)",
+    )
     mt.set_defaults(func=cmd_materialize)
 
     r = sub.add_parser("report", help="draw the drop-rate plots of a merge (PNG)")

@@ -19,7 +19,7 @@ import yaml
 from . import methods
 from .engine.spec import SparsifySpec
 from .errors import ConfigError
-from .schema import check_bool, check_choice, check_int, check_number
+from .schema import MAX_INT, check_bool, check_choice, check_int, check_number, show
 
 log = logging.getLogger("tadmerge")
 OUTPUT_DTYPES = {"auto", "float32", "bfloat16", "float16", "float64"}
@@ -35,21 +35,26 @@ _UNITS = {
 }  # fmt: skip
 
 
+_MAX_INT = MAX_INT
+
+
 def parse_size(value: Any, key: str) -> int:
     """'5GB' (decimal, as Hugging Face writes shard sizes), '512MiB', or bytes."""
     if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a size like '2GB', got {value!r}")
+        raise ConfigError(f"{key}: expected a size like '2GB', got {show(value)}")
     if isinstance(value, int):
         if value <= 0:
-            raise ConfigError(f"{key}: must be positive, got {value}")
+            raise ConfigError(f"{key}: must be positive, got {show(value)}")
+        if value >= _MAX_INT:
+            raise ConfigError(f"{key}: must be below 2**63 bytes, got {show(value)}")
         return value
-    m = _SIZE_RE.match(str(value))
+    m = _SIZE_RE.match(value) if isinstance(value, str) and len(value) <= 64 else None
     if not m or (m.group(2) or "").lower() not in _UNITS:
-        raise ConfigError(f"{key}: expected a size like '2GB' or '512MiB', got {value!r}")
-    size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
-    if size <= 0:
-        raise ConfigError(f"{key}: must be positive, got {value!r}")
-    return size
+        raise ConfigError(f"{key}: expected a size like '2GB' or '512MiB', got {show(value)}")
+    size = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
+    if not size < _MAX_INT or int(size) <= 0:
+        raise ConfigError(f"{key}: must be positive and below 2**63 bytes, got {show(value)}")
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -174,12 +179,30 @@ _MERGE_PARAMS = methods.all_params(methods.combiners())
 def _check_keys(section: dict, allowed: set[str], where: str) -> None:
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(section).__name__}")
-    unknown = sorted(set(section) - allowed)
+    unknown = sorted((k for k in section if k not in allowed), key=str)
     if unknown:
+        shown = ", ".join(show(k) for k in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(sorted(allowed))}"
+            f"{where}: unknown key(s) {shown}{more}; allowed: {', '.join(sorted(allowed))}"
         )
+
+
+def _section(raw: dict, key: str, empty: Any) -> Any:
+    """A section's value, `empty` when absent or null (any other value is checked)."""
+    value = raw.get(key)
+    return empty if value is None else value
+
+
+def _string(value: Any, key: str, what: str) -> str:
+    """A required non-empty string (a path, a name): anything else names the key."""
+    if value is None or value == "":
+        raise ConfigError(f"{key}: required ({what})")
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string ({what}), got {type(value).__name__}")
+    if "\x00" in value:
+        raise ConfigError(f"{key}: contains a NUL character: {show(value)}")
+    return value
 
 
 _num = check_number
@@ -196,13 +219,16 @@ def _parse_models(raw: Any, base_dir: Path) -> tuple[ModelEntry, ...]:
         if isinstance(m, str):
             m = {"path": m}
         _check_keys(m, {"path", "name", "weight"}, f"models[{i}]")
-        if "path" not in m or not isinstance(m["path"], str) or not m["path"]:
-            raise ConfigError(f"models[{i}].path: required (a directory, a file or a repo id)")
-        path = _resolve_path(m["path"], base_dir)
-        name = m.get("name") or Path(m["path"].rstrip("/")).name.split("@")[0]
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        raw_path = _string(m.get("path"), f"models[{i}].path", "a directory, a file or a repo id")
+        path = _resolve_path(raw_path, base_dir, f"models[{i}].path")
+        if m.get("name") is None:
+            name = Path(raw_path.rstrip("/")).name.split("@")[0]
+        else:
+            name = _string(m["name"], f"models[{i}].name", "a task name")
+        if not _NAME_RE.match(name):
             raise ConfigError(
-                f"models[{i}].name: {name!r} must be 1-128 chars of letters, digits, '_', '.', '-'"
+                f"models[{i}].name: {show(name)} must be 1-128 chars of letters, digits, "
+                "'_', '.', '-'"
             )
         if name in seen:
             raise ConfigError(f"models[{i}].name: {name!r} is used twice; names must be unique")
@@ -212,11 +238,14 @@ def _parse_models(raw: Any, base_dir: Path) -> tuple[ModelEntry, ...]:
     return tuple(out)
 
 
-def _resolve_path(p: str, base_dir: Path) -> str:
+def _resolve_path(p: str, base_dir: Path, key: str) -> str:
     """Relative local paths are relative to the config file; repo ids stay as they are."""
-    candidate = (base_dir / p).expanduser()
-    if Path(p).is_absolute() or candidate.exists() or p.startswith((".", "~")):
-        return str(candidate.resolve()) if not Path(p).is_absolute() else p
+    try:
+        candidate = (base_dir / p).expanduser()
+        if Path(p).is_absolute() or candidate.exists() or p.startswith((".", "~")):
+            return str(candidate.resolve()) if not Path(p).is_absolute() else p
+    except (OSError, RuntimeError) as e:  # a name too long, a symlink loop, ...
+        raise ConfigError(f"{key}: unusable path {show(p)}: {getattr(e, 'strerror', e)}") from None
     return p
 
 
@@ -267,15 +296,15 @@ def _parse_exclude(exclude: Any) -> tuple[str, ...]:
         try:
             re.compile(pat)
         except re.error as e:
-            raise ConfigError(f"exclude[{i}]: invalid regular expression {pat!r}: {e}") from None
+            raise ConfigError(
+                f"exclude[{i}]: invalid regular expression {show(pat)}: {e}"
+            ) from None
     return tuple(exclude)
 
 
 def _parse_output(o: Any, base_dir: Path) -> OutputSpec:
     _check_keys(o, {"path", "dtype", "shard_size"}, "output")
-    out_path = o.get("path", "out")
-    if not isinstance(out_path, str) or not out_path:
-        raise ConfigError("output.path: expected a directory path")
+    out_path = _string(o.get("path", "out"), "output.path", "a directory path")
     return OutputSpec(
         path=str((base_dir / out_path).resolve()) if not Path(out_path).is_absolute() else out_path,
         dtype=_choice(o.get("dtype", "auto"), "output.dtype", OUTPUT_DTYPES),
@@ -328,15 +357,14 @@ def _parse_emr(e: Any) -> EmrSpec:
 
 
 def _parse_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed: expected an integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -_MAX_INT <= seed < _MAX_INT:
+        raise ConfigError(f"seed: expected a 64-bit integer, got {show(seed)}")
     return seed
 
 
 def _parse_base(raw: dict, base_dir: Path) -> str:
-    if "base" not in raw or not isinstance(raw["base"], str) or not raw["base"]:
-        raise ConfigError("base: required (a directory, a .safetensors file or a repo id)")
-    return _resolve_path(raw["base"], base_dir)
+    what = "a directory, a .safetensors file or a repo id"
+    return _resolve_path(_string(raw.get("base"), "base", what), base_dir, "base")
 
 
 def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
@@ -360,13 +388,13 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
     section(_check_keys, raw, _TOP_KEYS, "config")
     base = section(_parse_base, raw, base_dir)
     models = section(_parse_models, raw.get("models"), base_dir, default=())
-    sparsify = section(_parse_sparsify, raw.get("sparsify") or {}, default=SparsifySpec())
-    merge = section(_parse_merge, raw.get("merge") or {}, models, default=MergeMethod())
-    exclude = section(_parse_exclude, raw.get("exclude") or [], default=())
-    output = section(_parse_output, raw.get("output") or {}, base_dir, default=OutputSpec())
-    runtime = section(_parse_runtime, raw.get("runtime") or {}, default=RuntimeSpec())
-    inputs = section(_parse_inputs, raw.get("inputs") or {}, default=InputPolicy())
-    emr = section(_parse_emr, raw.get("emr") or {}, default=EmrSpec())
+    sparsify = section(_parse_sparsify, _section(raw, "sparsify", {}), default=SparsifySpec())
+    merge = section(_parse_merge, _section(raw, "merge", {}), models, default=MergeMethod())
+    exclude = section(_parse_exclude, _section(raw, "exclude", []), default=())
+    output = section(_parse_output, _section(raw, "output", {}), base_dir, default=OutputSpec())
+    runtime = section(_parse_runtime, _section(raw, "runtime", {}), default=RuntimeSpec())
+    inputs = section(_parse_inputs, _section(raw, "inputs", {}), default=InputPolicy())
+    emr = section(_parse_emr, _section(raw, "emr", {}), default=EmrSpec())
     seed = section(_parse_seed, raw.get("seed", 0), default=0)
     if errors:
         if len(errors) == 1:
@@ -386,17 +414,88 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
     )
 
 
+# Hostile YAML. Aliases repeat a node without copying it, so a few hundred bytes of
+# nested anchors ("billion laughs") stand for 10**9 values that any walk, message or
+# dump of the config would expand. Aliases are allowed (anchors for shared settings
+# are handy), but the document, with every alias counted as the nodes it repeats,
+# must stay under MAX_CONFIG_NODES; recursive aliases are refused. Checked on the
+# composed node graph, before any Python value is built.
+MAX_CONFIG_BYTES = 4 * 2**20
+MAX_CONFIG_NODES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    def compose_document(self):  # type: ignore[override]
+        node = super().compose_document()
+        _check_nodes(node)
+        return node
+
+
+def _check_nodes(root: yaml.Node) -> None:
+    """Expanded size of the node graph (each alias counted in full), without recursion;
+    every string scalar must be encodable (no lone surrogates from \\u escapes)."""
+    size: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            open_.discard(key)
+            kids = _children(node)
+            size[key] = min(MAX_CONFIG_NODES + 1, 1 + sum(size[id(c)] for c in kids))
+            continue
+        if key in size:
+            continue
+        if key in open_:
+            line = node.start_mark.line + 1 if node.start_mark else "?"
+            raise ConfigError(f"config: a YAML alias refers to itself (line {line})")
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                node.value.encode("utf-8")
+            except UnicodeEncodeError:
+                line = node.start_mark.line + 1 if node.start_mark else "?"
+                raise ConfigError(
+                    f"config: line {line}: the string {show(node.value)} is not valid "
+                    "Unicode (a lone surrogate escape)"
+                ) from None
+            size[key] = 1
+            continue
+        open_.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node))
+    if size[id(root)] > MAX_CONFIG_NODES:
+        raise ConfigError(
+            f"config: more than {MAX_CONFIG_NODES} values once YAML aliases are expanded "
+            "(an alias bomb?); write the values out instead of nesting aliases"
+        )
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
 def load_config(path: str | Path) -> MergeConfig:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: config file not found")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file is over {MAX_CONFIG_BYTES // 2**20} MiB")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.load(p.read_bytes(), Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or type(e).__name__
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"{path}: not valid YAML{where}: {show(problem, 200)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply") from None
+    except ValueError as e:  # an integer literal of thousands of digits
+        raise ConfigError(f"{path}: not a usable config: {show(str(e), 120)}") from None
     if raw is None:
         raise ConfigError(f"{path}: the config is empty")
     return parse_config(raw, p.parent)

@@ -7,8 +7,16 @@ per task), on bf16 and float32 tensors.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import json
 import math
 import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import reference as R
@@ -19,8 +27,10 @@ from safetensors.torch import load_file
 from tadmerge.cli import main
 from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
-from tadmerge.emr import TaskSwitcher, materialize, task_state_dict
+from tadmerge.emr import BaseChangedError, TaskSwitcher, materialize, task_state_dict
+from tadmerge.emr.artifacts import _pinned_source
 from tadmerge.emr.info import emr_info
+from tadmerge.emr.materialize import staging_path
 from tadmerge.errors import InputError
 
 SPARSIFY = {
@@ -156,3 +166,183 @@ def test_materialize_unknown_task_is_an_input_error(merged, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     with pytest.raises(InputError):
         materialize(outs["emr"], "nope", str(tmp_path / "y"))
+
+
+# ------------------------------------------------------------------------------------
+# the base is pinned: a changed base is refused, never silently used
+# ------------------------------------------------------------------------------------
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_emr_json_pins_every_base_file(merged):
+    root, _, _, outs = merged
+    doc = json.loads((Path(outs["emr"]) / "emr.json").read_text())
+    base_root = doc["base"]["root"]
+    pins = {p["path"]: p for p in doc["base"]["files"]}
+    files = sorted(f for f in os.listdir(base_root) if f.endswith(".safetensors"))
+    assert sorted(pins) == files and len(files) == 2
+    for name, pin in pins.items():
+        raw = (Path(base_root) / name).read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        assert pin["size"] == len(raw)
+        assert pin["header_sha256"] == hashlib.sha256(raw[: 8 + n]).hexdigest()
+        assert pin["sha256"] == _sha256(Path(base_root) / name)
+
+
+@pytest.fixture
+def emr_copy(merged, tmp_path):
+    """A copy of the EMR output and of its base (emr.json pointed at the copy), so a
+    test may damage the base."""
+    root, _, _, outs = merged
+    out = tmp_path / "emr"
+    shutil.copytree(outs["emr"], out)
+    doc = json.loads((out / "emr.json").read_text())
+    base = tmp_path / "base"
+    shutil.copytree(doc["base"]["root"], base)
+    doc["base"]["root"] = str(base)
+    (out / "emr.json").write_text(json.dumps(doc))
+    return out, base, doc
+
+
+def _first_shard(base: Path) -> Path:
+    return sorted(base.glob("*.safetensors"))[0]
+
+
+def _flip_data_byte(f: Path) -> None:
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 0x01  # same size, same header: only the content differs
+    f.write_bytes(bytes(raw))
+
+
+def _change_header(f: Path) -> None:
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = raw[8 : 8 + n]
+    changed = header.replace(b'"F32"', b'"I32"', 1)  # a valid header of the same size
+    assert len(changed) == len(header) and changed != header
+    f.write_bytes(raw[:8] + changed + raw[8 + n :])
+
+
+def test_changed_base_content_refused_by_materialize(emr_copy, tmp_path, capsys):
+    out, base, _ = emr_copy
+    shard = _first_shard(base)
+    _flip_data_byte(shard)
+    dest = tmp_path / "t0"
+    rc = main(["materialize", str(out), "--task", "t0", "--to", str(dest)])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert str(shard) in err and "content differs" in err, err
+    assert not dest.exists() and not os.path.exists(staging_path(str(dest)))
+    with pytest.raises(BaseChangedError, match="content differs"):
+        task_state_dict(str(out), "t0")  # eager: reads the whole base, checks it whole
+    # the cheap check (lazy, TaskSwitcher) sees size and header only, unless asked
+    task_state_dict(str(out), "t0", lazy=True)
+    with pytest.raises(BaseChangedError, match="content differs"):
+        task_state_dict(str(out), "t0", lazy=True, verify_base=True)
+
+
+@pytest.mark.parametrize("change", ["header", "size", "missing"])
+def test_changed_base_refused_everywhere(emr_copy, merged, tmp_path, capsys, change):
+    out, base, _ = emr_copy
+    shard = _first_shard(base)
+    if change == "header":
+        _change_header(shard)
+        needle = "header differs"
+    elif change == "size":
+        with open(shard, "ab") as f:
+            f.write(b"\0" * 8)
+        needle = "size"
+    else:
+        shard.unlink()
+        needle = "does not exist"  # (found by open_checkpoint already)
+    rc = main(["materialize", str(out), "--task", "t0", "--to", str(tmp_path / "t0")])
+    err = capsys.readouterr().err
+    assert rc == 3 and str(shard) in err and needle in err, err
+    with pytest.raises(InputError, match=needle):
+        task_state_dict(str(out), "t0", lazy=True)
+    with pytest.raises(InputError, match=needle):
+        TaskSwitcher(_Net(merged[1]), str(out))
+
+
+def test_emr_json_without_pins_warns_and_proceeds(emr_copy, caplog):
+    out, _, doc = emr_copy
+    del doc["base"]["files"]
+    (out / "emr.json").write_text(json.dumps(doc))
+    with caplog.at_level("WARNING", logger="tadmerge"):
+        sd = task_state_dict(str(out), "t0", lazy=True)
+        assert len(sd) > 0
+    assert "does not pin its base" in caplog.text
+
+
+def test_hub_base_resolved_at_the_pinned_revision():
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    assert _pinned_source("/gone/snapshot", "org/model", sha) == f"org/model@{sha}"
+    assert _pinned_source("/gone/snapshot", "org/model@main", sha) == f"org/model@{sha}"
+    assert _pinned_source("/gone/snapshot", "org/model", None) == "org/model"
+
+
+# ------------------------------------------------------------------------------------
+# an interrupted materialize can be rerun
+# ------------------------------------------------------------------------------------
+
+_KILLER = """
+import importlib, os, sys
+m = importlib.import_module("tadmerge.emr.materialize")  # (the package's attribute is
+# the function of the same name)
+real, count = m.write_at, [0]
+def dying(*a, **k):
+    count[0] += 1
+    if count[0] > int(os.environ["KILL_AFTER_WRITES"]):
+        os._exit(137)  # killed mid-write: no cleanup at all
+    return real(*a, **k)
+m.write_at = dying
+from tadmerge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _killed_materialize(out: str, dest: Path, tmp_path: Path, after: int) -> None:
+    script = tmp_path / "killer.py"
+    script.write_text(_KILLER)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "KILL_AFTER_WRITES": str(after)}
+    argv = ["materialize", out, "--task", "t1", "--to", str(dest), "--memory-budget", "64MB"]
+    proc = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True)
+    assert proc.returncode == 137, proc.stderr.decode()[-2000:]
+    assert not dest.exists() and os.path.isdir(staging_path(str(dest)))
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_interrupted_materialize_reruns_to_the_same_bytes(
+    merged, tmp_path, capsys, monkeypatch, flag
+):
+    _, _, _, outs = merged
+    out = outs["emr+tadrop"]
+    ref = tmp_path / "ref"
+    assert main(["materialize", out, "--task", "t1", "--to", str(ref)]) == 0
+    dest = tmp_path / "t1"
+    _killed_materialize(out, dest, tmp_path, after=3)
+
+    rc = main(["materialize", out, "--task", "t1", "--to", str(dest)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--resume" in err and "--overwrite" in err, err
+    assert not dest.exists()
+
+    m = importlib.import_module("tadmerge.emr.materialize")
+    real, written = m.write_at, []
+    monkeypatch.setattr(m, "write_at", lambda *a: (written.append(a[0]), real(*a))[1])
+    argv = ["materialize", out, "--task", "t1", "--to", str(dest), "--memory-budget", "64MB"]
+    assert main([*argv, flag]) == 0, capsys.readouterr().err
+    assert main(["verify", str(dest)]) == 0
+    assert not os.path.exists(staging_path(str(dest)))
+    assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in ref.iterdir())
+    for p in ref.iterdir():
+        assert (dest / p.name).read_bytes() == p.read_bytes(), p.name
+    n_tensors = len(load_file(str(ref / "model.safetensors")))
+    if flag == "--resume":  # the tensors written before the kill were kept
+        assert len(written) <= n_tensors - 3
+    else:
+        assert len(written) >= n_tensors

@@ -265,6 +265,11 @@ def run_merge(
     )
     executor = None
     digests = None
+    base_pin = None
+    if plan.is_emr:  # emr.json pins the base: hashed beside the merge (emr/pin.py)
+        from ..emr.pin import BasePinner
+
+        base_pin = BasePinner(plan.inputs[0])
     try:
         state = RunState(staging.path)
         if resume:
@@ -349,7 +354,7 @@ def run_merge(
         check_inputs_unchanged(plan)
         timings["apply_s"] = time.monotonic() - t2
         t3 = time.monotonic()
-        report = _finalize(plan, staging.path, done, resolved, reused, executor)
+        report = _finalize(plan, staging.path, done, resolved, reused, executor, base_pin)
         timings["finalize_s"] = time.monotonic() - t3
         timings["total_s"] = time.monotonic() - t0
         report["timings"] = timings
@@ -409,6 +414,8 @@ def run_merge(
             "fix the cause and rerun with --resume"
         ) from e
     finally:
+        if base_pin is not None:
+            base_pin.cancel()  # a no-op once the pins are in emr.json
         if digests is not None:
             digests.abort()  # a no-op after finish()
         if executor is not None:
@@ -607,7 +614,13 @@ def _json_default(v):
 
 
 def _finalize(
-    plan: Plan, staging: str, done: dict[int, UnitRecord], resolved: dict, reused: int, executor
+    plan: Plan,
+    staging: str,
+    done: dict[int, UnitRecord],
+    resolved: dict,
+    reused: int,
+    executor,
+    base_pin=None,
 ) -> dict:
     cfg = plan.config
     missing = [u.id for u in plan.units if u.id not in done]
@@ -645,18 +658,24 @@ def _finalize(
         report["global"] = {cfg.task_names[int(k)]: v for k, v in glob.get("groups", {}).items()}
     if plan.is_emr:
         report["emr"] = emr
-        _write_json(os.path.join(staging, EMR_NAME), _emr_doc(plan, emr))
+        pins = base_pin.result() if base_pin is not None else None
+        _write_json(os.path.join(staging, EMR_NAME), _emr_doc(plan, emr, pins))
     return report
 
 
-def _emr_doc(plan: Plan, emr: dict) -> dict:
+def _emr_doc(plan: Plan, emr: dict, base_pins: list[dict] | None = None) -> dict:
+    """emr.json. `base_pins` (emr/pin.py): size and header and content SHA-256 of
+    every base file, checked when the output is read (the base is not copied)."""
     base = plan.inputs[0]
     cfg = plan.config
+    pinned = {"source": cfg.base, "root": base.root, "revision": base.revision}
+    if base_pins is not None:
+        pinned["files"] = base_pins
     return {
         "format": "tadmerge-emr/1",
         "tasks": cfg.task_names,
         "rescalers": emr["rescalers"],
-        "base": {"source": cfg.base, "root": base.root, "revision": base.revision},
+        "base": pinned,
         "delta": {
             "dtype": cfg.emr.delta_dtype,
             "files": [s.filename for s in plan.shards],

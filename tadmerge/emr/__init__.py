@@ -8,8 +8,10 @@ sw = TaskSwitcher(model, "out"); sw.apply("math"); ...; sw.remove()
 
 from .artifacts import EmrOutput, LazyTaskTensors, TaskSwitcher, open_emr, task_state_dict
 from .materialize import materialize
+from .pin import BaseChangedError
 
 __all__ = [
+    "BaseChangedError",
     "EmrOutput",
     "LazyTaskTensors",
     "TaskSwitcher",

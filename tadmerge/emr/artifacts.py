@@ -19,8 +19,9 @@ import torch
 from ..engine.combine import emr_task_block
 from ..errors import InputError, InputProblem
 from ..io.block_io import read_rows
-from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.checkpoint import Checkpoint, _parse_repo_id, open_checkpoint
 from ..io.safetensors_format import TensorEntry
+from .pin import check_base
 from .store import MaskStore
 
 EMR_NAME = "emr.json"
@@ -93,19 +94,44 @@ class EmrOutput:
         return self.task_rows(task, name, 0, rows).view(shape)
 
 
-def open_emr(path: str) -> EmrOutput:
-    """Open an EMR output written by `tadmerge merge` with merge.method: emr."""
+def open_emr(path: str, *, verify_base: bool = False) -> EmrOutput:
+    """Open an EMR output written by `tadmerge merge` with merge.method: emr.
+
+    The base is the one emr.json pins (emr/pin.py): a Hub base is opened at the
+    pinned revision, never the latest; every base file's size and header digest are
+    checked, and with `verify_base` its whole-file SHA-256 too (a read of the whole
+    base). A changed base raises BaseChangedError (an InputError: exit 3) naming the
+    file and what differs. An emr.json of an older tadmerge pins nothing: a warning
+    is logged and the base is used as it is.
+    """
     doc_path = os.path.join(path, EMR_NAME)
     if not os.path.isfile(doc_path):
         raise InputError(
             InputProblem(path, None, f"not an EMR output (no {EMR_NAME}); was it merged with emr?")
         )
-    with open(doc_path) as f:
-        doc = json.load(f)
-    base_src = doc["base"]["root"] if os.path.isdir(doc["base"]["root"]) else doc["base"]["source"]
-    base = open_checkpoint(base_src)
+    try:
+        with open(doc_path, "rb") as f:
+            doc = json.loads(f.read(64 * 2**20))
+        pinned = doc["base"]
+        root, source = pinned["root"], pinned["source"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(InputProblem(doc_path, None, f"unreadable emr.json: {e}")) from None
+    base = open_checkpoint(_pinned_source(root, source, pinned.get("revision")))
+    check_base(path, pinned, base, full=verify_base)
     delta = open_checkpoint(path)
     return EmrOutput(path, doc, delta, base, MaskStore(os.path.join(path, "masks.zarr")))
+
+
+def _pinned_source(root: str, source: str, revision: str | None) -> str:
+    """Where to open the base: its directory when it is still there (a Hub snapshot's
+    directory is named by its commit), else the source, a repo id at the pinned
+    revision."""
+    if os.path.isdir(root):
+        return root
+    repo = _parse_repo_id(source)
+    if repo is not None and revision:
+        return f"{repo[0]}@{revision}"
+    return source
 
 
 class LazyTaskTensors(Mapping):
@@ -129,9 +155,14 @@ class LazyTaskTensors(Mapping):
         return len(self._names)
 
 
-def task_state_dict(path: str, task: str, *, lazy: bool = False):
-    """Task `task`'s full state dict (or a lazy mapping) without writing files."""
-    emr = open_emr(path)
+def task_state_dict(path: str, task: str, *, lazy: bool = False, verify_base: bool | None = None):
+    """Task `task`'s full state dict (or a lazy mapping) without writing files.
+
+    `verify_base` (default: True when eager, which reads the whole base anyway;
+    False when lazy, which checks the base's sizes and headers only): also check
+    the SHA-256 of every base file against emr.json's pins.
+    """
+    emr = open_emr(path, verify_base=not lazy if verify_base is None else verify_base)
     mapping = LazyTaskTensors(emr, task)
     return mapping if lazy else {n: mapping[n] for n in mapping}
 
@@ -150,8 +181,9 @@ class TaskSwitcher:
     on the CPU for the merged tensors only, so switching never reloads a file).
     """
 
-    def __init__(self, model: torch.nn.Module, path: str):
-        self.emr = open_emr(path)
+    def __init__(self, model: torch.nn.Module, path: str, *, verify_base: bool = False):
+        # the base's sizes and headers are checked; its whole content with verify_base
+        self.emr = open_emr(path, verify_base=verify_base)
         self.model = model
         self.params = dict(model.state_dict(keep_vars=True))
         self.active: str | None = None

@@ -488,7 +488,7 @@ def sync_all(paths: Iterable[str]) -> None:
 # --------------------------------------------------------------------------- layout
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutputTensor:
     """One tensor of the output: name, safetensors dtype string and shape."""
 
@@ -549,11 +549,21 @@ def _encode_header(
     offsets: dict[str, tuple[int, int]],
     metadata: dict[str, str],
 ) -> bytes:
-    doc: dict[str, object] = {METADATA_KEY: dict(sorted(metadata.items()))}
+    # The bytes of json.dumps({METADATA_KEY: metadata, name: {dtype, shape,
+    # data_offsets}, ...}, separators=(",", ":"), ensure_ascii=False), written entry by
+    # entry: a dict of a million entries would cost ~0.5 KB each for a moment.
+    meta = json.dumps(dict(sorted(metadata.items())), separators=(",", ":"), ensure_ascii=False)
+    parts = ["{", json.dumps(METADATA_KEY), ":", meta]
+    dumps = json.JSONEncoder(ensure_ascii=False).encode
     for t in tensors:
         begin, end = offsets[t.name]
-        doc[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [begin, end]}
-    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        shape = ",".join(map(str, t.shape))
+        parts.append(
+            f',{dumps(t.name)}:{{"dtype":{dumps(t.dtype)},"shape":[{shape}],'
+            f'"data_offsets":[{begin},{end}]}}'
+        )
+    parts.append("}")
+    body = "".join(parts).encode("utf-8")
     body += b" " * (-len(body) % 8)
     return len(body).to_bytes(8, "little") + body
 

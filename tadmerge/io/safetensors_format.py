@@ -23,6 +23,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from tadmerge.errors import InputError, InputProblem
@@ -97,7 +98,7 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise ValueError(f"dtype {dtype} has no safetensors equivalent") from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
     """Where one tensor lives on disk; enough to read any row range with ``pread``."""
 
@@ -158,6 +159,10 @@ def _is_int(value: object) -> bool:
 # comes near these, and capping avoids multiplying thousands of huge integers.
 _MAX_DIM = 2**53
 _NUMEL_CAP = 2**64
+# The safetensors library computes a tensor's element count left to right, then its
+# byte count, in unsigned 64-bit arithmetic, and refuses the file when either overflows
+# (SafeTensorError::ValidationOverflow); so does this reader, with the same rule.
+_U64_MAX = 2**64 - 1
 _MAX_NAME_IN_MESSAGE = 200
 _MAX_PROBLEMS_PER_FILE = 50
 
@@ -181,6 +186,16 @@ def _capped_numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def _overflows_u64(shape: tuple[int, ...], itemsize: int) -> bool:
+    """True where safetensors' checked u64 products (shape, then bytes) overflow."""
+    n = 1
+    for dim in shape:  # no early exit on a 0 dim: the library multiplies in order too
+        n *= dim
+        if n > _U64_MAX:
+            return True
+    return n * itemsize > _U64_MAX
+
+
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:
     """Read exactly ``size`` bytes or fewer at EOF; loops on short reads."""
     chunks: list[bytes] = []
@@ -192,6 +207,66 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class _RawEntry(tuple):
+    """(dtype, shape, begin, end) of a well-typed tensor entry, made while parsing: a
+    header of a million entries would otherwise hold a million dicts and lists."""
+
+    __slots__ = ()
+
+
+def _compacting_hook() -> object:
+    """object_pairs_hook: a well-typed tensor entry becomes a _RawEntry (shapes and
+    dtype strings shared within the file); anything else is _no_duplicates' dict and
+    goes through _check_entry's full diagnosis."""
+    shapes: dict[tuple, tuple] = {}
+    dtypes: dict[str, str] = {}
+
+    def hook(pairs: list[tuple[str, object]]) -> object:
+        if len(pairs) == 3:
+            got = {}
+            for key, value in pairs:
+                got[key] = value
+            dtype, shape, offs = got.get("dtype"), got.get("shape"), got.get("data_offsets")
+            if (
+                type(dtype) is str
+                and type(shape) is list
+                and type(offs) is list
+                and len(offs) == 2
+                and type(offs[0]) is int
+                and type(offs[1]) is int
+                and all(type(d) is int for d in shape)
+            ):
+                t = tuple(shape)
+                return _RawEntry(
+                    (dtypes.setdefault(dtype, dtype), shapes.setdefault(t, t), offs[0], offs[1])
+                )
+        return _no_duplicates(pairs)
+
+    return hook
+
+
+def _fast_entry(raw: _RawEntry) -> tuple[str, tuple[int, ...], int, int] | None:
+    """The entry if every check of _check_entry passes, else None (diagnose it there)."""
+    dtype, shape, begin, end = raw
+    itemsize = DTYPE_SIZE.get(dtype)
+    if itemsize is None or begin < 0 or end < begin:
+        return None
+    for dim in shape:
+        if dim < 0 or dim > _MAX_DIM:
+            return None
+    if _overflows_u64(shape, itemsize) or end - begin != _capped_numel(shape) * itemsize:
+        return None
+    return raw
 
 
 class _DuplicateKeys(ValueError):
@@ -282,6 +357,12 @@ def _check_entry(
 
     if ok and shape is not None and itemsize is not None and begin is not None:
         assert end is not None
+        if _overflows_u64(shape, itemsize):
+            bad(
+                f"shape {list(shape)} of {dtype}: its element or byte count overflows 64 bits "
+                "(the safetensors library refuses it: ValidationOverflow)"
+            )
+            return None
         expected = _capped_numel(shape) * itemsize
         if end - begin != expected:
             bad(
@@ -353,7 +434,7 @@ def read_header(path: str, *, max_header_bytes: int = 100 * 2**20) -> Safetensor
     except UnicodeDecodeError as exc:
         raise fail(f"header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        doc = json.loads(text, object_pairs_hook=_no_duplicates)
+        doc = json.loads(text, object_pairs_hook=_compacting_hook())
     except _DuplicateKeys as exc:
         raise fail(f"header JSON repeats the key {str(exc)[:80]!r}") from None
     except RecursionError:
@@ -362,6 +443,10 @@ def read_header(path: str, *, max_header_bytes: int = 100 * 2**20) -> Safetensor
         raise fail(f"header is not valid JSON ({str(exc)[:120]})") from None
     if not isinstance(doc, dict):
         raise fail(f"header must be a JSON object, got {type(doc).__name__}")
+    # A \uD800-style escape decodes to a lone surrogate: a str that cannot be encoded
+    # again (UTF-8 output headers, messages, reports, hashes of names). Refused here so
+    # nothing later meets one; only headers with escapes at all pay for the check.
+    check_unicode = "\\u" in text
 
     data_start = 8 + header_len
     data_size = file_size - data_start
@@ -374,37 +459,64 @@ def read_header(path: str, *, max_header_bytes: int = 100 * 2**20) -> Safetensor
             problems.append(
                 InputProblem(apath, None, "__metadata__ must be an object of string -> string")
             )
+        elif check_unicode and not all(_encodable(k) and _encodable(v) for k, v in meta.items()):
+            problems.append(
+                InputProblem(apath, None, "__metadata__ holds a string that is not valid Unicode")
+            )
         else:
             metadata = dict(meta)
 
-    valid: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    del text, raw
+    valid: dict[str, TensorEntry] = {}
     for name in sorted(k for k in doc if k != METADATA_KEY):
         if name == "":
             problems.append(InputProblem(apath, None, "a tensor has an empty name"))
             continue
-        checked = _check_entry(apath, name, doc[name], problems)
+        if check_unicode and not _encodable(name):
+            problems.append(
+                InputProblem(
+                    apath,
+                    None,
+                    f"tensor name {ascii(name)[:_MAX_NAME_IN_MESSAGE]} is not valid Unicode "
+                    "(a lone surrogate escape)",
+                )
+            )
+            continue
+        entry = doc[name]
+        checked = _fast_entry(entry) if type(entry) is _RawEntry else None
+        if checked is None:
+            if type(entry) is _RawEntry:  # well-typed but wrong: the full diagnosis
+                dtype, shape, begin, end = entry
+                entry = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+            checked = _check_entry(apath, name, entry, problems)
         if checked is not None:
-            valid[name] = checked
+            dtype, shape, begin, end = checked
+            valid[name] = TensorEntry(
+                name, dtype, shape, apath, data_start + begin, end - begin, identity
+            )
+    del doc
 
     # Truncation: the furthest byte any tensor needs must be inside the file.
     if valid:
-        far_name = max(valid, key=lambda n: (valid[n][3], n))
-        far_end = valid[far_name][3]
+        far = max(valid.values(), key=lambda e: (e.offset + e.nbytes, e.name))
+        far_end = far.offset + far.nbytes - data_start
         if far_end > data_size:
             problems.append(
                 InputProblem(
                     apath,
-                    _short(far_name),
+                    _short(far.name),
                     f"truncated: needs {data_start + far_end} bytes, file has {file_size}",
                 )
             )
 
-    # Overlaps: sweep by start; empty tensors occupy no bytes and cannot overlap.
-    spans = sorted(
-        ((v[2], v[3], n) for n, v in valid.items() if v[3] > v[2]), key=lambda s: (s[0], s[1])
-    )
+    # Overlaps: sweep by (start, end), then name; empty tensors occupy no bytes and
+    # cannot overlap. Two stable sorts by plain ints: no key tuple per tensor.
+    spans = [e for e in valid.values() if e.nbytes > 0]
+    spans.sort(key=attrgetter("nbytes"))
+    spans.sort(key=attrgetter("offset"))
     prev_end, prev_name = -1, ""
-    for begin, end, name in spans:
+    for e in spans:
+        begin, end, name = e.offset - data_start, e.offset + e.nbytes - data_start, e.name
         if begin < prev_end:
             problems.append(
                 InputProblem(
@@ -422,23 +534,11 @@ def read_header(path: str, *, max_header_bytes: int = 100 * 2**20) -> Safetensor
             problems = problems[:_MAX_PROBLEMS_PER_FILE]
             problems.append(InputProblem(apath, None, f"... and {more} more problems"))
         raise InputError(problems)
-    tensors = {
-        name: TensorEntry(
-            name=name,
-            dtype=dtype,
-            shape=shape,
-            file=apath,
-            offset=data_start + begin,
-            nbytes=end - begin,
-            identity=identity,
-        )
-        for name, (dtype, shape, begin, end) in valid.items()
-    }
     return SafetensorsHeader(
         path=apath,
         file_size=file_size,
         data_start=data_start,
         metadata=metadata,
-        tensors=tensors,
+        tensors=valid,
         identity=identity,
     )

@@ -35,7 +35,7 @@ MIN_WORKER_BUDGET = 64 * 2**20
 _TORCH_NAME = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unit:
     id: int
     tensor: int  # index into Plan.tensors
@@ -43,7 +43,7 @@ class Unit:
     row_end: int
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorPlan:
     index: int
     name: str
@@ -54,7 +54,8 @@ class TensorPlan:
     sources: tuple[TensorEntry, ...]  # base, then one per model
     out_dtype: str | None  # None: not written to the main output (EMR copy/exclude)
     rng_rows: int
-    units: list[int] = field(default_factory=list)
+    # ids of its units: consecutive, a range (a list per tensor costs a million lists)
+    units: range | list[int] = field(default_factory=list)
 
     # the shape figures are the base entry's (every input agrees on the shape)
     @property
@@ -214,10 +215,12 @@ def make_plan(cfg: MergeConfig, *, inputs: list[Checkpoint] | None = None) -> Pl
             step = max(tp.rng_rows, (step // tp.rng_rows) * tp.rng_rows)
         if tp.numel == 0:
             step = max(1, whole_rows)
+        first = len(units)
         for start in range(0, max(whole_rows, 1), max(step, 1)):
-            u = Unit(len(units), i, start, min(whole_rows, start + step) if tp.shape else 1)
-            units.append(u)
-            tp.units.append(u.id)
+            units.append(
+                Unit(len(units), i, start, min(whole_rows, start + step) if tp.shape else 1)
+            )
+        tp.units = range(first, len(units))
         tensors.append(tp)
 
     out_tensors = [
@@ -275,8 +278,26 @@ def fingerprint(plan: Plan) -> str:
         "version": __version__,
         "config": cfg,
         "files": sorted(input_versions(plan).items()),
-        "units": [[u.tensor, u.row_start, u.row_end] for u in plan.units],
+        "units": _UNITS,
         "shards": [[s.filename, s.header.hex()] for s in plan.shards],
     }
-    blob = json.dumps(doc, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
+    # The hash of json.dumps(doc) with "units" the list of [tensor, row_start, row_end],
+    # that list fed in pieces: as one document it cost ~100 bytes per unit at once.
+    head, tail = json.dumps(doc, sort_keys=True, default=str).rsplit(json.dumps(_UNITS), 1)
+    h = hashlib.sha256(head.encode())
+    units = plan.units
+    for i in range(0, len(units), 4096):
+        sep = "[" if i == 0 else ", "
+        h.update(
+            (
+                sep
+                + ", ".join(
+                    f"[{u.tensor}, {u.row_start}, {u.row_end}]" for u in units[i : i + 4096]
+                )
+            ).encode()
+        )
+    h.update(("]" if units else "[]").encode() + tail.encode())
+    return h.hexdigest()
+
+
+_UNITS = "\x00units\x00"  # a placeholder no config value can hold (NUL is refused)
