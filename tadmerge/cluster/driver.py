@@ -5,8 +5,9 @@ folder as it goes: the plan fingerprint, the resolved statistics, and one line
 per finished unit (appended only after the unit's bytes were written). A killed
 merge therefore resumes with `--resume`: same fingerprint required, finished
 units and statistics reused, the rest recomputed; the result is the same bytes.
-The state folder is removed just before the manifest is written and the
-directory is renamed into place.
+The state folder is left out of the manifest, travels with the rename into
+place and is removed from the output right after (io/publish.py), so a staging
+directory never lacks its fingerprint.
 
 The engine's modules (torch, numba) are imported where a merge needs them: the
 statistics, EMR's masks, selections read back on --resume. A merge whose units
@@ -30,14 +31,13 @@ from ..engine.spec import TaskStats
 from ..errors import InputError, InputProblem, MergeRuntimeError, OutputError, TadmergeError
 from ..io.block_io import close_all, create_shard_files, index_json
 from ..io.digest import StreamingDigests
-from ..io.publish import Staging
+from ..io.publish import STATE_DIR, Staging
 from ..planners.inventory import MERGE
 from ..planners.plan import Plan, make_plan
 from .progress import Progress
 from .worker import MASKS_DIR, TASKS_DIR, UnitRecord, start_kernels, unit_output_range
 
 log = logging.getLogger("tadmerge")
-STATE_DIR = ".tadmerge"
 REPORT_NAME = "merge_report.json"
 CONFIG_NAME = "merge_config.yaml"
 EMR_NAME = "emr.json"
@@ -338,7 +338,7 @@ def run_merge(
         }
         _write_json(os.path.join(staging.path, REPORT_NAME), report)
         close_all()
-        out = staging.publish(scratch=STATE_DIR, known=digests.finish())
+        out = staging.publish(known=digests.finish())
         log.info("published %s in %.1fs", out, timings["total_s"])
         return MergeResult(out, plan, report)
     except _Interrupted:
@@ -370,6 +370,7 @@ def run_merge(
             digests.abort()  # a no-op after finish()
         if executor is not None:
             executor.close()
+        staging.close()
 
 
 def _start_digests(plan: Plan, staging: str) -> StreamingDigests:
