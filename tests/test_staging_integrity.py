@@ -183,6 +183,26 @@ def test_checksum_is_of_the_bytes_written(tmp_path):
     assert crc_of_range(str(tmp_path / "missing"), 0, 1) is None
 
 
+def test_records_without_checksums_are_redone(tmp_path):
+    """A record with no output checksums (a resume log from before them) or a
+    malformed one is not reused; one whose ranges match is."""
+    from tadmerge.cluster.worker import UnitRecord
+
+    (tmp_path / "model.safetensors").write_bytes(b"abcdef")
+    good = UnitRecord(0, [], out=[("model.safetensors", 1, 4, zlib.crc32(b"bcd"))])
+    done = {
+        0: good,
+        1: UnitRecord(1, [], out=None),
+        2: UnitRecord(2, [], out=[("model.safetensors", 1, 4, zlib.crc32(b"bcx"))]),
+        3: UnitRecord(3, [], out=[("model.safetensors", 4, 9, 0)]),  # past the end
+    }
+    assert integrity.check_finished(str(tmp_path), done, []) == {0: good}
+    assert integrity.check_finished(str(tmp_path), done, ["model.safetensors"]) == {}
+    assert integrity.out_from_json([["../x", 0, 1, 2]]) is None
+    assert integrity.out_from_json([["a", 0, 1]]) is None
+    assert integrity.out_from_json([["a", 0, 1, 2]]) == [("a", 0, 1, 2)]
+
+
 def test_records_are_logged_after_their_data_is_durable(zoo, tmp_path, capsys, monkeypatch):
     """Every line of units.jsonl is appended in a batch that fdatasync'ed the output
     files its units wrote first; each record holds crc32s that match the bytes."""

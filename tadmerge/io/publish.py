@@ -521,10 +521,10 @@ class Staging:
     def _require_replaceable(self, when: str = "") -> None:
         why = _replace_refusal(self.output)
         if why is not None:
+            move = "move those files out of it, " if "file(s)" in why else ""
             raise OutputError(
                 f"output {self.output} {why}; refusing to replace it even with --overwrite"
-                f"{when}: move those files out of it, remove it yourself, or choose another "
-                "path"
+                f"{when}: {move}remove it yourself, or choose another path"
             )
 
     def _finish_interrupted_publish(self) -> bool:
