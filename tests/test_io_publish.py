@@ -74,6 +74,9 @@ def test_refusals(tmp_path) -> None:
 def test_resume_keeps_staging_contents(tmp_path) -> None:
     s = Staging(str(tmp_path / "out"))
     fill(s.path, {"part.bin": b"done"})
+    with pytest.raises(OutputError, match=rf"in use by another tadmerge run \(pid {os.getpid()} "):
+        Staging(str(tmp_path / "out"), resume=True)  # s holds the lock until closed
+    s.close()
     s2 = Staging(str(tmp_path / "out"), resume=True)
     assert s2.path == s.path and os.path.exists(os.path.join(s2.path, "part.bin"))
     assert os.path.exists(s2.publish())

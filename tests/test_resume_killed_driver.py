@@ -1,11 +1,12 @@
 """A driver killed mid-merge (kill -9, no cleanup) publishes nothing and resumes.
 
 `python merge.py CONFIG` runs in a subprocess with TADMERGE_FAULT_DRIVER_EXIT_AFTER=3:
-the driver `os._exit(137)`s right after its third finished unit is logged. The
-staging directory is left behind, a plain rerun is refused (exit 2, "--resume"),
-a resume with a changed config is refused (exit 2, "changed"), and `--resume`
-finishes the merge reusing the logged units, with the same bytes as a merge that
-was never interrupted.
+the driver `os._exit(137)`s right after its third finished unit is handed to the
+resume log (which writes records in batches once their data is durable, so at
+most 3 are logged). The staging directory is left behind, a plain rerun is
+refused (exit 2, "--resume"), a resume with a changed config is refused (exit 2,
+"changed"), and `--resume` finishes the merge reusing the logged units, with the
+same bytes as a merge that was never interrupted.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def run_cli(capsys, *argv: str) -> tuple[int, list[str]]:
 
 
 def units_logged(staging: Path) -> int:
-    return len((staging / ".tadmerge" / "units.jsonl").read_text().splitlines())
+    log = staging / ".tadmerge" / "units.jsonl"
+    return len(log.read_text().splitlines()) if log.exists() else 0
 
 
 def test_killed_driver_resumes_to_the_same_bytes(zoo, tmp_path, capsys):
@@ -123,7 +125,8 @@ def test_killed_driver_resumes_to_the_same_bytes(zoo, tmp_path, capsys):
     assert not (staging / "manifest.json").exists()
     assert (staging / ".tadmerge" / "fingerprint").is_file()
     assert (staging / ".tadmerge" / "stats.json").is_file()
-    assert units_logged(staging) == 3
+    first = units_logged(staging)
+    assert first <= 3
 
     # 2. a plain rerun is refused and touches nothing
     before = sorted((q.name, q.stat().st_size) for q in (staging / ".tadmerge").iterdir())
@@ -140,7 +143,7 @@ def test_killed_driver_resumes_to_the_same_bytes(zoo, tmp_path, capsys):
     assert rc == EXIT_CONFIG
     assert len(lines) == 1 and lines[0].startswith("tadmerge: error: --resume: "), lines
     assert "changed since the interrupted merge" in lines[0]
-    assert not out.exists() and units_logged(staging) == 3
+    assert not out.exists() and units_logged(staging) == first
 
     # (and so is resuming after an input was republished: tests/test_input_changes.py;
     # not here, where the inputs are shared: no change of a file can be undone, since
@@ -149,16 +152,16 @@ def test_killed_driver_resumes_to_the_same_bytes(zoo, tmp_path, capsys):
     # 4. killed again while resuming: the log keeps growing, still nothing published
     p = merge_py(cfg, "--resume", exit_after=3)
     assert p.returncode == 137, p.stderr
-    assert not out.exists() and units_logged(staging) == 6
+    logged = units_logged(staging)
+    assert not out.exists() and first <= logged <= first + 3
 
-    # 5. --resume finishes, reusing the 6 logged units, with the uninterrupted bytes
+    # 5. --resume finishes, reusing the logged units, with the uninterrupted bytes
     p = merge_py(cfg, "--resume")
     assert p.returncode == 0, p.stderr
-    assert f"6 of {total} units reused" in p.stdout
+    assert f"{logged} of {total} units reused" in p.stdout
     assert not staging.exists()
     report = json.loads((out / "merge_report.json").read_text())
-    assert report["units"]["reused"] >= 3
-    assert report["units"] == {"total": total, "reused": 6}
+    assert report["units"] == {"total": total, "reused": logged}
     assert report["plan_fingerprint"] == ref_report["plan_fingerprint"]
     assert model_files(out) == model_files(ref_out)
     capsys.readouterr()

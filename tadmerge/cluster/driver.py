@@ -2,11 +2,14 @@
 
 Everything the driver decides is written to the staging directory's `.tadmerge/`
 folder as it goes: the plan fingerprint, the resolved statistics, and one line
-per finished unit (appended only after the unit's bytes were written). A killed
-merge therefore resumes with `--resume`: same fingerprint required, finished
-units and statistics reused, the rest recomputed; the result is the same bytes.
-The state folder is removed just before the manifest is written and the
-directory is renamed into place.
+per finished unit, with the byte ranges it wrote and their crc32 (appended in
+batches, each only after the data of its units was fdatasync'ed: see
+cluster/integrity.py). A killed merge therefore resumes with `--resume`: same
+fingerprint required, statistics reused, finished units reused once their
+bytes on disk are read back and match their checksums, the rest recomputed;
+the result is the same bytes. The state folder is left out of the manifest,
+travels with the rename into place and is removed from the output right after
+(io/publish.py), so a staging directory never lacks its fingerprint.
 
 The inputs read are those planned with (io/identity.py): the version of every
 input file is recorded in the plan, in the fingerprint and in `.tadmerge/
@@ -45,15 +48,15 @@ from ..errors import (
 from ..io.block_io import changed_problem, close_all, create_shard_files, index_json
 from ..io.digest import StreamingDigests
 from ..io.identity import recheck
-from ..io.publish import Staging
+from ..io.publish import STATE_DIR, Staging
 from ..planners.inventory import MERGE
 from ..planners.plan import Plan, input_versions, make_plan
 from .dispatch import Dispatch, decide
+from .integrity import UnitLog, check_finished, out_from_json, out_to_json
 from .progress import Progress
 from .worker import MASKS_DIR, TASKS_DIR, UnitRecord, start_kernels, unit_output_range
 
 log = logging.getLogger("tadmerge")
-STATE_DIR = ".tadmerge"
 REPORT_NAME = "merge_report.json"
 CONFIG_NAME = "merge_config.yaml"
 INPUTS_NAME = "inputs.json"  # in STATE_DIR: the input versions the staging was made from
@@ -76,9 +79,18 @@ class RunState:
         with writing(self.dir):
             os.makedirs(self.dir, exist_ok=True)
         self.units_path = os.path.join(self.dir, "units.jsonl")
+        self.log = UnitLog(self.units_path, staging)
 
     def check_or_write_fingerprint(self, fingerprint: str, resume: bool) -> None:
         path = os.path.join(self.dir, "fingerprint")
+        staging = os.path.dirname(self.dir)
+        if resume and not os.path.exists(path) and set(os.listdir(staging)) - {STATE_DIR}:
+            # files no fingerprint vouches for (a staging directory that an older
+            # tadmerge left mid-publish): they may belong to another plan
+            raise OutputError(
+                f"--resume: {staging} holds files but no plan fingerprint, so they cannot "
+                "be matched to this merge; remove it and rerun without --resume"
+            )
         if resume and os.path.exists(path):
             with open(path) as f:
                 old = f.read().strip()
@@ -90,6 +102,8 @@ class RunState:
                 )
             return
         _atomic_write(path, fingerprint.encode())
+        with writing(self.dir):  # durable before any file it vouches for exists
+            _fsync_dir(self.dir)
 
     def load_stats(self) -> dict | None:
         path = os.path.join(self.dir, "stats.json")
@@ -125,10 +139,21 @@ class RunState:
         return out
 
     def append(self, rec: UnitRecord) -> None:
-        line = json.dumps(record_to_json(rec)) + "\n"
-        with writing(self.units_path), open(self.units_path, "a") as f:
-            f.write(line)
-            f.flush()
+        """Log a finished unit: batched, written once its data is durable (UnitLog)."""
+        self.log.add(rec, json.dumps(record_to_json(rec)) + "\n")
+
+    def flush(self) -> None:
+        self.log.flush()
+
+    def close(self, flush: bool) -> None:
+        """Stop logging; with `flush`, first log what finished (best effort: the
+        merge is failing already, and an unlogged unit is only redone)."""
+        if flush:
+            try:
+                self.log.flush()
+            except MergeRuntimeError as exc:
+                log.warning("%s", exc)
+        self.log.close()
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -150,6 +175,14 @@ class writing:
                 "is kept: fix the cause and rerun with --resume"
             ) from exc
         return False
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -184,6 +217,7 @@ def record_to_json(rec: UnitRecord) -> dict:
         "emr_abs_t": None if rec.emr_abs_t is None else [s.to_json() for s in rec.emr_abs_t],
         "emr_abs_uni": None if rec.emr_abs_uni is None else [s.to_json() for s in rec.emr_abs_uni],
         "ties": None if rec.ties is None else list(rec.ties),
+        "out": out_to_json(rec.out),
     }
 
 
@@ -213,7 +247,14 @@ def record_from_json(d: dict) -> UnitRecord:
         return [ExactSum.from_json(x) for x in v]
 
     ties = None if d.get("ties") is None else tuple(d["ties"])
-    return UnitRecord(d["unit"], tasks, conv(d["emr_abs_t"]), conv(d["emr_abs_uni"]), ties)
+    return UnitRecord(
+        d["unit"],
+        tasks,
+        conv(d["emr_abs_t"]),
+        conv(d["emr_abs_uni"]),
+        ties,
+        out=out_from_json(d.get("out")),
+    )
 
 
 def make_executor(plan: Plan, staging: str, dispatch: Dispatch):
@@ -270,6 +311,7 @@ def run_merge(
         from ..emr.pin import BasePinner
 
         base_pin = BasePinner(plan.inputs[0])
+    state = None
     try:
         state = RunState(staging.path)
         if resume:
@@ -277,7 +319,7 @@ def run_merge(
         state.check_or_write_fingerprint(plan.fingerprint, resume)
         record_inputs(state.dir, plan)
         with writing(staging.path):
-            _prepare_outputs(plan, staging.path)
+            rebuilt = _prepare_outputs(plan, staging.path)
         digests = _start_digests(plan, staging.path)
         executor = make_executor(plan, staging.path, dispatch)
         t1 = time.monotonic()
@@ -290,6 +332,8 @@ def run_merge(
 
         t2 = time.monotonic()
         done = state.finished() if resume else {}
+        if done:  # reuse only units whose bytes on disk match their records
+            done = check_finished(staging.path, done, rebuilt)
         reused = len(done)
         # output ranges go to the digests once final: split TIES blocks only after
         # the reruns below, which may rewrite them
@@ -348,6 +392,7 @@ def run_merge(
                     raise nonfinite_error(plan, nonfinite, overflow)
             for u in held:
                 final(u, reruns_done=True)
+            state.flush()
         finally:
             progress.close()
         # every byte is read: were they all of the planned versions of the inputs?
@@ -373,11 +418,12 @@ def run_merge(
         }
         _write_json(os.path.join(staging.path, REPORT_NAME), report)
         close_all()
-        out = staging.publish(scratch=STATE_DIR, known=digests.finish())
+        state.close(flush=False)
+        out = staging.publish(known=digests.finish())
         log.info("published %s in %.1fs", out, timings["total_s"])
         return MergeResult(out, plan, report)
     except _Interrupted:
-        close_all()
+        _wind_down(state)
         raise MergeRuntimeError(
             f"merge stopped after {stop_after_units} units (test hook); staging kept at "
             f"{staging.path}: rerun with --resume"
@@ -388,13 +434,13 @@ def run_merge(
         # was planned): whatever fixes it (another input, another config, or the
         # input's new version) changes the fingerprint, so --resume could never
         # reuse this staging: leave nothing behind
-        close_all()
+        _wind_down(state, flush=False)
         shutil.rmtree(staging.path, ignore_errors=True)
         raise
     except MergeRuntimeError as e:
         # (an OS error reading an input, writing, a lost worker: the finished work
         # is kept, and --resume tells a replaced input by its identity)
-        close_all()
+        _wind_down(state)
         if "--resume" in str(e):
             raise
         raise MergeRuntimeError(
@@ -402,13 +448,13 @@ def run_merge(
             "with --resume"
         ) from e
     except TadmergeError:
-        close_all()
+        _wind_down(state)
         raise
     except KeyboardInterrupt:
-        close_all()
+        _wind_down(state)
         raise
     except OSError as e:
-        close_all()
+        _wind_down(state)
         raise MergeRuntimeError(
             f"{e.filename or ''}: {e.strerror or e}; staging kept at {staging.path}, "
             "fix the cause and rerun with --resume"
@@ -420,6 +466,17 @@ def run_merge(
             digests.abort()  # a no-op after finish()
         if executor is not None:
             executor.close()
+        if state is not None:
+            state.close(flush=False)  # (stopped already on every path but a crash)
+        staging.close()
+
+
+def _wind_down(state: RunState | None, flush: bool = True) -> None:
+    """A failing merge: log the units that did finish (their data made durable
+    first), so that --resume reuses them, and close the output files."""
+    if state is not None:
+        state.close(flush)
+    close_all()
 
 
 def _start_digests(plan: Plan, staging: str) -> StreamingDigests:
@@ -585,20 +642,28 @@ def _run_stats(plan: Plan, executor, reads: dict) -> dict:
     return resolved
 
 
-def _prepare_outputs(plan: Plan, staging: str) -> None:
-    create_shard_files(staging, plan.shards)
+def _prepare_outputs(plan: Plan, staging: str) -> list[str]:
+    """Create the output files (keeping those of a resumed merge that still have
+    their layout); returns those (re)created empty, relative to staging."""
+    rebuilt = create_shard_files(staging, plan.shards)
     for name, shards in plan.task_shards.items():
         d = os.path.join(staging, TASKS_DIR, name)
         os.makedirs(d, exist_ok=True)
-        create_shard_files(d, shards)
+        rebuilt += [f"{TASKS_DIR}/{name}/{f}" for f in create_shard_files(d, shards)]
     if plan.is_emr:
         from ..emr.store import MaskStore
 
-        MaskStore.create(
-            os.path.join(staging, MASKS_DIR),
-            plan.config.task_names,
-            [(t.index, t.name, t.shape, t.rng_rows) for t in plan.tensors if t.kind == MERGE],
-        )
+        root = os.path.join(staging, MASKS_DIR)
+        arrays = [(t.index, t.name, t.shape, t.rng_rows) for t in plan.tensors if t.kind == MERGE]
+        try:
+            MaskStore.create(root, plan.config.task_names, arrays)
+        except OSError:
+            raise
+        except Exception as exc:  # zarr metadata damaged by a crash: start the store anew
+            log.warning("mask store %s unreadable (%s); recreating it", root, exc)
+            shutil.rmtree(root, ignore_errors=True)
+            MaskStore.create(root, plan.config.task_names, arrays)  # units: checksums fail
+    return rebuilt
 
 
 def _write_json(path: str, doc: dict) -> None:

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..emr.store import MaskStore
+from ..emr.store import MaskStore, array_key
 from ..engine.block import BlockResult, NonFiniteTaskVector, merge_block
 from ..engine.exact import coarse_stats
 from ..engine.histogram import KeysAside, fine_histograms
@@ -127,20 +127,23 @@ def merge_unit(
         return nonfinite_record(unit_id, bad)
     del blocks
     if res.emr is not None:
-        _write_tensor_rows(plan, staging, tp, unit, res.emr.tau_uni)
-        MaskStore(os.path.join(staging, MASKS_DIR)).write(
+        written = _write_tensor_rows(plan, staging, tp, unit, res.emr.tau_uni)
+        b0, b1, crc = MaskStore(os.path.join(staging, MASKS_DIR)).write(
             tp.index, tp.shape, tp.rng_rows, unit.row_start, unit.row_end, res.emr.masks
         )
-        return UnitRecord(unit_id, res.tasks, res.emr.abs_t, res.emr.abs_masked_uni)
-    _write_tensor_rows(plan, staging, tp, unit, res.merged)
-    return UnitRecord(unit_id, res.tasks, ties=res.ties)
+        masks = (f"{MASKS_DIR}/{array_key(tp.index)}", b0, b1, crc)
+        return UnitRecord(
+            unit_id, res.tasks, res.emr.abs_t, res.emr.abs_masked_uni, out=[written, masks]
+        )
+    written = _write_tensor_rows(plan, staging, tp, unit, res.merged)
+    return UnitRecord(unit_id, res.tasks, ties=res.ties, out=[written])
 
 
-def _write_tensor_rows(plan: Plan, staging: str, tp: TensorPlan, unit: Unit, values) -> None:
+def _write_tensor_rows(plan: Plan, staging: str, tp: TensorPlan, unit: Unit, values) -> tuple:
     assert tp.out_dtype is not None
     dtype = torch_dtype(tp.out_dtype)
     if values.device.type == "cpu":
         out = POOL.get("out", values.numel(), dtype).copy_(values.view(-1))
     else:
         out = values.to(dtype).cpu()
-    write_out(plan, staging, unit, out)
+    return write_out(plan, staging, unit, out)

@@ -23,7 +23,7 @@ from ..engine.raw import RAW_DTYPE, applies, merge_raw_sparse, takes
 from ..engine.spec import MAGNITUDE_METHODS, BlockContext, MergeSpec, NonFiniteTaskVector
 from ..engine.stream import NP_DTYPES, merge_raw, streams
 from ..errors import ConfigError, InputError, InputProblem
-from ..io.block_io import map_bytes, read_bytes, write_at
+from ..io.block_io import map_bytes, read_bytes, write_at_crc
 from ..io.safetensors_format import DTYPE_SIZE
 from ..planners.inventory import COPY, EXCLUDE, MERGE
 from ..planners.plan import Plan, TensorPlan, Unit
@@ -204,6 +204,10 @@ class UnitRecord:
     nonfinite: list | None = None  # [(source index, count)]: the unit was not written
     # NaN/Inf in the merged output (an overflow of the output dtype): not written
     nonfinite_out: int = 0
+    # what it wrote, for --resume to check (cluster/integrity.py): (file relative to the
+    # staging directory, start, end, zlib.crc32) per byte range; for EMR masks
+    # ("masks.zarr/<array>", first block, end block, crc32 of the packed bits of every task)
+    out: list | None = None
 
 
 def run_unit(
@@ -308,8 +312,7 @@ def _raw_unit(
         return nonfinite_record(unit.id, [_nonfinite(r) for r in raws])
     if tasks is None:
         return None
-    write_out(plan, staging, unit, out)
-    return UnitRecord(unit.id, tasks)
+    return UnitRecord(unit.id, tasks, out=[write_out(plan, staging, unit, out)])
 
 
 def _row_offset(tp: TensorPlan, row: int, dtype: str) -> int:
@@ -329,8 +332,7 @@ def _stream_unit(
         tasks = merge_raw(raws[0], raws[1:], out, spec, check_finite, stream_kernel(plan))
     except NonFiniteTaskVector:
         return nonfinite_record(unit.id, [_nonfinite(r) for r in raws])
-    write_out(plan, staging, unit, out)
-    return UnitRecord(unit.id, tasks)
+    return UnitRecord(unit.id, tasks, out=[write_out(plan, staging, unit, out)])
 
 
 def _nonfinite(raw: np.ndarray) -> int:
@@ -411,8 +413,9 @@ def nonfinite_out(out, dtype: str) -> int:
     return 0
 
 
-def write_out(plan: Plan, staging: str, unit: Unit, out) -> None:
-    """Write a unit's output rows (already in the output dtype) at their offset.
+def write_out(plan: Plan, staging: str, unit: Unit, out) -> tuple[str, int, int, int]:
+    """Write a unit's output rows (already in the output dtype) at their offset;
+    returns the range written and its checksum (UnitRecord.out).
 
     Every merged byte goes through here (the streamed, raw bf16 and torch
     engine paths), so here NaN/Inf made by the merge itself (an overflow of
@@ -428,7 +431,14 @@ def write_out(plan: Plan, staging: str, unit: Unit, out) -> None:
         bad = nonfinite_out(out, tp.out_dtype)
         if bad:
             raise NonFiniteOutput(bad)
-    write_at(os.path.join(staging, where[0]), where[1], out)
+    return write_checked(staging, where[0], where[1], out)
+
+
+def write_checked(staging: str, rel: str, offset: int, data) -> tuple[str, int, int, int]:
+    """write_at, returning (rel, start, end, crc32) of the bytes written: the
+    checksum is taken from the buffer itself, just before it is written."""
+    n, crc = write_at_crc(os.path.join(staging, rel), offset, data)
+    return rel, offset, offset + n, crc
 
 
 def _copy_unit(plan: Plan, staging: str, unit: Unit, tp: TensorPlan) -> UnitRecord:
@@ -445,16 +455,21 @@ def _copy_unit(plan: Plan, staging: str, unit: Unit, tp: TensorPlan) -> UnitReco
                         "(it cannot be merged; exclude it or make the inputs agree)",
                     )
                 )
+    written = []
     where = unit_output_range(plan, unit)
     if where is not None:
-        write_at(os.path.join(staging, where[0]), where[1], raws[0])
+        written.append(write_checked(staging, where[0], where[1], raws[0]))
     if tp.kind == EXCLUDE and plan.task_shards:
         for m, raw in zip(plan.config.models, raws[1:], strict=True):
             for shard in plan.task_shards[m.name]:
                 if tp.name in shard.data_offsets:
-                    write_at(
-                        os.path.join(staging, TASKS_DIR, m.name, shard.filename),
-                        shard.tensor_offset(tp.name) + _row_offset(tp, unit.row_start, tp.dtype),
-                        raw,
+                    written.append(
+                        write_checked(
+                            staging,
+                            f"{TASKS_DIR}/{m.name}/{shard.filename}",
+                            shard.tensor_offset(tp.name)
+                            + _row_offset(tp, unit.row_start, tp.dtype),
+                            raw,
+                        )
                     )
-    return UnitRecord(unit.id, [])
+    return UnitRecord(unit.id, [], out=written)

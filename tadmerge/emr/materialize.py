@@ -30,11 +30,10 @@ from ..io.block_io import (
     layout_shards,
     write_at,
 )
-from ..io.publish import Staging
+from ..io.publish import STATE_DIR, Staging
 from .artifacts import EMR_NAME, open_emr
 
 log = logging.getLogger("tadmerge")
-STATE_DIR = ".tadmerge"
 _KEY_NAME = "materialize.key"
 _DONE_NAME = "materialize.done"
 
@@ -62,8 +61,14 @@ def _open_staging(to: str, overwrite: bool, resume: bool) -> Staging:
 
 
 def _empty(path: str) -> None:
+    """What an interrupted run wrote (its lock, held by this run now, stays)."""
     for name in os.listdir(path):
         full = os.path.join(path, name)
+        if name == STATE_DIR:
+            for log_name in (_KEY_NAME, _DONE_NAME):
+                if os.path.exists(os.path.join(full, log_name)):
+                    os.remove(os.path.join(full, log_name))
+            continue
         if os.path.isdir(full) and not os.path.islink(full):
             shutil.rmtree(full)
         else:
@@ -149,7 +154,7 @@ def materialize(
     for src in emr.base.extra_files:
         shutil.copyfile(src, os.path.join(staging.path, os.path.basename(src)))
     close_all()
-    return staging.publish(scratch=STATE_DIR)
+    return staging.publish()  # (the log in STATE_DIR is left out and removed)
 
 
 def _write_tensor(emr, task, t, shard, staging: str, budget: int, excluded) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 
 import numpy as np
 import torch
@@ -86,20 +87,36 @@ class MaskStore:
         row_start: int,
         row_end: int,
         masks: list[torch.Tensor],
-    ) -> None:
-        """Write the masks (one flat bool tensor per task) of rows [row_start, row_end)."""
+    ) -> tuple[int, int, int]:
+        """Write the masks (one flat bool tensor per task) of rows [row_start, row_end).
+
+        Returns the blocks written, [b0, b1), and the zlib.crc32 of their packed bits,
+        task after task (what :meth:`checksum` reads back: the resume log's check)."""
         if row_start % block_rows:
             raise ValueError("mask writes must start on a canonical block boundary")
         _, elems, nbytes = block_geometry(shape, block_rows)
         b0 = row_start // block_rows
         arr = self._array(array_key(tensor_index), "r+")
+        crc = 0
+        nblk = 1
         for k, m in enumerate(masks):
             bits = m.to("cpu", torch.uint8).numpy()
             nblk = math.ceil(bits.size / elems) if bits.size else 1
             padded = np.zeros(nblk * elems, dtype=np.uint8)
             padded[: bits.size] = bits
             packed = np.packbits(padded.reshape(nblk, elems), axis=1, bitorder=BITORDER)
-            arr[k, b0 : b0 + nblk, :] = packed[:, :nbytes]
+            chunk = np.ascontiguousarray(packed[:, :nbytes])
+            crc = zlib.crc32(chunk, crc)
+            arr[k, b0 : b0 + nblk, :] = chunk
+        return b0, b0 + nblk, crc
+
+    def checksum(self, key: str, b0: int, b1: int) -> int | None:
+        """zlib.crc32 of blocks [b0, b1) of every task of array `key` as stored now
+        (see write), or None when they cannot be read (a damaged chunk)."""
+        try:
+            return zlib.crc32(np.ascontiguousarray(self._array(key)[:, b0:b1, :]))
+        except Exception:  # zarr's decode and metadata errors have no common base
+            return None
 
     def read(
         self,

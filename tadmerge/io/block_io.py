@@ -33,6 +33,7 @@ import mmap
 import os
 import sys
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -61,6 +62,7 @@ __all__ = [
     "read_rows",
     "sync_all",
     "write_at",
+    "write_at_crc",
 ]
 
 if sys.byteorder != "little":  # pragma: no cover - no such hosts in practice
@@ -439,27 +441,78 @@ def write_at(path: str, offset: int, tensor: torch.Tensor | np.ndarray) -> None:
     Any OSError (ENOSPC, EACCES, EIO, ...) becomes a MergeRuntimeError that names the
     file, so a full disk reads as such in the nightly log and staging is kept.
     """
+    _write(path, offset, _as_bytes(tensor), False)
+
+
+# slices checksummed then written one at a time: each is still in the CPU cache when
+# pwrite copies it into the page cache, so the checksum adds no pass over memory
+_CRC_SLICE = 1 << 20
+
+
+def write_at_crc(path: str, offset: int, tensor: torch.Tensor | np.ndarray) -> tuple[int, int]:
+    """:func:`write_at`, returning ``(nbytes, zlib.crc32)`` of the bytes written.
+
+    The checksum is taken from the very buffer handed to ``pwrite``, slice by slice
+    right before each slice is written: it is what the resume log records so that a
+    later ``--resume`` can tell a unit's bytes on disk from zeros or a torn write.
+    """
+    data = _as_bytes(tensor)
+    return data.size, _write(path, offset, data, True)
+
+
+def _write(path: str, offset: int, data: np.ndarray, crc: bool) -> int:
     if offset < 0:
         raise ValueError(f"negative offset {offset} for {path}")
-    data = _as_bytes(tensor)
     total = data.size
+    value = 0
     if total == 0:
-        return
+        return value
     view = memoryview(data)
+    step = _CRC_SLICE if crc else total
     try:
         with _WRITE_FDS.acquire(path) as fd:
             done = 0
             while done < total:
-                n = os.pwrite(fd, view[done:], offset + done)
-                if n <= 0:  # pragma: no cover - pwrite reports errors by raising
-                    raise OSError(errno.EIO, "pwrite wrote nothing")
-                done += n
+                end = min(total, done + step)
+                if crc:
+                    value = zlib.crc32(view[done:end], value)
+                while done < end:
+                    n = os.pwrite(fd, view[done:end], offset + done)
+                    if n <= 0:  # pragma: no cover - pwrite reports errors by raising
+                        raise OSError(errno.EIO, "pwrite wrote nothing")
+                    done += n
     except OSError as exc:
         raise MergeRuntimeError(
             f"writing {total} bytes at offset {offset} of {path} failed: {_errtext(exc)}"
         ) from exc
     finally:
         view.release()
+    return value
+
+
+def crc_of_range(path: str, start: int, end: int) -> int | None:
+    """zlib.crc32 of bytes [start, end) of ``path`` as they are on disk now, or None
+    when the file is missing or shorter (a ``--resume`` checking a finished unit)."""
+    value = 0
+    try:
+        fd = os.open(path, os.O_RDONLY | _CLOEXEC)
+    except OSError:
+        return None
+    try:
+        buf = bytearray(min(end - start, 8 * 2**20))
+        view = memoryview(buf)
+        pos = start
+        while pos < end:
+            n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos)
+            if n <= 0:
+                return None
+            value = zlib.crc32(view[:n], value)
+            pos += n
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return value
 
 
 def sync_all(paths: Iterable[str]) -> None:
@@ -647,18 +700,21 @@ def _has_layout(path: str, shard: ShardSpec) -> bool:
         os.close(fd)
 
 
-def create_shard_files(directory: str, shards: list[ShardSpec]) -> None:
+def create_shard_files(directory: str, shards: list[ShardSpec]) -> list[str]:
     """Create each shard at full size (sparse) with its header in place.
 
     Afterwards any process may ``write_at(path, shard.tensor_offset(name), t)``.
     Idempotent for resume: a file that already has exactly this size and header keeps
-    its data. A file with another size or header is rewritten and its data is zeros,
-    so the caller's record of finished blocks for that shard is no longer valid.
+    its data. A file with another size or header (truncated or emptied by a crash) is
+    rewritten and its data is zeros, so the caller's record of finished blocks for that
+    shard is no longer valid: returns the filenames so (re)created.
     """
+    created = []
     for shard in shards:
         path = os.path.join(directory, shard.filename)
         if _has_layout(path, shard):
             continue
+        created.append(shard.filename)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | _CLOEXEC, 0o644)
             try:
@@ -672,3 +728,4 @@ def create_shard_files(directory: str, shards: list[ShardSpec]) -> None:
                 os.close(fd)
         except OSError as exc:
             raise MergeRuntimeError(f"creating {path} failed: {_errtext(exc)}") from exc
+    return created

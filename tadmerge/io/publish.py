@@ -1,16 +1,29 @@
 """Staging, manifest and atomic publish of a merged output directory.
 
 Protocol (why: a nightly job killed at any instant must leave either the previous
-output or the new complete one, never a half-written directory under the output name):
+output or the new complete one, never a half-written directory under the output name,
+and must never delete a file a user put in an earlier output):
 
 1. :class:`Staging` creates ``<parent>/.<name>.tadmerge-staging``; all writes go there.
-   An interrupted run leaves it behind, and the next run refuses to start unless told
-   ``--resume`` (continue in it) or the user removes it.
+   It takes a lock there (``.tadmerge/lock``, flock, held until the merge ends: a second
+   merge or ``--resume`` on it is refused naming the holder's pid, host and start time;
+   a killed run's lock dies with its process). An interrupted run leaves the staging
+   directory behind, and the next run refuses to start unless told ``--resume``
+   (continue in it) or the user removes it.
 2. :meth:`Staging.publish` fsyncs every file, writes ``manifest.json`` (relative path,
-   size and sha256 of every other file), fsyncs the directory, then renames staging to
-   the output in one ``rename``. With ``overwrite`` the old output is first renamed to a
-   hidden sibling and deleted only after the new one is in place.
+   size and sha256 of every file but the private ``.tadmerge/`` folder: the resume
+   state and the lock), fsyncs the directories, then renames staging to the output in
+   one ``rename``. The resume state travels with it and is deleted from the published
+   output only afterwards, so no instant exists where a staging directory lacks the
+   fingerprint of the plan its files belong to. With ``overwrite`` the old output is
+   swapped out in one ``renameat2(RENAME_EXCHANGE)`` (Linux; elsewhere it is renamed
+   aside first, then staging renamed in) and deleted only after the new one is in
+   place, and only if it holds nothing but the files its manifest lists.
 3. :func:`verify_output` re-hashes a published directory against its manifest.
+
+A run killed after the rename but before ``.tadmerge/`` left the output: the next run
+for that output finishes the job (removes it, and the old output an ``--overwrite``
+swapped out) before anything else.
 """
 
 from __future__ import annotations
@@ -19,18 +32,28 @@ import ctypes
 import errno
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
+import socket
 import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from tadmerge.errors import MergeRuntimeError, OutputError, VerifyError
+from tadmerge.io import libc
 from tadmerge.io.block_io import close_all, sync_all
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not a POSIX system: no lock
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "MANIFEST_FORMAT",
     "MANIFEST_NAME",
+    "STATE_DIR",
     "Staging",
     "check_output_outside_inputs",
     "require_verified",
@@ -42,6 +65,12 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "tadmerge-manifest/1"
 _MANIFEST_TMP = ".manifest.json.tmp"
 _HASH_BLOCK = 8 * 2**20
+# the staging directory's private folder: the driver's resume state (cluster/driver.py)
+# and the lock. Never in a manifest; removed from the output right after the rename.
+STATE_DIR = ".tadmerge"
+LOCK_NAME = "lock"
+_NAMED = 10  # files named at most in a refusal
+log = logging.getLogger("tadmerge")
 
 
 # --------------------------------------------------------------------------- fs helpers
@@ -88,7 +117,27 @@ def _walk(directory: str, *, strict: bool) -> tuple[list[str], list[str]]:
 
 
 _RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+# the process's own symbols (libc's among them): find_library("c") would run ldconfig
+# in a child process, forking a merge of hundreds of MB
+_renameat2 = libc.function(
+    "renameat2", (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+)
+_UNSUPPORTED = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def _renameat2_call(src: str, dst: str, flags: int) -> bool:
+    """renameat2(src, dst, flags): True once done, False where this kernel, libc or
+    filesystem does not offer the flag; any other failure raises OSError."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _UNSUPPORTED:
+        return False
+    raise OSError(err, os.strerror(err), dst)
 
 
 def _rename_noreplace(src: str, dst: str) -> None:
@@ -97,40 +146,178 @@ def _rename_noreplace(src: str, dst: str) -> None:
     Plain rename silently replaces an empty directory that appeared meanwhile; fall back
     to it (after an existence check) where renameat2 is unavailable.
     """
-    try:
-        # the process's own symbols (libc's among them): find_library("c") would
-        # run ldconfig in a child process, forking a merge of hundreds of MB
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        renameat2 = None
-    if renameat2 is not None:
-        rc = renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
-        if rc == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-            raise OSError(err, os.strerror(err), dst)
+    if _renameat2_call(src, dst, _RENAME_NOREPLACE):
+        return
     if os.path.lexists(dst):
         raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
     os.rename(src, dst)
 
 
-def _is_replaceable(path: str) -> bool:
-    """Only an empty directory or a previous tadmerge output may be replaced.
+def _rename_exchange(a: str, b: str) -> bool:
+    """Swap two existing paths in one step (renameat2 RENAME_EXCHANGE, Linux 3.15+ on
+    local filesystems); False where that is not offered (the caller falls back)."""
+    return _renameat2_call(a, b, _RENAME_EXCHANGE)
 
-    Guards ``--overwrite`` against a mistyped output path deleting a real directory.
+
+def _named(paths: list[str]) -> str:
+    more = f" (and {len(paths) - _NAMED} more)" if len(paths) > _NAMED else ""
+    return ", ".join(paths[:_NAMED]) + more
+
+
+def _read_manifest(path: str) -> dict | None:
+    """The manifest of directory `path` if it is a tadmerge one, else None."""
+    try:
+        with open(os.path.join(path, MANIFEST_NAME), "rb") as fh:
+            doc = json.loads(fh.read(64 * 2**20))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(doc, dict) and doc.get("format") == MANIFEST_FORMAT):
+        return None
+    if not isinstance(doc.get("files"), list):
+        return None
+    return doc
+
+
+def _replace_refusal(path: str) -> str | None:
+    """Why the directory `path` may not be replaced (deleted), or None when it may:
+    an empty directory, or a tadmerge output holding no file that its manifest does not
+    list and no listed file whose size changed (edited after the publish). Contents of
+    listed files are not re-hashed (that would read the whole old output); the private
+    ``.tadmerge/`` folder an interrupted publish left is not a user's file.
     """
     if os.path.islink(path) or not os.path.isdir(path):
-        return False
+        return "is not a directory"
     try:
         if not os.listdir(path):
-            return True
-        with open(os.path.join(path, MANIFEST_NAME), "rb") as fh:
-            doc = json.loads(fh.read(16 * 2**20))
-        return isinstance(doc, dict) and doc.get("format") == MANIFEST_FORMAT
-    except (OSError, ValueError):
-        return False
+            return None
+        doc = _read_manifest(path)
+        if doc is None:
+            return f"is not a tadmerge output (no {MANIFEST_NAME}) nor an empty directory"
+        sizes = {
+            e["path"]: e.get("size") for e in doc["files"] if isinstance(e, dict) and "path" in e
+        }
+        files, odd = _walk(path, strict=False)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    foreign = [
+        r for r in files + odd if r != MANIFEST_NAME and not _under(r, STATE_DIR) and r not in sizes
+    ]
+    changed = []
+    for rel in files:
+        if rel in sizes:
+            try:
+                if os.path.getsize(os.path.join(path, rel)) != sizes[rel]:
+                    changed.append(rel)
+            except OSError:
+                changed.append(rel)
+    if foreign:
+        return (
+            f"holds {len(foreign)} file(s) that are not in its {MANIFEST_NAME} (added "
+            f"after it was published?): {_named(sorted(foreign))}"
+        )
+    if changed:
+        return f"holds {len(changed)} file(s) changed since it was published: {_named(changed)}"
+    return None
+
+
+# --------------------------------------------------------------------------- lock
+
+
+def _lock_path(directory: str) -> str:
+    return os.path.join(directory, STATE_DIR, LOCK_NAME)
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            doc = json.loads(fh.read(4096))
+        return f"pid {doc['pid']} on host {doc['host']}, started {doc['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not written its details yet"
+
+
+def _lock_holder(directory: str) -> str | None:
+    """Who holds `directory`'s lock (a live process: a flock dies with its holder),
+    or None when nobody does."""
+    if fcntl is None:
+        return None
+    path = _lock_path(directory)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(path)
+        except OSError:
+            return None  # no flock on this filesystem
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _in_use(directory: str, holder: str) -> OutputError:
+    return OutputError(
+        f"{directory} is in use by another tadmerge run ({holder}); wait for it to end, "
+        "or stop it and rerun with --resume"
+    )
+
+
+def _acquire_lock(directory: str) -> int | None:
+    """Take `directory`'s lock (exclusive, not waiting) and write who holds it.
+
+    Returns the descriptor that holds it, or None where flock is unavailable.
+    """
+    state = os.path.join(directory, STATE_DIR)
+    path = _lock_path(directory)
+    try:
+        os.makedirs(state, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:
+        raise MergeRuntimeError(
+            f"cannot create the lock {path}: {exc.strerror or exc}; fix the cause and rerun"
+            + (" with --resume" if os.path.isdir(directory) else "")
+        ) from None
+    if fcntl is None:  # pragma: no cover
+        os.close(fd)
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(directory, _holder(path)) from None
+        except OSError as exc:  # a filesystem without flock: run unlocked
+            log.warning("cannot lock %s (%s); running without a lock", path, exc.strerror)
+            os.close(fd)
+            return None
+        # the file locked must still be the one at the path: a run that published or
+        # removed this staging directory meanwhile unlinked it
+        st = os.fstat(fd)
+        try:
+            now = os.stat(path)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise OutputError(
+                f"{directory} was published or removed by another run while locking it; rerun"
+            )
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        }
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(info).encode())  # (at offset 0: a fresh descriptor)
+        except OSError:
+            pass  # the holder's details are a courtesy; the flock is the lock
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # --------------------------------------------------------------------------- manifest
@@ -145,7 +332,7 @@ def write_manifest(
 ) -> dict:
     """Hash every file of ``directory`` into ``manifest.json`` (atomic) and return it.
 
-    ``exclude`` names a subdirectory left out (a scratch folder deleted before publish).
+    ``exclude`` names a subdirectory left out (the staging directory's private folder).
     ``known``: {file: (size, sha256)} hashed while it was written (io/digest.py),
     taken for a file whose size still matches instead of reading it again.
     """
@@ -245,7 +432,11 @@ def require_verified(path: str) -> None:
 
 
 class Staging:
-    """The hidden sibling directory a merge writes into before it is published."""
+    """The hidden sibling directory a merge writes into before it is published.
+
+    Holds the staging directory's lock from construction until :meth:`publish` or
+    :meth:`close` (a process that dies releases it too).
+    """
 
     def __init__(self, output: str, *, overwrite: bool = False, resume: bool = False) -> None:
         out = os.path.abspath(os.path.expanduser(output))
@@ -259,8 +450,15 @@ class Staging:
         self.resume = resume
         self.path = os.path.join(self.parent, f".{name}.tadmerge-staging")
         self._published = False
+        self._lock_fd: int | None = None
 
+        finished = self._finish_interrupted_publish()
         if os.path.lexists(out):
+            if resume and finished and not os.path.lexists(self.path):
+                raise OutputError(
+                    f"--resume: the interrupted merge had already published {out} (its "
+                    "leftover resume state is removed now); there is nothing to resume"
+                )
             if not overwrite:
                 raise OutputError(
                     f"output {out} already exists; pass --overwrite to replace it "
@@ -268,12 +466,15 @@ class Staging:
                 )
             self._require_replaceable()
         if os.path.lexists(self.path):
+            if os.path.islink(self.path) or not os.path.isdir(self.path):
+                raise OutputError(f"{self.path} is not a directory; remove it and rerun")
+            if (holder := _lock_holder(self.path)) is not None:
+                raise _in_use(self.path, holder)
             if not resume:
                 raise OutputError(
                     f"an interrupted merge left {self.path}; rerun with --resume or remove it"
                 )
-            if os.path.islink(self.path) or not os.path.isdir(self.path):
-                raise OutputError(f"{self.path} is not a directory; remove it and rerun")
+            self._lock_fd = _acquire_lock(self.path)
         else:
             if resume:
                 raise OutputError(
@@ -290,6 +491,9 @@ class Staging:
             try:
                 os.mkdir(self.path, 0o755)
             except FileExistsError:
+                holder = _lock_holder(self.path)
+                if holder is not None:
+                    raise _in_use(self.path, holder) from None
                 raise OutputError(
                     f"an interrupted merge left {self.path}; rerun with --resume or remove it"
                 ) from None
@@ -298,24 +502,71 @@ class Staging:
                     f"cannot create staging directory {self.path}: {exc.strerror}; "
                     "check the output path and its permissions"
                 ) from None
+            self._lock_fd = _acquire_lock(self.path)
 
-    def _require_replaceable(self) -> None:
-        if not _is_replaceable(self.output):
+    def close(self) -> None:
+        """Release the staging directory's lock (the merge is over, published or not)."""
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _aside(self) -> str:
+        return os.path.join(
+            self.parent, f".{self.name}.tadmerge-old-{os.getpid()}-{secrets.token_hex(4)}"
+        )
+
+    def _require_replaceable(self, when: str = "") -> None:
+        why = _replace_refusal(self.output)
+        if why is not None:
+            move = "move those files out of it, " if "file(s)" in why else ""
             raise OutputError(
-                f"output {self.output} exists and is not a tadmerge output (no {MANIFEST_NAME}) "
-                "nor an empty directory; refusing to replace it even with --overwrite, "
-                "remove it yourself or choose another path"
+                f"output {self.output} {why}; refusing to replace it even with --overwrite"
+                f"{when}: {move}remove it yourself, or choose another path"
             )
 
-    def publish(
-        self, scratch: str | None = None, known: dict[str, tuple[int, str]] | None = None
-    ) -> str:
+    def _finish_interrupted_publish(self) -> bool:
+        """Finish a publish that was killed after its rename: the output still holds the
+        private `.tadmerge/` folder (and an --overwrite's old output may still sit at the
+        staging name). True when there was one to finish."""
+        state = os.path.join(self.output, STATE_DIR)
+        if os.path.islink(self.output) or not os.path.isdir(state) or os.path.islink(state):
+            return False
+        if _read_manifest(self.output) is None:
+            return False  # not a tadmerge output: leave it alone
+        if (holder := _lock_holder(self.output)) is not None:
+            raise _in_use(self.output, holder)
+        try:
+            if (
+                os.path.isdir(self.path)
+                and not os.path.islink(self.path)
+                and not os.path.lexists(os.path.join(self.path, STATE_DIR))
+            ):
+                # swapped out by RENAME_EXCHANGE, not yet renamed aside
+                aside = self._aside()
+                os.rename(self.path, aside)
+                self._discard(aside)
+            shutil.rmtree(state)
+            _fsync_dir(self.output)
+            self._remove_stale_asides()
+        except OSError as exc:
+            raise OutputError(
+                f"{self.output}: cannot finish the interrupted publish that left {state}: "
+                f"{exc.strerror or exc}; remove {state} yourself"
+            ) from None
+        log.info("finished the interrupted publish of %s", self.output)
+        return True
+
+    def publish(self, known: dict[str, tuple[int, str]] | None = None) -> str:
         """fsync, write the manifest, and rename staging to the output atomically.
 
-        `scratch` names a subdirectory (the resume log) that is left out of the
-        manifest and deleted only just before the rename, so a failure while
-        finalizing can still be resumed. `known`: digests streamed while the
-        files were written (see write_manifest).
+        The private `.tadmerge/` folder (resume state, lock) is left out of the manifest
+        and deleted from the output only after the rename, so a failure or a kill
+        before it leaves a staging directory that can still be resumed, and only with
+        its own plan. `known`: digests streamed while the files were written (see
+        write_manifest).
         """
         if self._published:
             raise OutputError(f"{self.output} was already published from this staging")
@@ -323,62 +574,109 @@ class Staging:
             raise OutputError(f"staging directory {self.path} is gone; rerun the merge")
         try:
             files, _ = _walk(self.path, strict=True)
-            files = [f for f in files if not _under(f, scratch)]
+            files = [f for f in files if not _under(f, STATE_DIR)]
             sync_all(os.path.join(self.path, rel) for rel in files)
-            write_manifest(self.path, exclude=scratch, known=known)
+            write_manifest(self.path, exclude=STATE_DIR, known=known)
             for dirpath, _dirs, _files in os.walk(self.path):
                 _fsync_dir(dirpath)
-            if scratch:
-                shutil.rmtree(os.path.join(self.path, scratch), ignore_errors=True)
         except OSError as exc:
             raise MergeRuntimeError(
                 f"cannot finalize {exc.filename or self.path}: {exc.strerror or exc}; the "
                 "staging directory is kept: fix it and rerun with --resume"
             ) from None
 
-        aside = None
+        old = None
         if os.path.lexists(self.output):
             if not self.overwrite:
                 raise OutputError(
                     f"output {self.output} appeared while merging; pass --overwrite or remove it"
                 )
-            self._require_replaceable()
-            aside = os.path.join(
-                self.parent, f".{self.name}.tadmerge-old-{os.getpid()}-{secrets.token_hex(4)}"
-            )
+            # again: files may have been added to the old output during the merge
+            self._require_replaceable(" (the staging directory is kept for --resume)")
+            old = self._swap()
+        else:
             try:
-                os.rename(self.output, aside)
+                _rename_noreplace(self.path, self.output)
             except OSError as exc:
                 raise OutputError(
-                    f"cannot move the old output {self.output} aside: {exc.strerror}"
+                    f"cannot publish {self.path} as {self.output}: {exc.strerror}; "
+                    "the staging directory is kept, rerun with --resume"
                 ) from None
-        try:
-            _rename_noreplace(self.path, self.output)
-        except OSError as exc:
-            if aside is not None:
-                try:
-                    os.rename(aside, self.output)
-                except OSError:
-                    pass
-            raise OutputError(
-                f"cannot publish {self.path} as {self.output}: {exc.strerror}; "
-                "the staging directory is kept, rerun with --resume"
-            ) from None
+        self._published = True
         try:
             _fsync_dir(self.parent)
         except OSError:
             pass  # published already; a failing directory fsync cannot be undone here
-        self._published = True
         # Cached descriptors of staging files now point into the output; drop them so a
         # later --overwrite can actually free the old files' space.
         close_all()
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        try:
+            shutil.rmtree(os.path.join(self.output, STATE_DIR))
+            _fsync_dir(self.output)
+        except OSError as exc:
+            log.warning(
+                "published %s but could not remove its %s/ folder (%s); the next run for "
+                "this output removes it",
+                self.output,
+                STATE_DIR,
+                exc.strerror or exc,
+            )
+        self.close()
+        if old is not None:
+            self._discard(old)
         self._remove_stale_asides()
         return self.output
 
+    def _swap(self) -> str:
+        """Put staging in place of the existing output; returns where the old one is."""
+        aside = self._aside()
+        try:
+            exchanged = _rename_exchange(self.path, self.output)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot publish {self.path} as {self.output}: {exc.strerror}; "
+                "the staging directory is kept, rerun with --resume"
+            ) from None
+        if exchanged:
+            # the old output is at the staging name now: give that name back
+            try:
+                os.rename(self.path, aside)
+            except OSError:
+                return self.path
+            return aside
+        # no RENAME_EXCHANGE here: two renames, with an instant of no output between
+        try:
+            os.rename(self.output, aside)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot move the old output {self.output} aside: {exc.strerror}; "
+                "the staging directory is kept, rerun with --resume"
+            ) from None
+        try:
+            _rename_noreplace(self.path, self.output)
+        except OSError as exc:
+            try:
+                os.rename(aside, self.output)
+            except OSError:
+                pass
+            raise OutputError(
+                f"cannot publish {self.path} as {self.output}: {exc.strerror}; "
+                "the staging directory is kept, rerun with --resume"
+            ) from None
+        return aside
+
+    @staticmethod
+    def _discard(old: str) -> None:
+        """Delete a replaced output, unless it is not verifiably an earlier tadmerge
+        output (holds files its manifest does not list): then keep it and say so."""
+        why = _replace_refusal(old)
+        if why is None:
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            log.warning("kept the replaced output at %s: it %s", old, why)
+
     def _remove_stale_asides(self) -> None:
-        """Delete old outputs a crash between the two renames left behind."""
+        """Delete old outputs that an interrupted --overwrite left beside this one."""
         prefix = f".{self.name}.tadmerge-old-"
         try:
             names = os.listdir(self.parent)
@@ -386,7 +684,7 @@ class Staging:
             return
         for entry in names:
             if entry.startswith(prefix):
-                shutil.rmtree(os.path.join(self.parent, entry), ignore_errors=True)
+                self._discard(os.path.join(self.parent, entry))
 
 
 def check_output_outside_inputs(output: str, input_roots: list[str]) -> None:
