@@ -48,7 +48,7 @@ from ..errors import (
 from ..io.block_io import changed_problem, close_all, create_shard_files, index_json
 from ..io.digest import StreamingDigests
 from ..io.identity import recheck
-from ..io.publish import STATE_DIR, Staging
+from ..io.publish import STATE_DIR, Staging, fsync_dir
 from ..planners.inventory import MERGE
 from ..planners.plan import Plan, input_versions, make_plan
 from .dispatch import Dispatch, decide
@@ -103,7 +103,7 @@ class RunState:
             return
         _atomic_write(path, fingerprint.encode())
         with writing(self.dir):  # durable before any file it vouches for exists
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
 
     def load_stats(self) -> dict | None:
         path = os.path.join(self.dir, "stats.json")
@@ -175,14 +175,6 @@ class writing:
                 "is kept: fix the cause and rerun with --resume"
             ) from exc
         return False
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _atomic_write(path: str, data: bytes) -> None:

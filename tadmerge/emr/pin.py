@@ -25,6 +25,7 @@ import threading
 
 from ..errors import InputError, InputProblem
 from ..io.checkpoint import Checkpoint
+from ..io.identity import pread_exact
 
 log = logging.getLogger("tadmerge")
 _BLOCK = 8 * 2**20
@@ -40,20 +41,10 @@ def _rel(path: str, root: str) -> str:
 
 
 def _header_digest(fd: int, size: int) -> str:
-    prefix = os.pread(fd, 8, 0)
-    if len(prefix) < 8:
-        return hashlib.sha256(prefix).hexdigest()
-    (n,) = struct.unpack("<Q", prefix)
-    n = min(n, max(0, size - 8))
-    digest = hashlib.sha256(prefix)
-    done = 0
-    while done < n:
-        chunk = os.pread(fd, min(_BLOCK, n - done), 8 + done)
-        if not chunk:
-            break
-        digest.update(chunk)
-        done += len(chunk)
-    return digest.hexdigest()
+    """SHA-256 of the length prefix and the header (as io/identity.py hashes them)."""
+    prefix = pread_exact(fd, 8, 0)
+    n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+    return hashlib.sha256(prefix + pread_exact(fd, min(n, max(0, size - 8)), 8)).hexdigest()
 
 
 def _full_digest(fd: int, stop: threading.Event | None = None) -> str | None:

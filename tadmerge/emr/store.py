@@ -138,9 +138,3 @@ class MaskStore:
         lo = (row_start - b0 * block_rows) * row_numel
         n = (row_end - row_start) * row_numel if shape else 1
         return torch.from_numpy(bits[lo : lo + n].astype(bool))
-
-    def nbytes_on_disk(self) -> int:
-        total = 0
-        for dirpath, _, files in os.walk(self.root):
-            total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
-        return total

@@ -109,7 +109,8 @@ class FileIdentity:
         }
 
 
-def _read_exact(fd: int, size: int, offset: int) -> bytes:
+def pread_exact(fd: int, size: int, offset: int) -> bytes:
+    """Read exactly ``size`` bytes or fewer at EOF; loops on short reads."""
     chunks: list[bytes] = []
     got = 0
     while got < size:
@@ -135,7 +136,7 @@ def recheck(identity: FileIdentity) -> str | None:
         why = identity.differs(os.fstat(fd), dev=True)
         if why is not None:
             return why
-        head = _read_exact(fd, identity.header_len, 0)
+        head = pread_exact(fd, identity.header_len, 0)
     except OSError as exc:
         code = errno.errorcode.get(exc.errno or 0, "?")
         return f"cannot be read any more: {exc.strerror or exc} ({code})"

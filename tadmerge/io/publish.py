@@ -56,6 +56,7 @@ __all__ = [
     "STATE_DIR",
     "Staging",
     "check_output_outside_inputs",
+    "fsync_dir",
     "require_verified",
     "verify_output",
     "write_manifest",
@@ -76,7 +77,7 @@ log = logging.getLogger("tadmerge")
 # --------------------------------------------------------------------------- fs helpers
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -549,7 +550,7 @@ class Staging:
                 os.rename(self.path, aside)
                 self._discard(aside)
             shutil.rmtree(state)
-            _fsync_dir(self.output)
+            fsync_dir(self.output)
             self._remove_stale_asides()
         except OSError as exc:
             raise OutputError(
@@ -578,7 +579,7 @@ class Staging:
             sync_all(os.path.join(self.path, rel) for rel in files)
             write_manifest(self.path, exclude=STATE_DIR, known=known)
             for dirpath, _dirs, _files in os.walk(self.path):
-                _fsync_dir(dirpath)
+                fsync_dir(dirpath)
         except OSError as exc:
             raise MergeRuntimeError(
                 f"cannot finalize {exc.filename or self.path}: {exc.strerror or exc}; the "
@@ -604,7 +605,7 @@ class Staging:
                 ) from None
         self._published = True
         try:
-            _fsync_dir(self.parent)
+            fsync_dir(self.parent)
         except OSError:
             pass  # published already; a failing directory fsync cannot be undone here
         # Cached descriptors of staging files now point into the output; drop them so a
@@ -612,7 +613,7 @@ class Staging:
         close_all()
         try:
             shutil.rmtree(os.path.join(self.output, STATE_DIR))
-            _fsync_dir(self.output)
+            fsync_dir(self.output)
         except OSError as exc:
             log.warning(
                 "published %s but could not remove its %s/ folder (%s); the next run for "

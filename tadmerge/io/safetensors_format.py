@@ -27,7 +27,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from tadmerge.errors import InputError, InputProblem
-from tadmerge.io.identity import FileIdentity
+from tadmerge.io.identity import FileIdentity, pread_exact
 
 if TYPE_CHECKING:
     import torch
@@ -196,19 +196,6 @@ def _overflows_u64(shape: tuple[int, ...], itemsize: int) -> bool:
     return n * itemsize > _U64_MAX
 
 
-def _pread_exact(fd: int, size: int, offset: int) -> bytes:
-    """Read exactly ``size`` bytes or fewer at EOF; loops on short reads."""
-    chunks: list[bytes] = []
-    got = 0
-    while got < size:
-        chunk = os.pread(fd, size - got, offset + got)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
 def _encodable(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -375,7 +362,9 @@ def _check_entry(
     return None
 
 
-def read_header(path: str, *, max_header_bytes: int = 100 * 2**20) -> SafetensorsHeader:
+def read_header(
+    path: str, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+) -> SafetensorsHeader:
     """Read and validate a safetensors header without touching the tensor data.
 
     Raises :class:`InputError` listing every problem in the file; nothing else escapes.
@@ -401,7 +390,7 @@ def read_header(path: str, *, max_header_bytes: int = 100 * 2**20) -> Safetensor
                 f"file is {file_size} bytes, shorter than the 8-byte safetensors length prefix"
             )
         try:
-            prefix = _pread_exact(fd, 8, 0)
+            prefix = pread_exact(fd, 8, 0)
         except OSError as exc:
             raise fail(f"cannot read: {exc.strerror or exc}") from None
         if len(prefix) < 8:
@@ -419,7 +408,7 @@ def read_header(path: str, *, max_header_bytes: int = 100 * 2**20) -> Safetensor
                 "truncated or not a safetensors file"
             )
         try:
-            raw = _pread_exact(fd, header_len, 8)
+            raw = pread_exact(fd, header_len, 8)
         except OSError as exc:
             raise fail(f"cannot read: {exc.strerror or exc}") from None
         if len(raw) < header_len:

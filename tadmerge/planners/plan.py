@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from .. import __version__, methods
 from ..config import MergeConfig
 from ..engine.spec import MAGNITUDE_METHODS
-from ..errors import ConfigError, OutputError
+from ..errors import ConfigError
 from ..io.block_io import OutputTensor, ShardSpec, layout_shards
 from ..io.checkpoint import Checkpoint
 from ..io.identity import FileIdentity
@@ -166,10 +166,7 @@ def make_plan(cfg: MergeConfig, *, inputs: list[Checkpoint] | None = None) -> Pl
     """Headers only: open, validate, classify, split into units, lay out shards."""
     inputs = inputs if inputs is not None else open_inputs(cfg)
     roots = [c.root for c in inputs]
-    try:
-        check_output_outside_inputs(cfg.output.path, roots)
-    except OutputError:
-        raise
+    check_output_outside_inputs(cfg.output.path, roots)
     kinds = classify(cfg, inputs)
     k = len(cfg.models)
     workers_here = cfg.runtime.local_workers() if cfg.runtime.executor == "local" else 1
