@@ -5,6 +5,8 @@ whole task vector (integer moments, engine/exact.py)."""
 
 from __future__ import annotations
 
+import math
+
 from .registry import Combiner
 
 
@@ -44,6 +46,17 @@ def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
             abs_t[k] += eb.abs_t[k]
             abs_uni[k] += eb.abs_masked_uni[k]
     return BlockResult(None, C.EmrBlock(taus[0], masks, abs_t, abs_uni), stats)
+
+
+def rescalers(abs_t: list[list[float]], abs_uni: list[list[float]]) -> list[float]:
+    """λ_k = Σ_n mean|t_k,n| / Σ_n mean|M_k,n ⊙ τ_uni,n| over the merged tensors n
+    (per-tensor means of exact sums, added with fsum), 1.0 where the denominator
+    is 0: the rescalers from what every block's exact sums gave (SPEC section 5)."""
+    out = []
+    for a, b in zip(abs_t, abs_uni, strict=True):
+        num, den = math.fsum(a), math.fsum(b)
+        out.append(num / den if den > 0 else 1.0)
+    return out
 
 
 METHOD = Combiner(

@@ -61,12 +61,9 @@ def tensor_report(plan, done: dict, resolved: dict) -> tuple[dict, dict]:
         out[t.name] = entry
     emr: dict = {}
     if plan.is_emr:
-        rescalers = {}
-        for k, name in enumerate(names):
-            num = math.fsum(emr_abs_t[k])
-            den = math.fsum(emr_abs_uni[k])
-            rescalers[name] = num / den if den > 0 else 1.0
-        emr = {"rescalers": rescalers}
+        from ..methods.emr import rescalers
+
+        emr = {"rescalers": dict(zip(names, rescalers(emr_abs_t, emr_abs_uni), strict=True))}
     return out, emr
 
 
