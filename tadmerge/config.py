@@ -94,6 +94,8 @@ class RuntimeSpec:
     memory_budget: int = 512 * 10**6  # larger budgets were no faster: docs/benchmarks.md
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # default: 1 when device is cuda
+    # working memory of a unit on a GPU (default: memory_budget, applied to the GPU)
+    gpu_memory_budget: int | None = None
     max_retries: int = 3
     progress: str = "auto"  # auto | bar | log | none
     # Statistics kernels: auto (TADMERGE_KERNELS, else numba when installed) | numba |
@@ -315,9 +317,10 @@ def _parse_output(o: Any, base_dir: Path) -> OutputSpec:
 def _parse_runtime(r: Any) -> RuntimeSpec:
     _check_keys(r, {"executor", "workers", "device", "memory_budget", "cpus_per_worker",
                     "gpus_per_worker", "max_retries", "progress", "max_unit_elements",
-                    "block_elements", "kernels"}, "runtime")  # fmt: skip
+                    "block_elements", "kernels", "gpu_memory_budget"}, "runtime")  # fmt: skip
     mue = r.get("max_unit_elements")
     gpus = r.get("gpus_per_worker")
+    gpu_budget = r.get("gpu_memory_budget")
     return RuntimeSpec(
         executor=_choice(r.get("executor", "local"), "runtime.executor", {"local", "ray"}),
         workers=_workers(r.get("workers", "auto"), "runtime.workers"),
@@ -325,6 +328,9 @@ def _parse_runtime(r: Any) -> RuntimeSpec:
         memory_budget=parse_size(r.get("memory_budget", "512MB"), "runtime.memory_budget"),
         cpus_per_worker=_num(r.get("cpus_per_worker", 1.0), "runtime.cpus_per_worker", 0.0),
         gpus_per_worker=None if gpus is None else _num(gpus, "runtime.gpus_per_worker", 0.0),
+        gpu_memory_budget=None
+        if gpu_budget is None
+        else parse_size(gpu_budget, "runtime.gpu_memory_budget"),
         max_retries=_int(r.get("max_retries", 3), "runtime.max_retries", 0),
         progress=_choice(
             r.get("progress", "auto"), "runtime.progress", {"auto", "bar", "log", "none"}

@@ -42,9 +42,47 @@ class BufferPool:
             return torch.empty(0, dtype=dtype)
         return torch.from_numpy(self.bytes(name, numel * dtype.itemsize)).view(dtype)
 
+    def pinned(self, name: str, nbytes: int) -> torch.Tensor:
+        """A page-locked uint8 host tensor of `nbytes`, reused: the staging buffer of
+        asynchronous copies to a GPU (a pageable source makes each copy synchronous
+        and bounced through a driver buffer). Waits for the copies that read the
+        previous contents first (see `copied`)."""
+        import torch
+
+        self.wait_copies()
+        store = self._local.__dict__.setdefault("pinned", {})
+        buf = store.get(name)
+        if buf is None or buf.numel() < nbytes:
+            store.pop(name, None)
+            buf = store[name] = torch.empty(max(1, nbytes), dtype=torch.uint8, pin_memory=True)
+        return buf[:nbytes]
+
+    def device(self, name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """A flat tensor on `device` of `numel` elements, reused like `get`: GPU
+        memory is allocated once per worker, not per unit."""
+        import torch
+
+        store = self._local.__dict__.setdefault("device", {})
+        buf = store.get(name)
+        need = numel * dtype.itemsize
+        if buf is None or buf.numel() < need or buf.device != torch.device(device):
+            store.pop(name, None)
+            buf = store[name] = torch.empty(max(1, need), dtype=torch.uint8, device=device)
+        return buf[:need].view(dtype)
+
+    def copied(self, event) -> None:
+        """Record the event after which the pinned buffers may be written again."""
+        self._local.__dict__["copy_event"] = event
+
+    def wait_copies(self) -> None:
+        event = self._local.__dict__.pop("copy_event", None)
+        if event is not None:
+            event.synchronize()
+
     def release(self) -> None:
         """Drop this thread's buffers (threads of a finished pool drop theirs on exit)."""
-        self._local.__dict__.pop("buffers", None)
+        for key in ("buffers", "pinned", "device", "copy_event"):
+            self._local.__dict__.pop(key, None)
 
 
 POOL = BufferPool()

@@ -49,9 +49,25 @@ def decide(cfg: MergeConfig) -> Dispatch:
         if kernels not in BACKENDS:
             raise ConfigError(f"{KERNELS_ENV}: expected one of {', '.join(BACKENDS)}")
     device = cfg.runtime.device
+    if device == "auto" and io_bound(cfg):
+        device = "cpu"  # (without asking torch: these merges may never import it)
     if cfg.runtime.executor == "local":
         device = resolve_device(device)
     return Dispatch(device, kernels, native.describe() if kernels == "auto" else "not used")
+
+
+def io_bound(cfg: MergeConfig) -> bool:
+    """Merges that cost about one read of the inputs on a CPU (task arithmetic,
+    averaging and linear, with no sparsifier or a magnitude selection, on the
+    compiled CPU kernels): a GPU adds a copy of every block to and from it and
+    saves nothing, so `device: auto` keeps them on the CPU."""
+    from .. import methods
+
+    family = methods.sparsifier(cfg.sparsify.method).family
+    return cfg.merge.method in ("task_arithmetic", "average", "linear") and family in (
+        methods.NONE,
+        methods.MAGNITUDE,
+    )
 
 
 def apply(dispatch: Dispatch) -> None:

@@ -284,7 +284,7 @@ def run_merge(
     timings: dict[str, float] = {}
     dispatch = decide(cfg)
     start_kernels(cfg, dispatch)
-    plan = plan or make_plan(cfg)
+    plan = plan or make_plan(cfg, device=dispatch.device)
     start_kernels(cfg, dispatch, plan)  # (what only the plan tells: a large streamed merge)
     timings["plan_s"] = time.monotonic() - t0
     staging = Staging(cfg.output.path, overwrite=overwrite, resume=resume)

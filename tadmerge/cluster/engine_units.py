@@ -40,15 +40,28 @@ def torch_device(name: str) -> torch.device:
 def read_unit(
     plan: Plan, unit: Unit, device: torch.device
 ) -> tuple[TensorPlan, list[torch.Tensor]]:
-    """Float32 blocks of base and models for one unit."""
+    """Float32 blocks of base and models for one unit.
+
+    On a GPU each raw block is read into a reused page-locked buffer, copied
+    asynchronously into a reused device buffer and widened there: the reads of
+    the next sources overlap the copies of the first.
+    """
     tp = plan.tensors[unit.tensor]
     blocks = []
     n = (unit.row_end - unit.row_start) * tp.row_numel
+    if device.type != "cpu":
+        for i, src in enumerate(tp.sources):
+            host = POOL.pinned(f"raw{i}", n * src.itemsize)
+            raw = read_rows(src, unit.row_start, unit.row_end, host)
+            on_device = POOL.device(f"raw{i}", n, raw.dtype, device)
+            on_device.copy_(raw, non_blocking=True)
+            blocks.append(POOL.device(f"block{i}", n, torch.float32, device).copy_(on_device))
+        event = torch.cuda.Event() if device.type == "cuda" else None
+        if event is not None:
+            event.record()
+            POOL.copied(event)  # the next unit's reads wait for these copies
+        return tp, blocks
     for i, src in enumerate(tp.sources):
-        if device.type != "cpu":
-            raw = read_rows(src, unit.row_start, unit.row_end)
-            blocks.append(raw.to(device=device, dtype=torch.float32))
-            continue
         raw = read_rows(
             src, unit.row_start, unit.row_end, POOL.get("raw", n * src.itemsize, torch.uint8)
         )

@@ -89,13 +89,14 @@ class RayExecutor:
             ray.init(log_to_driver=True, include_dashboard=False)
         gpus = rt.gpus_per_worker
         if gpus is None:
-            gpus = 1.0 if rt.device == "cuda" else 0.0
+            gpus = 1.0 if dispatch.device == "cuda" else 0.0
         self.actor_cls = ray.remote(num_cpus=rt.cpus_per_worker, num_gpus=gpus)(_UnitWorker)
         self.plan_ref = ray.put(plan)
         self.staging = staging
-        self.device = rt.device if rt.device != "auto" or gpus > 0 else "cpu"
-        if rt.device == "auto" and gpus > 0:
-            self.device = "cuda"
+        # the dispatch's device; auto (compute-bound merges) takes the actors' GPUs
+        self.device = dispatch.device
+        if self.device == "auto":
+            self.device = "cuda" if gpus > 0 else "cpu"
         self.max_retries = rt.max_retries
         self.workers = rt.workers or auto_actors(ray, rt.cpus_per_worker, rt.memory_budget)
         self.actors = [self._new_actor() for _ in range(self.workers)]

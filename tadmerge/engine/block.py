@@ -64,6 +64,9 @@ class BlockResult:
 # combiner's temporaries of one chunk stay in cache, where one pass costs a
 # fraction of a pass through memory. (On a GPU the whole block is one chunk.)
 CHUNK_ELEMENTS = 1 << 18
+# On a GPU, chunks large enough to fill the device, small enough that their
+# temporaries stay a fixed overhead beside the unit's blocks (planners/plan.py).
+GPU_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -175,7 +178,7 @@ def sparsify_chunk(tp: TaskPlan, tau: torch.Tensor, start: int, spec: MergeSpec)
 
 
 def _chunks(n: int, device: torch.device) -> list[tuple[int, int]]:
-    step = n if device.type != "cpu" else CHUNK_ELEMENTS
+    step = CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
     return [(a, min(n, a + step)) for a in range(0, n, max(1, step))]
 
 

@@ -31,6 +31,8 @@ from .inventory import EXCLUDE, MERGE, classify, open_inputs
 
 CANONICAL_ELEMS = 1 << 20  # elements per canonical row block (RNG streams, mask chunks)
 FIXED_OVERHEAD = 48 * 2**20  # chunk temporaries (engine CHUNK_ELEMENTS), histograms, slack
+# on a GPU: up to 12 float32 temporaries of one chunk (engine GPU_CHUNK_ELEMENTS = 2**22)
+GPU_FIXED_OVERHEAD = 12 * 4 * 2**22
 MIN_WORKER_BUDGET = 64 * 2**20
 _TORCH_NAME = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 
@@ -162,8 +164,14 @@ def out_dtype_for(cfg: MergeConfig, kind: str, in_dtype: str) -> str | None:
     return in_dtype
 
 
-def make_plan(cfg: MergeConfig, *, inputs: list[Checkpoint] | None = None) -> Plan:
-    """Headers only: open, validate, classify, split into units, lay out shards."""
+def make_plan(
+    cfg: MergeConfig, *, inputs: list[Checkpoint] | None = None, device: str | None = None
+) -> Plan:
+    """Headers only: open, validate, classify, split into units, lay out shards.
+
+    `device`: where units will run, as the driver's dispatch decided (default:
+    runtime.device). On a GPU, units also fit `runtime.gpu_memory_budget` (or
+    the memory budget, applied to the GPU's memory)."""
     inputs = inputs if inputs is not None else open_inputs(cfg)
     roots = [c.root for c in inputs]
     check_output_outside_inputs(cfg.output.path, roots)
@@ -177,6 +185,14 @@ def make_plan(cfg: MergeConfig, *, inputs: list[Checkpoint] | None = None) -> Pl
             f"worker; the minimum is {MIN_WORKER_BUDGET // 2**20} MiB per worker"
         )
     unit_budget = per_worker - FIXED_OVERHEAD
+    if (device or cfg.runtime.device) == "cuda" or cfg.runtime.gpu_memory_budget is not None:
+        gpu = cfg.runtime.gpu_memory_budget or cfg.runtime.memory_budget
+        if gpu - GPU_FIXED_OVERHEAD < MIN_WORKER_BUDGET - FIXED_OVERHEAD:
+            raise ConfigError(
+                f"runtime.gpu_memory_budget: {gpu} bytes of GPU memory per worker; the "
+                f"minimum is {(GPU_FIXED_OVERHEAD + MIN_WORKER_BUDGET) // 2**20} MiB"
+            )
+        unit_budget = min(unit_budget, gpu - GPU_FIXED_OVERHEAD)
 
     tensors: list[TensorPlan] = []
     units: list[Unit] = []
