@@ -1,7 +1,7 @@
 """A driver killed mid-merge (kill -9, no cleanup) publishes nothing and resumes.
 
-`python merge.py CONFIG` runs in a subprocess with TADMERGE_FAULT_DRIVER_EXIT_AFTER=3:
-the driver `os._exit(137)`s right after its third finished unit is logged. The
+`python merge.py CONFIG` runs in a subprocess under tests/killpoints.py, which
+SIGKILLs the driver right after its third finished unit is logged. The
 staging directory is left behind, a plain rerun is refused (exit 2, "--resume"),
 a resume with a changed config is refused (exit 2, "changed"), and `--resume`
 finishes the merge reusing the logged units, with the same bytes as a merge that
@@ -23,7 +23,6 @@ import yaml
 from checkpoints import write_zoo
 
 from tadmerge.cli import main
-from tadmerge.cluster.driver import DRIVER_FAULT_ENV
 from tadmerge.errors import EXIT_CONFIG, EXIT_OK
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,13 +60,14 @@ def write_cfg(path: Path, zoo, out: Path, **merge) -> str:
 
 
 def merge_py(*args: str, exit_after: int | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != DRIVER_FAULT_ENV}
+    """`python merge.py ARGS`; with `exit_after`, SIGKILLed once that many units are logged."""
+    cmd = [sys.executable, str(REPO / "merge.py"), *args]
     if exit_after is not None:
-        env[DRIVER_FAULT_ENV] = str(exit_after)
+        cmd = [sys.executable, str(REPO / "tests" / "killpoints.py"), f"--at=units:{exit_after}",
+               "--", *cmd[1:]]  # fmt: skip
     return subprocess.run(
-        [sys.executable, str(REPO / "merge.py"), *args],
+        cmd,
         cwd=REPO,
-        env=env,
         capture_output=True,
         text=True,
         timeout=180,  # a hang fails the test instead of blocking the suite
@@ -114,7 +114,7 @@ def test_killed_driver_resumes_to_the_same_bytes(zoo, tmp_path, capsys):
 
     # 1. killed after 3 units: nothing published, staging and its resume log kept
     p = merge_py(cfg, exit_after=3)
-    assert p.returncode == 137, p.stderr
+    assert p.returncode == -signal.SIGKILL, p.stderr
     assert "merged" not in p.stdout
     assert not out.exists()
     assert sorted(x.name for x in tmp_path.iterdir() if x.name.startswith((".out", "out"))) == [
@@ -155,7 +155,7 @@ def test_killed_driver_resumes_to_the_same_bytes(zoo, tmp_path, capsys):
 
     # 4. killed again while resuming: the log keeps growing, still nothing published
     p = merge_py(cfg, "--resume", exit_after=3)
-    assert p.returncode == 137, p.stderr
+    assert p.returncode == -signal.SIGKILL, p.stderr
     assert not out.exists() and units_logged(staging) == 6
 
     # 5. --resume finishes, reusing the 6 logged units, with the uninterrupted bytes

@@ -41,7 +41,6 @@ STATE_DIR = ".tadmerge"
 REPORT_NAME = "merge_report.json"
 CONFIG_NAME = "merge_config.yaml"
 EMR_NAME = "emr.json"
-DRIVER_FAULT_ENV = "TADMERGE_FAULT_DRIVER_EXIT_AFTER"  # tests only
 
 
 @dataclass
@@ -224,13 +223,8 @@ def run_merge(
     overwrite: bool = False,
     resume: bool = False,
     plan: Plan | None = None,
-    stop_after_units: int | None = None,
 ) -> MergeResult:
-    """Run a whole merge. Raises before writing anything if the inputs are bad.
-
-    `stop_after_units` is for tests of --resume: it aborts after that many units
-    as a killed driver would (staging kept, nothing published).
-    """
+    """Run a whole merge. Raises before writing anything if the inputs are bad."""
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     start_kernels(cfg)
@@ -287,9 +281,6 @@ def run_merge(
             cfg.runtime.progress,
         )
         progress.units = reused
-        count = {"n": 0}
-
-        exit_after = os.environ.get(DRIVER_FAULT_ENV)
         nonfinite: dict[tuple[str, str], int] = {}
 
         def on_done(rec: UnitRecord) -> None:
@@ -300,11 +291,6 @@ def run_merge(
             done[rec.unit] = rec
             final(rec.unit)
             progress.update(1, unit_bytes(plan, rec.unit))
-            count["n"] += 1
-            if exit_after is not None and count["n"] >= int(exit_after):
-                os._exit(137)  # tests: a driver killed mid-merge, no cleanup at all
-            if stop_after_units is not None and count["n"] >= stop_after_units:
-                raise _Interrupted()
 
         try:
             executor.run_units(todo, resolved, on_done)
@@ -341,12 +327,6 @@ def run_merge(
         out = staging.publish(scratch=STATE_DIR, known=digests.finish())
         log.info("published %s in %.1fs", out, timings["total_s"])
         return MergeResult(out, plan, report)
-    except _Interrupted:
-        close_all()
-        raise MergeRuntimeError(
-            f"merge stopped after {stop_after_units} units (test hook); staging kept at "
-            f"{staging.path}: rerun with --resume"
-        ) from None
     except InputError:
         # bad input found while reading: this staging can never be resumed (the
         # fixed input changes the plan), so leave nothing behind
@@ -378,10 +358,6 @@ def _start_digests(plan: Plan, staging: str) -> StreamingDigests:
     for s in plan.shards:
         digests.final(s.filename, 0, len(s.header))
     return digests
-
-
-class _Interrupted(Exception):
-    pass
 
 
 def note_nonfinite(plan: Plan, rec: UnitRecord, acc: dict[tuple[str, str], int]) -> None:
