@@ -283,10 +283,20 @@ class Soak:
         if rc == 2 and "changed" in err:
             self.counts["changed_config_resumes_refused"] += 1
             return
-        self.problem("--resume, changed config", kill, f"exit {rc}, not 2 'changed': "
-                     f"{err.strip()[-300:] or 'accepted'}")  # fmt: skip
+        what = f"exit {rc}, not 2 'changed': {err.strip()[-300:]}"
         if rc == 0 and self.out.exists():
-            shutil.rmtree(self.out)  # the other config's output: recover from scratch
+            h = output_hashes(self.out)
+            if h == self.old:
+                what = "accepted: published the other config's merge"
+            elif h == self.ref:
+                what = (
+                    "accepted: published the interrupted config's bytes as the other "
+                    "config's merge (the units logged under the first config reused)"
+                )
+            else:
+                what = "accepted: published bytes that are neither config's merge"
+            shutil.rmtree(self.out)  # recover from scratch
+        self.problem("--resume, changed config", kill, what)
 
     def recover(self, overwrite: bool, kill, chain: list[tuple]) -> None:
         """Rerun / --resume until the merge is published (`chain`: kills for the

@@ -26,6 +26,8 @@ Points (`NAME` or `NAME:N` for the N-th time, default the first):
   publish         the report is written; publishing starts
   before-manifest staging fsynced; manifest.json not yet written
   after-manifest  manifest.json written; the resume log is still there
+  log-removal     the resume log's plan fingerprint is deleted, maybe not the
+                  rest of the log yet (publish removes it file by file)
   before-rename   resume log removed (and with --overwrite the old output moved
                   aside); staging not yet renamed to the output
   after-rename    published; the old output (--overwrite) not yet deleted
@@ -127,6 +129,27 @@ def _around_executor(setattr_, method: str, fire: Callable[[], None], after: boo
     setattr_(driver, "make_executor", make_executor)
 
 
+def _unlinking(setattr_, publish, victim: str, fire: Callable[[], None]) -> None:
+    """While Staging.publish runs, fire once a file named `victim` is unlinked
+    (shutil.rmtree removes the resume log's files one by one)."""
+    real_publish = _get(publish.Staging, "publish")
+    real_unlink = os.unlink
+
+    def unlink(path, *a, **kw):
+        real_unlink(path, *a, **kw)
+        if os.path.basename(os.fsdecode(path)) == victim:
+            fire()
+
+    def wrapped(*a, **kw):
+        setattr_(os, "unlink", unlink)  # rmtree looks os.unlink up at each call
+        try:
+            return real_publish(*a, **kw)
+        finally:
+            setattr_(os, "unlink", real_unlink)
+
+    setattr_(publish.Staging, "publish", wrapped)
+
+
 def install(point: str, action: Callable[[], None], setattr_=setattr) -> None:
     """Make `action` run when the merge reaches `point` (see the module doc).
 
@@ -158,6 +181,8 @@ def install(point: str, action: Callable[[], None], setattr_=setattr) -> None:
         _before(setattr_, publish, "write_manifest", fire)
     elif name == "after-manifest":
         _after(setattr_, publish, "write_manifest", fire)
+    elif name == "log-removal":
+        _unlinking(setattr_, publish, "fingerprint", fire)
     elif name == "before-rename":
         _before(setattr_, publish, "_rename_noreplace", fire)
     elif name == "after-rename":
@@ -177,6 +202,7 @@ POINTS = [
     "publish",
     "before-manifest",
     "after-manifest",
+    "log-removal",
     "before-rename",
     "after-rename",
 ]

@@ -24,8 +24,9 @@ from benchmarks.crash_soak import Soak, in_process_cli
 pytestmark = pytest.mark.slow
 
 PUBLISH_WINDOW = (
-    "publish window: the resume log is removed before the rename, so a staging left "
-    "there resumes under any config (--resume with a changed config is accepted)"
+    "publish window: the resume log is removed before the rename, file by file, so a "
+    "staging left there resumes under any config (--resume with a changed config is "
+    "accepted, and killed mid-removal it reuses the first config's logged units)"
 )
 OVERWRITE_WINDOW = (
     "--overwrite atomicity: killed after the old output was moved aside and before the "
@@ -49,12 +50,14 @@ CASES = [
     pytest.param(("point", "units:5"), False, [("point", "units:3")], id="resume-killed-too"),
     pytest.param(("point", "finalize"), False, [], id="finalize"),
     pytest.param(("point", "after-manifest"), False, [], id="publish-after-manifest"),
+    pytest.param(("point", "log-removal"), False, [], id="publish-mid-log-removal",
+                 marks=known(PUBLISH_WINDOW)),
     pytest.param(("point", "before-rename"), False, [], id="publish-before-rename",
                  marks=known(PUBLISH_WINDOW)),
     pytest.param(("point", "after-rename"), False, [], id="publish-after-rename"),
     pytest.param(("point", "units:5"), True, [], id="overwrite-mid-apply"),
     pytest.param(("point", "before-rename"), True, [], id="overwrite-before-rename",
-                 marks=known(OVERWRITE_WINDOW)),
+                 marks=known(f"{OVERWRITE_WINDOW}; and {PUBLISH_WINDOW}")),
     pytest.param(("point", "after-rename"), True, [], id="overwrite-after-rename",
                  marks=known(OVERWRITE_LEFTOVER)),
 ]  # fmt: skip
