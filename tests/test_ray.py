@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 
+import killpoints
 import pytest
 from checkpoints import write_zoo
 
+from tadmerge.cluster import ray_executor
 from tadmerge.cluster.driver import run_merge
-from tadmerge.cluster.ray_executor import FAULT_ENV
 from tadmerge.config import parse_config
-from tadmerge.errors import MergeRuntimeError
 
 pytestmark = pytest.mark.ray
 
@@ -81,24 +81,48 @@ def test_ray_matches_local_bytes(ray_session, zoo, case):
         assert len(r.report["peak_rss_workers_bytes"]) == workers
 
 
-def test_worker_killed_mid_merge_is_replaced(ray_session, zoo, monkeypatch):
+def dying_worker(victim: int, marker: str) -> type:
+    """The actor class, except that the first actor handed unit `victim` kills its
+    own process (no cleanup) before running it. Defined in a function so that Ray
+    ships the class to the actors by value: they need not import this file."""
+
+    class DyingWorker(ray_executor._UnitWorker):
+        def run(self, unit_id, resolved):
+            if unit_id == victim:
+                try:  # O_EXCL: exactly one death, whichever actor gets there first
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    pass
+                else:
+                    os._exit(1)
+            return ray_executor._UnitWorker.run(self, unit_id, resolved)
+
+    return DyingWorker
+
+
+def test_worker_killed_mid_merge_is_replaced(ray_session, zoo, monkeypatch, tmp_path):
     sp, merge = CASES["emr-tadrop"]
     ref = run_merge(cfg(zoo, "kill-ref", sp, merge, "local", 1))
-    monkeypatch.setenv(FAULT_ENV, str(len(ref.plan.units) // 2))
-    # the executor passes this variable to its actors' runtime env: the worker that
-    # gets that unit kills its own process once (os._exit), mid-merge
+    marker = tmp_path / "died"
+    worker = dying_worker(len(ref.plan.units) // 2, str(marker))
+    monkeypatch.setattr(ray_executor, "_UnitWorker", worker)  # RayExecutor wraps this class
     r = run_merge(cfg(zoo, "kill", sp, merge, "ray", 2))
-    assert r.report["executor"]["workers_replaced"] >= 1
+    assert marker.exists(), "no worker died"
+    assert r.report["executor"]["workers_replaced"] == 1
     assert files(r.output) == files(ref.output)
 
 
-def test_driver_stopped_then_resume_reuses_units(ray_session, zoo):
+def test_driver_stopped_then_resume_reuses_units(ray_session, zoo, monkeypatch):
     sp, merge = CASES["ties-tadrop-global"]
     ref = run_merge(cfg(zoo, "resume-ref", sp, merge, "local", 1))
     c = cfg(zoo, "resume", sp, merge, "ray", 2)
-    with pytest.raises(MergeRuntimeError):
-        run_merge(c, stop_after_units=5)
+    # the driver is interrupted (Ctrl-C) as its sixth finished unit arrives: the
+    # five before it are logged as the merge winds down, and reused
+    with monkeypatch.context() as m:
+        killpoints.install("unit-written:6", killpoints.interrupt, m.setattr)
+        with pytest.raises(KeyboardInterrupt):
+            run_merge(c)
     assert not os.path.exists(c.output.path)  # nothing published
     r = run_merge(c, resume=True)
-    assert r.report["units"]["reused"] >= 5
+    assert r.report["units"]["reused"] == 5
     assert files(r.output) == files(ref.output)

@@ -1,12 +1,11 @@
 """A driver killed mid-merge (kill -9, no cleanup) publishes nothing and resumes.
 
-`python merge.py CONFIG` runs in a subprocess with TADMERGE_FAULT_DRIVER_EXIT_AFTER=3:
-the driver `os._exit(137)`s right after its third finished unit is handed to the
-resume log (which writes records in batches once their data is durable, so at
-most 3 are logged). The staging directory is left behind, a plain rerun is
-refused (exit 2, "--resume"), a resume with a changed config is refused (exit 2,
-"changed"), and `--resume` finishes the merge reusing the logged units, with the
-same bytes as a merge that was never interrupted.
+`python merge.py CONFIG` runs in a subprocess under tests/killpoints.py, which
+SIGKILLs the driver right after its third finished unit is logged. The
+staging directory is left behind, a plain rerun is refused (exit 2, "--resume"),
+a resume with a changed config is refused (exit 2, "changed"), and `--resume`
+finishes the merge reusing the logged units, with the same bytes as a merge that
+was never interrupted.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import yaml
 from checkpoints import write_zoo
 
 from tadmerge.cli import main
-from tadmerge.cluster.driver import DRIVER_FAULT_ENV
 from tadmerge.errors import EXIT_CONFIG, EXIT_OK
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,13 +60,14 @@ def write_cfg(path: Path, zoo, out: Path, **merge) -> str:
 
 
 def merge_py(*args: str, exit_after: int | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != DRIVER_FAULT_ENV}
+    """`python merge.py ARGS`; with `exit_after`, SIGKILLed once that many units are logged."""
+    cmd = [sys.executable, str(REPO / "merge.py"), *args]
     if exit_after is not None:
-        env[DRIVER_FAULT_ENV] = str(exit_after)
+        cmd = [sys.executable, str(REPO / "tests" / "killpoints.py"), f"--at=units:{exit_after}",
+               "--", *cmd[1:]]  # fmt: skip
     return subprocess.run(
-        [sys.executable, str(REPO / "merge.py"), *args],
+        cmd,
         cwd=REPO,
-        env=env,
         capture_output=True,
         text=True,
         timeout=180,  # a hang fails the test instead of blocking the suite
@@ -116,7 +115,7 @@ def test_killed_driver_resumes_to_the_same_bytes(zoo, tmp_path, capsys):
 
     # 1. killed after 3 units: nothing published, staging and its resume log kept
     p = merge_py(cfg, exit_after=3)
-    assert p.returncode == 137, p.stderr
+    assert p.returncode == -signal.SIGKILL, p.stderr
     assert "merged" not in p.stdout
     assert not out.exists()
     assert sorted(x.name for x in tmp_path.iterdir() if x.name.startswith((".out", "out"))) == [
@@ -126,7 +125,7 @@ def test_killed_driver_resumes_to_the_same_bytes(zoo, tmp_path, capsys):
     assert (staging / ".tadmerge" / "fingerprint").is_file()
     assert (staging / ".tadmerge" / "stats.json").is_file()
     first = units_logged(staging)
-    assert first <= 3
+    assert first == 3
 
     # 2. a plain rerun is refused and touches nothing
     before = sorted((q.name, q.stat().st_size) for q in (staging / ".tadmerge").iterdir())
@@ -150,10 +149,10 @@ def test_killed_driver_resumes_to_the_same_bytes(zoo, tmp_path, capsys):
     # even one that restores its bytes and mtime moves its ctime)
 
     # 4. killed again while resuming: the log keeps growing, still nothing published
-    p = merge_py(cfg, "--resume", exit_after=3)
-    assert p.returncode == 137, p.stderr
+    p = merge_py(cfg, "--resume", exit_after=first + 3)
+    assert p.returncode == -signal.SIGKILL, p.stderr
     logged = units_logged(staging)
-    assert not out.exists() and first <= logged <= first + 3
+    assert not out.exists() and logged == first + 3
 
     # 5. --resume finishes, reusing the logged units, with the uninterrupted bytes
     p = merge_py(cfg, "--resume")

@@ -16,7 +16,7 @@ verify`, and that files a user put in an earlier output survive.
 - the staging lock: a second run on a staging directory in use is refused naming
   the holder; a killed holder's lock dies with it.
 
-Kills run tests/kill_at.py in a subprocess (os._exit(137) at a named point).
+Kills run tests/killpoints.py in a subprocess (SIGKILL at a named point).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,7 +44,7 @@ from tadmerge.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK
 from tadmerge.io.block_io import crc_of_range, write_at_crc
 
 REPO = Path(__file__).resolve().parent.parent
-KILL_AT = REPO / "tests" / "kill_at.py"
+KILLPOINTS = REPO / "tests" / "killpoints.py"
 RUNTIME = {
     "block_elements": 64,
     "max_unit_elements": 256,
@@ -107,7 +108,7 @@ def model_files(d: Path) -> dict[str, bytes]:
 
 def kill_at(point: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(KILL_AT), point, "--", *args],
+        [sys.executable, str(KILLPOINTS), f"--at={point.replace('=', ':')}", "--", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -255,7 +256,7 @@ def test_resume_redoes_the_units_of_a_truncated_shard(zoo, tmp_path, capsys):
     out = tmp_path / "out"
     cfg = write_cfg(tmp_path / "m.yaml", zoo, out)
     p = kill_at("units=14", "merge", cfg)
-    assert p.returncode == 137, p.stderr
+    assert p.returncode == -signal.SIGKILL, p.stderr
     assert not out.exists()
     staging = staging_of(out)
     logged = records(staging)
@@ -422,7 +423,7 @@ def test_kill_before_the_rename(zoo, tmp_path, capsys):
     out = tmp_path / "out"
     cfg = write_cfg(tmp_path / "m.yaml", zoo, out)
     p = kill_at("before-rename", "merge", cfg)
-    assert p.returncode == 137, p.stderr
+    assert p.returncode == -signal.SIGKILL, p.stderr
     staging = staging_of(out)
     assert not out.exists()
     assert (staging / "manifest.json").is_file()
@@ -448,7 +449,7 @@ def test_kill_after_the_rename(zoo, tmp_path, capsys):
     out = tmp_path / "out"
     cfg = write_cfg(tmp_path / "m.yaml", zoo, out)
     p = kill_at("after-rename", "merge", cfg)
-    assert p.returncode == 137, p.stderr
+    assert p.returncode == -signal.SIGKILL, p.stderr
     assert not staging_of(out).exists()
     assert (out / ".tadmerge" / "fingerprint").is_file()
     files = model_files(out)
@@ -547,7 +548,7 @@ def test_overwrite_killed_after_the_swap(zoo, tmp_path, capsys, point):
     assert main(["-q", "merge", write_cfg(tmp_path / "old.yaml", zoo, out, scale=0.5)]) == 0
     cfg = write_cfg(tmp_path / "m.yaml", zoo, out)
     p = kill_at(point, "merge", cfg, "--overwrite")
-    assert p.returncode == 137, p.stderr
+    assert p.returncode == -signal.SIGKILL, p.stderr
     new = {k: v for k, v in model_files(out).items() if not k.startswith(".tadmerge")}
     assert new == model_files(ref)
     assert (out / ".tadmerge").is_dir()
@@ -571,7 +572,7 @@ def test_overwrite_without_rename_exchange(zoo, tmp_path, capsys):
     assert main(["-q", "merge", write_cfg(tmp_path / "old.yaml", zoo, out, scale=0.5)]) == 0
     cfg = write_cfg(tmp_path / "m.yaml", zoo, out)
     p = kill_at("dance-between", "merge", cfg, "--overwrite")
-    assert p.returncode == 137, p.stderr
+    assert p.returncode == -signal.SIGKILL, p.stderr
     assert not out.exists() and len(asides(tmp_path)) == 1
     rc, err = cli(capsys, "merge", cfg, "--resume", "--overwrite")
     assert rc == EXIT_OK, err
@@ -637,7 +638,7 @@ def test_a_staging_directory_in_use_is_refused(zoo, tmp_path, capsys):
     out = tmp_path / "out"
     cfg = write_cfg(tmp_path / "m.yaml", zoo, out)
     p = kill_at("units=3", "merge", cfg)
-    assert p.returncode == 137, p.stderr
+    assert p.returncode == -signal.SIGKILL, p.stderr
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(REPO), str(out)],
         stdin=subprocess.PIPE,

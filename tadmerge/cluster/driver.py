@@ -61,7 +61,6 @@ REPORT_NAME = "merge_report.json"
 CONFIG_NAME = "merge_config.yaml"
 INPUTS_NAME = "inputs.json"  # in STATE_DIR: the input versions the staging was made from
 EMR_NAME = "emr.json"
-DRIVER_FAULT_ENV = "TADMERGE_FAULT_DRIVER_EXIT_AFTER"  # tests only
 
 
 @dataclass
@@ -273,13 +272,8 @@ def run_merge(
     overwrite: bool = False,
     resume: bool = False,
     plan: Plan | None = None,
-    stop_after_units: int | None = None,
 ) -> MergeResult:
-    """Run a whole merge. Raises before writing anything if the inputs are bad.
-
-    `stop_after_units` is for tests of --resume: it aborts after that many units
-    as a killed driver would (staging kept, nothing published).
-    """
+    """Run a whole merge. Raises before writing anything if the inputs are bad."""
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     dispatch = decide(cfg)
@@ -348,9 +342,6 @@ def run_merge(
             cfg.runtime.progress,
         )
         progress.units = reused
-        count = {"n": 0}
-
-        exit_after = os.environ.get(DRIVER_FAULT_ENV)
         nonfinite: dict[tuple[str, str], int] = {}
         overflow: dict[str, int] = {}  # output tensor -> NaN/Inf made by the merge
 
@@ -366,11 +357,6 @@ def run_merge(
             done[rec.unit] = rec
             final(rec.unit)
             progress.update(1, unit_bytes(plan, rec.unit))
-            count["n"] += 1
-            if exit_after is not None and count["n"] >= int(exit_after):
-                os._exit(137)  # tests: a driver killed mid-merge, no cleanup at all
-            if stop_after_units is not None and count["n"] >= stop_after_units:
-                raise _Interrupted()
 
         try:
             executor.run_units(todo, resolved, on_done)
@@ -414,12 +400,6 @@ def run_merge(
         out = staging.publish(known=digests.finish())
         log.info("published %s in %.1fs", out, timings["total_s"])
         return MergeResult(out, plan, report)
-    except _Interrupted:
-        _wind_down(state)
-        raise MergeRuntimeError(
-            f"merge stopped after {stop_after_units} units (test hook); staging kept at "
-            f"{staging.path}: rerun with --resume"
-        ) from None
     except InputError:
         # an input problem found while reading (NaN/Inf, non-float buffers that
         # differ, an overflow of the output dtype, an input that changed since it
@@ -477,10 +457,6 @@ def _start_digests(plan: Plan, staging: str) -> StreamingDigests:
     for s in plan.shards:
         digests.final(s.filename, 0, len(s.header))
     return digests
-
-
-class _Interrupted(Exception):
-    pass
 
 
 def note_nonfinite(plan: Plan, rec: UnitRecord, acc: dict[tuple[str, str], int]) -> None:

@@ -23,8 +23,6 @@ from .worker import UnitRecord, resolve_device, run_unit, start_kernels, unit_st
 
 log = logging.getLogger("tadmerge")
 
-FAULT_ENV = "TADMERGE_FAULT_KILL_UNIT"  # tests: the worker that gets this unit dies once
-
 
 class _UnitWorker:
     """Actor body (wrapped with ray.remote at runtime)."""
@@ -45,12 +43,6 @@ class _UnitWorker:
         return unit_stats(self.plan, unit_id, request, self.device)
 
     def run(self, unit_id: int, resolved: dict | None) -> UnitRecord:
-        fault = os.environ.get(FAULT_ENV)
-        if fault is not None and int(fault) == unit_id:
-            marker = os.path.join(self.staging, ".tadmerge", f"fault-{unit_id}")  # state dir
-            if not os.path.exists(marker):
-                open(marker, "w").close()
-                os._exit(1)  # simulate a killed worker process
         return run_unit(self.plan, self.staging, unit_id, resolved, self.device)
 
     def peak_rss(self) -> int:
@@ -104,11 +96,9 @@ class RayExecutor:
         self.replaced = 0
 
     def _new_actor(self):
-        opts: dict = {"max_restarts": 0}
-        if FAULT_ENV in os.environ:  # fault injection reaches the workers' environment
-            opts["runtime_env"] = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}
+        actor = self.actor_cls.options(max_restarts=0)
         dispatch = replace(self.dispatch, device=self.device)
-        return self.actor_cls.options(**opts).remote(self.plan_ref, self.staging, dispatch)
+        return actor.remote(self.plan_ref, self.staging, dispatch)
 
     def _map(self, method: str, items: list[tuple[int, tuple]], on_result: Callable) -> None:
         ray = self.ray

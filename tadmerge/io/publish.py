@@ -417,6 +417,8 @@ def verify_output(path: str) -> list[str]:
             problems.append(f"{full}: sha256 differs from the manifest (content changed)")
     files, odd = _walk(root, strict=False)
     for rel in files + odd:
+        if _under(rel, STATE_DIR):
+            continue  # resume state a publish killed after its rename left: not weights
         if rel != MANIFEST_NAME and rel not in listed:
             problems.append(f"{os.path.join(root, rel)}: not in the manifest")
     return problems
