@@ -828,8 +828,8 @@ def test_file_truncated_after_its_header_was_checked(tmp_path, capsys, monkeypat
     real = driver.make_plan
     f = w.model_file(1)
 
-    def plan_then_truncate(cfg):
-        plan = real(cfg)
+    def plan_then_truncate(cfg, **kw):
+        plan = real(cfg, **kw)
         size = os.path.getsize(f)
         os.truncate(f, size - 100)
         return plan

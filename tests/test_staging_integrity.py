@@ -443,7 +443,7 @@ def test_kill_before_the_rename(zoo, tmp_path, capsys):
 
 def test_kill_after_the_rename(zoo, tmp_path, capsys):
     """Killed right after the rename: the output is complete (its `.tadmerge/` not
-    yet removed, so verify lists it). The next run, whatever its config, finishes
+    yet removed: verify passes over it, it holds no weights). The next run, whatever its config, finishes
     that publish and reuses nothing: --resume says there is nothing to resume."""
     ref = reference(zoo)
     out = tmp_path / "out"
@@ -454,7 +454,7 @@ def test_kill_after_the_rename(zoo, tmp_path, capsys):
     assert (out / ".tadmerge" / "fingerprint").is_file()
     files = model_files(out)
     assert {k: v for k, v in files.items() if not k.startswith(".tadmerge")} == model_files(ref)
-    assert not verified(out)
+    assert verified(out)
 
     changed = write_cfg(tmp_path / "changed.yaml", zoo, out, scale=0.5)
     rc, err = cli(capsys, "merge", changed, "--resume")
