@@ -9,6 +9,7 @@ scales, so TADrop's per-tensor drop rates differ the way they do on real models.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import time
 
@@ -66,7 +67,11 @@ def _save(path: str, sd: dict[str, torch.Tensor]) -> None:
         )
 
 
-def run_demo(out_dir: str = "demo_out", keep: bool = False) -> dict:
+def run_demo(out_dir: str = "demo_out", keep: bool = True) -> dict:
+    """Build the checkpoints under OUT/checkpoints, merge them into OUT/merged and
+    print what came out and the commands to try next. `keep=False` removes the
+    checkpoints afterwards (then the EMR output can no longer be read: it
+    computes each task from its base)."""
     from .cluster.driver import run_merge
     from .emr import task_state_dict
     from .emr.info import emr_info
@@ -124,6 +129,23 @@ def run_demo(out_dir: str = "demo_out", keep: bool = False) -> dict:
         print(f"  task {name}: cosine(task vector, reconstructed task vector) = {num / den:.3f}")
     print(f"  done in {time.monotonic() - t0:.1f}s (merge {rep['timings']['total_s']:.1f}s, "
           f"peak RSS {rep['peak_rss_bytes'] / 2**20:.0f} MiB)")  # fmt: skip
-    if not keep:
+    if not keep:  # the EMR output reads its base: without it no next command would work
         shutil.rmtree(ck, ignore_errors=True)
+    else:
+        print("  next:")
+        for cmd in next_commands(out_dir):
+            print(f"    {cmd}")
     return rep
+
+
+def next_commands(out_dir: str) -> list[str]:
+    """What the demo invites a user to run next, as shell lines (tested to succeed)."""
+    q = shlex.quote
+    merged = q(os.path.join(out_dir, "merged"))
+    return [
+        f"tadmerge info {merged}",
+        f"tadmerge verify {merged}",
+        f"tadmerge report {merged}",
+        f"tadmerge materialize {merged} --task math --to {q(os.path.join(out_dir, 'math_model'))}"
+        " --overwrite",
+    ]
