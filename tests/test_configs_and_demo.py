@@ -35,7 +35,7 @@ def test_demo_merges_and_reconstructs(tmp_path, capsys, monkeypatch):
     assert os.path.exists(tmp_path / "demo_out" / "checkpoints" / "base" / "model.safetensors")
     printed = out.split("  next:\n", 1)[1].splitlines()
     commands = [ln.strip() for ln in printed if ln.startswith("    tadmerge ")]
-    assert commands == next_commands("demo_out") and len(commands) == 4
+    assert commands == next_commands("demo_out") and len(commands) == 6
     for cmd in commands:
         argv = shlex.split(cmd)
         rc = main(argv[1:])
