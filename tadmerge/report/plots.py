@@ -145,7 +145,14 @@ def load_report(path: str | Path) -> dict[str, Any]:
     try:
         report = json.loads(p.read_text())
     except (OSError, ValueError) as exc:
-        raise InputError(InputProblem(str(p), None, f"unreadable merge report: {exc}")) from exc
+        hint = (
+            ""
+            if p.name == REPORT_NAME
+            else " (give a merge output directory or its merge_report.json)"
+        )
+        raise InputError(
+            InputProblem(str(p), None, f"unreadable merge report: {exc}{hint}")
+        ) from exc
     if not isinstance(report, dict) or "tensors" not in report:
         raise InputError(InputProblem(str(p), None, "not a tadmerge merge report (no 'tensors')"))
     fmt = report.get("format")
@@ -631,7 +638,8 @@ def _html(report: dict[str, Any], output_dir: str, pngs: list[str], notes: list[
     kinds: dict[str, int] = defaultdict(int)
     for t in (report.get("tensors") or {}).values():
         kinds[t.get("kind", "?")] += 1
-    facts.append(("tensors", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))))
+    words = {"merge": "merged", "copy": "copied", "exclude": "excluded"}
+    facts.append(("tensors", ", ".join(f"{n} {words.get(k, k)}" for k, n in sorted(kinds.items()))))
     for key, label in (("input_bytes", "inputs"), ("output_bytes", "output")):
         if report.get(key):
             facts.append((label, f"{report[key] / mib:.2f} MiB"))
