@@ -24,7 +24,44 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 DEFAULT_DATA = Path(os.environ.get("BENCH_DATA", "/work/bench-data"))
-DEFAULT_ENVS = Path(os.environ.get("BENCH_ENVS", "/work/bench-envs"))
+# The other tools' virtual environments (benchmarks/setup_envs.sh): .bench-envs/ in the
+# repository (git-ignored, like .venv), or BENCH_ENVS. One tool's python can also be named
+# directly: TADMERGE_MERGEKIT_PYTHON, TADMERGE_FUSIONBENCH_PYTHON.
+DEFAULT_ENVS = Path(os.environ.get("BENCH_ENVS") or REPO / ".bench-envs")
+TOOLS = {  # env name: (import name, pip spec setup_envs.sh installs, python override)
+    "mergekit": ("mergekit", "mergekit==0.1.5", "TADMERGE_MERGEKIT_PYTHON"),
+    "fusionbench": ("fusion_bench", "fusion-bench==0.2.33", "TADMERGE_FUSIONBENCH_PYTHON"),
+}
+
+
+def tool_python(tool: str) -> Path:
+    """The python of `tool`'s environment: $TADMERGE_<TOOL>_PYTHON, else the one
+    benchmarks/setup_envs.sh builds (DEFAULT_ENVS/<tool>/bin/python)."""
+    override = os.environ.get(TOOLS[tool][2])
+    return Path(override) if override else DEFAULT_ENVS / tool / "bin" / "python"
+
+
+def tool_missing(tool: str, test_file: str) -> str | None:
+    """None when `tool` can be run, else why not and the exact commands that fix it
+    (a test's skip reason)."""
+    module, spec, var = TOOLS[tool]
+    py = tool_python(tool)
+    if not py.exists():
+        why = f"{var}={py}: no such file" if os.environ.get(var) else f"no {py}"
+    else:
+        probe = f"import importlib.util,sys; sys.exit(importlib.util.find_spec('{module}') is None)"
+        r = subprocess.run([str(py), "-c", probe], capture_output=True)
+        if r.returncode == 0:
+            return None
+        why = f"{py} cannot import {module}"
+    unset = f"unset {var} && " if os.environ.get(var) else ""
+    return (
+        f"{tool} not available ({why}). To run this test: cd {REPO} && {unset}"
+        f"bash benchmarks/setup_envs.sh {tool} && python -m pytest -q {test_file} "
+        f"(builds {DEFAULT_ENVS / tool} with torch==2.13.0 and {spec}; or set {var} to the "
+        f"python of an environment that has {spec})"
+    )
+
 
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12}
 _BYTE_UNITS = {

@@ -3,7 +3,7 @@ reference the cross-check test compares tadmerge against.
 
 Runs INSIDE the fusion-bench virtual environment (benchmarks/setup_envs.sh):
 
-    /work/bench-envs/fusionbench/bin/python benchmarks/fusionbench_ref.py \
+    .bench-envs/fusionbench/bin/python benchmarks/fusionbench_ref.py \
         --base B --ft F1 --ft F2 --ft F3 --method ties --density 0.2 --scale 1.0 \
         --out ref.safetensors
 

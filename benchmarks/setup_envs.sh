@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Create the virtual environments of the tools tadmerge is compared against,
-# OUTSIDE the repository (default /work/bench-envs, override with BENCH_ENVS).
+# Create the virtual environments of the tools tadmerge is compared against, in
+# .bench-envs/ of the repository (git-ignored, like .venv; override with BENCH_ENVS).
+# The cross-check tests (tests/test_crosscheck_*.py) find them there, or take the
+# python named by TADMERGE_MERGEKIT_PYTHON / TADMERGE_FUSIONBENCH_PYTHON.
 #
 #   bash benchmarks/setup_envs.sh            # both
 #   bash benchmarks/setup_envs.sh mergekit   # only mergekit
@@ -13,7 +15,8 @@
 # so the constraint is all that is needed; no --no-deps.
 set -euo pipefail
 
-ENVS=${BENCH_ENVS:-/work/bench-envs}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+ENVS=${BENCH_ENVS:-$REPO/.bench-envs}
 PY=${BENCH_PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 MERGEKIT_SPEC=${MERGEKIT_SPEC:-mergekit==0.1.5}

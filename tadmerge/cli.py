@@ -158,11 +158,14 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report.plots import draw_report
+    from .report.plots import render_report
 
-    paths = draw_report(args.output, args.to)
-    for p in paths:
+    done = render_report(args.output, args.to)
+    for note in done.notes:
+        print(note)
+    for p in done.pngs:
         print(p)
+    print(f"{done.html}  (the figures with the key numbers: open it in a browser)")
     return EXIT_OK
 
 
@@ -250,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("output")
     v.set_defaults(func=cmd_verify)
 
-    i = sub.add_parser("info", help="describe an EMR output: tasks, rescalers, sizes")
+    i = sub.add_parser(
+        "info", help="describe a merge output: method, inputs, sizes, drop rates (EMR: rescalers)"
+    )
     i.add_argument("output")
     i.set_defaults(func=cmd_info)
 
@@ -275,9 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mt.set_defaults(func=cmd_materialize)
 
-    r = sub.add_parser("report", help="draw the drop-rate plots of a merge (PNG)")
+    r = sub.add_parser("report", help="draw the drop-rate figures of a merge (PNG) and report.html")
     r.add_argument("output")
-    r.add_argument("--to", help="directory for the PNG files (default: OUTPUT/plots)")
+    r.add_argument(
+        "--to", help="directory for the figures and report.html (default: OUTPUT-report, beside it)"
+    )
     r.set_defaults(func=cmd_report)
 
     me = sub.add_parser("methods", help="list the merge methods and their parameters")
@@ -289,7 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="build small demo checkpoints and merge them (EMR + TADrop)")
     d.add_argument("--out", default="demo_out", help="where the demo writes (default demo_out)")
-    d.add_argument("--keep", action="store_true", help="keep the demo checkpoints")
+    d.add_argument(
+        "--no-keep",
+        dest="keep",
+        action="store_false",
+        help="remove the demo checkpoints afterwards (the EMR output then cannot be read: "
+        "info and materialize need its base)",
+    )
+    d.add_argument("--keep", dest="keep", action="store_true", help=argparse.SUPPRESS)  # default
+    d.set_defaults(keep=True)
     d.set_defaults(func=cmd_demo)
     return p
 
@@ -311,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"tadmerge: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `tadmerge info OUT | head`: the reader has what it wanted
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return EXIT_OK
     except KeyboardInterrupt:
         print("tadmerge: interrupted; the staging directory is kept: rerun with --resume",
               file=sys.stderr)  # fmt: skip

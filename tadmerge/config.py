@@ -8,6 +8,7 @@ into a silently different merge.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -55,6 +56,29 @@ def parse_size(value: Any, key: str) -> int:
     if not size < _MAX_INT or int(size) <= 0:
         raise ConfigError(f"{key}: must be positive and below 2**63 bytes, got {show(value)}")
     return int(size)
+
+
+def size_is_binary(n: int) -> bool:
+    """Whether a size was most likely written in binary units (MiB, GiB): a whole
+    number of MiB. A decimal size ('64MB', '1GB', '512MB') never is one below
+    2**20 MB, so messages can answer in the notation the user typed."""
+    return n > 0 and n % 2**20 == 0
+
+
+def format_size(n: float, binary: bool, *, up: bool = False) -> str:
+    """'64 MB' / '61.1 MiB': at most one decimal; `up` rounds up (for a minimum, so
+    that the value shown, typed back, is enough)."""
+    units = ("KiB", "MiB", "GiB", "TiB") if binary else ("kB", "MB", "GB", "TB")
+    step = 1024 if binary else 1000
+    if n < step:
+        return f"{int(n)} bytes"
+    value, unit = n / step, units[0]
+    for u in units[1:]:
+        if value < step:
+            break
+        value, unit = value / step, u
+    tenths = math.ceil(round(value * 10, 6)) if up else round(value * 10)
+    return f"{tenths // 10}" + (f".{tenths % 10}" if tenths % 10 else "") + f" {unit}"
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,30 @@ scales, so TADrop's per-tensor drop rates differ the way they do on real models.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import time
 
 import torch
 
-from .config import parse_config
+from .config import load_config, with_overrides
 
 LAYERS, HIDDEN, FFN, VOCAB = 4, 128, 344, 1000
 TASKS = ("math", "code", "chat")
+DEMO_CONFIG = """\
+# The demo's merge (written by `tadmerge demo`; paths are relative to this file).
+# Edit it and rerun: tadmerge plan merge.yaml, then tadmerge merge merge.yaml --overwrite
+# Every key: README "Config reference"; the methods: tadmerge methods
+base: checkpoints/base
+models:
+  - {path: checkpoints/math, name: math}
+  - {path: checkpoints/code, name: code}
+  - {path: checkpoints/chat, name: chat}
+sparsify: {method: tadrop, low_q: 0.5, high_q: 0.95, rescale: l2}
+merge: {method: emr}
+output: {path: merged}
+runtime: {memory_budget: 512MB}
+"""
 
 
 def demo_model(seed: int) -> dict[str, torch.Tensor]:
@@ -66,7 +81,11 @@ def _save(path: str, sd: dict[str, torch.Tensor]) -> None:
         )
 
 
-def run_demo(out_dir: str = "demo_out", keep: bool = False) -> dict:
+def run_demo(out_dir: str = "demo_out", keep: bool = True) -> dict:
+    """Build the checkpoints under OUT/checkpoints, merge them into OUT/merged and
+    print what came out and the commands to try next. `keep=False` removes the
+    checkpoints afterwards (then the EMR output can no longer be read: it
+    computes each task from its base)."""
     from .cluster.driver import run_merge
     from .emr import task_state_dict
     from .emr.info import emr_info
@@ -80,16 +99,11 @@ def run_demo(out_dir: str = "demo_out", keep: bool = False) -> dict:
         tuned[name] = fine_tune(base, i)
         _save(os.path.join(ck, name), tuned[name])
     merged = os.path.join(out_dir, "merged")
-    cfg = parse_config(
-        {
-            "base": os.path.join(ck, "base"),
-            "models": [{"path": os.path.join(ck, n), "name": n} for n in TASKS],
-            "sparsify": {"method": "tadrop", "low_q": 0.5, "high_q": 0.95, "rescale": "l2"},
-            "merge": {"method": "emr"},
-            "output": {"path": merged},
-            "runtime": {"memory_budget": "512MB", "progress": "none"},
-        }
-    )
+    config_path = os.path.join(out_dir, "merge.yaml")
+    with open(config_path, "w", encoding="utf-8") as f:
+        f.write(DEMO_CONFIG)
+    # the demo merges from the config it leaves, so that a user can edit it and rerun
+    cfg = with_overrides(load_config(config_path), progress="none")
     result = run_merge(cfg, overwrite=os.path.exists(merged))
     info = emr_info(result.output)
     rep = result.report
@@ -124,6 +138,27 @@ def run_demo(out_dir: str = "demo_out", keep: bool = False) -> dict:
         print(f"  task {name}: cosine(task vector, reconstructed task vector) = {num / den:.3f}")
     print(f"  done in {time.monotonic() - t0:.1f}s (merge {rep['timings']['total_s']:.1f}s, "
           f"peak RSS {rep['peak_rss_bytes'] / 2**20:.0f} MiB)")  # fmt: skip
-    if not keep:
+    if not keep:  # the EMR output reads its base: without it no next command would work
         shutil.rmtree(ck, ignore_errors=True)
+    else:
+        print(f"  config: {config_path} (edit it and merge again)")
+        print("  next:")
+        for cmd in next_commands(out_dir):
+            print(f"    {cmd}")
     return rep
+
+
+def next_commands(out_dir: str) -> list[str]:
+    """What the demo invites a user to run next, as shell lines (tested to succeed)."""
+    q = shlex.quote
+    merged = q(os.path.join(out_dir, "merged"))
+    config = q(os.path.join(out_dir, "merge.yaml"))
+    return [
+        f"tadmerge info {merged}",
+        f"tadmerge verify {merged}",
+        f"tadmerge report {merged}",
+        f"tadmerge materialize {merged} --task math --to {q(os.path.join(out_dir, 'math_model'))}"
+        " --overwrite",
+        f"tadmerge plan {config}",
+        f"tadmerge merge {config} --overwrite",
+    ]

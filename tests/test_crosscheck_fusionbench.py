@@ -1,8 +1,9 @@
 """tadmerge's TA / TIES / EMR agree with FusionBench's in-memory implementations.
 
-Runs only where fusion-bench is installed in its own environment
-(`bash benchmarks/setup_envs.sh fusionbench`, default
-/work/bench-envs/fusionbench; override with BENCH_ENVS or FUSIONBENCH_PYTHON).
+Runs only where fusion-bench is installed in its own environment: the one
+`bash benchmarks/setup_envs.sh fusionbench` builds in .bench-envs/fusionbench (or
+under BENCH_ENVS), or the python named by TADMERGE_FUSIONBENCH_PYTHON; the skip
+reason says how.
 FusionBench runs in that environment through benchmarks/fusionbench_ref.py on
 the same tiny float32 Llama-shaped checkpoints tadmerge merges from the
 command line.
@@ -24,7 +25,6 @@ Mapping (and known differences, docs/benchmarks.md):
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,27 +36,18 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import DEFAULT_ENVS  # noqa: E402
+from benchmarks.common import tool_missing, tool_python  # noqa: E402
 from benchmarks.compare_outputs import load, tensor_index  # noqa: E402
 from benchmarks.configs import tadmerge_config  # noqa: E402
 from benchmarks.make_checkpoints import generate, shape_for  # noqa: E402
 
-FB_PY = Path(os.environ.get("FUSIONBENCH_PYTHON", DEFAULT_ENVS / "fusionbench" / "bin" / "python"))
+FB_PY = tool_python("fusionbench")
 REF = REPO / "benchmarks" / "fusionbench_ref.py"
-
-
-def _fb_ok() -> bool:
-    if not FB_PY.exists():
-        return False
-    r = subprocess.run([str(FB_PY), "-c", "import fusion_bench"], capture_output=True)
-    return r.returncode == 0
-
+MISSING = tool_missing("fusionbench", "tests/test_crosscheck_fusionbench.py")
 
 pytestmark = [
     pytest.mark.external,
-    pytest.mark.skipif(
-        not _fb_ok(), reason=f"fusion-bench not installed at {FB_PY} (benchmarks/setup_envs.sh)"
-    ),
+    pytest.mark.skipif(MISSING is not None, reason=MISSING or ""),
 ]
 
 SHAPE = dict(params=0, vocab=512, hidden=64, layers=2, intermediate=160, heads=4, kv_heads=2)

@@ -1,8 +1,9 @@
 """tadmerge and mergekit compute the same numbers where their definitions agree.
 
-Runs only where mergekit is installed in its own environment
-(`bash benchmarks/setup_envs.sh mergekit`, default /work/bench-envs/mergekit;
-override with BENCH_ENVS or MERGEKIT_YAML). Both tools run through their
+Runs only where mergekit is installed in its own environment: the one
+`bash benchmarks/setup_envs.sh mergekit` builds in .bench-envs/mergekit (or under
+BENCH_ENVS), or the python named by TADMERGE_MERGEKIT_PYTHON; the skip reason says
+how. Both tools run through their
 command lines on the same tiny float32 Llama-shaped checkpoints, with the
 config mapping of benchmarks/configs.py (the one the speed comparison uses).
 
@@ -17,7 +18,6 @@ comparison entry by entry, and counted to be rare:
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,21 +29,18 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import DEFAULT_ENVS  # noqa: E402
+from benchmarks.common import tool_missing, tool_python  # noqa: E402
 from benchmarks.compare_outputs import load, tensor_index  # noqa: E402
 from benchmarks.configs import MERGEKIT_FLAGS, mergekit_config, tadmerge_config  # noqa: E402
 from benchmarks.make_checkpoints import generate, shape_for  # noqa: E402
 
-MERGEKIT = Path(
-    os.environ.get("MERGEKIT_YAML", DEFAULT_ENVS / "mergekit" / "bin" / "mergekit-yaml")
-)
+MISSING = tool_missing("mergekit", "tests/test_crosscheck_mergekit.py")
+# mergekit-yaml, run by the environment's python (so that a python is all one names)
+MERGEKIT = [str(tool_python("mergekit")), "-m", "mergekit.scripts.run_yaml"]
 
 pytestmark = [
     pytest.mark.external,
-    pytest.mark.skipif(
-        not MERGEKIT.exists(),
-        reason=f"mergekit not installed at {MERGEKIT} (benchmarks/setup_envs.sh)",
-    ),
+    pytest.mark.skipif(MISSING is not None, reason=MISSING or ""),
 ]
 
 WEIGHTS = [1.0, 0.5, 0.8]
@@ -88,7 +85,7 @@ def _merge_both(root: Path, data: Path, method: str, **kw) -> tuple[Path, Path]:
     _run(
         [sys.executable, "-m", "tadmerge.cli", "-q", "merge", str(td_cfg), "--overwrite"], cwd=REPO
     )
-    _run([str(MERGEKIT), str(mk_cfg), str(mk_out), *MERGEKIT_FLAGS])
+    _run([*MERGEKIT, str(mk_cfg), str(mk_out), *MERGEKIT_FLAGS])
     return td_out, mk_out
 
 
@@ -191,7 +188,7 @@ def test_ties_bf16_differs_only_where_definitions_differ(tmp_path):
         ],
         cwd=REPO,
     )
-    _run([str(MERGEKIT), str(tmp_path / "mk.yaml"), str(mk_out), *MERGEKIT_FLAGS])
+    _run([*MERGEKIT, str(tmp_path / "mk.yaml"), str(mk_out), *MERGEKIT_FLAGS])
     a, b = _tensors(td_out), _tensors(mk_out)
     base_t = _tensors(base)
     ft_t = [_tensors(f) for f in fts]

@@ -252,11 +252,77 @@ def test_all_disagreements_reported_at_once(tmp_path, capsys):
             "4 input problem(s):",
             f"{w.model_file(0)} [b.weight]: missing in model 'm0'",
             f"{w.model_file(1)} [extra.weight]: not in the base",
-            f"{w.model_file(2)} [a.weight]: shape [8, 64] != base [64, 8]",
-            f"{w.model_file(3)} [c.bias]: dtype F16 != base F32",
+            f"{w.model_file(2)}: 1 tensor differs in shape (model 'm2' vs the base), "
+            "e.g. a.weight [8, 64] vs [64, 8]: the model is not a fine-tune of this base",
+            f"{w.model_file(3)}: 1 tensor differs in dtype (F16 in model 'm3' vs F32 in the "
+            "base), e.g. c.bias: convert the model to F32",
         ],
     )
     assert text.count("\n") == 4
+
+
+def test_float32_finetune_of_a_bf16_base_is_one_line_that_says_what_to_do(tmp_path, capsys):
+    """Every float tensor of m0 saved in float32 over a bf16 base: one problem, not one
+    per tensor, naming both dtypes, a few tensors and the fix."""
+    w = make_world(tmp_path, k=2)
+    base = {f"layers.{i}.w": torch.randn(4, 4).bfloat16() for i in range(6)}
+    write_checkpoint(w.base, base)
+    write_checkpoint(w.models[0], {n: v.float() for n, v in base.items()})
+    write_checkpoint(w.models[1], dict(base))
+    text = run_bad(
+        capsys,
+        w,
+        EXIT_INPUT,
+        [
+            f"input problem: {w.model_file(0)}: 6 tensors differ in dtype (F32 in model 'm0' "
+            "vs BF16 in the base), e.g. layers.0.w, layers.1.w, layers.2.w (+3 more): convert "
+            "the model to BF16 (the base's dtype) before merging, or merge against a base "
+            "saved in F32",
+        ],
+    )
+    assert text.count("\n") == 0
+
+
+def test_larger_vocabulary_is_one_line_that_says_what_to_do(tmp_path, capsys):
+    """A fine-tune with added tokens: the embeddings and the head have more rows."""
+    w = make_world(tmp_path, k=2)
+    base = base_tensors()
+    base.update(
+        {"model.embed_tokens.weight": torch.randn(10, 4), "lm_head.weight": torch.randn(10, 4)}
+    )
+    write_checkpoint(w.base, base)
+    grown = finetune(base, 0)
+    for n in ("model.embed_tokens.weight", "lm_head.weight"):
+        grown[n] = torch.cat([grown[n], torch.randn(2, 4)])
+    write_checkpoint(w.models[0], grown)
+    write_checkpoint(w.models[1], finetune(base, 1))
+    run_bad(
+        capsys,
+        w,
+        EXIT_INPUT,
+        [
+            f"input problem: {w.model_file(0)}: 2 tensors differ in rows (12 in model 'm0' vs "
+            "10 in the base), e.g. lm_head.weight, model.embed_tokens.weight: a vocabulary of "
+            "another size (added tokens?); resize the model's embeddings to the base's 10 rows",
+        ],
+    )
+
+
+def test_many_missing_tensors_are_one_line(tmp_path, capsys):
+    w = make_world(tmp_path, k=2)
+    base = {f"layers.{i}.w": torch.randn(4, 4) for i in range(8)}
+    write_checkpoint(w.base, base)
+    write_checkpoint(w.models[0], {"layers.0.w": base["layers.0.w"] + 1})
+    write_checkpoint(w.models[1], {n: v + 1 for n, v in base.items()})
+    run_bad(
+        capsys,
+        w,
+        EXIT_INPUT,
+        [
+            f"input problem: {w.model_file(0)}: 7 tensors of the base are missing in model "
+            "'m0', e.g. layers.1.w, layers.2.w, layers.3.w (+4 more)",
+        ],
+    )
 
 
 def test_header_problems_and_disagreements_reported_together(tmp_path, capsys):
@@ -592,7 +658,22 @@ CONFIG_CASES = {
     ),
     "memory_budget_below_minimum": (
         _cfg_edit(lambda c, w: c["runtime"].update(memory_budget="10MB")),
-        ["runtime.memory_budget", "minimum"],
+        ["runtime.memory_budget", "10 MB is under the minimum of 64 MB for one worker"],
+    ),
+    "memory_budget_below_minimum_per_worker_decimal": (
+        _cfg_edit(lambda c, w: c["runtime"].update(memory_budget="200MB", workers=4)),
+        [
+            "runtime.memory_budget (--memory-budget): 200 MB shared by 4 local workers is "
+            "50 MB each, under the minimum of 64 MB per worker (4 workers × 64 MB = 256 MB); "
+            "set it to at least 256 MB, or runtime.workers (--workers) to 3"
+        ],
+    ),
+    "memory_budget_below_minimum_per_worker_binary": (
+        _cfg_edit(lambda c, w: c["runtime"].update(memory_budget="200MiB", workers=4)),
+        [
+            "200 MiB shared by 4 local workers is 50 MiB each, under the minimum of 61.1 MiB "
+            "per worker (4 workers × 61.1 MiB = 244.4 MiB); set it to at least 244.4 MiB"
+        ],
     ),
     "unknown_kernels": (
         _cfg_edit(lambda c, w: c["runtime"].update(kernels="cuda")),
@@ -643,6 +724,22 @@ def test_bad_config_refused_before_writing(tmp_path, capsys, case):
 def test_bad_cli_override_refused(tmp_path, capsys, flags, needle):
     w = make_world(tmp_path)
     run_bad(capsys, w, EXIT_CONFIG, [needle], *flags)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--memory-budget", "64MB", "--workers", "1"],  # the minimum, decimal
+        ["--memory-budget", "64MiB", "--workers", "1"],
+        ["--memory-budget", "256MB", "--workers", "4"],  # the values the message suggests
+        ["--memory-budget", "244.4MiB", "--workers", "4"],
+        ["--memory-budget", "200MB", "--workers", "3"],
+    ],
+)
+def test_memory_budget_minimum_accepted_in_either_notation(tmp_path, capsys, flags):
+    w = make_world(tmp_path)
+    rc, lines = run_cli(capsys, "plan", w.write_cfg(), *flags)
+    assert rc == EXIT_OK, lines
 
 
 @pytest.mark.parametrize(

@@ -443,8 +443,9 @@ def test_kill_before_the_rename(zoo, tmp_path, capsys):
 
 def test_kill_after_the_rename(zoo, tmp_path, capsys):
     """Killed right after the rename: the output is complete (its `.tadmerge/` not
-    yet removed: verify passes over it, it holds no weights). The next run, whatever its config, finishes
-    that publish and reuses nothing: --resume says there is nothing to resume."""
+    yet removed: verify passes over it, it holds no weights). The next run,
+    whatever its config, finishes that publish and reuses nothing: --resume says
+    there is nothing to resume."""
     ref = reference(zoo)
     out = tmp_path / "out"
     cfg = write_cfg(tmp_path / "m.yaml", zoo, out)

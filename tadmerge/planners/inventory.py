@@ -36,7 +36,13 @@ def open_inputs(cfg: MergeConfig) -> list[Checkpoint]:
 
 
 def agreement_problems(cfg: MergeConfig, inputs: list[Checkpoint | None]) -> list[InputProblem]:
-    """Missing or extra tensors, shape or dtype mismatches (models that opened)."""
+    """Missing or extra tensors, shape or dtype mismatches (models that opened).
+
+    One problem per model and kind of disagreement, saying what to do, not one per
+    tensor: a fine-tune saved in float32 of a bf16 base differs in every tensor, and
+    a few names are enough to recognise it. Up to GROUP_AFTER missing or extra
+    tensors are still listed one by one (a tied head missing is one tensor).
+    """
     base = inputs[0]
     assert base is not None
     problems: list[InputProblem] = []
@@ -45,21 +51,107 @@ def agreement_problems(cfg: MergeConfig, inputs: list[Checkpoint | None]) -> lis
         if ck is None:
             continue
         where = _where(ck)
-        for n in sorted(names - set(ck.tensors)):
-            problems.append(InputProblem(where, n, f"missing in model '{model.name}'"))
-        for n in sorted(set(ck.tensors) - names):
+        missing = sorted(names - set(ck.tensors))
+        if len(missing) <= GROUP_AFTER:
+            for n in missing:
+                problems.append(InputProblem(where, n, f"missing in model '{model.name}'"))
+        else:
             problems.append(
-                InputProblem(ck.tensors[n].file, n, f"not in the base ({_where(base)})")
+                InputProblem(
+                    where,
+                    None,
+                    f"{len(missing)} tensors of the base are missing in model '{model.name}', "
+                    f"e.g. {_some(missing)}: is it a fine-tune of this base (or a partial "
+                    "checkpoint, an adapter)?",
+                )
             )
+        extra = sorted(set(ck.tensors) - names)
+        if len(extra) <= GROUP_AFTER:
+            for n in extra:
+                problems.append(
+                    InputProblem(ck.tensors[n].file, n, f"not in the base ({_where(base)})")
+                )
+        else:
+            problems.append(
+                InputProblem(
+                    where,
+                    None,
+                    f"{len(extra)} tensors of model '{model.name}' are not in the base "
+                    f"({_where(base)}), e.g. {_some(extra)}: is it a fine-tune of this base?",
+                )
+            )
+        shapes: dict[tuple, list[str]] = {}
+        dtypes: dict[tuple[str, str], list[str]] = {}
         for n in sorted(names & set(ck.tensors)):
             a, b = base.tensors[n], ck.tensors[n]
             if a.shape != b.shape:
-                problems.append(
-                    InputProblem(b.file, n, f"shape {list(b.shape)} != base {list(a.shape)}")
-                )
+                shapes.setdefault(_shape_key(a.shape, b.shape), []).append(n)
             if a.dtype != b.dtype:
-                problems.append(InputProblem(b.file, n, f"dtype {b.dtype} != base {a.dtype}"))
+                dtypes.setdefault((b.dtype, a.dtype), []).append(n)
+        for key, group in shapes.items():
+            problems.append(
+                InputProblem(where, None, _shape_message(model.name, key, group, ck, base))
+            )
+        for (mine, theirs), group in dtypes.items():
+            problems.append(
+                InputProblem(
+                    where,
+                    None,
+                    f"{_count(group)} in dtype ({mine} in model '{model.name}' vs {theirs} in "
+                    f"the base), e.g. {_some(group)}: convert the model to {theirs} (the "
+                    f"base's dtype) before merging, or merge against a base saved in {mine}",
+                )
+            )
     return problems
+
+
+GROUP_AFTER = 3  # missing / extra tensors listed one by one up to this many per model
+
+
+def _some(names: list[str], k: int = 3) -> str:
+    shown = ", ".join(names[:k])
+    return shown + (f" (+{len(names) - k} more)" if len(names) > k else "")
+
+
+def _count(names: list[str]) -> str:
+    return "1 tensor differs" if len(names) == 1 else f"{len(names)} tensors differ"
+
+
+def _shape_key(base: tuple, model: tuple) -> tuple:
+    """('rows', base rows, model rows) when only the first dimension differs, else
+    ('shape',): a vocabulary of another size changes the rows of the embeddings and
+    the head, and nothing else."""
+    if base and model and len(base) == len(model) and tuple(base[1:]) == tuple(model[1:]):
+        return ("rows", base[0], model[0])
+    return ("shape",)
+
+
+_VOCAB_RE = re.compile(r"(embed|lm_head|wte|word_emb|output\.weight$|\bhead\b)")
+
+
+def _shape_message(
+    name: str, key: tuple, group: list[str], ck: Checkpoint, base: Checkpoint
+) -> str:
+    if key[0] == "rows":
+        _, rows_base, rows_model = key
+        if all(_VOCAB_RE.search(n) for n in group):
+            return (
+                f"{_count(group)} in rows ({rows_model} in model '{name}' vs {rows_base} in "
+                f"the base), e.g. {_some(group)}: a vocabulary of another size (added "
+                f"tokens?); resize the model's embeddings to the base's {rows_base} rows, or "
+                "merge against a base with the model's vocabulary"
+            )
+        return (
+            f"{_count(group)} in rows ({rows_model} in model '{name}' vs {rows_base} in the "
+            f"base), e.g. {_some(group)}: the model is not a fine-tune of this base"
+        )
+    e = group[0]
+    return (
+        f"{_count(group)} in shape (model '{name}' vs the base), e.g. {e} "
+        f"{list(ck.tensors[e].shape)} vs {list(base.tensors[e].shape)}"
+        + (f", {_some(group[1:], 2)}" if len(group) > 1 else "")
+        + ": the model is not a fine-tune of this base (another architecture or size?)"
+    )
 
 
 def classify(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, tuple[str, str]]:

@@ -17,9 +17,10 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from .. import __version__, methods
-from ..config import MergeConfig
+from ..config import MergeConfig, RuntimeSpec, format_size, size_is_binary
 from ..engine.spec import MAGNITUDE_METHODS
 from ..errors import ConfigError
 from ..io.block_io import OutputTensor, ShardSpec, layout_shards
@@ -33,7 +34,8 @@ CANONICAL_ELEMS = 1 << 20  # elements per canonical row block (RNG streams, mask
 FIXED_OVERHEAD = 48 * 2**20  # chunk temporaries (engine CHUNK_ELEMENTS), histograms, slack
 # on a GPU: up to 12 float32 temporaries of one chunk (engine GPU_CHUNK_ELEMENTS = 2**22)
 GPU_FIXED_OVERHEAD = 12 * 4 * 2**22
-MIN_WORKER_BUDGET = 64 * 2**20
+# 64 MB: FIXED_OVERHEAD plus room for a unit. Decimal, so that '64MB' is enough (and '64MiB').
+MIN_WORKER_BUDGET = 64 * 10**6
 _TORCH_NAME = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 
 
@@ -164,6 +166,40 @@ def out_dtype_for(cfg: MergeConfig, kind: str, in_dtype: str) -> str | None:
     return in_dtype
 
 
+def check_worker_budget(rt: RuntimeSpec) -> int:
+    """The memory budget of one worker; a ConfigError, in the units the budget was
+    written in (MB or MiB), with the arithmetic spelled out, when it is under the
+    minimum. Local workers share the budget; each Ray worker has all of it."""
+    local = rt.executor == "local"
+    workers = rt.local_workers() if local else 1
+    per_worker = rt.memory_budget // workers
+    if per_worker >= MIN_WORKER_BUDGET:
+        return per_worker
+    binary = size_is_binary(rt.memory_budget)
+    budget = format_size(rt.memory_budget, binary)
+    least = format_size(MIN_WORKER_BUDGET, binary, up=True)
+    key = "runtime.memory_budget (--memory-budget)"
+    if not local:
+        raise ConfigError(
+            f"{key}: {budget} per Ray worker is under the minimum of {least} per worker; "
+            f"set it to at least {least}"
+        )
+    if workers == 1:
+        raise ConfigError(
+            f"{key}: {budget} is under the minimum of {least} for one worker; "
+            f"set it to at least {least}"
+        )
+    number, unit = least.split(" ")
+    total = f"{(Decimal(number) * workers).normalize():f} {unit}"
+    fits = rt.memory_budget // MIN_WORKER_BUDGET
+    fewer = f", or runtime.workers (--workers) to {fits}" if fits >= 1 else ""
+    raise ConfigError(
+        f"{key}: {budget} shared by {workers} local workers is "
+        f"{format_size(per_worker, binary)} each, under the minimum of {least} per worker "
+        f"({workers} workers × {least} = {total}); set it to at least {total}{fewer}"
+    )
+
+
 def make_plan(
     cfg: MergeConfig, *, inputs: list[Checkpoint] | None = None, device: str | None = None
 ) -> Plan:
@@ -177,20 +213,16 @@ def make_plan(
     check_output_outside_inputs(cfg.output.path, roots)
     kinds = classify(cfg, inputs)
     k = len(cfg.models)
-    workers_here = cfg.runtime.local_workers() if cfg.runtime.executor == "local" else 1
-    per_worker = cfg.runtime.memory_budget // workers_here
-    if per_worker < MIN_WORKER_BUDGET:
-        raise ConfigError(
-            f"runtime.memory_budget: {cfg.runtime.memory_budget} bytes gives {per_worker} per "
-            f"worker; the minimum is {MIN_WORKER_BUDGET // 2**20} MiB per worker"
-        )
+    per_worker = check_worker_budget(cfg.runtime)
     unit_budget = per_worker - FIXED_OVERHEAD
     if (device or cfg.runtime.device) == "cuda" or cfg.runtime.gpu_memory_budget is not None:
         gpu = cfg.runtime.gpu_memory_budget or cfg.runtime.memory_budget
-        if gpu - GPU_FIXED_OVERHEAD < MIN_WORKER_BUDGET - FIXED_OVERHEAD:
+        least = GPU_FIXED_OVERHEAD + MIN_WORKER_BUDGET - FIXED_OVERHEAD
+        if gpu < least:
+            binary = size_is_binary(gpu)
             raise ConfigError(
-                f"runtime.gpu_memory_budget: {gpu} bytes of GPU memory per worker; the "
-                f"minimum is {(GPU_FIXED_OVERHEAD + MIN_WORKER_BUDGET) // 2**20} MiB"
+                f"runtime.gpu_memory_budget: {format_size(gpu, binary)} of GPU memory per "
+                f"worker is under the minimum of {format_size(least, binary, up=True)}"
             )
         unit_budget = min(unit_budget, gpu - GPU_FIXED_OVERHEAD)
 

@@ -145,7 +145,14 @@ def load_report(path: str | Path) -> dict[str, Any]:
     try:
         report = json.loads(p.read_text())
     except (OSError, ValueError) as exc:
-        raise InputError(InputProblem(str(p), None, f"unreadable merge report: {exc}")) from exc
+        hint = (
+            ""
+            if p.name == REPORT_NAME
+            else " (give a merge output directory or its merge_report.json)"
+        )
+        raise InputError(
+            InputProblem(str(p), None, f"unreadable merge report: {exc}{hint}")
+        ) from exc
     if not isinstance(report, dict) or "tensors" not in report:
         raise InputError(InputProblem(str(p), None, "not a tadmerge merge report (no 'tensors')"))
     fmt = report.get("format")
@@ -262,6 +269,17 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Drawing
+#
+# Every figure is sized from its content so that it reads at its natural size (1 inch = DPI
+# pixels): heat-map cells wide enough for their number, long layer axes wrapped into several
+# rows of panels, titles wrapped to the figure's width, and tick labels that would overlap
+# another thinned out after layout (measured with the renderer, not guessed).
+
+DPI = 110
+MAX_LAYER_COLUMNS = 16  # columns (layers) per row of panels in droprate_by_layer.png
+CELL_W, CELL_H = 0.46, 0.28  # inches per heat-map cell: room for "0.17" at CELL_FONT
+CELL_FONT = 7.5
+TITLE_FONT = 11
 
 
 def _matplotlib():
@@ -273,14 +291,55 @@ def _matplotlib():
             "(or pip install matplotlib)"
         ) from exc
     matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    return Figure
+    def new_figure(**kw: Any) -> Any:
+        fig = Figure(layout="constrained", dpi=DPI, **kw)
+        FigureCanvasAgg(fig)
+        return fig
+
+    return new_figure
 
 
-def _grid(n: int) -> tuple[int, int]:
-    cols = min(n, 4)
-    return math.ceil(n / cols), cols
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """`text` broken into lines that fit `width_in` inches at `fontsize` points."""
+    import textwrap
+
+    chars = max(20, int(width_in * 72 / (fontsize * 0.6)))
+    return "\n".join(textwrap.wrap(text, chars, break_on_hyphens=False)) or text
+
+
+def _suptitle(fig: Any, head: str, what: str) -> None:
+    """The figure's title on its first line, the merge it describes below, both wrapped
+    to the figure's width."""
+    width = fig.get_figwidth() - 0.3
+    fig.suptitle(
+        _wrap(head, width, TITLE_FONT) + "\n" + _wrap(what, width, TITLE_FONT),
+        fontsize=TITLE_FONT,
+    )
+
+
+def _thin_ticklabels(fig: Any) -> None:
+    """Hide every tick label that would overlap the previous one kept, on every axis of
+    every panel, measured in pixels after the layout has run."""
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+            kept = None
+            for lab in labels:
+                if not lab.get_visible() or not lab.get_text():
+                    continue
+                box = lab.get_window_extent(renderer).expanded(1.0, 1.0).padded(2)
+                if kept is not None and box.overlaps(kept):
+                    lab.set_visible(False)
+                else:
+                    kept = box
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.savefig(path, dpi=DPI)
 
 
 def _columns(dr: DropRates) -> list[str]:
@@ -292,106 +351,129 @@ def _columns(dr: DropRates) -> list[str]:
     )
 
 
-def _heatmap_by_layer(Figure, dr: DropRates, path: Path, title: str) -> None:
-    """Fig. 6 / appendix figure: tensor type x layer, one panel per task."""
+def _chunks(cols: list[str], most: int) -> list[list[str]]:
+    """`cols` in rows of at most `most`, as even as possible (33 layers: 17 + 16)."""
+    n = max(1, math.ceil(len(cols) / most))
+    size = math.ceil(len(cols) / n)
+    return [cols[i : i + size] for i in range(0, len(cols), size)]
+
+
+def _heatmap_by_layer(new_figure, dr: DropRates, what: str) -> Any:
+    """Fig. 6 / appendix figure: tensor type x layer, one panel per task (stacked), each
+    panel's layers wrapped into rows of at most MAX_LAYER_COLUMNS, every cell numbered."""
     rows = sorted({k.label for k in dr.kinds.values()}, key=_type_rank)
-    cols = _columns(dr)
-    nr, nc = _grid(len(dr.tasks))
-    fig = Figure(
-        figsize=(max(4.0, 0.45 * len(cols) + 2.2) * nc, (0.32 * len(rows) + 1.4) * nr),
-        layout="constrained",
+    chunks = _chunks(_columns(dr), MAX_LAYER_COLUMNS)
+    width_cols = max(len(c) for c in chunks)
+    label_w = 0.2 + 0.075 * max(len(r) for r in rows)
+    panel_h = CELL_H * len(rows) + 0.75
+    fig = new_figure(
+        figsize=(
+            max(5.5, label_w + CELL_W * width_cols + 1.1),
+            panel_h * len(dr.tasks) * len(chunks) + 0.9,
+        )
     )
-    axes = fig.subplots(nr, nc, squeeze=False)
+    axes = fig.subplots(len(dr.tasks) * len(chunks), 1, squeeze=False)[:, 0]
     im = None
     for i, task in enumerate(dr.tasks):
-        ax = axes[i // nc][i % nc]
-        cell: dict[tuple[int, int], list[float]] = defaultdict(list)
+        cell: dict[tuple[str, str], list[float]] = defaultdict(list)
         for n, d in dr.rate[task].items():
             k = dr.kinds[n]
-            cell[(rows.index(k.label), cols.index(k.column))].append(d)
-        grid = [[math.nan] * len(cols) for _ in rows]
-        for (r, c), v in cell.items():
-            grid[r][c] = sum(v) / len(v)
-        im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_title(f"{task} (overall {dr.overall(task):.0%})", fontsize=9)
-        ax.set_xticks(range(len(cols)), cols, fontsize=7)
-        ax.set_yticks(range(len(rows)), rows, fontsize=7)
-        ax.set_xlabel("layer", fontsize=8)
-        if len(rows) * len(cols) <= 300:
+            cell[(k.label, k.column)].append(d)
+        for j, cols in enumerate(chunks):
+            ax = axes[i * len(chunks) + j]
+            padded = cols + [""] * (width_cols - len(cols))  # equal cell widths in every row
+            grid = [
+                [sum(cell[(r, c)]) / len(cell[(r, c)]) if cell.get((r, c)) else math.nan
+                 for c in padded]
+                for r in rows
+            ]  # fmt: skip
+            im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+            part = f", layers {cols[0]} to {cols[-1]}" if len(chunks) > 1 else ""
+            ax.set_title(f"{task} (overall {dr.overall(task):.0%}){part}", fontsize=9, loc="left")
+            ax.set_xticks(range(len(padded)), padded, fontsize=8)
+            ax.set_yticks(range(len(rows)), rows, fontsize=8)
+            if j == len(chunks) - 1:
+                ax.set_xlabel("layer", fontsize=8)
             for r in range(len(rows)):
-                for c in range(len(cols)):
-                    if not math.isnan(grid[r][c]):
-                        ax.text(
-                            c,
-                            r,
-                            f"{grid[r][c]:.2f}",
-                            ha="center",
-                            va="center",
-                            fontsize=5,
-                            color="w" if grid[r][c] < 0.6 else "k",
-                        )
-    for j in range(len(dr.tasks), nr * nc):
-        axes[j // nc][j % nc].set_visible(False)
+                for c in range(len(padded)):
+                    v = grid[r][c]
+                    if not math.isnan(v):
+                        ax.text(c, r, f"{v:.2f}", ha="center", va="center",
+                                fontsize=CELL_FONT, color="w" if v < 0.6 else "k")  # fmt: skip
     if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.6, label="drop rate")
-    fig.suptitle(title)
-    fig.savefig(path, dpi=130)
+        fig.colorbar(im, ax=list(axes), shrink=min(0.9, 4.0 / fig.get_figheight()),
+                     label="drop rate", aspect=30)  # fmt: skip
+    _suptitle(fig, "Drop rate per tensor type and layer", what)
+    return fig
 
 
-def _heatmap_by_task(Figure, dr: DropRates, path: Path, title: str) -> None:
-    """Fig. 5: task x tensor (model order), the inter-task 'landscape'."""
+def _heatmap_by_task(new_figure, dr: DropRates, what: str) -> Any:
+    """Fig. 5: task x tensor (model order), the inter-task 'landscape'. Layer groups are
+    marked by lines and labelled at their middle (labels that would collide thinned)."""
     grid = [[dr.rate[t].get(n, math.nan) for n in dr.names] for t in dr.tasks]
-    fig = Figure(
-        figsize=(min(18.0, 3.0 + 0.06 * len(dr.names)), 1.2 + 0.35 * len(dr.tasks)),
-        layout="constrained",
+    name_w = 0.3 + 0.075 * max(len(t) for t in dr.tasks)
+    fig = new_figure(
+        figsize=(
+            min(16.0, max(7.0, name_w + 1.6 + 0.05 * len(dr.names))),
+            1.9 + 0.4 * len(dr.tasks),
+        )  # fmt: skip
     )
     ax = fig.subplots()
     im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
     ax.set_yticks(range(len(dr.tasks)), dr.tasks, fontsize=8)
-    # One tick per layer block: the first tensor of each column group.
-    ticks, labels, last = [], [], None
+    starts: list[tuple[int, str]] = []
     for i, n in enumerate(dr.names):
         col = dr.kinds[n].column
-        if col != last:
-            ticks.append(i)
-            labels.append(col)
-            last = col
-    ax.set_xticks(ticks, labels, fontsize=7)
-    ax.set_xlabel("tensor (model order; ticks mark layer starts)")
-    fig.colorbar(im, ax=ax, label="drop rate", shrink=0.8)
-    ax.set_title(title)
-    fig.savefig(path, dpi=130)
+        if not starts or starts[-1][1] != col:
+            starts.append((i, col))
+    ends = [s for s, _ in starts[1:]] + [len(dr.names)]
+    ticks = [(s + e - 1) / 2 for (s, _), e in zip(starts, ends, strict=True)]
+    ax.set_xticks(ticks, [c for _, c in starts], fontsize=8)
+    ax.tick_params(axis="x", length=0)
+    for s, _ in starts[1:]:
+        ax.axvline(s - 0.5, color="w", lw=0.8)
+    ax.set_xlabel("tensor in model order, grouped by layer (emb: embeddings, top: after the "
+                  "blocks)", fontsize=8)  # fmt: skip
+    fig.colorbar(im, ax=ax, label="drop rate", shrink=0.9)
+    _suptitle(fig, "Drop rate per task and tensor", what)
+    return fig
 
 
-def _by_type(Figure, dr: DropRates, path: Path, title: str) -> None:
-    """Mean drop rate per tensor type, one bar per task (how consistent the pattern is)."""
+def _by_type(new_figure, dr: DropRates, what: str) -> Any:
+    """Mean drop rate per tensor type, one bar per task (how consistent the pattern is).
+    Horizontal bars: the type names read level, however many there are."""
     types = sorted({k.label for k in dr.kinds.values()}, key=_type_rank)
-    width = 0.8 / max(1, len(dr.tasks))
-    bars = len(types) * max(1, len(dr.tasks))
-    fig = Figure(figsize=(min(16.0, max(6.0, 2.0 + 0.09 * bars)), 3.6), layout="constrained")
+    k = max(1, len(dr.tasks))
+    height = 0.8 / k
+    label_w = 0.3 + 0.075 * max(len(t) for t in types)
+    fig = new_figure(figsize=(max(7.0, label_w + 5.5), 1.6 + len(types) * (0.12 + 0.13 * k)))
     ax = fig.subplots()
+    top = 0.0
     for j, task in enumerate(dr.tasks):
         means = []
         for ty in types:
             v = [d for n, d in dr.rate[task].items() if dr.kinds[n].label == ty]
             means.append(sum(v) / len(v) if v else math.nan)
-        ax.bar(
-            [i + (j - (len(dr.tasks) - 1) / 2) * width for i in range(len(types))],
+        top = max([top] + [m for m in means if not math.isnan(m)])
+        ax.barh(
+            [i + (j - (k - 1) / 2) * height for i in range(len(types))],
             means,
-            width=width,
+            height=height,
             label=task,
         )
-    ax.set_xticks(range(len(types)), types, rotation=45, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("mean drop rate")
-    ax.legend(fontsize=7, ncol=min(4, len(dr.tasks)))
-    ax.set_title(title)
-    fig.savefig(path, dpi=130)
+    ax.set_yticks(range(len(types)), types, fontsize=8)
+    ax.invert_yaxis()  # model order, top to bottom
+    ax.set_xlim(0, min(1.0, max(0.05, top * 1.15)))  # the bars' own range, not 0..1
+    ax.set_xlabel("mean drop rate over the tensors of the type")
+    ax.grid(axis="x", lw=0.4, alpha=0.5)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="task")
+    _suptitle(fig, "Mean drop rate per tensor type", what)
+    return fig
 
 
-def _distribution(Figure, dr: DropRates, path: Path, title: str) -> None:
+def _distribution(new_figure, dr: DropRates, what: str) -> Any:
     """Spread of per-tensor drop rates per task (box) and all tasks together (histogram)."""
-    fig = Figure(figsize=(max(6.0, 1.0 + 0.8 * len(dr.tasks)) + 4.0, 3.6), layout="constrained")
+    fig = new_figure(figsize=(max(6.0, 1.0 + 0.8 * len(dr.tasks)) + 4.0, 4.0))
     ax1, ax2 = fig.subplots(1, 2, width_ratios=[max(1, len(dr.tasks)), 4])
     data = [list(dr.rate[t].values()) for t in dr.tasks]
     ax1.boxplot(data)
@@ -408,23 +490,22 @@ def _distribution(Figure, dr: DropRates, path: Path, title: str) -> None:
     ax2.hist([d for v in data for d in v], bins=40, range=(0, 1), color="tab:blue")
     ax2.set_xlabel("drop rate")
     ax2.set_ylabel("tensors x tasks")
-    fig.suptitle(title)
-    fig.savefig(path, dpi=130)
+    _suptitle(fig, "Distribution of drop rates", what)
+    return fig
 
 
-def _emr_rescalers(Figure, report: dict[str, Any], path: Path, title: str) -> bool:
+def _emr_rescalers(new_figure, report: dict[str, Any], what: str) -> Any | None:
     resc = (report.get("emr") or {}).get("rescalers") or {}
     if not resc:
-        return False
-    fig = Figure(figsize=(max(4.0, 0.7 * len(resc) + 1.5), 3.0), layout="constrained")
+        return None
+    fig = new_figure(figsize=(max(5.0, 0.7 * len(resc) + 1.5), 3.4))
     ax = fig.subplots()
     ax.bar(list(resc), [float(v) for v in resc.values()], color="tab:green")
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_ylabel("EMR rescaler lambda_k")
     ax.tick_params(axis="x", labelrotation=30)
-    ax.set_title(title)
-    fig.savefig(path, dpi=130)
-    return True
+    _suptitle(fig, "EMR rescalers", what)
+    return fig
 
 
 def _describe(report: dict[str, Any]) -> str:
@@ -443,42 +524,170 @@ def _describe(report: dict[str, Any]) -> str:
     return " + ".join(bits)
 
 
-def draw_report(output_dir: str, to: str | None = None) -> list[str]:
-    """Draw the drop-rate figures of one merge and return the PNG paths.
+NO_SPARSIFIER = "no sparsifier: no drop-rate plots (every entry of every task vector was kept)"
 
-    ``output_dir`` is a merge output directory (or its merge_report.json); the PNGs go to ``to``
-    (default: ``<output_dir>/plots``). Raises InputError if the report is missing or records no
-    drop rate (a merge without sparsifier has nothing to draw), ImportError without matplotlib.
+
+def has_sparsifier(report: dict[str, Any]) -> bool:
+    sp = (report.get("config") or {}).get("sparsify") or {}
+    return sp.get("method", "none") != "none"
+
+
+def figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's figures, {file name: matplotlib Figure}, laid out but not saved:
+    the drop-rate figures when a sparsifier ran, the EMR rescalers for EMR."""
+    new_figure = _matplotlib()
+    what = _describe(report)
+    out: dict[str, Any] = {}
+    dr = drop_rates(report)
+    if has_sparsifier(report) and dr.tasks:
+        out["droprate_by_layer.png"] = _heatmap_by_layer(new_figure, dr, what)
+        out["droprate_by_task.png"] = _heatmap_by_task(new_figure, dr, what)
+        out["droprate_by_type.png"] = _by_type(new_figure, dr, what)
+        out["droprate_distribution.png"] = _distribution(new_figure, dr, what)
+    emr = _emr_rescalers(new_figure, report, what)
+    if emr is not None:
+        out["emr_rescalers.png"] = emr
+    for fig in out.values():
+        _thin_ticklabels(fig)
+    return out
+
+
+@dataclass
+class Rendered:
+    """What `tadmerge report` wrote: the PNGs, the HTML page, and notes for the user."""
+
+    pngs: list[str]
+    html: str
+    notes: list[str]
+
+
+def default_dir(output_dir: str | Path) -> Path:
+    """Beside the output, not in it (OUT-report): an output holds exactly the files its
+    manifest lists, so that `--overwrite` may replace it and `verify` checks it whole."""
+    src = Path(output_dir)
+    base = src.parent if src.is_file() else src
+    base = base.resolve()
+    return base.parent / f"{base.name}-report"
+
+
+def render_report(output_dir: str, to: str | None = None) -> Rendered:
+    """Draw the figures of one merge into `to` (default OUT-report, beside the output)
+    and write report.html, which shows them with the report's key numbers.
+
+    A merge without a sparsifier gets no drop-rate figures (a note says so). Raises
+    InputError if the report is missing or unreadable, or a sparsifier ran but the report
+    records no drop rate; ImportError without matplotlib.
     """
     from tadmerge.errors import InputError, InputProblem
 
     report = load_report(output_dir)
     dr = drop_rates(report)
-    src = Path(output_dir)
-    if not dr.tasks:
+    notes: list[str] = []
+    if not has_sparsifier(report):
+        notes.append(NO_SPARSIFIER)
+    elif not dr.tasks:
         raise InputError(
             InputProblem(
-                str(src),
+                str(output_dir),
                 None,
                 "the report records no drop rates (merge without sparsification?); nothing to plot",
             )
         )
-    Figure = _matplotlib()
-    base = src.parent if src.is_file() else src
-    out = Path(to) if to else base / "plots"
+    figs = figures(report)
+    out = Path(to) if to else default_dir(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    what = _describe(report)
-    paths = [
-        out / "droprate_by_layer.png",
-        out / "droprate_by_task.png",
-        out / "droprate_by_type.png",
-        out / "droprate_distribution.png",
+    pngs = []
+    for name, fig in figs.items():
+        _save(fig, out / name)
+        pngs.append(str(out / name))
+    html = out / "report.html"
+    html.write_text(_html(report, output_dir, list(figs), notes), encoding="utf-8")
+    return Rendered(pngs, str(html), notes)
+
+
+def draw_report(output_dir: str, to: str | None = None) -> list[str]:
+    """Draw the figures of one merge and return the PNG paths (render_report also
+    writes report.html). Default destination: OUT-report, beside the output."""
+    return render_report(output_dir, to).pngs
+
+
+_CAPTIONS = {
+    "droprate_by_layer.png": "Mean drop rate per tensor type (rows) and layer (columns), per task.",
+    "droprate_by_task.png": "Drop rate of every merged tensor (model order) for every task.",
+    "droprate_by_type.png": "Mean drop rate per tensor type, one bar per task.",
+    "droprate_distribution.png": "Per-tensor drop rates: spread per task, and all together.",
+    "emr_rescalers.png": "EMR rescaler of each task (1 = the task vector's own mean |τ|).",
+}
+
+
+def _html(report: dict[str, Any], output_dir: str, pngs: list[str], notes: list[str]) -> str:
+    """report.html: the key numbers of the report, then the figures at natural size."""
+    from html import escape
+
+    cfg = report.get("config") or {}
+    mib = 2**20
+    facts: list[tuple[str, str]] = [("output", str(Path(output_dir).resolve()))]
+    facts.append(("method", _describe(report)))
+    if cfg.get("base"):
+        facts.append(("base", str(cfg["base"])))
+    models = cfg.get("models") or []
+    if models:
+        facts.append(
+            ("models", ", ".join(f"{m.get('name')} (weight {m.get('weight')})" for m in models))
+        )
+    kinds: dict[str, int] = defaultdict(int)
+    for t in (report.get("tensors") or {}).values():
+        kinds[t.get("kind", "?")] += 1
+    words = {"merge": "merged", "copy": "copied", "exclude": "excluded"}
+    facts.append(("tensors", ", ".join(f"{n} {words.get(k, k)}" for k, n in sorted(kinds.items()))))
+    for key, label in (("input_bytes", "inputs"), ("output_bytes", "output")):
+        if report.get(key):
+            facts.append((label, f"{report[key] / mib:.2f} MiB"))
+    t = (report.get("timings") or {}).get("total_s")
+    if t is not None:
+        rss = report.get("peak_rss_bytes")
+        facts.append(
+            ("merge time", f"{t:.1f} s" + (f", peak RSS {rss / mib:.0f} MiB" if rss else ""))
+        )
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in facts)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>tadmerge report: {escape(Path(output_dir).name)}</title>",
+        "<style>body{font-family:sans-serif;margin:1.5em;max-width:none}"
+        "table{border-collapse:collapse;margin:0.5em 0 1.5em}"
+        "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+        "td.n{text-align:right;font-variant-numeric:tabular-nums}"
+        "figure{margin:1.5em 0}img{max-width:none}</style></head><body>",
+        f"<h1>Merge report: {escape(Path(output_dir).name)}</h1>",
+        f"<table>{rows}</table>",
     ]
-    _heatmap_by_layer(Figure, dr, paths[0], f"Drop rate per tensor type and layer: {what}")
-    _heatmap_by_task(Figure, dr, paths[1], f"Drop rate per task and tensor: {what}")
-    _by_type(Figure, dr, paths[2], f"Mean drop rate per tensor type: {what}")
-    _distribution(Figure, dr, paths[3], f"Distribution of drop rates: {what}")
-    emr = out / "emr_rescalers.png"
-    if _emr_rescalers(Figure, report, emr, f"EMR rescalers: {what}"):
-        paths.append(emr)
-    return [str(p) for p in paths]
+    parts += [f"<p><b>{escape(n)}</b></p>" for n in notes]
+    dr = drop_rates(report)
+    if has_sparsifier(report) and dr.tasks:
+        summary = summarize(report)["tasks"]
+        resc = (report.get("emr") or {}).get("rescalers") or {}
+        head = "<tr><th>task</th><th>overall drop</th><th>min</th><th>mean</th><th>max</th>"
+        head += "<th>EMR rescaler</th></tr>" if resc else "</tr>"
+        body = ""
+        for task in dr.tasks:
+            s = summary[task]
+            body += (
+                f"<tr><td>{escape(task)}</td><td class=n>{s['overall_drop']:.1%}</td>"
+                f"<td class=n>{s['min']:.3f}</td><td class=n>{s['mean_tensor_drop']:.3f}</td>"
+                f"<td class=n>{s['max']:.3f}</td>"
+                + (f"<td class=n>{float(resc[task]):.4f}</td>" if task in resc else "")
+                + "</tr>"
+            )
+        parts += [
+            "<h2>Drop rates per task</h2>",
+            "<p>overall: size-weighted over every merged entry; min / mean / max: over tensors."
+            "</p>",
+            f"<table>{head}{body}</table>",
+        ]
+    for name in pngs:
+        parts.append(
+            f"<figure><img src='{escape(name)}' alt='{escape(name)}'>"
+            f"<figcaption>{escape(_CAPTIONS.get(name, name))}</figcaption></figure>"
+        )
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
