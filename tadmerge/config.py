@@ -121,6 +121,9 @@ class RuntimeSpec:
     # working memory of a unit on a GPU (default: memory_budget, applied to the GPU)
     gpu_memory_budget: int | None = None
     max_retries: int = 3
+    # ray: seconds a replacement worker may wait to be scheduled before its units go
+    # to the surviving workers (a lost node leaves no room for it)
+    worker_start_timeout: float = 120.0
     progress: str = "auto"  # auto | bar | log | none
     # Statistics kernels: auto (TADMERGE_KERNELS, else numba when installed) | numba |
     # torch. Never changes the output bytes (engine/kernels.py).
@@ -341,7 +344,8 @@ def _parse_output(o: Any, base_dir: Path) -> OutputSpec:
 def _parse_runtime(r: Any) -> RuntimeSpec:
     _check_keys(r, {"executor", "workers", "device", "memory_budget", "cpus_per_worker",
                     "gpus_per_worker", "max_retries", "progress", "max_unit_elements",
-                    "block_elements", "kernels", "gpu_memory_budget"}, "runtime")  # fmt: skip
+                    "block_elements", "kernels", "gpu_memory_budget",
+                    "worker_start_timeout"}, "runtime")  # fmt: skip
     mue = r.get("max_unit_elements")
     gpus = r.get("gpus_per_worker")
     gpu_budget = r.get("gpu_memory_budget")
@@ -356,6 +360,12 @@ def _parse_runtime(r: Any) -> RuntimeSpec:
         if gpu_budget is None
         else parse_size(gpu_budget, "runtime.gpu_memory_budget"),
         max_retries=_int(r.get("max_retries", 3), "runtime.max_retries", 0),
+        worker_start_timeout=_num(
+            r.get("worker_start_timeout", 120.0),
+            "runtime.worker_start_timeout",
+            0.0,
+            lo_open=True,
+        ),
         progress=_choice(
             r.get("progress", "auto"), "runtime.progress", {"auto", "bar", "log", "none"}
         ),

@@ -6,6 +6,8 @@ One local Ray session (2 CPUs) is shared by all tests (conftest.ray_session).
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import replace
 
 import killpoints
 import pytest
@@ -14,6 +16,7 @@ from checkpoints import write_zoo
 from tadmerge.cluster import ray_executor
 from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
+from tadmerge.errors import MergeRuntimeError
 
 pytestmark = pytest.mark.ray
 
@@ -126,3 +129,80 @@ def test_driver_stopped_then_resume_reuses_units(ray_session, zoo, monkeypatch):
     r = run_merge(c, resume=True)
     assert r.report["units"]["reused"] == 5
     assert files(r.output) == files(ref.output)
+
+
+def _squatted_replacements(monkeypatch, squatters: list) -> None:
+    """Replacement actors find no CPU, as when the node that ran the dead one is
+    gone with its CPUs: before each replacement a squatter takes the CPU the
+    dead actor freed (test-only, by wrapping the executor's actor factory)."""
+    import ray
+
+    class Squatter:
+        def ping(self) -> int:
+            return os.getpid()
+
+    real = ray_executor.RayExecutor._new_actor
+
+    def new_actor(self):
+        if getattr(self, "actors", None):  # a replacement: every CPU but the survivors' taken
+            survivors = sum(a is not None for a in self.actors) - 1  # (less the dead one)
+            free = int(ray.cluster_resources()["CPU"]) - survivors
+            squatter = ray.remote(num_cpus=free)(Squatter).remote()
+            ray.get(squatter.ping.remote(), timeout=60)  # (once the dead one's CPU is back)
+            squatters.append(squatter)
+        return real(self)
+
+    monkeypatch.setattr(ray_executor.RayExecutor, "_new_actor", new_actor)
+
+
+def test_unschedulable_replacement_hands_its_units_to_survivors(
+    ray_session, zoo, monkeypatch, tmp_path
+):
+    import ray
+
+    sp, merge = CASES["ta-tadrop"]
+    ref = run_merge(cfg(zoo, "lost-ref", sp, merge, "local", 1))
+    marker = tmp_path / "died"
+    monkeypatch.setattr(
+        ray_executor, "_UnitWorker", dying_worker(len(ref.plan.units) // 2, str(marker))
+    )
+    squatters: list = []
+    _squatted_replacements(monkeypatch, squatters)
+    c = cfg(zoo, "lost", sp, merge, "ray", 2)
+    c = replace(c, runtime=replace(c.runtime, worker_start_timeout=3.0))
+    try:
+        r = run_merge(c)
+    finally:
+        for s in squatters:
+            ray.kill(s)
+    assert marker.exists() and squatters, "no worker died"
+    assert r.report["executor"]["workers_lost"] == 1
+    assert files(r.output) == files(ref.output)
+
+
+def test_all_workers_lost_fails_in_bounded_time_with_the_staging_kept(
+    ray_session, zoo, monkeypatch, tmp_path
+):
+    import ray
+
+    sp, merge = CASES["ta-tadrop"]
+    marker = tmp_path / "died"
+    monkeypatch.setattr(ray_executor, "_UnitWorker", dying_worker(3, str(marker)))
+    squatters: list = []
+    _squatted_replacements(monkeypatch, squatters)
+    c = cfg(zoo, "all-lost", sp, merge, "ray", 1)
+    c = replace(c, runtime=replace(c.runtime, worker_start_timeout=2.0))
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(MergeRuntimeError, match="Ray workers were lost") as err:
+            run_merge(c)
+    finally:
+        for s in squatters:
+            ray.kill(s)
+    assert time.monotonic() - t0 < 60
+    assert err.value.exit_code == 4 and "--resume" in str(err.value)
+    assert not os.path.exists(c.output.path)
+    staging = os.path.join(os.path.dirname(c.output.path), ".all-lost.tadmerge-staging")
+    assert os.path.isdir(staging)
+    r = run_merge(c, resume=True)  # the cluster has room again
+    assert r.report["units"]["reused"] >= 1

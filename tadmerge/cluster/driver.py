@@ -393,6 +393,7 @@ def run_merge(
             "kind": plan.config.runtime.executor,
             "workers": getattr(executor, "workers", plan.config.runtime.workers),
             "workers_replaced": getattr(executor, "replaced", 0),
+            "workers_lost": getattr(executor, "lost", 0),
         }
         _write_json(os.path.join(staging.path, REPORT_NAME), report)
         close_all()

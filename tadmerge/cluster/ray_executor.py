@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -94,6 +95,9 @@ class RayExecutor:
         self.actors = [self._new_actor() for _ in range(self.workers)]
         self.peak_rss_workers: list[int] = []
         self.replaced = 0
+        self.lost = 0  # replacements given up (not scheduled in time)
+        self.start_timeout = rt.worker_start_timeout
+        self._starting: dict = {}
 
     def _new_actor(self):
         actor = self.actor_cls.options(max_restarts=0)
@@ -101,42 +105,93 @@ class RayExecutor:
         return actor.remote(self.plan_ref, self.staging, dispatch)
 
     def _map(self, method: str, items: list[tuple[int, tuple]], on_result: Callable) -> None:
+        """Run `method` over items on the actors, one item per actor at a time.
+
+        An actor that dies (its process, or its node) is replaced and its item
+        rerun (max_retries per item). A replacement that is not scheduled within
+        worker_start_timeout (a lost node takes its CPUs along) is given up: its
+        slot closes and the items go to the surviving actors. With none left the
+        merge stops with MergeRuntimeError (exit 4), its finished units logged.
+        """
         ray = self.ray
         queue = list(reversed(items))
         tries: dict[int, int] = {}
-        in_flight: dict = {}  # ref -> (actor index, item)
-        idle = list(range(len(self.actors)))
+        in_flight: dict = {}  # ref -> (actor slot, item)
+        # replacements not yet scheduled (kept across rounds): ref of their first
+        # call -> (slot, since)
+        starting = self._starting
+        waiting = {slot for slot, _ in starting.values()}
+        idle = [s for s, a in enumerate(self.actors) if a is not None and s not in waiting]
+        timeout = self.start_timeout
 
         def submit(slot: int, item) -> None:
             unit_id, arg = item
             ref = getattr(self.actors[slot], method).remote(unit_id, arg)
             in_flight[ref] = (slot, item)
 
+        def lose(slot: int, why: str) -> None:
+            actor, self.actors[slot] = self.actors[slot], None
+            self.lost += 1
+            log.warning("worker %d given up (%s); its units go to the others", slot, why)
+            try:
+                ray.kill(actor)
+            except Exception:  # already gone with its node
+                pass
+
         while queue or in_flight:
             while queue and idle:
                 submit(idle.pop(), queue.pop())
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            if not in_flight and not starting:
+                raise MergeRuntimeError(
+                    f"all {len(self.actors)} Ray workers were lost and none could be "
+                    f"started again within runtime.worker_start_timeout ({timeout:g}s); "
+                    f"{len(queue)} unit(s) left: rerun with --resume once the cluster has room"
+                )
+            now = time.monotonic()
+            wait = min((since + timeout - now for _, since in starting.values()), default=None)
+            ready, _ = ray.wait(
+                [*in_flight, *starting],
+                num_returns=1,
+                timeout=None if wait is None else max(0, wait),
+            )
+            if not ready:  # a replacement waited too long to be scheduled
+                now = time.monotonic()
+                for ref, (slot, since) in list(starting.items()):
+                    if now - since >= timeout:
+                        del starting[ref]
+                        lose(slot, f"not scheduled within {timeout:g}s")
+                continue
             ref = ready[0]
+            if ref in starting:
+                slot, _ = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    lose(slot, f"it failed to start: {type(e).__name__}")
+                else:
+                    idle.append(slot)
+                continue
             slot, item = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
-                tries[item[0]] = tries.get(item[0], 0) + 1
-                if tries[item[0]] > self.max_retries:
-                    raise MergeRuntimeError(
-                        f"unit {item[0]} failed {tries[item[0]]} times (worker died): {e}"
-                    ) from None
-                log.warning("worker died on unit %d; replacing it and rerunning", item[0])
-                self.actors[slot] = self._new_actor()
-                self.replaced += 1
-                queue.append(item)
-                idle.append(slot)
-                continue
             except ray.exceptions.RayTaskError as e:
                 cause = e.as_instanceof_cause()
                 if isinstance(cause, TadmergeError):
                     raise _unwrap(cause) from None
                 raise MergeRuntimeError(f"unit {item[0]} failed on a worker: {cause}") from None
+            except ray.exceptions.RayError as e:  # the actor, its process or its node died
+                tries[item[0]] = tries.get(item[0], 0) + 1
+                if tries[item[0]] > self.max_retries:
+                    raise MergeRuntimeError(
+                        f"unit {item[0]} failed {tries[item[0]]} times (worker died): "
+                        f"{str(e).splitlines()[0][:300]}"
+                    ) from None
+                log.warning("worker died on unit %d; replacing it and rerunning", item[0])
+                queue.append(item)
+                self.actors[slot] = self._new_actor()
+                self.replaced += 1
+                starting[self.actors[slot].pid.remote()] = (slot, time.monotonic())
+                continue
             idle.append(slot)
             on_result(item[0], result)
 
@@ -149,17 +204,30 @@ class RayExecutor:
         self._map("run", [(u, resolved.get(u)) for u in unit_ids], lambda _k, r: on_done(r))
 
     def close(self) -> None:
-        if not self.actors:
+        # replacements never scheduled count as lost, and are not asked anything
+        unscheduled = {slot for slot, _ in self._starting.values()}
+        self.lost += len(unscheduled)
+        self._starting = {}
+        for slot in unscheduled:
+            try:
+                self.ray.kill(self.actors[slot])
+            except Exception:
+                pass
+        live = [a for s, a in enumerate(self.actors) if a is not None and s not in unscheduled]
+        self.actors = []
+        if not live:
             return
         ray = self.ray
         try:
-            self.peak_rss_workers = ray.get([a.peak_rss.remote() for a in self.actors])
-            ray.get([a.close.remote() for a in self.actors])
+            self.peak_rss_workers = ray.get([a.peak_rss.remote() for a in live], timeout=60)
+            ray.get([a.close.remote() for a in live], timeout=60)
         except Exception:  # a dead actor at shutdown must not mask the merge's own result
             pass
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []
+        for a in live:
+            try:
+                ray.kill(a)
+            except Exception:
+                pass
 
 
 def _unwrap(err: TadmergeError) -> TadmergeError:

@@ -316,7 +316,10 @@ def input_versions(plan: Plan) -> dict[str, dict]:
 def fingerprint(plan: Plan) -> str:
     """Hash of everything that decides the output bytes: config, inputs, layout."""
     cfg = plan.config.to_dict()
-    for key in ("executor", "workers", "progress", "max_retries", "cpus_per_worker", "kernels"):
+    for key in (
+        "executor", "workers", "progress", "max_retries", "cpus_per_worker", "kernels",
+        "worker_start_timeout",
+    ):  # fmt: skip
         cfg["runtime"].pop(key, None)
     cfg["output"].pop("path", None)
     doc = {
