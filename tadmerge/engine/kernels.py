@@ -388,17 +388,17 @@ def stream_raw(
     scale: float,
     average: bool,
     out: np.ndarray,
-) -> list[float] | None:
+) -> tuple[list[float], int]:
     """Task arithmetic (or averaging) without a sparsifier into `out`, one pass
     per task: the bytes of merge_block (linear.merge_weights) and the cast to
     the output's dtype. base, tasks and out: flat arrays of STREAM_DTYPES (bf16
     as uint16 patterns), each its own. Returns Σ τ_k² per task (float64 sums,
-    where merge_block's are float32 norms: the report's last digits differ), or
-    None when a result is NaN (`out` is then garbage: the caller merges the
-    block with torch)."""
+    where merge_block's are float32 norms: the report's last digits differ) and
+    how many results are NaN (then `out` must not be used: merge_block merges
+    such a block, with torch's NaN bits)."""
     sq = np.zeros(len(tasks), np.float64)
     nan = _lib().stream(
         base.reshape(-1), [t.reshape(-1) for t in tasks], np.float32(weights), np.float32(scale),
         np.float32(sum(weights)), average, _out(out), sq,
     )  # fmt: skip
-    return None if nan else [float(v) for v in sq]
+    return [float(v) for v in sq], nan

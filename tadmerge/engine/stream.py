@@ -68,10 +68,10 @@ def merge_raw(
     garbage, when a result is NaN: merge_block merges such a block.
     """
     average = spec.method == "average"
-    sq = kernels.stream_raw(base, models, list(spec.weights), spec.scale, average, out)
-    if sq is None:
-        return None
+    sq, nan = kernels.stream_raw(base, models, list(spec.weights), spec.scale, average, out)
     for k, s in enumerate(sq):
         if check_finite and not math.isfinite(s):
             raise NonFiniteTaskVector(k)
+    if nan:
+        return None
     return [TaskStats(kept=base.size, tau_sq=s, t_sq=s) for s in sq]
