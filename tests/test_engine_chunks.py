@@ -227,12 +227,13 @@ def test_side_moments_in_exact_pieces(monkeypatch):
 
 
 @needs_c
-@pytest.mark.parametrize("seed", [0, 1])
-def test_cut_kernel_keeps_exactly_the_ranks_of_a_stable_sort(seed):
+@pytest.mark.parametrize("seed,n", [(0, 997), (1, 997), (2, 5003)])
+def test_cut_kernel_keeps_exactly_the_ranks_of_a_stable_sort(seed, n):
     """kernels.cut_block (the apply phase's fused pass) against a stable argsort:
     ranks [lo, hi) of (|x|, flat index) kept and times fl32(scale), +0.0 elsewhere,
-    for cuts inside runs of ties, at the ends and at zero."""
-    x = _tied_values(997, seed)
+    for cuts inside runs of ties, at the ends and at zero (5003: runs of ties
+    that span the kernel's chunks of 2048)."""
+    x = _tied_values(n, seed)
     n = x.numel()
     order = torch.sort(magnitude_keys(x), stable=True).indices
     keys = magnitude_keys(x)[order].tolist()
@@ -298,6 +299,40 @@ def test_emr_kernel_gives_the_bytes_and_sums_of_the_torch_combiner():
         assert torch.equal(planes[k], ref.masks[k])
         assert exact_sum_by_exponent(abs_t[k], n) == ref.abs_t[k]
         assert exact_sum_by_exponent(abs_u[k], n) == ref.abs_masked_uni[k]
+
+
+@needs_c
+@pytest.mark.parametrize("k", [1, 2, 5, 8, 9, 12])
+def test_ties_and_emr_kernels_for_any_number_of_tasks(k):
+    """The kernels take up to 8 tasks in one loop and more in groups of 8: any
+    K gives combine.ties' and combine.emr's bytes, counts and exact sums."""
+    from tadmerge.engine import combine
+    from tadmerge.engine.exact import exact_sum_by_exponent
+
+    n = 3001
+    base = _tied_values(n, 30)
+    ts = [_tied_values(n, 31 + i) * (1.0 + i / 8) for i in range(k)]
+    if k > 1:
+        ts[1] = -ts[0]  # votes that cancel wherever the others are zero
+    weights = [1.0 + (i % 3) / 4 for i in range(k)]
+    for disjoint, majority, count in (("mean", 1, True), ("mean", -1, False), ("sum", -1, True)):
+        ref = combine.ties(base, [t.clone() for t in ts], weights, 0.7, disjoint, majority, count)
+        got = [t.clone() for t in ts]
+        sign_sum, cancel = kernels.ties_merge(
+            got, weights, base, 0.7, disjoint == "mean", majority, count
+        )
+        assert torch.equal(got[0].view(torch.int32), ref.merged.view(torch.int32))
+        assert sign_sum == ref.sign_sum and cancel == (ref.cancel if count else 0)
+    assert kernels.ties_votes(ts, weights) == combine.ties_vote(ts, weights)
+    ref = combine.emr([t.clone() for t in ts])
+    got = [t.clone() for t in ts]
+    planes = torch.empty((k, n), dtype=torch.bool)
+    abs_t, abs_u = kernels.emr_merge(got, planes)
+    assert torch.equal(got[0].view(torch.int32), ref.tau_uni.view(torch.int32))
+    for i in range(k):
+        assert torch.equal(planes[i], ref.masks[i])
+        assert exact_sum_by_exponent(abs_t[i], n) == ref.abs_t[i]
+        assert exact_sum_by_exponent(abs_u[i], n) == ref.abs_masked_uni[i]
 
 
 @pytest.mark.parametrize("share", [0.0, 0.01, 0.06, 0.07, 1.0])

@@ -198,7 +198,7 @@ class NativeKernels:
             "cut_combine_raw": ([p, p, i64, i64, p, p, p, p, p, p, f32, f32, i32, p, i32, p], i64),
             "ties_votes": ([p, i64, i64, p, p], None),
             "ties_merge": ([p, i64, i64, p, p, f32, i32, i64, i32, p], None),
-            "emr_merge": ([p, i64, i64, p, p, p], None),
+            "emr_merge": ([p, i64, i64, p, p, p], i64),
         }
         for name, (args, restype) in signatures.items():
             fn = getattr(lib, f"tadmerge_{name}")
@@ -312,10 +312,11 @@ class NativeKernels:
         n, k = ts[0].size, len(ts)
         if masks.dtype not in (np.bool_, np.uint8) or masks.shape != (k, n):
             raise TypeError(f"emr_merge takes a {k} × {n} bool array of masks")
-        self._emr_merge(
+        if self._emr_merge(
             _arrays(ts, np.float32, n), k, n, _ptr(masks, masks.dtype),
             _ptr(abs_t, np.int64, 256 * k), _ptr(abs_u, np.int64, 256 * k),
-        )  # fmt: skip
+        ):  # fmt: skip
+            raise MemoryError("emr_merge: its tables of exact sums could not be allocated")
 
 
 # the dtypes a streamed block may have (native_kernels.c's codes, by position)

@@ -9,6 +9,7 @@
  * default where the target has one) and without -ffast-math.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* entries per chunk of the combining kernels: kernels.RAW_CHUNK and
@@ -25,6 +26,12 @@
  * (native.ZERO_SLOTS) */
 #define ZERO_SLOTS 8
 #define M31 0x7FFFFFFFu
+
+/* GCC's -O3 "unroll and jam" fuses two tasks' passes of the loops below over
+ * one chunk into one loop that it then does not vectorise (TIES ran 5x slower) */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-loop-unroll-and-jam")
+#endif
 
 /* x86-64 Linux: one body per instruction set, picked when the library loads,
  * so that a cached library is right on every x86-64 machine that shares it */
@@ -509,28 +516,56 @@ int64_t tadmerge_tie_end_raw(const uint16_t *base, const uint16_t *task, int64_t
 /* the apply phase                                                           */
 /* ------------------------------------------------------------------------- */
 
+/* A tie end (an index into the block) as an index into the chunk at a,
+ * clamped to [-1, CHUNK + 1]: the same answer to j < end for j in the chunk */
+INLINE int32_t chunk_end(int64_t end, int64_t a)
+{
+    int64_t e = end - a;
+    return (int32_t)(e < -1 ? -1 : e > CHUNK + 1 ? CHUNK + 1 : e);
+}
+
+/* whether a key is below a cut (key ck, ties below it before index ce) */
+INLINE uint32_t below(uint32_t k, uint32_t ck, int32_t j, int32_t ce)
+{
+    return (k < ck) | ((k == ck) & (j < ce));
+}
+
+INLINE int32_t cut_chunk(float *x, int32_t m, uint32_t lk, int32_t le, uint32_t hk, int32_t he,
+                         float scale, const int rescale)
+{
+    int32_t cnt = 0;
+    for (int32_t j = 0; j < m; j++) {
+        uint32_t k = bits_of(x[j]) & M31;
+        uint32_t keep = below(k, hk, j, he) & !below(k, lk, j, le);
+        float v = rescale ? x[j] * scale : x[j];
+        cnt += (int32_t)keep;
+        x[j] = float_of(bits_of(v) & -keep);
+    }
+    return cnt;
+}
+
 /* A resolved selection applied to a float32 block in place, in flat order
  * (sparsify.apply_cuts): an entry is kept when its key is below the high cut
  * and not below the low one, ties at a cut key being below it before the
  * index where the block's quota of them ends (tie_end); kept entries become
  * t·fl32(scale) (when rescale), the others +0.0. Cut keys below 0 mean "all
- * below". Branch-free where the data decides (keep or drop is a coin flip at
- * TADrop's rates). Returns the kept count. kernels.cut_block. */
+ * below" (2^31 here, above every key). Branch-free where the data decides
+ * (keep or drop is a coin flip at TADrop's rates), chunk by chunk so that
+ * every lane is 32 bits wide. Returns the kept count. kernels.cut_block. */
 CLONES
 int64_t tadmerge_cut_pass(float *t, int64_t n, int64_t lo_key, int64_t lo_end, int64_t hi_key,
                           int64_t hi_end, float scale, int rescale)
 {
-    const int64_t lk = lo_key < 0 ? (int64_t)1 << 31 : lo_key;
-    const int64_t hk = hi_key < 0 ? (int64_t)1 << 31 : hi_key;
+    const uint32_t lk = lo_key < 0 ? 0x80000000u : (uint32_t)lo_key;
+    const uint32_t hk = hi_key < 0 ? 0x80000000u : (uint32_t)hi_key;
     int64_t kept = 0;
-    for (int64_t i = 0; i < n; i++) {
-        float v = rescale ? t[i] * scale : t[i];
-        int64_t k = bits_of(t[i]) & M31;
-        int64_t below_lo = (k < lk) | ((k == lk) & (i < lo_end));
-        int64_t below_hi = (k < hk) | ((k == hk) & (i < hi_end));
-        int64_t keep = below_hi & !below_lo;
-        kept += keep;
-        t[i] = float_of(bits_of(v) & (uint32_t)-keep);
+    for (int64_t a = 0; a < n; a += CHUNK) {
+        int32_t m = (int32_t)(n - a < CHUNK ? n - a : CHUNK);
+        int32_t le = chunk_end(lo_end, a), he = chunk_end(hi_end, a);
+        if (rescale)
+            kept += cut_chunk(t + a, m, lk, le, hk, he, scale, 1);
+        else
+            kept += cut_chunk(t + a, m, lk, le, hk, he, scale, 0);
     }
     return kept;
 }
@@ -558,10 +593,7 @@ int64_t tadmerge_cut_combine_raw(const uint16_t *base, const uint16_t *const *ta
             const uint16_t *ts = tasks[k] + a;
             const int32_t lk = (int32_t)(lo_key[k] < 0x7FFFFFFF ? lo_key[k] : 0x7FFFFFFF);
             const int32_t hk = (int32_t)(hi_key[k] < 0x7FFFFFFF ? hi_key[k] : 0x7FFFFFFF);
-            /* the tie ends as indices into this chunk, clamped to [-1, CHUNK + 1] */
-            int64_t le64 = lo_end[k] - a, he64 = hi_end[k] - a;
-            const int32_t le = (int32_t)(le64 < -1 ? -1 : le64 > CHUNK + 1 ? CHUNK + 1 : le64);
-            const int32_t he = (int32_t)(he64 < -1 ? -1 : he64 > CHUNK + 1 ? CHUNK + 1 : he64);
+            const int32_t le = chunk_end(lo_end[k], a), he = chunk_end(hi_end[k], a);
             const float s = scale[k], wk = w[k];
             int32_t cnt = 0;
             for (int32_t j = 0; j < (int32_t)m; j++) {
@@ -588,19 +620,108 @@ int64_t tadmerge_cut_combine_raw(const uint16_t *base, const uint16_t *const *ta
     return nan;
 }
 
-/* The weighted vote Σ_k fl32(w_k)·t_k of a chunk (m entries from a), in task
- * order: combine.ties' `total`. */
-INLINE void ties_total(const float *const *ts, int64_t k_count, int64_t a, int64_t m,
-                       const float *w, float *total)
+/* TIES and EMR take the tasks of a chunk GROUP at a time, each group in one
+ * loop (values kept in registers between its tasks), the groups in task
+ * order: the same operations in the same order as one task at a time. The
+ * loops over a group's tasks have a constant count (g, inlined), which the
+ * compiler unrolls before it vectorises the loop over entries. */
+#define GROUP 8
+
+/* The pointers to a group's chunks (from task k on: g tasks; the unused
+ * slots repeat the last, never read) and its weights (1 without w). */
+INLINE int group_of(const float *const *ts, int64_t k_count, int64_t k, int64_t a,
+                    const float *w, const float *tp[GROUP], float wp[GROUP])
 {
-    for (int64_t j = 0; j < m; j++)
-        total[j] = ts[0][a + j] * w[0];
-    for (int64_t k = 1; k < k_count; k++) {
-        const float *t = ts[k] + a;
-        const float wk = w[k];
-        for (int64_t j = 0; j < m; j++)
-            total[j] = total[j] + t[j] * wk;
+    int g = k_count - k < GROUP ? (int)(k_count - k) : GROUP;
+    for (int i = 0; i < GROUP; i++) {
+        int64_t at = k + (i < g ? i : g - 1);
+        tp[i] = ts[at] + a;
+        wp[i] = w ? w[at] : 1.0f;
     }
+    return g;
+}
+
+/* f(G) for the group's size g, a constant in each case */
+#define BY_SIZE(g, f)                                                                              \
+    switch (g) {                                                                                   \
+    case 1:                                                                                        \
+        f(1);                                                                                      \
+        break;                                                                                     \
+    case 2:                                                                                        \
+        f(2);                                                                                      \
+        break;                                                                                     \
+    case 3:                                                                                        \
+        f(3);                                                                                      \
+        break;                                                                                     \
+    case 4:                                                                                        \
+        f(4);                                                                                      \
+        break;                                                                                     \
+    case 5:                                                                                        \
+        f(5);                                                                                      \
+        break;                                                                                     \
+    case 6:                                                                                        \
+        f(6);                                                                                      \
+        break;                                                                                     \
+    case 7:                                                                                        \
+        f(7);                                                                                      \
+        break;                                                                                     \
+    default:                                                                                       \
+        f(8);                                                                                      \
+    }
+
+/* Σ over a group of p_k = t_k·w_k (weighted) or t_k into total, in task
+ * order; the first group starts from its first p_k. */
+INLINE void sum_group(const float *tp[GROUP], const float wp[GROUP], const int g, const int first,
+                      const int weighted, float *total, int64_t m)
+{
+    for (int64_t j = 0; j < m; j++) {
+        float x = 0.0f;
+        for (int i = 0; i < g; i++) {
+            float p = weighted ? tp[i][j] * wp[i] : tp[i][j];
+            x = i == 0 ? (first ? p : total[j] + p) : x + p;
+        }
+        total[j] = x;
+    }
+}
+
+/* The total of a chunk (m entries from a), in task order: the weighted vote
+ * Σ_k fl32(w_k)·t_k of combine.ties (w given), or Σ_k t_k of combine.emr. */
+INLINE void chunk_total(const float *const *ts, int64_t k_count, int64_t a, int64_t m,
+                        const float *w, float *total)
+{
+    const float *tp[GROUP];
+    float wp[GROUP];
+    for (int64_t k = 0; k < k_count; k += GROUP) {
+        int g = group_of(ts, k_count, k, a, w, tp, wp);
+        int first = k == 0;
+#define SUM(G)                                                                                     \
+    if (w && first)                                                                                \
+        sum_group(tp, wp, G, 1, 1, total, m);                                                      \
+    else if (w)                                                                                    \
+        sum_group(tp, wp, G, 0, 1, total, m);                                                      \
+    else if (first)                                                                                \
+        sum_group(tp, wp, G, 1, 0, total, m);                                                      \
+    else                                                                                           \
+        sum_group(tp, wp, G, 0, 0, total, m)
+        BY_SIZE(g, SUM)
+#undef SUM
+    }
+}
+
+/* the votes of a chunk of at most GROUP tasks in one loop: counts += (up, down) */
+INLINE void votes_group(const float *tp[GROUP], const float wp[GROUP], const int g, int64_t m,
+                        int64_t *counts)
+{
+    int32_t up = 0, down = 0; /* (32-bit lanes, like the values') */
+    for (int64_t j = 0; j < m; j++) {
+        float total = tp[0][j] * wp[0];
+        for (int i = 1; i < g; i++)
+            total = total + tp[i][j] * wp[i];
+        up += total > 0;
+        down += total < 0;
+    }
+    counts[0] += up;
+    counts[1] += down;
 }
 
 /* Σ sign(vote) over a block as (up, down) counts: combine.ties_vote.
@@ -611,16 +732,116 @@ void tadmerge_ties_votes(const float *const *ts, int64_t k_count, int64_t n, con
 {
     float total[TCHUNK];
     int64_t up = 0, down = 0;
+    if (k_count <= GROUP) { /* (the usual case) one loop */
+        const float *tp[GROUP];
+        float wp[GROUP];
+        up_down[0] = up_down[1] = 0;
+        for (int64_t a = 0; a < n; a += TCHUNK) {
+            int64_t m = n - a < TCHUNK ? n - a : TCHUNK;
+            int g = group_of(ts, k_count, 0, a, w, tp, wp);
+#define VOTES(G) votes_group(tp, wp, G, m, up_down)
+            BY_SIZE(g, VOTES)
+#undef VOTES
+        }
+        return;
+    }
     for (int64_t a = 0; a < n; a += TCHUNK) {
         int64_t m = n - a < TCHUNK ? n - a : TCHUNK;
-        ties_total(ts, k_count, a, m, w, total);
+        int32_t u = 0, d = 0;
+        chunk_total(ts, k_count, a, m, w, total);
         for (int64_t j = 0; j < m; j++) {
-            up += total[j] > 0;
-            down += total[j] < 0;
+            u += total[j] > 0;
+            d += total[j] < 0;
         }
+        up += u;
+        down += d;
     }
     up_down[0] = up;
     up_down[1] = down;
+}
+
+/* x where the mask is all ones, +0.0 where it is zero: a select on the bits
+ * (a conditional on floats keeps GCC from vectorising the loop) */
+INLINE float masked(float x, uint32_t mask)
+{
+    return float_of(bits_of(x) & mask);
+}
+
+/* TIES' agreeing tasks of a group: q_k = p_k·s, num += q_k where q_k > 0,
+ * den += w_k there, in task order */
+INLINE void agree_group(const float *tp[GROUP], const float wp[GROUP], const int g, const float *sg,
+                        float *num, float *den, int64_t m)
+{
+    for (int64_t j = 0; j < m; j++) {
+        float s = sg[j], nm = num[j], dn = den[j];
+        for (int i = 0; i < g; i++) {
+            float q = (tp[i][j] * wp[i]) * s;
+            uint32_t agree = -(uint32_t)(q > 0);
+            nm = nm + masked(q, agree);
+            dn = dn + masked(wp[i], agree);
+        }
+        num[j] = nm;
+        den[j] = dn;
+    }
+}
+
+/* whether some task of a group moved: p_k != 0 */
+INLINE void moved_group(const float *tp[GROUP], const float wp[GROUP], const int g, int32_t *moved,
+                        int64_t m)
+{
+    for (int64_t j = 0; j < m; j++) {
+        int32_t mv = moved[j];
+        for (int i = 0; i < g; i++)
+            mv |= tp[i][j] * wp[i] != 0;
+        moved[j] = mv;
+    }
+}
+
+/* TIES of a chunk of at most GROUP tasks in one loop, every value in
+ * registers: the operations of tadmerge_ties_merge's passes below, in the
+ * same order. counts: up, down, cancellations. */
+INLINE void ties_group(const float *tp[GROUP], const float wp[GROUP], const int g, const float *b,
+                       float *out, int64_t m, float scale, uint32_t zero_sign, const int mean,
+                       const int count_cancel, int64_t *counts)
+{
+    int32_t up = 0, down = 0, cancel = 0;
+    for (int64_t j = 0; j < m; j++) {
+        float p[GROUP];
+        for (int i = 0; i < g; i++)
+            p[i] = tp[i][j] * wp[i];
+        float total = p[0];
+        for (int i = 1; i < g; i++)
+            total = total + p[i];
+        int32_t pos = total > 0, neg = total < 0;
+        up += pos;
+        down += neg;
+        uint32_t zero = (uint32_t)(!pos & !neg);
+        float s = float_of(0x3F800000u | (uint32_t)neg << 31 | (zero_sign & -zero));
+        if (count_cancel) {
+            int32_t mv = 0;
+            for (int i = 0; i < g; i++)
+                mv |= p[i] != 0;
+            cancel += (total == 0) & mv;
+        }
+        float nm = 0.0f, dn = 0.0f;
+        for (int i = 0; i < g; i++) {
+            float q = p[i] * s;
+            uint32_t agree = -(uint32_t)(q > 0);
+            nm = nm + masked(q, agree);
+            dn = dn + masked(wp[i], agree);
+        }
+        float v;
+        if (mean) {
+            uint32_t none = -(uint32_t)(dn == 0);
+            v = nm * s / float_of((bits_of(dn) & ~none) | (0x3F800000u & none));
+        } else {
+            v = nm * s;
+        }
+        out[j] = (v + 0.0f) * scale + b[j];
+    }
+    counts[0] += up;
+    counts[1] += down;
+    counts[2] += cancel;
 }
 
 /* TIES of a whole block, written over ts[0] (combine.ties, for finite
@@ -635,49 +856,80 @@ void tadmerge_ties_merge(float *const *ts, int64_t k_count, int64_t n, const flo
                          const float *base, float scale, int mean, int64_t majority,
                          int count_cancel, int64_t *out3)
 {
+    const float *const *cts = (const float *const *)ts;
     float total[TCHUNK], sg[TCHUNK], num[TCHUNK], den[TCHUNK];
     int32_t moved[TCHUNK];
+    const float *tp[GROUP];
+    float wp[GROUP];
     int64_t up = 0, down = 0, cancel = 0;
+    /* the sign of a zero total: -1.0 (sign bit set) when the majority is not positive */
+    const uint32_t zero_sign = majority > 0 ? 0u : 0x80000000u;
+    if (k_count <= GROUP) { /* (the usual case) one loop */
+        int64_t counts[3] = {0, 0, 0};
+        for (int64_t a = 0; a < n; a += TCHUNK) {
+            int64_t m = n - a < TCHUNK ? n - a : TCHUNK;
+            int g = group_of(cts, k_count, 0, a, w, tp, wp);
+#define TIES(G, MEAN, CANCEL)                                                                      \
+    ties_group(tp, wp, G, base + a, ts[0] + a, m, scale, zero_sign, MEAN, CANCEL, counts)
+#define TIES_G(G)                                                                                  \
+    if (mean && count_cancel)                                                                      \
+        TIES(G, 1, 1);                                                                             \
+    else if (mean)                                                                                 \
+        TIES(G, 1, 0);                                                                             \
+    else if (count_cancel)                                                                         \
+        TIES(G, 0, 1);                                                                             \
+    else                                                                                           \
+        TIES(G, 0, 0)
+            BY_SIZE(g, TIES_G)
+#undef TIES_G
+#undef TIES
+        }
+        out3[0] = counts[0];
+        out3[1] = counts[1];
+        out3[2] = counts[2];
+        return;
+    }
     for (int64_t a = 0; a < n; a += TCHUNK) {
         int64_t m = n - a < TCHUNK ? n - a : TCHUNK;
-        ties_total((const float *const *)ts, k_count, a, m, w, total);
+        int32_t u = 0, d = 0, c = 0;
+        chunk_total(cts, k_count, a, m, w, total);
         for (int64_t j = 0; j < m; j++) {
-            up += total[j] > 0;
-            down += total[j] < 0;
-            if (majority > 0)
-                sg[j] = total[j] < 0 ? -1.0f : 1.0f;
-            else
-                sg[j] = total[j] > 0 ? 1.0f : -1.0f;
+            int32_t pos = total[j] > 0, neg = total[j] < 0;
+            u += pos;
+            d += neg;
+            /* ±1.0: negative where the total is, and at zero totals as the majority */
+            uint32_t zero = (uint32_t)(!pos & !neg);
+            sg[j] = float_of(0x3F800000u | (uint32_t)neg << 31 | (zero_sign & -zero));
             num[j] = 0.0f;
             den[j] = 0.0f;
+            moved[j] = 0;
         }
         if (count_cancel) {
-            for (int64_t j = 0; j < m; j++)
-                moved[j] = 0;
-            for (int64_t k = 0; k < k_count; k++) {
-                const float *t = ts[k] + a;
-                const float wk = w[k];
-                for (int64_t j = 0; j < m; j++)
-                    moved[j] |= t[j] * wk != 0;
+            for (int64_t k = 0; k < k_count; k += GROUP) {
+                int g = group_of(cts, k_count, k, a, w, tp, wp);
+#define MOVED(G) moved_group(tp, wp, G, moved, m)
+                BY_SIZE(g, MOVED)
+#undef MOVED
             }
             for (int64_t j = 0; j < m; j++)
-                cancel += (total[j] == 0) & moved[j];
+                c += (total[j] == 0) & moved[j];
         }
-        for (int64_t k = 0; k < k_count; k++) {
-            const float *t = ts[k] + a;
-            const float wk = w[k];
-            for (int64_t j = 0; j < m; j++) {
-                float q = (t[j] * wk) * sg[j];
-                int agree = q > 0;
-                num[j] = num[j] + (agree ? q : 0.0f);
-                den[j] = den[j] + (agree ? wk : 0.0f);
-            }
+        up += u;
+        down += d;
+        cancel += c;
+        for (int64_t k = 0; k < k_count; k += GROUP) {
+            int g = group_of(cts, k_count, k, a, w, tp, wp);
+#define AGREE(G) agree_group(tp, wp, G, sg, num, den, m)
+            BY_SIZE(g, AGREE)
+#undef AGREE
         }
         float *out = ts[0] + a;
         const float *b = base + a;
         if (mean) {
             for (int64_t j = 0; j < m; j++) {
-                float v = num[j] * sg[j] / (den[j] != 0 ? den[j] : 1.0f);
+                uint32_t zero = -(uint32_t)(den[j] == 0);
+                float d = float_of((bits_of(den[j]) & ~zero) | (0x3F800000u & zero));
+                float v = num[j] * sg[j] / d;
                 out[j] = (v + 0.0f) * scale + b[j];
             }
         } else {
@@ -692,63 +944,93 @@ void tadmerge_ties_merge(float *const *ts, int64_t k_count, int64_t n, const flo
     out3[2] = cancel;
 }
 
+/* the 24-bit mantissa of a key (the bits of |x|), with the implicit bit of a
+ * normal number; its exponent is key >> 23 */
+INLINE int64_t mantissa(uint32_t key)
+{
+    return (int64_t)(key & 0x7FFFFFu) | (int64_t)((key >> 23) > 0) << 23;
+}
+
+/* tables per task of EMR's exact sums, entry j of a chunk into table j % 4
+ * (four increments at a time, the tables added at the end): entries of one
+ * exponent (the zeros of a sparse task vector) are then not one chain of
+ * increments to one counter */
+#define SUM_LANES 4
+
+/* the keys' mantissas (mask: where they count) into the four tables of lt
+ * (SUM_LANES × 256), by exponent */
+INLINE void add_mantissas(const uint32_t *keys, const uint8_t *mask, int64_t m, int64_t *lt)
+{
+    int64_t *l0 = lt, *l1 = lt + 256, *l2 = lt + 512, *l3 = lt + 768;
+    int64_t j = 0;
+    for (; j + 4 <= m; j += 4) {
+        uint32_t k0 = keys[j], k1 = keys[j + 1], k2 = keys[j + 2], k3 = keys[j + 3];
+        l0[k0 >> 23] += mantissa(k0) & (mask ? -(int64_t)mask[j] : -1);
+        l1[k1 >> 23] += mantissa(k1) & (mask ? -(int64_t)mask[j + 1] : -1);
+        l2[k2 >> 23] += mantissa(k2) & (mask ? -(int64_t)mask[j + 2] : -1);
+        l3[k3 >> 23] += mantissa(k3) & (mask ? -(int64_t)mask[j + 3] : -1);
+    }
+    for (; j < m; j++)
+        l0[keys[j] >> 23] += mantissa(keys[j]) & (mask ? -(int64_t)mask[j] : -1);
+}
+
 /* EMR of a whole block (combine.emr, for finite values): σ = +1 where Σ t_k
  * > 0 (summed in task order) else -1, M_k = [t_k·σ > 0] into row k of
  * `masks` (K × n bytes), τ_uni = σ·max_k(M_k·|t_k|) + 0.0 written over
  * ts[0], and the exact sums of the rescalers as integers per exponent e (the
  * key's top 8 bits): Σ of the 24-bit mantissas of |t_k| into abs_t[256k + e]
  * and of |τ_uni| where M_k into abs_u[256k + e], which
- * exact.exact_sum_by_exponent scales and adds. kernels.emr_merge. */
+ * exact.exact_sum_by_exponent scales and adds. t_k·σ > 0 is t_k nonzero
+ * with σ's sign, and |t_k·σ| = |t_k|: the maximum is taken on the bits, which
+ * for values >= +0.0 are in the values' order. kernels.emr_merge. Returns -1
+ * (nothing written) if its tables cannot be allocated. */
 CLONES
-void tadmerge_emr_merge(float *const *ts, int64_t k_count, int64_t n, uint8_t *masks,
-                        int64_t *abs_t, int64_t *abs_u)
+int64_t tadmerge_emr_merge(float *const *ts, int64_t k_count, int64_t n, uint8_t *masks,
+                           int64_t *abs_t, int64_t *abs_u)
 {
-    float total[TCHUNK], sg[TCHUNK], mag[TCHUNK];
-    int32_t ue[TCHUNK];
-    int64_t um[TCHUNK];
+    const float *const *cts = (const float *const *)ts;
+    uint32_t sign[TCHUNK], mag[TCHUNK], keys[TCHUNK];
+    float total[TCHUNK];
+    int64_t *lt = calloc((size_t)(2 * k_count * SUM_LANES * 256), sizeof(int64_t));
+    if (!lt)
+        return -1;
+    int64_t *lu = lt + k_count * SUM_LANES * 256;
     for (int64_t a = 0; a < n; a += TCHUNK) {
         int64_t m = n - a < TCHUNK ? n - a : TCHUNK;
-        for (int64_t j = 0; j < m; j++)
-            total[j] = ts[0][a + j];
-        for (int64_t k = 1; k < k_count; k++) {
-            const float *t = ts[k] + a;
-            for (int64_t j = 0; j < m; j++)
-                total[j] = total[j] + t[j];
-        }
+        chunk_total(cts, k_count, a, m, NULL, total);
         for (int64_t j = 0; j < m; j++) {
-            sg[j] = total[j] > 0 ? 1.0f : -1.0f;
-            mag[j] = 0.0f;
+            sign[j] = (uint32_t)!(total[j] > 0) << 31; /* σ's sign bit */
+            mag[j] = 0;
         }
         for (int64_t k = 0; k < k_count; k++) {
             const float *t = ts[k] + a;
             uint8_t *mk = masks + k * n + a;
-            int64_t *at = abs_t + 256 * k;
             for (int64_t j = 0; j < m; j++) {
-                uint32_t key = bits_of(t[j]) & M31, e = key >> 23;
-                at[e] += (int64_t)(key & 0x7FFFFFu) | ((int64_t)(e > 0) << 23);
-            }
-            for (int64_t j = 0; j < m; j++) {
-                float q = t[j] * sg[j];
-                int agree = q > 0;
-                float x = agree ? q : 0.0f;
+                uint32_t tb = bits_of(t[j]), key = tb & M31;
+                uint32_t agree = (key != 0) & ((tb & 0x80000000u) == sign[j]);
+                keys[j] = key;
                 mk[j] = (uint8_t)agree;
-                mag[j] = x > mag[j] ? x : mag[j];
+                mag[j] = (key & -agree) > mag[j] ? key & -agree : mag[j];
             }
+            add_mantissas(keys, NULL, m, lt + k * SUM_LANES * 256);
         }
-        for (int64_t j = 0; j < m; j++) {
-            uint32_t key = bits_of(mag[j]) & M31, e = key >> 23;
-            ue[j] = (int32_t)e;
-            um[j] = (int64_t)(key & 0x7FFFFFu) | ((int64_t)(e > 0) << 23);
-        }
-        for (int64_t k = 0; k < k_count; k++) {
-            const uint8_t *mk = masks + k * n + a;
-            int64_t *au = abs_u + 256 * k;
-            for (int64_t j = 0; j < m; j++)
-                if (mk[j])
-                    au[ue[j]] += um[j];
-        }
+        for (int64_t k = 0; k < k_count; k++)
+            add_mantissas(mag, masks + k * n + a, m, lu + k * SUM_LANES * 256);
         float *out = ts[0] + a;
         for (int64_t j = 0; j < m; j++)
-            out[j] = mag[j] * sg[j] + 0.0f;
+            out[j] = float_of(mag[j] | sign[j]) + 0.0f;
     }
+    for (int64_t k = 0; k < k_count; k++) {
+        for (int64_t e = 0; e < 256; e++) {
+            int64_t st = 0, su = 0;
+            for (int64_t l = 0; l < SUM_LANES; l++) {
+                st += lt[(k * SUM_LANES + l) * 256 + e];
+                su += lu[(k * SUM_LANES + l) * 256 + e];
+            }
+            abs_t[256 * k + e] += st;
+            abs_u[256 * k + e] += su;
+        }
+    }
+    free(lt);
+    return 0;
 }
