@@ -267,7 +267,7 @@ int64_t tadmerge_stream(const void *base, const void *const *tasks, const int32_
                         int64_t k_count, int64_t n, const float *w, float lam, float total_w,
                         int average, void *out, int out_dt, double *sq, double *lanes)
 {
-    float bf[CHUNK], acc[CHUNK];
+    float bf[CHUNK], acc[CHUNK], tf[CHUNK];
     int64_t nan = 0;
     for (int64_t a = 0; a < n; a += CHUNK) {
         int64_t m = widen(base, dts[0], a, n, bf);
@@ -275,18 +275,15 @@ int64_t tadmerge_stream(const void *base, const void *const *tasks, const int32_
             const int dt = dts[1 + k];
             const void *ts = from(tasks[k], dt, a);
             double *lane = lanes + k * CHUNK;
-            switch (dt) {
-            case BF16:
+            /* bf16 and float32 read in the loop; float16 and float64 widened
+             * first (a conversion that does not vectorise beside the rest) */
+            if (dt == BF16) {
                 stream_task(ts, BF16, bf, m, w[k], k == 0, average, lane, acc);
-                break;
-            case F16:
-                stream_task(ts, F16, bf, m, w[k], k == 0, average, lane, acc);
-                break;
-            case F32:
+            } else if (dt == F32) {
                 stream_task(ts, F32, bf, m, w[k], k == 0, average, lane, acc);
-                break;
-            default:
-                stream_task(ts, F64, bf, m, w[k], k == 0, average, lane, acc);
+            } else {
+                widen(tasks[k], dt, a, n, tf);
+                stream_task(tf, F32, bf, m, w[k], k == 0, average, lane, acc);
             }
         }
         if (average) {
