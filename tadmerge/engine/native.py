@@ -145,7 +145,7 @@ def kernels() -> NativeKernels | None:
                 try:
                     lib = _load()
                 except (NativeUnavailable, OSError) as e:
-                    log.info("C kernels unavailable: %s", e)
+                    log.debug("C kernels unavailable: %s", e)  # (the driver warns)
                     _state["why"] = str(e)
             _state["lib"] = lib
     return _state["lib"]
