@@ -11,10 +11,9 @@ from tadmerge.cli import run
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
+    commands = {"merge", "plan", "verify", "info", "materialize", "report", "methods", "kernels"}
     if not argv:
         argv = ["demo"]
-    elif argv[0] not in {"merge", "plan", "verify", "info", "materialize", "report", "demo"} and (
-        not argv[0].startswith("-")
-    ):
+    elif argv[0] not in commands | {"demo"} and not argv[0].startswith("-"):
         argv = ["merge", *argv]
     run(argv)

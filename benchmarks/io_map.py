@@ -9,7 +9,7 @@ unmapped with the unit). This script reads the matrices of a few layers of a
 set made by make_checkpoints.py, warm (the files are read once first), one
 thread, both ways, and runs on each block:
 - nothing (the read alone);
-- task arithmetic's numba kernel (kernels.stream_raw: one pass per task);
+- task arithmetic's stream kernel (kernels.stream_raw, in C: one pass per task);
 - TADrop's counting kernel (kernels.coarse_sparse_raw, once per task).
 Figures are nanoseconds per element and task, medians of --reps runs over all
 the layers' matrices; read and kernel together, since a kernel that reads a
@@ -44,10 +44,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
     if not kernels.load():
-        sys.exit("io_map: numba kernels are not available")
-    # numba's kernels, as this study measured them (reads against maps); the C
-    # kernels beside numba's: kernel_costs.py
-    kernels.set_backend("numba")
+        sys.exit("io_map: the C kernels cannot be built here (no C compiler?)")
     models = [a.data / "base"] + [a.data / f"ft_{k}" for k in range(1, a.tasks + 1)]
     ckpts = [open_checkpoint(str(m)) for m in models]
     layers = [f"model.layers.{i}." for i in a.layers.split(",")]

@@ -6,7 +6,8 @@ The docs quote these figures. This script measures them on one tensor of a
 checkpoint set made by make_checkpoints.py, with one torch thread and medians
 of several runs:
 - task arithmetic of one block: merge_block's float32 path (widen K+1 blocks,
-  then whole-block passes) against the streamed merge (engine/stream.py);
+  then whole-block passes: the torch reference) against the streamed merge
+  (engine/stream.py: the C stream kernel);
 - the statistics of one task vector: the coarse pass with exact moments plus
   the fine pass of three buckets, against one counting pass that sets the
   keys with low bits aside (kernels.coarse_sparse) and the fine histograms
@@ -14,7 +15,9 @@ of several runs:
 - task arithmetic + TADrop of one block that resolves its own selection:
   merge_block's float32 path (widen, τ in place, count, resolve, cut, combine)
   against the raw bf16 path (engine/raw.py), with the raw path's three kernels
-  timed alone (counting, a full tie scan, cut + combine), in C and numba;
+  timed alone (counting, a full tie scan, cut + combine);
+- TIES (with its magnitude trim) and EMR of one block: merge_block with the C
+  kernels against the torch reference (runtime.kernels: torch);
 - the report's ‖τ‖ as a float32 pass (block.square_sum) against the exact value;
 - the exit of a process after a task arithmetic merge of the set: Python's
   normal exit against cli.exit_now (os._exit).
@@ -105,8 +108,9 @@ def exit_cost(data: Path, tasks: int, reps: int) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
-# the compiled kernels of the streamed and raw bf16 paths, by the backend that takes them
-IMPLEMENTATIONS = {"c": "auto", "numba": "numba"}
+# the compiled backend (the results keep a level per implementation, as when
+# numba's kernels were timed beside the C ones)
+IMPLEMENTATIONS = {"c": "c"}
 
 
 def _raw_costs(np_raws, np_out, td, ctx, reps: int, per: int) -> tuple[float, dict] | None:
@@ -160,8 +164,6 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    if not kernels.load():
-        sys.exit("kernel_costs: numba kernels are not available")
     if not native.available():
         sys.exit("kernel_costs: the C kernels cannot be built here (no C compiler?)")
 
@@ -185,15 +187,11 @@ def main() -> None:
     # the streamed merge works on numpy arrays (bf16: its bit patterns)
     np_raws = [r.view(torch.int16).numpy().view(np.uint16) for r in raws]
     np_out = np.empty(n, np.uint16)
-    ta_stream = median_s(lambda: merge_raw(np_raws[0], np_raws[1:], np_out, ta), a.reps)
-    ta_stream = ta_stream / per * 1e9
-    # the same through the compiled kernel (cluster/worker.stream_kernel): in C
-    # (engine/native.py, the backend auto) and numba's
     ta_kernel = {}
     for impl, backend in IMPLEMENTATIONS.items():
         kernels.set_backend(backend)
         ta_kernel[impl] = median_s(
-            lambda: merge_raw(np_raws[0], np_raws[1:], np_out, ta, kernel=True), a.reps
+            lambda: merge_raw(np_raws[0], np_raws[1:], np_out, ta), a.reps
         ) / per * 1e9  # fmt: skip
     kernels.set_backend("auto")
 
@@ -241,7 +239,29 @@ def main() -> None:
         kernels.set_backend("auto")
         tadrop["resolver_ms_per_task"] = _resolver_ms(np_raws, sp, a.reps)
 
-    # 4. the report's norm
+    # 4. TIES (trimmed to the default density) and EMR of one whole block
+    def block_of(spec: MergeSpec):
+        def run():
+            for blk, raw in zip(blocks, raws, strict=True):
+                blk.copy_(raw)
+            merge_block(blocks[0], blocks[1:], spec, ctx)
+
+        return run
+
+    trim = SparsifySpec(method="magnitude")
+    combiners = {
+        "ties": MergeSpec(trim, "ties", 1.0, weights=(1.0,) * k_tasks),
+        "emr": MergeSpec(SparsifySpec(method="none"), "emr", weights=(1.0,) * k_tasks),
+    }
+    combined: dict = {}
+    for name, spec in combiners.items():
+        for impl, backend in (*IMPLEMENTATIONS.items(), ("torch", "torch")):
+            kernels.set_backend(backend)
+            got = median_s(block_of(spec), a.reps) / per * 1e9
+            combined.setdefault(name, {})[impl] = got
+    kernels.set_backend("auto")
+
+    # 5. the report's norm
     exact = math.sqrt(scaled_to_float(coarse_stats(tau, moments=2).total(2), SQ_SCALE_BITS))
     approx = math.sqrt(square_sum(tau))
 
@@ -254,7 +274,6 @@ def main() -> None:
         "reps": a.reps,
         "task_arithmetic_ns_per_element_task": {
             "merge_block": ta_block,
-            "streamed": ta_stream,
             "streamed_kernel": ta_kernel,
         },
         "statistics_ns_per_element": {
@@ -264,6 +283,7 @@ def main() -> None:
             "wanted_buckets": wanted,
         },
         "task_arithmetic_tadrop_ns_per_element_task": tadrop,
+        "merge_block_ns_per_element_task": combined,
         "report_norm": {
             "exact": exact,
             "float32_pass": approx,
@@ -273,8 +293,8 @@ def main() -> None:
     }
     path = write_result("kernel_costs", result)
     kernel_s = ", ".join(f"{impl} {v:.2f}" for impl, v in ta_kernel.items())
-    print(f"task arithmetic: merge_block {ta_block:.2f} ns, streamed {ta_stream:.2f} ns "
-          f"(kernel: {kernel_s} ns) per element and task")  # fmt: skip
+    print(f"task arithmetic: merge_block {ta_block:.2f} ns, streamed ({kernel_s}) ns "
+          "per element and task")  # fmt: skip
     print(f"statistics: coarse + fine {stats_binned:.2f} ns, counting with keys aside "
           f"{stats_counted if stats_counted is None else round(stats_counted, 2)} ns per "
           f"element ({low_share:.2%} of keys have low bits)")  # fmt: skip
@@ -285,6 +305,9 @@ def main() -> None:
     if tadrop.get("resolver_ms_per_task") is not None:
         print(f"task arithmetic + TADrop: {tadrop['resolver_ms_per_task']:.2f} ms per task "
               "in Python and numpy between counting and cut")  # fmt: skip
+    for name, by in combined.items():
+        parts = ", ".join(f"{impl} {v:.2f}" for impl, v in by.items())
+        print(f"{name} of one block (merge_block): {parts} ns per element and task")
     print(f"report norm: float32 pass off by {result['report_norm']['relative_error']:.1e}")
     ex = result["exit"]
     print(f"exit after a merge: {ex['normal_exit_s']:.2f} s normal, "

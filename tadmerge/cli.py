@@ -179,30 +179,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_kernels(args: argparse.Namespace) -> int:
     """Build (or load) the C kernels now, and say which kernels merges take here:
     run it on each machine before a scheduled merge to pay the build ahead."""
-    import importlib.util
-
+    from .cluster.dispatch import BACKENDS, DEPRECATED, KERNELS_ENV
     from .engine import native
 
     print(f"C kernels: {native.describe()}")
-    if importlib.util.find_spec("numba") is None:
-        print("numba: not installed")
-    else:
-        from importlib.metadata import version
-
-        print(f"numba: {version('numba')} installed (loaded by the merges that take it)")
-    from .cluster.dispatch import KERNELS_ENV
-
     backend = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
     if backend == "torch":
-        taken = "no compiled kernels, numpy and torch ops (TADMERGE_KERNELS=torch)"
-    elif backend == "numba":
-        taken = "numba's kernels (TADMERGE_KERNELS=numba)"
+        taken = f"the torch reference ({KERNELS_ENV}=torch)"
+    elif backend not in (*BACKENDS, DEPRECATED):
+        taken = f"none: {KERNELS_ENV}={backend} is not one of {', '.join(BACKENDS)}"
     elif native.available():
-        taken = "the C kernels for bf16 task arithmetic, averaging and their magnitude "
-        taken += "selections; numba's for TIES, EMR and float32 blocks"
+        taken = "the C kernels on a CPU (statistics, selections, TIES, EMR, task arithmetic "
+        taken += "and averaging), torch on a GPU"
+    elif backend == "c":
+        taken = f"none: {KERNELS_ENV}=c and the C kernels are unavailable"
     else:
-        taken = "numba's kernels where installed (task arithmetic from 1.5 GB of "
-        taken += "inputs), numpy and torch ops otherwise"
+        taken = "the torch reference (the C kernels are unavailable: the same bytes, slower)"
     print(f"merges here take: {taken}")
     return EXIT_OK
 

@@ -125,8 +125,9 @@ class RuntimeSpec:
     # to the surviving workers (a lost node leaves no room for it)
     worker_start_timeout: float = 120.0
     progress: str = "auto"  # auto | bar | log | none
-    # Statistics kernels: auto (TADMERGE_KERNELS, else numba when installed) | numba |
-    # torch. Never changes the output bytes (engine/kernels.py).
+    # CPU kernels: auto (TADMERGE_KERNELS, else the C kernels where they build, the
+    # torch reference elsewhere) | c (required) | torch; numba: deprecated, taken as
+    # auto (cluster/dispatch.py). Never changes the output bytes (engine/kernels.py).
     kernels: str = "auto"
     # Advanced. Cap on the elements of one unit (smaller units than the budget allows).
     max_unit_elements: int | None = None
@@ -371,7 +372,9 @@ def _parse_runtime(r: Any) -> RuntimeSpec:
         ),
         max_unit_elements=None if mue is None else _int(mue, "runtime.max_unit_elements", 1),
         block_elements=_int(r.get("block_elements", 1 << 20), "runtime.block_elements", 1),
-        kernels=_choice(r.get("kernels", "auto"), "runtime.kernels", {"auto", "numba", "torch"}),
+        kernels=_choice(
+            r.get("kernels", "auto"), "runtime.kernels", {"auto", "c", "torch", "numba"}
+        ),
     )
 
 

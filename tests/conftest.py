@@ -31,19 +31,29 @@ def _kernels_backend_restored():
     kernels.set_backend("auto")
 
 
-@pytest.fixture(params=["native", "numba"])
-def compiled_kernels(request):
-    """The kernels of raw bf16 blocks (kernels.stream_raw, coarse_sparse_raw,
-    tie_end_raw, cut_combine_raw) in C (native.py: the backend auto) or in
-    numba; skipped where the machine cannot build or load them."""
+@pytest.fixture
+def c_kernels():
+    """The C kernels (engine/native.py), loaded in this process and taken (the
+    backend auto); skipped where the machine cannot build or load them."""
     from tadmerge.engine import kernels, native
 
-    if request.param == "native":
-        if not native.available():
-            pytest.skip("no C compiler")
-        kernels.set_backend("auto")
-    else:
-        if not kernels.load():
-            pytest.skip("numba kernels not installed")
-        kernels.set_backend("numba")
-    return request.param
+    if not native.available():
+        pytest.skip(f"C kernels {native.describe()}")
+    kernels.set_backend("auto")
+    return native.kernels()
+
+
+@pytest.fixture
+def without_c(monkeypatch, tmp_path):
+    """This process as on a machine where the C library cannot be built (a
+    compiler that fails, an empty cache): native.describe() says why, and the
+    merges run the torch reference."""
+    from tadmerge.engine import native
+
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("TADMERGE_CACHE_DIR", str(tmp_path / "no-cache"))
+    assert not native.available()
+    yield native.describe()
+    monkeypatch.undo()  # (the real library again, for the tests after this one)
+    native._state.clear()

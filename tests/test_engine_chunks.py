@@ -15,18 +15,20 @@ import torch
 
 from tadmerge.config import RuntimeSpec, available_cpus
 from tadmerge.engine import exact as exact_mod
-from tadmerge.engine import kernels
+from tadmerge.engine import kernels, native
 from tadmerge.engine.exact import coarse_stats, exact_abs_sum
 from tadmerge.engine.histogram import fine_histograms
 from tadmerge.engine.keys import N_COARSE, KeyChunks, magnitude_keys
 from tadmerge.engine.sparsify import below_bits, ties_below
 
+needs_c = pytest.mark.skipif(not native.available(), reason="no C kernels")
 
-@pytest.fixture(params=["torch", "numba"])
+
+@pytest.fixture(params=["torch", "c"])
 def stats_backend(request, monkeypatch):
-    """Run a statistics test on the torch ops and on the numba kernels (kernels.py)."""
-    if request.param == "numba" and kernels._numba_kernels() is None:
-        pytest.skip("numba is not installed")
+    """Run a statistics test on the torch reference and on the C kernels (kernels.py)."""
+    if request.param == "c" and not native.available():
+        pytest.skip(f"C kernels {native.describe()}")
     monkeypatch.setattr(kernels, "_backend", request.param)
     return request.param
 
@@ -180,65 +182,33 @@ def test_auto_workers_one_per_core_within_the_budget():
     assert RuntimeSpec(memory_budget=64 * 10**9).local_workers() == max(1, min(cpus, 4))
 
 
-def test_kernels_fall_back_when_they_cannot_be_cached(monkeypatch):
-    """No writable cache location: compiled in memory; numba broken: torch ops."""
-    if kernels._numba_kernels() is None:
-        pytest.skip("numba is not installed")
-    build = kernels._build
-
-    def no_disk_cache(numba, cache_on_disk):
-        if cache_on_disk:
-            raise RuntimeError("cannot cache function: no locator available")
-        return build(numba, cache_on_disk)
+def test_without_the_c_library_the_torch_reference_counts_the_same(monkeypatch, without_c):
+    """No C library (a compiler that fails): the statistics run on torch, the
+    same integers; a process told 'c' by its driver says so once, at WARNING."""
+    import logging
 
     x = torch.randn(5000, generator=torch.Generator().manual_seed(8))
-    want = coarse_stats(magnitude_keys(x), moments=2)
+    keys = magnitude_keys(x).tolist()
+    want = [0] * N_COARSE
+    for k in keys:
+        want[k >> 16] += k & 0xFFFF
+    assert "false failed" in without_c
+    for backend in ("auto", "c"):
+        monkeypatch.setattr(kernels, "_backend", backend)
+        assert not kernels.enabled(x) and not kernels.load()
+        assert coarse_stats(KeyChunks(x), moments=2).s1.tolist() == want
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger(kernels.__name__).addHandler(handler)
     try:
-        monkeypatch.setattr(kernels, "_build", no_disk_cache)
-        kernels._compile.cache_clear()
-        with pytest.warns(UserWarning, match="without the disk cache"):
-            assert kernels.load()
-        assert np.array_equal(coarse_stats(KeyChunks(x), moments=2).s1, want.s1)
-
-        def broken(numba, cache_on_disk):
-            raise RuntimeError("LLVM is unhappy")
-
-        monkeypatch.setattr(kernels, "_build", broken)
-        kernels._compile.cache_clear()
-        with pytest.warns(UserWarning, match="using torch ops"):
-            assert not kernels.load()
-        assert np.array_equal(coarse_stats(KeyChunks(x), moments=2).s1, want.s1)
+        monkeypatch.setattr(kernels, "_warned", False)
+        kernels.enabled(x)
+        kernels.enabled(x)
     finally:
-        monkeypatch.undo()
-        kernels._compile.cache_clear()
-
-
-def test_float32_kernels_that_fail_to_compile_fall_back_to_torch(monkeypatch):
-    """Only the raw bf16 kernels load inside _compile's guard; the others load
-    before their first use, and a numba/LLVM failure there means torch ops too,
-    not a failed merge."""
-    if kernels._numba_kernels() is None:
-        pytest.skip("numba is not installed")
-    x = torch.randn(5000, generator=torch.Generator().manual_seed(9))
-    want = coarse_stats(magnitude_keys(x), moments=2)
-
-    def broken(k):
-        raise RuntimeError("LLVM is unhappy")
-
-    try:
-        monkeypatch.setattr(kernels, "_warm_rest", broken)
-        monkeypatch.setattr(kernels, "_rest_state", None)
-        with pytest.warns(UserWarning, match="float32 blocks unavailable"):
-            assert not kernels.enabled(x)
-        assert not kernels.load()
-        assert kernels.enabled(None)  # the raw kernels are still there
-        got = coarse_stats(KeyChunks(x), moments=2)
-        assert np.array_equal(got.counts, want.counts) and np.array_equal(got.s1, want.s1)
-        monkeypatch.setattr(kernels, "_backend", "numba")
-        with pytest.raises(RuntimeError, match="numba was asked for"):
-            kernels.enabled(x)
-    finally:
-        monkeypatch.undo()
+        logging.getLogger(kernels.__name__).removeHandler(handler)
+    assert [r.levelname for r in records] == ["WARNING"]
+    assert "the torch reference runs, with the same bytes" in records[0].getMessage()
 
 
 def test_side_moments_in_exact_pieces(monkeypatch):
@@ -256,14 +226,14 @@ def test_side_moments_in_exact_pieces(monkeypatch):
     assert s1.tolist() == want1.tolist() and s2.tolist() == want2.tolist()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_cut_kernel_keeps_exactly_the_ranks_of_a_stable_sort(seed):
+@needs_c
+@pytest.mark.parametrize("seed,n", [(0, 997), (1, 997), (2, 5003)])
+def test_cut_kernel_keeps_exactly_the_ranks_of_a_stable_sort(seed, n):
     """kernels.cut_block (the apply phase's fused pass) against a stable argsort:
     ranks [lo, hi) of (|x|, flat index) kept and times fl32(scale), +0.0 elsewhere,
-    for cuts inside runs of ties, at the ends and at zero."""
-    if kernels._numba_kernels() is None:
-        pytest.skip("numba is not installed")
-    x = _tied_values(997, seed)
+    for cuts inside runs of ties, at the ends and at zero (5003: runs of ties
+    that span the kernel's chunks of 2048)."""
+    x = _tied_values(n, seed)
     n = x.numel()
     order = torch.sort(magnitude_keys(x), stable=True).indices
     keys = magnitude_keys(x)[order].tolist()
@@ -285,13 +255,12 @@ def test_cut_kernel_keeps_exactly_the_ranks_of_a_stable_sort(seed):
                 assert torch.equal(t.view(torch.int32), ref.view(torch.int32)), (lo, hi, scale)
 
 
+@needs_c
 @pytest.mark.parametrize("disjoint", ["mean", "sum"])
 def test_ties_kernel_gives_the_bytes_of_the_torch_combiner(disjoint):
     """kernels.ties_merge against combine.ties (torch ops, tested against the
     reference in test_merge_exact) on values full of ties, zeros and exactly
     cancelling votes, for both majority signs."""
-    if kernels._numba_kernels() is None:
-        pytest.skip("numba is not installed")
     from tadmerge.engine import combine
 
     n = 4001
@@ -310,12 +279,11 @@ def test_ties_kernel_gives_the_bytes_of_the_torch_combiner(disjoint):
     assert kernels.ties_votes(ts, weights) == combine.ties_vote(ts, weights)
 
 
+@needs_c
 def test_emr_kernel_gives_the_bytes_and_sums_of_the_torch_combiner():
     """kernels.emr_merge against combine.emr (torch ops, tested against the
     reference in test_merge_exact): τ_uni, masks and the exact rescaler sums, on
     values full of ties, zeros and totals that cancel to zero."""
-    if kernels._numba_kernels() is None:
-        pytest.skip("numba is not installed")
     from tadmerge.engine import combine
     from tadmerge.engine.exact import exact_sum_by_exponent
 
@@ -331,6 +299,40 @@ def test_emr_kernel_gives_the_bytes_and_sums_of_the_torch_combiner():
         assert torch.equal(planes[k], ref.masks[k])
         assert exact_sum_by_exponent(abs_t[k], n) == ref.abs_t[k]
         assert exact_sum_by_exponent(abs_u[k], n) == ref.abs_masked_uni[k]
+
+
+@needs_c
+@pytest.mark.parametrize("k", [1, 2, 5, 8, 9, 12])
+def test_ties_and_emr_kernels_for_any_number_of_tasks(k):
+    """The kernels take up to 8 tasks in one loop and more in groups of 8: any
+    K gives combine.ties' and combine.emr's bytes, counts and exact sums."""
+    from tadmerge.engine import combine
+    from tadmerge.engine.exact import exact_sum_by_exponent
+
+    n = 3001
+    base = _tied_values(n, 30)
+    ts = [_tied_values(n, 31 + i) * (1.0 + i / 8) for i in range(k)]
+    if k > 1:
+        ts[1] = -ts[0]  # votes that cancel wherever the others are zero
+    weights = [1.0 + (i % 3) / 4 for i in range(k)]
+    for disjoint, majority, count in (("mean", 1, True), ("mean", -1, False), ("sum", -1, True)):
+        ref = combine.ties(base, [t.clone() for t in ts], weights, 0.7, disjoint, majority, count)
+        got = [t.clone() for t in ts]
+        sign_sum, cancel = kernels.ties_merge(
+            got, weights, base, 0.7, disjoint == "mean", majority, count
+        )
+        assert torch.equal(got[0].view(torch.int32), ref.merged.view(torch.int32))
+        assert sign_sum == ref.sign_sum and cancel == (ref.cancel if count else 0)
+    assert kernels.ties_votes(ts, weights) == combine.ties_vote(ts, weights)
+    ref = combine.emr([t.clone() for t in ts])
+    got = [t.clone() for t in ts]
+    planes = torch.empty((k, n), dtype=torch.bool)
+    abs_t, abs_u = kernels.emr_merge(got, planes)
+    assert torch.equal(got[0].view(torch.int32), ref.tau_uni.view(torch.int32))
+    for i in range(k):
+        assert torch.equal(planes[i], ref.masks[i])
+        assert exact_sum_by_exponent(abs_t[i], n) == ref.abs_t[i]
+        assert exact_sum_by_exponent(abs_u[i], n) == ref.abs_masked_uni[i]
 
 
 @pytest.mark.parametrize("share", [0.0, 0.01, 0.06, 0.07, 1.0])
@@ -366,7 +368,7 @@ def test_histograms_of_keys_mostly_without_low_bits(share, stats_backend):
         for b in wanted:
             ref = torch.bincount(keys[(keys >> 16) == b] & 0xFFFF, minlength=1 << 16)
             assert np.array_equal(hists[b].dense(), ref), b
-        if isinstance(source, KeyChunks) and stats_backend == "numba":
+        if isinstance(source, KeyChunks) and stats_backend == "c":
             # the path taken: keys set aside while they are few enough
             assert bool(source.sparse) == (with_low <= n // kernels.SIDE_SHARE)
     fresh = KeyChunks(x)  # a fine histogram asked for first (a statistics round)

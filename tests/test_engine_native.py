@@ -2,15 +2,17 @@
 
 The stream kernel must give the bytes of the definition (float32 τ_k, products
 before sums in task order, ·λ + θ0 or / Σw, one rounding to the output dtype)
-for any length and K, and the report norms of numba's kernel to the bit (the
-two stand for each other per process). Where the library cannot be built (no
-compiler, a failing one, TADMERGE_NATIVE=0) merges run on as before.
+for any length and K, and float64 report norms. Where the library cannot be
+built (no compiler, a failing one, TADMERGE_NATIVE=0) merges run the torch
+reference, with the same bytes, and the log says so at WARNING.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -71,26 +73,21 @@ def _reference(base, tasks, weights, scale, average, out_dtype) -> np.ndarray:
 @pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("out_dtype", [np.uint16, np.float32])
 @pytest.mark.parametrize("n,k", [(0, 2), (1, 1), (2047, 3), (2048, 2), (2049, 5), (9001, 4)])
-def test_stream_kernel_gives_the_definitions_bytes_and_numbas_norms(n, k, out_dtype, average):
+def test_stream_kernel_gives_the_definitions_bytes_and_float64_norms(n, k, out_dtype, average):
     arrays = _inputs(n, k, seed=n + k)
     weights = [1.0, 0.7, -0.25, 2.0, 0.1][:k]
     out = np.empty(n, out_dtype)
-    sq = kernels.stream_raw(arrays[0], arrays[1:], weights, 0.3, average, out)
+    sq, nan = kernels.stream_raw(arrays[0], arrays[1:], weights, 0.3, average, out)
     ref = _reference(arrays[0], arrays[1:], weights, 0.3, average, out_dtype)
     assert not np.isnan(_as_f32(ref, out_dtype)).any()
     if n > 2000 and k > 1 and not average:
         assert np.isinf(_as_f32(ref, out_dtype)).any()  # (the overflow is exercised)
-    assert sq is not None
+    assert nan == 0
     assert out.tobytes() == ref.tobytes()
     f32 = [(x.astype(np.uint32) << 16).view(np.float32) for x in arrays]
     for j, s in enumerate(sq):
         tau = torch.from_numpy(f32[j + 1] - f32[0])
         assert math.isclose(s, fsum_sq(tau), rel_tol=1e-12)
-    if kernels.load():  # the numba kernel's float64 lanes, to the bit
-        kernels.set_backend("numba")
-        twin = np.empty(n, out_dtype)
-        assert kernels.stream_raw(arrays[0], arrays[1:], weights, 0.3, average, twin) == sq
-        assert twin.tobytes() == out.tobytes()
 
 
 def _as_f32(ref: np.ndarray, out_dtype) -> np.ndarray:
@@ -105,7 +102,8 @@ def test_a_nan_result_is_left_to_the_caller():
     up, down = _bf16(torch.full((8,), 3e38)), _bf16(torch.full((8,), -3e38))
     out = np.empty(8, np.uint16)
     # 2·(+3e38) + 2·(−3e38): Inf − Inf
-    assert kernels.stream_raw(base, [up, down], [2.0, 2.0], 1.0, False, out) is None
+    sq, nan = kernels.stream_raw(base, [up, down], [2.0, 2.0], 1.0, False, out)
+    assert nan == 8 and all(math.isfinite(s) for s in sq)
 
 
 @needs_cc
@@ -114,9 +112,11 @@ def test_wrong_arrays_are_refused():
     c = native.kernels()
     w, sq = np.ones(1, np.float32), np.zeros(1)
     with pytest.raises(TypeError, match="16 entries of uint16"):
-        c.stream_raw(a, (a[::2],), w, 1.0, 1.0, False, a.copy(), np.empty(0, np.float32), sq)
+        c.stream(a, [a[::2]], w, 1.0, 1.0, False, a.copy(), sq)
+    with pytest.raises(TypeError, match="float16, float32 or float64, not int64"):
+        c.stream(a, [a], w, 1.0, 1.0, False, np.empty(16, np.int64), sq)
     with pytest.raises(TypeError, match="float32"):
-        c.stream_raw(a, (a,), w, 1.0, 1.0, False, a[:0], np.empty(16, np.float64), sq)
+        c.ties_votes([np.zeros(4, np.float64)], w)
     with pytest.raises(TypeError, match="int64"):
         c.coarse_side_raw(a, a, np.zeros(4, np.int64), np.zeros(4, np.int64), np.zeros(1, np.int32))
 
@@ -139,7 +139,7 @@ def test_the_library_is_built_once_per_source(tmp_path, monkeypatch):
 
 def test_without_a_working_compiler_there_is_no_library(tmp_path, monkeypatch):
     """No compiler, a failing one, or TADMERGE_NATIVE=0: no library (merges
-    then take numba's kernels or numpy: the test below)."""
+    then run the torch reference: the test below)."""
     monkeypatch.setenv("TADMERGE_CACHE_DIR", str(tmp_path / "cache"))
     for env in ({"CC": str(tmp_path / "no-such-cc")}, {"CC": "false"}, {"TADMERGE_NATIVE": "0"}):
         monkeypatch.setattr(native, "_state", {})
@@ -147,7 +147,7 @@ def test_without_a_working_compiler_there_is_no_library(tmp_path, monkeypatch):
             for name, value in env.items():
                 m.setenv(name, value)
             assert native.kernels() is None, env
-            assert not isinstance(kernels._raw_kernels(), native.NativeKernels)
+            assert not kernels.enabled(None)
     with monkeypatch.context() as m:
         m.setenv("CC", "false")
         with pytest.raises(native.NativeUnavailable, match="failed"):
@@ -160,13 +160,18 @@ SELECTIONS = {
 }
 
 
-@pytest.mark.parametrize("sname", ["none", "tadrop"])
-def test_merges_take_the_c_kernels_with_the_bytes_of_the_others(tmp_path, monkeypatch, sname):
-    """bf16 task arithmetic, alone (stream_raw) or with TADrop (the raw
-    kernels): runtime.kernels auto takes the C kernels where they build, and
-    numba's kernels, numpy or torch, and auto without a compiler, write the
-    same bytes."""
+@pytest.mark.parametrize("sname", ["none", "tadrop", "ties", "emr"])
+def test_merges_take_the_c_kernels_with_the_bytes_of_the_torch_reference(
+    tmp_path, monkeypatch, caplog, sname
+):
+    """bf16 task arithmetic alone (the stream kernel) or with TADrop (the raw
+    kernels), TIES and EMR (float32 blocks): runtime.kernels auto takes the C
+    kernels where they build, and writes the bytes of torch (the reference);
+    numba (removed) is auto, said at WARNING; without a compiler auto runs the
+    torch reference, the same bytes, said once at WARNING, and c is refused."""
     from checkpoints import write_checkpoint
+
+    from tadmerge.errors import ConfigError
 
     g = torch.Generator().manual_seed(3)
     base = {"w": torch.randn(300, 70, generator=g), "b": torch.randn(70, generator=g)}
@@ -175,41 +180,61 @@ def test_merges_take_the_c_kernels_with_the_bytes_of_the_others(tmp_path, monkey
         moved = {n: v + torch.randn(v.shape, generator=g) * 1e-2 * k for n, v in base.items()}
         bf16 = {n: v.bfloat16() for n, v in moved.items()}
         paths.append(write_checkpoint(str(tmp_path / f"m{k}"), bf16))
-    used = set()
-    real = kernels._raw_kernels
+    used = []
+    real = kernels._lib
 
     def spy():
-        got = real()
-        used.add(type(got).__name__)
-        return got
+        used.append("c")
+        return real()
 
-    monkeypatch.setattr(kernels, "_raw_kernels", spy)
+    monkeypatch.setattr(kernels, "_lib", spy)
+    method, sparsify = {
+        "none": ("task_arithmetic", {"method": "none"}),
+        "tadrop": ("task_arithmetic", SELECTIONS["tadrop"]),
+        "ties": ("ties", {"method": "magnitude", "density": 0.5}),
+        "emr": ("emr", {"method": "none"}),
+    }[sname]
 
     def merge(tag: str, backend: str) -> bytes:
         used.clear()
+        caplog.clear()
         cfg = parse_config(
             {
                 "base": paths[0],
                 "models": [{"path": paths[1], "weight": 1.0}, {"path": paths[2], "weight": 0.6}],
-                "merge": {"method": "task_arithmetic", "scale": 0.3},
-                "sparsify": SELECTIONS[sname],
+                "merge": {"method": method},
+                "sparsify": sparsify,
                 "output": {"path": str(tmp_path / tag)},
                 "runtime": {"kernels": backend, "workers": 2},
             }
         )
         run_merge(cfg)
-        return (tmp_path / tag / "model.safetensors").read_bytes()
+        out = tmp_path / tag  # the tensors, EMR's masks and rescalers
+        names = sorted(f.relative_to(out).as_posix() for f in out.rglob("*") if f.is_file())
+        kept = [f for f in names if f.endswith(".safetensors") or f == "emr.json" or "/c/" in f]
+        return b"".join(f.encode() + (out / f).read_bytes() for f in kept)
 
-    auto = merge("auto", "auto")
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    caplog.set_level("WARNING")
+    reference = merge("torch", "torch")
+    assert not used and not warnings()
     if native.available():
-        assert used == {"NativeKernels"}
-    assert merge("torch", "torch") == auto and not used
-    if kernels.load():
-        assert merge("numba", "numba") == auto and used == {"_Kernels"}
+        assert merge("auto", "auto") == reference and used and not warnings()
+        assert merge("c", "c") == reference and used
+        assert merge("numba", "numba") == reference and used
+        assert any("numba is deprecated" in w for w in warnings())
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("CC", "false")
     monkeypatch.setenv("TADMERGE_CACHE_DIR", str(tmp_path / "cache"))
-    assert merge("no-compiler", "auto") == auto and "NativeKernels" not in used
+    assert merge("no-compiler", "auto") == reference and not used
+    said = warnings()
+    assert len(said) == 1 and "the torch reference runs instead, with the same bytes" in said[0]
+    assert "false failed on native_kernels.c" in said[0]
+    with pytest.raises(ConfigError, match="runtime.kernels: c, but the C kernels are unavailable"):
+        merge("refused", "c")
+    assert not (tmp_path / "refused").exists()
 
 
 @needs_cc
@@ -225,10 +250,10 @@ def test_an_unwritable_cache_builds_in_a_private_directory(tmp_path, monkeypatch
 
 @needs_cc
 @pytest.mark.parametrize("n", [1, 2, 1023, 1024, 1025, 5001])
-def test_the_counting_kernel_counts_and_sets_keys_aside_in_numbas_order(n):
+def test_the_counting_kernel_counts_and_sets_keys_aside_in_stream_order(n):
     """coarse_side_raw: the coarse counts of τ's keys, zero keys included (the C
     kernel spreads them over spare slots), and the keys with low bits set in
-    the order of numba's two streams; -1 when they do not fit `side`."""
+    the order of its two streams, interleaved; -1 when they do not fit `side`."""
     base, task = _inputs(n, 1, seed=n)
     f32 = [(x.astype(np.uint32) << 16).view(np.float32) for x in (base, task)]
     keys = (f32[1] - f32[0]).view(np.uint32) & 0x7FFFFFFF
@@ -260,14 +285,29 @@ def test_the_kernels_command_builds_and_says_what_merges_take(tmp_path, monkeypa
     assert main(["kernels"]) == 0
     out = capsys.readouterr().out
     if native.available():
-        assert "C kernels: ready (" in out and "take: the C kernels" in out
+        assert "C kernels: ready (" in out and "take: the C kernels on a CPU" in out
+    monkeypatch.setenv("TADMERGE_KERNELS", "torch")
+    assert main(["kernels"]) == 0
+    assert "take: the torch reference (TADMERGE_KERNELS=torch)" in capsys.readouterr().out
+    monkeypatch.delenv("TADMERGE_KERNELS")
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("CC", "false")
     monkeypatch.setenv("TADMERGE_CACHE_DIR", str(tmp_path))
     assert main(["kernels"]) == 0
     out = capsys.readouterr().out
     assert "C kernels: unavailable: false failed on native_kernels.c: exit status 1" in out
-    assert "take: numba's kernels where installed" in out
+    assert "take: the torch reference (the C kernels are unavailable" in out
+    # merge.py, the Ray job's entry point, runs the same command
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "merge.py"), "kernels"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "C kernels: unavailable: false failed" in done.stdout
 
 
 @needs_cc

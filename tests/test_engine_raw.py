@@ -26,8 +26,8 @@ from tadmerge.engine.raw import applies, merge_raw_sparse
 from tadmerge.engine.selection import resolve_selection, run_locally
 from tadmerge.engine.spec import SparsifySpec
 
-# every test runs on both implementations of the raw kernels, C and numba
-pytestmark = pytest.mark.usefixtures("compiled_kernels")
+# every test runs the C kernels (the raw path takes no other)
+pytestmark = pytest.mark.usefixtures("c_kernels")
 
 SPARSIFIERS = {
     "tadrop": {"method": "tadrop", "low_q": 0.5, "high_q": 0.95, "rescale": "l2"},

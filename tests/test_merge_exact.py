@@ -22,7 +22,7 @@ from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
 from tadmerge.emr.store import MaskStore
 from tadmerge.engine import block as engine_block
-from tadmerge.engine import kernels
+from tadmerge.engine import kernels, native
 from tadmerge.io import publish
 
 SPARSIFIERS = {
@@ -180,14 +180,16 @@ def test_matches_reference_whole_and_split(zoo_dir, sname, method, scope, monkey
     monkeypatch.setattr(engine_block, "CHUNK_ELEMENTS", 37)
     chunked = run_merge(config(root, paths, sp, method, scope, f"{tag}-chunked", False))
     assert _files(whole.output) == _files(chunked.output), "chunking changed the bytes"
-    # the statistics kernels (numba, when installed) and the torch ops give the same
-    # bytes; without a sparsifier, runtime.kernels: numba streams bf16 tensors through
-    # kernels.stream_raw (which auto takes for large merges only) and numpy the rest
+    # the C kernels (auto, where they build) and the torch reference give the same
+    # bytes: statistics, the cut, TIES, EMR, the stream of merges without a sparsifier
     if sname in ("tadrop", "magnitude", "breadcrumbs", "none"):
-        backends = ["torch"] + (["numba"] if kernels.load() else [])
-        for name in backends:  # runtime.kernels; split: the statistics rounds run too
-            other = run_merge(config(root, paths, sp, method, scope, f"{tag}-{name}", True, name))
-            assert _files(whole.output) == _files(other.output), f"{name} statistics changed bytes"
+        # runtime.kernels: torch; split: the statistics rounds run too
+        other = run_merge(config(root, paths, sp, method, scope, f"{tag}-torch", True, "torch"))
+        assert _files(whole.output) == _files(other.output), "the torch reference changed bytes"
+        assert (whole.report["dispatch"]["kernels"], other.report["dispatch"]["kernels"]) == (
+            "c" if native.available() else "torch",
+            "torch",
+        )
     if sname in ("tadrop", "magnitude", "breadcrumbs"):
         # the cuts' tie shares come from the per-unit fine histograms the driver
         # kept; without them (past their memory share) from a round of tie counts
@@ -266,7 +268,7 @@ def test_ties_majority_on_split_tensor_with_exact_cancellations(tmp_path, monkey
     assert torch.equal(ref[cancel], (base + d2)[cancel])
 
 
-@pytest.mark.skipif(not kernels.load(), reason="numba is not installed")
+@pytest.mark.skipif(not native.available(), reason="no C kernels")
 @pytest.mark.parametrize("sname", ["tadrop", "magnitude", "breadcrumbs"])
 def test_bf16_split_tensors_take_one_statistics_round(zoo_dir, sname, monkeypatch):
     """bf16 task vectors: the units set their few keys with low bits aside in the
@@ -288,7 +290,7 @@ def test_bf16_split_tensors_take_one_statistics_round(zoo_dir, sname, monkeypatc
     whole = merge(f"bf16-{sname}-whole", False, "torch")
     rounds = merge(f"bf16-{sname}-torch", True, "torch")
     monkeypatch.setattr(kernels, "SIDE_SHARE", 1)
-    aside = merge(f"bf16-{sname}-numba", True, "numba")
+    aside = merge(f"bf16-{sname}-c", True, "c")
     assert {t.dtype for t in aside.plan.tensors if t.kind == "merge"} == {"BF16"}
     assert _files(whole.output) == _files(rounds.output) == _files(aside.output)
     assert rounds.report["reads"]["round_kinds"][:2] == ["coarse", "fine"]
@@ -313,14 +315,14 @@ def test_keys_aside_past_their_share_drop_only_the_group_that_overflows():
     assert held.bytes == 10 and not held.complete(a)
 
 
-@pytest.mark.skipif(not kernels.load(), reason="numba is not installed")
+@pytest.mark.skipif(not native.available(), reason="no C kernels")
 @pytest.mark.parametrize("sname", ["tadrop", "magnitude"])
 def test_report_norms_of_tensors_resolved_whole_are_exact(zoo_dir, sname):
-    """With the kernels, a tensor resolved from its own block reports ‖τ‖ from the
+    """With the C kernels, a tensor resolved from its own block reports ‖τ‖ from the
     exact moments (no float32 pass) and ‖t‖ as fl32(scale)·‖kept τ‖."""
     root, (paths, base, models) = zoo_dir[0], (zoo_dir[1][:2], zoo_dir[1][2], zoo_dir[1][3])
     sp = SPARSIFIERS[sname]
-    cfg = config(root, paths, sp, "task_arithmetic", "tensor", f"norms-{sname}", False, "numba")
+    cfg = config(root, paths, sp, "task_arithmetic", "tensor", f"norms-{sname}", False, "c")
     res = run_merge(cfg)
     expected, _ = reference_merge(base, models, sp, "task_arithmetic", "tensor")
     checked = 0
@@ -337,7 +339,7 @@ def test_report_norms_of_tensors_resolved_whole_are_exact(zoo_dir, sname):
     assert checked
 
 
-@pytest.mark.skipif(not kernels.load(), reason="numba is not installed")
+@pytest.mark.skipif(not native.available(), reason="no C kernels")
 @pytest.mark.parametrize("method", ["task_arithmetic", "average"])
 def test_bf16_magnitude_merges_stream_from_the_raw_inputs(zoo_dir, method, monkeypatch):
     """bf16 inputs, a magnitude selection, task arithmetic or averaging: every unit,
@@ -372,7 +374,7 @@ def test_bf16_magnitude_merges_stream_from_the_raw_inputs(zoo_dir, method, monke
 
     monkeypatch.setattr(worker, "merge_raw_sparse", spy_raw)
     monkeypatch.setattr(engine_units, "merge_block", spy_block)
-    split = merge(f"raw-{method}-numba", True, "numba")
+    split = merge(f"raw-{method}-c", True, "c")
     merged_units = [u for t in split.plan.tensors if t.kind == "merge" for u in t.units]
     assert used == {"raw": len(merged_units), "block": 0}
     assert any(len(t.units) > 1 for t in split.plan.tensors if t.kind == "merge")

@@ -42,7 +42,7 @@ class LocalExecutor:
         # cores. The engine works in cache-sized chunks, where an intra-op thread
         # pool costs more in synchronisation than it gains.
         # (A merge whose units all stream or take the raw bf16 path runs numpy
-        # and numba, and never imports torch.)
+        # and the C kernels, and never imports torch.)
         self._threads: int | None = None
         if device == "cpu" and self.workers > 1 and not torch_free(plan, device):
             import torch

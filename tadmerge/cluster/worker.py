@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import MergeConfig
-from ..engine import kernels, native
+from ..engine import kernels
 from ..engine.exact import coarse_stats
 from ..engine.histogram import KeysAside
 from ..engine.keys import SparseKeys
 from ..engine.raw import RAW_DTYPE, applies, merge_raw_sparse, takes
-from ..engine.spec import MAGNITUDE_METHODS, BlockContext, MergeSpec, NonFiniteTaskVector
+from ..engine.spec import BlockContext, MergeSpec, NonFiniteTaskVector
 from ..engine.stream import NP_DTYPES, merge_raw, streams
 from ..errors import ConfigError, InputError, InputProblem
 from ..io.block_io import map_bytes, read_bytes, write_at_crc
@@ -70,7 +70,8 @@ def resolve_device(name: str) -> str:
 def torch_free(plan: Plan, device: str) -> bool:
     """Whether every unit of the plan is copied, streamed (engine/stream.py) or
     merged from its raw bf16 blocks (engine/raw.py, which may still hand a
-    unit back to the torch engine), so that no worker should need torch."""
+    unit back to the torch engine), so that no worker should need torch: the
+    C kernels are loaded and the backend is not torch (kernels.enabled)."""
     spec = merge_spec(plan)
     return all(
         _streams(spec, t, device) or _raw(plan, spec, t, device)
@@ -80,6 +81,7 @@ def torch_free(plan: Plan, device: str) -> bool:
 
 
 def _streams(spec: MergeSpec, tp: TensorPlan, device: str) -> bool:
+    """Whether a tensor's units stream (engine/stream.py: the C kernel)."""
     return streams(spec, device, [s.dtype for s in tp.sources] + [tp.out_dtype or ""])
 
 
@@ -139,52 +141,12 @@ def block_context(plan: Plan, unit: Unit, resolved: dict | None) -> BlockContext
 
 
 def start_kernels(cfg: MergeConfig, dispatch: Dispatch, plan: Plan | None = None) -> None:
-    """Apply the dispatch's kernels backend to this process, and begin loading the
-    CPU kernels at once when this merge takes them (a magnitude selection:
-    TADrop, trims; TIES; a streamed merge: the C kernel, else numba's for a
-    large one, known once there is a plan: see stream_kernel)."""
+    """Apply the dispatch's kernels backend to this process, and begin loading
+    the C kernels (the driver loaded them when it decided: a Ray actor loads
+    them here, in the background, while it reads its first blocks)."""
     apply_dispatch(dispatch)
-    if resolve_device(dispatch.device) != "cpu":
-        return
-    if cfg.sparsify.method in MAGNITUDE_METHODS or cfg.merge.method in ("ties", "emr"):
-        # a selection with TA or averaging takes the raw bf16 kernels (engine/raw.py)
-        # on bf16 inputs, the usual case, and only those are loaded now
-        kernels.preload(raw_only=cfg.merge.method in ("task_arithmetic", "average"))
-    elif plan is None:
-        if _streamed(cfg) and kernels.backend() == "auto":
-            native.preload()
-    elif _streamed(cfg) and not kernels.native_raw() and _numba_stream_wanted(plan):
-        kernels.preload(raw_only=True)
-
-
-def _streamed(cfg: MergeConfig) -> bool:
-    """A merge whose blocks engine/stream.py merges (on a CPU)."""
-    return cfg.sparsify.method == "none" and cfg.merge.method in ("task_arithmetic", "average")
-
-
-# Input bytes from which streamed bf16 merges take numba's kernel where the C
-# kernel cannot be built (kernels.stream_raw, ~0.7 against ~1.3-1.7 ns per
-# element and task for numpy): below, loading numba (~0.4 s, in a background
-# thread that the first units wait on) costs more than the kernel saves.
-# Measured on two cores, interleaved: 100M x 4 (0.99 GB) 1.24 s against
-# numpy's 1.02 s, 271M x 3 (2.17 GB) 1.97 s against 2.23 s; the lines cross
-# near 1.5 GB. runtime.kernels: numba takes it at any size.
-STREAM_KERNEL_BYTES = 1_500_000_000
-
-
-def stream_kernel(plan: Plan) -> bool:
-    """Whether this merge's streamed bf16 units take kernels.stream_raw: in C
-    (native.py, loaded in a millisecond) wherever it builds and
-    runtime.kernels is auto, else numba's for a large merge or with
-    runtime.kernels: numba; else numpy. The C and numba kernels give the same
-    bytes and report norms, numpy the same bytes and float32 norms: the
-    choice is made per process and is the same for every unit of a merge."""
-    return kernels.native_raw() or (_numba_stream_wanted(plan) and kernels.enabled(None))
-
-
-def _numba_stream_wanted(plan: Plan) -> bool:
-    backend = kernels.backend()
-    return backend == "numba" or (backend == "auto" and plan.input_bytes >= STREAM_KERNEL_BYTES)
+    if resolve_device(dispatch.device) == "cpu":
+        kernels.preload()
 
 
 # ------------------------------------------------------------------------------------
@@ -222,7 +184,9 @@ def run_unit(
     device = resolve_device(device_name)
     try:
         if _streams(spec, tp, device):
-            return _stream_unit(plan, staging, unit, tp, spec)
+            rec = _stream_unit(plan, staging, unit, tp, spec)
+            if rec is not None:
+                return rec
         if _raw(plan, spec, tp, device):
             rec = _raw_unit(plan, staging, unit, tp, spec, resolved)
             if rec is not None:
@@ -238,7 +202,7 @@ def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu
     """One unit's share of a statistics round (see cluster/stats.py)."""
     unit = plan.units[unit_id]
     tp = plan.tensors[unit.tensor]
-    if request[0] == "coarse" and _raw_inputs(tp, resolve_device(device_name), request[1]):
+    if request[0] == "coarse" and _raw_inputs(tp, resolve_device(device_name)):
         got = _raw_coarse(plan, unit, request)
         if got is not None:
             return got
@@ -247,14 +211,13 @@ def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu
     return engine_units.unit_stats(plan, unit_id, request, device_name)
 
 
-def _raw_inputs(tp: TensorPlan, device: str, moments: int = 2) -> bool:
+def _raw_inputs(tp: TensorPlan, device: str) -> bool:
     """Whether a unit's task vectors can be counted from its raw bf16 inputs
-    (kernels.coarse_sparse_raw) with no float32 block made. Counts alone do not
-    load the kernels (as in exact.coarse_stats)."""
+    (kernels.coarse_sparse_raw) with no float32 block made."""
     return (
         device == "cpu"
         and all(src.dtype == RAW_DTYPE for src in tp.sources)
-        and kernels.enabled(None, load_now=moments > 0)
+        and kernels.enabled(None)
     )
 
 
@@ -321,17 +284,20 @@ def _row_offset(tp: TensorPlan, row: int, dtype: str) -> int:
 
 def _stream_unit(
     plan: Plan, staging: str, unit: Unit, tp: TensorPlan, spec: MergeSpec
-) -> UnitRecord:
+) -> UnitRecord | None:
     """A merge that needs only the block (engine/stream.py): the inputs stay in
-    their own dtype and the output is made in the output dtype, chunk by chunk."""
+    their own dtype and the output is made in the output dtype, chunk by chunk.
+    None when the torch engine must merge this unit (a NaN result)."""
     raws = _read_raw(plan, unit)
     assert tp.out_dtype is not None
     out = POOL.bytes("out", raws[0].size * DTYPE_SIZE[tp.out_dtype]).view(NP_DTYPES[tp.out_dtype])
     check_finite = not plan.config.inputs.allow_nonfinite
     try:
-        tasks = merge_raw(raws[0], raws[1:], out, spec, check_finite, stream_kernel(plan))
+        tasks = merge_raw(raws[0], raws[1:], out, spec, check_finite)
     except NonFiniteTaskVector:
         return nonfinite_record(unit.id, [_nonfinite(r) for r in raws])
+    if tasks is None:
+        return None
     return UnitRecord(unit.id, tasks, out=[write_out(plan, staging, unit, out)])
 
 

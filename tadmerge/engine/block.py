@@ -203,10 +203,9 @@ def merge_block(
     if sparsify_none and combiner.merge_weights is not None:
         return combiner.merge_weights(base, models, spec, check_finite)
     plans = []
-    # a magnitude selection is applied by the fused cut kernel (CPU, numba) when
-    # it is installed: 0.8 ns per element against ~7.5 for the torch ops, worth
-    # numba's start-up and RSS for every such merge (TADrop, trims, ...);
-    # non-finite values (allow_nonfinite) keep the torch ops, as in TIES and EMR
+    # a magnitude selection is applied by the fused cut kernel (CPU, the C
+    # kernels: one pass where the torch ops make ten per chunk); non-finite
+    # values (allow_nonfinite) keep the torch ops, as in TIES and EMR
     magnitude = spec.sparsify.method in MAGNITUDE_METHODS
     fused = magnitude and check_finite and kernels.enabled(base)
     for k, m in enumerate(models):

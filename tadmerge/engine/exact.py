@@ -15,7 +15,7 @@ Why: TADrop's L2 rescale and EMR's rescalers change output bytes, and they must
 be identical for any block split, worker count, order or device.
 
 The histograms are numpy arrays (small: 32768 buckets), whatever made them: a
-merge whose statistics all come from the numba kernels (bf16 inputs on a CPU,
+merge whose statistics all come from the C kernels (bf16 inputs on a CPU,
 engine/raw.py) never imports torch. The torch path (float32 blocks, GPUs)
 imports it where it runs and hands its bincounts over as numpy.
 """
@@ -160,14 +160,14 @@ def coarse_stats(keys: torch.Tensor | KeyChunks, *, moments: int = 2) -> CoarseS
 
     `keys`: a key tensor, or KeyChunks (keys made chunk by chunk; chunks must stay
     at most CHUNK long, which keeps every float64 partial sum exact). On the CPU
-    with numba, one fused pass over the values instead (kernels.py): the same
-    integers.
+    with the C kernels, one fused pass over the values instead (kernels.py): the
+    same integers.
     """
     if isinstance(keys, KeyChunks) and keys.x is None:  # SparseKeys: counts only
-        on_cpu = numel(keys) > 0 and kernels.enabled(None, load_now=moments > 0)
+        on_cpu = numel(keys) > 0 and kernels.enabled(None)
     else:
         source = keys.x if isinstance(keys, KeyChunks) else keys
-        on_cpu = source.numel() > 0 and kernels.enabled(source, load_now=moments > 0)
+        on_cpu = source.numel() > 0 and kernels.enabled(source)
     if on_cpu:
         sparse = sparse_keys(keys)
         if sparse is not None:  # the moments are those of the keys set aside

@@ -258,7 +258,7 @@ def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[
         return out
     wanted = sorted(buckets)
     source = keys.x if isinstance(keys, KeyChunks) else keys
-    if numel(keys) and kernels.enabled(source, load_now=False):
+    if numel(keys) and kernels.enabled(source):
         sparse = sparse_keys(keys)
         if sparse is not None:  # from the keys set aside (all of them sorted once, if kept)
             aside = keys.aside if isinstance(keys, KeyChunks) else None

@@ -1,30 +1,30 @@
-"""C kernels: compiled once per machine with its C compiler, loaded with ctypes.
+"""The C kernels: compiled once per machine with its C compiler, loaded with ctypes.
 
-Why not numba for these. A merge that takes numba's kernels pays, before the
-first of them runs, for importing numba (~0.25 s) and for the typing and
-lowering registries that its first cached kernel loads (~0.25 s), all of it
-Python holding the GIL. Task arithmetic of a 271M-parameter model and three
-fine-tunes from a warm page cache takes ~1.5 s in all on two cores: the
-workers waited a third of it. The C library loads in about a millisecond once
-built, and its kernel is also faster: 0.46 against numba's 0.71 ns per element
-and task (benchmarks/kernel_costs.py).
+The one compiled CPU backend (engine/kernels.py calls it; the torch functions
+of engine/ and methods/ are the reference). Why C and not numba, which the
+kernels were written in before: a merge that took numba's kernels paid, before
+the first of them ran, for importing numba and for the typing and lowering
+registries its first cached kernel loads (~0.5 s, all of it Python holding the
+GIL) and ~145 MB of RSS for numba and LLVM; the C library is a small shared
+object that loads in about a millisecond once built, and its kernels ran as
+fast or faster (docs/benchmarks.md).
 
-Exactness. native_kernels.c is plain C99 float and double arithmetic in the
-order of the numba kernel it stands for, compiled with -ffp-contract=off (GCC
-otherwise contracts a*b + c into one FMA wherever the target has one) and no
--ffast-math: the same bytes and the same report norms
-(tests/test_engine_native.py holds them against the reference and numba).
+Exactness. native_kernels.c is plain C99 float, double and integer
+arithmetic in the order of the torch functions it stands for, compiled with
+-ffp-contract=off (GCC otherwise contracts a*b + c into one FMA wherever the
+target has one) and no -ffast-math: the same bytes and the same integers
+(tests/test_engine_*.py hold them against the torch reference).
 
 Building. `$CC` (default `cc`) with -O3 into TADMERGE_CACHE_DIR, else
 $XDG_CACHE_HOME/tadmerge, else ~/.cache/tadmerge, named by a hash of the
 source, the flags and the machine, so that a changed source is rebuilt and
 the cache can be shared by machines of one architecture (on x86-64 Linux the
-kernel is built for AVX-512, AVX2 and baseline x86-64, and the loader takes
+kernels are built for AVX-512, AVX2 and baseline x86-64, and the loader takes
 what the CPU runs). A build writes a temporary file and renames it: processes
 that build at once (the Ray workers of a node) never load half a library.
 Where no compiler runs, the build fails or TADMERGE_NATIVE=0, `available()`
-is False (said once in the log) and the callers take numba's kernel or numpy:
-the same bytes, slower.
+is False, `describe()` says why, and merges run the torch reference: the same
+bytes, slower (the driver says so at WARNING, cluster/dispatch.py).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
-# kernels.RAW_CHUNK: the report's float64 lanes are per position in a chunk
+# native_kernels.c's CHUNK: the stream kernel's float64 lanes are per position in one
 CHUNK = 2048
 # native_kernels.c's ZERO_SLOTS: coarse_side_raw's tables have these past N_COARSE
 ZERO_SLOTS = 8
@@ -145,7 +145,7 @@ def kernels() -> NativeKernels | None:
                 try:
                     lib = _load()
                 except (NativeUnavailable, OSError) as e:
-                    log.info("C kernels unavailable, numba or numpy instead: %s", e)
+                    log.debug("C kernels unavailable: %s", e)  # (the driver warns)
                     _state["why"] = str(e)
             _state["lib"] = lib
     return _state["lib"]
@@ -171,8 +171,7 @@ def preload() -> None:
 
 
 def _ptr(x: np.ndarray, dtype, n: int | None = None) -> int | None:
-    """The address of a flat contiguous array of `dtype` (None for an empty
-    one: the output a kernel does not write)."""
+    """The address of a contiguous array of `dtype` (of n entries, if given)."""
     if x.dtype != dtype or not x.flags.c_contiguous or (n is not None and x.size != n):
         want = f"{n} entries of " if n is not None else ""
         raise TypeError(f"the C kernels take contiguous arrays of {want}{np.dtype(dtype)}")
@@ -180,40 +179,88 @@ def _ptr(x: np.ndarray, dtype, n: int | None = None) -> int | None:
 
 
 class NativeKernels:
-    """The C kernels, called as numba's dispatchers of the same names are
-    (kernels._Kernels): numpy arrays in, the same integers back."""
+    """The C kernels (native_kernels.c) with their ctypes signatures: numpy
+    arrays in (checked: dtype, contiguity, length), integers back. ctypes
+    releases the GIL for each call, so worker threads run them in parallel."""
 
     def __init__(self, lib: ctypes.CDLL):
         p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
         signatures = {
-            "stream_raw": [p, p, i64, i64, p, f32, f32, i32, p, p, p, p],
-            "coarse_side_raw": [p, p, i64, p, p, p, i64],
-            "tie_end_raw": [p, p, i64, i64, i64],
-            "cut_combine_raw": [p, p, i64, i64, p, p, p, p, p, p, f32, f32, i32, p, p, p],
+            "stream": ([p, p, p, i64, i64, p, f32, f32, i32, p, i32, p, p], i64),
+            "coarse_counts": ([p, i64, p, p], None),
+            "coarse_moments": ([p, i64, p, p], None),
+            "coarse_side": ([p, i64, p, p, p, i64], i64),
+            "coarse_side_raw": ([p, p, i64, p, p, p, i64], i64),
+            "fine_rows": ([p, i64, p, p, p], None),
+            "tie_end": ([p, i64, i64, i64], i64),
+            "tie_end_raw": ([p, p, i64, i64, i64], i64),
+            "cut_pass": ([p, i64, i64, i64, i64, i64, f32, i32], i64),
+            "cut_combine_raw": ([p, p, i64, i64, p, p, p, p, p, p, f32, f32, i32, p, i32, p], i64),
+            "ties_votes": ([p, i64, i64, p, p], None),
+            "ties_merge": ([p, i64, i64, p, p, f32, i32, i64, i32, p], None),
+            "emr_merge": ([p, i64, i64, p, p, p], i64),
         }
-        for name, args in signatures.items():
+        for name, (args, restype) in signatures.items():
             fn = getattr(lib, f"tadmerge_{name}")
-            fn.argtypes, fn.restype = args, i64
+            fn.argtypes, fn.restype = args, restype
             setattr(self, f"_{name}", fn)
         self.lib = lib
 
-    def stream_raw(self, base, tasks, w, lam, total_w, average, out16, out32, sq) -> int:
+    # -- task arithmetic and averaging without a sparsifier --------------------
+
+    def stream(self, base, tasks, w, lam, total_w, average, out, sq) -> int:
+        """base, tasks: flat arrays of STREAM_DTYPES; out: one too; sq: float64 × K."""
         n, k = base.size, len(tasks)
+        dts = np.array([_dtype_code(x) for x in (base, *tasks)], np.int32)
         lanes = np.zeros(k * CHUNK, np.float64)
-        return self._stream_raw(
-            _ptr(base, np.uint16), _tasks(tasks, n), k, n, _ptr(w, np.float32, k),
-            float(lam), float(total_w), int(average), *_outs(out16, out32, n),
-            _ptr(sq, np.float64, k), lanes.ctypes.data,
+        return self._stream(
+            _ptr(base, base.dtype), _arrays(tasks, None, n), dts.ctypes.data, k, n,
+            _ptr(w, np.float32, k), float(lam), float(total_w), int(average),
+            _ptr(out, out.dtype, n), _dtype_code(out), _ptr(sq, np.float64, k), lanes.ctypes.data,
+        )  # fmt: skip
+
+    # -- statistics ------------------------------------------------------------
+
+    def coarse_counts(self, bits, counts, counts2) -> None:
+        self._coarse_counts(
+            _ptr(bits, np.int32), bits.size, _ptr(counts, np.int64, N_COARSE),
+            _ptr(counts2, np.int64, N_COARSE),
+        )  # fmt: skip
+
+    def coarse_moments(self, bits, acc, acc2) -> None:
+        """acc, acc2: (N_COARSE, 3) int64 (count, Σ L, Σ L² per bucket)."""
+        self._coarse_moments(
+            _ptr(bits, np.int32), bits.size, _ptr(acc, np.int64, 3 * N_COARSE),
+            _ptr(acc2, np.int64, 3 * N_COARSE),
+        )  # fmt: skip
+
+    def coarse_side(self, bits, counts, counts2, side) -> int:
+        """counts, counts2: N_COARSE + ZERO_SLOTS slots, the last for the zero
+        keys (bucket 0's: the caller adds them in)."""
+        slots = N_COARSE + ZERO_SLOTS
+        return self._coarse_side(
+            _ptr(bits, np.int32), bits.size, _ptr(counts, np.int64, slots),
+            _ptr(counts2, np.int64, slots), _ptr(side, np.int32), side.size,
         )  # fmt: skip
 
     def coarse_side_raw(self, base, task, counts, counts2, side) -> int:
-        # counts, counts2: N_COARSE + ZERO_SLOTS slots, the last for the zero keys
-        # (bucket 0's: the caller adds them in, kernels.coarse_sparse_raw)
+        """coarse_side of τ = fl32(task) − fl32(base) (bf16 patterns)."""
         n, slots = base.size, N_COARSE + ZERO_SLOTS
         return self._coarse_side_raw(
             _ptr(base, np.uint16), _ptr(task, np.uint16, n), n, _ptr(counts, np.int64, slots),
             _ptr(counts2, np.int64, slots), _ptr(side, np.int32), side.size,
         )  # fmt: skip
+
+    def fine_rows(self, bits, lut, rows, rows2) -> None:
+        """rows, rows2: (m + 1) × N_FINE int32 tables, rows[lut[bucket]] (may be one)."""
+        size = rows.size
+        self._fine_rows(
+            _ptr(bits, np.int32), bits.size, _ptr(lut, np.int32, N_COARSE),
+            _ptr(rows, np.int32), _ptr(rows2, np.int32, size),
+        )  # fmt: skip
+
+    def tie_end(self, bits, key, quota) -> int:
+        return self._tie_end(_ptr(bits, np.int32), bits.size, int(key), int(quota))
 
     def tie_end_raw(self, base, task, key, quota) -> int:
         n = base.size
@@ -221,25 +268,78 @@ class NativeKernels:
             _ptr(base, np.uint16), _ptr(task, np.uint16, n), n, int(key), int(quota)
         )
 
-    def cut_combine_raw(
-        self, base, tasks, lo_key, lo_end, hi_key, hi_end, scale, w, lam, total_w, average,
-        out16, out32, kept,
-    ) -> int:  # fmt: skip
-        n, k = base.size, len(tasks)
-        return self._cut_combine_raw(
-            _ptr(base, np.uint16), _tasks(tasks, n), k, n, _ptr(lo_key, np.int64, k),
-            _ptr(lo_end, np.int64, k), _ptr(hi_key, np.int64, k), _ptr(hi_end, np.int64, k),
-            _ptr(scale, np.float32, k), _ptr(w, np.float32, k), float(lam), float(total_w),
-            int(average), *_outs(out16, out32, n), _ptr(kept, np.int64, k),
+    # -- the apply phase -------------------------------------------------------
+
+    def cut_pass(self, t, lo_key, lo_end, hi_key, hi_end, scale, rescale) -> int:
+        return self._cut_pass(
+            _ptr(t, np.float32), t.size, int(lo_key), int(lo_end), int(hi_key), int(hi_end),
+            float(scale), int(rescale),
         )  # fmt: skip
 
+    def cut_combine_raw(
+        self, base, tasks, lo_key, lo_end, hi_key, hi_end, scale, w, lam, total_w, average, out,
+        kept,
+    ) -> int:  # fmt: skip
+        n, k = base.size, len(tasks)
+        if out.dtype not in (np.uint16, np.float32):
+            raise TypeError(f"cut_combine_raw writes bf16 patterns or float32, not {out.dtype}")
+        return self._cut_combine_raw(
+            _ptr(base, np.uint16), _arrays(tasks, np.uint16, n), k, n, _ptr(lo_key, np.int64, k),
+            _ptr(lo_end, np.int64, k), _ptr(hi_key, np.int64, k), _ptr(hi_end, np.int64, k),
+            _ptr(scale, np.float32, k), _ptr(w, np.float32, k), float(lam), float(total_w),
+            int(average), _ptr(out, out.dtype, n), _dtype_code(out), _ptr(kept, np.int64, k),
+        )  # fmt: skip
 
-def _tasks(tasks, n: int):
-    return (ctypes.c_void_p * len(tasks))(*(_ptr(t, np.uint16, n) for t in tasks))
+    def ties_votes(self, ts, w) -> tuple[int, int]:
+        n, k = ts[0].size, len(ts)
+        up_down = np.zeros(2, np.int64)
+        self._ties_votes(
+            _arrays(ts, np.float32, n), k, n, _ptr(w, np.float32, k), up_down.ctypes.data
+        )
+        return int(up_down[0]), int(up_down[1])
+
+    def ties_merge(self, ts, w, base, scale, mean, majority, count_cancel) -> tuple[int, int, int]:
+        n, k = ts[0].size, len(ts)
+        out3 = np.zeros(3, np.int64)
+        self._ties_merge(
+            _arrays(ts, np.float32, n), k, n, _ptr(w, np.float32, k), _ptr(base, np.float32, n),
+            float(scale), int(mean), int(majority), int(count_cancel), out3.ctypes.data,
+        )  # fmt: skip
+        return int(out3[0]), int(out3[1]), int(out3[2])
+
+    def emr_merge(self, ts, masks, abs_t, abs_u) -> None:
+        """masks: K × n bool (or uint8); abs_t, abs_u: K × 256 int64."""
+        n, k = ts[0].size, len(ts)
+        if masks.dtype not in (np.bool_, np.uint8) or masks.shape != (k, n):
+            raise TypeError(f"emr_merge takes a {k} × {n} bool array of masks")
+        if self._emr_merge(
+            _arrays(ts, np.float32, n), k, n, _ptr(masks, masks.dtype),
+            _ptr(abs_t, np.int64, 256 * k), _ptr(abs_u, np.int64, 256 * k),
+        ):  # fmt: skip
+            raise MemoryError("emr_merge: its tables of exact sums could not be allocated")
 
 
-def _outs(out16: np.ndarray, out32: np.ndarray, n: int) -> tuple[int | None, int | None]:
-    """(bf16 patterns, None) or (None, float32): the output the kernel writes."""
-    if out16.size:
-        return _ptr(out16, np.uint16, n), None
-    return None, _ptr(out32, np.float32, n)
+# the dtypes a streamed block may have (native_kernels.c's codes, by position)
+STREAM_DTYPES = (
+    np.dtype(np.uint16),
+    np.dtype(np.float16),
+    np.dtype(np.float32),
+    np.dtype(np.float64),
+)
+
+
+def _dtype_code(x: np.ndarray) -> int:
+    """native_kernels.c's code of an array's dtype (uint16: bf16 patterns)."""
+    try:
+        return STREAM_DTYPES.index(x.dtype)
+    except ValueError:
+        raise TypeError(
+            f"the C kernels take bf16, float16, float32 or float64, not {x.dtype}"
+        ) from None
+
+
+def _arrays(arrays, dtype, n: int):
+    """A C array of the arrays' addresses (each flat, contiguous, n entries;
+    of `dtype`, or of its own dtype when None)."""
+    ptrs = [_ptr(a, a.dtype if dtype is None else dtype, n) for a in arrays]
+    return (ctypes.c_void_p * len(ptrs))(*ptrs)

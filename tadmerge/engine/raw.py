@@ -7,10 +7,10 @@ and task. For bf16 checkpoints, the usual LLM case, τ_k is cheap to make again
 from the raw 16-bit patterns, in registers: here the K+1 raw blocks are the
 only block-sized memory, and each entry of τ_k is made three times (counting,
 the tie scan, the cut and combine) without ever being stored
-(kernels.coarse_sparse_raw, tie_end_raw, cut_combine_raw: in C, native.py,
-where the machine's compiler builds them, else numba's). The float32
-operations are merge_block's in the same order, so the bytes are the same
-(tests/test_engine_raw.py runs both implementations).
+(kernels.coarse_sparse_raw, tie_end_raw, cut_combine_raw: the C kernels,
+native.py; where they are unavailable merge_block merges these blocks). The
+float32 operations are merge_block's in the same order, so the bytes are the
+same (tests/test_engine_raw.py holds the two together).
 
 No torch: the blocks are numpy arrays of bf16 patterns (uint16), and the
 statistics are numpy (exact.py, histogram.py), so a merge whose units all take
