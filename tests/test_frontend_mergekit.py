@@ -242,3 +242,53 @@ def test_convert_prints_a_native_config_of_the_same_merge(
 
 def _bits(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _mk_file(root: Path, model_paths: list[str], tmp_path: Path, ext: dict | None) -> Path:
+    raw = {
+        "merge_method": "dare_ties",
+        "base_model": str(root / "base"),
+        "models": [
+            {"model": p, "parameters": {"weight": w, "density": 0.5}}
+            for p, w in zip(model_paths, WEIGHTS, strict=True)
+        ],
+        "dtype": "float32",
+    }
+    if ext:
+        raw["tadmerge"] = ext
+    mk = tmp_path / f"mk-{len(ext or {})}.yml"
+    mk.write_text(yaml.safe_dump(raw))
+    return mk
+
+
+def test_merge_py_runs_a_mergekit_config(zoo, tmp_path):
+    """`python merge.py mergekit.yml` (the Ray job entry point) is `tadmerge merge`."""
+    import subprocess
+    import sys
+
+    root, (base_path, model_paths, base, models) = zoo
+    mk = _mk_file(root, model_paths, tmp_path, None)
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "merge.py"), str(mk), "--out", str(tmp_path / "a")]
+    r = subprocess.run(
+        [*cmd, "--progress", "none"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    _merge([str(mk), "--out", str(tmp_path / "b")])
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(_bits(a[n]) == _bits(b[n]) for n in a)
+
+
+@pytest.mark.ray
+def test_mergekit_config_on_ray_matches_local(ray_session, zoo, tmp_path):
+    """The extension's runtime section picks the Ray executor: the same bytes."""
+    root, (base_path, model_paths, base, models) = zoo
+    mk_local = _mk_file(root, model_paths, tmp_path, None)
+    mk_ray = _mk_file(root, model_paths, tmp_path, {"runtime": {"executor": "ray", "workers": 2}})
+    assert load_config(mk_ray).runtime.executor == "ray"
+    _merge([str(mk_local), "--out", str(tmp_path / "local")])
+    _merge([str(mk_ray), "--out", str(tmp_path / "ray")])
+    a = load_file(str(tmp_path / "local" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ray" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(_bits(a[n]) == _bits(b[n]) for n in a)
