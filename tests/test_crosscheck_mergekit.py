@@ -7,6 +7,10 @@ how. Both tools run through their
 command lines on the same tiny float32 Llama-shaped checkpoints, with the
 config mapping of benchmarks/configs.py (the one the speed comparison uses).
 
+The later tests give both tools the SAME mergekit YAML (tadmerge translates it,
+tadmerge/frontends/mergekit.py), for every deterministic mapped method, and check
+DARE/DELLA statistically (docs/semantics.md, "Coming from mergekit").
+
 Known differences (docs/benchmarks.md, "Known differences"), excluded from the
 comparison entry by entry, and counted to be rare:
 - TIES trim ties: where several |tau| equal the threshold value and the
