@@ -398,3 +398,14 @@ def test_dare_ties_and_della_run_the_same_yaml(f32_set, method):
     moved_b = sum(int((b[n] != base[n]).sum()) for n in b)
     total = sum(base[n].numel() for n in a)
     assert abs(moved_a - moved_b) / total < 0.01, (moved_a, moved_b, total)
+
+
+def test_mergekit_ignores_the_tadmerge_extension_section(f32_set):
+    """The `tadmerge:` section (README "Coming from mergekit") is read by tadmerge
+    and ignored by mergekit: the same file runs in both and merges alike."""
+    root, data = f32_set
+    ext = {"runtime": {"workers": 2, "memory_budget": "256MB"}, "seed": 7}
+    a, b = _same_yaml(root, data, "ta-ext", "task_arithmetic", {"lambda": 0.5}, tadmerge=ext)
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=2e-6, atol=2e-7, msg=name)
