@@ -218,6 +218,26 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """A mergekit config as the native config of the same merge (YAML on stdout)."""
+    from pathlib import Path
+
+    from .config import parse_config, read_yaml
+    from .errors import ConfigError
+    from .frontends import mergekit
+
+    raw = read_yaml(args.config)
+    if not mergekit.is_mergekit(raw):
+        raise ConfigError(f"{args.config}: not a mergekit config (no merge_method); "
+                          "a native config needs no conversion")  # fmt: skip
+    native, notes = mergekit.translate(raw, Path.cwd())
+    if args.out is not None:
+        native["output"]["path"] = str(Path(args.out).resolve())
+    parse_config(native, Path.cwd())  # what it prints is a valid native config
+    print(mergekit.to_yaml(native, notes, args.config), end="")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tadmerge",
@@ -240,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-v", "--verbose", action="store_true", help="list every tensor")
     _add_overrides(pl)
     pl.set_defaults(func=cmd_plan)
+
+    c = sub.add_parser(
+        "convert", help="print the native config of a mergekit config (the same merge)"
+    )
+    c.add_argument("config")
+    c.add_argument("--out", help="output directory to write into it (output.path)")
+    c.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("verify", help="check an output against its manifest")
     v.add_argument("output")

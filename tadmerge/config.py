@@ -523,6 +523,27 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 
 
 def load_config(path: str | Path) -> MergeConfig:
+    """A config file: native, or another tool's format detected from its keys and
+    translated (frontends/: a mergekit config, whose relative paths are read from
+    the working directory, as mergekit reads them)."""
+    p = Path(path)
+    raw = read_yaml(p)
+    from .frontends import mergekit
+
+    if mergekit.is_mergekit(raw):
+        native, notes = mergekit.translate(raw, Path.cwd())
+        for note in notes:
+            log.warning("mergekit config: %s", note)
+        try:
+            return parse_config(native, Path.cwd())
+        except ConfigError as e:
+            raise ConfigError(f"{path} (a mergekit config; `tadmerge convert` shows it "
+                              f"translated): {e}") from None  # fmt: skip
+    return parse_config(raw, p.parent)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A config file's YAML (bounded: MAX_CONFIG_BYTES, MAX_CONFIG_NODES), not empty."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -541,7 +562,7 @@ def load_config(path: str | Path) -> MergeConfig:
         raise ConfigError(f"{path}: not a usable config: {show(str(e), 120)}") from None
     if raw is None:
         raise ConfigError(f"{path}: the config is empty")
-    return parse_config(raw, p.parent)
+    return raw
 
 
 def with_overrides(cfg: MergeConfig, **kw: Any) -> MergeConfig:

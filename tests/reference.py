@@ -75,6 +75,10 @@ def ranks_for(sp: dict, n: int, rate: float | None) -> tuple[int, int, float]:
         lo = max(0, math.floor((1.0 - sp["density"] - sp["gamma"]) * n))
         hi = n - math.floor(sp["gamma"] * n)
         return lo, hi, ((n - (hi - lo)) / n if n else 0.0)
+    if m == "magnitude_outliers":
+        keep = math.floor(sp["density"] * n)
+        lo = max(0, n - keep - math.floor(sp["gamma"] * n))
+        return lo, lo + keep, ((n - keep) / n if n else 0.0)
     raise ValueError(m)
 
 
@@ -100,7 +104,7 @@ def sparsify(
     n = tau.numel()
     if m == "none" or n == 0:
         return tau
-    if m in ("tadrop", "magnitude", "breadcrumbs"):
+    if m in ("tadrop", "magnitude", "breadcrumbs", "magnitude_outliers"):
         if m == "tadrop" and rate is None:
             rate = tadrop_rate(tau.abs(), sp)
         lo, hi, d = ranks_for(sp, n, rate)

@@ -7,6 +7,10 @@ how. Both tools run through their
 command lines on the same tiny float32 Llama-shaped checkpoints, with the
 config mapping of benchmarks/configs.py (the one the speed comparison uses).
 
+The later tests give both tools the SAME mergekit YAML (tadmerge translates it,
+tadmerge/frontends/mergekit.py), for every deterministic mapped method, and check
+DARE/DELLA statistically (docs/semantics.md, "Coming from mergekit").
+
 Known differences (docs/benchmarks.md, "Known differences"), excluded from the
 comparison entry by entry, and counted to be rare:
 - TIES trim ties: where several |tau| equal the threshold value and the
@@ -201,3 +205,207 @@ def test_ties_bf16_differs_only_where_definitions_differ(tmp_path):
         n_amb += int(amb.sum())
         n_diff += int(diff.sum())
     assert n_diff > 0 and n_amb > 0  # the known differences do occur on bf16 inputs
+
+
+# ------------------------------------------------------------------------------------
+# The same mergekit YAML, given to both tools (tadmerge translates it:
+# tadmerge/frontends/mergekit.py). Definitional differences (docs/semantics.md,
+# "Coming from mergekit") are asserted where they apply, not skipped over.
+# ------------------------------------------------------------------------------------
+
+
+def _same_yaml(root: Path, data: Path, tag: str, method: str, params: dict, k: int = 3, **top):
+    base, fts = data / "base", [data / f"ft_{i}" for i in (1, 2, 3)][:k]
+    models = [
+        {"model": str(p), "parameters": {"weight": w}}
+        for p, w in zip(fts, WEIGHTS[:k], strict=True)
+    ]
+    raw = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": models,
+        "parameters": params,
+        "dtype": "float32",
+        **top,
+    }
+    cfg = root / f"same-{tag}.yml"
+    cfg.write_text(yaml.safe_dump(raw))
+    td_out, mk_out = root / f"same-td-{tag}", root / f"same-mk-{tag}"
+    _run(
+        [sys.executable, "-m", "tadmerge.cli", "-q", "merge", str(cfg), "--overwrite",
+         "--out", str(td_out)],
+        cwd=REPO,
+    )  # fmt: skip
+    _run([*MERGEKIT, str(cfg), str(mk_out), *MERGEKIT_FLAGS])
+    return _tensors(td_out), _tensors(mk_out)
+
+
+def _boundary_ties(a: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Entries whose |tau| equals a value that straddles a cut of the kept rank
+    range [lo, hi) (ascending): which of the equals are kept is the tools' own
+    choice (tadmerge: the lowest flat index dropped first; mergekit: argsort's)."""
+    s = torch.sort(a).values
+    amb = torch.zeros_like(a, dtype=torch.bool)
+    for cut in (lo, hi):
+        if 0 < cut < a.numel() and s[cut - 1] == s[cut] and s[cut] > 0:  # kept zeros are 0
+            amb |= a == s[cut]
+    return amb
+
+
+def _keep_ranges(method: str, n: int, density: float, gamma: float) -> tuple[int, int]:
+    if method.startswith("breadcrumbs"):
+        keep = int(density * n)
+        lo = max(0, n - keep - int(gamma * n))
+        return lo, lo + keep
+    return n - int(density * n), n
+
+
+def _ambiguous(method, base, fts, density, gamma, weights, consensus) -> torch.Tensor:
+    taus = [f.float().flatten() - base.float().flatten() for f in fts]
+    n = base.numel()
+    lo, hi = _keep_ranges(method, n, density, gamma)
+    amb = torch.zeros(n, dtype=torch.bool)
+    trimmed = []
+    for t in taus:
+        a = t.abs()
+        amb |= _boundary_ties(a, lo, hi)
+        order = torch.argsort(a, stable=True)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[order[lo:hi]] = True
+        trimmed.append(t * mask)
+    if consensus:  # sum_k w_k t_k == 0 exactly while a task moved: mergekit elects +1
+        s = sum(w * t for w, t in zip(weights, trimmed, strict=True))
+        amb |= (s == 0) & torch.stack([t != 0 for t in trimmed]).any(0)
+    return amb.reshape(base.shape)
+
+
+@pytest.mark.parametrize(
+    "tag, method, params",
+    [
+        ("linear", "linear", {"normalize": True}),
+        ("linear-sum", "linear", {"normalize": False}),
+        ("ta", "task_arithmetic", {"lambda": 0.3}),
+        ("ta-norm", "task_arithmetic", {"lambda": 0.7, "normalize": True}),
+        ("ties", "ties", {"density": 0.3, "lambda": 0.9}),
+        ("ties-sum-l1", "ties", {"density": 0.5, "normalize": False, "rescale": True}),
+        ("bc", "breadcrumbs", {"density": 0.3, "gamma": 0.05}),
+        ("bc-ties", "breadcrumbs_ties", {"density": 0.5, "gamma": 0.02, "lambda": 1.5}),
+    ],
+)
+def test_same_mergekit_yaml_matches_mergekit(f32_set, tag, method, params):
+    root, data = f32_set
+    extra = {}
+    if method == "linear":
+        extra = {"parameters": {**params, "weight": 0.25}}  # mergekit adds the base, weighted
+    a, b = _same_yaml(root, data, tag, method, extra.get("parameters", params))
+    assert set(a) == set(b)
+    base = _tensors(data / "base")
+    fts = [_tensors(data / f"ft_{i}") for i in (1, 2, 3)]
+    sparsified = "density" in params
+    n_amb = n_total = 0
+    for name in a:
+        assert a[name].dtype == b[name].dtype == torch.float32
+        ok = torch.ones_like(a[name], dtype=torch.bool)
+        if sparsified:
+            amb = _ambiguous(
+                method, base[name], [f[name] for f in fts], params["density"],
+                params.get("gamma", 0.0), WEIGHTS, "ties" in method,
+            )  # fmt: skip
+            ok = ~amb
+            n_amb += int(amb.sum())
+        n_total += ok.numel()
+        torch.testing.assert_close(a[name][ok], b[name][ok], rtol=2e-6, atol=2e-7, msg=name)
+        assert not torch.equal(a[name], base[name]) or name.endswith("norm.weight"), name
+    assert n_amb / n_total < 1e-3, f"{n_amb} of {n_total} entries ambiguous"
+
+
+def _kept(out: dict, base: dict, ft: dict, weight: float) -> tuple[int, int, list[float]]:
+    """For a one-model linear merge θ0 + w·t: entries kept (t != 0 where τ != 0),
+    entries with τ != 0, and each tensor's rescale factor ‖t‖₁/‖τ_kept‖₁."""
+    kept = moved = 0
+    factors = []
+    for name in out:
+        tau = ft[name].double() - base[name].double()
+        t = (out[name].double() - base[name].double()) / weight
+        nz = tau != 0
+        k = (t.abs() > 1e-3 * tau.abs()) & nz
+        kept += int(k.sum())
+        moved += int(nz.sum())
+        if int(k.sum()) > 100:
+            factors.append(float(t[k].abs().sum() / tau[k].abs().sum()))
+    return kept, moved, factors
+
+
+@pytest.mark.parametrize("method, params", [
+    ("dare_linear", {"density": 0.3}),
+    ("della_linear", {"density": 0.4, "epsilon": 0.2}),
+])  # fmt: skip
+def test_dare_and_della_keep_and_rescale_like_mergekit_statistically(f32_set, method, params):
+    """Different random streams, so never bit-comparable: on one model
+    (θ0 + w·Φ(τ)) the kept fraction is density for both (binomial bounds), and
+    the kept entries are scaled by about 1/density: mergekit restores each
+    tensor's l1 norm, tadmerge divides by the keep probability (DARE's rule;
+    docs/semantics.md "Coming from mergekit")."""
+    root, data = f32_set
+    a, b = _same_yaml(root, data, method, method, params, k=1)
+    base, ft = _tensors(data / "base"), _tensors(data / "ft_1")
+    d = params["density"]
+    for out, tool in ((a, "tadmerge"), (b, "mergekit")):
+        kept, moved, factors = _kept(out, base, ft, WEIGHTS[0])
+        sd = (moved * d * (1 - d)) ** 0.5
+        assert abs(kept - d * moved) < 6 * sd, (tool, kept, moved)
+        mean_factor = sum(factors) / len(factors)
+        # the mean rescale of the kept entries: 1/d for DARE; DELLA keeps large
+        # entries more often and divides them by a larger probability, so below 1/d
+        lo = 0.8 / d if method == "dare_linear" else 0.6 / d
+        assert lo < mean_factor < 1.2 / d, (tool, mean_factor)
+    if method == "dare_linear":  # tadmerge: exactly fl32(1/(1-p)) on every kept entry
+        _, _, f_td = _kept(a, base, ft, WEIGHTS[0])
+        assert max(f_td) - min(f_td) < 1e-3
+    if method == "della_linear":  # both keep large |τ| more often than small ones, alike
+        rates = []
+        for out in (a, b):
+            lo_kept = hi_kept = lo_n = hi_n = 0
+            for name in out:
+                tau = ft[name].double() - base[name].double()
+                if tau.dim() != 2 or tau.shape[1] < 16:
+                    continue
+                t = out[name].double() - base[name].double()
+                rank = tau.abs().argsort(1).argsort(1).double() / (tau.shape[1] - 1)
+                moved = tau != 0
+                kept = (t != 0) & moved
+                lo_kept += int((kept & (rank < 0.25)).sum())
+                lo_n += int((moved & (rank < 0.25)).sum())
+                hi_kept += int((kept & (rank > 0.75)).sum())
+                hi_n += int((moved & (rank > 0.75)).sum())
+            rates.append((lo_kept / lo_n, hi_kept / hi_n))
+        (td_lo, td_hi), (mk_lo, mk_hi) = rates
+        assert abs(td_lo - mk_lo) < 0.02 and abs(td_hi - mk_hi) < 0.02, rates
+        # top quartile: p from d + ε/2 to d + ε (mean d + 0.75ε)
+        assert abs(td_hi - (params["density"] + 0.75 * params["epsilon"])) < 0.02, rates
+        assert td_hi - td_lo > params["epsilon"], rates
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_dare_ties_and_della_run_the_same_yaml(f32_set, method):
+    """The consensus variants on three models: both tools move the same share of
+    the entries (random streams differ; the share is a statistic of the keep rates)."""
+    root, data = f32_set
+    params = {"density": 0.5} if method == "dare_ties" else {"density": 0.5, "epsilon": 0.1}
+    a, b = _same_yaml(root, data, method, method, params)
+    base = _tensors(data / "base")
+    moved_a = sum(int((a[n] != base[n]).sum()) for n in a)
+    moved_b = sum(int((b[n] != base[n]).sum()) for n in b)
+    total = sum(base[n].numel() for n in a)
+    assert abs(moved_a - moved_b) / total < 0.01, (moved_a, moved_b, total)
+
+
+def test_mergekit_ignores_the_tadmerge_extension_section(f32_set):
+    """The `tadmerge:` section (README "Coming from mergekit") is read by tadmerge
+    and ignored by mergekit: the same file runs in both and merges alike."""
+    root, data = f32_set
+    ext = {"runtime": {"workers": 2, "memory_budget": "256MB"}, "seed": 7}
+    a, b = _same_yaml(root, data, "ta-ext", "task_arithmetic", {"lambda": 0.5}, tadmerge=ext)
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=2e-6, atol=2e-7, msg=name)

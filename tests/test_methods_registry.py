@@ -25,7 +25,7 @@ WEIGHTS = [1.0, 0.5, 2.0]
 
 def test_every_method_is_registered_once_with_a_block_function():
     assert set(methods.sparsifiers()) == {
-        "none", "tadrop", "magnitude", "breadcrumbs", "random", "della",
+        "none", "tadrop", "magnitude", "breadcrumbs", "magnitude_outliers", "random", "della",
     }  # fmt: skip
     assert {"average", "linear", "task_arithmetic", "ties", "emr"} <= set(methods.combiners())
     for c in methods.combiners().values():

@@ -1,0 +1,488 @@
+"""mergekit (0.1.5) configs, translated into tadmerge's native config.
+
+A mergekit YAML (detected by its `merge_method` key) runs unchanged:
+`tadmerge merge mergekit.yml`. It is translated here into the native mapping that
+config.parse_config validates, so that the two formats share one parser, and
+`tadmerge convert mergekit.yml` prints that mapping: the native config of the same
+merge.
+
+What maps (docs/semantics.md, "Coming from mergekit"): mergekit's generalized task
+arithmetic methods are a sparsifier × a combiner here —
+
+    method            sparsify                      merge
+    linear            none                          linear (normalize)
+    task_arithmetic   none                          task_arithmetic (scale = lambda)
+    ties              magnitude                     ties (disjoint mean|sum = normalize)
+    dare_ties         random (p = 1 - density)      ties
+    dare_linear       random                        task_arithmetic
+    breadcrumbs       magnitude_outliers            task_arithmetic
+    breadcrumbs_ties  magnitude_outliers            ties
+    della             della                         ties
+    della_linear      della                         task_arithmetic
+
+`normalize` without a sign consensus divides by the sum of the weights: the
+weights are divided here (w_k / Σ w) and the merge is task_arithmetic. Everything
+tadmerge does not support is collected and raised as ONE ConfigError naming every
+key, before any checkpoint is read.
+
+The tadmerge extension: a top-level `tadmerge:` mapping (mergekit ignores unknown
+top-level keys, so the same file still runs in mergekit) with native sections —
+`sparsify` (a method name such as `tadrop`, or a native sparsify mapping; it
+replaces the method's own sparsifier), `output`, `runtime`, `inputs`, `exclude`,
+`seed`, `emr`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..schema import show
+
+log = logging.getLogger("tadmerge")
+
+MERGEKIT_VERSION = "0.1.5"
+
+
+@dataclass(frozen=True)
+class _Gta:
+    """One of mergekit's generalized task arithmetic methods."""
+
+    sparsify: str  # tadmerge's sparsifier ("none" for none)
+    consensus: bool  # TIES sign election
+    normalize: bool  # mergekit's default
+    rescale: bool  # mergekit's default
+
+
+GTA = {
+    "task_arithmetic": _Gta("none", False, False, False),
+    "ties": _Gta("magnitude", True, True, False),
+    "dare_ties": _Gta("random", True, False, True),
+    "dare_linear": _Gta("random", False, False, True),
+    "breadcrumbs": _Gta("magnitude_outliers", False, False, False),
+    "breadcrumbs_ties": _Gta("magnitude_outliers", True, False, False),
+    "della": _Gta("della", True, True, True),
+    "della_linear": _Gta("della", False, False, True),
+}
+SUPPORTED = ("linear", *GTA)
+NOT_YET = (
+    "slerp",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "model_stock",
+    "sce",
+    "nearswap",
+    "arcee_fusion",
+    "passthrough",
+    "ram",
+    "ramplus_tl",
+)
+
+TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "tadmerge"}  # fmt: skip
+# mergekit keys tadmerge does not implement yet (named in the error)
+TOP_UNSUPPORTED = {
+    "slices": "slices/layer_range (layer stacking) are not supported yet",
+    "modules": "modules are not supported yet",
+    "tokenizer": "tokenizer (a merged vocabulary) is not supported yet; the base's is copied",
+    "chat_template": "chat_template is not supported yet",
+}
+EXTENSION_KEYS = {"sparsify", "output", "runtime", "inputs", "exclude", "seed", "emr"}
+DTYPES = {"float32", "bfloat16", "float16", "float64"}
+_NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def is_mergekit(raw: Any) -> bool:
+    """A mergekit config: a mapping with `merge_method` (a native one has `merge`)."""
+    return isinstance(raw, dict) and "merge_method" in raw
+
+
+def _spec(method: str) -> tuple[dict[str, tuple[str, Any]], dict[str, tuple[str, Any]]]:
+    """mergekit's declared parameters of `method`: (shared, per model), each
+    name -> (kind, default); a default of ... is required."""
+    if method == "linear":
+        return {"normalize": ("bool", True)}, {"weight": ("number", ...)}
+    g = GTA[method]
+    shared = {
+        "int8_mask": ("bool", False),
+        "normalize": ("bool", g.normalize),
+        "rescale": ("bool", g.rescale),
+        "lambda": ("number", 1.0),
+    }
+    per_model = {"weight": ("number", ...), "density": ("number", 1.0)}
+    if g.sparsify == "magnitude_outliers":
+        per_model["gamma"] = ("number", 0.01)
+    if g.sparsify == "della":
+        per_model["epsilon"] = ("number", 0.15)
+    return shared, per_model
+
+
+class _Problems(list):
+    def add(self, where: str, why: str) -> None:
+        self.append(f"{where}: {why}")
+
+
+def _scalar(value: Any, kind: str, where: str, problems: _Problems) -> Any:
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        problems.add(where, f"expected true or false, got {show(value)}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        problems.add(where, f"expected a number, got {show(value)}")
+        return None
+    return float(value)
+
+
+def _setting(value: Any, kind: str, where: str, problems: _Problems) -> Any:
+    """One parameter setting as one value for every tensor, or None (absent or not
+    mappable: then a problem is added). mergekit's forms: a scalar; a list of
+    scalars (a gradient over the layers); {value, filter} or a list of them (the
+    first whose filter is a substring of the tensor name applies)."""
+    if isinstance(value, dict) and "value" in value:
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
+        seen: list[Any] = []
+        for i, cond in enumerate(value):
+            extra = set(cond) - {"value", "filter"}
+            if "value" not in cond or extra:
+                problems.add(f"{where}[{i}]", "expected {value, filter}")
+                return None
+            v = _setting(cond["value"], kind, f"{where}[{i}].value", problems)
+            if v is None:
+                return None
+            seen.append(v)
+            if cond.get("filter") in (None, "*"):
+                if all(s == v for s in seen):
+                    return v  # every tensor gets the same value: it maps exactly
+                break
+        filters = [c.get("filter") for c in value if c.get("filter") not in (None, "*")]
+        problems.add(
+            where,
+            f"values per tensor (filter {', '.join(map(show, filters))}) are not supported yet "
+            "(tadmerge takes one value per model for every tensor)",
+        )
+        return None
+    if isinstance(value, list):
+        if not value:
+            return None
+        vals = [_scalar(v, kind, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        if any(v is None for v in vals):
+            return None
+        if all(v == vals[0] for v in vals):
+            return vals[0]
+        problems.add(
+            where,
+            f"a layer gradient {show(value)} is not supported yet (tadmerge takes one value "
+            "for every layer)",
+        )
+        return None
+    if value is None:
+        return None
+    return _scalar(value, kind, where, problems)
+
+
+def _model_ref(value: Any, where: str, problems: _Problems) -> str | None:
+    if isinstance(value, dict):
+        problems.add(
+            where,
+            "a model given as a mapping (lora, override_architecture) is not "
+            "supported yet; give its path or repo id",
+        )
+        return None
+    if not isinstance(value, str) or not value:
+        problems.add(where, f"expected a path or a repo id, got {show(value)}")
+        return None
+    if "+" in value:
+        problems.add(where, f"{show(value)}: a LoRA applied with '+' is not supported yet")
+        return None
+    return value
+
+
+def _name(path: str, seen: set[str]) -> str:
+    stem = Path(path.rstrip("/")).name.split("@")[0] or "model"
+    name = _NAME_BAD.sub("_", stem)[:120]
+    if not name[0].isalnum():
+        name = "m" + name
+    out, i = name, 2
+    while out in seen:
+        out, i = f"{name}_{i}", i + 1
+    seen.add(out)
+    return out
+
+
+def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
+    """The native config mapping of a mergekit config, and notes (what is ignored,
+    where the definitions differ). Local paths are made absolute against `cwd` (as
+    mergekit reads them). Raises one ConfigError naming every unsupported key."""
+    from ..config import _resolve_path
+
+    cwd = Path(cwd)
+    problems = _Problems()
+    notes: list[str] = []
+
+    for key in sorted(set(raw) - TOP_KEYS, key=str):
+        if key in TOP_UNSUPPORTED:
+            problems.add(key, TOP_UNSUPPORTED[key])
+        else:
+            notes.append(
+                f"{key}: not a mergekit {MERGEKIT_VERSION} key; ignored (as mergekit does)"
+            )
+
+    method = raw.get("merge_method")
+    if method not in SUPPORTED:
+        if method in NOT_YET:
+            why = f"{show(method)} is not supported by tadmerge yet"
+        else:
+            why = f"unknown method {show(method)}"
+        problems.add("merge_method", f"{why} (supported: {', '.join(SUPPORTED)})")
+        shared_spec: dict = {}
+        model_spec: dict = {}
+    else:
+        shared_spec, model_spec = _spec(method)
+
+    # global parameters: the shared ones, and the per-model ones' fallback
+    params = raw.get("parameters") or {}
+    if not isinstance(params, dict):
+        problems.add("parameters", f"expected a mapping, got {type(params).__name__}")
+        params = {}
+    known = {**shared_spec, **model_spec}
+    for key in params:
+        if method in SUPPORTED and key not in known:
+            notes.append(f"parameters.{key}: {method} takes no {key}; ignored (as mergekit does)")
+    glob = {
+        k: _setting(params[k], kind, f"parameters.{k}", problems)
+        for k, (kind, _) in known.items()
+        if k in params
+    }
+    shared = {}
+    for k, (_, default) in shared_spec.items():
+        shared[k] = default if glob.get(k) is None else glob[k]
+
+    # models
+    base = raw.get("base_model")
+    if base is not None:
+        base = _model_ref(base, "base_model", problems)
+    entries = raw.get("models")
+    if not isinstance(entries, list) or not entries:
+        if "slices" not in raw and "modules" not in raw:
+            problems.add("models", "expected a non-empty list of {model, parameters}")
+        entries = []
+    inputs: list[tuple[str, dict]] = []  # (model, resolved per-model values)
+    base_listed = False
+    for i, m in enumerate(entries):
+        where = f"models[{i}]"
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m:
+            problems.add(where, "expected {model, parameters}")
+            continue
+        for key in sorted(set(m) - {"model", "parameters"}, key=str):
+            notes.append(f"{where}.{key}: not a mergekit key; ignored (as mergekit does)")
+        ref = _model_ref(m["model"], f"{where}.model", problems)
+        mp = m.get("parameters") or {}
+        if not isinstance(mp, dict):
+            problems.add(f"{where}.parameters", "expected a mapping")
+            mp = {}
+        if ref is not None and base is not None and ref == base:
+            base_listed = True
+            if method != "linear":  # the base of a task arithmetic method takes no parameter
+                continue
+        values = {}
+        for k in mp:
+            if k in shared_spec:
+                notes.append(
+                    f"{where}.parameters.{k}: set per model, mergekit reads it from "
+                    "the top-level parameters only; ignored"
+                )
+            elif method in SUPPORTED and k not in model_spec:
+                notes.append(f"{where}.parameters.{k}: {method} takes no {k}; ignored")
+        for k, (kind, default) in model_spec.items():
+            v = _setting(mp[k], kind, f"{where}.parameters.{k}", problems) if k in mp else None
+            if v is None:
+                v = glob.get(k)
+            if v is None and default is ... and k not in mp and k not in params:
+                problems.add(f"{where}.parameters.{k}", f"required by {method} (as in mergekit)")
+            values[k] = default if v is None else v
+        if ref is not None:
+            inputs.append((ref, values))
+    if method == "linear" and base is not None and not base_listed:
+        # mergekit adds the base to linear's inputs, with the top-level parameters
+        w = glob.get("weight")
+        if w is None:
+            problems.add("parameters.weight", "required: mergekit's linear merges base_model too")
+        inputs.append((base, {"weight": w if w is not None else 1.0}))
+    if method in GTA and base is None:
+        problems.add("base_model", f"required by {method} (task vectors are taken from it)")
+    if method in SUPPORTED and entries and not inputs and not problems:
+        problems.add("models", "no model to merge besides base_model")
+
+    # the sparsifier's parameters: one value for every model here
+    one: dict[str, float] = {}
+    for k in ("density", "gamma", "epsilon"):
+        if k not in model_spec or not inputs:
+            continue
+        vals = [v[k] for _, v in inputs]
+        if any(v != vals[0] for v in vals):
+            problems.add(
+                f"models[*].parameters.{k}",
+                f"different values per model ({', '.join(map(show, vals))}) are not supported "
+                f"yet (tadmerge takes one {k} for all models)",
+            )
+        one[k] = vals[0]
+
+    if "density" in one and one["density"] <= 0:
+        problems.add(
+            "density",
+            f"{show(one['density'])}: a density <= 0 drops every entry; not "
+            "supported (0 < density <= 1)",
+        )
+    if "gamma" in one and not 0 <= one["gamma"] < 1:
+        problems.add("gamma", f"{show(one['gamma'])}: expected 0 <= gamma < 1")
+    if "epsilon" in one and 0 < one["density"] < 1:
+        d, e = one["density"], one["epsilon"]
+        if not (d - e > 0 and d + e < 1):
+            problems.add(
+                "epsilon",
+                f"della needs 0 < density - epsilon and density + epsilon "
+                f"< 1 (as mergekit does; density {d}, epsilon {e})",
+            )
+
+    ext = raw.get("tadmerge") or {}
+    if not isinstance(ext, dict):
+        problems.add("tadmerge", f"expected a mapping, got {type(ext).__name__}")
+        ext = {}
+    for key in sorted(set(ext) - EXTENSION_KEYS, key=str):
+        problems.add(
+            f"tadmerge.{key}", f"unknown key; allowed: {', '.join(sorted(EXTENSION_KEYS))}"
+        )
+    ext_sparsify = ext.get("sparsify")
+    if isinstance(ext_sparsify, str):
+        ext_sparsify = {"method": ext_sparsify}
+    if ext_sparsify is not None and not isinstance(ext_sparsify, dict):
+        problems.add("tadmerge.sparsify", "expected a method name or a mapping")
+        ext_sparsify = None
+    if ext_sparsify is not None and method == "linear":
+        problems.add(
+            "tadmerge.sparsify",
+            "linear merges the weights, not task vectors: use task_arithmetic with normalize: true",
+        )
+
+    dtype = _dtype(raw.get("dtype"), "dtype", problems)
+    out_dtype = _dtype(raw.get("out_dtype"), "out_dtype", problems)
+    tok = raw.get("tokenizer_source")
+    if tok not in (None, "base"):
+        problems.add(
+            "tokenizer_source",
+            f"{show(tok)} is not supported yet (only base: the base model's tokenizer is copied)",
+        )
+
+    if problems:
+        n = len(problems)
+        head = "1 unsupported setting" if n == 1 else f"{n} unsupported settings"
+        raise ConfigError(
+            f"mergekit config: {head} (tadmerge reads mergekit {MERGEKIT_VERSION} configs; "
+            f"README 'Coming from mergekit'): " + "; ".join(problems)
+        )
+
+    def local(p: str, key: str) -> str:
+        return _resolve_path(p, cwd, key)
+
+    base_path = base if base is not None else inputs[0][0]
+    seen: set[str] = set()
+    models = [
+        {"path": local(p, "models"), "name": _name(p, seen), "weight": v["weight"]}
+        for p, v in inputs
+    ]
+    native: dict[str, Any] = {"base": local(base_path, "base_model"), "models": models}
+    if method == "linear":
+        native["sparsify"] = {"method": "none"}
+        native["merge"] = {"method": "linear", "normalize": shared["normalize"]}
+    else:
+        g = GTA[method]
+        density = one.get("density", 1.0)
+        if ext_sparsify is not None:
+            sp = dict(ext_sparsify)
+            unused = [k for k in ("density", "gamma", "epsilon", "rescale") if k in params]
+            if unused:
+                notes.append(
+                    f"tadmerge.sparsify replaces {method}'s sparsifier: "
+                    f"{', '.join(unused)} not used"
+                )
+        elif g.sparsify == "none" or density >= 1.0:
+            sp = {"method": "none"}  # mergekit keeps every entry at density >= 1
+        elif g.sparsify == "random":
+            sp = {"method": "random", "p": 1.0 - density}
+            sp["rescale"] = "inverse_keep" if shared["rescale"] else "none"
+        elif g.sparsify == "della":
+            sp = {"method": "della", "density": density, "epsilon": one["epsilon"]}
+            sp["rescale"] = "inverse_keep" if shared["rescale"] else "none"
+        else:
+            sp = {"method": g.sparsify, "density": density}
+            if g.sparsify == "magnitude_outliers":
+                sp["gamma"] = one["gamma"]
+            sp["rescale"] = "l1" if shared["rescale"] else "none"
+        if sp["method"] in ("random", "della") and shared["rescale"] and ext_sparsify is None:
+            notes.append(
+                f"rescale: {method}'s kept entries are scaled by 1/(keep probability) "
+                "(DARE's rule); mergekit restores each tensor's l1 norm (equal in "
+                "expectation)"
+            )
+        native["sparsify"] = sp
+        lam = shared["lambda"]
+        if g.consensus:
+            disjoint = "mean" if shared["normalize"] else "sum"
+            native["merge"] = {"method": "ties", "scale": lam, "disjoint": disjoint}
+        else:
+            total = sum(m["weight"] for m in models)
+            if shared["normalize"] and abs(total) >= 1e-8:  # mergekit's divisor guard
+                for m in models:
+                    m["weight"] = m["weight"] / total
+            native["merge"] = {"method": "task_arithmetic", "scale": lam}
+    if dtype not in (None, "float32"):
+        notes.append(
+            f"dtype: {dtype}: tadmerge computes in float32 and casts once; mergekit "
+            f"computes in {dtype} (results differ by {dtype}'s rounding)"
+        )
+    output = dict(ext.get("output") or {}) if isinstance(ext.get("output"), dict) else {}
+    if "output" in ext and not isinstance(ext.get("output"), dict):
+        native["output"] = ext["output"]  # the native parser names what is wrong
+    else:
+        out_path = output.get("path", "out")
+        if isinstance(out_path, str) and out_path and not Path(out_path).is_absolute():
+            out_path = str((cwd / out_path).resolve())  # mergekit's output is cwd-relative
+        output["path"] = out_path
+        out = output.get("dtype") or out_dtype or dtype
+        if out is not None:
+            output["dtype"] = out
+        native["output"] = output
+    for key in ("runtime", "inputs", "exclude", "seed", "emr"):
+        if key in ext:
+            native[key] = ext[key]
+    return native, notes
+
+
+def _dtype(value: Any, where: str, problems: _Problems) -> str | None:
+    if value is None:
+        return None
+    name = (
+        value[len("torch.") :] if isinstance(value, str) and value.startswith("torch.") else value
+    )
+    if name not in DTYPES:
+        problems.add(where, f"{show(value)} is not supported (one of {', '.join(sorted(DTYPES))})")
+        return None
+    return name
+
+
+def to_yaml(native: dict, notes: list[str], source: str) -> str:
+    """The native config as YAML, the notes above it as comments."""
+    import yaml
+
+    head = [f"# tadmerge native config, translated from the mergekit config {source}"]
+    head += [f"# note: {n}" for n in notes]
+    return "\n".join(head) + "\n" + yaml.safe_dump(native, sort_keys=False)

@@ -1,0 +1,294 @@
+"""mergekit configs (tadmerge/frontends/mergekit.py): detected from their keys,
+translated into the native config of the same merge, every unsupported key named
+in one error before any read; `tadmerge convert` prints a native config that
+merges to the same bytes. (The comparison with mergekit itself is
+tests/test_crosscheck_mergekit.py.)"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import reference as R
+import torch
+import yaml
+from checkpoints import write_zoo
+from safetensors.torch import load_file
+
+from tadmerge import methods
+from tadmerge.cli import main
+from tadmerge.config import load_config
+from tadmerge.errors import EXIT_CONFIG, ConfigError
+from tadmerge.frontends import detect
+from tadmerge.frontends.mergekit import translate
+
+WEIGHTS = [1.0, 0.5, 2.0]
+
+
+def _mk(method: str, params: dict | None = None, per_model: dict | None = None, **top) -> dict:
+    models = [
+        {"model": f"m{i}", "parameters": {"weight": w, **(per_model or {})}}
+        for i, w in enumerate(WEIGHTS)
+    ]
+    cfg = {"merge_method": method, "base_model": "b", "models": models, **top}
+    if params:
+        cfg["parameters"] = params
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "method, params, sparsify, merge",
+    [
+        ("linear", {"weight": 0.5}, {"method": "none"}, {"method": "linear", "normalize": True}),
+        ("task_arithmetic", {"lambda": 0.3}, {"method": "none"},
+         {"method": "task_arithmetic", "scale": 0.3}),
+        ("ties", {"density": 0.2}, {"method": "magnitude", "density": 0.2, "rescale": "none"},
+         {"method": "ties", "scale": 1.0, "disjoint": "mean"}),
+        ("ties", {"density": 0.2, "normalize": False, "rescale": True, "lambda": 2},
+         {"method": "magnitude", "density": 0.2, "rescale": "l1"},
+         {"method": "ties", "scale": 2.0, "disjoint": "sum"}),
+        ("ties", {}, {"method": "none"}, {"method": "ties", "scale": 1.0, "disjoint": "mean"}),
+        ("dare_ties", {"density": 0.3}, {"method": "random", "p": 0.7, "rescale": "inverse_keep"},
+         {"method": "ties", "scale": 1.0, "disjoint": "sum"}),
+        ("dare_linear", {"density": 0.3, "rescale": False},
+         {"method": "random", "p": 0.7, "rescale": "none"},
+         {"method": "task_arithmetic", "scale": 1.0}),
+        ("breadcrumbs", {"density": 0.5},
+         {"method": "magnitude_outliers", "density": 0.5, "gamma": 0.01, "rescale": "none"},
+         {"method": "task_arithmetic", "scale": 1.0}),
+        ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.05},
+         {"method": "magnitude_outliers", "density": 0.5, "gamma": 0.05, "rescale": "none"},
+         {"method": "ties", "scale": 1.0, "disjoint": "sum"}),
+        ("della", {"density": 0.5},
+         {"method": "della", "density": 0.5, "epsilon": 0.15, "rescale": "inverse_keep"},
+         {"method": "ties", "scale": 1.0, "disjoint": "mean"}),
+        ("della_linear", {"density": 0.5, "epsilon": 0.2},
+         {"method": "della", "density": 0.5, "epsilon": 0.2, "rescale": "inverse_keep"},
+         {"method": "task_arithmetic", "scale": 1.0}),
+    ],
+)  # fmt: skip
+def test_each_mapped_method_translates_to_its_sparsifier_and_combiner(
+    tmp_path, method, params, sparsify, merge
+):
+    raw = _mk(method, params)
+    assert detect(raw) == "mergekit" and detect({"base": "b", "merge": {}}) == "native"
+    native, _ = translate(raw, tmp_path)
+    assert native["sparsify"] == sparsify
+    assert native["merge"] == merge
+    weights = [m["weight"] for m in native["models"]]
+    # mergekit's linear merges the base too, with the top-level weight
+    assert weights == (WEIGHTS + [0.5] if method == "linear" else WEIGHTS)
+    assert native["output"]["path"] == str(tmp_path / "out")
+
+
+def test_linear_includes_the_base_and_normalize_folds_into_the_weights(tmp_path):
+    # mergekit's linear merges base_model too, with the top-level weight
+    native, _ = translate(_mk("linear", {"weight": 0.25}), tmp_path)
+    assert [m["weight"] for m in native["models"]] == [*WEIGHTS, 0.25]
+    assert native["models"][-1]["path"] == "b"
+    with pytest.raises(ConfigError, match=r"parameters\.weight: required"):
+        translate(_mk("linear"), tmp_path)
+    # normalize without a consensus: task arithmetic with w_k / Σ w
+    native, _ = translate(_mk("dare_linear", {"density": 0.5, "normalize": True}), tmp_path)
+    total = sum(WEIGHTS)
+    assert [m["weight"] for m in native["models"]] == [w / total for w in WEIGHTS]
+    # the base listed among the models is the base, not a task (GTA methods)
+    raw = _mk("ties", {"density": 0.5})
+    raw["models"].append({"model": "b", "parameters": {"weight": 9.0}})
+    native, _ = translate(raw, tmp_path)
+    assert len(native["models"]) == 3
+
+
+def test_parameters_resolve_like_mergekit(tmp_path):
+    # per model over global; an unfiltered {value} or a constant gradient maps exactly
+    raw = _mk("ties", {"density": 0.9, "weight": 7.0})
+    raw["models"][0]["parameters"] = {"density": [0.5, 0.5, 0.5], "weight": [{"value": 2.0}]}
+    raw["models"][1]["parameters"] = {"density": {"value": 0.5, "filter": "*"}}
+    raw["models"][2]["parameters"] = {
+        "density": 0.5,
+        "weight": [{"filter": "mlp", "value": 3.0}, {"value": 3.0}, {"filter": "x", "value": 1}],
+    }
+    native, notes = translate({**raw, "dtype": "bfloat16"}, tmp_path)
+    assert native["sparsify"]["density"] == 0.5
+    assert [m["weight"] for m in native["models"]] == [2.0, 7.0, 3.0]
+    assert native["output"]["dtype"] == "bfloat16"  # out_dtype absent: mergekit writes dtype
+    assert any("computes in float32" in n for n in notes)
+    native, _ = translate({**raw, "dtype": "bfloat16", "out_dtype": "float32"}, tmp_path)
+    assert native["output"]["dtype"] == "float32"
+
+
+def test_every_unsupported_key_is_named_in_one_error_before_any_read(tmp_path, capsys):
+    raw = _mk("ties", {"density": 0.5})
+    raw["models"][0]["parameters"]["weight"] = [0.1, 0.9]  # a real layer gradient
+    raw["models"][1]["parameters"]["weight"] = [{"filter": "mlp", "value": 0.3}, {"value": 1}]
+    raw["models"][2]["parameters"]["density"] = 0.3  # differs from the others
+    raw["models"].append({"model": "x+lora", "parameters": {"weight": 1}})
+    raw.update(slices=[{"sources": []}], tokenizer_source="union", chat_template="chatml")
+    raw.update(dtype="int64", tadmerge={"bogus": 1})
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text(yaml.safe_dump(raw))
+    # the paths do not exist: a read would be exit 3, the config error comes first
+    assert main(["merge", str(cfg), "--out", str(tmp_path / "o")]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "9 unsupported settings" in err
+    for key in (
+        "slices:", "tokenizer_source:", "chat_template:", "dtype:", "tadmerge.bogus:",
+        "models[0].parameters.weight: a layer gradient", "models[3].model:",
+        "models[1].parameters.weight: values per tensor (filter 'mlp')",
+        "models[*].parameters.density: different values per model",
+    ):  # fmt: skip
+        assert key in err, key
+    assert not (tmp_path / "o").exists()
+    for method in ("slerp", "model_stock", "sce", "passthrough", "nope"):
+        with pytest.raises(ConfigError, match=r"merge_method: .*" + method):
+            translate(_mk(method), tmp_path)
+    with pytest.raises(ConfigError, match=r"base_model: required by dare_ties"):
+        translate({k: v for k, v in _mk("dare_ties").items() if k != "base_model"}, tmp_path)
+    with pytest.raises(ConfigError, match=r"epsilon: della needs"):
+        translate(_mk("della", {"density": 0.9, "epsilon": 0.15}), tmp_path)
+
+
+def test_magnitude_outliers_keeps_what_mergekit_keeps():
+    """mergekit's magnitude_outliers: n_bot = max(0, n - int(d n) - int(g n)), keep
+    ranks [n_bot, n_bot + int(d n)) ascending (sparsify.py, read not copied)."""
+    keep_range = methods.sparsifier("magnitude_outliers").keep_range
+    for n in (1, 7, 64, 100, 1000, 4097):
+        for d in (0.01, 0.2, 0.5, 0.95, 1.0):
+            for g in (0.0, 0.01, 0.1, 0.5):
+
+                class S:
+                    density, gamma = d, g
+
+                target, top = int(d * n), int(g * n)
+                n_bot = max(0, n - target - top)
+                assert keep_range(n, S, None) == (n_bot, n_bot + target), (n, d, g)
+    # today's breadcrumbs keeps more at these sizes (why magnitude_outliers exists)
+    bc = methods.sparsifier("breadcrumbs").keep_range
+
+    class S2:
+        density, gamma = 0.2, 0.01
+
+    assert bc(64, S2, None) == (50, 64) and keep_range(64, S2, None) == (52, 64)
+    assert math.floor(0.2 * 64) == 12
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mkzoo")
+    return root, write_zoo(str(root))
+
+
+def _merge(args: list[str]) -> None:
+    assert main(["-q", "merge", *args, "--overwrite", "--progress", "none"]) == 0
+
+
+@pytest.mark.parametrize(
+    "method, params, ext",
+    [
+        ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1}, None),
+        ("dare_ties", {"density": 0.4}, {"seed": 3, "exclude": ["^head\\."]}),
+        ("task_arithmetic", {"lambda": 0.5}, {"sparsify": "tadrop"}),
+        ("ties", {"density": 0.5}, {"sparsify": {"method": "tadrop", "max_drop": 0.8}}),
+    ],
+)
+def test_convert_prints_a_native_config_of_the_same_merge(
+    zoo, tmp_path, monkeypatch, capsys, method, params, ext
+):
+    root, (base_path, model_paths, base, models) = zoo
+    monkeypatch.chdir(root)  # mergekit reads relative paths from the working directory
+    raw = {
+        "merge_method": method,
+        "base_model": "./base",
+        "models": [
+            {"model": "./" + Path(p).name, "parameters": {"weight": w}}
+            for p, w in zip(model_paths, WEIGHTS, strict=True)
+        ],
+        "parameters": params,
+    }
+    if ext:
+        raw["tadmerge"] = ext
+    mk = tmp_path / "mk.yml"
+    mk.write_text(yaml.safe_dump(raw))
+    assert main(["convert", str(mk), "--out", str(tmp_path / "native-out")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# tadmerge native config")
+    native = tmp_path / "sub" / "native.yml"  # elsewhere: its paths are absolute
+    native.parent.mkdir()
+    native.write_text(text)
+    cfg = load_config(native)
+    if ext and "sparsify" in ext:
+        assert cfg.sparsify.method == "tadrop"
+        assert cfg.merge.method == ("ties" if method == "ties" else "task_arithmetic")
+    _merge([str(mk), "--out", str(tmp_path / "mk-out")])
+    _merge([str(native)])
+    a = load_file(str(tmp_path / "mk-out" / "model.safetensors"))
+    b = load_file(str(tmp_path / "native-out" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert _bits(a[name]) == _bits(b[name]), name
+    if method == "breadcrumbs_ties":  # and it is mergekit's breadcrumbs (the reference)
+        sp = {"method": "magnitude_outliers", "density": 0.5, "gamma": 0.1, "rescale": "none"}
+        for name, got in a.items():
+            b0 = base[name]
+            if not b0.is_floating_point() or name.startswith("head."):
+                continue
+            taus = [m[name].float() - b0.float() for m in models]
+            ts = [R.sparsify(t, sp, task=k, name=name, seed=0, block_rows=1)
+                  for k, t in enumerate(taus)]  # fmt: skip
+            want = R.combine("ties", b0.float(), None, ts, WEIGHTS, 1.0, "sum").to(b0.dtype)
+            assert _bits(got) == _bits(want), name
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _mk_file(root: Path, model_paths: list[str], tmp_path: Path, ext: dict | None) -> Path:
+    raw = {
+        "merge_method": "dare_ties",
+        "base_model": str(root / "base"),
+        "models": [
+            {"model": p, "parameters": {"weight": w, "density": 0.5}}
+            for p, w in zip(model_paths, WEIGHTS, strict=True)
+        ],
+        "dtype": "float32",
+    }
+    if ext:
+        raw["tadmerge"] = ext
+    mk = tmp_path / f"mk-{len(ext or {})}.yml"
+    mk.write_text(yaml.safe_dump(raw))
+    return mk
+
+
+def test_merge_py_runs_a_mergekit_config(zoo, tmp_path):
+    """`python merge.py mergekit.yml` (the Ray job entry point) is `tadmerge merge`."""
+    import subprocess
+    import sys
+
+    root, (base_path, model_paths, base, models) = zoo
+    mk = _mk_file(root, model_paths, tmp_path, None)
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "merge.py"), str(mk), "--out", str(tmp_path / "a")]
+    r = subprocess.run(
+        [*cmd, "--progress", "none"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    _merge([str(mk), "--out", str(tmp_path / "b")])
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(_bits(a[n]) == _bits(b[n]) for n in a)
+
+
+@pytest.mark.ray
+def test_mergekit_config_on_ray_matches_local(ray_session, zoo, tmp_path):
+    """The extension's runtime section picks the Ray executor: the same bytes."""
+    root, (base_path, model_paths, base, models) = zoo
+    mk_local = _mk_file(root, model_paths, tmp_path, None)
+    mk_ray = _mk_file(root, model_paths, tmp_path, {"runtime": {"executor": "ray", "workers": 2}})
+    assert load_config(mk_ray).runtime.executor == "ray"
+    _merge([str(mk_local), "--out", str(tmp_path / "local")])
+    _merge([str(mk_ray), "--out", str(tmp_path / "ray")])
+    a = load_file(str(tmp_path / "local" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ray" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(_bits(a[n]) == _bits(b[n]) for n in a)
