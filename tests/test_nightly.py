@@ -83,7 +83,8 @@ def test_progress_counts_each_unit_once_after_a_resume():
     for u in (8, 9):  # TIES reruns of blocks already done
         p.update(u, 100)
     assert p.units == 10 and p.bytes == 600
-    assert p.line().startswith("merge: 10/10 units (4 reused), 600 B/600 B") and "ETA 0s" in p.line()
+    line = p.line()
+    assert line.startswith("merge: 10/10 units (4 reused), 600 B/600 B") and "ETA 0s" in line
 
 
 def test_progress_eta_is_never_negative_nor_the_units_above_the_total():
