@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -287,3 +288,38 @@ def test_the_nightly_switches_do_not_change_what_a_merge_is(keep):
     assert "if_changed" not in plain.to_dict()["runtime"]
     other = cfg(output={"path": "/x", "keep": keep}, runtime={"if_changed": True})
     assert other.output.keep == keep and other.runtime.if_changed
+
+
+def test_keep_a_publish_killed_before_the_symlink_switch_is_finished_by_the_next_run(
+    tmp_path, monkeypatch
+):
+    """Renamed into its dated name but the symlink not yet switched (a kill, or the
+    switch failing): the version is complete, and the next run for the output points
+    the symlink at it before anything else."""
+    import tadmerge.io.publish as publish
+
+    out = str(tmp_path / "out")
+    s = publish.Staging(out, keep=2)
+    Path(s.path, "model.safetensors").write_bytes(b"one")
+    first = s.publish()
+    assert os.path.realpath(out) == first
+
+    s = publish.Staging(out, keep=2)
+    Path(s.path, "model.safetensors").write_bytes(b"two")
+
+    def fail(link, target):
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as m:
+        m.setattr(publish, "switch_link", fail)
+        with pytest.raises(publish.OutputError, match="could not point"):
+            s.publish()
+    second = versions(out)[-1]
+    assert second != first and os.path.realpath(out) == first
+    nxt = publish.Staging(out, keep=2)  # the next run finishes the publish first
+    nxt.close()
+    shutil.rmtree(nxt.path)  # (that run's own staging directory: its lock only)
+    assert os.path.realpath(out) == second
+    assert Path(out, "model.safetensors").read_bytes() == b"two"
+    assert main(["-q", "verify", out]) == EXIT_OK
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", *map(os.path.basename, [first, second])])

@@ -369,7 +369,7 @@ def _acquire_output_lock(parent: str, name: str, output: str) -> tuple[int, str]
             }
             try:
                 os.ftruncate(fd, 0)
-                os.pwrite(fd, json.dumps(info).encode(), 0)
+                os.write(fd, json.dumps(info).encode())  # (at offset 0: a fresh descriptor)
             except OSError:
                 pass  # the holder's details are a courtesy; the flock is the lock
         except BaseException:
