@@ -323,3 +323,16 @@ def test_keep_a_publish_killed_before_the_symlink_switch_is_finished_by_the_next
     assert Path(out, "model.safetensors").read_bytes() == b"two"
     assert main(["-q", "verify", out]) == EXIT_OK
     assert sorted(os.listdir(tmp_path)) == sorted(["out", *map(os.path.basename, [first, second])])
+
+
+def test_the_statistics_stage_is_one_short_log_line_with_details_in_the_report(tmp_path, caplog):
+    w = World(tmp_path)
+    w.cfg["sparsify"] = {"method": "tadrop", "scope": "global"}
+    caplog.set_level(logging.INFO, logger="tadmerge")
+    assert main(["merge", w.write_cfg()]) == EXIT_OK
+    lines = [r.getMessage() for r in caplog.records if "statistics stage" in r.getMessage()]
+    assert len(lines) == 1 and len(lines[0]) < 160, lines
+    reads = json.loads((w.out / "merge_report.json").read_text())["reads"]
+    assert reads["stats_rounds"] >= 1
+    assert len(reads["round_seconds"]) == len(reads["round_kinds"]) == reads["stats_rounds"]
+    assert f"{reads['stats_rounds']} round(s)" in lines[0]
