@@ -57,6 +57,7 @@ def _config(args: argparse.Namespace):
         seed=args.seed,
         allow_pickle=args.allow_pickle,
         progress=args.progress,
+        if_changed=getattr(args, "if_changed", False),
     )
 
 
@@ -65,12 +66,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     result = run_merge(cfg, overwrite=args.overwrite, resume=args.resume)
+    if result.up_to_date:
+        print(f"{result.output}: up to date (inputs and config unchanged since it was published)")
+        return EXIT_OK
     rep = result.report
     t = rep.get("timings", {})
+    rss = f"peak RSS {rep.get('peak_rss_bytes', 0) / 2**20:.0f} MiB"
+    workers = rep.get("peak_rss_workers_bytes")
+    if workers:  # Ray: the driver's own is small, the actors' are what a node must hold
+        rss = (
+            f"peak RSS: driver {rep.get('peak_rss_bytes', 0) / 2**20:.0f} MiB, "
+            f"workers max {max(workers) / 2**20:.0f} MiB of {len(workers)}"
+        )
     print(
         f"merged {len(cfg.models)} model(s) with {cfg.merge.method}"
         f" + {cfg.sparsify.method} into {result.output} "
-        f"({t.get('total_s', 0):.1f}s, peak RSS {rep.get('peak_rss_bytes', 0) / 2**20:.0f} MiB, "
+        f"({t.get('total_s', 0):.1f}s, {rss}, "
         f"{rep['units']['reused']} of {rep['units']['total']} units reused)"
     )
     if cfg.merge.method == "emr":
@@ -251,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("config")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output")
     m.add_argument("--resume", action="store_true", help="continue an interrupted merge")
+    m.add_argument(
+        "--if-changed",
+        action="store_true",
+        help="skip (exit 0, 'up to date') when the inputs and the config are those the "
+        "published output was made from; else merge and replace it (runtime.if_changed)",
+    )
     _add_overrides(m)
     m.set_defaults(func=cmd_merge)
 

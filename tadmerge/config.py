@@ -108,6 +108,9 @@ class OutputSpec:
     path: str = "out"
     dtype: str = "auto"
     shard_size: int = 5 * 10**9
+    # keep the last N published outputs as dated siblings (`<path>.<UTC time>`), `path`
+    # a symlink to the newest (io/publish.py); 0: one output at `path`, replaced
+    keep: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,9 @@ class RuntimeSpec:
     # ray: seconds a replacement worker may wait to be scheduled before its units go
     # to the surviving workers (a lost node leaves no room for it)
     worker_start_timeout: float = 120.0
+    # skip the merge (exit 0, "up to date") when the inputs and the config are those the
+    # published output was made from (cluster/driver.py up_to_date); else replace it
+    if_changed: bool = False
     progress: str = "auto"  # auto | bar | log | none
     # CPU kernels: auto (TADMERGE_KERNELS, else the C kernels where they build, the
     # torch reference elsewhere) | c (required) | torch; numba: deprecated, taken as
@@ -190,6 +196,12 @@ class MergeConfig:
         d["models"] = [asdict(m) for m in self.models]
         d["merge"] = self.merge.to_dict()
         d["exclude"] = list(self.exclude)
+        # (the nightly switches at their defaults are left out: a config that does not
+        # use them writes the same merge_config.yaml as before they existed)
+        if not d["output"]["keep"]:
+            del d["output"]["keep"]
+        if not d["runtime"]["if_changed"]:
+            del d["runtime"]["if_changed"]
         return d
 
     def to_yaml(self) -> str:
@@ -333,12 +345,13 @@ def _parse_exclude(exclude: Any) -> tuple[str, ...]:
 
 
 def _parse_output(o: Any, base_dir: Path) -> OutputSpec:
-    _check_keys(o, {"path", "dtype", "shard_size"}, "output")
+    _check_keys(o, {"path", "dtype", "shard_size", "keep"}, "output")
     out_path = _string(o.get("path", "out"), "output.path", "a directory path")
     return OutputSpec(
         path=str((base_dir / out_path).resolve()) if not Path(out_path).is_absolute() else out_path,
         dtype=_choice(o.get("dtype", "auto"), "output.dtype", OUTPUT_DTYPES),
         shard_size=parse_size(o.get("shard_size", "5GB"), "output.shard_size"),
+        keep=_int(o.get("keep", 0), "output.keep", 0),
     )
 
 
@@ -346,7 +359,7 @@ def _parse_runtime(r: Any) -> RuntimeSpec:
     _check_keys(r, {"executor", "workers", "device", "memory_budget", "cpus_per_worker",
                     "gpus_per_worker", "max_retries", "progress", "max_unit_elements",
                     "block_elements", "kernels", "gpu_memory_budget",
-                    "worker_start_timeout"}, "runtime")  # fmt: skip
+                    "worker_start_timeout", "if_changed"}, "runtime")  # fmt: skip
     mue = r.get("max_unit_elements")
     gpus = r.get("gpus_per_worker")
     gpu_budget = r.get("gpu_memory_budget")
@@ -367,6 +380,7 @@ def _parse_runtime(r: Any) -> RuntimeSpec:
             0.0,
             lo_open=True,
         ),
+        if_changed=_bool(r.get("if_changed", False), "runtime.if_changed"),
         progress=_choice(
             r.get("progress", "auto"), "runtime.progress", {"auto", "bar", "log", "none"}
         ),
@@ -584,6 +598,8 @@ def with_overrides(cfg: MergeConfig, **kw: Any) -> MergeConfig:
         rt = replace(rt, workers=_workers(kw["workers"], "--workers"))
     if kw.get("progress") is not None:
         rt = replace(rt, progress=kw["progress"])
+    if kw.get("if_changed"):
+        rt = replace(rt, if_changed=True)
     cfg = replace(cfg, output=out, runtime=rt)
     if kw.get("seed") is not None:
         cfg = replace(cfg, seed=_int(kw["seed"], "--seed", 0))

@@ -118,8 +118,10 @@ def test_killed_driver_resumes_to_the_same_bytes(zoo, tmp_path, capsys):
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert "merged" not in p.stdout
     assert not out.exists()
+    # (and the output lock of the killed run, which a run ending by itself removes)
     assert sorted(x.name for x in tmp_path.iterdir() if x.name.startswith((".out", "out"))) == [
-        staging.name
+        ".out.tadmerge-lock",
+        staging.name,
     ]
     assert not (staging / "manifest.json").exists()
     assert (staging / ".tadmerge" / "fingerprint").is_file()

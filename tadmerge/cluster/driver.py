@@ -68,6 +68,7 @@ class MergeResult:
     output: str
     plan: Plan
     report: dict = field(default_factory=dict)
+    up_to_date: bool = False  # --if-changed found nothing changed: nothing was merged
 
 
 class RunState:
@@ -277,11 +278,21 @@ def run_merge(
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     dispatch = decide(cfg)
-    start_kernels(cfg, dispatch)
+    if_changed = cfg.runtime.if_changed and not resume
+    if not if_changed:
+        start_kernels(cfg, dispatch)
     plan = plan or make_plan(cfg, device=dispatch.device)
+    if if_changed:
+        why = changed_since(plan)
+        if why is None:  # (the caller says so: one line)
+            return MergeResult(cfg.output.path, plan, up_to_date=True)
+        log.info("merging: %s", why)
+        # (the published output is replaced atomically, as --overwrite does)
+        overwrite = True
+        start_kernels(cfg, dispatch)
     start_kernels(cfg, dispatch, plan)  # (what only the plan tells: a large streamed merge)
     timings["plan_s"] = time.monotonic() - t0
-    staging = Staging(cfg.output.path, overwrite=overwrite, resume=resume)
+    staging = Staging(cfg.output.path, overwrite=overwrite, resume=resume, keep=cfg.output.keep)
     log.info(
         "plan %s: %d tensors, %d units, %.2f GB in, %.2f GB out",
         plan.fingerprint[:12],
@@ -340,8 +351,8 @@ def run_merge(
             len(plan.units),
             sum(unit_bytes(plan, u) for u in todo),
             cfg.runtime.progress,
+            reused=reused,
         )
-        progress.units = reused
         nonfinite: dict[tuple[str, str], int] = {}
         overflow: dict[str, int] = {}  # output tensor -> NaN/Inf made by the merge
 
@@ -356,7 +367,7 @@ def run_merge(
             state.append(rec)
             done[rec.unit] = rec
             final(rec.unit)
-            progress.update(1, unit_bytes(plan, rec.unit))
+            progress.update(rec.unit, unit_bytes(plan, rec.unit))
 
         try:
             executor.run_units(todo, resolved, on_done)
@@ -388,6 +399,7 @@ def run_merge(
         executor.close()
         if getattr(executor, "peak_rss_workers", None):
             report["peak_rss_workers_bytes"] = executor.peak_rss_workers
+        report["inputs"] = inputs_record(plan)
         report["dispatch"] = dispatch.to_json()
         report["executor"] = {
             "kind": plan.config.runtime.executor,
@@ -543,6 +555,108 @@ def _what_changed(a: dict | None, b: dict | None) -> str:
     return "rewritten in place or its metadata changed: ctime moved, size and mtime kept"
 
 
+def _extra_versions(plan: Plan) -> dict[str, dict]:
+    """The files copied into the output beside the weights (config.json, tokenizer):
+    inode, size, mtime and ctime, which no rewrite keeps (io/identity.py)."""
+    out = {}
+    for src in plan.inputs[0].extra_files:
+        st = os.stat(src)
+        out[src] = {
+            "ino": st.st_ino,
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns,
+        }
+    return out
+
+
+def inputs_record(plan: Plan) -> dict:
+    """What the output is made from, in its merge_report.json (covered by the manifest):
+    the plan fingerprint (the config, every input file's version: local files by inode,
+    size, mtime, ctime and header digest, Hub files by commit; the layout; the tadmerge
+    version) and, per input, its source, revision (a Hub commit) and file versions.
+    `--if-changed` compares it; people read which inputs and revisions made an output."""
+    files = input_versions(plan)
+    return {
+        "plan_fingerprint": plan.fingerprint,
+        "checkpoints": [
+            {
+                "source": ck.source,
+                "revision": ck.revision,
+                "files": {
+                    k: v
+                    for k, v in files.items()
+                    if k in ck.files or (ck.revision and k.startswith(f"{ck.source}@"))
+                },
+            }
+            for ck in plan.inputs
+        ],
+        "extra_files": _extra_versions(plan),
+    }
+
+
+def changed_since(plan: Plan) -> str | None:
+    """--if-changed: None when the published output at output.path was made from these
+    inputs and this config (its merge_report.json, checked against its manifest, records
+    the same fingerprint and extra files), else why a merge is needed. Reads headers
+    (done by the plan already) and the output's manifest and report, no tensor data."""
+    out = plan.config.output.path
+    if not os.path.lexists(out):
+        return f"no output at {out} yet"
+    from ..io.publish import MANIFEST_NAME, _read_manifest
+
+    doc = _read_manifest(out)
+    if doc is None:
+        return f"{out} has no tadmerge {MANIFEST_NAME}"
+    entry = next(
+        (e for e in doc["files"] if isinstance(e, dict) and e.get("path") == REPORT_NAME), None
+    )
+    path = os.path.join(out, REPORT_NAME)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64 * 2**20)
+        old = json.loads(data)
+    except (OSError, ValueError):
+        return f"{path} is missing or unreadable"
+    import hashlib
+
+    if entry is None or entry.get("sha256") != hashlib.sha256(data).hexdigest():
+        return f"{path} does not match the output's {MANIFEST_NAME}"
+    rec = old.get("inputs") if isinstance(old, dict) else None
+    if not isinstance(rec, dict) or old.get("plan_fingerprint") != plan.fingerprint:
+        return _what_differs(rec, plan)
+    if rec.get("extra_files") != _extra_versions(plan):
+        return "a file copied beside the weights (config, tokenizer) changed"
+    return None
+
+
+def _what_differs(rec: dict | None, plan: Plan) -> str:
+    """A short why for a changed fingerprint: the input files that changed, else the
+    config or tadmerge."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("checkpoints"), list):
+        return "the output does not record its inputs (made by an older tadmerge)"
+    old: dict = {}
+    for ck in rec["checkpoints"]:
+        if isinstance(ck, dict) and isinstance(ck.get("files"), dict):
+            old.update(ck["files"])
+    now = input_versions(plan)
+
+    def what(a: dict | None, b: dict | None) -> str:
+        if a is None:
+            return "a new input"
+        return "no longer an input" if b is None else _what_changed(a, b)
+
+    changed = [
+        f"{printable(k, 200)} ({what(old.get(k), now.get(k))})"
+        for k in sorted(set(old) | set(now))
+        if old.get(k) != now.get(k)
+    ]
+    if changed:
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        return f"{len(changed)} input file(s) changed: " + "; ".join(changed[:5]) + more
+    return "the config or the tadmerge version changed"
+
+
 def check_inputs_unchanged(plan: Plan) -> None:
     """Re-stat every input and re-read its header (io/identity.recheck): an input
     that is not the version planned with fails the merge, naming every such file,
@@ -588,25 +702,26 @@ def _run_stats(plan: Plan, executor, reads: dict) -> dict:
         return {}
     t = time.monotonic()
 
-    times: list[str] = []
-
     def counted_map(label: str, items: list, on_result) -> None:
         reads["stats_rounds"] += 1
         reads.setdefault("round_kinds", []).append(label)
         reads["stats_read_bytes"] += sum(unit_bytes(plan, u) for u, _ in items)
         t_round = time.monotonic()
         executor.map_stats(label, items, on_result)
-        times.append(f"{label} {time.monotonic() - t_round:.1f}s")
+        reads.setdefault("round_seconds", []).append(round(time.monotonic() - t_round, 3))
 
     from .stats import run_stats_stage
 
     resolved = run_stats_stage(plan, counted_map)
+    # one short line whatever the number of rounds: each round's kind and time are
+    # in merge_report.json (reads.round_kinds, reads.round_seconds)
     log.info(
-        "statistics stage done in %.1fs: %d round(s) (%s) read %.2f of the inputs again",
+        "statistics stage done in %.1fs: %d round(s), read %.2f of the inputs again "
+        "(per round: %s reads)",
         time.monotonic() - t,
         reads["stats_rounds"],
-        ", ".join(times),
         reads["stats_read_bytes"] / max(1, plan.input_bytes),
+        REPORT_NAME,
     )
     return resolved
 

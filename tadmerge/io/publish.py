@@ -321,6 +321,151 @@ def _acquire_lock(directory: str) -> int | None:
     return fd
 
 
+def _output_lock_path(parent: str, name: str) -> str:
+    return os.path.join(parent, f".{name}.tadmerge-lock")
+
+
+def _acquire_output_lock(parent: str, name: str, output: str) -> tuple[int, str] | None:
+    """Take the lock beside the output (``.<name>.tadmerge-lock``: flock, exclusive, not
+    waiting) for the whole run, and write who holds it. Two runs for the same output,
+    fresh or resumed, never interleave: the second is refused naming the first, even
+    before either has a staging directory. The holder unlinks the file before it lets
+    go (:func:`_release_output_lock`), so a lock taken is only trusted once the path
+    still names the file locked. A dead holder's flock dies with it (its file stays,
+    and is taken over). Returns (descriptor, path), or None where flock is unavailable.
+    """
+    if fcntl is None:  # pragma: no cover
+        return None
+    path = _output_lock_path(parent, name)
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot create the output lock {path}: {exc.strerror or exc}; check the "
+                "output path and its permissions"
+            ) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _in_use(output, _holder(path)) from None
+            except OSError as exc:  # a filesystem without flock: run unlocked
+                log.warning("cannot lock %s (%s); running without a lock", path, exc.strerror)
+                os.close(fd)
+                return None
+            st = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except OSError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                os.close(fd)  # its holder released it (unlinked) meanwhile: take the new one
+                continue
+            info = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            }
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps(info).encode())  # (at offset 0: a fresh descriptor)
+            except OSError:
+                pass  # the holder's details are a courtesy; the flock is the lock
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, path
+    raise OutputError(f"cannot take the output lock {path}: it keeps being replaced; rerun")
+
+
+def _release_output_lock(held: tuple[int, str]) -> None:
+    """Unlink the lock file, then let go of it (in that order: see above)."""
+    fd, path = held
+    try:
+        st, own = os.stat(path), os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+            os.unlink(path)
+    except OSError:
+        pass
+    os.close(fd)
+
+
+# --------------------------------------------------------------------------- history
+# output.keep: every run is published under a dated sibling `<name>.<UTC time>` and
+# `<name>` is a symlink to the newest, switched in one rename.
+
+_STAMP = "%Y%m%dT%H%M%SZ"
+
+
+def _version_suffix(entry: str, name: str) -> tuple[str, int] | None:
+    """(timestamp, n) when `entry` is a dated version `<name>.<stamp>[-n]` of `name`."""
+    if not entry.startswith(name + "."):
+        return None
+    rest = entry[len(name) + 1 :]
+    stamp, _, n = rest.partition("-")
+    if len(stamp) != 16 or stamp[8] != "T" or stamp[-1] != "Z":
+        return None
+    if not (stamp[:8].isdigit() and stamp[9:15].isdigit()):
+        return None
+    if n and not n.isdigit():
+        return None
+    return stamp, int(n or 0)
+
+
+def versions(output: str) -> list[str]:
+    """The dated versions of `output` (full paths), oldest first."""
+    out = os.path.abspath(output)
+    parent, name = os.path.dirname(out), os.path.basename(out)
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        key = _version_suffix(entry, name)
+        full = os.path.join(parent, entry)
+        if key is not None and os.path.isdir(full) and not os.path.islink(full):
+            found.append((key, full))
+    return [full for _, full in sorted(found)]
+
+
+def switch_link(link: str, target: str) -> None:
+    """Point the symlink `link` at `target` (a sibling) atomically: a new symlink
+    under a temporary name, renamed over `link`. Readers see the old or the new."""
+    parent = os.path.dirname(link)
+    tmp = os.path.join(parent, f".{os.path.basename(link)}.tadmerge-link-{secrets.token_hex(4)}")
+    os.symlink(os.path.basename(target), tmp)  # relative: the same on every node's mount
+    try:
+        os.rename(tmp, link)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(parent)
+
+
+def prune_versions(output: str, keep: int, protect: tuple[str, ...] = ()) -> list[str]:
+    """Delete the dated versions of `output` but the newest `keep` (and those named in
+    `protect`): only those that are verifiably tadmerge outputs (a manifest listing
+    every file, sizes unchanged); others are kept and logged. Returns those deleted."""
+    found = versions(output)
+    old = found[: max(0, len(found) - keep)]
+    deleted = []
+    for path in old:
+        if path in protect:
+            continue
+        why = _replace_refusal(path)
+        if why is None:
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+        else:
+            log.warning("output.keep: kept the old version %s: it %s", path, why)
+    return deleted
+
+
 # --------------------------------------------------------------------------- manifest
 
 
@@ -441,7 +586,9 @@ class Staging:
     :meth:`close` (a process that dies releases it too).
     """
 
-    def __init__(self, output: str, *, overwrite: bool = False, resume: bool = False) -> None:
+    def __init__(
+        self, output: str, *, overwrite: bool = False, resume: bool = False, keep: int = 0
+    ) -> None:
         out = os.path.abspath(os.path.expanduser(output))
         name = os.path.basename(out)
         if not name or name in (".", ".."):
@@ -451,12 +598,42 @@ class Staging:
         self.name = name
         self.overwrite = overwrite
         self.resume = resume
+        # output.keep: published under a dated sibling, `out` a symlink to the newest
+        self.keep = keep
+        self.link = out if keep else None
         self.path = os.path.join(self.parent, f".{name}.tadmerge-staging")
         self._published = False
         self._lock_fd: int | None = None
+        self._output_lock: tuple[int, str] | None = None
 
-        finished = self._finish_interrupted_publish()
-        if os.path.lexists(out):
+        try:
+            os.makedirs(self.parent, exist_ok=True)
+        except OSError as exc:  # e.g. a parent component is a regular file
+            raise OutputError(
+                f"cannot create the output's parent directory {self.parent}: "
+                f"{exc.strerror or exc}; choose another output path"
+            ) from None
+        self._output_lock = _acquire_output_lock(self.parent, name, out)
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        out, resume, overwrite = self.output, self.resume, self.overwrite
+        if self.keep:
+            self._finish_interrupted_keep()
+            if os.path.lexists(out) and not os.path.islink(out):
+                raise OutputError(
+                    f"output.keep: {out} exists and is not a symlink; tadmerge publishes "
+                    f"each run as {out}.<UTC time> and points {out} at the newest: move "
+                    "it aside (or rename it to such a dated name) and rerun"
+                )
+            finished = False
+        else:
+            finished = self._finish_interrupted_publish()
+        if os.path.lexists(out) and not self.keep:
             if resume and finished and not os.path.lexists(self.path):
                 raise OutputError(
                     f"--resume: the interrupted merge had already published {out} (its "
@@ -485,13 +662,6 @@ class Staging:
                     "rerun without --resume"
                 )
             try:
-                os.makedirs(self.parent, exist_ok=True)
-            except OSError as exc:  # e.g. a parent component is a regular file
-                raise OutputError(
-                    f"cannot create the output's parent directory {self.parent}: "
-                    f"{exc.strerror or exc}; choose another output path"
-                ) from None
-            try:
                 os.mkdir(self.path, 0o755)
             except FileExistsError:
                 holder = _lock_holder(self.path)
@@ -508,10 +678,59 @@ class Staging:
             self._lock_fd = _acquire_lock(self.path)
 
     def close(self) -> None:
-        """Release the staging directory's lock (the merge is over, published or not)."""
+        """Release the staging directory's lock and the output's (the merge is over,
+        published or not)."""
         fd, self._lock_fd = getattr(self, "_lock_fd", None), None
         if fd is not None:
             os.close(fd)
+        held, self._output_lock = getattr(self, "_output_lock", None), None
+        if held is not None:
+            _release_output_lock(held)
+
+    def _dated(self) -> str:
+        """A new dated version name `<output>.<UTC time>`, sorting after every existing
+        version (`-n` added within one second, or after a clock step back)."""
+        stamp, n = time.strftime(_STAMP, time.gmtime()), 0
+        found = [_version_suffix(os.path.basename(v), self.name) for v in versions(self.output)]
+        if found and (stamp, n) <= max(found):
+            stamp, n = max(found)[0], max(found)[1] + 1
+        while True:
+            path = f"{self.output}.{stamp}" + (f"-{n}" if n else "")
+            if not os.path.lexists(path):
+                return path
+            n += 1
+
+    def _finish_interrupted_keep(self) -> None:
+        """output.keep: finish a publish killed after its rename into a dated version
+        (its `.tadmerge/` folder left, the symlink not yet switched): every dated
+        version is a complete output once renamed, so the newest one is the output."""
+        found = versions(self.output)
+        for path in found:
+            state = os.path.join(path, STATE_DIR)
+            if not os.path.isdir(state) or os.path.islink(state):
+                continue
+            if _read_manifest(path) is None:
+                continue
+            if (holder := _lock_holder(path)) is not None:
+                raise _in_use(path, holder)
+            try:
+                shutil.rmtree(state)
+                fsync_dir(path)
+            except OSError as exc:
+                raise OutputError(
+                    f"{path}: cannot finish the interrupted publish that left {state}: "
+                    f"{exc.strerror or exc}; remove {state} yourself"
+                ) from None
+        if found and (not os.path.lexists(self.output) or os.path.islink(self.output)):
+            newest = found[-1]
+            if os.path.realpath(self.output) != os.path.realpath(newest):
+                try:
+                    switch_link(self.output, newest)
+                except OSError as exc:
+                    raise OutputError(
+                        f"cannot point {self.output} at {newest}: {exc.strerror or exc}"
+                    ) from None
+                log.info("finished the interrupted publish of %s", newest)
 
     def __del__(self) -> None:
         self.close()
@@ -589,6 +808,8 @@ class Staging:
             ) from None
 
         old = None
+        if self.keep:
+            self.output = self._dated()
         if os.path.lexists(self.output):
             if not self.overwrite:
                 raise OutputError(
@@ -624,6 +845,16 @@ class Staging:
                 STATE_DIR,
                 exc.strerror or exc,
             )
+        if self.link is not None:
+            try:
+                switch_link(self.link, self.output)
+            except OSError as exc:
+                self.close()
+                raise OutputError(
+                    f"published {self.output} but could not point {self.link} at it: "
+                    f"{exc.strerror or exc}; the next run for this output does"
+                ) from None
+            prune_versions(self.link, self.keep, protect=(self.output,))
         self.close()
         if old is not None:
             self._discard(old)

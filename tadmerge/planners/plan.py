@@ -318,10 +318,11 @@ def fingerprint(plan: Plan) -> str:
     cfg = plan.config.to_dict()
     for key in (
         "executor", "workers", "progress", "max_retries", "cpus_per_worker", "kernels",
-        "worker_start_timeout",
+        "worker_start_timeout", "if_changed",
     ):  # fmt: skip
         cfg["runtime"].pop(key, None)
     cfg["output"].pop("path", None)
+    cfg["output"].pop("keep", None)  # (where it is published, not what)
     doc = {
         "version": __version__,
         "config": cfg,
