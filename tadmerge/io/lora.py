@@ -7,7 +7,8 @@ and the rank of each A honoured; fan_in_fan_out and embedding adapters give
 ΔW = (B·A)ᵀ) and θ = base elsewhere. Each target tensor is a LoraEntry: a
 TensorEntry in float32 whose rows are made when they are read
 (io/block_io.read_bytes), per row block: rows [r0, r1) of B (of Aᵀ when
-transposed) times A, scaled and added to the base's rows widened to float32,
+transposed) times A, scaled and added to the base's rows widened to float32
+(to the adapter's own copy of the layer where peft saved one: embeddings),
 into the unit's own buffer; ΔW is never made whole. Every engine path reads it
 as it reads a float32 fine-tune, so the task vector is θ − base in float32:
 fl32(base + ΔW) − base, which is ΔW up to the float32 rounding of that sum (as
@@ -35,7 +36,9 @@ from .safetensors_format import TensorEntry, read_header
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-_LORA = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)")
+_LORA = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|base_layer)"
+)
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,11 @@ def open_adapter(root: str, problems: list[InputProblem]) -> tuple[Adapter, str]
     modules: dict[str, dict] = {}
     for name, entry in header.tensors.items():
         m = _LORA.match(name.removeprefix(_PREFIX))
+        if m is not None and m.group("kind") == "base_layer":
+            # peft's save_embedding_layers: the layer's own weights (a resized
+            # vocabulary); θ is made from them instead of the base's
+            modules.setdefault(m.group("module"), {"embedding": False})["W"] = entry
+            continue
         if m is None or len(entry.shape) != 2 or not entry.is_float:
             problems.append(
                 InputProblem(weights, name, "not a LoRA A or B matrix (refused: what is it?)")
@@ -161,7 +169,9 @@ def open_adapter(root: str, problems: list[InputProblem]) -> tuple[Adapter, str]
         slot["embedding"] = slot["embedding"] or "embedding" in m.group("kind")
         slot[m.group("kind")[-1]] = entry
     for module, slot in modules.items():
-        if "A" not in slot or "B" not in slot:
+        if "W" in slot and "A" not in slot and "B" not in slot:
+            problems.append(InputProblem(weights, module, "saved layer without a LoRA A and B"))
+        elif "A" not in slot or "B" not in slot:
             problems.append(
                 InputProblem(weights, module, "LoRA module without both its A and B matrices")
             )
@@ -204,6 +214,17 @@ def resolve(adapter: Adapter, weights: str, base: dict[str, TensorEntry]) -> dic
             )
             continue
         a, b = slot["A"], slot["B"]
+        own = slot.get("W")
+        if own is not None and (tuple(own.shape) != tuple(entry.shape) or not own.is_float):
+            problems.append(
+                InputProblem(
+                    weights,
+                    module,
+                    f"the adapter's own {module} weights {list(own.shape)} do not fit the "
+                    f"base's {list(entry.shape)} (another vocabulary?)",
+                )
+            )
+            continue
         transpose = slot["embedding"] or adapter.fan_in_fan_out
         shape = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
         if tuple(entry.shape) != shape or not entry.is_float:
@@ -224,7 +245,7 @@ def resolve(adapter: Adapter, weights: str, base: dict[str, TensorEntry]) -> dic
             offset=b.offset,
             nbytes=entry.numel * 4,
             identity=b.identity,
-            base=entry,
+            base=entry if own is None else own,
             a=a,
             b=b,
             scale=adapter.scaling(module, a.shape[0]),
