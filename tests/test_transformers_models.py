@@ -195,3 +195,21 @@ def test_emr_output_does_not_load_as_a_model_but_its_tasks_do(tmp_path):
     expected = task_state_dict(res.output, "m1")
     for n, p in model.state_dict().items():
         assert torch.equal(p, expected[n]), n
+
+
+def test_missing_head_without_tie_setting_says_which_key(tmp_path):
+    """A fine-tune without lm_head.weight whose config.json does not tie: refused
+    (exit 3), naming the key that would read it as tied."""
+    from tadmerge.errors import InputError
+
+    base = build(tmp_path / "base", "qwen2", False, torch.bfloat16, 0)
+    tied = build(tmp_path / "tied", "qwen2", True, torch.bfloat16, 1, state(base))
+    cfg_path = os.path.join(tied, "config.json")
+    with open(cfg_path) as f:
+        doc = json.load(f)
+    doc["tie_word_embeddings"] = False
+    with open(cfg_path, "w") as f:
+        json.dump(doc, f)
+    with pytest.raises(InputError, match=r"\[lm_head.weight\]: missing in model 'm0' \(a tied "
+                       r"head\? set tie_word_embeddings: true"):  # fmt: skip
+        merge(tmp_path, base, [tied])
