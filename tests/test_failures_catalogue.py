@@ -285,25 +285,26 @@ def test_non_float_dtype_mismatch_is_one_line_that_says_what_to_do(tmp_path, cap
     assert text.count("\n") == 0
 
 
-def test_larger_vocabulary_is_one_line_that_says_what_to_do(tmp_path, capsys):
-    """A fine-tune with added tokens: the embeddings and the head have more rows."""
+def test_smaller_vocabulary_is_one_line_that_says_what_to_do(tmp_path, capsys):
+    """A fine-tune whose embeddings and head have fewer rows than the base's (more
+    rows, added tokens, merge on the base's vocabulary: test_transformers_models.py)."""
     w = make_world(tmp_path, k=2)
     base = base_tensors()
     base.update(
         {"model.embed_tokens.weight": torch.randn(10, 4), "lm_head.weight": torch.randn(10, 4)}
     )
     write_checkpoint(w.base, base)
-    grown = finetune(base, 0)
+    shrunk = finetune(base, 0)
     for n in ("model.embed_tokens.weight", "lm_head.weight"):
-        grown[n] = torch.cat([grown[n], torch.randn(2, 4)])
-    write_checkpoint(w.models[0], grown)
+        shrunk[n] = shrunk[n][:8].clone()
+    write_checkpoint(w.models[0], shrunk)
     write_checkpoint(w.models[1], finetune(base, 1))
     run_bad(
         capsys,
         w,
         EXIT_INPUT,
         [
-            f"input problem: {w.model_file(0)}: 2 tensors differ in rows (12 in model 'm0' vs "
+            f"input problem: {w.model_file(0)}: 2 tensors differ in rows (8 in model 'm0' vs "
             "10 in the base), e.g. lm_head.weight, model.embed_tokens.weight: a vocabulary of "
             "another size (added tokens?); resize the model's embeddings to the base's 10 rows",
         ],

@@ -213,3 +213,32 @@ def test_missing_head_without_tie_setting_says_which_key(tmp_path):
     with pytest.raises(InputError, match=r"\[lm_head.weight\]: missing in model 'm0' \(a tied "
                        r"head\? set tie_word_embeddings: true"):  # fmt: skip
         merge(tmp_path, base, [tied])
+
+
+def test_added_tokens_merge_on_the_base_vocabulary(tmp_path, caplog):
+    """A fine-tune with 8 added tokens (embedding and head rows beyond the base's):
+    merged on the base's 64 rows, the rest dropped with one warning; the output
+    loads and equals the reference on the base's rows."""
+    base = build(tmp_path / "base", "llama", False, torch.bfloat16, 0)
+    sd = state(base)
+    plain = build(tmp_path / "plain", "llama", False, torch.bfloat16, 1, sd)
+    model = AutoModelForCausalLM.from_pretrained(
+        build(tmp_path / "tmp", "llama", False, torch.bfloat16, 2, sd)
+    )
+    model.resize_token_embeddings(72)
+    model.save_pretrained(str(tmp_path / "grown"))
+    grown = state(str(tmp_path / "grown"))
+    assert grown["lm_head.weight"].shape[0] == 72
+    with caplog.at_level("WARNING", logger="tadmerge"):
+        res = merge(tmp_path, base, [plain, str(tmp_path / "grown")])
+    assert "added tokens" in caplog.text and "'m1' (8 rows beyond the base's 64" in caplog.text
+    cut = {n: v[:64] if v.shape[:1] == (72,) else v for n, v in grown.items()}
+    expected = reference_ta(sd, [state(plain), cut])
+    got = state(res.output)
+    for n, v in expected.items():
+        assert torch.equal(got[n], v), n
+    assert res.report["vocabulary"]["dropped"]["m1"] == [
+        {"tensor": "lm_head.weight", "rows": 72, "rows_merged": 64},
+        {"tensor": "model.embed_tokens.weight", "rows": 72, "rows_merged": 64},
+    ]
+    assert_loads_as(res.output, expected)

@@ -123,6 +123,9 @@ class Checkpoint:
     # a PEFT LoRA adapter (io/lora.py): (Adapter, its weights file); its tensors are
     # the adapter's own until inventory matches it with the base (lora.resolve)
     adapter: object | None = None
+    # (name, its rows, rows read): vocabulary tensors with rows beyond the base's
+    # (added tokens), read on the base's vocabulary (planners/inventory.on_base_vocab)
+    trimmed: tuple[tuple[str, int, int], ...] = ()
 
     def side_file(self, name: str) -> str | None:
         """The path of side file `name` (config.json, ...) if it has one."""

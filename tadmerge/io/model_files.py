@@ -177,6 +177,12 @@ def model_card(plan, report: dict) -> bytes:
         for name, groups in casts.items():
             what = ", ".join(f"{g['tensors']} tensors {g['from']} → {g['to']}" for g in groups)
             body.append(f"- {name}: {what}")
+    vocab = (report.get("vocabulary") or {}).get("dropped")
+    if vocab:
+        body += ["", "## Added tokens", "", "Merged on the base's vocabulary; dropped:", ""]
+        for name, rows in vocab.items():
+            what = ", ".join(f"{r['tensor']} rows {r['rows_merged']}..{r['rows']}" for r in rows)
+            body.append(f"- {name}: {what}")
     body += ["", "## Configuration", "", "```yaml", cfg.to_yaml().rstrip("\n"), "```", ""]
     return ("\n".join(front + body)).encode("utf-8")
 

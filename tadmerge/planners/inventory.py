@@ -6,6 +6,7 @@ should list everything wrong with a published checkpoint at once.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import replace
 
@@ -13,6 +14,8 @@ from ..config import MergeConfig
 from ..errors import InputError, InputProblem
 from ..io import lora
 from ..io.checkpoint import HEAD_NAME, Checkpoint, open_checkpoint, with_tied_head
+
+log = logging.getLogger("tadmerge")
 
 MERGE, COPY, EXCLUDE = "merge", "copy", "exclude"
 
@@ -38,10 +41,65 @@ def open_inputs(cfg: MergeConfig) -> list[Checkpoint]:
         out[0] = None
     if out[0] is not None:
         out = [out[0]] + [_as_finetune(ck, out[0], problems) for ck in out[1:]]
+        out = [out[0]] + [on_base_vocab(ck, out[0]) for ck in out[1:]]
+        _warn_trimmed(cfg, out)
         problems.extend(agreement_problems(cfg, out))
     if problems:
         raise InputError(problems)
     return out  # type: ignore[return-value]
+
+
+def on_base_vocab(ck: Checkpoint | None, base: Checkpoint) -> Checkpoint | None:
+    """A fine-tune with added tokens read on the base's vocabulary: each vocabulary
+    tensor (embeddings, head) with more rows than the base's, and otherwise its
+    shape, is read as its first rows (the same bytes: rows lead), the rest dropped
+    (Checkpoint.trimmed says which). Fewer rows than the base: left to
+    agreement_problems (refused)."""
+    if ck is None:
+        return None
+    trimmed = []
+    tensors = dict(ck.tensors)
+    for n, e in ck.tensors.items():
+        b = base.tensors.get(n)
+        if (
+            b is None
+            or not _VOCAB_RE.search(n)
+            or len(e.shape) < 1
+            or len(e.shape) != len(b.shape)
+            or tuple(e.shape[1:]) != tuple(b.shape[1:])
+            or e.shape[0] <= b.shape[0]
+        ):
+            continue
+        rows = b.shape[0]
+        tensors[n] = replace(e, shape=(rows, *e.shape[1:]), nbytes=rows * e.row_numel * e.itemsize)
+        trimmed.append((n, e.shape[0], rows))
+    if not trimmed:
+        return ck
+    return replace(ck, tensors=tensors, trimmed=tuple(trimmed))
+
+
+def _warn_trimmed(cfg: MergeConfig, inputs: list[Checkpoint | None]) -> None:
+    said = [
+        f"'{m.name}' ({ck.trimmed[0][1] - ck.trimmed[0][2]} rows beyond the base's "
+        f"{ck.trimmed[0][2]} in {', '.join(n for n, _, _ in ck.trimmed)})"
+        for ck, m in zip(inputs[1:], cfg.models, strict=True)
+        if ck is not None and ck.trimmed
+    ]
+    if said:
+        log.warning(
+            "added tokens: merged on the base's vocabulary, the rows beyond it dropped, "
+            "in model(s) %s",
+            "; ".join(said),
+        )
+
+
+def vocab_trims(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, list[dict]]:
+    """For the report: per model, its vocabulary tensors read on the base's rows."""
+    return {
+        m.name: [{"tensor": n, "rows": own, "rows_merged": rows} for n, own, rows in ck.trimmed]
+        for ck, m in zip(inputs[1:], cfg.models, strict=True)
+        if ck.trimmed
+    }
 
 
 def _as_finetune(ck: Checkpoint | None, base: Checkpoint, problems: list) -> Checkpoint | None:
