@@ -69,6 +69,17 @@ def test_mixed_float_dtypes_merge_as_widened(mixed, sname, method):
         {"from": "F16", "to": "F32", "tensors": by_dtype["F32"]},
     ]
     assert "t2" not in casts
+    # the model card (README.md) states them, and the drop rates of the report
+    card = open(os.path.join(whole.output, "README.md"), encoding="utf-8").read()
+    assert "- t0: " in card and "F32 → BF16" in card
+    if sname != "none":
+        merged = [e for e in whole.report["tensors"].values() if e["kind"] == "merge"]
+        for task in ("t0", "t1", "t2"):
+            n = sum(e["tasks"][task]["n"] for e in merged)
+            kept = sum(e["tasks"][task]["kept"] for e in merged)
+            assert f"| {task} | {100 * (1 - kept / n):.2f}% |" in card
+    else:
+        assert "## Drop rates" not in card
 
 
 def test_mixed_dtypes_emr_keeps_excluded_tensors_in_each_tasks_dtype(mixed):

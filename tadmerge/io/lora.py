@@ -92,7 +92,8 @@ class LoraEntry(TensorEntry):
             b = read_rows(self.b, row_start, row_end).float().view(row_end - row_start, -1)
             torch.mm(b, a, out=theta.view(row_end - row_start, -1))
         theta.mul_(self.scale)
-        theta.add_(read_rows(self.base, row_start, row_end).float())
+        # widened exactly by the promotion, added in float32: no float32 copy of it
+        theta.add_(read_rows(self.base, row_start, row_end))
         return buf
 
 

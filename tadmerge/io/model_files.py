@@ -85,6 +85,16 @@ def _yaml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string is a YAML scalar
 
 
+def _model_id(source: str) -> str:
+    """A hub id without its @revision (the hub's base_model takes ids); a path as given."""
+    from .checkpoint import _parse_repo_id
+
+    if os.path.exists(os.path.expanduser(source)):
+        return source
+    repo = _parse_repo_id(source)
+    return repo[0] if repo is not None else source
+
+
 def drop_rates(report: dict, tasks: list[str]) -> dict[str, dict]:
     """Per task, over the merged tensors: the share of τ dropped (element-weighted)
     and the smallest and largest tensor's drop rate."""
@@ -117,8 +127,8 @@ def model_card(plan, report: dict) -> bytes:
     library = base_doc.get("library_name")
     if not isinstance(library, str) or not library:
         library = "transformers" if "transformers_version" in base_doc else None
-    front = ["---", "base_model:", f"- {_yaml_str(cfg.base)}"]
-    front += [f"- {_yaml_str(m.path)}" for m in cfg.models]
+    front = ["---", "base_model:", f"- {_yaml_str(_model_id(cfg.base))}"]
+    front += [f"- {_yaml_str(_model_id(m.path))}" for m in cfg.models]
     front += ["base_model_relation: merge", "tags:", "- merge", "- tadmerge"]
     if plan.is_emr:
         front.append("- emr")

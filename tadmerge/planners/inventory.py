@@ -63,11 +63,11 @@ def on_base_vocab(ck: Checkpoint | None, base: Checkpoint) -> Checkpoint | None:
         b = base.tensors.get(n)
         if (
             b is None
-            or not _VOCAB_RE.search(n)
             or len(e.shape) < 1
             or len(e.shape) != len(b.shape)
-            or tuple(e.shape[1:]) != tuple(b.shape[1:])
             or e.shape[0] <= b.shape[0]
+            or tuple(e.shape[1:]) != tuple(b.shape[1:])
+            or not _VOCAB_RE.search(n)
         ):
             continue
         rows = b.shape[0]
