@@ -92,7 +92,7 @@ def write_cfg(path: Path, paths: list[str], out: Path) -> str:
 
 
 def model_files(d: Path) -> dict[str, bytes]:
-    skip = {"merge_report.json", "manifest.json", "merge_config.yaml"}
+    skip = {"merge_report.json", "manifest.json", "merge_config.yaml", "README.md"}
     return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name not in skip}
 
 

@@ -242,7 +242,7 @@ def test_all_disagreements_reported_at_once(tmp_path, capsys):
     m2["a.weight"] = m2["a.weight"].reshape(8, 64).contiguous()
     write_checkpoint(w.models[2], m2)
     m3 = finetune(base, 3)
-    m3["c.bias"] = m3["c.bias"].half()
+    m3["ids"] = m3["ids"].int()  # (a float one in another float dtype merges)
     write_checkpoint(w.models[3], m3)
     text = run_bad(
         capsys,
@@ -254,54 +254,57 @@ def test_all_disagreements_reported_at_once(tmp_path, capsys):
             f"{w.model_file(1)} [extra.weight]: not in the base",
             f"{w.model_file(2)}: 1 tensor differs in shape (model 'm2' vs the base), "
             "e.g. a.weight [8, 64] vs [64, 8]: the model is not a fine-tune of this base",
-            f"{w.model_file(3)}: 1 tensor differs in dtype (F16 in model 'm3' vs F32 in the "
-            "base), e.g. c.bias: convert the model to F32",
+            f"{w.model_file(3)}: 1 tensor differs in dtype (I32 in model 'm3' vs I64 in the "
+            "base), e.g. ids: convert the model to I64",
         ],
     )
     assert text.count("\n") == 4
 
 
-def test_float32_finetune_of_a_bf16_base_is_one_line_that_says_what_to_do(tmp_path, capsys):
-    """Every float tensor of m0 saved in float32 over a bf16 base: one problem, not one
-    per tensor, naming both dtypes, a few tensors and the fix."""
+def test_non_float_dtype_mismatch_is_one_line_that_says_what_to_do(tmp_path, capsys):
+    """Every integer buffer of m0 saved in int32 over an int64 base: one problem, not
+    one per tensor, naming both dtypes, a few tensors and the fix. (A float tensor in
+    another float dtype merges: tests/test_real_checkpoints.py.)"""
     w = make_world(tmp_path, k=2)
-    base = {f"layers.{i}.w": torch.randn(4, 4).bfloat16() for i in range(6)}
+    base = {f"layers.{i}.ids": torch.arange(4) for i in range(6)}
+    base["w"] = torch.randn(4, 4)
     write_checkpoint(w.base, base)
-    write_checkpoint(w.models[0], {n: v.float() for n, v in base.items()})
+    write_checkpoint(w.models[0], {n: v.int() if n != "w" else v for n, v in base.items()})
     write_checkpoint(w.models[1], dict(base))
     text = run_bad(
         capsys,
         w,
         EXIT_INPUT,
         [
-            f"input problem: {w.model_file(0)}: 6 tensors differ in dtype (F32 in model 'm0' "
-            "vs BF16 in the base), e.g. layers.0.w, layers.1.w, layers.2.w (+3 more): convert "
-            "the model to BF16 (the base's dtype) before merging, or merge against a base "
-            "saved in F32",
+            f"input problem: {w.model_file(0)}: 6 tensors differ in dtype (I32 in model 'm0' "
+            "vs I64 in the base), e.g. layers.0.ids, layers.1.ids, layers.2.ids (+3 more): "
+            "convert the model to I64 (the base's dtype) before merging, or merge against a "
+            "base saved in I32",
         ],
     )
     assert text.count("\n") == 0
 
 
-def test_larger_vocabulary_is_one_line_that_says_what_to_do(tmp_path, capsys):
-    """A fine-tune with added tokens: the embeddings and the head have more rows."""
+def test_smaller_vocabulary_is_one_line_that_says_what_to_do(tmp_path, capsys):
+    """A fine-tune whose embeddings and head have fewer rows than the base's (more
+    rows, added tokens, merge on the base's vocabulary: test_transformers_models.py)."""
     w = make_world(tmp_path, k=2)
     base = base_tensors()
     base.update(
         {"model.embed_tokens.weight": torch.randn(10, 4), "lm_head.weight": torch.randn(10, 4)}
     )
     write_checkpoint(w.base, base)
-    grown = finetune(base, 0)
+    shrunk = finetune(base, 0)
     for n in ("model.embed_tokens.weight", "lm_head.weight"):
-        grown[n] = torch.cat([grown[n], torch.randn(2, 4)])
-    write_checkpoint(w.models[0], grown)
+        shrunk[n] = shrunk[n][:8].clone()
+    write_checkpoint(w.models[0], shrunk)
     write_checkpoint(w.models[1], finetune(base, 1))
     run_bad(
         capsys,
         w,
         EXIT_INPUT,
         [
-            f"input problem: {w.model_file(0)}: 2 tensors differ in rows (12 in model 'm0' vs "
+            f"input problem: {w.model_file(0)}: 2 tensors differ in rows (8 in model 'm0' vs "
             "10 in the base), e.g. lm_head.weight, model.embed_tokens.weight: a vocabulary of "
             "another size (added tokens?); resize the model's embeddings to the base's 10 rows",
         ],

@@ -118,7 +118,7 @@ class World:
 
 def model_files(d: Path) -> dict[str, bytes]:
     """Every file but those that record paths or timings."""
-    skip = {"merge_report.json", "manifest.json", "merge_config.yaml"}
+    skip = {"merge_report.json", "manifest.json", "merge_config.yaml", "README.md"}
     out = {}
     for dirpath, _, files in os.walk(d):
         for f in files:

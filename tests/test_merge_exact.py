@@ -137,7 +137,7 @@ def _files(d: str) -> dict[str, bytes]:
     out = {}
     for dirpath, _, files in os.walk(d):
         for f in files:
-            if f in ("merge_report.json", "manifest.json", "merge_config.yaml"):
+            if f in ("merge_report.json", "manifest.json", "merge_config.yaml", "README.md"):
                 continue
             p = os.path.join(dirpath, f)
             with open(p, "rb") as fh:

@@ -67,7 +67,7 @@ def files(d: str) -> dict[str, bytes]:
     out = {}
     for dirpath, _, fs in os.walk(d):
         for f in fs:
-            if f not in ("merge_report.json", "manifest.json", "merge_config.yaml"):
+            if f not in ("merge_report.json", "manifest.json", "merge_config.yaml", "README.md"):
                 p = os.path.join(dirpath, f)
                 out[os.path.relpath(p, d)] = open(p, "rb").read()
     return out

@@ -76,7 +76,7 @@ def merge_py(*args: str, exit_after: int | None = None) -> subprocess.CompletedP
 
 def model_files(d: Path) -> dict[str, bytes]:
     """Everything but the files that record paths or timings."""
-    skip = {"merge_report.json", "manifest.json", "merge_config.yaml"}
+    skip = {"merge_report.json", "manifest.json", "merge_config.yaml", "README.md"}
     out = {}
     for dirpath, _, files in os.walk(d):
         for f in files:

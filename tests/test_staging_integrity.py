@@ -52,7 +52,7 @@ RUNTIME = {
     "progress": "none",
     "device": "cpu",
 }
-SKIP = {"merge_report.json", "manifest.json", "merge_config.yaml"}
+SKIP = {"merge_report.json", "manifest.json", "merge_config.yaml", "README.md"}
 
 
 @pytest.fixture(scope="module")

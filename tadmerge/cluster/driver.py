@@ -293,6 +293,7 @@ def run_merge(
     start_kernels(cfg, dispatch, plan)  # (what only the plan tells: a large streamed merge)
     timings["plan_s"] = time.monotonic() - t0
     staging = Staging(cfg.output.path, overwrite=overwrite, resume=resume, keep=cfg.output.keep)
+    _log_casts(plan)
     log.info(
         "plan %s: %d tensors, %d units, %.2f GB in, %.2f GB out",
         plan.fingerprint[:12],
@@ -726,6 +727,14 @@ def _run_stats(plan: Plan, executor, reads: dict) -> dict:
     return resolved
 
 
+def _log_casts(plan: Plan) -> None:
+    from ..planners.inventory import casts
+
+    for name, groups in casts(plan.config, plan.inputs).items():
+        what = ", ".join(f"{g['tensors']} from {g['from']} to {g['to']}" for g in groups)
+        log.info("model '%s': tensors widened with the base's: %s", name, what)
+
+
 def _prepare_outputs(plan: Plan, staging: str) -> list[str]:
     """Create the output files (keeping those of a resumed merge that still have
     their layout); returns those (re)created empty, relative to staging."""
@@ -783,8 +792,13 @@ def _finalize(
         if len(shards) > 1:
             index_path = os.path.join(staging, TASKS_DIR, name, "model.safetensors.index.json")
             _atomic_write(index_path, index_json(shards))
-    for src in plan.inputs[0].extra_files:
-        dest = os.path.join(staging, os.path.basename(src))
+    from ..io.model_files import CARD_NAME, model_card, side_files
+
+    for name, src in side_files(plan):  # (config.json: made to agree with the output)
+        dest = os.path.join(staging, name)
+        if isinstance(src, bytes):
+            _atomic_write(dest, src)
+            continue
         with writing(dest):
             shutil.copyfile(src, dest)
     _atomic_write(os.path.join(staging, CONFIG_NAME), cfg.to_yaml().encode())
@@ -802,6 +816,14 @@ def _finalize(
         "output_bytes": plan.output_bytes,
         "tensors": tensors,
     }
+    from ..planners.inventory import casts, vocab_trims
+
+    cast = casts(cfg, plan.inputs)
+    if cast:  # fine-tunes saved in another float dtype than the base's
+        report["casts"] = cast
+    trims = vocab_trims(cfg, plan.inputs)
+    if trims:  # added tokens: rows beyond the base's vocabulary, dropped
+        report["vocabulary"] = {"source": "base", "dropped": trims}
     glob = resolved.get("_global")
     if glob:
         report["global"] = {cfg.task_names[int(k)]: v for k, v in glob.get("groups", {}).items()}
@@ -809,6 +831,7 @@ def _finalize(
         report["emr"] = emr
         pins = base_pin.result() if base_pin is not None else None
         _write_json(os.path.join(staging, EMR_NAME), _emr_doc(plan, emr, pins))
+    _atomic_write(os.path.join(staging, CARD_NAME), model_card(plan, report))
     return report
 
 

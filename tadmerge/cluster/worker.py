@@ -426,7 +426,7 @@ def _copy_unit(plan: Plan, staging: str, unit: Unit, tp: TensorPlan) -> UnitReco
     if where is not None:
         written.append(write_checked(staging, where[0], where[1], raws[0]))
     if tp.kind == EXCLUDE and plan.task_shards:
-        for m, raw in zip(plan.config.models, raws[1:], strict=True):
+        for m, raw, src in zip(plan.config.models, raws[1:], tp.sources[1:], strict=True):
             for shard in plan.task_shards[m.name]:
                 if tp.name in shard.data_offsets:
                     written.append(
@@ -434,7 +434,7 @@ def _copy_unit(plan: Plan, staging: str, unit: Unit, tp: TensorPlan) -> UnitReco
                             staging,
                             f"{TASKS_DIR}/{m.name}/{shard.filename}",
                             shard.tensor_offset(tp.name)
-                            + _row_offset(tp, unit.row_start, tp.dtype),
+                            + _row_offset(tp, unit.row_start, src.dtype),  # (its own dtype)
                             raw,
                         )
                     )

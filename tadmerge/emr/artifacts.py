@@ -19,7 +19,13 @@ import torch
 from ..engine.combine import emr_task_block
 from ..errors import InputError, InputProblem
 from ..io.block_io import read_rows
-from ..io.checkpoint import Checkpoint, _parse_repo_id, open_checkpoint
+from ..io.checkpoint import (
+    HEAD_NAME,
+    Checkpoint,
+    _parse_repo_id,
+    open_checkpoint,
+    with_tied_head,
+)
 from ..io.safetensors_format import TensorEntry
 from .pin import check_base
 from .store import MaskStore
@@ -118,6 +124,8 @@ def open_emr(path: str, *, verify_base: bool = False) -> EmrOutput:
         raise InputError(InputProblem(doc_path, None, f"unreadable emr.json: {e}")) from None
     base = open_checkpoint(_pinned_source(root, source, pinned.get("revision")))
     check_base(path, pinned, base, full=verify_base)
+    if HEAD_NAME in doc.get("tensors", {}):  # a tied base merged with untied models
+        base = with_tied_head(base) or base
     delta = open_checkpoint(path)
     return EmrOutput(path, doc, delta, base, MaskStore(os.path.join(path, "masks.zarr")))
 

@@ -30,6 +30,7 @@ from ..io.block_io import (
     layout_shards,
     write_at,
 )
+from ..io.model_files import untied_config
 from ..io.publish import STATE_DIR, Staging
 from .artifacts import EMR_NAME, open_emr
 
@@ -151,8 +152,14 @@ def materialize(
     if len(shards) > 1:
         with open(os.path.join(staging.path, "model.safetensors.index.json"), "wb") as f:
             f.write(index_json(shards))
+    untied = untied_config(emr.base) if emr.base.aliases else None  # (a tied base's head)
     for src in emr.base.extra_files:
-        shutil.copyfile(src, os.path.join(staging.path, os.path.basename(src)))
+        dest = os.path.join(staging.path, os.path.basename(src))
+        if untied is not None and os.path.basename(src) == "config.json":
+            with open(dest, "wb") as f:
+                f.write(untied)
+        else:
+            shutil.copyfile(src, dest)
     close_all()
     return staging.publish()  # (the log in STATE_DIR is left out and removed)
 

@@ -265,7 +265,12 @@ def read_bytes(
     A 0-d tensor is one row of one element. The bytes go straight from the kernel
     into the array's memory (no intermediate ``bytes``). numpy, not torch: the
     streamed merges (engine/stream.py) never import torch.
+
+    A LoRA adapter's target tensor (io/lora.LoraEntry) is made here, per row block.
     """
+    made = getattr(entry, "lora_rows", None)
+    if made is not None:
+        return made(row_start, row_end, out)
     offset, nbytes = _row_span(entry, row_start, row_end)
     buf = np.empty(nbytes, dtype=np.uint8) if out is None else out[:nbytes]
     if nbytes:
@@ -337,6 +342,8 @@ def map_bytes(entry: TensorEntry, row_start: int, row_end: int) -> np.ndarray | 
     write to their inputs.
     """
     global _map_ok
+    if hasattr(entry, "lora_rows"):  # made when read (io/lora.py): read_bytes
+        return None
     offset, nbytes = _row_span(entry, row_start, row_end)
     if not _map_ok or nbytes < MAP_MIN_BYTES or offset % _MAP_ALIGN:
         return None
@@ -404,6 +411,8 @@ def prefetch_rows(entry: TensorEntry, row_start: int, row_end: int) -> None:
     them then waits less on the disk. Advice only: any failure is ignored."""
     if not hasattr(os, "posix_fadvise") or row_end <= row_start:
         return
+    if hasattr(entry, "lora_rows"):  # (io/lora.py: its base's rows are read)
+        entry = entry.base
     row_bytes = entry.row_numel * entry.itemsize
     try:
         with _READ_FDS.acquire(entry.file, entry.identity, entry.name) as fd:

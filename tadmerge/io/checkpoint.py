@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from tadmerge.errors import InputError, InputProblem
@@ -46,7 +46,14 @@ from tadmerge.io.safetensors_format import (
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Checkpoint", "open_checkpoint", "EXTRA_FILE_NAMES", "cache_dir"]
+__all__ = [
+    "Checkpoint",
+    "open_checkpoint",
+    "EXTRA_FILE_NAMES",
+    "cache_dir",
+    "config_json",
+    "with_tied_head",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -110,6 +117,19 @@ class Checkpoint:
     tensors: dict[str, TensorEntry]
     extra_files: tuple[str, ...]
     revision: str | None = None
+    # (name, read from): tensors this checkpoint does not store but is read as having,
+    # e.g. ("lm_head.weight", "model.embed_tokens.weight") for tied embeddings
+    aliases: tuple[tuple[str, str], ...] = ()
+    # a PEFT LoRA adapter (io/lora.py): (Adapter, its weights file); its tensors are
+    # the adapter's own until inventory matches it with the base (lora.resolve)
+    adapter: object | None = None
+    # (name, its rows, rows read): vocabulary tensors with rows beyond the base's
+    # (added tokens), read on the base's vocabulary (planners/inventory.on_base_vocab)
+    trimmed: tuple[tuple[str, int, int], ...] = ()
+
+    def side_file(self, name: str) -> str | None:
+        """The path of side file `name` (config.json, ...) if it has one."""
+        return next((f for f in self.extra_files if os.path.basename(f) == name), None)
 
     @property
     def total_bytes(self) -> int:
@@ -124,6 +144,46 @@ def cache_dir() -> str:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = xdg if xdg else os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(os.path.abspath(base), "tadmerge")
+
+
+# --------------------------------------------------------------------------- tied heads
+
+HEAD_NAME = "lm_head.weight"
+# where a tied head reads its rows from, by architecture (Llama, Qwen2, Gemma, Mistral:
+# model.embed_tokens; GPT-2: transformer.wte; GPT-NeoX: gpt_neox.embed_in; BERT-like)
+EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight")
+MAX_CONFIG_BYTES = 4 * 2**20
+
+
+def config_json(ck: Checkpoint) -> dict | None:
+    """The checkpoint's config.json as a dict; None when it has none or it is not a
+    JSON object (what a merge copies of it is its bytes, unchanged)."""
+    path = ck.side_file("config.json")
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            doc = json.loads(fh.read(MAX_CONFIG_BYTES + 1).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def with_tied_head(ck: Checkpoint, head: str = HEAD_NAME) -> Checkpoint | None:
+    """`ck` read as storing `head` when it does not and its config.json says
+    tie_word_embeddings: true: the head is the embedding's TensorEntry read under
+    the head's name (Checkpoint.aliases says so). None when that does not apply
+    (the head is stored, the config does not tie, no single embedding is found)."""
+    if head in ck.tensors:
+        return None
+    doc = config_json(ck)
+    if doc is None or doc.get("tie_word_embeddings") is not True:
+        return None
+    embeds = [n for n in ck.tensors if n.endswith(EMBED_SUFFIXES)]
+    if len(embeds) != 1:
+        return None
+    tensors = dict(sorted({**ck.tensors, head: ck.tensors[embeds[0]]}.items()))
+    return replace(ck, tensors=tensors, aliases=ck.aliases + ((head, embeds[0]),))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -545,6 +605,22 @@ def _open_directory(
     except OSError as exc:
         problems.append(InputProblem(root, None, f"cannot list directory: {exc.strerror}"))
         return None
+    from tadmerge.io import lora
+
+    if lora.is_adapter(names):
+        opened = lora.open_adapter(root, problems)
+        if opened is None:
+            return None
+        files, entries = _single([opened[1]], allowed_real, problems)
+        return Checkpoint(
+            source=source,
+            root=root,
+            files=tuple(files),
+            tensors=dict(sorted(entries.items())),
+            extra_files=(),
+            revision=revision,
+            adapter=opened,
+        )
     extra = _extra_files(root, names, allowed_real, problems)
     if INDEX_NAME in names:
         files, entries = _from_index(root, allowed_real, problems)

@@ -6,11 +6,16 @@ should list everything wrong with a published checkpoint at once.
 
 from __future__ import annotations
 
+import logging
 import re
+from dataclasses import replace
 
 from ..config import MergeConfig
 from ..errors import InputError, InputProblem
-from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io import lora
+from ..io.checkpoint import HEAD_NAME, Checkpoint, open_checkpoint, with_tied_head
+
+log = logging.getLogger("tadmerge")
 
 MERGE, COPY, EXCLUDE = "merge", "copy", "exclude"
 
@@ -28,15 +33,99 @@ def open_inputs(cfg: MergeConfig) -> list[Checkpoint]:
         except InputError as e:
             problems.extend(e.problems)
             out.append(None)
+    out = untie(out)
+    if out[0] is not None and out[0].adapter is not None:
+        problems.append(
+            InputProblem(out[0].root, None, "the base is a LoRA adapter: give its base model")
+        )
+        out[0] = None
     if out[0] is not None:
+        out = [out[0]] + [_as_finetune(ck, out[0], problems) for ck in out[1:]]
+        out = [out[0]] + [on_base_vocab(ck, out[0]) for ck in out[1:]]
+        _warn_trimmed(cfg, out)
         problems.extend(agreement_problems(cfg, out))
     if problems:
         raise InputError(problems)
     return out  # type: ignore[return-value]
 
 
+def on_base_vocab(ck: Checkpoint | None, base: Checkpoint) -> Checkpoint | None:
+    """A fine-tune with added tokens read on the base's vocabulary: each vocabulary
+    tensor (embeddings, head) with more rows than the base's, and otherwise its
+    shape, is read as its first rows (the same bytes: rows lead), the rest dropped
+    (Checkpoint.trimmed says which). Fewer rows than the base: left to
+    agreement_problems (refused)."""
+    if ck is None:
+        return None
+    trimmed = []
+    tensors = dict(ck.tensors)
+    for n, e in ck.tensors.items():
+        b = base.tensors.get(n)
+        if (
+            b is None
+            or len(e.shape) < 1
+            or len(e.shape) != len(b.shape)
+            or e.shape[0] <= b.shape[0]
+            or tuple(e.shape[1:]) != tuple(b.shape[1:])
+            or not _VOCAB_RE.search(n)
+        ):
+            continue
+        rows = b.shape[0]
+        tensors[n] = replace(e, shape=(rows, *e.shape[1:]), nbytes=rows * e.row_numel * e.itemsize)
+        trimmed.append((n, e.shape[0], rows))
+    if not trimmed:
+        return ck
+    return replace(ck, tensors=tensors, trimmed=tuple(trimmed))
+
+
+def _warn_trimmed(cfg: MergeConfig, inputs: list[Checkpoint | None]) -> None:
+    said = [
+        f"'{m.name}' ({ck.trimmed[0][1] - ck.trimmed[0][2]} rows beyond the base's "
+        f"{ck.trimmed[0][2]} in {', '.join(n for n, _, _ in ck.trimmed)})"
+        for ck, m in zip(inputs[1:], cfg.models, strict=True)
+        if ck is not None and ck.trimmed
+    ]
+    if said:
+        log.warning(
+            "added tokens: merged on the base's vocabulary, the rows beyond it dropped, "
+            "in model(s) %s",
+            "; ".join(said),
+        )
+
+
+def vocab_trims(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, list[dict]]:
+    """For the report: per model, its vocabulary tensors read on the base's rows."""
+    return {
+        m.name: [{"tensor": n, "rows": own, "rows_merged": rows} for n, own, rows in ck.trimmed]
+        for ck, m in zip(inputs[1:], cfg.models, strict=True)
+        if ck.trimmed
+    }
+
+
+def _as_finetune(ck: Checkpoint | None, base: Checkpoint, problems: list) -> Checkpoint | None:
+    """A LoRA adapter read as a fine-tune of `base` (io/lora.py); others as they are."""
+    if ck is None or ck.adapter is None:
+        return ck
+    adapter, weights = ck.adapter  # type: ignore[misc]
+    try:
+        return replace(ck, tensors=lora.resolve(adapter, weights, base.tensors))
+    except InputError as e:
+        problems.extend(e.problems)
+        return None
+
+
+def untie(inputs: list[Checkpoint | None]) -> list[Checkpoint | None]:
+    """When some inputs store lm_head.weight and others, with tie_word_embeddings:
+    true in their config.json, do not, those are read as tied: their head is their
+    embedding (io/checkpoint.with_tied_head). All tied or all untied: unchanged."""
+    if not any(ck is not None and HEAD_NAME in ck.tensors for ck in inputs):
+        return inputs
+    return [(ck and with_tied_head(ck)) or ck for ck in inputs]
+
+
 def agreement_problems(cfg: MergeConfig, inputs: list[Checkpoint | None]) -> list[InputProblem]:
     """Missing or extra tensors, shape or dtype mismatches (models that opened).
+    Float tensors of another float dtype than the base's are no mismatch (casts()).
 
     One problem per model and kind of disagreement, saying what to do, not one per
     tensor: a fine-tune saved in float32 of a bf16 base differs in every tensor, and
@@ -54,7 +143,9 @@ def agreement_problems(cfg: MergeConfig, inputs: list[Checkpoint | None]) -> lis
         missing = sorted(names - set(ck.tensors))
         if len(missing) <= GROUP_AFTER:
             for n in missing:
-                problems.append(InputProblem(where, n, f"missing in model '{model.name}'"))
+                problems.append(
+                    InputProblem(where, n, f"missing in model '{model.name}'" + _tie_hint(n))
+                )
         else:
             problems.append(
                 InputProblem(
@@ -68,8 +159,13 @@ def agreement_problems(cfg: MergeConfig, inputs: list[Checkpoint | None]) -> lis
         extra = sorted(set(ck.tensors) - names)
         if len(extra) <= GROUP_AFTER:
             for n in extra:
+                hint = (
+                    " (is the base's head tied? set tie_word_embeddings: true in its config.json)"
+                    if n == HEAD_NAME
+                    else ""
+                )
                 problems.append(
-                    InputProblem(ck.tensors[n].file, n, f"not in the base ({_where(base)})")
+                    InputProblem(ck.tensors[n].file, n, f"not in the base ({_where(base)}){hint}")
                 )
         else:
             problems.append(
@@ -86,7 +182,8 @@ def agreement_problems(cfg: MergeConfig, inputs: list[Checkpoint | None]) -> lis
             a, b = base.tensors[n], ck.tensors[n]
             if a.shape != b.shape:
                 shapes.setdefault(_shape_key(a.shape, b.shape), []).append(n)
-            if a.dtype != b.dtype:
+            if a.dtype != b.dtype and not (a.is_float and b.is_float):
+                # float against float merges: τ = widen(model) − widen(base) (casts())
                 dtypes.setdefault((b.dtype, a.dtype), []).append(n)
         for key, group in shapes.items():
             problems.append(
@@ -103,6 +200,41 @@ def agreement_problems(cfg: MergeConfig, inputs: list[Checkpoint | None]) -> lis
                 )
             )
     return problems
+
+
+def casts(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, list[dict]]:
+    """Per model, the float tensors in another dtype than the base's (widened to
+    float32 with the base's and merged like any other): {model name: [{"from":
+    model dtype, "to": the base's dtype, "tensors": count}]}; models with none left out.
+    (The merged tensors are written in output.dtype, auto: the base's.)"""
+    base = inputs[0]
+    out: dict[str, list[dict]] = {}
+    for ck, model in zip(inputs[1:], cfg.models, strict=True):
+        counts: dict[tuple[str, str], int] = {}
+        for n, b in ck.tensors.items():
+            a = base.tensors.get(n)
+            if (
+                a is not None
+                and a.dtype != b.dtype
+                and a.is_float
+                and b.is_float
+                and not isinstance(b, lora.LoraEntry)  # (made in float32: io/lora.py)
+            ):
+                counts[(b.dtype, a.dtype)] = counts.get((b.dtype, a.dtype), 0) + 1
+        if counts:
+            out[model.name] = [
+                {"from": f, "to": t, "tensors": c} for (f, t), c in sorted(counts.items())
+            ]
+    return out
+
+
+def _tie_hint(name: str) -> str:
+    if name != HEAD_NAME:
+        return ""
+    return (
+        " (a tied head? set tie_word_embeddings: true in its config.json to read it as "
+        "the embedding)"
+    )
 
 
 GROUP_AFTER = 3  # missing / extra tensors listed one by one up to this many per model

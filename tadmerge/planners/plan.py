@@ -27,7 +27,7 @@ from ..io.block_io import OutputTensor, ShardSpec, layout_shards
 from ..io.checkpoint import Checkpoint
 from ..io.identity import FileIdentity
 from ..io.publish import check_output_outside_inputs
-from ..io.safetensors_format import DTYPE_SIZE, TensorEntry
+from ..io.safetensors_format import TensorEntry
 from .inventory import EXCLUDE, MERGE, classify, open_inputs
 
 CANONICAL_ELEMS = 1 << 20  # elements per canonical row block (RNG streams, mask chunks)
@@ -52,7 +52,7 @@ class TensorPlan:
     index: int
     name: str
     shape: tuple[int, ...]
-    dtype: str  # input dtype (all inputs agree)
+    dtype: str  # the base's dtype (a model's may be another float dtype: inventory.casts)
     kind: str  # merge | copy | exclude
     reason: str
     sources: tuple[TensorEntry, ...]  # base, then one per model
@@ -246,7 +246,7 @@ def make_plan(
                 max(1, entry.rows), canonical_rows(entry.row_numel, cfg.runtime.block_elements)
             ),
         )
-        itemsize = DTYPE_SIZE[entry.dtype]
+        itemsize = max(e.itemsize for e in tp.sources)  # (a model may be wider: F32)
         per_row = tp.row_numel * bytes_per_element(
             k, itemsize, cfg.merge.method, cfg.sparsify.method
         )
@@ -275,9 +275,14 @@ def make_plan(
     shards = layout_shards(out_tensors, cfg.output.shard_size, meta)
     task_shards: dict[str, list[ShardSpec]] = {}
     if cfg.merge.method == "emr":
-        excluded = [OutputTensor(t.name, t.dtype, t.shape) for t in tensors if t.kind == EXCLUDE]
-        if excluded:
-            for m in cfg.models:
+        # excluded tensors are kept per task in the task's own dtype
+        if any(t.kind == EXCLUDE for t in tensors):
+            for k, m in enumerate(cfg.models):
+                excluded = [
+                    OutputTensor(t.name, t.sources[k + 1].dtype, t.shape)
+                    for t in tensors
+                    if t.kind == EXCLUDE
+                ]
                 task_shards[m.name] = layout_shards(excluded, cfg.output.shard_size, meta)
     plan = Plan(cfg, inputs, tensors, units, shards, task_shards, unit_budget)
     plan.identities = {

@@ -1,0 +1,203 @@
+"""The files beside an output's weights: the base's side files, config.json made to
+agree with the weights, and a README.md model card.
+
+- A merge's config.json is the base's, byte for byte, except when the base's head
+  is tied (tie_word_embeddings: true, no lm_head.weight) and the output stores a
+  head (some fine-tune is untied): then tie_word_embeddings is false in it, or
+  loaders would tie the head to the embedding and drop the merged head.
+- An EMR output is not a model (its shards hold τ_uni, not weights): the base's
+  config.json is kept as ``base_config.json``, and its config.json names the model
+  type ``tadmerge-emr`` (EMR_CONFIG), which no loader knows: transformers'
+  ``from_pretrained`` fails naming it instead of loading meaningless weights.
+  `tadmerge materialize` writes a task model with the base's config.json.
+- README.md: YAML front matter (base_model: the base and the models merged,
+  base_model_relation: merge, tags, library_name where the base's config names
+  one) and a body with the method, its parameters, the drop rates and the config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from .checkpoint import config_json
+
+CARD_NAME = "README.md"
+BASE_CONFIG_NAME = "base_config.json"  # an EMR output's copy of the base's config.json
+EMR_MODEL_TYPE = "tadmerge-emr"
+EMR_CONFIG = (
+    json.dumps(
+        {
+            "model_type": EMR_MODEL_TYPE,
+            "tadmerge": "an EMR output, not a model: its weights are the unified task vector. "
+            "Write task NAME as a model with `tadmerge materialize <this folder> --task NAME "
+            "--to <folder>`; the base's config is base_config.json",
+        },
+        indent=2,
+    )
+    + "\n"
+).encode("utf-8")
+
+
+def side_files(plan) -> list[tuple[str, str | bytes]]:
+    """(file name in the output, the source path to copy or the bytes to write) for
+    each side file of the base (io/checkpoint.EXTRA_FILE_NAMES), config.json made
+    to agree with the output (see the module's docstring)."""
+    base = plan.inputs[0]
+    out: list[tuple[str, str | bytes]] = []
+    for src in base.extra_files:
+        name = os.path.basename(src)
+        if name != "config.json":
+            out.append((name, src))
+        elif plan.is_emr:
+            out.append((BASE_CONFIG_NAME, src))
+            out.append((name, EMR_CONFIG))
+        else:
+            out.append((name, _untied_config(plan, base) or src))
+    return out
+
+
+def _untied_config(plan, base) -> bytes | None:
+    """The base's config.json with tie_word_embeddings: false when the output stores
+    a head the base only has tied; None to copy it unchanged."""
+    written = {t.name for t in plan.tensors if t.out_dtype is not None}
+    if not any(head in written for head, _ in base.aliases):
+        return None
+    return untied_config(base)
+
+
+def untied_config(ck) -> bytes | None:
+    """`ck`'s config.json with tie_word_embeddings: false (None: it has none)."""
+    doc = config_json(ck)
+    if doc is None:
+        return None
+    doc["tie_word_embeddings"] = False
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+# ------------------------------------------------------------------------------------
+# the model card
+# ------------------------------------------------------------------------------------
+
+
+def _yaml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a YAML scalar
+
+
+def _model_id(source: str) -> str:
+    """A hub id without its @revision (the hub's base_model takes ids); a path as given."""
+    from .checkpoint import _parse_repo_id
+
+    if os.path.exists(os.path.expanduser(source)):
+        return source
+    repo = _parse_repo_id(source)
+    return repo[0] if repo is not None else source
+
+
+def drop_rates(report: dict, tasks: list[str]) -> dict[str, dict]:
+    """Per task, over the merged tensors: the share of τ dropped (element-weighted)
+    and the smallest and largest tensor's drop rate."""
+    out: dict[str, dict] = {}
+    for task in tasks:
+        n = kept = 0
+        rates = []
+        for entry in (report.get("tensors") or {}).values():
+            fig = (entry.get("tasks") or {}).get(task)
+            if not fig:
+                continue
+            n += fig["n"]
+            kept += fig["kept"]
+            if fig.get("drop_rate") is not None:
+                rates.append(fig["drop_rate"])
+        if n:
+            out[task] = {
+                "drop_rate": 1.0 - kept / n,
+                "min": min(rates) if rates else None,
+                "max": max(rates) if rates else None,
+                "elements": n,
+            }
+    return out
+
+
+def model_card(plan, report: dict) -> bytes:
+    """README.md of a merge output."""
+    cfg = plan.config
+    base_doc = config_json(plan.inputs[0]) or {}
+    library = base_doc.get("library_name")
+    if not isinstance(library, str) or not library:
+        library = "transformers" if "transformers_version" in base_doc else None
+    front = ["---", "base_model:", f"- {_yaml_str(_model_id(cfg.base))}"]
+    front += [f"- {_yaml_str(_model_id(m.path))}" for m in cfg.models]
+    front += ["base_model_relation: merge", "tags:", "- merge", "- tadmerge"]
+    if plan.is_emr:
+        front.append("- emr")
+    if library:
+        front.append(f"library_name: {_yaml_str(library)}")
+    front.append("---")
+
+    method = cfg.merge.method
+    sp = cfg.sparsify
+    body = [
+        "",
+        f"# {os.path.basename(os.path.normpath(cfg.output.path))}",
+        "",
+        f"A merge of {len(cfg.models)} model(s) into `{cfg.base}`, made with "
+        f"tadmerge {report.get('tadmerge_version', '')}.",
+    ]
+    if plan.is_emr:
+        body += [
+            "",
+            "**This is an EMR output, not a model.** Its `model.safetensors` holds the unified "
+            "task vector τ_uni, not weights, and its `config.json` names the model type "
+            f"`{EMR_MODEL_TYPE}` (the base's config is `{BASE_CONFIG_NAME}`), so it does not "
+            "load as a model. Write task `NAME` as a "
+            "model with `tadmerge materialize <this folder> --task NAME --to <folder>`, or "
+            "load it in memory with `tadmerge.emr.task_state_dict(<this folder>, 'NAME')`.",
+        ]
+    body += ["", "## Method", "", f"- merge: `{method}`"]
+    params = {k: v for k, v in cfg.to_dict().get("merge", {}).items() if k != "method"}
+    for k, v in params.items():
+        body.append(f"  - {k}: `{v}`")
+    body.append(f"- sparsify: `{sp.method}`")
+    for k, v in (cfg.to_dict().get("sparsify") or {}).items():
+        if k != "method":
+            body.append(f"  - {k}: `{v}`")
+    body += ["", "## Models", "", "| name | source | weight |", "|---|---|---|"]
+    body += [f"| {m.name} | `{m.path}` | {m.weight} |" for m in cfg.models]
+    rates = drop_rates(report, cfg.task_names)
+    if rates and sp.method != "none":
+        body += [
+            "",
+            "## Drop rates",
+            "",
+            "Share of each task vector dropped over the merged tensors (and the lowest and "
+            "highest tensor's share); per tensor in `merge_report.json`.",
+            "",
+            "| task | dropped | lowest tensor | highest tensor |",
+            "|---|---|---|---|",
+        ]
+        for task, r in rates.items():
+            body.append(
+                f"| {task} | {_pct(r['drop_rate'])} | {_pct(r['min'])} | {_pct(r['max'])} |"
+            )
+    casts = report.get("casts")
+    if casts:
+        body += ["", "## Inputs in another dtype than the base's", ""]
+        for name, groups in casts.items():
+            what = ", ".join(f"{g['tensors']} tensors {g['from']} → {g['to']}" for g in groups)
+            body.append(f"- {name}: {what}")
+    vocab = (report.get("vocabulary") or {}).get("dropped")
+    if vocab:
+        body += ["", "## Added tokens", "", "Merged on the base's vocabulary; dropped:", ""]
+        for name, rows in vocab.items():
+            what = ", ".join(f"{r['tensor']} rows {r['rows_merged']}..{r['rows']}" for r in rows)
+            body.append(f"- {name}: {what}")
+    body += ["", "## Configuration", "", "```yaml", cfg.to_yaml().rstrip("\n"), "```", ""]
+    return ("\n".join(front + body)).encode("utf-8")
+
+
+def _pct(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{100 * x:.2f}%"
