@@ -16,6 +16,7 @@ from ..engine.block import BlockResult, NonFiniteTaskVector, merge_block
 from ..engine.exact import coarse_stats
 from ..engine.histogram import KeysAside, fine_histograms
 from ..engine.keys import KeyChunks
+from ..engine.spec import CoarseRequest, FineRequest, StatsRequest, TieCountRequest
 from ..errors import InputError
 from ..io.block_io import read_rows
 from ..io.safetensors_format import torch_dtype
@@ -80,33 +81,31 @@ def nonfinite_error(plan: Plan, unit: Unit, task: int, blocks: list[torch.Tensor
     return nonfinite_input(plan, unit, task, bad_base, bad)
 
 
-def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu"):
+def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, device_name: str = "cpu"):
     """One unit's share of a statistics round (see cluster/stats.py)."""
     device = torch_device(device_name)
     unit = plan.units[unit_id]
     _, blocks = read_unit(plan, unit, device)
     base, models = blocks[0], blocks[1:]
-    kind = request[0]
-    if kind == "coarse":
+    if isinstance(request, CoarseRequest):
         # per task (coarse histogram, KeysAside or None): the keys set aside only
-        # when asked (request[2]: tensor-scope groups, whose fine round they save)
+        # when asked (tensor-scope groups, whose fine round they save)
         out = []
         for k, m in enumerate(models):
             keys = KeyChunks(m.sub_(base))
-            st = coarse_stats(keys, moments=request[1])
+            st = coarse_stats(keys, moments=request.moments)
             if st.nonfinite and not plan.config.inputs.allow_nonfinite:
                 raise nonfinite_error(plan, unit, k, blocks)
-            out.append((st, KeysAside.of(keys) if len(request) > 2 and request[2] else None))
+            out.append((st, KeysAside.of(keys) if request.keys_aside else None))
         return out
-    if kind == "fine":
-        wanted: dict[int, list[int]] = request[1]
+    if isinstance(request, FineRequest):
         return {
             k: fine_histograms(KeyChunks(models[k].sub_(base)), buckets)
-            for k, buckets in wanted.items()
+            for k, buckets in request.buckets.items()
         }
-    if kind == "ties":
+    if isinstance(request, TieCountRequest):
         out = {}
-        for k, keys_wanted in request[1].items():
+        for k, keys_wanted in request.keys.items():
             keys = KeyChunks(models[k].sub_(base))
             counts = dict.fromkeys(keys_wanted, 0)
             for chunk in keys:
@@ -114,7 +113,7 @@ def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu
                     counts[key] += int(torch.count_nonzero(chunk == key))
             out[k] = counts
         return out
-    raise ValueError(f"unknown stats request {kind}")
+    raise TypeError(f"unknown statistics request {request!r}")
 
 
 def merge_unit(

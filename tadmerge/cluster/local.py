@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from ..config import available_cpus
+from ..engine.spec import StatsRequest
 from ..io.block_io import prefetch_rows
 from ..planners.plan import Plan
 from .buffers import POOL
@@ -96,7 +97,7 @@ class LocalExecutor:
         for src in self.plan.tensors[unit.tensor].sources:
             prefetch_rows(src, unit.row_start, unit.row_end)
 
-    def map_stats(self, label: str, items: list[tuple[int, tuple]], on_result) -> None:
+    def map_stats(self, label: str, items: list[tuple[int, StatsRequest]], on_result) -> None:
         self._bounded_map(
             unit_stats,
             [(u, self.plan, u, req, self.device) for u, req in items],

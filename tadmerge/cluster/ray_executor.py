@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from ..engine.spec import StatsRequest
 from ..errors import MergeRuntimeError, TadmergeError
 from ..planners.plan import Plan
 from .dispatch import Dispatch
@@ -40,7 +41,7 @@ class _UnitWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def stats(self, unit_id: int, request: tuple):
+    def stats(self, unit_id: int, request: StatsRequest):
         return unit_stats(self.plan, unit_id, request, self.device)
 
     def run(self, unit_id: int, resolved: dict | None) -> UnitRecord:
@@ -104,7 +105,7 @@ class RayExecutor:
         dispatch = replace(self.dispatch, device=self.device)
         return actor.remote(self.plan_ref, self.staging, dispatch)
 
-    def _map(self, method: str, items: list[tuple[int, tuple]], on_result: Callable) -> None:
+    def _map(self, method: str, items: list[tuple[int, object]], on_result: Callable) -> None:
         """Run `method` over items on the actors, one item per actor at a time.
 
         An actor that dies (its process, or its node) is replaced and its item
@@ -195,7 +196,7 @@ class RayExecutor:
             idle.append(slot)
             on_result(item[0], result)
 
-    def map_stats(self, label: str, items: list[tuple[int, tuple]], on_result) -> None:
+    def map_stats(self, label: str, items: list[tuple[int, StatsRequest]], on_result) -> None:
         self._map("stats", items, on_result)
 
     def run_units(

@@ -38,11 +38,12 @@ from ..engine.exact import CoarseStats
 from ..engine.histogram import Cut, KeysAside, RankIndex, SparseFine
 from ..engine.keys import COARSE_SHIFT
 from ..engine.selection import PREDICTED_BUCKETS, Selection, resolve_selection, tadrop_rate
+from ..engine.spec import CoarseRequest, FineRequest, StatsRequest, TieCountRequest
 from ..planners.inventory import MERGE
 from ..planners.plan import Plan
 
 # An executor's map: (label, [(unit_id, request)], on_result(unit_id, result))
-MapFn = Callable[[str, list[tuple[int, tuple]], Callable[[int, object], None]], None]
+MapFn = Callable[[str, list[tuple[int, StatsRequest]], Callable[[int, object], None]], None]
 GROUP_BYTES = (4 + 2 * (PREDICTED_BUCKETS + 4)) * 2**18  # coarse arrays + fine histograms
 PER_UNIT_SHARE = 16  # per-unit fine histograms kept for the tie counts: budget / 16
 SPARSE_BIN_BYTES = 16  # one bin of a SparseFine: int64 bin + int64 count
@@ -146,7 +147,7 @@ def _resolve(
             coarse[g] = coarse[g] + st if g in coarse else st
             asides.add(g, unit_id, keys_aside)
 
-    items = [(u, ("coarse", sp.moments, aside)) for u in sorted(unit_groups)]
+    items = [(u, CoarseRequest(sp.moments, aside)) for u in sorted(unit_groups)]
     map_units("coarse", items, add_coarse)
     index = {g: RankIndex(coarse.pop(g)) for g in groups}
 
@@ -201,7 +202,7 @@ def _resolve(
                             per_unit.add(g, b, unit_id, hists[b])
 
         items = [
-            (u, ("fine", {k: sorted(b) for k, b in per_task.items()}))
+            (u, FineRequest({k: sorted(b) for k, b in per_task.items()}))
             for u, per_task in sorted(wanted.items())
         ]
         map_units("fine", items, add_fine)
@@ -310,7 +311,7 @@ def _tie_quotas(
                     counts[(unit_id, k, key)] = n
 
         items = [
-            (u, ("ties", {k: sorted(keys) for k, keys in per_task.items()}))
+            (u, TieCountRequest({k: sorted(keys) for k, keys in per_task.items()}))
             for u, per_task in sorted(wanted.items())
         ]
         map_units("ties", items, add_counts)

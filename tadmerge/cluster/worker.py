@@ -20,7 +20,13 @@ from ..engine.exact import coarse_stats
 from ..engine.histogram import KeysAside
 from ..engine.keys import SparseKeys
 from ..engine.raw import RAW_DTYPE, applies, merge_raw_sparse, takes
-from ..engine.spec import BlockContext, MergeSpec, NonFiniteTaskVector
+from ..engine.spec import (
+    BlockContext,
+    CoarseRequest,
+    MergeSpec,
+    NonFiniteTaskVector,
+    StatsRequest,
+)
 from ..engine.stream import NP_DTYPES, merge_raw, streams
 from ..errors import ConfigError, InputError, InputProblem
 from ..io.block_io import map_bytes, read_bytes, write_at_crc
@@ -198,11 +204,11 @@ def run_unit(
         return UnitRecord(unit_id, [], nonfinite_out=e.count)
 
 
-def unit_stats(plan: Plan, unit_id: int, request: tuple, device_name: str = "cpu"):
+def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, device_name: str = "cpu"):
     """One unit's share of a statistics round (see cluster/stats.py)."""
     unit = plan.units[unit_id]
     tp = plan.tensors[unit.tensor]
-    if request[0] == "coarse" and _raw_inputs(tp, resolve_device(device_name)):
+    if isinstance(request, CoarseRequest) and _raw_inputs(tp, resolve_device(device_name)):
         got = _raw_coarse(plan, unit, request)
         if got is not None:
             return got
@@ -238,7 +244,7 @@ def _read_raw(plan: Plan, unit: Unit) -> list[np.ndarray]:
     return blocks
 
 
-def _raw_coarse(plan: Plan, unit: Unit, request: tuple) -> list | None:
+def _raw_coarse(plan: Plan, unit: Unit, request: CoarseRequest) -> list | None:
     """A coarse request answered from the raw bf16 blocks; None when a task
     vector's keys are not sparse (the torch engine answers it then)."""
     raws = _read_raw(plan, unit)
@@ -249,10 +255,10 @@ def _raw_coarse(plan: Plan, unit: Unit, request: tuple) -> list | None:
         if got is None:
             return None
         keys = SparseKeys(n, got[0], got[1])
-        st = coarse_stats(keys, moments=request[1])
+        st = coarse_stats(keys, moments=request.moments)
         if st.nonfinite and not plan.config.inputs.allow_nonfinite:
             raise nonfinite_input(plan, unit, k, _nonfinite(raws[0]), _nonfinite(model))
-        out.append((st, KeysAside.of(keys) if len(request) > 2 and request[2] else None))
+        out.append((st, KeysAside.of(keys) if request.keys_aside else None))
     return out
 
 

@@ -63,6 +63,36 @@ class MergeSpec:
         return dict(self.params)[name]
 
 
+# The map steps of the statistics stage (cluster/stats.py): what one unit is asked
+# for in one round. Each is answered per task and reduced by the driver by adding.
+
+
+@dataclass(frozen=True)
+class CoarseRequest:
+    """Per task: the coarse histogram of |τ|'s keys, with `moments` exact moments,
+    and (`keys_aside`) the block's keys with low bits when they are few."""
+
+    moments: int
+    keys_aside: bool = False
+
+
+@dataclass(frozen=True)
+class FineRequest:
+    """Per task: the fine histograms of the coarse buckets the resolvers asked for."""
+
+    buckets: dict[int, list[int]]  # task -> coarse buckets
+
+
+@dataclass(frozen=True)
+class TieCountRequest:
+    """Per task: how many entries of the block equal each cut key."""
+
+    keys: dict[int, list[int]]  # task -> cut keys
+
+
+StatsRequest = CoarseRequest | FineRequest | TieCountRequest
+
+
 class NonFiniteTaskVector(ValueError):
     """τ_k of this block holds NaN or Inf (the worker names the files)."""
 
