@@ -105,7 +105,14 @@ def test_linear_matches_its_reference_whole_and_split(zoo, normalize, sparsify):
             "output": {"path": str(root / f"lin-{normalize}-{sparsify}-{split}")},
             "runtime": runtime,
         })  # fmt: skip
-        outs.append(load_file(run_merge(cfg).output + "/model.safetensors"))
+        result = run_merge(cfg)
+        outs.append(load_file(result.output + "/model.safetensors"))
+        # the report's per-task figures: every merge's, plus what the methods declare
+        fig = next(iter(result.report["tensors"]["layers.0.attn.weight"]["tasks"].values()))
+        assert {"n", "kept", "drop_rate", "norm", "norm_after"} <= set(fig)
+        assert ("q_low" in fig) == (sparsify == "tadrop") and ("scale" in fig) == (
+            sparsify == "tadrop"
+        )
     whole, split = outs
     sp_ref = {"method": sparsify, "low_q": 0.5, "high_q": 0.95, "rescale": "l2"}
     for name, got in whole.items():

@@ -33,5 +33,6 @@ METHOD = Sparsifier(
     ),
     extra_bytes=lambda k: 2,
     check=_check,
+    report_fields=("scale",),
     keep_range=keep_range,
 )

@@ -66,4 +66,5 @@ METHOD = Combiner(
     extra_bytes=lambda k: k + 4,
     merge_block=merge_block,
     cross_block=("rescalers",),
+    report_fields=("mean_abs_t", "mean_abs_masked_uni"),
 )

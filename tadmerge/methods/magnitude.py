@@ -19,5 +19,6 @@ METHOD = Sparsifier(
     params=(SCOPE, DENSITY, rescale("none"), EPS),
     extra_bytes=lambda k: 2,
     check=lambda values, where: magnitude_global_rescale(values, where, "magnitude"),
+    report_fields=("scale",),
     keep_range=keep_range,
 )

@@ -32,5 +32,6 @@ METHOD = Sparsifier(
     ),
     extra_bytes=lambda k: 2,
     check=lambda values, where: magnitude_global_rescale(values, where, "magnitude_outliers"),
+    report_fields=("scale",),
     keep_range=keep_range,
 )

@@ -82,6 +82,9 @@ class Method:
     # extra bytes per element of a unit's working set, given K tasks, beyond the
     # K+1 float32 blocks, a raw block and the output cast (planners/plan.py)
     extra_bytes: Callable[[int], int] = field(default=lambda k: 0)
+    # per-task figures it adds to merge_report.json's tensors, beyond those of every
+    # merge (n, kept, drop_rate, norm, norm_after): report/figures.py fills them
+    report_fields: tuple[str, ...] = ()
     # cross-parameter constraints: check(values, section) is a message naming the
     # keys (as f"{section}.key"), or None
     check: Callable[[Mapping[str, Any], str], str | None] = field(

@@ -47,6 +47,7 @@ METHOD = Sparsifier(
     # the fine histograms of the several buckets TADrop's quantiles and cut fall in
     extra_bytes=lambda k: 4,
     check=_check,
+    report_fields=("q_low", "q_high", "scale"),
     drop_rate=drop_rate,
     keep_range=keep_range,
 )

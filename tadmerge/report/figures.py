@@ -17,8 +17,12 @@ if TYPE_CHECKING:
 
 def tensor_report(plan, done: dict, resolved: dict) -> tuple[dict, dict]:
     """(tensors section of the report, EMR section or {})."""
+    from .. import methods
+
     cfg = plan.config
     names = cfg.task_names
+    declared = set(methods.sparsifier(cfg.sparsify.method).report_fields)
+    declared |= set(methods.combiner(cfg.merge.method).report_fields)
     k_tasks = len(names)
     out: dict = {}
     emr_abs_t = [[0.0] * 0 for _ in range(k_tasks)]  # per task: list of per-tensor means
@@ -37,19 +41,21 @@ def tensor_report(plan, done: dict, resolved: dict) -> tuple[dict, dict]:
             kept = sum(r.tasks[k].kept for r in recs)
             fig: dict = {"n": t.numel, "kept": kept}
             whole = sel is not None and sel.n == t.numel
-            fig["q_low"] = sel.q_low if whole else None
-            fig["q_high"] = sel.q_high if whole else None
+            if "q_low" in declared:
+                fig["q_low"] = sel.q_low if whole else None
+                fig["q_high"] = sel.q_high if whole else None
             fig["drop_rate"] = (
                 sel.drop_rate if whole else (1.0 - kept / t.numel if t.numel else 0.0)
             )
-            fig["scale"] = sel.scale if whole else None
+            if "scale" in declared:
+                fig["scale"] = sel.scale if whole else None
             if whole and sel.tau_sq is not None:  # the tensor's exact moments
                 fig["norm"] = sel.tau_sq**0.5
                 fig["norm_after"] = sel.t_sq**0.5
             else:  # the blocks' own sums (float32 passes)
                 fig["norm"] = math.fsum(r.tasks[k].tau_sq for r in recs) ** 0.5
                 fig["norm_after"] = math.fsum(r.tasks[k].t_sq for r in recs) ** 0.5
-            if plan.is_emr:
+            if "mean_abs_t" in declared:
                 a = _sum(r.emr_abs_t[k] for r in recs)
                 b = _sum(r.emr_abs_uni[k] for r in recs)
                 fig["mean_abs_t"] = a.abs_sum / t.numel
