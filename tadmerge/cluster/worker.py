@@ -271,17 +271,9 @@ def _raw_unit(
     ctx = block_context(plan, unit, resolved)
     if not applies(ctx):
         return None
-    raws = _read_raw(plan, unit)
-    assert tp.out_dtype is not None
-    n = raws[0].size
-    out = POOL.bytes("out", n * DTYPE_SIZE[tp.out_dtype]).view(NP_DTYPES[tp.out_dtype])
-    try:
-        tasks = merge_raw_sparse(raws[0], raws[1:], out, spec, ctx)
-    except NonFiniteTaskVector:
-        return nonfinite_record(unit.id, [_nonfinite(r) for r in raws])
-    if tasks is None:
-        return None
-    return UnitRecord(unit.id, tasks, out=[write_out(plan, staging, unit, out)])
+    return _compiled_unit(plan, staging, unit, tp, lambda raws, out: merge_raw_sparse(
+        raws[0], raws[1:], out, spec, ctx
+    ))  # fmt: skip
 
 
 def _row_offset(tp: TensorPlan, row: int, dtype: str) -> int:
@@ -294,12 +286,23 @@ def _stream_unit(
     """A merge that needs only the block (engine/stream.py): the inputs stay in
     their own dtype and the output is made in the output dtype, chunk by chunk.
     None when the torch engine must merge this unit (a NaN result)."""
+    check_finite = not plan.config.inputs.allow_nonfinite
+    return _compiled_unit(plan, staging, unit, tp, lambda raws, out: merge_raw(
+        raws[0], raws[1:], out, spec, check_finite
+    ))  # fmt: skip
+
+
+def _compiled_unit(
+    plan: Plan, staging: str, unit: Unit, tp: TensorPlan, merge
+) -> UnitRecord | None:
+    """Read the unit's raw blocks, `merge(raws, out)` them into the output dtype
+    (a compiled path: per-task stats, or None to hand the unit on to the torch
+    engine) and write the rows."""
     raws = _read_raw(plan, unit)
     assert tp.out_dtype is not None
     out = POOL.bytes("out", raws[0].size * DTYPE_SIZE[tp.out_dtype]).view(NP_DTYPES[tp.out_dtype])
-    check_finite = not plan.config.inputs.allow_nonfinite
     try:
-        tasks = merge_raw(raws[0], raws[1:], out, spec, check_finite)
+        tasks = merge(raws, out)
     except NonFiniteTaskVector:
         return nonfinite_record(unit.id, [_nonfinite(r) for r in raws])
     if tasks is None:

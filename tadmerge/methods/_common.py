@@ -14,6 +14,7 @@ SCOPE = Param(
 )
 EPS = Param("eps", 1e-12, "added to the denominators of the rescale and of TADrop's ratio", lo=0.0)
 DENSITY = Param("density", 0.2, "fraction of the entries kept", lo=0.0, hi=1.0, lo_open=True)
+GAMMA = Param("gamma", 0.01, "fraction of the largest |τ| dropped", lo=0.0, hi=1.0, hi_open=True)
 
 
 def rescale(default: str, choices: tuple[str, ...] = RESCALES) -> Param:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from ._common import DENSITY, EPS, SCOPE, magnitude_global_rescale, rescale
-from .registry import MAGNITUDE, Param, Sparsifier
+from ._common import DENSITY, EPS, GAMMA, SCOPE, magnitude_global_rescale, rescale
+from .registry import MAGNITUDE, Sparsifier
 
 
 def keep_range(n: int, spec, rate: float | None) -> tuple[int, int]:
@@ -24,13 +24,7 @@ METHOD = Sparsifier(
     name="breadcrumbs",
     summary="drop the gamma·n largest |τ|, keep the next density·n",
     family=MAGNITUDE,
-    params=(
-        SCOPE,
-        DENSITY,
-        Param("gamma", 0.01, "fraction of the largest |τ| dropped", lo=0.0, hi=1.0, hi_open=True),
-        rescale("none"),
-        EPS,
-    ),
+    params=(SCOPE, DENSITY, GAMMA, rescale("none"), EPS),
     extra_bytes=lambda k: 2,
     check=_check,
     report_fields=("scale",),

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 
-from ._common import DENSITY, EPS, SCOPE, magnitude_global_rescale, rescale
-from .registry import MAGNITUDE, Param, Sparsifier
+from ._common import DENSITY, EPS, GAMMA, SCOPE, magnitude_global_rescale, rescale
+from .registry import MAGNITUDE, Sparsifier
 
 
 def keep_range(n: int, spec, rate: float | None) -> tuple[int, int]:
@@ -23,13 +23,7 @@ METHOD = Sparsifier(
     summary="mergekit's breadcrumbs: drop the floor(gamma·n) largest |τ|, keep the next "
     "floor(density·n)",
     family=MAGNITUDE,
-    params=(
-        SCOPE,
-        DENSITY,
-        Param("gamma", 0.01, "fraction of the largest |τ| dropped", lo=0.0, hi=1.0, hi_open=True),
-        rescale("none"),
-        EPS,
-    ),
+    params=(SCOPE, DENSITY, GAMMA, rescale("none"), EPS),
     extra_bytes=lambda k: 2,
     check=lambda values, where: magnitude_global_rescale(values, where, "magnitude_outliers"),
     report_fields=("scale",),
