@@ -267,6 +267,48 @@ def _in_use(directory: str, holder: str) -> OutputError:
     )
 
 
+def _flock_and_sign(fd: int, path: str, target: str) -> int | None | bool:
+    """Lock the open file `fd` (flock, exclusive, not waiting) and write who holds it
+    (pid, host, start time). Returns `fd`; None where the filesystem has no flock (a
+    warning says the run goes unlocked, `fd` closed); False when `path` no longer
+    names the file locked (its holder let go and unlinked it meanwhile: `fd`
+    closed). Raises OutputError naming the holder when another run holds it."""
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(target, _holder(path)) from None
+        except OSError as exc:  # a filesystem without flock: run unlocked
+            log.warning("cannot lock %s (%s); running without a lock", path, exc.strerror)
+            os.close(fd)
+            return None
+        st = os.fstat(fd)
+        try:
+            now = os.stat(path)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)
+            return False
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        }
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(info).encode())  # (at offset 0: a fresh descriptor)
+        except OSError:
+            pass  # the holder's details are a courtesy; the flock is the lock
+    except BaseException:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        raise
+    return fd
+
+
 def _acquire_lock(directory: str) -> int | None:
     """Take `directory`'s lock (exclusive, not waiting) and write who holds it.
 
@@ -285,40 +327,12 @@ def _acquire_lock(directory: str) -> int | None:
     if fcntl is None:  # pragma: no cover
         os.close(fd)
         return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _in_use(directory, _holder(path)) from None
-        except OSError as exc:  # a filesystem without flock: run unlocked
-            log.warning("cannot lock %s (%s); running without a lock", path, exc.strerror)
-            os.close(fd)
-            return None
-        # the file locked must still be the one at the path: a run that published or
-        # removed this staging directory meanwhile unlinked it
-        st = os.fstat(fd)
-        try:
-            now = os.stat(path)
-        except OSError:
-            now = None
-        if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-            raise OutputError(
-                f"{directory} was published or removed by another run while locking it; rerun"
-            )
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        }
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(info).encode())  # (at offset 0: a fresh descriptor)
-        except OSError:
-            pass  # the holder's details are a courtesy; the flock is the lock
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    held = _flock_and_sign(fd, path, directory)
+    if held is False:
+        raise OutputError(
+            f"{directory} was published or removed by another run while locking it; rerun"
+        )
+    return held
 
 
 def _output_lock_path(parent: str, name: str) -> str:
@@ -345,37 +359,10 @@ def _acquire_output_lock(parent: str, name: str, output: str) -> tuple[int, str]
                 f"cannot create the output lock {path}: {exc.strerror or exc}; check the "
                 "output path and its permissions"
             ) from None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise _in_use(output, _holder(path)) from None
-            except OSError as exc:  # a filesystem without flock: run unlocked
-                log.warning("cannot lock %s (%s); running without a lock", path, exc.strerror)
-                os.close(fd)
-                return None
-            st = os.fstat(fd)
-            try:
-                now = os.stat(path)
-            except OSError:
-                now = None
-            if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-                os.close(fd)  # its holder released it (unlinked) meanwhile: take the new one
-                continue
-            info = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            }
-            try:
-                os.ftruncate(fd, 0)
-                os.write(fd, json.dumps(info).encode())  # (at offset 0: a fresh descriptor)
-            except OSError:
-                pass  # the holder's details are a courtesy; the flock is the lock
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, path
+        held = _flock_and_sign(fd, path, output)
+        if held is False:
+            continue  # its holder released it (unlinked) meanwhile: take the new one
+        return None if held is None else (held, path)
     raise OutputError(f"cannot take the output lock {path}: it keeps being replaced; rerun")
 
 
