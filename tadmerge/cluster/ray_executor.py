@@ -95,9 +95,13 @@ class RayExecutor:
         self.actors = [self._new_actor() for _ in range(self.workers)]
         self.peak_rss_workers: list[int] = []
         self.replaced = 0
-        self.lost = 0  # replacements given up (not scheduled in time)
+        self.lost = 0  # workers given up (not scheduled in time)
         self.start_timeout = rt.worker_start_timeout
-        self._starting: dict = {}
+        # workers not known to be scheduled yet: ref of their first call -> (slot, since).
+        # The first ones too: a cluster with no room for them (a resume after a lost
+        # node) gives them up after worker_start_timeout instead of waiting forever.
+        now = time.monotonic()
+        self._starting: dict = {a.pid.remote(): (s, now) for s, a in enumerate(self.actors)}
 
     def _new_actor(self):
         actor = self.actor_cls.options(max_restarts=0)
@@ -108,9 +112,9 @@ class RayExecutor:
         """Run `method` over items on the actors, one item per actor at a time.
 
         An actor that dies (its process, or its node) is replaced and its item
-        rerun (max_retries per item). A replacement that is not scheduled within
-        worker_start_timeout (a lost node takes its CPUs along) is given up: its
-        slot closes and the items go to the surviving actors. With none left the
+        rerun (max_retries per item). An actor, first or replacement, that is not
+        scheduled within worker_start_timeout (a lost node takes its CPUs along) is
+        given up: its slot closes and the items go to the surviving actors. With none left the
         merge stops with MergeRuntimeError (exit 4), its finished units logged.
         """
         ray = self.ray
@@ -144,7 +148,7 @@ class RayExecutor:
             if not in_flight and not starting:
                 raise MergeRuntimeError(
                     f"all {len(self.actors)} Ray workers were lost and none could be "
-                    f"started again within runtime.worker_start_timeout ({timeout:g}s); "
+                    f"started within runtime.worker_start_timeout ({timeout:g}s); "
                     f"{len(queue)} unit(s) left: rerun with --resume once the cluster has room"
                 )
             now = time.monotonic()
