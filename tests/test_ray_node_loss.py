@@ -242,11 +242,10 @@ def local_run(root: Path, base: str, models: list[str], start_timeout: float) ->
 
 
 def published(out: Path) -> dict[str, bytes]:
-    """Every published file but the model card (README.md), which names the output
-    path and the executor: the weights, their index and config.json."""
-    got = files(out)
-    assert got.pop("README.md", None) is not None
-    return got
+    """Every published file but the model card (README.md, which names the output
+    path and the executor: files() leaves it out): weights, index, config.json."""
+    assert (out / "README.md").is_file()
+    return files(out)
 
 
 def test_node_lost_with_room_for_a_replacement(cluster, inputs):
@@ -318,11 +317,11 @@ def test_all_workers_lost_exits_4_and_resumes(cluster, inputs):
         assert (root / ".out-c.tadmerge-staging").is_dir() and not out_c.exists()
 
     # the head has room again: the next submission with --resume appended finishes
+    # (what it reuses depends on the stage the kill hit: statistics or units)
     got = cluster.run(
         "job", "submit", "--submission-id", "resume-c", "--working-dir", str(jd), "--",
         "python", "merge.py", "c.yaml", "--resume", env=cluster.client, timeout=BOUND,
     )  # fmt: skip
     assert got.returncode == 0, got.stdout[-4000:] + got.stderr[-2000:]
-    assert "units reused" in got.stdout and "0 of 256 units reused" not in got.stdout
     assert published(out_c) == ref
     assert main(["-q", "verify", str(out_c)]) == EXIT_OK
