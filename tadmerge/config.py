@@ -124,8 +124,8 @@ class RuntimeSpec:
     # working memory of a unit on a GPU (default: memory_budget, applied to the GPU)
     gpu_memory_budget: int | None = None
     max_retries: int = 3
-    # ray: seconds a replacement worker may wait to be scheduled before its units go
-    # to the surviving workers (a lost node leaves no room for it)
+    # ray: seconds a worker (first or replacement) may take to be scheduled and started
+    # before it is given up, its units going to the others (a lost node leaves no room)
     worker_start_timeout: float = 120.0
     # skip the merge (exit 0, "up to date") when the inputs and the config are those the
     # published output was made from (cluster/driver.py up_to_date); else replace it

@@ -206,3 +206,33 @@ def test_all_workers_lost_fails_in_bounded_time_with_the_staging_kept(
     assert os.path.isdir(staging)
     r = run_merge(c, resume=True)  # the cluster has room again
     assert r.report["units"]["reused"] >= 1
+
+
+def test_no_room_for_any_worker_fails_in_bounded_time(ray_session, zoo):
+    """A merge (or a --resume after a lost node) on a cluster with no room for even
+    its first workers: exit 4 after worker_start_timeout, not a wait forever; with
+    room again, --resume finishes with the bytes of a local run."""
+    import ray
+
+    class Squatter:
+        def ping(self) -> int:
+            return os.getpid()
+
+    sp, merge = CASES["ta-tadrop"]
+    ref = run_merge(cfg(zoo, "no-room-ref", sp, merge, "local", 1))
+    # every CPU of the session (scheduled once earlier tests' actors have let go)
+    squatter = ray.remote(num_cpus=ray.cluster_resources()["CPU"])(Squatter).remote()
+    c = cfg(zoo, "no-room", sp, merge, "ray", 2)
+    c = replace(c, runtime=replace(c.runtime, worker_start_timeout=2.0))
+    try:
+        ray.get(squatter.ping.remote(), timeout=60)
+        t0 = time.monotonic()
+        with pytest.raises(MergeRuntimeError, match="Ray workers were lost") as err:
+            run_merge(c)
+        assert time.monotonic() - t0 < 30
+    finally:
+        ray.kill(squatter)
+    assert err.value.exit_code == 4 and not os.path.exists(c.output.path)
+    c = replace(c, runtime=replace(c.runtime, worker_start_timeout=60.0))
+    r = run_merge(c, resume=True)
+    assert files(r.output) == files(ref.output)

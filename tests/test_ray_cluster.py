@@ -36,7 +36,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parents[1]
-SKIP = {"merge_report.json", "manifest.json", "merge_config.yaml", "README.md"}  # README: the card
+# (README.md: the model card names the output path and the executor)
+SKIP = {"merge_report.json", "manifest.json", "merge_config.yaml", "README.md"}
 
 
 def ray_cli() -> list[str]:
@@ -70,13 +71,15 @@ def files(d: Path) -> dict[str, bytes]:
 class Cluster:
     """A one-node Ray cluster started with `ray start --head` (see the module doc)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, num_cpus: int = 2, extra_env: dict | None = None):
         self.root = root
+        self.num_cpus = num_cpus
         self.pgid: int | None = None
         home = root / "head-home"
         home.mkdir()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         self.env.update(HOME=str(home), RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+        self.env.update(extra_env or {})
         self.env["PYTHONPATH"] = ""  # the job imports the tadmerge of its working dir
 
     def run(self, *args: str, env: dict | None = None, timeout: float = 60):
@@ -95,6 +98,7 @@ class Cluster:
         assert got.returncode == 0, got.stderr
         self.token = got.stdout.strip().splitlines()[-1]
         gcs, dash, *rest = free_ports(10)
+        self.gcs = f"127.0.0.1:{gcs}"
         self.dashboard = f"http://127.0.0.1:{dash}"
         cmd = [
             *ray_cli(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
@@ -103,7 +107,7 @@ class Cluster:
             f"--runtime-env-agent-port={rest[2]}", f"--metrics-export-port={rest[3]}",
             f"--object-manager-port={rest[4]}", f"--node-manager-port={rest[5]}",
             f"--ray-client-server-port={rest[6]}", f"--temp-dir={self.root / 'ray'}",
-            "--num-cpus=2", "--disable-usage-stats",
+            f"--num-cpus={self.num_cpus}", "--disable-usage-stats",
         ]  # fmt: skip
         # a new session: every process of this cluster is in the process group of
         # `ray start` (pgid = its pid), which the cleanup ends

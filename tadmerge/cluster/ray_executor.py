@@ -96,9 +96,15 @@ class RayExecutor:
         self.actors = [self._new_actor() for _ in range(self.workers)]
         self.peak_rss_workers: list[int] = []
         self.replaced = 0
-        self.lost = 0  # replacements given up (not scheduled in time)
+        self.lost = 0  # workers given up (not scheduled in time)
         self.start_timeout = rt.worker_start_timeout
-        self._starting: dict = {}
+        # workers not known to be started yet: ref of their first call -> (slot, since,
+        # held: no units until started). The first ones take units at once (queued by
+        # Ray until they start) and are watched all the same: a cluster with no room
+        # for them (a resume after a lost node) gives them up after
+        # worker_start_timeout, their units going to the others, instead of waiting.
+        now = time.monotonic()
+        self._starting: dict = {a.pid.remote(): (s, now, False) for s, a in enumerate(self.actors)}
 
     def _new_actor(self):
         actor = self.actor_cls.options(max_restarts=0)
@@ -109,19 +115,20 @@ class RayExecutor:
         """Run `method` over items on the actors, one item per actor at a time.
 
         An actor that dies (its process, or its node) is replaced and its item
-        rerun (max_retries per item). A replacement that is not scheduled within
-        worker_start_timeout (a lost node takes its CPUs along) is given up: its
-        slot closes and the items go to the surviving actors. With none left the
-        merge stops with MergeRuntimeError (exit 4), its finished units logged.
+        rerun (max_retries per item). An actor, first or replacement, that is not
+        started within worker_start_timeout (a lost node takes its CPUs along) is
+        given up: its slot closes and its items go to the other actors. With none
+        left the merge stops with MergeRuntimeError (exit 4), its finished units
+        logged.
         """
         ray = self.ray
         queue = list(reversed(items))
         tries: dict[int, int] = {}
         in_flight: dict = {}  # ref -> (actor slot, item)
-        # replacements not yet scheduled (kept across rounds): ref of their first
-        # call -> (slot, since)
+        # workers not yet started (kept across rounds): ref of their first call ->
+        # (slot, since, held); held (replacements) take no units until started
         starting = self._starting
-        waiting = {slot for slot, _ in starting.values()}
+        waiting = {slot for slot, _, held in starting.values() if held}
         idle = [s for s, a in enumerate(self.actors) if a is not None and s not in waiting]
         timeout = self.start_timeout
 
@@ -134,6 +141,12 @@ class RayExecutor:
             actor, self.actors[slot] = self.actors[slot], None
             self.lost += 1
             log.warning("worker %d given up (%s); its units go to the others", slot, why)
+            for ref, (s, item) in list(in_flight.items()):  # queued on it, never run
+                if s == slot:
+                    del in_flight[ref]
+                    queue.append(item)
+            if slot in idle:
+                idle.remove(slot)
             try:
                 ray.kill(actor)
             except Exception:  # already gone with its node
@@ -145,32 +158,33 @@ class RayExecutor:
             if not in_flight and not starting:
                 raise MergeRuntimeError(
                     f"all {len(self.actors)} Ray workers were lost and none could be "
-                    f"started again within runtime.worker_start_timeout ({timeout:g}s); "
+                    f"started within runtime.worker_start_timeout ({timeout:g}s); "
                     f"{len(queue)} unit(s) left: rerun with --resume once the cluster has room"
                 )
             now = time.monotonic()
-            wait = min((since + timeout - now for _, since in starting.values()), default=None)
+            wait = min((since + timeout - now for _, since, _ in starting.values()), default=None)
             ready, _ = ray.wait(
                 [*in_flight, *starting],
                 num_returns=1,
                 timeout=None if wait is None else max(0, wait),
             )
-            if not ready:  # a replacement waited too long to be scheduled
+            if not ready:  # a worker waited too long to be started
                 now = time.monotonic()
-                for ref, (slot, since) in list(starting.items()):
+                for ref, (slot, since, _) in list(starting.items()):
                     if now - since >= timeout:
                         del starting[ref]
                         lose(slot, f"not scheduled within {timeout:g}s")
                 continue
             ref = ready[0]
             if ref in starting:
-                slot, _ = starting.pop(ref)
+                slot, _, held = starting.pop(ref)
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayError as e:
                     lose(slot, f"it failed to start: {type(e).__name__}")
                 else:
-                    idle.append(slot)
+                    if held:
+                        idle.append(slot)
                 continue
             slot, item = in_flight.pop(ref)
             try:
@@ -189,9 +203,12 @@ class RayExecutor:
                     ) from None
                 log.warning("worker died on unit %d; replacing it and rerunning", item[0])
                 queue.append(item)
+                for r, (s, *_) in list(starting.items()):  # (the dead one's own start)
+                    if s == slot:
+                        del starting[r]
                 self.actors[slot] = self._new_actor()
                 self.replaced += 1
-                starting[self.actors[slot].pid.remote()] = (slot, time.monotonic())
+                starting[self.actors[slot].pid.remote()] = (slot, time.monotonic(), True)
                 continue
             idle.append(slot)
             on_result(item[0], result)
@@ -205,8 +222,13 @@ class RayExecutor:
         self._map("run", [(u, resolved.get(u)) for u in unit_ids], lambda _k, r: on_done(r))
 
     def close(self) -> None:
-        # replacements never scheduled count as lost, and are not asked anything
-        unscheduled = {slot for slot, _ in self._starting.values()}
+        # workers never started count as lost, and are not asked anything
+        starting = self._starting
+        if starting:
+            done, _ = self.ray.wait(list(starting), num_returns=len(starting), timeout=0)
+            for ref in done:  # started after all (or failed: asked below, in a try)
+                del starting[ref]
+        unscheduled = {slot for slot, _, _ in starting.values()}
         self.lost += len(unscheduled)
         self._starting = {}
         for slot in unscheduled:
