@@ -21,6 +21,8 @@ Points (`NAME` or `NAME:N` for the N-th time, default the first):
   stats:N         the N-th statistics result reached the driver (not yet saved)
   stats-saved     the resolved statistics are saved in the resume log
   unit-written:N  the N-th finished unit reached the driver, not yet logged
+  progress:N      the N-th finished unit counted by the progress (logged: in-process
+                  the driver logs it as it stops)
   units:N         N unit records are in the resume log (the log's writer thread:
                   use it with sigkill; in-process, unit-written:N)
   finalize        index, config and report data written; report file not yet
@@ -186,6 +188,8 @@ def install(point: str, action: Callable[[], None], setattr_=setattr) -> None:
         _after(setattr_, driver.RunState, "save_stats", fire)
     elif name == "unit-written":
         _around_executor(setattr_, "run_units", fire, after=False)
+    elif name == "progress":
+        _after(setattr_, driver.Progress, "update", fire)
     elif name == "units":
         _units_logged(setattr_, int(count) if count else 1, action)
     elif name == "finalize":

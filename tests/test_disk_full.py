@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from checkpoints import write_checkpoint
+from outputs import model_files, run_cli
 
 import tadmerge.cluster.driver as driver
 import tadmerge.io.block_io as block_io
@@ -28,16 +29,8 @@ import tadmerge.io.publish as publish
 from tadmerge.cli import main
 from tadmerge.errors import EXIT_OK, EXIT_RUNTIME
 
-_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ tadmerge (DEBUG|INFO) ")
 NO_SPACE = "No space left on device"
 OUTPUT_KB = 264  # the merged model.safetensors is ~258 KiB (fixture `inputs`)
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, list[str]]:
-    capsys.readouterr()
-    rc = main(list(argv))
-    err = capsys.readouterr().err
-    return rc, [ln for ln in err.splitlines() if ln.strip() and not _LOG_LINE.match(ln)]
 
 
 def one_error_line(lines: list[str]) -> str:
@@ -89,11 +82,6 @@ def write_cfg(path: Path, paths: list[str], out: Path) -> str:
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return str(path)
-
-
-def model_files(d: Path) -> dict[str, bytes]:
-    skip = {"merge_report.json", "manifest.json", "merge_config.yaml", "README.md"}
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name not in skip}
 
 
 def assert_failed_cleanly(out: Path) -> Path:

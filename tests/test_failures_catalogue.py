@@ -36,6 +36,7 @@ import yaml
 from checkpoints import write_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from outputs import run_cli
 from safetensors.torch import save_file
 
 from tadmerge.cli import main
@@ -48,7 +49,6 @@ RUNTIME = {
     "progress": "none",
     "device": "cpu",
 }
-_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ tadmerge (DEBUG|INFO) ")
 
 
 class _Hang(BaseException):
@@ -158,13 +158,6 @@ def snapshot(root: Path) -> dict[str, tuple]:
 # ------------------------------------------------------------------------------------
 # running the CLI and checking the contract
 # ------------------------------------------------------------------------------------
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, list[str]]:
-    capsys.readouterr()
-    rc = main(list(argv))
-    err = capsys.readouterr().err
-    return rc, [ln for ln in err.splitlines() if ln.strip() and not _LOG_LINE.match(ln)]
 
 
 def check_error(rc: int, lines: list[str], code: int, needles: list[str]) -> str:

@@ -29,10 +29,12 @@ import shutil
 import struct
 from pathlib import Path
 
+import killpoints
 import pytest
 import torch
 import yaml
 from checkpoints import write_checkpoint
+from outputs import model_files, run_cli
 from safetensors.torch import save_file
 
 import tadmerge.cluster.driver as driver
@@ -49,7 +51,6 @@ RUNTIME = {
     "device": "cpu",
     "workers": 1,  # the units in order, so that a fault lands between two of them
 }
-_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ tadmerge (DEBUG|INFO|WARNING) ")
 
 
 def base_tensors() -> dict[str, torch.Tensor]:
@@ -114,26 +115,6 @@ class World:
         assert main(["-q", "merge", self.write_cfg(out, f"{name}.yaml")]) == EXIT_OK
         assert main(["-q", "verify", str(out)]) == EXIT_OK
         return model_files(out)
-
-
-def model_files(d: Path) -> dict[str, bytes]:
-    """Every file but those that record paths or timings."""
-    skip = {"merge_report.json", "manifest.json", "merge_config.yaml", "README.md"}
-    out = {}
-    for dirpath, _, files in os.walk(d):
-        for f in files:
-            if f not in skip:
-                p = os.path.join(dirpath, f)
-                out[os.path.relpath(p, d)] = Path(p).read_bytes()
-    return out
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, list[str]]:
-    capsys.readouterr()
-    block_io.close_all()  # (a process starts with no descriptor cached)
-    rc = main(list(argv))
-    err = capsys.readouterr().err
-    return rc, [ln for ln in err.splitlines() if ln.strip() and not _LOG_LINE.match(ln)]
 
 
 def one_error(rc: int, lines: list[str], code: int, needles: list[str]) -> str:
@@ -313,16 +294,7 @@ def test_every_changed_input_is_named(tmp_path, capsys, monkeypatch):
 
 def interrupted_after(monkeypatch, capsys, w: World, n: int) -> None:
     """A merge stopped (Ctrl-C) after n units: exit 130, staging kept."""
-    real = driver.Progress.update
-    seen = {"n": 0}
-
-    def update(self, *a, **kw):
-        real(self, *a, **kw)
-        seen["n"] += 1
-        if seen["n"] == n:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(driver.Progress, "update", update)
+    killpoints.install(f"progress:{n}", killpoints.interrupt, monkeypatch.setattr)
     rc, _ = run_cli(capsys, "merge", w.write_cfg())
     monkeypatch.undo()
     assert rc == 130

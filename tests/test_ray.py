@@ -12,6 +12,7 @@ from dataclasses import replace
 import killpoints
 import pytest
 from checkpoints import write_zoo
+from outputs import model_files
 
 from tadmerge.cluster import ray_executor
 from tadmerge.cluster.driver import run_merge
@@ -63,16 +64,6 @@ def cfg(zoo, out: str, sp: dict, merge: dict, executor: str, workers: int):
     )
 
 
-def files(d: str) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _, fs in os.walk(d):
-        for f in fs:
-            if f not in ("merge_report.json", "manifest.json", "merge_config.yaml", "README.md"):
-                p = os.path.join(dirpath, f)
-                out[os.path.relpath(p, d)] = open(p, "rb").read()
-    return out
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ray_matches_local_bytes(ray_session, zoo, case):
     sp, merge = CASES[case]
@@ -80,7 +71,9 @@ def test_ray_matches_local_bytes(ray_session, zoo, case):
     assert any(t.split for t in local.plan.tensors)
     for workers in (1, 2):
         r = run_merge(cfg(zoo, f"{case}-ray{workers}", sp, merge, "ray", workers))
-        assert files(r.output) == files(local.output), f"ray x{workers} differs from local"
+        assert model_files(r.output) == model_files(local.output), (
+            f"ray x{workers} differs from local"
+        )
         assert len(r.report["peak_rss_workers_bytes"]) == workers
 
 
@@ -112,7 +105,7 @@ def test_worker_killed_mid_merge_is_replaced(ray_session, zoo, monkeypatch, tmp_
     r = run_merge(cfg(zoo, "kill", sp, merge, "ray", 2))
     assert marker.exists(), "no worker died"
     assert r.report["executor"]["workers_replaced"] == 1
-    assert files(r.output) == files(ref.output)
+    assert model_files(r.output) == model_files(ref.output)
 
 
 def test_driver_stopped_then_resume_reuses_units(ray_session, zoo, monkeypatch):
@@ -128,7 +121,7 @@ def test_driver_stopped_then_resume_reuses_units(ray_session, zoo, monkeypatch):
     assert not os.path.exists(c.output.path)  # nothing published
     r = run_merge(c, resume=True)
     assert r.report["units"]["reused"] == 5
-    assert files(r.output) == files(ref.output)
+    assert model_files(r.output) == model_files(ref.output)
 
 
 def _squatted_replacements(monkeypatch, squatters: list) -> None:
@@ -177,7 +170,7 @@ def test_unschedulable_replacement_hands_its_units_to_survivors(
             ray.kill(s)
     assert marker.exists() and squatters, "no worker died"
     assert r.report["executor"]["workers_lost"] == 1
-    assert files(r.output) == files(ref.output)
+    assert model_files(r.output) == model_files(ref.output)
 
 
 def test_all_workers_lost_fails_in_bounded_time_with_the_staging_kept(
@@ -235,4 +228,4 @@ def test_no_room_for_any_worker_fails_in_bounded_time(ray_session, zoo):
     assert err.value.exit_code == 4 and not os.path.exists(c.output.path)
     c = replace(c, runtime=replace(c.runtime, worker_start_timeout=60.0))
     r = run_merge(c, resume=True)
-    assert files(r.output) == files(ref.output)
+    assert model_files(r.output) == model_files(ref.output)

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 from checkpoints import write_zoo
+from outputs import model_files
 
 from tadmerge.cli import main
 from tadmerge.errors import EXIT_OK
@@ -36,8 +37,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parents[1]
-# (README.md: the model card names the output path and the executor)
-SKIP = {"merge_report.json", "manifest.json", "merge_config.yaml", "README.md"}
 
 
 def ray_cli() -> list[str]:
@@ -56,16 +55,6 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def files(d: Path) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _, fs in os.walk(d):
-        for f in fs:
-            if f not in SKIP:
-                p = os.path.join(dirpath, f)
-                out[os.path.relpath(p, d)] = Path(p).read_bytes()
-    return out
 
 
 class Cluster:
@@ -214,7 +203,7 @@ def test_ray_job_submit_merges_fails_visibly_and_skips_when_unchanged(cluster):
 
     got = submit("nightly-1")
     assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-3000:]
-    assert files(root / "out") == files(root / "ref")  # the bytes of a local run
+    assert model_files(root / "out") == model_files(root / "ref")  # the bytes of a local run
     assert main(["-q", "verify", str(root / "out")]) == EXIT_OK
     status = cluster.run("job", "status", "nightly-1", env=env)
     assert "succeeded" in status.stdout + status.stderr
@@ -237,7 +226,7 @@ def test_ray_job_submit_merges_fails_visibly_and_skips_when_unchanged(cluster):
     got = submit("nightly-3", "--if-changed")
     assert got.returncode == 0, got.stdout[-3000:]
     assert f"{root / 'out'}: up to date" in got.stdout
-    assert files(root / "out") == files(root / "ref")
+    assert model_files(root / "out") == model_files(root / "ref")
 
     # a client without the token is refused by the cluster
     bare = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}

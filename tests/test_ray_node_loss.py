@@ -38,7 +38,8 @@ import pytest
 import torch
 import yaml
 from checkpoints import write_checkpoint
-from test_ray_cluster import Cluster, files, free_ports, job_dir, ray_cli
+from outputs import model_files
+from test_ray_cluster import Cluster, free_ports, job_dir, ray_cli
 
 from tadmerge.cli import main
 from tadmerge.errors import EXIT_OK, EXIT_RUNTIME
@@ -243,9 +244,9 @@ def local_run(root: Path, base: str, models: list[str], start_timeout: float) ->
 
 def published(out: Path) -> dict[str, bytes]:
     """Every published file but the model card (README.md, which names the output
-    path and the executor: files() leaves it out): weights, index, config.json."""
+    path and the executor: model_files() leaves it out): weights, index, config.json."""
     assert (out / "README.md").is_file()
-    return files(out)
+    return model_files(out)
 
 
 def test_node_lost_with_room_for_a_replacement(cluster, inputs):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from checkpoints import write_zoo
+from outputs import model_files, run_cli
 
 from tadmerge.cli import main
 from tadmerge.errors import EXIT_CONFIG, EXIT_OK
@@ -33,7 +33,6 @@ RUNTIME = {
     "progress": "none",
     "device": "cpu",
 }
-_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ tadmerge (DEBUG|INFO) ")
 
 
 @pytest.fixture(scope="module")
@@ -72,28 +71,6 @@ def merge_py(*args: str, exit_after: int | None = None) -> subprocess.CompletedP
         text=True,
         timeout=180,  # a hang fails the test instead of blocking the suite
     )
-
-
-def model_files(d: Path) -> dict[str, bytes]:
-    """Everything but the files that record paths or timings."""
-    skip = {"merge_report.json", "manifest.json", "merge_config.yaml", "README.md"}
-    out = {}
-    for dirpath, _, files in os.walk(d):
-        for f in files:
-            if f not in skip:
-                p = os.path.join(dirpath, f)
-                out[os.path.relpath(p, d)] = Path(p).read_bytes()
-    return out
-
-
-def error_lines(err: str) -> list[str]:
-    return [ln for ln in err.splitlines() if ln.strip() and not _LOG_LINE.match(ln)]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, list[str]]:
-    capsys.readouterr()
-    rc = main(list(argv))
-    return rc, error_lines(capsys.readouterr().err)
 
 
 def units_logged(staging: Path) -> int:

@@ -31,12 +31,13 @@ import sys
 import zlib
 from pathlib import Path
 
+import killpoints
 import numpy as np
 import pytest
 import yaml
 from checkpoints import write_zoo
+from outputs import model_files
 
-import tadmerge.cluster.driver as driver
 import tadmerge.cluster.integrity as integrity
 import tadmerge.io.publish as publish
 from tadmerge.cli import main
@@ -52,7 +53,6 @@ RUNTIME = {
     "progress": "none",
     "device": "cpu",
 }
-SKIP = {"merge_report.json", "manifest.json", "merge_config.yaml", "README.md"}
 
 
 @pytest.fixture(scope="module")
@@ -95,17 +95,6 @@ def reference(zoo, method: str = "ties", **merge) -> Path:
     return _REFS[key]
 
 
-def model_files(d: Path) -> dict[str, bytes]:
-    """Every file but those that record paths or timings (masks and task shards too)."""
-    out = {}
-    for dirpath, _, files in os.walk(d):
-        for f in files:
-            if f not in SKIP:
-                p = os.path.join(dirpath, f)
-                out[os.path.relpath(p, d)] = Path(p).read_bytes()
-    return out
-
-
 def kill_at(point: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(KILLPOINTS), f"--at={point.replace('=', ':')}", "--", *args],
@@ -139,16 +128,7 @@ def records(staging: Path) -> dict[int, dict]:
 
 def interrupt_after(monkeypatch, n: int) -> None:
     """Ctrl-C once `n` units finished (the driver logs them before it stops)."""
-    real = driver.Progress.update
-    seen = {"n": 0}
-
-    def update(self, *a, **kw):
-        real(self, *a, **kw)
-        seen["n"] += 1
-        if seen["n"] == n:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(driver.Progress, "update", update)
+    killpoints.install(f"progress:{n}", killpoints.interrupt, monkeypatch.setattr)
 
 
 def stop_at_publish(monkeypatch) -> None:
