@@ -8,6 +8,26 @@ import os
 import torch
 from safetensors.torch import save_file
 
+# Runtime of merges that must split the zoo's tensors into many small units.
+SPLIT_RUNTIME = {
+    "block_elements": 64,
+    "max_unit_elements": 256,
+    "memory_budget": "256MB",
+    "progress": "none",
+    "device": "cpu",
+}
+
+# A tiny causal LM's sizes (Llama, Qwen2, Gemma configs built in the tests).
+TINY_LM_SIZES = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
+
 
 def write_checkpoint(path: str, tensors: dict[str, torch.Tensor], shards: int = 1) -> str:
     os.makedirs(path, exist_ok=True)

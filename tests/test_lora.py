@@ -12,6 +12,7 @@ import os
 import pytest
 import reference as R
 import torch
+from checkpoints import TINY_LM_SIZES
 from safetensors.torch import load_file
 
 from tadmerge.cluster.driver import run_merge
@@ -24,15 +25,7 @@ from tadmerge.planners.plan import make_plan
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-SIZES = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
+SIZES = TINY_LM_SIZES
 
 
 def llama(seed: int):

@@ -17,22 +17,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import killpoints
 import pytest
 import yaml
-from checkpoints import write_zoo
+from checkpoints import SPLIT_RUNTIME, write_zoo
 from outputs import model_files, run_cli
 
 from tadmerge.cli import main
 from tadmerge.errors import EXIT_CONFIG, EXIT_OK
 
 REPO = Path(__file__).resolve().parent.parent
-RUNTIME = {
-    "block_elements": 64,
-    "max_unit_elements": 256,
-    "memory_budget": "256MB",
-    "progress": "none",
-    "device": "cpu",
-}
+RUNTIME = SPLIT_RUNTIME
 
 
 @pytest.fixture(scope="module")
@@ -158,20 +153,11 @@ def test_resume_without_staging_is_refused(zoo, tmp_path, capsys):
 def test_ctrl_c_keeps_staging_for_resume(zoo, tmp_path, capsys, monkeypatch):
     """A real SIGINT after the third unit: exit 130, one line, staging kept; --resume
     finishes it with the bytes of an uninterrupted merge."""
-    import tadmerge.cluster.driver as driver
-
     out = tmp_path / "out"
     cfg = write_cfg(tmp_path / "merge.yaml", zoo, out)
-    real_update = driver.Progress.update
-    seen = {"n": 0}
-
-    def update_then_sigint(self, *a, **kw):
-        real_update(self, *a, **kw)
-        seen["n"] += 1
-        if seen["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(driver.Progress, "update", update_then_sigint)
+    killpoints.install(
+        "progress:3", lambda: os.kill(os.getpid(), signal.SIGINT), monkeypatch.setattr
+    )
     # a job started in the background (nohup, CI runners) inherits SIGINT ignored;
     # a user's Ctrl-C reaches Python's default handler, so test with that one
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -35,7 +35,7 @@ import killpoints
 import numpy as np
 import pytest
 import yaml
-from checkpoints import write_zoo
+from checkpoints import SPLIT_RUNTIME, write_zoo
 from outputs import model_files
 
 import tadmerge.cluster.integrity as integrity
@@ -46,13 +46,7 @@ from tadmerge.io.block_io import crc_of_range, write_at_crc
 
 REPO = Path(__file__).resolve().parent.parent
 KILLPOINTS = REPO / "tests" / "killpoints.py"
-RUNTIME = {
-    "block_elements": 64,
-    "max_unit_elements": 256,
-    "memory_budget": "256MB",
-    "progress": "none",
-    "device": "cpu",
-}
+RUNTIME = SPLIT_RUNTIME
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import reference as R
 import torch
 import yaml
+from checkpoints import TINY_LM_SIZES
 from safetensors.torch import load_file
 
 from tadmerge.cluster.driver import run_merge
@@ -19,15 +20,7 @@ from tadmerge.config import parse_config
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-SIZES = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
+SIZES = TINY_LM_SIZES
 CONFIGS = {
     "llama": transformers.LlamaConfig,
     "qwen2": transformers.Qwen2Config,
