@@ -94,7 +94,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .planners.plan import make_plan
 
     cfg = _config(args)
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, fetch=False)  # (hub inputs: headers only, no weights downloaded)
     if args.json:
         doc = {
             "fingerprint": plan.fingerprint,
