@@ -111,7 +111,13 @@ class FakeHub:
                         "size": len(b),
                         "oid": hashlib.sha1(b).hexdigest(),
                         **(
-                            {"lfs": {"oid": hashlib.sha256(b).hexdigest(), "size": len(b), "pointerSize": 134}}
+                            {
+                                "lfs": {
+                                    "oid": hashlib.sha256(b).hexdigest(),
+                                    "size": len(b),
+                                    "pointerSize": 134,
+                                }
+                            }
                             if p.endswith(".safetensors")
                             else {}
                         ),

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from tadmerge.errors import EXIT_INPUT, EXIT_OK
 from checkpoints import SPLIT_RUNTIME, write_checkpoint, write_zoo
 from hub_server import FakeHub
 from outputs import model_files, run_cli
 
 from tadmerge.cli import main
+from tadmerge.errors import EXIT_INPUT, EXIT_OK
 
 
 @pytest.fixture
@@ -31,7 +30,9 @@ def hub(tmp_path, monkeypatch):
         h.push(repo, folder)
     url = h.start()
     monkeypatch.setattr(C, "ENDPOINT", url)
-    monkeypatch.setattr(C, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        C, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(C, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -91,7 +92,9 @@ def test_plan_reads_headers_only_and_fingerprints_like_the_merge(hub, tmp_path, 
 def test_hub_merge_is_the_local_merge_pinned_to_one_commit(hub, tmp_path, capsys):
     """A push to org/m0 during the merge (right after the first weights are fetched)
     changes nothing: every read names the commit resolved when planning."""
-    local = write_cfg(tmp_path, hub.local["org/base"], [hub.local["org/m0"], hub.local["org/m1"]], "local")
+    local = write_cfg(
+        tmp_path, hub.local["org/base"], [hub.local["org/m0"], hub.local["org/m1"]], "local"
+    )
     assert run_cli(capsys, "merge", local)[0] == EXIT_OK
     first = hub.refs["org/m0"]["main"]
     newer = write_checkpoint(str(tmp_path / "m0-v2"), {"emb.weight": torch.zeros(48, 40)})

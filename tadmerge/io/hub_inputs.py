@@ -77,9 +77,7 @@ def resolve_commit(repo_id: str, revision: str | None) -> tuple[str, list[str]]:
     return str(info.sha), names
 
 
-def _weight_files(
-    root: str, names: list[str], problems: list[InputProblem]
-) -> list[str] | None:
+def _weight_files(root: str, names: list[str], problems: list[InputProblem]) -> list[str] | None:
     """The shards the directory rules of io/checkpoint.py read, by repo file name."""
     from tadmerge.io.checkpoint import INDEX_NAME, _load_index, _rel_path_problem
 
@@ -122,9 +120,7 @@ def open_headers(
     sha, names = resolve_commit(repo_id, revision)
     if lora.is_adapter(names) or not any(n.endswith(".safetensors") for n in names):
         return (WHOLE, sha)
-    local = os.path.abspath(
-        snapshot_download(repo_id, revision=sha, allow_patterns=SIDE_PATTERNS)
-    )
+    local = os.path.abspath(snapshot_download(repo_id, revision=sha, allow_patterns=SIDE_PATTERNS))
     files = _weight_files(local, names, problems)
     if files is None:
         return None

@@ -33,9 +33,7 @@ def open_inputs(cfg: MergeConfig, *, fetch: bool = True) -> list[Checkpoint]:
     out: list[Checkpoint | None] = []
     for source in [cfg.base] + [m.path for m in cfg.models]:
         try:
-            out.append(
-                open_checkpoint(source, allow_pickle=cfg.inputs.allow_pickle, fetch=False)
-            )
+            out.append(open_checkpoint(source, allow_pickle=cfg.inputs.allow_pickle, fetch=False))
         except InputError as e:
             problems.extend(e.problems)
             out.append(None)
