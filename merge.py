@@ -11,7 +11,17 @@ from tadmerge.cli import run
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    commands = {"merge", "plan", "verify", "info", "materialize", "report", "methods", "kernels"}
+    commands = {
+        "merge",
+        "plan",
+        "verify",
+        "info",
+        "materialize",
+        "report",
+        "methods",
+        "kernels",
+        "push",
+    }
     if not argv:
         argv = ["demo"]
     elif argv[0] not in commands | {"demo"} and not argv[0].startswith("-"):

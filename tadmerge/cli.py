@@ -58,6 +58,7 @@ def _config(args: argparse.Namespace):
         allow_pickle=args.allow_pickle,
         progress=args.progress,
         if_changed=getattr(args, "if_changed", False),
+        push_to_hub=getattr(args, "push_to_hub", None),
     )
 
 
@@ -65,9 +66,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .cluster.driver import run_merge
 
     cfg = _config(args)
+    if args.dry_run:
+        return _dry_run(cfg)
     result = run_merge(cfg, overwrite=args.overwrite, resume=args.resume)
     if result.up_to_date:
         print(f"{result.output}: up to date (inputs and config unchanged since it was published)")
+        _push_after(cfg, result.output, up_to_date=True)
         return EXIT_OK
     rep = result.report
     t = rep.get("timings", {})
@@ -87,6 +91,56 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if cfg.merge.method == "emr":
         for name, lam in rep["emr"]["rescalers"].items():
             print(f"  task {name}: rescaler {lam:.6f}")
+    _push_after(cfg, result.output, up_to_date=False)
+    return EXIT_OK
+
+
+def _push_after(cfg, output: str, up_to_date: bool) -> None:
+    """output.push_to_hub: upload what was just published (io/hub_push.py); an up-to-date
+    run pushes only when the repo's newest commit is not already this output's."""
+    if cfg.output.push_to_hub is None:
+        return
+    from .io.hub_push import push, upload_plan
+
+    plan = upload_plan(output, cfg.output.push_to_hub, cfg.output.hub_private, verify=False)
+    print(f"pushed {plan.folder} to {push(plan, skip_if_there=up_to_date)}")
+
+
+def _dry_run(cfg) -> int:
+    """merge --dry-run: the plan (hub inputs from their headers, nothing downloaded or
+    written) and, with output.push_to_hub, what the push would upload. No merge."""
+    from .planners.plan import make_plan
+
+    plan = make_plan(cfg, fetch=False)
+    s = plan.summary()
+    print(
+        f"dry run: plan {plan.fingerprint[:12]}, {s['tensors']} tensors, {s['units']} units, "
+        f"{s['input_bytes'] / 1e9:.3f} GB in; nothing merged, written or uploaded"
+    )
+    print(f"  output: {cfg.output.path}")
+    if cfg.output.push_to_hub is not None:
+        total = sum(sh.file_size for sh in plan.shards)
+        print(
+            f"  then push to https://huggingface.co/{cfg.output.push_to_hub} "
+            f"({'private' if cfg.output.hub_private else 'public'} if created), commit message "
+            f"'tadmerge: {cfg.merge.method} + {cfg.sparsify.method} merge, plan "
+            f"{plan.fingerprint[:12]}', {total / 1e9:.3f} GB of weights:"
+        )
+        for sh in plan.shards:
+            print(f"    {sh.file_size:>14d}  {sh.filename}")
+        print("    and the side files, model card, merge_report.json, merge_config.yaml and "
+              "manifest.json (exact list: tadmerge push OUTPUT REPO --dry-run)")  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .io.hub_push import check_repo_id, describe, push, upload_plan
+
+    plan = upload_plan(args.output, check_repo_id(args.repo, "REPO"), not args.public)
+    if args.dry_run:
+        print(describe(plan))
+        return EXIT_OK
+    print(f"pushed {plan.folder} to {push(plan)}")
     return EXIT_OK
 
 
@@ -94,7 +148,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .planners.plan import make_plan
 
     cfg = _config(args)
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, fetch=False)  # (hub inputs: headers only, no weights downloaded)
     if args.json:
         doc = {
             "fingerprint": plan.fingerprint,
@@ -268,8 +322,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip (exit 0, 'up to date') when the inputs and the config are those the "
         "published output was made from; else merge and replace it (runtime.if_changed)",
     )
+    m.add_argument(
+        "--push-to-hub",
+        metavar="ORG/NAME",
+        help="after publishing, upload the output to this Hugging Face repo, private "
+        "unless output.hub_private: false (output.push_to_hub)",
+    )
+    m.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan (hub inputs from headers only) and say what would be merged and "
+        "uploaded; merge, write and upload nothing",
+    )
     _add_overrides(m)
     m.set_defaults(func=cmd_merge)
+
+    pu = sub.add_parser("push", help="upload a published output to the Hugging Face Hub")
+    pu.add_argument("output")
+    pu.add_argument("repo", help="the hub repo id, org/name")
+    pu.add_argument("--public", action="store_true", help="create the repo public")
+    pu.add_argument(
+        "--dry-run", action="store_true", help="list the files, sizes and repo settings only"
+    )
+    pu.set_defaults(func=cmd_push)
 
     pl = sub.add_parser("plan", help="show what a merge would do, writing nothing")
     pl.add_argument("config")

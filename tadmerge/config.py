@@ -111,6 +111,10 @@ class OutputSpec:
     # keep the last N published outputs as dated siblings (`<path>.<UTC time>`), `path`
     # a symlink to the newest (io/publish.py); 0: one output at `path`, replaced
     keep: int = 0
+    # after publishing, upload the output to this Hugging Face repo (io/hub_push.py);
+    # created private unless hub_private is false. Not part of the plan fingerprint.
+    push_to_hub: str | None = None
+    hub_private: bool = True
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,10 @@ class MergeConfig:
         # use them writes the same merge_config.yaml as before they existed)
         if not d["output"]["keep"]:
             del d["output"]["keep"]
+        if d["output"]["push_to_hub"] is None:
+            del d["output"]["push_to_hub"]
+        if d["output"]["hub_private"]:
+            del d["output"]["hub_private"]
         if not d["runtime"]["if_changed"]:
             del d["runtime"]["if_changed"]
         return d
@@ -345,13 +353,23 @@ def _parse_exclude(exclude: Any) -> tuple[str, ...]:
 
 
 def _parse_output(o: Any, base_dir: Path) -> OutputSpec:
-    _check_keys(o, {"path", "dtype", "shard_size", "keep"}, "output")
+    _check_keys(o, {"path", "dtype", "shard_size", "keep", "push_to_hub", "hub_private"}, "output")
+    push = o.get("push_to_hub")
+    if push is not None:
+        from .io.hub_push import check_repo_id
+
+        push = check_repo_id(push, "output.push_to_hub")
+    private = o.get("hub_private", True)
+    if not isinstance(private, bool):
+        raise ConfigError(f"output.hub_private: expected true or false, got {private!r}")
     out_path = _string(o.get("path", "out"), "output.path", "a directory path")
     return OutputSpec(
         path=str((base_dir / out_path).resolve()) if not Path(out_path).is_absolute() else out_path,
         dtype=_choice(o.get("dtype", "auto"), "output.dtype", OUTPUT_DTYPES),
         shard_size=parse_size(o.get("shard_size", "5GB"), "output.shard_size"),
         keep=_int(o.get("keep", 0), "output.keep", 0),
+        push_to_hub=push,
+        hub_private=private,
     )
 
 
@@ -586,6 +604,10 @@ def with_overrides(cfg: MergeConfig, **kw: Any) -> MergeConfig:
         out = replace(out, path=str(Path(kw["out"]).resolve()))
     if kw.get("dtype") is not None:
         out = replace(out, dtype=_choice(kw["dtype"], "--dtype", OUTPUT_DTYPES))
+    if kw.get("push_to_hub") is not None:
+        from .io.hub_push import check_repo_id
+
+        out = replace(out, push_to_hub=check_repo_id(kw["push_to_hub"], "--push-to-hub"))
     if kw.get("shard_size") is not None:
         out = replace(out, shard_size=parse_size(kw["shard_size"], "--shard-size"))
     if kw.get("memory_budget") is not None:

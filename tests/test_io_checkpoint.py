@@ -282,7 +282,10 @@ def test_offline_repo_id(monkeypatch) -> None:
 
 
 def test_hub_snapshot_layout_with_blob_symlinks(tmp_path, monkeypatch) -> None:
-    """Hub snapshots are symlinks into ../../blobs: inside the repo cache, so allowed."""
+    """Hub snapshots are symlinks into ../../blobs: inside the repo cache, so allowed.
+    (Offline: the cached snapshot is opened whole; online hub inputs are planned from
+    their headers first: tests/test_hub_inputs.py.)"""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     sha = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "models--org--name"
     blobs, snap = repo / "blobs", repo / "snapshots" / sha
@@ -303,6 +306,7 @@ def test_hub_snapshot_layout_with_blob_symlinks(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     ck = open_checkpoint("org/name@main")
     assert calls["repo_id"] == "org/name" and calls["revision"] == "main"
+    assert calls["local_files_only"] is True
     assert "*.safetensors" in calls["allow_patterns"]
     assert ck.revision == sha and ck.source == "org/name@main" and set(ck.tensors) == {"w"}
     assert ck.extra_files == (str(snap / "config.json"),)

@@ -281,12 +281,15 @@ def run_merge(
     if_changed = cfg.runtime.if_changed and not resume
     if not if_changed:
         start_kernels(cfg, dispatch)
-    plan = plan or make_plan(cfg, device=dispatch.device)
+    # (--if-changed: hub inputs planned from their headers, downloaded only if changed)
+    plan = plan or make_plan(cfg, device=dispatch.device, fetch=not if_changed)
     if if_changed:
         why = changed_since(plan)
         if why is None:  # (the caller says so: one line)
             return MergeResult(cfg.output.path, plan, up_to_date=True)
         log.info("merging: %s", why)
+        if not all(ck.fetched for ck in plan.inputs):
+            plan = make_plan(cfg, device=dispatch.device)
         # (the published output is replaced atomically, as --overwrite does)
         overwrite = True
         start_kernels(cfg, dispatch)

@@ -126,6 +126,12 @@ class Checkpoint:
     # (name, its rows, rows read): vocabulary tensors with rows beyond the base's
     # (added tokens), read on the base's vocabulary (planners/inventory.on_base_vocab)
     trimmed: tuple[tuple[str, int, int], ...] = ()
+    # a hub input planned from its headers only (io/hub_inputs.py): False until its
+    # weights are downloaded (hub_inputs.fetch_weights); until then its tensors' offsets
+    # are relative to the data section and nothing may be read from its files
+    fetched: bool = True
+    # a hub input's (file, digest of its tensor table): its version, with the commit
+    hub_versions: tuple[tuple[str, str], ...] = ()
 
     def side_file(self, name: str) -> str | None:
         """The path of side file `name` (config.json, ...) if it has one."""
@@ -730,50 +736,72 @@ def _hub_offline() -> bool:
         return False
 
 
+def _hub_problem(
+    exc: Exception, source: str, repo_id: str, revision: str | None, offline: bool
+) -> InputProblem:
+    """A huggingface_hub failure in words. Classified by class name: the exception
+    classes moved between huggingface_hub releases, the names did not."""
+    shown = repo_id + (f"@{revision}" if revision else "")
+    kinds = {cls.__name__ for cls in type(exc).__mro__}
+    detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    if kinds & {"RepositoryNotFoundError", "GatedRepoError"}:
+        message = f"Hugging Face repo {shown} not found or access denied ({detail})"
+    elif "RevisionNotFoundError" in kinds:
+        message = f"revision {revision!r} not found in Hugging Face repo {repo_id}"
+    elif "HFValidationError" in kinds:
+        message = f"no such file or directory, and not a valid Hugging Face repo id ({detail})"
+    elif offline or kinds & {
+        "LocalEntryNotFoundError",
+        "OfflineModeIsEnabled",
+        "ConnectionError",
+        "ConnectError",
+        "TimeoutException",
+        "Timeout",
+    }:
+        message = (
+            f"no such local path, and Hugging Face repo id {shown} is not in the local "
+            f"cache and the hub is unreachable{' (HF_HUB_OFFLINE is set)' if offline else ''}"
+        )
+    else:
+        message = f"could not fetch Hugging Face repo {shown}: {type(exc).__name__}: {detail}"
+    return InputProblem(source, None, message)
+
+
 def _open_hub(
     source: str,
     repo_id: str,
     revision: str | None,
     allow_pickle: bool,
     problems: list[InputProblem],
+    fetch: bool,
 ) -> Checkpoint | None:
+    """Online: pinned to one commit, planned from the headers (io/hub_inputs.py), the
+    weights downloaded when `fetch`. Offline (HF_HUB_OFFLINE): the cached snapshot."""
     from huggingface_hub import snapshot_download
 
-    shown = repo_id + (f"@{revision}" if revision else "")
+    from tadmerge.io import hub_inputs
+
     offline = _hub_offline()
+    pinned = revision
     try:
+        if not offline:
+            got = hub_inputs.open_headers(source, repo_id, revision, problems)
+            if got is None:
+                return None
+            if isinstance(got, Checkpoint):
+                return hub_inputs.fetch_weights(got, repo_id, allow_pickle) if fetch else got
+            pinned = got[1]  # (WHOLE, sha): pickles or an adapter, fetched whole
         local = snapshot_download(
             repo_id,
-            revision=revision,
+            revision=pinned,
             allow_patterns=HUB_ALLOW_PATTERNS,
             local_files_only=offline,
         )
+    except InputError as exc:
+        problems.extend(exc.problems)
+        return None
     except Exception as exc:
-        # Classified by class name: the exception classes moved between
-        # huggingface_hub releases, the names did not.
-        kinds = {cls.__name__ for cls in type(exc).__mro__}
-        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        if kinds & {"RepositoryNotFoundError", "GatedRepoError"}:
-            message = f"Hugging Face repo {shown} not found or access denied ({detail})"
-        elif "RevisionNotFoundError" in kinds:
-            message = f"revision {revision!r} not found in Hugging Face repo {repo_id}"
-        elif "HFValidationError" in kinds:
-            message = f"no such file or directory, and not a valid Hugging Face repo id ({detail})"
-        elif offline or kinds & {
-            "LocalEntryNotFoundError",
-            "OfflineModeIsEnabled",
-            "ConnectionError",
-            "ConnectError",
-            "TimeoutException",
-            "Timeout",
-        }:
-            message = (
-                f"no such local path, and Hugging Face repo id {shown} is not in the local "
-                f"cache and the hub is unreachable{' (HF_HUB_OFFLINE is set)' if offline else ''}"
-            )
-        else:
-            message = f"could not fetch Hugging Face repo {shown}: {type(exc).__name__}: {detail}"
-        problems.append(InputProblem(source, None, message))
+        problems.append(_hub_problem(exc, source, repo_id, revision, offline))
         return None
     local = os.path.abspath(local)
     # Hub snapshots are symlinks into the repo cache's blobs/ folder: that is inside.
@@ -783,11 +811,17 @@ def _open_hub(
     ]
     base = os.path.basename(os.path.normpath(local))
     sha = base if _SHA1.match(base) else None
-    return _open_directory(source, local, allowed, allow_pickle, sha, problems)
+    ck = _open_directory(source, local, allowed, allow_pickle, sha, problems)
+    if ck is None or sha is None:
+        return ck
+    return replace(ck, hub_versions=hub_inputs.local_versions(ck.files, ck.tensors))
 
 
-def open_checkpoint(source: str, *, allow_pickle: bool = False) -> Checkpoint:
-    """Resolve and validate one input checkpoint; every problem in one InputError."""
+def open_checkpoint(source: str, *, allow_pickle: bool = False, fetch: bool = True) -> Checkpoint:
+    """Resolve and validate one input checkpoint; every problem in one InputError.
+
+    `fetch=False`: a hub id is planned from its headers only, its weights not
+    downloaded (Checkpoint.fetched False; io/hub_inputs.fetch_weights downloads them)."""
     problems: list[InputProblem] = []
     if not isinstance(source, str) or not source.strip():
         raise InputError(InputProblem(str(source), None, "empty checkpoint source"))
@@ -804,7 +838,7 @@ def open_checkpoint(source: str, *, allow_pickle: bool = False) -> Checkpoint:
         problems.append(InputProblem(path, None, kind))
         checkpoint = None
     elif (repo := _parse_repo_id(source)) is not None:
-        checkpoint = _open_hub(source, repo[0], repo[1], allow_pickle, problems)
+        checkpoint = _open_hub(source, repo[0], repo[1], allow_pickle, problems, fetch)
     else:
         problems.append(InputProblem(path, None, "no such file or directory"))
         checkpoint = None

@@ -20,19 +20,61 @@ log = logging.getLogger("tadmerge")
 MERGE, COPY, EXCLUDE = "merge", "copy", "exclude"
 
 
-def open_inputs(cfg: MergeConfig) -> list[Checkpoint]:
+def open_inputs(cfg: MergeConfig, *, fetch: bool = True) -> list[Checkpoint]:
     """Open base then models and check they agree; every problem in one InputError.
 
     A model that cannot be opened does not hide the disagreements of the others.
+    Hub inputs are opened from their headers first (io/hub_inputs.py), so every
+    disagreement is found before any weights are downloaded; with `fetch`, their
+    weights are then downloaded at the planned commit and everything checked again
+    on the downloaded files.
     """
     problems: list[InputProblem] = []
     out: list[Checkpoint | None] = []
     for source in [cfg.base] + [m.path for m in cfg.models]:
         try:
-            out.append(open_checkpoint(source, allow_pickle=cfg.inputs.allow_pickle))
+            out.append(open_checkpoint(source, allow_pickle=cfg.inputs.allow_pickle, fetch=False))
         except InputError as e:
             problems.extend(e.problems)
             out.append(None)
+    pending = fetch and any(ck is not None and not ck.fetched for ck in out)
+    checked = _checked(cfg, out, problems, warn=not pending)
+    if not pending:
+        return checked
+    fetched: list[Checkpoint | None] = []
+    for ck in out:
+        try:
+            fetched.append(fetch_input(ck, cfg.inputs.allow_pickle))  # type: ignore[arg-type]
+        except InputError as e:
+            problems.extend(e.problems)
+            fetched.append(None)
+    return _checked(cfg, fetched, problems, warn=True)
+
+
+def fetch_input(ck: Checkpoint, allow_pickle: bool) -> Checkpoint:
+    """`ck` with its weights downloaded (a header-only hub input), else `ck`."""
+    if ck.fetched:
+        return ck
+    from ..io.checkpoint import _parse_repo_id
+    from ..io.hub_inputs import fetch_weights
+
+    repo = _parse_repo_id(ck.source)
+    assert repo is not None  # (only hub ids are opened header-only)
+    try:
+        return fetch_weights(ck, repo[0], allow_pickle)
+    except InputError:
+        raise
+    except Exception as exc:
+        from ..io.checkpoint import _hub_problem
+
+        raise InputError(_hub_problem(exc, ck.source, repo[0], ck.revision, False)) from None
+
+
+def _checked(
+    cfg: MergeConfig, out: list[Checkpoint | None], problems: list[InputProblem], warn: bool
+) -> list[Checkpoint]:
+    """The opened inputs read as fine-tunes of the base on its vocabulary, after
+    every agreement check (InputError with `problems` and theirs)."""
     out = untie(out)
     if out[0] is not None and out[0].adapter is not None:
         problems.append(
@@ -42,7 +84,8 @@ def open_inputs(cfg: MergeConfig) -> list[Checkpoint]:
     if out[0] is not None:
         out = [out[0]] + [_as_finetune(ck, out[0], problems) for ck in out[1:]]
         out = [out[0]] + [on_base_vocab(ck, out[0]) for ck in out[1:]]
-        _warn_trimmed(cfg, out)
+        if warn:
+            _warn_trimmed(cfg, out)
         problems.extend(agreement_problems(cfg, out))
     if problems:
         raise InputError(problems)

@@ -201,14 +201,19 @@ def check_worker_budget(rt: RuntimeSpec) -> int:
 
 
 def make_plan(
-    cfg: MergeConfig, *, inputs: list[Checkpoint] | None = None, device: str | None = None
+    cfg: MergeConfig,
+    *,
+    inputs: list[Checkpoint] | None = None,
+    device: str | None = None,
+    fetch: bool = True,
 ) -> Plan:
     """Headers only: open, validate, classify, split into units, lay out shards.
 
     `device`: where units will run, as the driver's dispatch decided (default:
     runtime.device). On a GPU, units also fit `runtime.gpu_memory_budget` (or
-    the memory budget, applied to the GPU's memory)."""
-    inputs = inputs if inputs is not None else open_inputs(cfg)
+    the memory budget, applied to the GPU's memory). `fetch=False`: hub inputs
+    stay header-only (no weights downloaded): a plan to print or compare, not to run."""
+    inputs = inputs if inputs is not None else open_inputs(cfg, fetch=fetch)
     roots = [c.root for c in inputs]
     check_output_outside_inputs(cfg.output.path, roots)
     kinds = classify(cfg, inputs)
@@ -297,14 +302,20 @@ def input_versions(plan: Plan) -> dict[str, dict]:
 
     A local file: its path, and inode, size, mtime, ctime and header digest (no
     device number: a shared filesystem gives each node its own). A Hub snapshot's
-    file: the repo, revision and file name, size and header digest, so that the
-    same revision fetched again (another cache, another node) resumes.
+    file: the repo, commit and file name and the digest of its tensor table
+    (io/hub_inputs.py), the same whether planned from its header alone or
+    downloaded, so that the same commit fetched again (another cache, another node)
+    resumes, and `tadmerge plan` gives the fingerprint the merge records.
     """
     out: dict[str, dict] = {}
     for ck in plan.inputs:
+        hub = dict(ck.hub_versions)
         for f in ck.files:
             ident = plan.identities.get(f)
-            if ident is None:  # a file holding no tensor: nothing is read from it
+            if f in hub:  # (its commit and tensor table: planned from headers or downloaded)
+                rel = os.path.relpath(f, ck.root)
+                out[f"{ck.source}@{ck.revision}/{rel}"] = {"tensors_sha256": hub[f]}
+            elif ident is None:  # a file holding no tensor: nothing is read from it
                 st = os.stat(f)
                 out[f] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
             elif ck.revision is not None:
@@ -327,7 +338,8 @@ def fingerprint(plan: Plan) -> str:
     ):  # fmt: skip
         cfg["runtime"].pop(key, None)
     cfg["output"].pop("path", None)
-    cfg["output"].pop("keep", None)  # (where it is published, not what)
+    for key in ("keep", "push_to_hub", "hub_private"):  # (where it is published, not what)
+        cfg["output"].pop(key, None)
     doc = {
         "version": __version__,
         "config": cfg,

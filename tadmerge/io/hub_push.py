@@ -1,0 +1,191 @@
+"""Upload a published output to the Hugging Face Hub (``output.push_to_hub``,
+``--push-to-hub``, ``tadmerge push``).
+
+What goes up is exactly the files the output's manifest lists, and the manifest:
+never a staging directory, a lock or a stray file. The repo is created private
+unless ``output.hub_private: false`` (an existing repo's visibility is left as it
+is). The commit message names the merge and its plan fingerprint (config, every
+input's version, the layout: what ``merge_report.json`` records); the commit
+description gives the full fingerprint and the sha256 of ``merge_config.yaml``.
+
+The upload is resumable: huggingface_hub >= 1.x's ``upload_folder`` (with
+hf_xet, the default) commits in batches and a rerun skips what is already there;
+where an older huggingface_hub has ``upload_large_folder`` (which takes no commit
+message), that is used and the fingerprint is recorded as a tag
+``tadmerge-<fingerprint[:12]>`` whose message is the commit message.
+
+A failure (no token, no network, refused) is a MergeRuntimeError (exit 4): the
+output stays published locally and the message says how to retry
+(``tadmerge push OUTPUT REPO``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from tadmerge.errors import ConfigError, MergeRuntimeError
+
+log = logging.getLogger("tadmerge")
+
+__all__ = ["UploadPlan", "check_repo_id", "upload_plan", "describe", "push"]
+
+MANIFEST = "manifest.json"
+REPORT = "merge_report.json"
+CONFIG = "merge_config.yaml"
+
+
+def check_repo_id(repo_id: object, key: str) -> str:
+    """`repo_id` as huggingface_hub's own validator accepts it (ConfigError naming
+    `key` otherwise)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ConfigError(f"{key}: expected a Hugging Face repo id like org/name")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ConfigError(f"{key}: {repo_id!r} is not a valid Hugging Face repo id ({e})") from None
+    return repo_id
+
+
+@dataclass(frozen=True)
+class UploadPlan:
+    """Everything the upload will do, decided without the network."""
+
+    repo_id: str
+    private: bool
+    folder: str  # the published version (a keep: N output's link resolved)
+    files: tuple[tuple[str, int], ...]  # (path in the repo, size), the manifest's + itself
+    fingerprint: str
+    commit_message: str
+    commit_description: str
+
+    @property
+    def tag(self) -> str:
+        return f"tadmerge-{self.fingerprint[:12]}"
+
+
+def upload_plan(output: str, repo_id: str, private: bool, *, verify: bool = True) -> UploadPlan:
+    """What pushing `output` to `repo_id` uploads. `verify`: check every file against
+    the manifest first (`tadmerge verify`); a merge that just published skips it."""
+    from tadmerge.io.publish import _read_manifest, verify_output
+
+    folder = os.path.realpath(output)
+    doc = _read_manifest(folder)
+    problems = verify_output(folder) if verify or doc is None else []
+    if doc is None or problems:
+        detail = "; ".join(problems[:5]) or "no tadmerge manifest.json"
+        raise MergeRuntimeError(f"{output} is not a verified tadmerge output: {detail}")
+    files = [(e["path"], int(e["size"])) for e in doc["files"]]
+    files.append((MANIFEST, os.path.getsize(os.path.join(folder, MANIFEST))))
+    try:
+        with open(os.path.join(folder, REPORT), "rb") as f:
+            report = json.loads(f.read(64 * 2**20))
+    except (OSError, ValueError):
+        report = {}
+    fp = str(report.get("plan_fingerprint") or "")
+    cfg = report.get("config") or {}
+    method = (
+        f"{cfg.get('merge', {}).get('method', '?')} + {cfg.get('sparsify', {}).get('method', '?')}"
+    )
+    try:
+        with open(os.path.join(folder, CONFIG), "rb") as f:
+            config_sha = hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        config_sha = "-"
+    return UploadPlan(
+        repo_id=repo_id,
+        private=private,
+        folder=folder,
+        files=tuple(sorted(files)),
+        fingerprint=fp,
+        commit_message=f"tadmerge: {method} merge, plan {fp[:12]}",
+        commit_description=(
+            f"plan_fingerprint: {fp}\n{CONFIG} sha256: {config_sha}\n"
+            f"tadmerge {report.get('tadmerge_version', '')}\n"
+        ),
+    )
+
+
+def describe(plan: UploadPlan) -> str:
+    """The upload in words (`--dry-run`): repo settings, message, every file and size."""
+    total = sum(size for _, size in plan.files)
+    lines = [
+        f"would upload {plan.folder} to https://huggingface.co/{plan.repo_id} "
+        f"({'private' if plan.private else 'public'} if created; an existing repo's "
+        "visibility is kept)",
+        f"  commit message: {plan.commit_message}",
+        f"  {len(plan.files)} file(s), {total / 1e9:.3f} GB:",
+    ]
+    lines += [f"    {size:>14d}  {path}" for path, size in plan.files]
+    return "\n".join(lines)
+
+
+def _retry_hint(plan: UploadPlan) -> str:
+    return (
+        f"the output is kept at {plan.folder}; retry with: tadmerge push {plan.folder} "
+        f"{plan.repo_id}{'' if plan.private else ' --public'}"
+    )
+
+
+def already_there(api, plan: UploadPlan) -> bool:
+    """The repo's newest commit is this output's (its message names the fingerprint):
+    an up-to-date nightly run has nothing to push."""
+    try:
+        commits = api.list_repo_commits(plan.repo_id)
+    except Exception:
+        return False
+    return bool(commits) and plan.fingerprint[:12] in (commits[0].title or "")
+
+
+def push(plan: UploadPlan, *, skip_if_there: bool = False) -> str:
+    """Create the repo (private unless told) and upload the planned files: the URL of
+    the repo. Any failure: MergeRuntimeError (exit 4) saying how to retry."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        url = str(api.create_repo(plan.repo_id, private=plan.private, exist_ok=True))
+        if skip_if_there and already_there(api, plan):
+            log.info(
+                "%s already holds plan %s: nothing to push", plan.repo_id, plan.fingerprint[:12]
+            )
+            return url
+        paths = [path for path, _ in plan.files]
+        log.info("uploading %d file(s) from %s to %s", len(paths), plan.folder, plan.repo_id)
+        large = getattr(api, "upload_large_folder", None)
+        if large is not None:  # (huggingface_hub < 1.x: takes no commit message)
+            large(
+                repo_id=plan.repo_id,
+                folder_path=plan.folder,
+                repo_type="model",
+                private=plan.private,
+                allow_patterns=paths,
+            )
+            api.create_tag(
+                plan.repo_id, tag=plan.tag, tag_message=plan.commit_message, exist_ok=True
+            )
+        else:
+            api.upload_folder(
+                repo_id=plan.repo_id,
+                folder_path=plan.folder,
+                repo_type="model",
+                commit_message=plan.commit_message,
+                commit_description=plan.commit_description,
+                allow_patterns=paths,
+            )
+    except Exception as exc:
+        kinds = {cls.__name__ for cls in type(exc).__mro__}
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        if "LocalTokenNotFoundError" in kinds or "401" in detail:
+            why = "no valid Hugging Face token (run `hf auth login` or set HF_TOKEN)"
+        else:
+            why = f"{type(exc).__name__}: {detail}"
+        raise MergeRuntimeError(
+            f"pushing to the hub repo {plan.repo_id} failed: {why}; {_retry_hint(plan)}"
+        ) from None
+    return url

@@ -1,0 +1,181 @@
+"""output.push_to_hub / --push-to-hub / tadmerge push: the upload plan, checked with
+huggingface_hub's HfApi methods monkeypatched to record their arguments (this
+machine has no hub access: nothing here reaches the network)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from checkpoints import SPLIT_RUNTIME, write_zoo
+from outputs import run_cli
+
+from tadmerge.cli import main
+from tadmerge.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, ConfigError
+
+
+class Recorder:
+    """HfApi's network methods, recording (name, args) instead of calling the hub."""
+
+    def __init__(self, monkeypatch, fail: Exception | None = None, large: bool = False):
+        import huggingface_hub
+
+        self.calls: list[tuple[str, dict]] = []
+        self.fail = fail
+        self.commits: list = []
+        api = huggingface_hub.HfApi
+
+        def rec(name):
+            def f(_self, *args, **kw):
+                self.calls.append((name, {"args": args, **kw}))
+                if self.fail is not None and name != "create_repo":
+                    raise self.fail
+                if name == "create_repo":
+                    return f"https://huggingface.co/{args[0]}"
+                if name == "list_repo_commits":
+                    return self.commits
+                return None
+
+            return f
+
+        for name in ("create_repo", "upload_folder", "create_tag", "list_repo_commits"):
+            monkeypatch.setattr(api, name, rec(name))
+        if large:
+            monkeypatch.setattr(
+                api, "upload_large_folder", rec("upload_large_folder"), raising=False
+            )
+        else:
+            monkeypatch.delattr(api, "upload_large_folder", raising=False)
+
+    def named(self, name: str) -> list[dict]:
+        return [kw for n, kw in self.calls if n == name]
+
+
+def write_cfg(tmp: Path, **output) -> str:
+    bp, mps, _, _ = write_zoo(str(tmp / "in"), k=2)
+    cfg = {
+        "base": bp,
+        "models": [{"path": p, "name": f"m{i}"} for i, p in enumerate(mps)],
+        "merge": {"method": "task_arithmetic", "scale": 0.5},
+        "output": {"path": str(tmp / "out"), **output},
+        "runtime": dict(SPLIT_RUNTIME),
+    }
+    path = tmp / "merge.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(path)
+
+
+def manifest_files(out: Path) -> list[str]:
+    doc = json.loads((out / "manifest.json").read_text())
+    return sorted([e["path"] for e in doc["files"]] + ["manifest.json"])
+
+
+def test_config_keys_validated_and_outside_the_fingerprint(tmp_path):
+    from tadmerge.config import load_config
+    from tadmerge.planners.plan import make_plan
+
+    plain = load_config(write_cfg(tmp_path))
+    assert plain.output.push_to_hub is None and plain.output.hub_private is True
+    assert "push_to_hub" not in plain.to_dict()["output"]  # (merge_config.yaml unchanged)
+    pushed = load_config(write_cfg(tmp_path, push_to_hub="org/name", hub_private=False))
+    assert pushed.output.push_to_hub == "org/name" and pushed.output.hub_private is False
+    assert make_plan(pushed).fingerprint == make_plan(plain).fingerprint
+    for bad in ("org/na me", "a/b/c", "org/--name", 7):
+        with pytest.raises(ConfigError, match="output.push_to_hub"):
+            load_config(write_cfg(tmp_path, push_to_hub=bad))
+    with pytest.raises(ConfigError, match="output.hub_private"):
+        load_config(write_cfg(tmp_path, push_to_hub="org/name", hub_private="no"))
+    assert main(["merge", write_cfg(tmp_path), "--push-to-hub", "bad name"]) == EXIT_CONFIG
+
+
+def test_merge_pushes_the_manifest_files_privately_with_the_fingerprint(
+    tmp_path, monkeypatch, capsys
+):
+    rec = Recorder(monkeypatch)
+    cfg = write_cfg(tmp_path)
+    rc, lines = run_cli(capsys, "merge", cfg, "--push-to-hub", "org/merged")
+    assert rc == EXIT_OK, lines
+    out = tmp_path / "out"
+    fp = json.loads((out / "merge_report.json").read_text())["plan_fingerprint"]
+    (create,) = rec.named("create_repo")
+    assert create["args"] == ("org/merged",) and create["private"] is True
+    assert create["exist_ok"] is True
+    (up,) = rec.named("upload_folder")
+    assert up["repo_id"] == "org/merged" and up["folder_path"] == os.path.realpath(out)
+    assert sorted(up["allow_patterns"]) == manifest_files(out)
+    assert up["commit_message"] == f"tadmerge: task_arithmetic + none merge, plan {fp[:12]}"
+    assert f"plan_fingerprint: {fp}" in up["commit_description"]
+    import hashlib
+
+    cfg_sha = hashlib.sha256((out / "merge_config.yaml").read_bytes()).hexdigest()
+    assert cfg_sha in up["commit_description"]
+    # an up-to-date rerun whose output is already the repo's newest commit uploads nothing
+    rec.commits = [type("C", (), {"title": up["commit_message"]})()]
+    rc, _ = run_cli(capsys, "merge", cfg, "--push-to-hub", "org/merged", "--if-changed")
+    assert rc == EXIT_OK and len(rec.named("upload_folder")) == 1
+    # ... and one whose push had failed is pushed now
+    rec.commits = []
+    rc, _ = run_cli(capsys, "merge", cfg, "--push-to-hub", "org/merged", "--if-changed")
+    assert rc == EXIT_OK and len(rec.named("upload_folder")) == 2
+
+
+def test_public_when_told_and_upload_large_folder_where_it_exists(tmp_path, monkeypatch, capsys):
+    """An older huggingface_hub's upload_large_folder takes no commit message: the
+    fingerprint goes in a tag."""
+    rec = Recorder(monkeypatch, large=True)
+    cfg = write_cfg(tmp_path, push_to_hub="org/merged", hub_private=False)
+    assert run_cli(capsys, "merge", cfg)[0] == EXIT_OK
+    out = tmp_path / "out"
+    fp = json.loads((out / "merge_report.json").read_text())["plan_fingerprint"]
+    assert rec.named("create_repo")[0]["private"] is False
+    (up,) = rec.named("upload_large_folder")
+    assert up["private"] is False and up["repo_type"] == "model"
+    assert sorted(up["allow_patterns"]) == manifest_files(out)
+    assert not rec.named("upload_folder")
+    (tag,) = rec.named("create_tag")
+    assert tag["tag"] == f"tadmerge-{fp[:12]}" and fp[:12] in tag["tag_message"]
+
+
+def test_failed_push_is_exit_4_output_kept_and_tadmerge_push_retries(tmp_path, monkeypatch, capsys):
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    rec = Recorder(monkeypatch, fail=LocalTokenNotFoundError("Token is required"))
+    rc, lines = run_cli(capsys, "merge", write_cfg(tmp_path, push_to_hub="org/merged"))
+    out = tmp_path / "out"
+    assert rc == EXIT_RUNTIME
+    text = "\n".join(lines)
+    assert "no valid Hugging Face token" in text
+    assert f"retry with: tadmerge push {os.path.realpath(out)} org/merged" in text
+    assert main(["verify", str(out)]) == EXIT_OK  # published and intact
+    rec.fail = None
+    rc, _ = run_cli(capsys, "push", str(out), "org/merged")
+    assert rc == EXIT_OK and len(rec.named("upload_folder")) == 2
+    # an output that fails verify is not pushed
+    (out / "merge_report.json").write_text("{}")
+    rc, lines = run_cli(capsys, "push", str(out), "org/merged")
+    assert rc == EXIT_RUNTIME and "not a verified tadmerge output" in "\n".join(lines)
+    assert len(rec.named("upload_folder")) == 2
+
+
+def test_dry_runs_touch_nothing(tmp_path, monkeypatch, capsys):
+    rec = Recorder(monkeypatch, fail=AssertionError("network"))
+    cfg = write_cfg(tmp_path, push_to_hub="org/merged")
+    capsys.readouterr()
+    assert main(["merge", cfg, "--dry-run"]) == EXIT_OK
+    said = capsys.readouterr().out
+    assert "nothing merged, written or uploaded" in said and "org/merged" in said
+    assert "model.safetensors" in said and "(private if created)" in said
+    assert not (tmp_path / "out").exists() and rec.calls == []
+    rec.fail = None
+    assert main(["merge", write_cfg(tmp_path)]) == EXIT_OK
+    rec.calls.clear()
+    capsys.readouterr()
+    assert main(["push", str(tmp_path / "out"), "org/merged", "--public", "--dry-run"]) == EXIT_OK
+    said = capsys.readouterr().out
+    assert rec.calls == [] and "(public if created" in said
+    for rel in manifest_files(tmp_path / "out"):
+        size = (tmp_path / "out" / rel).stat().st_size
+        assert f"{size:>14d}  {rel}" in said
