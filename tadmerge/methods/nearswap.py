@@ -19,7 +19,8 @@ def nearswap(base, model, t: float):
     import torch
 
     f = torch.float32
-    d = torch.sub(base, model).abs_().clamp_min_(torch.tensor(MIN_DIFF, dtype=f))
+    floor = torch.tensor(MIN_DIFF, dtype=f, device=base.device)
+    d = torch.sub(base, model).abs_().clamp_min_(floor)
     w = torch.tensor(t, dtype=f, device=base.device).div(d).clamp_(0.0, 1.0)
     one_minus = torch.rsub(w, 1.0)
     return model.mul_(w).add_(one_minus.mul_(base))

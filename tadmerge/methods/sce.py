@@ -100,7 +100,7 @@ def sce_delta(ts, w: list[float]):
         d = torch.where(agree, wt, 0.0)
         num = p if num is None else num.add_(p)
         den = d if den is None else den.add_(d)
-    return num.div_(den.clamp_min_(torch.tensor(MIN_DEN, dtype=f)))
+    return num.div_(den.clamp_min_(torch.tensor(MIN_DEN, dtype=f, device=dev)))
 
 
 def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
