@@ -218,3 +218,87 @@ def emr(ts: list[torch.Tensor]):
         [fsum_abs(t) for t in ts],
         [fsum_abs(torch.where(m, uni, 0.0)) for m in masks],
     )
+
+
+# --- mergekit's element-wise and whole-tensor methods (docs/semantics.md) -----------
+
+
+def nearswap(base: torch.Tensor, model: torch.Tensor, t: float) -> torch.Tensor:
+    """w·θ1 + (1-w)·θ0, w = clamp(t / max(|θ0-θ1|, 1e-6), 0, 1)."""
+    w = torch.clamp(f32(t) / torch.clamp(torch.abs(base - model), min=1e-6), 0.0, 1.0)
+    return w * model + (1 - w) * base
+
+
+def _moved(ts: list[torch.Tensor], eps: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    moved = [t.abs() > f32(eps) for t in ts]
+    count = torch.zeros(ts[0].shape, dtype=torch.int64)
+    for m in moved:
+        count = count + m.long()
+    return moved, count
+
+
+def ram(base: torch.Tensor, ts: list[torch.Tensor], eps: float, lambdas=None) -> torch.Tensor:
+    """θ0 + Σ_k [|t_k|>ε] (c == 1 ? λ_k t_k : t_k / c), c the tasks moving the entry."""
+    moved, count = _moved(ts, eps)
+    delta = torch.zeros_like(base)
+    for k, (t, m) in enumerate(zip(ts, moved, strict=True)):
+        lam = 1.0 if lambdas is None else lambdas[k]
+        unique = torch.where(m & (count == 1), t * f32(lam), torch.zeros(()))
+        shared = torch.where(m & (count > 1), t / count.clamp(min=1).float(), torch.zeros(()))
+        delta = delta + (unique + shared)
+    return base + delta
+
+
+def ramplus_lambdas(ts: list[torch.Tensor], eps: float, r: float, alpha: float) -> list[float]:
+    moved, count = _moved(ts, eps)
+    out = []
+    for m in moved:
+        shared = int((m & (count > 1)).sum())
+        unique = int((m & (count == 1)).sum())
+        out.append(1.0 + r * min(max(shared / max(unique, eps), 0.0), alpha))
+    return out
+
+
+def sce_variance(ts: list[torch.Tensor]) -> torch.Tensor:
+    """Population variance across tasks, float32: mean = Σ t / K, Σ (t - mean)² / K."""
+    k = f32(float(len(ts)))
+    total = ts[0]
+    for t in ts[1:]:
+        total = total + t
+    mean = total / k
+    acc = (ts[0] - mean) ** 2
+    for t in ts[1:]:
+        acc = acc + (t - mean) ** 2
+    return acc / k
+
+
+def sce_mask(ts: list[torch.Tensor], topk: float) -> torch.Tensor:
+    """The top floor(topk · nonzero) variances (ties: the larger flat index kept)."""
+    var = sce_variance(ts).reshape(-1)
+    if topk >= 1:
+        return torch.ones(ts[0].shape, dtype=torch.bool)
+    kept = math.floor(topk * int(torch.count_nonzero(var)))
+    order = torch.sort(var, stable=True).indices
+    mask = torch.zeros(var.numel(), dtype=torch.bool)
+    mask[order[var.numel() - kept :]] = True
+    return mask.view(ts[0].shape)
+
+
+def sce(base: torch.Tensor, ts: list[torch.Tensor], topk: float) -> torch.Tensor:
+    """SCE: variance selection, weights mean t² / Σ, sign-elected weighted mean."""
+    mask = sce_mask(ts, topk)
+    us = [torch.where(mask, t, torch.zeros(())) for t in ts]
+    means = [fsum_sq(u) / u.numel() for u in us]
+    total = math.fsum(means)
+    w = [1.0 / len(us)] * len(us) if abs(total) < 1e-6 else [m / total for m in means]
+    s = us[0]
+    for u in us[1:]:
+        s = s + u
+    sign = torch.where(s >= 0, f32(1.0), f32(-1.0))
+    num = torch.zeros_like(base)
+    den = torch.zeros_like(base)
+    for u, wk in zip(us, w, strict=True):
+        agree = torch.sign(u) == sign
+        num = num + torch.where(agree, u * f32(wk), torch.zeros(()))
+        den = den + torch.where(agree, f32(wk), torch.zeros(()))
+    return base + num / torch.clamp(den, min=1e-6)

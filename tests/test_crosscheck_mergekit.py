@@ -409,3 +409,64 @@ def test_mergekit_ignores_the_tadmerge_extension_section(f32_set):
     assert set(a) == set(b)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=2e-6, atol=2e-7, msg=name)
+
+
+def _sce_cut_ties(base, fts, topk) -> torch.Tensor:
+    """Entries whose variance equals the one at sce's cut (which of those are kept
+    is each tool's own choice), over three float32 models."""
+    taus = [f.float().flatten() - base.float().flatten() for f in fts]
+    mean = (taus[0] + taus[1] + taus[2]) / 3
+    var = ((taus[0] - mean) ** 2 + (taus[1] - mean) ** 2 + (taus[2] - mean) ** 2) / 3
+    keep = int(topk * int(torch.count_nonzero(var)))
+    s = torch.sort(var).values
+    cut = var.numel() - keep
+    amb = torch.zeros_like(var, dtype=torch.bool)
+    if 0 < cut < var.numel() and s[cut - 1] == s[cut]:
+        amb |= var == s[cut]
+    return amb.reshape(base.shape)
+
+
+@pytest.mark.parametrize(
+    "tag, method, params, k",
+    [
+        ("nearswap", "nearswap", {"t": 0.01}, 1),
+        ("ram", "ram", {"epsilon": 1e-3}, 3),
+        ("ramplus", "ramplus_tl", {"r": 0.5, "alpha": 0.8, "epsilon": 1e-3}, 3),
+        ("sce", "sce", {"select_topk": 0.5}, 3),
+        ("sce-all", "sce", {}, 3),
+    ],
+)
+def test_own_combiners_match_mergekit(f32_set, tag, method, params, k):
+    """nearswap, ram, ramplus_tl and sce from the same YAML: the same numbers to
+    float32 rounding (mergekit computes λ and sce's weights in float32, tadmerge
+    in float64 from exact sums; docs/semantics.md), sce's variance cut ties aside."""
+    root, data = f32_set
+    a, b = _same_yaml(root, data, tag, method, params, k=k)
+    assert set(a) == set(b)
+    base = _tensors(data / "base")
+    fts = [_tensors(data / f"ft_{i}") for i in (1, 2, 3)]
+    n_amb = n_total = moved = 0
+    for name in a:
+        assert a[name].dtype == b[name].dtype == torch.float32
+        ok = torch.ones_like(a[name], dtype=torch.bool)
+        if "select_topk" in params:
+            ok = ~_sce_cut_ties(base[name], [f[name] for f in fts], params["select_topk"])
+            n_amb += int((~ok).sum())
+        n_total += ok.numel()
+        torch.testing.assert_close(a[name][ok], b[name][ok], rtol=1e-5, atol=1e-6, msg=name)
+        moved += int((a[name] != base[name]).sum())
+    assert moved > n_total // 10, (moved, n_total)
+    assert n_amb / n_total < 1e-3, f"{n_amb} of {n_total} entries ambiguous"
+
+
+def test_sce_with_tadrop_from_the_extension_section_runs(f32_set):
+    """`tadmerge: {sparsify: tadrop}` beside sce: TADrop sparsifies, sce combines;
+    mergekit ignores the section (its sce keeps every entry at select_topk 1)."""
+    root, data = f32_set
+    ext = {"sparsify": "tadrop"}
+    a, b = _same_yaml(root, data, "sce-tadrop", "sce", {"select_topk": 0.5}, tadmerge=ext)
+    base = _tensors(data / "base")
+    assert set(a) == set(b)
+    changed = sum(int((a[n] != base[n]).sum()) for n in a)
+    total = sum(base[n].numel() for n in a)
+    assert 0 < changed < total

@@ -140,7 +140,7 @@ def test_every_unsupported_key_is_named_in_one_error_before_any_read(tmp_path, c
     ):  # fmt: skip
         assert key in err, key
     assert not (tmp_path / "o").exists()
-    for method in ("slerp", "model_stock", "sce", "passthrough", "nope"):
+    for method in ("slerp", "model_stock", "arcee_fusion", "passthrough", "nope"):
         with pytest.raises(ConfigError, match=r"merge_method: .*" + method):
             translate(_mk(method), tmp_path)
     with pytest.raises(ConfigError, match=r"base_model: required by dare_ties"):
@@ -292,3 +292,35 @@ def test_mergekit_config_on_ray_matches_local(ray_session, zoo, tmp_path):
     a = load_file(str(tmp_path / "local" / "model.safetensors"))
     b = load_file(str(tmp_path / "ray" / "model.safetensors"))
     assert a.keys() == b.keys() and all(_bits(a[n]) == _bits(b[n]) for n in a)
+
+
+@pytest.mark.parametrize(
+    "method, params, merge",
+    [
+        ("ram", {}, {"method": "ram", "epsilon": 1e-5}),
+        ("ramplus_tl", {"r": 0.3, "alpha": 0.5},
+         {"method": "ramplus_tl", "r": 0.3, "alpha": 0.5, "epsilon": 1e-5}),
+        ("sce", {"select_topk": 0.4, "int8_mask": True}, {"method": "sce", "select_topk": 0.4}),
+    ],
+)  # fmt: skip
+def test_own_combiners_translate_with_their_parameters(tmp_path, method, params, merge):
+    native, notes = translate(_mk(method, params), tmp_path)
+    assert native["sparsify"] == {"method": "none"}
+    assert native["merge"] == merge
+    assert [m["weight"] for m in native["models"]] == [1.0] * 3  # mergekit uses no weight
+    assert any("takes no weight" in n for n in notes)
+
+
+def test_nearswap_needs_t_and_one_model_and_sce_takes_tadrop(tmp_path):
+    with pytest.raises(ConfigError, match=r"parameters\.t: required by nearswap") as e:
+        translate(_mk("nearswap"), tmp_path)
+    assert "nearswap merges exactly 1 model(s)" in str(e.value)
+    raw = _mk("nearswap", {"t": 0.01})
+    raw["models"] = raw["models"][:1]
+    native, _ = translate(raw, tmp_path)
+    assert native["merge"] == {"method": "nearswap", "t": 0.01}
+    native, notes = translate(_mk("sce", {"select_topk": 0.3}, tadmerge={"sparsify": "tadrop"}),
+                              tmp_path)  # fmt: skip
+    assert native["sparsify"] == {"method": "tadrop"}
+    assert native["merge"] == {"method": "sce", "select_topk": 1.0}
+    assert any("replaces sce's variance selection" in n for n in notes)

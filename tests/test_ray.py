@@ -32,6 +32,8 @@ CASES = {
     # bf16 units try the raw path (engine/raw.py) and hand back those whose keys
     # are not sparse: the choice is the unit's own, on any executor
     "ta-tadrop": ({"method": "tadrop"}, {"method": "task_arithmetic", "scale": 0.5}),
+    # a combiner's whole-tensor statistics: the variance cut's and sums' rounds on actors
+    "sce-select": ({"method": "none"}, {"method": "sce", "select_topk": 0.4}),
 }
 
 

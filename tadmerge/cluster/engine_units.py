@@ -16,7 +16,13 @@ from ..engine.block import BlockResult, NonFiniteTaskVector, merge_block
 from ..engine.exact import coarse_stats
 from ..engine.histogram import KeysAside, fine_histograms
 from ..engine.keys import KeyChunks
-from ..engine.spec import CoarseRequest, FineRequest, StatsRequest, TieCountRequest
+from ..engine.spec import (
+    CoarseRequest,
+    FineRequest,
+    StatsRequest,
+    TensorStatsRequest,
+    TieCountRequest,
+)
 from ..errors import InputError
 from ..io.block_io import read_rows
 from ..io.safetensors_format import torch_dtype
@@ -87,6 +93,14 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, device_name: str
     unit = plan.units[unit_id]
     _, blocks = read_unit(plan, unit, device)
     base, models = blocks[0], blocks[1:]
+    if isinstance(request, TensorStatsRequest):  # a combiner's (cluster/tensor_stats.py)
+        from ..engine import tensor_stats
+
+        spec = merge_spec(plan)
+        ts = tensor_stats.sparsified(
+            base, models, spec, block_context(plan, unit, request.resolved)
+        )
+        return tensor_stats.answer(base, ts, spec, request)
     if isinstance(request, CoarseRequest):
         # per task (coarse histogram, KeysAside or None): the keys set aside only
         # when asked (tensor-scope groups, whose fine round they save)

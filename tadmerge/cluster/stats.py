@@ -77,7 +77,7 @@ def run_stats_stage(plan: Plan, map_units: MapFn) -> dict:
         }
 
     tensor_sel: dict[tuple[int, int], Selection] = {}
-    if split and (sp.scope == "tensor" or sp.method == "tadrop"):
+    if split and plan.magnitude_stats and (sp.scope == "tensor" or sp.method == "tadrop"):
         per_batch = max(1, (cfg.runtime.memory_budget // 4) // (GROUP_BYTES * k_tasks))
         for i in range(0, len(split), per_batch):
             batch = split[i : i + per_batch]
@@ -106,6 +106,10 @@ def run_stats_stage(plan: Plan, map_units: MapFn) -> dict:
                 ctx["quotas"] = qs
             if ctx:
                 resolved[u] = ctx
+    # a combiner's whole-tensor statistics, given the sparsifier's (cluster/tensor_stats.py)
+    from .tensor_stats import run_tensor_stats
+
+    run_tensor_stats(plan, map_units, resolved)
     return resolved
 
 

@@ -90,7 +90,21 @@ class TieCountRequest:
     keys: dict[int, list[int]]  # task -> cut keys
 
 
-StatsRequest = CoarseRequest | FineRequest | TieCountRequest
+@dataclass(frozen=True)
+class TensorStatsRequest:
+    """A combiner's whole-tensor statistics (engine/tensor_stats.py), for one unit:
+    `kind` coarse / fine (`buckets`) / ties (`keys`) of its derived score, or its
+    exact sums after the cut (`cut`: the unit's [lo_key, lo_quota, hi_key,
+    hi_quota]); `resolved`: the unit's sparsifier context (its t_k are made first)."""
+
+    kind: str
+    buckets: tuple[int, ...] = ()
+    keys: tuple[int, ...] = ()
+    cut: tuple[int, int, int, int] | None = None
+    resolved: dict | None = None
+
+
+StatsRequest = CoarseRequest | FineRequest | TieCountRequest | TensorStatsRequest
 
 
 class NonFiniteTaskVector(ValueError):
@@ -128,6 +142,8 @@ class BlockContext:
     # per task, TADrop drop rates decided globally (scope: global)
     rates: list[float] | None = None
     majority: int | None = None
+    # a combiner's whole-tensor statistics of a split tensor (engine/tensor_stats.py)
+    tensor_stats: dict | None = None
 
     @property
     def row_numel(self) -> int:

@@ -19,6 +19,11 @@ arithmetic methods are a sparsifier × a combiner here —
     breadcrumbs_ties  magnitude_outliers            ties
     della             della                         ties
     della_linear      della                         task_arithmetic
+    nearswap          none                          nearswap (t; one model)
+    ram               none                          ram (epsilon)
+    ramplus_tl        none                          ramplus_tl (r, alpha, epsilon)
+    sce               none                          sce (select_topk; int8_mask, a
+                                                    memory option, has no effect)
 
 `normalize` without a sign consensus divides by the sum of the weights: the
 weights are divided here (w_k / Σ w) and the merge is task_arithmetic. Everything
@@ -28,8 +33,8 @@ key, before any checkpoint is read.
 The tadmerge extension: a top-level `tadmerge:` mapping (mergekit ignores unknown
 top-level keys, so the same file still runs in mergekit) with native sections —
 `sparsify` (a method name such as `tadrop`, or a native sparsify mapping; it
-replaces the method's own sparsifier), `output`, `runtime`, `inputs`, `exclude`,
-`seed`, `emr`.
+replaces the method's own sparsifier: sce's variance selection too), `output`,
+`runtime`, `inputs`, `exclude`, `seed`, `emr`.
 """
 
 from __future__ import annotations
@@ -68,19 +73,28 @@ GTA = {
     "della": _Gta("della", True, True, True),
     "della_linear": _Gta("della", False, False, True),
 }
-SUPPORTED = ("linear", *GTA)
+# mergekit's methods that are one combiner of their own here, with no per-model
+# parameter (the models' weights are not used, as in mergekit): their shared
+# parameters, name -> (kind, default; ... is required), and the models they take
+# beside the base (None: any number)
+OWN: dict[str, tuple[dict[str, tuple[str, Any]], int | None]] = {
+    "nearswap": ({"t": ("number", ...)}, 1),
+    "ram": ({"epsilon": ("number", 1e-5)}, None),
+    "ramplus_tl": (
+        {"r": ("number", 0.1), "alpha": ("number", 0.2), "epsilon": ("number", 1e-5)},
+        None,
+    ),
+    "sce": ({"select_topk": ("number", 1.0), "int8_mask": ("bool", False)}, None),
+}
+SUPPORTED = ("linear", *GTA, *OWN)
 NOT_YET = (
     "slerp",
     "nuslerp",
     "multislerp",
     "karcher",
     "model_stock",
-    "sce",
-    "nearswap",
     "arcee_fusion",
     "passthrough",
-    "ram",
-    "ramplus_tl",
 )
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
@@ -107,6 +121,8 @@ def _spec(method: str) -> tuple[dict[str, tuple[str, Any]], dict[str, tuple[str,
     name -> (kind, default); a default of ... is required."""
     if method == "linear":
         return {"normalize": ("bool", True)}, {"weight": ("number", ...)}
+    if method in OWN:
+        return dict(OWN[method][0]), {}
     g = GTA[method]
     shared = {
         "int8_mask": ("bool", False),
@@ -263,6 +279,8 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
     shared = {}
     for k, (_, default) in shared_spec.items():
         shared[k] = default if glob.get(k) is None else glob[k]
+        if shared[k] is ... and k not in params:
+            problems.add(f"parameters.{k}", f"required by {method} (as in mergekit)")
 
     # models
     base = raw.get("base_model")
@@ -317,8 +335,13 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
         if w is None:
             problems.add("parameters.weight", "required: mergekit's linear merges base_model too")
         inputs.append((base, {"weight": w if w is not None else 1.0}))
-    if method in GTA and base is None:
+    if (method in GTA or method in OWN) and base is None:
         problems.add("base_model", f"required by {method} (task vectors are taken from it)")
+    if method in OWN and OWN[method][1] is not None and inputs and len(inputs) != OWN[method][1]:
+        problems.add(
+            "models",
+            f"{method} merges exactly {OWN[method][1]} model(s) with base_model, got {len(inputs)}",
+        )
     if method in SUPPORTED and entries and not inputs and not problems:
         problems.add("models", "no model to merge besides base_model")
 
@@ -396,13 +419,23 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
     base_path = base if base is not None else inputs[0][0]
     seen: set[str] = set()
     models = [
-        {"path": local(p, "models"), "name": _name(p, seen), "weight": v["weight"]}
+        {"path": local(p, "models"), "name": _name(p, seen), "weight": v.get("weight", 1.0)}
         for p, v in inputs
     ]
     native: dict[str, Any] = {"base": local(base_path, "base_model"), "models": models}
     if method == "linear":
         native["sparsify"] = {"method": "none"}
         native["merge"] = {"method": "linear", "normalize": shared["normalize"]}
+    elif method in OWN:
+        native["sparsify"] = dict(ext_sparsify) if ext_sparsify is not None else {"method": "none"}
+        merge = {k: v for k, v in shared.items() if k != "int8_mask"}
+        if method == "sce" and ext_sparsify is not None:
+            if merge["select_topk"] < 1:
+                notes.append(
+                    "tadmerge.sparsify replaces sce's variance selection: select_topk not used"
+                )
+            merge["select_topk"] = 1.0
+        native["merge"] = {"method": method, **merge}
     else:
         g = GTA[method]
         density = one.get("density", 1.0)

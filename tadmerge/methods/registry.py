@@ -115,6 +115,31 @@ class Sparsifier(Method):
 
 
 @dataclass(frozen=True)
+class TensorStats:
+    """A combiner's whole-tensor statistics, exact for any split (engine/tensor_stats.py).
+
+    Two mechanisms, run as map/reduce rounds over the units of a split tensor
+    (cluster/tensor_stats.py) or from the block itself when it is the whole
+    tensor:
+    - a derived per-element `score(ts, spec)` (float32, >= 0, computed from the
+      K sparsified task vectors in a fixed order) whose keys feed the same exact
+      histogram rounds as |τ| does; `keep(index, spec)`, a generator like a
+      sparsifier's drop_rate, yields the coarse buckets it needs and returns the
+      kept rank range [lo, hi) of the ascending score order (ties by flat index):
+      one cut shared by every task. `uses_score(spec)`: whether it is needed.
+    - exact per-task `sums(base, ts, spec)` of the task vectors after the cut: a
+      list of Python integers (counts, exact scaled moments) that add over blocks;
+      `finish(totals, n, spec)` makes the plain values (JSON) every block is given.
+    """
+
+    score: Callable[..., Any] | None = None
+    keep: Callable[..., Any] | None = None
+    uses_score: Callable[[Any], bool] = field(default=lambda spec: True)
+    sums: Callable[..., Any] | None = None
+    finish: Callable[..., Any] | None = None
+
+
+@dataclass(frozen=True)
 class Combiner(Method):
     """Combines the K sparsified task vectors of one block with the base.
 
@@ -130,6 +155,10 @@ class Combiner(Method):
     # sparsifier and the method then works on the weights, not on task vectors
     merge_weights: Callable[..., Any] | None = None
     cross_block: tuple[str, ...] = ()
+    # whole-tensor statistics beyond the sparsifier's (sce, ramplus_tl)
+    tensor_stats: TensorStats | None = None
+    # the number of models it merges beside the base, when fixed (nearswap: 1)
+    models: int | None = None
 
 
 @cache

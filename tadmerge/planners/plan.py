@@ -121,7 +121,11 @@ class Plan:
     def needs_stats(self) -> bool:
         if self.global_scope:
             return True
-        return self.magnitude_stats and any(t.split and t.kind == MERGE for t in self.tensors)
+        # a combiner's whole-tensor statistics (sce, ramplus_tl) need rounds too
+        whole_tensor = methods.combiner(self.config.merge.method).tensor_stats is not None
+        return (self.magnitude_stats or whole_tensor) and any(
+            t.split and t.kind == MERGE for t in self.tensors
+        )
 
     def summary(self) -> dict:
         kinds: dict[str, int] = {}
