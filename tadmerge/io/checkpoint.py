@@ -34,6 +34,7 @@ from tadmerge.io.block_io import (
     sync_all,
     write_at,
 )
+from tadmerge.io.entries import as_table
 from tadmerge.io.safetensors_format import (
     SafetensorsHeader,
     TensorEntry,
@@ -188,6 +189,7 @@ def with_tied_head(ck: Checkpoint, head: str = HEAD_NAME) -> Checkpoint | None:
     embeds = [n for n in ck.tensors if n.endswith(EMBED_SUFFIXES)]
     if len(embeds) != 1:
         return None
+    # (a dict: the head's entry is the embedding's, under its own name)
     tensors = dict(sorted({**ck.tensors, head: ck.tensors[embeds[0]]}.items()))
     return replace(ck, tensors=tensors, aliases=ck.aliases + ((head, embeds[0]),))
 
@@ -381,22 +383,27 @@ def _from_index(
         elif len(where.get(tensor, [])) == 1:
             entries[tensor] = header.tensors[tensor]
     files = sorted(h.path for h in headers.values())
-    return files, entries
+    return files, as_table(entries)
 
 
 def _single(
     paths: list[str], allowed_real: list[str], problems: list[InputProblem]
 ) -> tuple[list[str], dict[str, TensorEntry]]:
     files: list[str] = []
-    entries: dict[str, TensorEntry] = {}
+    tables = []
     for path in paths:
         if not _check_local_file(path, allowed_real, "weights file", problems):
             continue
         header = _read_header(path, problems)
         if header is not None:
             files.append(header.path)
-            entries.update(header.tensors)
-    return files, dict(sorted(entries.items()))
+            tables.append(header.tensors)
+    if len(tables) == 1:  # (the usual case: the header's columns as they are)
+        return files, tables[0]
+    entries: dict[str, TensorEntry] = {}
+    for t in tables:
+        entries.update(t.items())
+    return files, as_table(entries)
 
 
 # --------------------------------------------------------------------------- pickles
@@ -622,7 +629,7 @@ def _open_directory(
             source=source,
             root=root,
             files=tuple(files),
-            tensors=dict(sorted(entries.items())),
+            tensors=as_table(entries),
             extra_files=(),
             revision=revision,
             adapter=opened,
@@ -676,7 +683,7 @@ def _open_directory(
         source=source,
         root=root,
         files=tuple(sorted(files)),
-        tensors=dict(sorted(entries.items())),
+        tensors=as_table(entries),
         extra_files=tuple(extra),
         revision=revision,
     )

@@ -22,6 +22,7 @@ import math
 import os
 import stat
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING
@@ -146,7 +147,7 @@ class SafetensorsHeader:
     file_size: int
     data_start: int
     metadata: dict[str, str]
-    tensors: dict[str, TensorEntry]
+    tensors: Mapping[str, TensorEntry]  # an io/entries.EntryTable
     identity: FileIdentity | None = None
 
 
@@ -422,6 +423,13 @@ def read_header(
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise fail(f"header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    from .entries import EntryTable, scan_canonical
+
+    fast = scan_canonical(text, apath, data_start, data_size, identity)
+    if fast is not None:  # a valid header as the safetensors library writes it
+        return SafetensorsHeader(apath, file_size, data_start, fast[0], fast[1], identity)
     try:
         doc = json.loads(text, object_pairs_hook=_compacting_hook())
     except _DuplicateKeys as exc:
@@ -437,8 +445,6 @@ def read_header(
     # nothing later meets one; only headers with escapes at all pay for the check.
     check_unicode = "\\u" in text
 
-    data_start = 8 + header_len
-    data_size = file_size - data_start
     metadata: dict[str, str] = {}
     if METADATA_KEY in doc:
         meta = doc[METADATA_KEY]
@@ -528,6 +534,6 @@ def read_header(
         file_size=file_size,
         data_start=data_start,
         metadata=metadata,
-        tensors=valid,
+        tensors=EntryTable.from_entries(valid.values()),
         identity=identity,
     )

@@ -14,6 +14,7 @@ from ..config import MergeConfig
 from ..errors import InputError, InputProblem
 from ..io import lora
 from ..io.checkpoint import HEAD_NAME, Checkpoint, open_checkpoint, with_tied_head
+from ..io.entries import EntryTable
 
 log = logging.getLogger("tadmerge")
 
@@ -76,6 +77,7 @@ def _checked(
     """The opened inputs read as fine-tunes of the base on its vocabulary, after
     every agreement check (InputError with `problems` and theirs)."""
     out = untie(out)
+    _share_names(out)
     if out[0] is not None and out[0].adapter is not None:
         problems.append(
             InputProblem(out[0].root, None, "the base is a LoRA adapter: give its base model")
@@ -92,6 +94,16 @@ def _checked(
     return out  # type: ignore[return-value]
 
 
+def _share_names(inputs: list[Checkpoint | None]) -> None:
+    """Inputs whose tensor names are the base's hold the base's name list (one list
+    for a million names, not one per input: io/entries.py)."""
+    tables = [ck.tensors for ck in inputs if ck is not None]
+    if tables and isinstance(tables[0], EntryTable):
+        for t in tables[1:]:
+            if isinstance(t, EntryTable):
+                t.share_names(tables[0])
+
+
 def on_base_vocab(ck: Checkpoint | None, base: Checkpoint) -> Checkpoint | None:
     """A fine-tune with added tokens read on the base's vocabulary: each vocabulary
     tensor (embeddings, head) with more rows than the base's, and otherwise its
@@ -101,8 +113,11 @@ def on_base_vocab(ck: Checkpoint | None, base: Checkpoint) -> Checkpoint | None:
     if ck is None:
         return None
     trimmed = []
-    tensors = dict(ck.tensors)
-    for n, e in ck.tensors.items():
+    tensors: dict | None = None  # (a copy only when a tensor is trimmed)
+    for n in ck.tensors:
+        if not _VOCAB_RE.search(n):  # (first: a name test, no entry made)
+            continue
+        e = ck.tensors[n]
         b = base.tensors.get(n)
         if (
             b is None
@@ -110,10 +125,10 @@ def on_base_vocab(ck: Checkpoint | None, base: Checkpoint) -> Checkpoint | None:
             or len(e.shape) != len(b.shape)
             or e.shape[0] <= b.shape[0]
             or tuple(e.shape[1:]) != tuple(b.shape[1:])
-            or not _VOCAB_RE.search(n)
         ):
             continue
         rows = b.shape[0]
+        tensors = dict(ck.tensors.items()) if tensors is None else tensors
         tensors[n] = replace(e, shape=(rows, *e.shape[1:]), nbytes=rows * e.row_numel * e.itemsize)
         trimmed.append((n, e.shape[0], rows))
     if not trimmed:
@@ -178,11 +193,17 @@ def agreement_problems(cfg: MergeConfig, inputs: list[Checkpoint | None]) -> lis
     base = inputs[0]
     assert base is not None
     problems: list[InputProblem] = []
-    names = set(base.tensors)
+    if all(ck is None or _same_columns(base, ck) for ck in inputs[1:]):
+        names: set[str] = set()  # (not needed: every input holds the base's name list)
+    else:
+        names = set(base.tensors)
     for ck, model in zip(inputs[1:], cfg.models, strict=True):
         if ck is None:
             continue
         where = _where(ck)
+        if _same_columns(base, ck):  # one name list: nothing missing or extra
+            problems.extend(_column_problems(model.name, where, ck, base))
+            continue
         missing = sorted(names - set(ck.tensors))
         if len(missing) <= GROUP_AFTER:
             for n in missing:
@@ -228,21 +249,59 @@ def agreement_problems(cfg: MergeConfig, inputs: list[Checkpoint | None]) -> lis
             if a.dtype != b.dtype and not (a.is_float and b.is_float):
                 # float against float merges: τ = widen(model) − widen(base) (casts())
                 dtypes.setdefault((b.dtype, a.dtype), []).append(n)
-        for key, group in shapes.items():
-            problems.append(
-                InputProblem(where, None, _shape_message(model.name, key, group, ck, base))
-            )
-        for (mine, theirs), group in dtypes.items():
-            problems.append(
-                InputProblem(
-                    where,
-                    None,
-                    f"{_count(group)} in dtype ({mine} in model '{model.name}' vs {theirs} in "
-                    f"the base), e.g. {_some(group)}: convert the model to {theirs} (the "
-                    f"base's dtype) before merging, or merge against a base saved in {mine}",
-                )
-            )
+        problems.extend(_shape_dtype_problems(model.name, where, shapes, dtypes, ck, base))
     return problems
+
+
+def _shape_dtype_problems(
+    model: str, where: str, shapes: dict, dtypes: dict, ck: Checkpoint, base: Checkpoint
+) -> list[InputProblem]:
+    problems = [
+        InputProblem(where, None, _shape_message(model, key, group, ck, base))
+        for key, group in shapes.items()
+    ]
+    for (mine, theirs), group in dtypes.items():
+        problems.append(
+            InputProblem(
+                where,
+                None,
+                f"{_count(group)} in dtype ({mine} in model '{model}' vs {theirs} in "
+                f"the base), e.g. {_some(group)}: convert the model to {theirs} (the "
+                f"base's dtype) before merging, or merge against a base saved in {mine}",
+            )
+        )
+    return problems
+
+
+def _same_columns(base: Checkpoint, ck: Checkpoint) -> bool:
+    a, b = base.tensors, ck.tensors
+    return isinstance(a, EntryTable) and isinstance(b, EntryTable) and a.names is b.names
+
+
+def _column_problems(
+    model: str, where: str, ck: Checkpoint, base: Checkpoint
+) -> list[InputProblem]:
+    """agreement_problems' shape and dtype checks for two EntryTables of one name
+    list: rows are compared by shape and dtype code, and only the rows that differ
+    go through the per-name messages."""
+    a, b = base.tensors, ck.tensors
+    assert isinstance(a, EntryTable) and isinstance(b, EntryTable)
+    diff = [
+        i
+        for i in range(len(a))
+        if a.dtype[i] != b.dtype[i] or a.shapes[a.shape_id[i]] != b.shapes[b.shape_id[i]]
+    ]
+    if not diff:
+        return []
+    shapes: dict[tuple, list[str]] = {}
+    dtypes: dict[tuple[str, str], list[str]] = {}
+    for i in diff:
+        x, y = a.entry_at(i), b.entry_at(i)
+        if x.shape != y.shape:
+            shapes.setdefault(_shape_key(x.shape, y.shape), []).append(x.name)
+        if x.dtype != y.dtype and not (x.is_float and y.is_float):
+            dtypes.setdefault((y.dtype, x.dtype), []).append(x.name)
+    return _shape_dtype_problems(model, where, shapes, dtypes, ck, base)
 
 
 def casts(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, list[dict]]:
@@ -335,11 +394,13 @@ def classify(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, tuple[str,
     if problems:
         raise InputError(problems)
     base = inputs[0]
-    names = set(base.tensors)
     patterns = [re.compile(p) for p in cfg.exclude]
     kinds: dict[str, tuple[str, str]] = {}
-    for n in sorted(names):
-        entry = base.tensors[n]
+    # (sorted by name; an EntryTable is, and makes its entries in one pass)
+    entries = (
+        base.tensors if isinstance(base.tensors, EntryTable) else dict(sorted(base.tensors.items()))
+    )
+    for n, entry in entries.items():
         hit = next((p.pattern for p in patterns if p.search(n)), None)
         if hit is not None:
             kinds[n] = (EXCLUDE, f"matches exclude pattern {hit!r}")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -25,6 +27,7 @@ from ..engine.spec import MAGNITUDE_METHODS
 from ..errors import ConfigError
 from ..io.block_io import OutputTensor, ShardSpec, layout_shards
 from ..io.checkpoint import Checkpoint
+from ..io.entries import EntryTable, RowEntries, aligned
 from ..io.identity import FileIdentity
 from ..io.publish import check_output_outside_inputs
 from ..io.safetensors_format import TensorEntry
@@ -47,6 +50,45 @@ class Unit:
     row_end: int
 
 
+class UnitTable(Sequence):
+    """The plan's units as three int64 columns (tensor, row_start, row_end); a
+    Unit is made on access. A list of a million Unit objects cost ~165 bytes each."""
+
+    __slots__ = ("_cols",)
+
+    def __init__(self) -> None:
+        self._cols = (array("q"), array("q"), array("q"))
+
+    def append(self, unit: Unit) -> None:
+        assert unit.id == len(self._cols[0]), "units are appended in id order"
+        t, a, b = self._cols
+        t.append(unit.tensor)
+        a.append(unit.row_start)
+        b.append(unit.row_end)
+
+    def __len__(self) -> int:
+        return len(self._cols[0])
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        t, a, b = self._cols
+        if i < 0:
+            i += len(t)
+        return Unit(i, t[i], a[i], b[i])
+
+    def __iter__(self):
+        t, a, b = self._cols
+        return (Unit(i, t[i], a[i], b[i]) for i in range(len(t)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @dataclass(slots=True)
 class TensorPlan:
     index: int
@@ -55,7 +97,7 @@ class TensorPlan:
     dtype: str  # the base's dtype (a model's may be another float dtype: inventory.casts)
     kind: str  # merge | copy | exclude
     reason: str
-    sources: tuple[TensorEntry, ...]  # base, then one per model
+    sources: Sequence[TensorEntry]  # base, then one per model (a tuple or RowEntries)
     out_dtype: str | None  # None: not written to the main output (EMR copy/exclude)
     rng_rows: int
     # ids of its units: consecutive, a range (a list per tensor costs a million lists)
@@ -84,7 +126,7 @@ class Plan:
     config: MergeConfig
     inputs: list[Checkpoint]
     tensors: list[TensorPlan]
-    units: list[Unit]
+    units: Sequence[Unit]  # (a UnitTable)
     shards: list[ShardSpec]
     task_shards: dict[str, list[ShardSpec]]  # EMR: excluded tensors kept per task
     unit_budget: int
@@ -236,10 +278,18 @@ def make_plan(
         unit_budget = min(unit_budget, gpu - GPU_FIXED_OVERHEAD)
 
     tensors: list[TensorPlan] = []
-    units: list[Unit] = []
+    units = UnitTable()
+    # inputs whose entries are columns with one name list: a tensor's sources are
+    # made on access from its row (io/entries.RowEntries), not held per input
+    columns = aligned([c.tensors for c in inputs])
     for i, name in enumerate(sorted(kinds)):
         kind, reason = kinds[name]
-        entry = inputs[0].tensors[name]
+        if columns is not None:
+            sources: Sequence[TensorEntry] = RowEntries(columns, i)
+            entry = sources[0]
+        else:
+            sources = tuple(c.tensors[name] for c in inputs)
+            entry = sources[0]
         tp = TensorPlan(
             index=i,
             name=name,
@@ -247,7 +297,7 @@ def make_plan(
             dtype=entry.dtype,
             kind=kind,
             reason=reason,
-            sources=tuple(c.tensors[name] for c in inputs),
+            sources=sources,
             out_dtype=out_dtype_for(cfg, kind, entry.dtype),
             # a tensor smaller than one canonical block is one block of its own rows
             # (same random-stream prefix; no padding in the EMR mask chunks)
@@ -294,9 +344,16 @@ def make_plan(
                 ]
                 task_shards[m.name] = layout_shards(excluded, cfg.output.shard_size, meta)
     plan = Plan(cfg, inputs, tensors, units, shards, task_shards, unit_budget)
-    plan.identities = {
-        e.file: e.identity for ck in inputs for e in ck.tensors.values() if e.identity is not None
-    }
+    plan.identities = {}
+    for ck in inputs:
+        if isinstance(ck.tensors, EntryTable):  # (per file, not per tensor)
+            tab = ck.tensors
+            pairs = zip(tab.files, tab.identities, strict=True)
+            plan.identities.update((f, ident) for f, ident in pairs if ident is not None)
+        else:
+            plan.identities.update(
+                (e.file, e.identity) for e in ck.tensors.values() if e.identity is not None
+            )
     plan.fingerprint = fingerprint(plan)
     return plan
 
