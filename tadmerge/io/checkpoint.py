@@ -126,6 +126,9 @@ class Checkpoint:
     # (name, its rows, rows read): vocabulary tensors with rows beyond the base's
     # (added tokens), read on the base's vocabulary (planners/inventory.on_base_vocab)
     trimmed: tuple[tuple[str, int, int], ...] = ()
+    # the base only, under tokenizer: union | <model>: the output's vocabulary
+    # (planners/vocabulary.Vocabulary: its rows, tokenizer files, digest)
+    vocabulary: object | None = None
 
     def side_file(self, name: str) -> str | None:
         """The path of side file `name` (config.json, ...) if it has one."""
