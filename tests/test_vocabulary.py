@@ -259,3 +259,72 @@ def test_tokenizer_source_is_checked(tmp_path, llama):
         merge(tmp_path, base, paths, "out", merge={"method": "emr"})
     with pytest.raises(ConfigError, match=r"exclude pattern .* matches lm_head.weight"):
         merge(tmp_path, base, paths, "out", exclude=["lm_head"])
+
+
+@pytest.mark.external
+def test_mergekit_union_agrees_token_by_token(tmp_path):
+    """The same mergekit YAML (tokenizer_source: union, task_arithmetic, float32
+    models) run by mergekit and by tadmerge (translated): the same vocabulary, and
+    every token's embedding and head rows agree, filled rows included (mergekit's
+    defaults are this fill: the base's row, a lone model's row, or the mean)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.common import tool_missing, tool_python
+
+    missing = tool_missing("mergekit", "tests/test_vocabulary.py")
+    if missing is not None:
+        pytest.skip(missing)
+    v = words(64)
+    base = build(tmp_path / "base", "llama", False, 0, 64, v, dtype=torch.float32)
+    sd = state(base)
+    a = [AddedToken("<tool>"), AddedToken("<shared>")]
+    b = [AddedToken("<shared>"), AddedToken("<|im_end|>", special=True)]
+    m0 = build(tmp_path / "m0", "llama", False, 1, 66, v, a, sd, dtype=torch.float32)
+    m1 = build(tmp_path / "m1", "llama", False, 2, 66, v, b, sd, dtype=torch.float32)
+    mk = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "models": [
+            {"model": m0, "parameters": {"weight": 1.0}},
+            {"model": m1, "parameters": {"weight": 0.5}},
+        ],
+        "parameters": {"lambda": 0.8},
+        "dtype": "float32",
+        "tokenizer_source": "union",
+    }
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text(yaml.safe_dump(mk))
+    outs = {"td": tmp_path / "td", "mk": tmp_path / "mk"}
+    runs = [
+        [sys.executable, "-m", "tadmerge.cli", "-q", "merge", str(cfg), "--out", str(outs["td"])],
+        [str(tool_python("mergekit")), "-m", "mergekit.scripts.run_yaml", str(cfg),
+         str(outs["mk"]), "--no-write-model-card", "--quiet"],
+    ]  # fmt: skip
+    for cmd in runs:
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{cmd[:4]}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    vocab = {k: AutoTokenizer.from_pretrained(str(d)).get_vocab() for k, d in outs.items()}
+    assert set(vocab["td"]) == set(vocab["mk"]) == set(v) | {"<tool>", "<shared>", "<|im_end|>"}
+    got = {k: _all_tensors(str(d)) for k, d in outs.items()}
+    for n in (EMBED, HEAD):
+        for t, i in vocab["td"].items():
+            j = vocab["mk"][t]
+            torch.testing.assert_close(got["td"][n][i], got["mk"][n][j], rtol=1e-6, atol=1e-7)
+    for n, x in got["td"].items():
+        if n not in (EMBED, HEAD):
+            torch.testing.assert_close(x, got["mk"][n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _all_tensors(d: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(d, f)))
+    return out
