@@ -328,3 +328,39 @@ def _all_tensors(d: str) -> dict[str, torch.Tensor]:
         if f.endswith(".safetensors"):
             out.update(load_file(os.path.join(d, f)))
     return out
+
+
+def test_a_changed_tokenizer_changes_the_plan(tmp_path, llama):
+    """The row maps and tokenizer files are in the plan's fingerprint (--resume
+    refuses a model whose tokenizer changed); the plan travels pickled (Ray)."""
+    import pickle
+    import shutil
+
+    from tadmerge.planners.plan import make_plan
+
+    _, base, paths = llama
+    m1 = str(tmp_path / "m1")
+    shutil.copytree(paths[1], m1)
+
+    def plan():
+        raw = {
+            "base": base,
+            "models": [{"path": paths[0], "name": "m0"}, {"path": m1, "name": "m1"}],
+            "output": {"path": str(tmp_path / "out")},
+            "tokenizer": {"source": "union"},
+        }
+        return make_plan(parse_config(raw))
+
+    first = plan()
+    again = pickle.loads(pickle.dumps(first))
+    assert again.fingerprint == first.fingerprint
+    t = next(t for t in again.tensors if t.name == EMBED)
+    assert t.shape == (68, TINY_LM_SIZES["hidden_size"]) and t.dtype == "BF16"
+    # m1's tokenizer swaps two tokens' ids: the same shapes, other row maps
+    doc = json.load(open(os.path.join(m1, "tokenizer.json")))
+    v = doc["model"]["vocab"]
+    v["w5"], v["w6"] = v["w6"], v["w5"]
+    json.dump(doc, open(os.path.join(m1, "tokenizer.json"), "w"))
+    changed = plan()
+    assert [t.shape for t in changed.tensors] == [t.shape for t in first.tensors]
+    assert changed.fingerprint != first.fingerprint
