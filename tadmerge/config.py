@@ -179,6 +179,15 @@ class EmrSpec:
 
 
 @dataclass(frozen=True)
+class TokenizerSpec:
+    """The output's vocabulary (planners/vocabulary.py): `base` (the base's rows and
+    tokenizer files, a fine-tune's rows beyond them dropped), `union` (the base's
+    tokens, then every model's tokens it lacks), or a model's name (its tokenizer)."""
+
+    source: str = "base"
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     base: str
     models: tuple[ModelEntry, ...]
@@ -190,6 +199,7 @@ class MergeConfig:
     inputs: InputPolicy = field(default_factory=InputPolicy)
     emr: EmrSpec = field(default_factory=EmrSpec)
     seed: int = 0
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
 
     @property
     def task_names(self) -> list[str]:
@@ -210,6 +220,8 @@ class MergeConfig:
             del d["output"]["hub_private"]
         if not d["runtime"]["if_changed"]:
             del d["runtime"]["if_changed"]
+        if self.tokenizer.source == "base":  # (the default: the same yaml as before it)
+            del d["tokenizer"]
         return d
 
     def to_yaml(self) -> str:
@@ -221,7 +233,7 @@ class MergeConfig:
 # --------------------------------------------------------------------------------------
 
 _TOP_KEYS = {"base", "models", "sparsify", "merge", "exclude", "output", "runtime", "seed",
-             "inputs", "emr"}  # fmt: skip
+             "inputs", "emr", "tokenizer"}  # fmt: skip
 _SPARSIFY_PARAMS = methods.all_params(methods.sparsifiers())
 _MERGE_PARAMS = methods.all_params(methods.combiners())
 
@@ -436,6 +448,19 @@ def _parse_emr(e: Any) -> EmrSpec:
     )
 
 
+def _parse_tokenizer(t: Any, models: tuple[ModelEntry, ...]) -> TokenizerSpec:
+    _check_keys(t, {"source"}, "tokenizer")
+    source = t.get("source", "base")
+    names = [m.name for m in models]
+    if not isinstance(source, str) or source not in ("base", "union", *names):
+        allowed = ", ".join(["base", "union", *names])
+        raise ConfigError(
+            f"tokenizer.source: expected base, union or a model's name ({allowed}), "
+            f"got {show(source)}"
+        )
+    return TokenizerSpec(source=source)
+
+
 def _parse_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not -_MAX_INT <= seed < _MAX_INT:
         raise ConfigError(f"seed: expected a 64-bit integer, got {show(seed)}")
@@ -476,6 +501,14 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
     inputs = section(_parse_inputs, _section(raw, "inputs", {}), default=InputPolicy())
     emr = section(_parse_emr, _section(raw, "emr", {}), default=EmrSpec())
     seed = section(_parse_seed, raw.get("seed", 0), default=0)
+    tokenizer = section(
+        _parse_tokenizer, _section(raw, "tokenizer", {}), models, default=TokenizerSpec()
+    )
+    if tokenizer is not None and tokenizer.source != "base" and merge.method == "emr":
+        errors.append(
+            f"tokenizer.source: {tokenizer.source} is not supported with merge.method emr "
+            "(an EMR output is read against the base's own files); use tokenizer.source base"
+        )
     if errors:
         if len(errors) == 1:
             raise ConfigError(errors[0])
@@ -491,6 +524,7 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
         inputs=inputs,
         emr=emr,
         seed=seed,
+        tokenizer=tokenizer,
     )
 
 

@@ -302,3 +302,26 @@ def sce(base: torch.Tensor, ts: list[torch.Tensor], topk: float) -> torch.Tensor
         num = num + torch.where(agree, u * f32(wk), torch.zeros(()))
         den = den + torch.where(agree, f32(wk), torch.zeros(()))
     return base + num / torch.clamp(den, min=1e-6)
+
+
+def vocab_rows(rows: list[dict[str, torch.Tensor]], tokens: list[str]) -> list[torch.Tensor]:
+    """mergekit's alignment of vocabulary rows, one token at a time: per input
+    (0: the base), its float32 row of each token of `tokens`, where `rows[i]`
+    maps the tokens input i has to its row. A token the base lacks: the base's
+    row is the mean of the models that have it (summed in model order, then
+    divided by their count; zero where none has it); a model lacking a token
+    takes the base's row (so its τ there is 0)."""
+    out: list[list[torch.Tensor]] = [[] for _ in rows]
+    for t in tokens:
+        if t in rows[0]:
+            b = rows[0][t].float()
+        else:
+            have = [r[t].float() for r in rows[1:] if t in r]
+            acc = torch.zeros_like(next(iter(rows[0].values())).float())
+            for h in have:
+                acc = acc + h
+            b = acc / f32(len(have)) if have else acc
+        out[0].append(b)
+        for i, r in enumerate(rows[1:], 1):
+            out[i].append(r[t].float() if t in r else b)
+    return [torch.stack(x) for x in out]

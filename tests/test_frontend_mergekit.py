@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from tadmerge import methods
 from tadmerge.cli import main
-from tadmerge.config import load_config
+from tadmerge.config import load_config, parse_config
 from tadmerge.errors import EXIT_CONFIG, ConfigError
 from tadmerge.frontends import detect
 from tadmerge.frontends.mergekit import translate
@@ -124,7 +124,8 @@ def test_every_unsupported_key_is_named_in_one_error_before_any_read(tmp_path, c
     raw["models"][1]["parameters"]["weight"] = [{"filter": "mlp", "value": 0.3}, {"value": 1}]
     raw["models"][2]["parameters"]["density"] = 0.3  # differs from the others
     raw["models"].append({"model": "x+lora", "parameters": {"weight": 1}})
-    raw.update(slices=[{"sources": []}], tokenizer_source="union", chat_template="chatml")
+    tok = {"source": "union", "tokens": {"<x>": {"source": "m0"}}}
+    raw.update(slices=[{"sources": []}], tokenizer=tok, chat_template="chatml")
     raw.update(dtype="int64", tadmerge={"bogus": 1})
     cfg = tmp_path / "mk.yml"
     cfg.write_text(yaml.safe_dump(raw))
@@ -133,7 +134,7 @@ def test_every_unsupported_key_is_named_in_one_error_before_any_read(tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "9 unsupported settings" in err
     for key in (
-        "slices:", "tokenizer_source:", "chat_template:", "dtype:", "tadmerge.bogus:",
+        "slices:", "tokenizer.tokens:", "chat_template:", "dtype:", "tadmerge.bogus:",
         "models[0].parameters.weight: a layer gradient", "models[3].model:",
         "models[1].parameters.weight: values per tensor (filter 'mlp')",
         "models[*].parameters.density: different values per model",
@@ -324,3 +325,23 @@ def test_nearswap_needs_t_and_one_model_and_sce_takes_tadrop(tmp_path):
     assert native["sparsify"] == {"method": "tadrop"}
     assert native["merge"] == {"method": "sce", "select_topk": 1.0}
     assert any("replaces sce's variance selection" in n for n in notes)
+
+
+def test_tokenizer_source_maps_to_the_native_tokenizer(tmp_path):
+    """mergekit's tokenizer_source (or tokenizer.source, default union): union, base
+    (the native default: no key) or a model's path, which becomes its name."""
+    native, _ = translate(_mk("ties", tokenizer_source="union"), tmp_path)
+    assert native["tokenizer"] == {"source": "union"}
+    assert parse_config(native).tokenizer.source == "union"
+    native, _ = translate(_mk("ties", tokenizer={}), tmp_path)  # (mergekit's default)
+    assert native["tokenizer"] == {"source": "union"}
+    native, _ = translate(_mk("ties", tokenizer_source="m1"), tmp_path)
+    assert native["tokenizer"] == {"source": "m1"}
+    assert parse_config(native).tokenizer.source == "m1"
+    for base in ("base", "b"):
+        native, _ = translate(_mk("ties", tokenizer_source=base), tmp_path)
+        assert "tokenizer" not in native
+    with pytest.raises(ConfigError, match=r"tokenizer_source: 'x' is neither the base_model"):
+        translate(_mk("ties", tokenizer_source="x"), tmp_path)
+    with pytest.raises(ConfigError, match=r"tokenizer.pad_to_multiple_of: not supported yet"):
+        translate(_mk("ties", tokenizer={"source": "union", "pad_to_multiple_of": 64}), tmp_path)

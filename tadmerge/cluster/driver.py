@@ -819,14 +819,14 @@ def _finalize(
         "output_bytes": plan.output_bytes,
         "tensors": tensors,
     }
-    from ..planners.inventory import casts, vocab_trims
+    from ..planners.inventory import casts, vocabulary_report
 
     cast = casts(cfg, plan.inputs)
     if cast:  # fine-tunes saved in another float dtype than the base's
         report["casts"] = cast
-    trims = vocab_trims(cfg, plan.inputs)
-    if trims:  # added tokens: rows beyond the base's vocabulary, dropped
-        report["vocabulary"] = {"source": "base", "dropped": trims}
+    vocabulary = vocabulary_report(cfg, plan.inputs)
+    if vocabulary:  # added tokens: dropped (tokenizer: base), or the output's vocabulary
+        report["vocabulary"] = vocabulary
     glob = resolved.get("_global")
     if glob:
         report["global"] = {cfg.task_names[int(k)]: v for k, v in glob.get("groups", {}).items()}

@@ -98,12 +98,11 @@ NOT_YET = (
 )
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-            "tokenizer_source", "tadmerge"}  # fmt: skip
+            "tokenizer_source", "tokenizer", "tadmerge"}  # fmt: skip
 # mergekit keys tadmerge does not implement yet (named in the error)
 TOP_UNSUPPORTED = {
     "slices": "slices/layer_range (layer stacking) are not supported yet",
     "modules": "modules are not supported yet",
-    "tokenizer": "tokenizer (a merged vocabulary) is not supported yet; the base's is copied",
     "chat_template": "chat_template is not supported yet",
 }
 EXTENSION_KEYS = {"sparsify", "output", "runtime", "inputs", "exclude", "seed", "emr"}
@@ -398,12 +397,7 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
 
     dtype = _dtype(raw.get("dtype"), "dtype", problems)
     out_dtype = _dtype(raw.get("out_dtype"), "out_dtype", problems)
-    tok = raw.get("tokenizer_source")
-    if tok not in (None, "base"):
-        problems.add(
-            "tokenizer_source",
-            f"{show(tok)} is not supported yet (only base: the base model's tokenizer is copied)",
-        )
+    tok, tok_key = _tokenizer_source(raw, problems)
 
     if problems:
         n = len(problems)
@@ -497,7 +491,49 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
     for key in ("runtime", "inputs", "exclude", "seed", "emr"):
         if key in ext:
             native[key] = ext[key]
+    source = "base" if tok in (None, "base") else _tokenizer_name(tok, tok_key, native, local)
+    if source != "base":  # (base: the native default)
+        native["tokenizer"] = {"source": source}
     return native, notes
+
+
+def _tokenizer_source(raw: dict, problems: _Problems) -> tuple[Any, str]:
+    """mergekit's tokenizer_source, or tokenizer.source (default union), and the key
+    it came from; tokens / pad_to_multiple_of are named as not supported."""
+    if "tokenizer" not in raw or raw.get("tokenizer") is None:
+        return raw.get("tokenizer_source"), "tokenizer_source"
+    t = raw["tokenizer"]
+    if "tokenizer_source" in raw:
+        problems.add("tokenizer", "cannot be given with tokenizer_source (as in mergekit)")
+    if not isinstance(t, dict):
+        problems.add("tokenizer", "expected a mapping {source, tokens, pad_to_multiple_of}")
+        return None, "tokenizer.source"
+    for key in sorted(set(t) - {"source"}, key=str):
+        why = {
+            "tokens": "per-token embedding sources are not supported yet (rows a model "
+            "lacks are filled as mergekit's defaults do)",
+            "pad_to_multiple_of": "not supported yet (the output keeps the source's rows)",
+        }.get(key, "not a mergekit key")
+        problems.add(f"tokenizer.{key}", why)
+    return t.get("source", "union"), "tokenizer.source"
+
+
+def _tokenizer_name(tok: Any, key: str, native: dict, local) -> str:
+    """The native tokenizer.source of mergekit's: union, or the name of the model
+    whose path it is (base when it is the base's)."""
+    if tok == "union":
+        return tok
+    if isinstance(tok, dict):  # (a mergekit model reference: {model: path})
+        tok = tok.get("model")
+    if not isinstance(tok, str) or not tok:
+        raise ConfigError(f"{key}: expected union, base or a model's path, got {show(tok)}")
+    path = local(tok, key)
+    if path == native["base"]:
+        return "base"
+    for m in native["models"]:
+        if m["path"] == path:
+            return m["name"]
+    raise ConfigError(f"{key}: {show(tok)} is neither the base_model nor one of the models")
 
 
 def _dtype(value: Any, where: str, problems: _Problems) -> str | None:

@@ -266,9 +266,11 @@ def read_bytes(
     into the array's memory (no intermediate ``bytes``). numpy, not torch: the
     streamed merges (engine/stream.py) never import torch.
 
-    A LoRA adapter's target tensor (io/lora.LoraEntry) is made here, per row block.
+    A made tensor is made here, per row block (``made_rows``: a LoRA adapter's
+    target, io/lora.LoraEntry; a vocabulary tensor on the output's vocabulary,
+    io/vocab_rows.VocabEntry).
     """
-    made = getattr(entry, "lora_rows", None)
+    made = getattr(entry, "made_rows", None)
     if made is not None:
         return made(row_start, row_end, out)
     offset, nbytes = _row_span(entry, row_start, row_end)
@@ -342,7 +344,7 @@ def map_bytes(entry: TensorEntry, row_start: int, row_end: int) -> np.ndarray | 
     write to their inputs.
     """
     global _map_ok
-    if hasattr(entry, "lora_rows"):  # made when read (io/lora.py): read_bytes
+    if hasattr(entry, "made_rows"):  # made when read (io/lora.py, io/vocab_rows.py)
         return None
     offset, nbytes = _row_span(entry, row_start, row_end)
     if not _map_ok or nbytes < MAP_MIN_BYTES or offset % _MAP_ALIGN:
@@ -411,8 +413,10 @@ def prefetch_rows(entry: TensorEntry, row_start: int, row_end: int) -> None:
     them then waits less on the disk. Advice only: any failure is ignored."""
     if not hasattr(os, "posix_fadvise") or row_end <= row_start:
         return
-    if hasattr(entry, "lora_rows"):  # (io/lora.py: its base's rows are read)
-        entry = entry.base
+    if hasattr(entry, "made_rows"):  # (io/lora.py: its base's rows are read)
+        entry = getattr(entry, "base", None)
+        if entry is None:  # (io/vocab_rows.py: gathered rows, no one range)
+            return
     row_bytes = entry.row_numel * entry.itemsize
     try:
         with _READ_FDS.acquire(entry.file, entry.identity, entry.name) as fd:

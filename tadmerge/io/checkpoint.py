@@ -134,6 +134,10 @@ class Checkpoint:
     # a hub input's (file, digest of its tensor table): its version, with the commit
     hub_versions: tuple[tuple[str, str], ...] = ()
 
+    # the base only, under tokenizer: union | <model>: the output's vocabulary
+    # (planners/vocabulary.Vocabulary: its rows, tokenizer files, digest)
+    vocabulary: object | None = None
+
     def side_file(self, name: str) -> str | None:
         """The path of side file `name` (config.json, ...) if it has one."""
         return next((f for f in self.extra_files if os.path.basename(f) == name), None)

@@ -72,7 +72,7 @@ class LoraEntry(TensorEntry):
     scale: float = 1.0
     transpose: bool = False
 
-    def lora_rows(self, row_start: int, row_end: int, out: np.ndarray | None) -> np.ndarray:
+    def made_rows(self, row_start: int, row_end: int, out: np.ndarray | None) -> np.ndarray:
         """Rows [row_start, row_end) of θ in float32, as bytes (read_bytes' contract)."""
         import torch
 

@@ -45,9 +45,12 @@ def side_files(plan) -> list[tuple[str, str | bytes]]:
     each side file of the base (io/checkpoint.EXTRA_FILE_NAMES), config.json made
     to agree with the output (see the module's docstring)."""
     base = plan.inputs[0]
+    vocab = base.vocabulary  # tokenizer: union | <model> (planners/vocabulary.py)
     out: list[tuple[str, str | bytes]] = []
     for src in base.extra_files:
         name = os.path.basename(src)
+        if vocab is not None and name in vocab.tokenizer_files:
+            continue  # (the output's tokenizer's files instead, below)
         if name != "config.json":
             out.append((name, src))
         elif plan.is_emr:
@@ -55,16 +58,31 @@ def side_files(plan) -> list[tuple[str, str | bytes]]:
             out.append((name, EMR_CONFIG))
         else:
             out.append((name, _untied_config(plan, base) or src))
+    if vocab is not None:
+        out.extend(vocab.files)
     return out
 
 
 def _untied_config(plan, base) -> bytes | None:
     """The base's config.json with tie_word_embeddings: false when the output stores
-    a head the base only has tied; None to copy it unchanged."""
+    a head the base only has tied, and vocab_size the output's vocabulary rows
+    (tokenizer: union | <model>) where they differ; None to copy it unchanged."""
     written = {t.name for t in plan.tensors if t.out_dtype is not None}
-    if not any(head in written for head, _ in base.aliases):
+    untie = any(head in written for head, _ in base.aliases)
+    vocab = base.vocabulary
+    doc = config_json(base)
+    rows = None
+    if vocab is not None and doc is not None:
+        holder = doc if "vocab_size" in doc else doc.get("text_config")
+        if isinstance(holder, dict) and holder.get("vocab_size") != vocab.rows:
+            holder["vocab_size"] = rows = vocab.rows
+    if not untie and rows is None:
         return None
-    return untied_config(base)
+    if doc is None:
+        return None
+    if untie:
+        doc["tie_word_embeddings"] = False
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def untied_config(ck) -> bytes | None:

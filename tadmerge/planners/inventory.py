@@ -11,7 +11,7 @@ import re
 from dataclasses import replace
 
 from ..config import MergeConfig
-from ..errors import InputError, InputProblem
+from ..errors import ConfigError, InputError, InputProblem
 from ..io import lora
 from ..io.checkpoint import HEAD_NAME, Checkpoint, open_checkpoint, with_tied_head
 from ..io.entries import EntryTable
@@ -85,9 +85,14 @@ def _checked(
         out[0] = None
     if out[0] is not None:
         out = [out[0]] + [_as_finetune(ck, out[0], problems) for ck in out[1:]]
-        out = [out[0]] + [on_base_vocab(ck, out[0]) for ck in out[1:]]
-        if warn:
-            _warn_trimmed(cfg, out)
+        if cfg.tokenizer.source == "base":
+            out = [out[0]] + [on_base_vocab(ck, out[0]) for ck in out[1:]]
+            if warn:
+                _warn_trimmed(cfg, out)
+        elif all(ck is not None for ck in out):
+            from .vocabulary import on_output_vocab  # (transformers: only here)
+
+            out = on_output_vocab(cfg, out, problems)  # type: ignore[arg-type]
         problems.extend(agreement_problems(cfg, out))
     if problems:
         raise InputError(problems)
@@ -149,6 +154,17 @@ def _warn_trimmed(cfg: MergeConfig, inputs: list[Checkpoint | None]) -> None:
             "in model(s) %s",
             "; ".join(said),
         )
+
+
+def vocabulary_report(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict | None:
+    """merge_report.json's "vocabulary": the rows dropped (tokenizer: base), or the
+    output's vocabulary (union | <model>: planners/vocabulary.Vocabulary); None
+    when a base merge dropped nothing."""
+    vocab = inputs[0].vocabulary
+    if vocab is not None:
+        return vocab.report()  # type: ignore[attr-defined]
+    trims = vocab_trims(cfg, inputs)
+    return {"source": "base", "dropped": trims} if trims else None
 
 
 def vocab_trims(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, list[dict]]:
@@ -315,19 +331,24 @@ def casts(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, list[dict]]:
         counts: dict[tuple[str, str], int] = {}
         for n, b in ck.tensors.items():
             a = base.tensors.get(n)
-            if (
-                a is not None
-                and a.dtype != b.dtype
-                and a.is_float
-                and b.is_float
-                and not isinstance(b, lora.LoraEntry)  # (made in float32: io/lora.py)
-            ):
-                counts[(b.dtype, a.dtype)] = counts.get((b.dtype, a.dtype), 0) + 1
+            if a is None or not (a.is_float and b.is_float):
+                continue
+            if isinstance(b, lora.LoraEntry):  # (made in float32: io/lora.py)
+                continue
+            # (io/vocab_rows.VocabEntry: made in float32 from the input's own dtype)
+            mine, theirs = _stored(b), _stored(a)
+            if mine != theirs:
+                counts[(mine, theirs)] = counts.get((mine, theirs), 0) + 1
         if counts:
             out[model.name] = [
                 {"from": f, "to": t, "tensors": c} for (f, t), c in sorted(counts.items())
             ]
     return out
+
+
+def _stored(e) -> str:
+    """The dtype an input stores a tensor in (a VocabEntry is made in float32)."""
+    return getattr(e, "stored_dtype", "") or e.dtype
 
 
 def _tie_hint(name: str) -> str:
@@ -402,6 +423,13 @@ def classify(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, tuple[str,
     )
     for n, entry in entries.items():
         hit = next((p.pattern for p in patterns if p.search(n)), None)
+        if hit is not None and hasattr(entry, "rows_of"):
+            raise ConfigError(
+                f"exclude pattern {hit!r} matches {n}, a vocabulary tensor, under "
+                f"tokenizer.source {cfg.tokenizer.source}: its rows are the output's "
+                "vocabulary, not the base's; merge it (remove the pattern) or use "
+                "tokenizer.source base"
+            )
         if hit is not None:
             kinds[n] = (EXCLUDE, f"matches exclude pattern {hit!r}")
         elif not entry.is_float:

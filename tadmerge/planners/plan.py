@@ -286,19 +286,21 @@ def make_plan(
         kind, reason = kinds[name]
         if columns is not None:
             sources: Sequence[TensorEntry] = RowEntries(columns, i)
-            entry = sources[0]
         else:
             sources = tuple(c.tensors[name] for c in inputs)
-            entry = sources[0]
+        entry = sources[0]
+        # (a vocabulary tensor on the output's vocabulary is made in float32 from the
+        # base's own dtype: io/vocab_rows.VocabEntry.stored_dtype)
+        dtype = getattr(entry, "stored_dtype", "") or entry.dtype
         tp = TensorPlan(
             index=i,
             name=name,
             shape=tuple(entry.shape),
-            dtype=entry.dtype,
+            dtype=dtype,
             kind=kind,
             reason=reason,
             sources=sources,
-            out_dtype=out_dtype_for(cfg, kind, entry.dtype),
+            out_dtype=out_dtype_for(cfg, kind, dtype),
             # a tensor smaller than one canonical block is one block of its own rows
             # (same random-stream prefix; no padding in the EMR mask chunks)
             rng_rows=min(
@@ -408,6 +410,9 @@ def fingerprint(plan: Plan) -> str:
         "units": _UNITS,
         "shards": [[s.filename, s.header.hex()] for s in plan.shards],
     }
+    vocab = plan.inputs[0].vocabulary if plan.inputs else None
+    if vocab is not None:  # tokenizer: union | <model>: its row maps and files
+        doc["vocabulary"] = vocab.digest  # type: ignore[attr-defined]
     # The hash of json.dumps(doc) with "units" the list of [tensor, row_start, row_end],
     # that list fed in pieces: as one document it cost ~100 bytes per unit at once.
     head, tail = json.dumps(doc, sort_keys=True, default=str).rsplit(json.dumps(_UNITS), 1)
