@@ -66,7 +66,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "tadmerge-manifest/1"
 _MANIFEST_TMP = ".manifest.json.tmp"
 _HASH_BLOCK = 8 * 2**20
-# the staging directory's private folder: the driver's resume state (cluster/driver.py)
+# the staging directory's private folder: the driver's resume state (run/state.py)
 # and the lock. Never in a manifest; removed from the output right after the rename.
 STATE_DIR = ".tadmerge"
 LOCK_NAME = "lock"
