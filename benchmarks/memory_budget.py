@@ -29,9 +29,7 @@ from benchmarks.runner import measure, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 # the fixed part of a merge's RSS: interpreter, torch, tadmerge, the statistics kernels
-IMPORTS = (
-    "import tadmerge.cluster.driver, torch; from tadmerge.engine import kernels; kernels.load()"
-)
+IMPORTS = "import tadmerge.run.driver, torch; from tadmerge.engine import kernels; kernels.load()"
 
 
 def ensure_checkpoints(data: Path, params: str, tasks: int) -> Path:

@@ -56,8 +56,8 @@ def main(argv=None) -> int:
         )  # fmt: skip
     import ray
 
-    from tadmerge.cluster.driver import run_merge
     from tadmerge.config import parse_config
+    from tadmerge.run.driver import run_merge
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     rows = []

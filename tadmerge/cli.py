@@ -63,7 +63,7 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .cluster.driver import run_merge
+    from .run.driver import run_merge
 
     cfg = _config(args)
     if args.dry_run:

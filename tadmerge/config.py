@@ -132,7 +132,7 @@ class RuntimeSpec:
     # before it is given up, its units going to the others (a lost node leaves no room)
     worker_start_timeout: float = 120.0
     # skip the merge (exit 0, "up to date") when the inputs and the config are those the
-    # published output was made from (cluster/driver.py up_to_date); else replace it
+    # published output was made from (run/inputs.py changed_since); else replace it
     if_changed: bool = False
     progress: str = "auto"  # auto | bar | log | none
     # CPU kernels: auto (TADMERGE_KERNELS, else the C kernels where they build, the

@@ -86,9 +86,9 @@ def run_demo(out_dir: str = "demo_out", keep: bool = True) -> dict:
     print what came out and the commands to try next. `keep=False` removes the
     checkpoints afterwards (then the EMR output can no longer be read: it
     computes each task from its base)."""
-    from .cluster.driver import run_merge
     from .emr import task_state_dict
     from .emr.info import emr_info
+    from .run.driver import run_merge
 
     t0 = time.monotonic()
     ck = os.path.join(out_dir, "checkpoints")

@@ -108,7 +108,7 @@ def _after(setattr_, obj, attr: str, fire: Callable[[], None]) -> None:
 def _around_executor(setattr_, method: str, fire: Callable[[], None], after: bool) -> None:
     """Wrap the callback the driver hands to every executor's `method`
     (map_stats: on_result(key, result); run_units: on_done(record))."""
-    from tadmerge.cluster import driver
+    from tadmerge.run import driver
 
     real_make = _get(driver, "make_executor")
 
@@ -135,12 +135,12 @@ def _around_executor(setattr_, method: str, fire: Callable[[], None], after: boo
 
 
 def _units_logged(setattr_, n: int, action: Callable[[], None]) -> None:
-    """Fire once the resume log holds n unit records (cluster/integrity.py writes
+    """Fire once the resume log holds n unit records (run/unit_log.py writes
     them in batches, after their data is durable: one batch per unit here)."""
-    from tadmerge.cluster import integrity
+    from tadmerge.run import unit_log
 
-    real = _get(integrity.UnitLog, "_write_batch")
-    setattr_(integrity, "FLUSH_INTERVAL_S", 0.0)
+    real = _get(unit_log.UnitLog, "_write_batch")
+    setattr_(unit_log, "FLUSH_INTERVAL_S", 0.0)
     fired = {"done": False}
 
     def write_batch(self):
@@ -151,7 +151,7 @@ def _units_logged(setattr_, n: int, action: Callable[[], None]) -> None:
                     fired["done"] = True
                     action()
 
-    setattr_(integrity.UnitLog, "_write_batch", write_batch)
+    setattr_(unit_log.UnitLog, "_write_batch", write_batch)
 
 
 def _state_removal(setattr_, publish, fire: Callable[[], None]) -> None:
@@ -173,27 +173,29 @@ def install(point: str, action: Callable[[], None], setattr_=setattr) -> None:
     `setattr_`: pytest's monkeypatch.setattr in-process (undone after the test),
     the plain setattr in a subprocess that dies anyway.
     """
-    from tadmerge.cluster import driver
+    from tadmerge.cluster.progress import Progress
     from tadmerge.io import publish
+    from tadmerge.run import driver
+    from tadmerge.run.state import RunState
 
     name, _, count = point.partition(":")
     fire = _nth(int(count) if count else 1, action)
     if name == "plan":
         _after(setattr_, driver, "make_plan", fire)
     elif name == "staging":
-        _after(setattr_, driver.RunState, "check_or_write_fingerprint", fire)
+        _after(setattr_, RunState, "check_or_write_fingerprint", fire)
     elif name == "stats":
         _around_executor(setattr_, "map_stats", fire, after=True)
     elif name == "stats-saved":
-        _after(setattr_, driver.RunState, "save_stats", fire)
+        _after(setattr_, RunState, "save_stats", fire)
     elif name == "unit-written":
         _around_executor(setattr_, "run_units", fire, after=False)
     elif name == "progress":
-        _after(setattr_, driver.Progress, "update", fire)
+        _after(setattr_, Progress, "update", fire)
     elif name == "units":
         _units_logged(setattr_, int(count) if count else 1, action)
     elif name == "finalize":
-        _after(setattr_, driver, "_finalize", fire)
+        _after(setattr_, driver, "finalize", fire)
     elif name == "publish":
         _before(setattr_, publish.Staging, "publish", fire)
     elif name == "before-manifest":

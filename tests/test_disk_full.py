@@ -23,9 +23,10 @@ import yaml
 from checkpoints import write_checkpoint
 from outputs import model_files, run_cli
 
-import tadmerge.cluster.driver as driver
 import tadmerge.io.block_io as block_io
 import tadmerge.io.publish as publish
+import tadmerge.run.driver as driver
+import tadmerge.run.outputs as run_outputs
 from tadmerge.cli import main
 from tadmerge.errors import EXIT_OK, EXIT_RUNTIME
 
@@ -234,22 +235,22 @@ def test_disk_full_while_writing_driver_files(
     out = small_fs / "merged"
     cfg = write_cfg(tmp_path / "merge.yaml", paths, out)
     if victim == "stats.json":
-        real_prepare = driver._prepare_outputs
+        real_prepare = driver.prepare_outputs
 
         def prepare_then_fill(plan, staging):
             real_prepare(plan, staging)
             fill(small_fs)
 
-        monkeypatch.setattr(driver, "_prepare_outputs", prepare_then_fill)
+        monkeypatch.setattr(driver, "prepare_outputs", prepare_then_fill)
     else:
-        real_write = driver._write_json
+        real_write = run_outputs.write_json
 
         def fill_then_write(path, doc):
-            if path.endswith(driver.REPORT_NAME):
+            if path.endswith(run_outputs.REPORT_NAME):
                 fill(small_fs)
             return real_write(path, doc)
 
-        monkeypatch.setattr(driver, "_write_json", fill_then_write)
+        monkeypatch.setattr(run_outputs, "write_json", fill_then_write)
     rc, lines = run_cli(capsys, "merge", cfg)
     monkeypatch.undo()
     assert rc == EXIT_RUNTIME
@@ -269,13 +270,13 @@ def test_disk_full_while_copying_the_base_side_files(
     paths, clean = inputs
     out = small_fs / "merged"
     cfg = write_cfg(tmp_path / "merge.yaml", paths, out)
-    real_copy = driver.shutil.copyfile
+    real_copy = run_outputs.shutil.copyfile
 
     def fill_then_copy(src, dst, *a, **kw):
         fill(small_fs)
         return real_copy(src, dst, *a, **kw)
 
-    monkeypatch.setattr(driver.shutil, "copyfile", fill_then_copy)
+    monkeypatch.setattr(run_outputs.shutil, "copyfile", fill_then_copy)
     rc, lines = run_cli(capsys, "merge", cfg)
     monkeypatch.undo()
     assert rc == EXIT_RUNTIME

@@ -15,10 +15,10 @@ import torch
 from checkpoints import write_zoo
 
 from tadmerge.cluster.dispatch import decide, io_bound
-from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
 from tadmerge.errors import ConfigError
 from tadmerge.planners.plan import make_plan
+from tadmerge.run.driver import run_merge
 
 BLOCK = 64
 

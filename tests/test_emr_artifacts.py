@@ -25,13 +25,13 @@ from checkpoints import write_zoo
 from safetensors.torch import load_file
 
 from tadmerge.cli import main
-from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
 from tadmerge.emr import BaseChangedError, TaskSwitcher, materialize, task_state_dict
 from tadmerge.emr.artifacts import _pinned_source
 from tadmerge.emr.info import emr_info
 from tadmerge.emr.materialize import staging_path
 from tadmerge.errors import InputError
+from tadmerge.run.driver import run_merge
 
 SPARSIFY = {
     "emr": {"method": "none"},

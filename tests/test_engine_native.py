@@ -20,10 +20,10 @@ import pytest
 import torch
 from reference import fsum_sq
 
-from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
 from tadmerge.engine import kernels, native
 from tadmerge.engine.keys import N_COARSE
+from tadmerge.run.driver import run_merge
 
 needs_cc = pytest.mark.skipif(not native.available(), reason="no C compiler")
 

@@ -915,7 +915,7 @@ def test_file_truncated_after_its_header_was_checked(tmp_path, capsys, monkeypat
     """A file another team re-uploads mid-merge: its size is not the planned one, so
     it changed during the merge, an input error (tests/test_input_changes.py has
     the other ways an input changes)."""
-    import tadmerge.cluster.driver as driver
+    import tadmerge.run.driver as driver
 
     w = make_world(tmp_path)
     real = driver.make_plan

@@ -12,8 +12,8 @@ import torch
 from checkpoints import write_checkpoint
 from safetensors.torch import load_file
 
-from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
+from tadmerge.run.driver import run_merge
 
 ROWS, COLS = 4097, 4096  # 16,781,312 elements > 2**24
 

@@ -15,12 +15,12 @@ import torch
 from checkpoints import TINY_LM_SIZES
 from safetensors.torch import load_file
 
-from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
 from tadmerge.errors import InputError
 from tadmerge.io.block_io import read_rows
 from tadmerge.io.lora import LoraEntry
 from tadmerge.planners.plan import make_plan
+from tadmerge.run.driver import run_merge
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -18,12 +18,12 @@ from checkpoints import write_zoo
 from safetensors.torch import load_file
 
 from tadmerge.cluster import stats as stats_stage
-from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
 from tadmerge.emr.store import MaskStore
 from tadmerge.engine import block as engine_block
 from tadmerge.engine import kernels, native
 from tadmerge.io import publish
+from tadmerge.run.driver import run_merge
 
 SPARSIFIERS = {
     "none": {"method": "none", "rescale": "none"},

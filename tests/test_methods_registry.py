@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 from tadmerge import methods
 from tadmerge.cli import main
-from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
 from tadmerge.errors import EXIT_CONFIG, ConfigError
 from tadmerge.methods.registry import _README_BLOCK, reference_markdown
+from tadmerge.run.driver import run_merge
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 WEIGHTS = [1.0, 0.5, 2.0]

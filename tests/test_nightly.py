@@ -29,7 +29,7 @@ import pytest
 import yaml
 from test_input_changes import World, copy_keeping_size_and_mtime, finetune, model_files
 
-import tadmerge.cluster.driver as driver
+import tadmerge.run.driver as driver
 from tadmerge.cli import main
 from tadmerge.cluster.progress import Progress
 from tadmerge.errors import EXIT_CONFIG, EXIT_OK

@@ -15,9 +15,9 @@ from checkpoints import write_zoo
 from outputs import model_files
 
 from tadmerge.cluster import ray_executor
-from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
 from tadmerge.errors import MergeRuntimeError
+from tadmerge.run.driver import run_merge
 
 pytestmark = pytest.mark.ray
 

@@ -11,8 +11,8 @@ from checkpoints import write_checkpoint, zoo
 from safetensors.torch import load_file
 from test_merge_exact import SPARSIFIERS, config, reference_merge
 
-from tadmerge.cluster.driver import run_merge
 from tadmerge.io import publish
+from tadmerge.run.driver import run_merge
 
 # model k saved in this dtype (every float tensor): F32, F16 and the base's own
 CASTS = [torch.float32, torch.float16, None]

@@ -38,8 +38,8 @@ import yaml
 from checkpoints import SPLIT_RUNTIME, write_zoo
 from outputs import model_files
 
-import tadmerge.cluster.integrity as integrity
 import tadmerge.io.publish as publish
+import tadmerge.run.unit_log as unit_log
 from tadmerge.cli import main
 from tadmerge.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK
 from tadmerge.io.block_io import crc_of_range, write_at_crc
@@ -171,11 +171,11 @@ def test_records_without_checksums_are_redone(tmp_path):
         2: UnitRecord(2, [], out=[("model.safetensors", 1, 4, zlib.crc32(b"bcx"))]),
         3: UnitRecord(3, [], out=[("model.safetensors", 4, 9, 0)]),  # past the end
     }
-    assert integrity.check_finished(str(tmp_path), done, []) == {0: good}
-    assert integrity.check_finished(str(tmp_path), done, ["model.safetensors"]) == {}
-    assert integrity.out_from_json([["../x", 0, 1, 2]]) is None
-    assert integrity.out_from_json([["a", 0, 1]]) is None
-    assert integrity.out_from_json([["a", 0, 1, 2]]) == [("a", 0, 1, 2)]
+    assert unit_log.check_finished(str(tmp_path), done, []) == {0: good}
+    assert unit_log.check_finished(str(tmp_path), done, ["model.safetensors"]) == {}
+    assert unit_log.out_from_json([["../x", 0, 1, 2]]) is None
+    assert unit_log.out_from_json([["a", 0, 1]]) is None
+    assert unit_log.out_from_json([["a", 0, 1, 2]]) == [("a", 0, 1, 2)]
 
 
 def test_records_are_logged_after_their_data_is_durable(zoo, tmp_path, capsys, monkeypatch):
@@ -194,9 +194,9 @@ def test_records_are_logged_after_their_data_is_durable(zoo, tmp_path, capsys, m
             events.append(("append", size))
         return open(path, mode, *a, **kw)
 
-    monkeypatch.setattr(integrity.os, "fdatasync", fdatasync)
-    monkeypatch.setattr(integrity, "open", logged_open, raising=False)
-    monkeypatch.setattr(integrity, "FLUSH_INTERVAL_S", 0.0)  # many small batches
+    monkeypatch.setattr(unit_log.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(unit_log, "open", logged_open, raising=False)
+    monkeypatch.setattr(unit_log, "FLUSH_INTERVAL_S", 0.0)  # many small batches
     stop_at_publish(monkeypatch)
     out = tmp_path / "out"
     rc, err = cli(capsys, "merge", write_cfg(tmp_path / "m.yaml", zoo, out))

@@ -14,8 +14,8 @@ import yaml
 from checkpoints import TINY_LM_SIZES
 from safetensors.torch import load_file
 
-from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
+from tadmerge.run.driver import run_merge
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402

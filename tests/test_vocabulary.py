@@ -16,10 +16,10 @@ from checkpoints import TINY_LM_SIZES
 from safetensors.torch import load_file
 from test_merge_exact import SPARSIFIERS
 
-from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
 from tadmerge.errors import ConfigError, InputError
 from tadmerge.io import publish
+from tadmerge.run.driver import run_merge
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -13,11 +13,11 @@ from checkpoints import SPLIT_RUNTIME, write_checkpoint, write_zoo
 from outputs import model_files
 from safetensors.torch import load_file
 
-from tadmerge.cluster.driver import run_merge
 from tadmerge.config import parse_config
 from tadmerge.engine import tensor_stats
 from tadmerge.engine.spec import MergeSpec, SparsifySpec
 from tadmerge.errors import ConfigError
+from tadmerge.run.driver import run_merge
 
 
 @pytest.fixture(scope="module")

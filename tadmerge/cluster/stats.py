@@ -23,7 +23,7 @@ The driver's memory is bounded: nothing is kept per unit, and split tensors are
 resolved in batches whose histograms fit a quarter of the memory budget. The
 TIES majority sign of a split tensor needs no round at all: blocks are merged
 with a provisional sign and report their votes, and the driver reruns only the
-blocks whose exactly-cancelling votes needed the other sign (cluster/driver.py).
+blocks whose exactly-cancelling votes needed the other sign (run/stages.py).
 
 The result is a small per-unit context handed to engine.block.merge_block; it
 is saved in the staging directory for --resume.

@@ -173,7 +173,7 @@ class UnitRecord:
     nonfinite: list | None = None  # [(source index, count)]: the unit was not written
     # NaN/Inf in the merged output (an overflow of the output dtype): not written
     nonfinite_out: int = 0
-    # what it wrote, for --resume to check (cluster/integrity.py): (file relative to the
+    # what it wrote, for --resume to check (run/unit_log.py): (file relative to the
     # staging directory, start, end, zlib.crc32) per byte range; for EMR masks
     # ("masks.zarr/<array>", first block, end block, crc32 of the packed bits of every task)
     out: list | None = None

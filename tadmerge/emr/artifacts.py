@@ -26,11 +26,10 @@ from ..io.checkpoint import (
     open_checkpoint,
     with_tied_head,
 )
+from ..io.model_files import EMR_NAME
 from ..io.safetensors_format import TensorEntry
 from .pin import check_base
 from .store import MaskStore
-
-EMR_NAME = "emr.json"
 
 
 @dataclass

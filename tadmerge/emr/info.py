@@ -7,10 +7,9 @@ import json
 import os
 
 from ..errors import InputError, InputProblem
+from ..io.model_files import EMR_NAME, REPORT_NAME
 from ..io.publish import MANIFEST_NAME
-from .artifacts import EMR_NAME, open_emr
-
-REPORT_NAME = "merge_report.json"
+from .artifacts import open_emr
 
 
 def _dir_bytes(path: str) -> int:

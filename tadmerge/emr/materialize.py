@@ -30,9 +30,9 @@ from ..io.block_io import (
     layout_shards,
     write_at,
 )
-from ..io.model_files import untied_config
+from ..io.model_files import EMR_NAME, untied_config
 from ..io.publish import STATE_DIR, Staging
-from .artifacts import EMR_NAME, open_emr
+from .artifacts import open_emr
 
 log = logging.getLogger("tadmerge")
 _KEY_NAME = "materialize.key"

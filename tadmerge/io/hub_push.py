@@ -72,10 +72,10 @@ class UploadPlan:
 def upload_plan(output: str, repo_id: str, private: bool, *, verify: bool = True) -> UploadPlan:
     """What pushing `output` to `repo_id` uploads. `verify`: check every file against
     the manifest first (`tadmerge verify`); a merge that just published skips it."""
-    from tadmerge.io.publish import _read_manifest, verify_output
+    from .publish import read_manifest, verify_output
 
     folder = os.path.realpath(output)
-    doc = _read_manifest(folder)
+    doc = read_manifest(folder)
     problems = verify_output(folder) if verify or doc is None else []
     if doc is None or problems:
         detail = "; ".join(problems[:5]) or "no tadmerge manifest.json"

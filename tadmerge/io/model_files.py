@@ -24,6 +24,9 @@ import os
 from .checkpoint import config_json
 
 CARD_NAME = "README.md"
+REPORT_NAME = "merge_report.json"  # what the output is made from, and its figures
+CONFIG_NAME = "merge_config.yaml"  # the config it was merged with, as parsed
+EMR_NAME = "emr.json"  # an EMR output's rescalers, pinned base and layout
 BASE_CONFIG_NAME = "base_config.json"  # an EMR output's copy of the base's config.json
 EMR_MODEL_TYPE = "tadmerge-emr"
 EMR_CONFIG = (

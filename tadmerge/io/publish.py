@@ -66,7 +66,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "tadmerge-manifest/1"
 _MANIFEST_TMP = ".manifest.json.tmp"
 _HASH_BLOCK = 8 * 2**20
-# the staging directory's private folder: the driver's resume state (cluster/driver.py)
+# the staging directory's private folder: the driver's resume state (run/state.py)
 # and the lock. Never in a manifest; removed from the output right after the rename.
 STATE_DIR = ".tadmerge"
 LOCK_NAME = "lock"
@@ -165,7 +165,7 @@ def _named(paths: list[str]) -> str:
     return ", ".join(paths[:_NAMED]) + more
 
 
-def _read_manifest(path: str) -> dict | None:
+def read_manifest(path: str) -> dict | None:
     """The manifest of directory `path` if it is a tadmerge one, else None."""
     try:
         with open(os.path.join(path, MANIFEST_NAME), "rb") as fh:
@@ -191,7 +191,7 @@ def _replace_refusal(path: str) -> str | None:
     try:
         if not os.listdir(path):
             return None
-        doc = _read_manifest(path)
+        doc = read_manifest(path)
         if doc is None:
             return f"is not a tadmerge output (no {MANIFEST_NAME}) nor an empty directory"
         sizes = {
@@ -696,7 +696,7 @@ class Staging:
             state = os.path.join(path, STATE_DIR)
             if not os.path.isdir(state) or os.path.islink(state):
                 continue
-            if _read_manifest(path) is None:
+            if read_manifest(path) is None:
                 continue
             if (holder := _lock_holder(path)) is not None:
                 raise _in_use(path, holder)
@@ -743,7 +743,7 @@ class Staging:
         state = os.path.join(self.output, STATE_DIR)
         if os.path.islink(self.output) or not os.path.isdir(state) or os.path.islink(state):
             return False
-        if _read_manifest(self.output) is None:
+        if read_manifest(self.output) is None:
             return False  # not a tadmerge output: leave it alone
         if (holder := _lock_holder(self.output)) is not None:
             raise _in_use(self.output, holder)

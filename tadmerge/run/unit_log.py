@@ -1,6 +1,8 @@
-"""The resume log's promises: a unit logged is a unit whose bytes are on disk.
+"""The resume log (``units.jsonl``): a unit logged is a unit whose bytes are on disk.
 
-Two halves (cluster/driver.py uses both):
+One line per finished unit: its statistics (what the report and EMR's rescalers
+are made from) and the byte ranges it wrote with their crc32
+(:func:`record_to_json`). Two halves (run/state.py's RunState holds the log):
 
 - :class:`UnitLog` appends finished units' records to ``units.jsonl`` in batches,
   and only after the output files those units wrote were fdatasync'ed: a record
@@ -27,6 +29,7 @@ development machine, 64 MB: crc32 0.15 ns/byte, sha256 0.55, blake2b 1.0.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import math
 import os
@@ -35,10 +38,12 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
+from ..cluster.worker import MASKS_DIR, UnitRecord
+from ..engine.spec import TaskStats
 from ..errors import MergeRuntimeError
 from ..io import libc
 from ..io.block_io import crc_of_range
-from .worker import MASKS_DIR, UnitRecord
+from .files import writing
 
 log = logging.getLogger("tadmerge")
 
@@ -88,9 +93,10 @@ class UnitLog:
         except OSError:
             pass  # the first batch reports it
 
-    def add(self, rec: UnitRecord, line: str) -> None:
-        """Queue a finished unit's record (`line`, its JSON); raises the error of a
-        batch that failed in the background."""
+    def add(self, rec: UnitRecord) -> None:
+        """Queue a finished unit's record; raises the error of a batch that failed
+        in the background."""
+        line = json.dumps(record_to_json(rec)) + "\n"
         files = [w for w, *_ in rec.out or () if not _is_mask(w)]
         with self._cond:
             if self._error is not None:
@@ -149,28 +155,33 @@ class UnitLog:
             files = sorted({f for _, fs in batch for f in fs})
             for rel in files:
                 path = _full(self.staging, rel)
-                try:
+                with writing(path, "fdatasync of"):
                     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                     try:
                         getattr(os, "fdatasync", os.fsync)(fd)
                     finally:
                         os.close(fd)
-                except OSError as exc:
-                    raise MergeRuntimeError(
-                        f"fdatasync of {path} failed: {exc.strerror or exc}; the staging "
-                        "directory is kept: fix the cause and rerun with --resume"
-                    ) from exc
             data = "".join(line for line, _ in batch).encode()
+            with writing(self.path), open(self.path, "ab") as f:
+                f.write(data)
+                f.flush()
+                _reserve(f.fileno(), f.tell(), max(LOG_RESERVE, 2 * len(data)))
+
+
+def read_records(path: str) -> dict[int, UnitRecord]:
+    """The records logged at `path`, up to the first line a kill cut short (that
+    unit and any after it are redone)."""
+    out: dict[int, UnitRecord] = {}
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
             try:
-                with open(self.path, "ab") as f:
-                    f.write(data)
-                    f.flush()
-                    _reserve(f.fileno(), f.tell(), max(LOG_RESERVE, 2 * len(data)))
-            except OSError as exc:
-                raise MergeRuntimeError(
-                    f"writing {self.path} failed: {exc.strerror or exc}; the staging "
-                    "directory is kept: fix the cause and rerun with --resume"
-                ) from exc
+                rec = record_from_json(json.loads(line))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break
+            out[rec.unit] = rec
+    return out
 
 
 def _matches(staging: str, rec: UnitRecord, rebuilt: set[str]) -> bool:
@@ -236,3 +247,68 @@ def out_from_json(doc) -> list | None:
             return None
         out.append(tuple(e))
     return out
+
+
+def _selection_json(sel) -> dict:  # an engine.selection.Selection
+    # vars() of the flat dataclasses: dataclasses.asdict deep-copies, and this runs
+    # for every task of every unit
+    return {**vars(sel), "lo": dict(vars(sel.lo)), "hi": dict(vars(sel.hi))}
+
+
+def _stats_json(st) -> dict:
+    return {
+        "kept": st.kept,
+        "selection": None if st.selection is None else _selection_json(st.selection),
+        "tau_sq": st.tau_sq,
+        "t_sq": st.t_sq,
+    }
+
+
+def record_to_json(rec: UnitRecord) -> dict:
+    """A unit's line in the log (the resume format: read back by record_from_json)."""
+    return {
+        "unit": rec.unit,
+        "tasks": [_stats_json(t) for t in rec.tasks],
+        "emr_abs_t": None if rec.emr_abs_t is None else [s.to_json() for s in rec.emr_abs_t],
+        "emr_abs_uni": None if rec.emr_abs_uni is None else [s.to_json() for s in rec.emr_abs_uni],
+        "ties": None if rec.ties is None else list(rec.ties),
+        "out": out_to_json(rec.out),
+    }
+
+
+def record_from_json(d: dict) -> UnitRecord:
+    """A logged line back; the engine's types are imported only for what it holds
+    (a merge without selections or EMR sums reads its log without torch)."""
+    tasks = []
+    for t in d["tasks"]:
+        sel = t["selection"]
+        if sel is not None:
+            from ..engine.histogram import Cut
+            from ..engine.selection import Selection
+
+            sel = Selection(**{**sel, "lo": Cut(**sel["lo"]), "hi": Cut(**sel["hi"])})
+        tasks.append(
+            TaskStats(
+                kept=t["kept"],
+                selection=sel,
+                tau_sq=t["tau_sq"],
+                t_sq=t["t_sq"],
+            )
+        )
+
+    def conv(v: list | None) -> list | None:
+        if v is None:
+            return None
+        from ..engine.exact import ExactSum
+
+        return [ExactSum.from_json(x) for x in v]
+
+    ties = None if d.get("ties") is None else tuple(d["ties"])
+    return UnitRecord(
+        d["unit"],
+        tasks,
+        conv(d["emr_abs_t"]),
+        conv(d["emr_abs_uni"]),
+        ties,
+        out=out_from_json(d.get("out")),
+    )
