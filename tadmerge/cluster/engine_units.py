@@ -16,7 +16,13 @@ from ..engine.block import BlockResult, NonFiniteTaskVector, merge_block
 from ..engine.exact import coarse_stats
 from ..engine.histogram import KeysAside, fine_histograms
 from ..engine.keys import KeyChunks
-from ..engine.spec import CoarseRequest, FineRequest, StatsRequest, TieCountRequest
+from ..engine.spec import (
+    CoarseRequest,
+    FineRequest,
+    StatsRequest,
+    SumsRequest,
+    TieCountRequest,
+)
 from ..errors import InputError
 from ..io.block_io import read_rows
 from ..io.safetensors_format import torch_dtype
@@ -113,6 +119,10 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, device_name: str
                     counts[key] += int(torch.count_nonzero(chunk == key))
             out[k] = counts
         return out
+    if isinstance(request, SumsRequest):
+        from ..engine.sums import block_sums
+
+        return block_sums(base, models, request, plan.tensors[unit.tensor].shape)
     raise TypeError(f"unknown statistics request {request!r}")
 
 

@@ -138,6 +138,7 @@ def block_context(plan: Plan, unit: Unit, resolved: dict | None) -> BlockContext
         ctx.quotas = resolved.get("quotas")
         ctx.rates = resolved.get("rates")
         ctx.majority = resolved.get("majority")
+        ctx.sums = resolved.get("sums")
     return ctx
 
 

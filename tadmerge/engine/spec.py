@@ -90,7 +90,19 @@ class TieCountRequest:
     keys: dict[int, list[int]]  # task -> cut keys
 
 
-StatsRequest = CoarseRequest | FineRequest | TieCountRequest
+@dataclass(frozen=True)
+class SumsRequest:
+    """The block's exact sums of products (engine/sums.py), for a combiner that
+    declares tensor sums: per pair (i, j), Σ v_i·v_j over each segment, with v_0 the
+    base and v_k model k's weights ("weights") or task vector ("tasks"); segments
+    by `layout` ("tensor", "first": vectors along the first axis, "last")."""
+
+    vectors: str
+    pairs: tuple[tuple[int, int], ...]
+    layout: str = "tensor"
+
+
+StatsRequest = CoarseRequest | FineRequest | TieCountRequest | SumsRequest
 
 
 class NonFiniteTaskVector(ValueError):
@@ -128,6 +140,9 @@ class BlockContext:
     # per task, TADrop drop rates decided globally (scope: global)
     rates: list[float] | None = None
     majority: int | None = None
+    # a combiner's tensor sums resolved over the whole split tensor (engine/sums.py:
+    # what its generator returned, as JSON data), None when the block resolves them
+    sums: dict | None = None
 
     @property
     def row_numel(self) -> int:

@@ -130,6 +130,15 @@ class Combiner(Method):
     # sparsifier and the method then works on the weights, not on task vectors
     merge_weights: Callable[..., Any] | None = None
     cross_block: tuple[str, ...] = ()
+    # tensor sums (engine/sums.py): sums(spec, shape) is a generator of rounds that
+    # yields SumsRequests, receives each one's reduced float64 sums [S, C] and
+    # returns what every block of the tensor is given (BlockContext.sums, computed
+    # by the block itself when it holds the tensor); such a combiner merges the
+    # weights (merge_weights(base, models, spec, check_finite, ctx)) and takes no
+    # sparsifier
+    sums: Callable[..., Any] | None = None
+    # how many models it merges (besides the base): (least, most or None)
+    models: tuple[int, int | None] = (1, None)
 
 
 @cache

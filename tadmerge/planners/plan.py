@@ -119,9 +119,16 @@ class Plan:
         return sum(s.file_size for s in self.shards)
 
     def needs_stats(self) -> bool:
-        if self.global_scope:
+        if self.global_scope or self.needs_sums():
             return True
         return self.magnitude_stats and any(t.split and t.kind == MERGE for t in self.tensors)
+
+    def needs_sums(self) -> bool:
+        """A combiner's tensor sums (engine/sums.py) over a split tensor: rounds."""
+        from .. import methods
+
+        combiner = methods.combiner(self.config.merge.method)
+        return combiner.sums is not None and any(t.split and t.kind == MERGE for t in self.tensors)
 
     def summary(self) -> dict:
         kinds: dict[str, int] = {}
