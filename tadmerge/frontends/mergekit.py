@@ -19,6 +19,12 @@ arithmetic methods are a sparsifier × a combiner here —
     breadcrumbs_ties  magnitude_outliers            ties
     della             della                         ties
     della_linear      della                         task_arithmetic
+    slerp, nuslerp, multislerp, karcher, model_stock
+                      none                          the combiner of that name
+
+The last five merge the weights from exact whole-tensor sums (norms, dot
+products: engine/sums.py); without base_model, nuslerp and multislerp take the
+models' weights (tasks: false) and the first model gives the layout.
 
 `normalize` without a sign consensus divides by the sum of the weights: the
 weights are divided here (w_k / Σ w) and the merge is task_arithmetic. Everything
@@ -68,13 +74,31 @@ GTA = {
     "della": _Gta("della", True, True, True),
     "della_linear": _Gta("della", False, False, True),
 }
-SUPPORTED = ("linear", *GTA)
+
+
+# mergekit's methods that tadmerge merges with a tensor-sums combiner of the same
+# name (methods/: exact norms and dot products, engine/sums.py): its shared
+# parameters (kind, default; ... is required) as mergekit declares them, whether it
+# reads a weight per model, whether it needs (True), takes (None) or ignores the
+# base (False: karcher averages it with the models)
+@dataclass(frozen=True)
+class _Sums:
+    shared: dict
+    weight: bool
+    base: bool | None
+
+
+SUMS = {
+    "slerp": _Sums({"t": ("number", ...)}, False, True),
+    "nuslerp": _Sums(
+        {"nuslerp_row_wise": ("bool", False), "nuslerp_flatten": ("bool", True)}, True, None
+    ),
+    "multislerp": _Sums({"normalize_weights": ("bool", True), "eps": ("number", 1e-8)}, True, None),
+    "karcher": _Sums({"max_iter": ("number", 10), "tol": ("number", 1e-5)}, False, False),
+    "model_stock": _Sums({"filter_wise": ("bool", False)}, False, True),
+}
+SUPPORTED = ("linear", *GTA, *SUMS)
 NOT_YET = (
-    "slerp",
-    "nuslerp",
-    "multislerp",
-    "karcher",
-    "model_stock",
     "sce",
     "nearswap",
     "arcee_fusion",
@@ -107,6 +131,9 @@ def _spec(method: str) -> tuple[dict[str, tuple[str, Any]], dict[str, tuple[str,
     name -> (kind, default); a default of ... is required."""
     if method == "linear":
         return {"normalize": ("bool", True)}, {"weight": ("number", ...)}
+    if method in SUMS:
+        m = SUMS[method]
+        return dict(m.shared), ({"weight": ("number", ...)} if m.weight else {})
     g = GTA[method]
     shared = {
         "int8_mask": ("bool", False),
@@ -263,6 +290,8 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
     shared = {}
     for k, (_, default) in shared_spec.items():
         shared[k] = default if glob.get(k) is None else glob[k]
+        if shared[k] is ... and k not in params:
+            problems.add(f"parameters.{k}", f"required by {method} (as in mergekit)")
 
     # models
     base = raw.get("base_model")
@@ -291,7 +320,7 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
             mp = {}
         if ref is not None and base is not None and ref == base:
             base_listed = True
-            if method != "linear":  # the base of a task arithmetic method takes no parameter
+            if method not in ("linear", "karcher"):  # the base of the others is not a model
                 continue
         values = {}
         for k in mp:
@@ -317,8 +346,17 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
         if w is None:
             problems.add("parameters.weight", "required: mergekit's linear merges base_model too")
         inputs.append((base, {"weight": w if w is not None else 1.0}))
-    if method in GTA and base is None:
+    if method == "karcher" and base is not None and not base_listed:
+        inputs.append((base, {}))  # mergekit's karcher averages the base with the models
+    if (method in GTA or (method in SUMS and SUMS[method].base)) and base is None:
         problems.add("base_model", f"required by {method} (task vectors are taken from it)")
+    if method in SUMS and inputs:
+        least, most = {"slerp": (1, 1), "nuslerp": (2, 2), "model_stock": (2, None)}.get(
+            method, (1, None)
+        )
+        if len(inputs) < least or (most is not None and len(inputs) > most):
+            want = f"exactly {least}" if least == most else f"at least {least}"
+            problems.add("models", f"{method} merges {want} model(s) besides base_model")
     if method in SUPPORTED and entries and not inputs and not problems:
         problems.add("models", "no model to merge besides base_model")
 
@@ -367,6 +405,8 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
     if ext_sparsify is not None and not isinstance(ext_sparsify, dict):
         problems.add("tadmerge.sparsify", "expected a method name or a mapping")
         ext_sparsify = None
+    if ext_sparsify is not None and method in SUMS:
+        problems.add("tadmerge.sparsify", f"{method} merges the weights: it takes no sparsifier")
     if ext_sparsify is not None and method == "linear":
         problems.add(
             "tadmerge.sparsify",
@@ -396,11 +436,14 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
     base_path = base if base is not None else inputs[0][0]
     seen: set[str] = set()
     models = [
-        {"path": local(p, "models"), "name": _name(p, seen), "weight": v["weight"]}
+        {"path": local(p, "models"), "name": _name(p, seen), "weight": v.get("weight", 1.0)}
         for p, v in inputs
     ]
     native: dict[str, Any] = {"base": local(base_path, "base_model"), "models": models}
-    if method == "linear":
+    if method in SUMS:
+        native["sparsify"] = {"method": "none"}
+        native["merge"] = _sums_merge(method, shared, base is not None)
+    elif method == "linear":
         native["sparsify"] = {"method": "none"}
         native["merge"] = {"method": "linear", "normalize": shared["normalize"]}
     else:
@@ -465,6 +508,29 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
         if key in ext:
             native[key] = ext[key]
     return native, notes
+
+
+def _sums_merge(method: str, shared: dict, has_base: bool) -> dict:
+    """The native merge section of a tensor-sums method (methods/<method>.py)."""
+    if method == "slerp":
+        return {"method": "slerp", "t": shared["t"]}
+    if method == "nuslerp":
+        return {
+            "method": "nuslerp",
+            "tasks": has_base,
+            "row_wise": shared["nuslerp_row_wise"],
+            "flatten": shared["nuslerp_flatten"],
+        }
+    if method == "multislerp":
+        return {
+            "method": "multislerp",
+            "tasks": has_base,
+            "normalize_weights": shared["normalize_weights"],
+            "eps": shared["eps"],
+        }
+    if method == "karcher":
+        return {"method": "karcher", "max_iter": int(shared["max_iter"]), "tol": shared["tol"]}
+    return {"method": "model_stock", "filter_wise": shared["filter_wise"]}
 
 
 def _dtype(value: Any, where: str, problems: _Problems) -> str | None:
