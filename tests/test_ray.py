@@ -32,6 +32,9 @@ CASES = {
     # bf16 units try the raw path (engine/raw.py) and hand back those whose keys
     # are not sparse: the choice is the unit's own, on any executor
     "ta-tadrop": ({"method": "tadrop"}, {"method": "task_arithmetic", "scale": 0.5}),
+    # a tensor-sums combiner: a round of exact sums for the split tensors, answered
+    # by the actors (engine/sums.py), the whole ones resolved in their block
+    "model_stock": ({"method": "none"}, {"method": "model_stock"}),
 }
 
 
