@@ -415,6 +415,19 @@ def test_mergekit_ignores_the_tadmerge_extension_section(f32_set):
     "tag, method, params, k",
     [
         ("slerp", "slerp", {"t": 0.3}, 1),
+        # per-layer gradients and filters, as mergekit's example slerp configs have them
+        (
+            "slerp-gradient",
+            "slerp",
+            {
+                "t": [
+                    {"filter": "self_attn", "value": [0.1, 0.9]},
+                    {"filter": "mlp", "value": [0.8, 0.3, 0.6]},
+                    {"value": 0.4},
+                ]
+            },
+            1,
+        ),  # fmt: skip
         ("nuslerp", "nuslerp", {}, 2),
         ("nuslerp-rows", "nuslerp", {"nuslerp_flatten": False}, 2),
         ("nuslerp-cols", "nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}, 2),

@@ -20,6 +20,7 @@ from tadmerge.config import parse_config
 from tadmerge.engine import sums as S
 from tadmerge.engine.spec import SumsRequest
 from tadmerge.errors import ConfigError
+from tadmerge.methods.registry import tensor_value
 
 K = 3
 WEIGHTS = [1.0, 0.5, 2.0]
@@ -207,3 +208,22 @@ def test_config_checks(inputs):
         parse_config(cfg("model_stock", 1))
     with pytest.raises(ConfigError, match="takes no sparsifier"):
         parse_config(cfg("karcher", 2, "magnitude"))
+
+
+def test_per_tensor_values_follow_mergekits_rule():
+    """A gradient is interpolated over the layers at i / (layers − 1), taken at its
+    first value outside them; the first {filter, value} whose filter is in the
+    name applies."""
+    g = [0.0, 0.5, 1.0]
+    assert tensor_value(g, "model.layers.0.mlp.up_proj.weight", 5) == 0.0
+    assert tensor_value(g, "model.layers.4.mlp.up_proj.weight", 5) == 1.0
+    assert tensor_value(g, "model.layers.1.mlp.up_proj.weight", 5) == 0.25
+    assert tensor_value(g, "model.layers.3.mlp.up_proj.weight", 5) == 0.75
+    assert tensor_value(g, "model.embed_tokens.weight", 5) == 0.0
+    assert tensor_value(g, "model.layers.0.mlp.up_proj.weight", 1) == 1.0
+    entries = [{"filter": "self_attn", "value": [0.2, 0.4]}, {"filter": None, "value": 0.9}]
+    assert tensor_value(entries, "model.layers.1.self_attn.q_proj.weight", 2) == 0.4
+    assert tensor_value(entries, "model.layers.1.mlp.down_proj.weight", 2) == 0.9
+    with pytest.raises(ConfigError, match=r"merge\.t\[0\]\.value\[1\]: expected a number"):
+        parse_config({"base": "b", "models": ["m"], "merge": {
+            "method": "slerp", "t": [{"filter": "x", "value": [0.1, "a"]}]}})  # fmt: skip

@@ -51,6 +51,7 @@ def merge_spec(plan: Plan) -> MergeSpec:
         params=cfg.merge.params,
         weights=tuple(m.weight for m in cfg.models),
         seed=cfg.seed,
+        layers=plan.layers,
     )
 
 

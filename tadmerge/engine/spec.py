@@ -58,6 +58,7 @@ class MergeSpec:
     seed: int = 0
     # every parameter the combiner declares, by name (scale and disjoint too)
     params: tuple[tuple[str, object], ...] = ()
+    layers: int = 0  # transformer layers of the model (per-tensor parameters' gradients)
 
     def param(self, name: str):
         return dict(self.params)[name]

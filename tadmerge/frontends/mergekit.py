@@ -89,7 +89,7 @@ class _Sums:
 
 
 SUMS = {
-    "slerp": _Sums({"t": ("number", ...)}, False, True),
+    "slerp": _Sums({"t": ("per_tensor", ...)}, False, True),
     "nuslerp": _Sums(
         {"nuslerp_row_wise": ("bool", False), "nuslerp_flatten": ("bool", True)}, True, None
     ),
@@ -170,7 +170,14 @@ def _setting(value: Any, kind: str, where: str, problems: _Problems) -> Any:
     """One parameter setting as one value for every tensor, or None (absent or not
     mappable: then a problem is added). mergekit's forms: a scalar; a list of
     scalars (a gradient over the layers); {value, filter} or a list of them (the
-    first whose filter is a substring of the tensor name applies)."""
+    first whose filter is a substring of the tensor name applies). A "per_tensor"
+    parameter (slerp's t) keeps those forms: the native parameter takes them."""
+    if kind == "per_tensor":
+        if isinstance(value, bool) or not isinstance(value, int | float | list | dict):
+            problems.add(where, f"expected a number, a gradient or {{filter, value}} entries, "
+                         f"got {show(value)}")  # fmt: skip
+            return None
+        return float(value) if isinstance(value, int | float) else value
     if isinstance(value, dict) and "value" in value:
         value = [value]
     if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):

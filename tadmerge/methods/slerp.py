@@ -9,9 +9,15 @@ from __future__ import annotations
 import math
 
 from ._sums import clamp, merge_weights
-from .registry import Combiner, Param
+from .registry import Combiner, Param, tensor_value
 
-T = Param("t", 0.5, "the interpolation factor: 0 is the base, 1 the model")
+T = Param(
+    "t",
+    0.5,
+    "the interpolation factor: 0 is the base, 1 the model; per tensor as mergekit "
+    "has it: a gradient over the layers, or {filter, value} entries",
+    per_tensor=True,
+)
 DOT_THRESHOLD = Param(
     "dot_threshold",
     0.9995,
@@ -41,7 +47,7 @@ def sums(spec, shape, name):
 
     v = yield SumsRequest("weights", ((0, 0), (1, 1), (0, 1)))
     ca, cb = coefficients(
-        spec.param("t"),
+        tensor_value(spec.param("t"), name, spec.layers),
         float(v[0][0]),
         float(v[1][0]),
         float(v[2][0]),

@@ -91,6 +91,7 @@ class Plan:
     fingerprint: str = ""
     # input file -> the version planned with (the one every TensorEntry carries)
     identities: dict[str, FileIdentity] = field(default_factory=dict)
+    layers: int = 0  # transformer layers (methods.registry.layer_of): gradients' span
 
     @property
     def is_emr(self) -> bool:
@@ -295,6 +296,10 @@ def make_plan(
     plan.identities = {
         e.file: e.identity for ck in inputs for e in ck.tensors.values() if e.identity is not None
     }
+    from ..methods.registry import layer_of
+
+    found = [i for t in tensors if (i := layer_of(t.name)) is not None]
+    plan.layers = max(found) + 1 if found else 0
     plan.fingerprint = fingerprint(plan)
     return plan
 
