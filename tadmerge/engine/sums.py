@@ -135,13 +135,16 @@ def _parts(x: torch.Tensor):
     return k < 0, field.clamp(min=1), m, field == 255
 
 
-def _exponent_range(v: torch.Tensor) -> tuple[int, int]:
+def _exponent_range(vec: Callable[[int, int, int], torch.Tensor], j: int, n: int):
+    """(least, greatest) exponent e >= 1 of vector j, chunk by chunk (a task vector
+    is made a chunk at a time: no block-sized temporary)."""
     import torch
 
-    if not v.numel():
-        return 1, 1
-    field = (v.contiguous().view(torch.int32) & 0x7FFFFFFF) >> 23
-    return max(1, int(field.min())), max(1, int(field.max()))
+    lo, hi = 255, 1
+    for a in range(0, n, CHUNK):
+        field = (vec(j, a, min(n, a + CHUNK)).contiguous().view(torch.int32) & 0x7FFFFFFF) >> 23
+        lo, hi = min(lo, int(field.min())), max(hi, int(field.max()))
+    return max(1, min(lo, hi)), hi
 
 
 def exact_sums(
@@ -160,7 +163,7 @@ def exact_sums(
     import torch
 
     vectors = sorted({j for p in pairs for j in p})
-    ranges = {j: _exponent_range(vec(j, 0, n)) for j in vectors}
+    ranges = {j: _exponent_range(vec, j, n) for j in vectors}
     b0 = min(ranges[i][0] + ranges[j][0] for i, j in pairs)
     b1 = max(ranges[i][1] + ranges[j][1] for i, j in pairs) + 1
     nb = b1 - b0
