@@ -322,6 +322,28 @@ def _parse_sparsify(raw: dict) -> SparsifySpec:
     return SparsifySpec(method=method.name, **values)
 
 
+def _check_combiner_inputs(
+    merge: MergeMethod, sparsify: SparsifySpec, models: tuple[ModelEntry, ...]
+) -> None:
+    """What a combiner declares of its inputs: how many models, and (tensor sums
+    combiners: they merge the weights) no sparsifier."""
+    combiner = methods.combiner(merge.method)
+    least, most = combiner.models
+    n = len(models)
+    if models and (n < least or (most is not None and n > most)):
+        want = f"exactly {least}" if least == most else f"at least {least}"
+        if most is not None and least != most:
+            want = f"{least} to {most}"
+        raise ConfigError(
+            f"models: {merge.method} merges {want} model(s) besides the base, got {n}"
+        )
+    if combiner.sums is not None and sparsify.method != "none":
+        raise ConfigError(
+            f"sparsify.method: {merge.method} merges the weights themselves; it takes no "
+            f"sparsifier (got {sparsify.method})"
+        )
+
+
 def _parse_merge(m: Any, models: tuple[ModelEntry, ...]) -> MergeMethod:
     _check_keys(m, {"method"} | set(_MERGE_PARAMS), "merge")
     combiner = methods.combiner(
@@ -509,6 +531,7 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
             f"tokenizer.source: {tokenizer.source} is not supported with merge.method emr "
             "(an EMR output is read against the base's own files); use tokenizer.source base"
         )
+    section(_check_combiner_inputs, merge, sparsify, models)
     if errors:
         if len(errors) == 1:
             raise ConfigError(errors[0])

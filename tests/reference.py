@@ -325,3 +325,122 @@ def vocab_rows(rows: list[dict[str, torch.Tensor]], tokens: list[str]) -> list[t
         for i, r in enumerate(rows[1:], 1):
             out[i].append(r[t].float() if t in r else b)
     return [torch.stack(x) for x in out]
+
+
+# ------------------------------------------------------------------------------------
+# the tensor-sums methods (slerp, nuslerp, multislerp, karcher, model_stock): whole
+# tensors in float64, following each method's published algorithm step by step on
+# the vectors themselves (not on a Gram matrix as the engine does), cast once
+# ------------------------------------------------------------------------------------
+
+
+def _d(x: torch.Tensor) -> torch.Tensor:
+    return x.double()
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor, threshold=0.9995, eps=1e-8):
+    a64, b64 = _d(a).reshape(-1), _d(b).reshape(-1)
+    na, nb = float(a64.norm()), float(b64.norm())
+    na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    dot = max(-1.0, min(1.0, float(((a64 / na) * (b64 / nb)).sum())))
+    if abs(dot) > threshold:
+        out = (1 - t) * a64 + t * b64
+    else:
+        th = math.acos(dot)
+        out = (math.sin((1 - t) * th) * a64 + math.sin(t * th) * b64) / math.sin(th)
+    return out.reshape(a.shape).float()
+
+
+def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise=False, flatten=True):
+    shape = v0.shape
+    a, b = _d(v0), _d(v1)
+    if flatten or a.dim() <= 1:
+        a, b = a.reshape(-1), b.reshape(-1)
+    elif row_wise:
+        a, b = a.transpose(0, -1), b.transpose(0, -1)
+    ua = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    ub = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (ua * ub).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos**2) <= 1e-16
+    th = torch.acos(torch.where(colinear, 0, cos))
+    res = (torch.sin((1 - t) * th) * a + torch.sin(t * th) * b) / torch.sin(th)
+    res = torch.where(colinear, (1 - t) * a + t * b, res)
+    if row_wise and not flatten and v0.dim() > 1:
+        res = res.transpose(0, -1)
+    return res.reshape(shape)
+
+
+def multislerp(vs: list[torch.Tensor], w: list[float], normalize=True, eps=1e-8):
+    if len(vs) == 1:
+        return _d(vs[0])
+    x = torch.stack([_d(v).reshape(-1) for v in vs])
+    wt = torch.tensor(w, dtype=torch.float64)
+    if normalize:
+        wt = wt / wt.sum()
+    norms = x.norm(dim=-1, keepdim=True)
+    u = x / (norms + eps)
+    mean = (u * wt.view(-1, 1)).sum(0)
+    if float(mean.norm()) < eps:
+        return (x * wt.view(-1, 1)).sum(0).reshape(vs[0].shape)
+    mean = mean / mean.norm()
+    dots = (u * mean).sum(-1, keepdim=True)
+    tangent = ((u - dots * mean) * wt.view(-1, 1)).sum(0)
+    tn = tangent.norm() + eps
+    res = mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)
+    return (res * (norms.squeeze(-1) * wt).sum()).reshape(vs[0].shape)
+
+
+def karcher(vs: list[torch.Tensor], max_iter=10, tol=1e-5):
+    if len(vs) == 1:
+        return _d(vs[0])
+    xs = [_d(v).reshape(-1) for v in vs]
+    alphas = [1.0 / len(xs)] * len(xs)
+    norms = [float(x.norm()) for x in xs]
+    units = [x / n if n else torch.zeros_like(x) for x, n in zip(xs, norms, strict=True)]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return torch.zeros_like(_d(vs[0]))
+    a = [alphas[i] / sum(alphas[j] for j in valid) for i in valid]
+    us = [units[i] for i in valid]
+    mean = sum(ai * u for ai, u in zip(a, us, strict=True))
+    mn = float(mean.norm())
+    mean = us[0].clone() if mn < tol else mean / mn
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for ai, u in zip(a, us, strict=True):
+            dot = max(-1.0, min(1.0, float(mean @ u)))
+            th = math.acos(dot)
+            if th < tol:
+                continue
+            tangent += ai * (th / math.sin(th)) * (u - dot * mean)
+        tn = float(tangent.norm())
+        if tn < tol:
+            break
+        mean = math.cos(tn) * mean + math.sin(tn) * (tangent / tn)
+        un = float(mean.norm())
+        if un > tol:
+            mean = mean / un
+    scale = sum(al * n for al, n in zip(alphas, norms, strict=True))
+    return (scale * mean).reshape(vs[0].shape)
+
+
+def model_stock(base: torch.Tensor, models: list[torch.Tensor], filter_wise=False):
+    w0 = _d(base)
+    ws = [_d(m) for m in models]
+    shape = w0.shape
+    if filter_wise and w0.dim() >= 1:
+        if w0.dim() == 1:
+            w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [(m.float() - base.float()).double().reshape(w0.shape) for m in models]
+    cos = []
+    for i, oa in enumerate(offsets):
+        for ob in offsets[i + 1 :]:
+            norm = oa.norm(dim=-1) * ob.norm(dim=-1)
+            cos.append(((oa * ob).sum(-1) / norm.clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(0).unsqueeze(-1)
+    k = len(ws)
+    den = 1 + (k - 1) * c
+    t = torch.where(den.abs() < 1e-6, torch.zeros_like(c), k * c / den)
+    return (t * (sum(ws) / k) + (1 - t) * w0).reshape(shape)

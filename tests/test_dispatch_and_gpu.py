@@ -90,6 +90,9 @@ CASES = [
     ({"method": "breadcrumbs", "density": 0.6, "gamma": 0.05}, {"method": "linear"}),
     ({"method": "random", "p": 0.5}, {"method": "ties"}),
     ({"method": "della", "density": 0.5, "epsilon": 0.2}, {"method": "task_arithmetic"}),
+    # tensor sums (engine/sums.py): exact on either device, coefficients on the host
+    ({"method": "none"}, {"method": "karcher"}),
+    ({"method": "none"}, {"method": "model_stock", "filter_wise": True}),
 ]
 
 

@@ -141,7 +141,7 @@ def test_every_unsupported_key_is_named_in_one_error_before_any_read(tmp_path, c
     ):  # fmt: skip
         assert key in err, key
     assert not (tmp_path / "o").exists()
-    for method in ("slerp", "model_stock", "arcee_fusion", "passthrough", "nope"):
+    for method in ("arcee_fusion", "passthrough", "nope"):
         with pytest.raises(ConfigError, match=r"merge_method: .*" + method):
             translate(_mk(method), tmp_path)
     with pytest.raises(ConfigError, match=r"base_model: required by dare_ties"):
@@ -345,3 +345,37 @@ def test_tokenizer_source_maps_to_the_native_tokenizer(tmp_path):
         translate(_mk("ties", tokenizer_source="x"), tmp_path)
     with pytest.raises(ConfigError, match=r"tokenizer.pad_to_multiple_of: not supported yet"):
         translate(_mk("ties", tokenizer={"source": "union", "pad_to_multiple_of": 64}), tmp_path)
+
+
+def test_tensor_sums_methods_translate(tmp_path):
+    """slerp, nuslerp, multislerp, karcher and model_stock map onto the combiners of
+    the same name with no sparsifier; their parameters, the base's role and the
+    model counts as mergekit has them."""
+    two = {**_mk("slerp", {"t": 0.25}), "models": [{"model": "b"}, {"model": "m1"}]}
+    native, _ = translate(two, tmp_path)
+    assert native["sparsify"] == {"method": "none"}
+    assert native["merge"] == {"method": "slerp", "t": 0.25}
+    assert [Path(m["path"]).name for m in native["models"]] == ["m1"]
+    native, _ = translate(_mk("nuslerp", {"nuslerp_flatten": False})
+                          | {"models": _mk("x")["models"][:2]}, tmp_path)  # fmt: skip
+    assert native["merge"] == {
+        "method": "nuslerp", "tasks": True, "row_wise": False, "flatten": False,
+    }  # fmt: skip
+    assert [m["weight"] for m in native["models"]] == WEIGHTS[:2]
+    no_base = {k: v for k, v in _mk("multislerp").items() if k != "base_model"}
+    native, _ = translate(no_base, tmp_path)
+    assert native["merge"]["tasks"] is False and Path(native["base"]).name == "m0"
+    native, _ = translate(_mk("karcher", {"max_iter": 5}), tmp_path)
+    # mergekit's karcher averages the base with the models
+    assert [Path(m["path"]).name for m in native["models"]] == ["m0", "m1", "m2", "b"]
+    assert native["merge"] == {"method": "karcher", "max_iter": 5, "tol": 1e-5}
+    native, _ = translate(_mk("model_stock", {"filter_wise": True}), tmp_path)
+    assert native["merge"] == {"method": "model_stock", "filter_wise": True}
+    with pytest.raises(ConfigError, match=r"parameters\.t: required by slerp"):
+        translate(two | {"parameters": {}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"models: slerp merges exactly 1"):
+        translate(_mk("slerp", {"t": 0.5}), tmp_path)
+    with pytest.raises(ConfigError, match=r"base_model: required by model_stock"):
+        translate({k: v for k, v in _mk("model_stock").items() if k != "base_model"}, tmp_path)
+    with pytest.raises(ConfigError, match=r"tadmerge\.sparsify: karcher merges the weights"):
+        translate(_mk("karcher", tadmerge={"sparsify": "tadrop"}), tmp_path)

@@ -34,6 +34,9 @@ CASES = {
     "ta-tadrop": ({"method": "tadrop"}, {"method": "task_arithmetic", "scale": 0.5}),
     # a combiner's whole-tensor statistics: the variance cut's and sums' rounds on actors
     "sce-select": ({"method": "none"}, {"method": "sce", "select_topk": 0.4}),
+    # a tensor-sums combiner: a round of exact sums for the split tensors, answered
+    # by the actors (engine/sums.py), the whole ones resolved in their block
+    "model_stock": ({"method": "none"}, {"method": "model_stock"}),
 }
 
 

@@ -20,6 +20,7 @@ from ..engine.spec import (
     CoarseRequest,
     FineRequest,
     StatsRequest,
+    SumsRequest,
     TensorStatsRequest,
     TieCountRequest,
 )
@@ -127,6 +128,10 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, device_name: str
                     counts[key] += int(torch.count_nonzero(chunk == key))
             out[k] = counts
         return out
+    if isinstance(request, SumsRequest):
+        from ..engine.sums import block_sums
+
+        return block_sums(base, models, request, plan.tensors[unit.tensor].shape)
     raise TypeError(f"unknown statistics request {request!r}")
 
 

@@ -51,6 +51,7 @@ def merge_spec(plan: Plan) -> MergeSpec:
         params=cfg.merge.params,
         weights=tuple(m.weight for m in cfg.models),
         seed=cfg.seed,
+        layers=plan.layers,
     )
 
 
@@ -139,6 +140,8 @@ def block_context(plan: Plan, unit: Unit, resolved: dict | None) -> BlockContext
         ctx.rates = resolved.get("rates")
         ctx.majority = resolved.get("majority")
         ctx.tensor_stats = resolved.get("tensor_stats")
+
+        ctx.sums = resolved.get("sums")
     return ctx
 
 

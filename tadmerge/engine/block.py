@@ -200,6 +200,8 @@ def merge_block(
     """
     combiner = methods.combiner(spec.method)
     sparsify_none = spec.sparsify.method == "none"
+    if combiner.sums is not None:  # tensor sums (engine/sums.py): the weights, with ctx
+        return combiner.merge_weights(base, models, spec, check_finite, ctx)
     if sparsify_none and combiner.merge_weights is not None:
         return combiner.merge_weights(base, models, spec, check_finite)
     plans = []

@@ -58,6 +58,7 @@ class MergeSpec:
     seed: int = 0
     # every parameter the combiner declares, by name (scale and disjoint too)
     params: tuple[tuple[str, object], ...] = ()
+    layers: int = 0  # transformer layers of the model (per-tensor parameters' gradients)
 
     def param(self, name: str):
         return dict(self.params)[name]
@@ -104,7 +105,19 @@ class TensorStatsRequest:
     resolved: dict | None = None
 
 
-StatsRequest = CoarseRequest | FineRequest | TieCountRequest | TensorStatsRequest
+@dataclass(frozen=True)
+class SumsRequest:
+    """The block's exact sums of products (engine/sums.py), for a combiner that
+    declares tensor sums: per pair (i, j), Σ v_i·v_j over each segment, with v_0 the
+    base and v_k model k's weights ("weights") or task vector ("tasks"); segments
+    by `layout` ("tensor", "first": vectors along the first axis, "last")."""
+
+    vectors: str
+    pairs: tuple[tuple[int, int], ...]
+    layout: str = "tensor"
+
+
+StatsRequest = CoarseRequest | FineRequest | TieCountRequest | TensorStatsRequest | SumsRequest
 
 
 class NonFiniteTaskVector(ValueError):
@@ -144,6 +157,9 @@ class BlockContext:
     majority: int | None = None
     # a combiner's whole-tensor statistics of a split tensor (engine/tensor_stats.py)
     tensor_stats: dict | None = None
+    # a combiner's tensor sums resolved over the whole split tensor (engine/sums.py:
+    # what its generator returned, as JSON data), None when the block resolves them
+    sums: dict | None = None
 
     @property
     def row_numel(self) -> int:

@@ -24,6 +24,12 @@ arithmetic methods are a sparsifier × a combiner here —
     ramplus_tl        none                          ramplus_tl (r, alpha, epsilon)
     sce               none                          sce (select_topk; int8_mask, a
                                                     memory option, has no effect)
+    slerp, nuslerp, multislerp, karcher, model_stock
+                      none                          the combiner of that name
+
+The last five merge the weights from exact whole-tensor sums (norms, dot
+products: engine/sums.py); without base_model, nuslerp and multislerp take the
+models' weights (tasks: false) and the first model gives the layout.
 
 `normalize` without a sign consensus divides by the sum of the weights: the
 weights are divided here (w_k / Σ w) and the merge is task_arithmetic. Everything
@@ -45,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import methods
 from ..errors import ConfigError
 from ..schema import show
 
@@ -75,24 +82,39 @@ GTA = {
 }
 # mergekit's methods that are one combiner of their own here, with no per-model
 # parameter (the models' weights are not used, as in mergekit): their shared
-# parameters, name -> (kind, default; ... is required), and the models they take
-# beside the base (None: any number)
-OWN: dict[str, tuple[dict[str, tuple[str, Any]], int | None]] = {
-    "nearswap": ({"t": ("number", ...)}, 1),
-    "ram": ({"epsilon": ("number", 1e-5)}, None),
-    "ramplus_tl": (
-        {"r": ("number", 0.1), "alpha": ("number", 0.2), "epsilon": ("number", 1e-5)},
-        None,
-    ),
-    "sce": ({"select_topk": ("number", 1.0), "int8_mask": ("bool", False)}, None),
+# parameters, name -> (kind, default; ... is required); how many models each takes
+# is the native combiner's declaration (methods/)
+OWN: dict[str, dict[str, tuple[str, Any]]] = {
+    "nearswap": {"t": ("number", ...)},
+    "ram": {"epsilon": ("number", 1e-5)},
+    "ramplus_tl": {"r": ("number", 0.1), "alpha": ("number", 0.2), "epsilon": ("number", 1e-5)},
+    "sce": {"select_topk": ("number", 1.0), "int8_mask": ("bool", False)},
 }
-SUPPORTED = ("linear", *GTA, *OWN)
+
+
+# mergekit's methods that tadmerge merges with a tensor-sums combiner of the same
+# name (methods/: exact norms and dot products, engine/sums.py): its shared
+# parameters (kind, default; ... is required) as mergekit declares them, whether it
+# reads a weight per model, whether it needs (True), takes (None) or ignores the
+# base (False: karcher averages it with the models)
+@dataclass(frozen=True)
+class _Sums:
+    shared: dict
+    weight: bool
+    base: bool | None
+
+
+SUMS = {
+    "slerp": _Sums({"t": ("per_tensor", ...)}, False, True),
+    "nuslerp": _Sums(
+        {"nuslerp_row_wise": ("bool", False), "nuslerp_flatten": ("bool", True)}, True, None
+    ),
+    "multislerp": _Sums({"normalize_weights": ("bool", True), "eps": ("number", 1e-8)}, True, None),
+    "karcher": _Sums({"max_iter": ("number", 10), "tol": ("number", 1e-5)}, False, False),
+    "model_stock": _Sums({"filter_wise": ("bool", False)}, False, True),
+}
+SUPPORTED = ("linear", *GTA, *OWN, *SUMS)
 NOT_YET = (
-    "slerp",
-    "nuslerp",
-    "multislerp",
-    "karcher",
-    "model_stock",
     "arcee_fusion",
     "passthrough",
 )
@@ -121,7 +143,10 @@ def _spec(method: str) -> tuple[dict[str, tuple[str, Any]], dict[str, tuple[str,
     if method == "linear":
         return {"normalize": ("bool", True)}, {"weight": ("number", ...)}
     if method in OWN:
-        return dict(OWN[method][0]), {}
+        return dict(OWN[method]), {}
+    if method in SUMS:
+        m = SUMS[method]
+        return dict(m.shared), ({"weight": ("number", ...)} if m.weight else {})
     g = GTA[method]
     shared = {
         "int8_mask": ("bool", False),
@@ -158,7 +183,14 @@ def _setting(value: Any, kind: str, where: str, problems: _Problems) -> Any:
     """One parameter setting as one value for every tensor, or None (absent or not
     mappable: then a problem is added). mergekit's forms: a scalar; a list of
     scalars (a gradient over the layers); {value, filter} or a list of them (the
-    first whose filter is a substring of the tensor name applies)."""
+    first whose filter is a substring of the tensor name applies). A "per_tensor"
+    parameter (slerp's t) keeps those forms: the native parameter takes them."""
+    if kind == "per_tensor":
+        if isinstance(value, bool) or not isinstance(value, int | float | list | dict):
+            problems.add(where, f"expected a number, a gradient or {{filter, value}} entries, "
+                         f"got {show(value)}")  # fmt: skip
+            return None
+        return float(value) if isinstance(value, int | float) else value
     if isinstance(value, dict) and "value" in value:
         value = [value]
     if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
@@ -308,7 +340,7 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
             mp = {}
         if ref is not None and base is not None and ref == base:
             base_listed = True
-            if method != "linear":  # the base of a task arithmetic method takes no parameter
+            if method not in ("linear", "karcher"):  # the base of the others is not a model
                 continue
         values = {}
         for k in mp:
@@ -334,13 +366,15 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
         if w is None:
             problems.add("parameters.weight", "required: mergekit's linear merges base_model too")
         inputs.append((base, {"weight": w if w is not None else 1.0}))
-    if (method in GTA or method in OWN) and base is None:
+    if method == "karcher" and base is not None and not base_listed:
+        inputs.append((base, {}))  # mergekit's karcher averages the base with the models
+    if (method in GTA or method in OWN or (method in SUMS and SUMS[method].base)) and base is None:
         problems.add("base_model", f"required by {method} (task vectors are taken from it)")
-    if method in OWN and OWN[method][1] is not None and inputs and len(inputs) != OWN[method][1]:
-        problems.add(
-            "models",
-            f"{method} merges exactly {OWN[method][1]} model(s) with base_model, got {len(inputs)}",
-        )
+    if (method in SUMS or method in OWN) and inputs:
+        least, most = methods.combiner(method).models  # (the native combiner of that name)
+        if len(inputs) < least or (most is not None and len(inputs) > most):
+            want = f"exactly {least}" if least == most else f"at least {least}"
+            problems.add("models", f"{method} merges {want} model(s) besides base_model")
     if method in SUPPORTED and entries and not inputs and not problems:
         problems.add("models", "no model to merge besides base_model")
 
@@ -389,6 +423,8 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
     if ext_sparsify is not None and not isinstance(ext_sparsify, dict):
         problems.add("tadmerge.sparsify", "expected a method name or a mapping")
         ext_sparsify = None
+    if ext_sparsify is not None and method in SUMS:
+        problems.add("tadmerge.sparsify", f"{method} merges the weights: it takes no sparsifier")
     if ext_sparsify is not None and method == "linear":
         problems.add(
             "tadmerge.sparsify",
@@ -417,7 +453,10 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
         for p, v in inputs
     ]
     native: dict[str, Any] = {"base": local(base_path, "base_model"), "models": models}
-    if method == "linear":
+    if method in SUMS:
+        native["sparsify"] = {"method": "none"}
+        native["merge"] = _sums_merge(method, shared, base is not None)
+    elif method == "linear":
         native["sparsify"] = {"method": "none"}
         native["merge"] = {"method": "linear", "normalize": shared["normalize"]}
     elif method in OWN:
@@ -534,6 +573,29 @@ def _tokenizer_name(tok: Any, key: str, native: dict, local) -> str:
         if m["path"] == path:
             return m["name"]
     raise ConfigError(f"{key}: {show(tok)} is neither the base_model nor one of the models")
+
+
+def _sums_merge(method: str, shared: dict, has_base: bool) -> dict:
+    """The native merge section of a tensor-sums method (methods/<method>.py)."""
+    if method == "slerp":
+        return {"method": "slerp", "t": shared["t"]}
+    if method == "nuslerp":
+        return {
+            "method": "nuslerp",
+            "tasks": has_base,
+            "row_wise": shared["nuslerp_row_wise"],
+            "flatten": shared["nuslerp_flatten"],
+        }
+    if method == "multislerp":
+        return {
+            "method": "multislerp",
+            "tasks": has_base,
+            "normalize_weights": shared["normalize_weights"],
+            "eps": shared["eps"],
+        }
+    if method == "karcher":
+        return {"method": "karcher", "max_iter": int(shared["max_iter"]), "tol": shared["tol"]}
+    return {"method": "model_stock", "filter_wise": shared["filter_wise"]}
 
 
 def _dtype(value: Any, where: str, problems: _Problems) -> str | None:

@@ -54,5 +54,5 @@ METHOD = Combiner(
     # |θ0 - θ_1| and w: two float32 temporaries per chunk (chunk-sized: no extra per element)
     merge_block=merge_block,
     merge_weights=merge_weights,
-    models=1,
+    models=(1, 1),
 )

@@ -42,9 +42,14 @@ class Param:
     lo_open: bool = False
     hi_open: bool = False
     choices: tuple[str, ...] | None = None
+    # a number that may vary per tensor, in mergekit's forms: a gradient over the
+    # layers (a list of numbers), or {filter, value} entries (see tensor_value)
+    per_tensor: bool = False
 
     def parse(self, value: Any, where: str) -> Any:
         """The value checked against the declaration (ConfigError naming `where`)."""
+        if self.per_tensor and not isinstance(value, int | float):
+            return self._parse_per_tensor(value, where)
         if self.choices is not None:
             return check_choice(value, where, frozenset(self.choices))
         if isinstance(self.default, bool):
@@ -53,17 +58,81 @@ class Param:
             return check_int(value, where, int(self.lo or 0))
         return check_number(value, where, self.lo, self.hi, self.lo_open, self.hi_open)
 
+    def _parse_per_tensor(self, value: Any, where: str) -> Any:
+        """A gradient (list of numbers) or a list of {filter, value} entries, each
+        value a number or a gradient; returned as plain lists and dicts."""
+
+        def number_or_gradient(v: Any, at: str) -> Any:
+            if isinstance(v, list):
+                if not v:
+                    raise ConfigError(f"{at}: an empty gradient")
+                return [
+                    check_number(x, f"{at}[{i}]", self.lo, self.hi, self.lo_open, self.hi_open)
+                    for i, x in enumerate(v)
+                ]
+            return check_number(v, at, self.lo, self.hi, self.lo_open, self.hi_open)
+
+        if isinstance(value, dict):
+            value = [value]
+        if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
+            out = []
+            for i, e in enumerate(value):
+                at = f"{where}[{i}]"
+                if "value" not in e or set(e) - {"value", "filter"}:
+                    raise ConfigError(f"{at}: expected {{filter, value}}")
+                f = e.get("filter")
+                if f is not None and not isinstance(f, str):
+                    raise ConfigError(f"{at}.filter: expected a string, got {f!r}")
+                out.append({"filter": f, "value": number_or_gradient(e["value"], f"{at}.value")})
+            return out
+        return number_or_gradient(value, where)
+
     def describe(self) -> str:
         """'0 <= x <= 1, default 0.5': the range and default, as the help shows them."""
         if self.choices is not None:
             kind = " | ".join(self.choices)
         elif isinstance(self.default, bool):
             kind = "true | false"
+        elif self.per_tensor and self.lo is None and self.hi is None:
+            kind = "number, a gradient over the layers, or {filter, value} entries"
         else:
             lo = "" if self.lo is None else f"{_num(self.lo)} {'<' if self.lo_open else '<='} "
             hi = "" if self.hi is None else f" {'<' if self.hi_open else '<='} {_num(self.hi)}"
             kind = f"{lo}x{hi}" if lo or hi else "number"
         return f"{kind}; default {_num(self.default)}"
+
+
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """The transformer layer a tensor belongs to (`model.layers.7.mlp...` is 7), or
+    None for the others (embeddings, the final norm, the head)."""
+    m = _LAYER.search("." + name)
+    return int(m.group(1)) if m else None
+
+
+def tensor_value(setting: Any, name: str, layers: int) -> float:
+    """A per-tensor parameter's value for tensor `name` (mergekit's rule): the
+    first {filter, value} entry whose filter is a substring of the name (or has
+    none, or '*') applies; a gradient is interpolated linearly at layer i of
+    `layers` at i / (layers − 1) (1 for a single layer), and taken at 0 for a
+    tensor outside the layers."""
+    if isinstance(setting, list) and setting and isinstance(setting[0], dict):
+        for e in setting:
+            f = e["filter"]
+            if f is None or f == "*" or f in name:
+                return tensor_value(e["value"], name, layers)
+        raise ConfigError(f"{name}: no filter entry applies (add one without a filter)")
+    if not isinstance(setting, list):
+        return float(setting)
+    i = layer_of(name)
+    pos = 0.0 if i is None else (i / (layers - 1) if layers > 1 else 1.0)
+    scaled = pos * (len(setting) - 1)
+    i0 = int(scaled)
+    i1 = min(len(setting) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * setting[i0] + frac * setting[i1]
 
 
 def _num(v: Any) -> str:
@@ -157,8 +226,15 @@ class Combiner(Method):
     cross_block: tuple[str, ...] = ()
     # whole-tensor statistics beyond the sparsifier's (sce, ramplus_tl)
     tensor_stats: TensorStats | None = None
-    # the number of models it merges beside the base, when fixed (nearswap: 1)
-    models: int | None = None
+    # tensor sums (engine/sums.py): sums(spec, shape) is a generator of rounds that
+    # yields SumsRequests, receives each one's reduced float64 sums [S, C] and
+    # returns what every block of the tensor is given (BlockContext.sums, computed
+    # by the block itself when it holds the tensor); such a combiner merges the
+    # weights (merge_weights(base, models, spec, check_finite, ctx)) and takes no
+    # sparsifier
+    sums: Callable[..., Any] | None = None
+    # how many models it merges (besides the base): (least, most or None)
+    models: tuple[int, int | None] = (1, None)
 
 
 @cache

@@ -133,6 +133,7 @@ class Plan:
     fingerprint: str = ""
     # input file -> the version planned with (the one every TensorEntry carries)
     identities: dict[str, FileIdentity] = field(default_factory=dict)
+    layers: int = 0  # transformer layers (methods.registry.layer_of): gradients' span
 
     @property
     def is_emr(self) -> bool:
@@ -161,13 +162,20 @@ class Plan:
         return sum(s.file_size for s in self.shards)
 
     def needs_stats(self) -> bool:
-        if self.global_scope:
+        if self.global_scope or self.needs_sums():
             return True
         # a combiner's whole-tensor statistics (sce, ramplus_tl) need rounds too
         whole_tensor = methods.combiner(self.config.merge.method).tensor_stats is not None
         return (self.magnitude_stats or whole_tensor) and any(
             t.split and t.kind == MERGE for t in self.tensors
         )
+
+    def needs_sums(self) -> bool:
+        """A combiner's tensor sums (engine/sums.py) over a split tensor: rounds."""
+        from .. import methods
+
+        combiner = methods.combiner(self.config.merge.method)
+        return combiner.sums is not None and any(t.split and t.kind == MERGE for t in self.tensors)
 
     def summary(self) -> dict:
         kinds: dict[str, int] = {}
@@ -356,6 +364,10 @@ def make_plan(
             plan.identities.update(
                 (e.file, e.identity) for e in ck.tensors.values() if e.identity is not None
             )
+    from ..methods.registry import layer_of
+
+    found = [i for t in tensors if (i := layer_of(t.name)) is not None]
+    plan.layers = max(found) + 1 if found else 0
     plan.fingerprint = fingerprint(plan)
     return plan
 

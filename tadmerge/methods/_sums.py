@@ -1,0 +1,57 @@
+"""The block function of the combiners that declare tensor sums (engine/sums.py):
+their generator's Combination, given (a split tensor) or made from the block
+(whole tensors, and segments inside a row), applied to the weights."""
+
+from __future__ import annotations
+
+import math
+
+
+def merge_weights(base, models, spec, check_finite: bool, ctx):
+    """Merge one block of a sums combiner. Consumes `models`."""
+    from .. import methods
+    from ..engine.block import BlockResult
+    from ..engine.spec import NonFiniteTaskVector, TaskStats
+    from ..engine.sums import CHUNK, Combination, apply, run_locally
+
+    stats = []
+    for k, m in enumerate(models):
+        tau_sq = 0.0
+        for a in range(0, base.numel(), CHUNK):
+            d = m[a : a + CHUNK] - base[a : a + CHUNK]
+            tau_sq += float((d.double() * d.double()).sum())
+        if check_finite and not math.isfinite(tau_sq):
+            raise NonFiniteTaskVector(k)
+        stats.append(TaskStats(kept=base.numel(), tau_sq=tau_sq, t_sq=tau_sq))
+    if ctx.sums is not None:
+        comb = Combination.from_json(ctx.sums)
+    else:
+        rounds = methods.combiner(spec.method).sums(spec, ctx.shape, ctx.tensor)
+        comb = run_locally(rounds, base, models, ctx.shape, ctx.whole)
+    return BlockResult(apply(comb, base, models, ctx.shape), None, stats)
+
+
+def clamp(x: float, lo: float = -1.0, hi: float = 1.0) -> float:
+    return lo if x < lo else hi if x > hi else x
+
+
+def quad(c: list[float], g: list[list[float]]) -> float:
+    """cᵀ G c, in a fixed order."""
+    n = len(c)
+    return math.fsum(c[i] * g[i][j] * c[j] for i in range(n) for j in range(n))
+
+
+def gram(values, n: int, col: int = 0) -> list[list[float]]:
+    """The n×n Gram matrix of segment `col` from sums asked as gram_pairs(n)."""
+    g = [[0.0] * n for _ in range(n)]
+    q = 0
+    for i in range(n):
+        for j in range(i, n):
+            g[i][j] = g[j][i] = float(values[q][col])
+            q += 1
+    return g
+
+
+def gram_pairs(vectors: list[int]) -> tuple[tuple[int, int], ...]:
+    """Pairs (i <= j) of `vectors`, in the order gram() reads them."""
+    return tuple((a, b) for i, a in enumerate(vectors) for b in vectors[i:])

@@ -1,0 +1,229 @@
+"""The tensor-sums methods (slerp, nuslerp, multislerp, karcher, model_stock):
+whole tensors and tensors split into many row blocks give the same bytes, and
+both match the reference (tests/reference.py: each method's algorithm on whole
+float64 tensors) within float tolerance. The exact sums themselves
+(engine/sums.py) equal math.fsum of the float64 products, for any split."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import reference as R
+import torch
+from checkpoints import SPLIT_RUNTIME, write_checkpoint
+from outputs import model_files
+from safetensors.torch import load_file
+from tadmerge.cluster.driver import run_merge
+
+from tadmerge.config import parse_config
+from tadmerge.engine import sums as S
+from tadmerge.engine.spec import SumsRequest
+from tadmerge.errors import ConfigError
+from tadmerge.methods.registry import tensor_value
+
+K = 3
+WEIGHTS = [1.0, 0.5, 2.0]
+
+
+def tensors(seed: int, k: int) -> tuple[dict, list[dict]]:
+    """float32 and bf16, 2-D, 3-D, 1-D and 0-d; a model equal to the base (a zero
+    task vector) and a model along the base (collinear weights)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*shape):
+        return torch.randn(shape, generator=g)
+
+    base = {
+        "a.weight": rn(24, 16),
+        "b.weight": rn(12, 4, 6),
+        "c.bias": rn(300),
+        "d.scale": torch.tensor(0.75),
+        "e.weight": rn(20, 16).bfloat16(),
+        "f.weight": rn(9, 7),
+        "ids": torch.arange(5),
+    }
+    models = []
+    for i in range(k):
+        m = {}
+        for n, v in base.items():
+            if not v.is_floating_point():
+                m[n] = v.clone()
+            elif n == "f.weight" and i == 0:
+                m[n] = v.clone()  # a zero task vector
+            elif n == "d.scale":
+                m[n] = v * (1.1 + 0.2 * i)  # collinear
+            else:
+                m[n] = (v.float() + 0.3 * (i + 1) * rn(*v.shape)).to(v.dtype)
+        models.append(m)
+    return base, models
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sums")
+    base, models = tensors(0, K)
+    bp = write_checkpoint(str(root / "base"), base)
+    mps = [write_checkpoint(str(root / f"m{i}"), m) for i, m in enumerate(models)]
+    return root, bp, mps, base, models
+
+
+def merge(inputs, name: str, merge: dict, k: int, split: bool, **runtime):
+    root, bp, mps, _, _ = inputs
+    raw = {
+        "base": bp,
+        "models": [{"path": p, "name": f"t{i}", "weight": WEIGHTS[i]} for i, p in enumerate(mps)][
+            :k
+        ],
+        "merge": merge,
+        "output": {"path": str(root / name)},
+        "runtime": {"progress": "none", "device": "cpu", **runtime},
+    }
+    if split:
+        raw["runtime"] = {**SPLIT_RUNTIME, "workers": 2, **runtime}
+    return run_merge(parse_config(raw))
+
+
+def expected(method: dict, base: dict, models: list[dict], k: int) -> dict:
+    out = {}
+    ms = models[:k]
+    w = WEIGHTS[:k]
+    for n, b in base.items():
+        if not b.is_floating_point():
+            continue
+        b32, vs = b.float(), [m[n].float() for m in ms]
+        taus = [v - b32 for v in vs]
+        name = method["method"]
+        if name == "slerp":
+            thr = method.get("dot_threshold", 0.9995)
+            r = R.slerp(method.get("t", 0.5), b32, vs[0], thr).double()
+        elif name == "nuslerp":
+            t = w[1] / (w[0] + w[1])
+            tasks = method.get("tasks", True)
+            two = taus if tasks else vs
+            rw, fl = method.get("row_wise", False), method.get("flatten", True)
+            r = R.nuslerp(t, two[0], two[1], rw, fl)
+            r = r + b32.double() if tasks else r
+        elif name == "multislerp":
+            r = R.multislerp(taus, w) + b32.double()
+        elif name == "karcher":
+            r = R.karcher(vs)
+        else:
+            r = R.model_stock(b32, vs, method.get("filter_wise", False))
+        out[n] = r
+    return out
+
+
+CASES = {
+    "slerp": ({"method": "slerp", "t": 0.3}, 1),
+    "slerp-linear": ({"method": "slerp", "t": 0.7, "dot_threshold": 0.0}, 1),
+    "nuslerp": ({"method": "nuslerp"}, 2),
+    "nuslerp-rows": ({"method": "nuslerp", "flatten": False}, 2),
+    "nuslerp-columns": ({"method": "nuslerp", "flatten": False, "row_wise": True}, 2),
+    "nuslerp-weights": ({"method": "nuslerp", "tasks": False}, 2),
+    "multislerp": ({"method": "multislerp"}, 3),
+    "karcher": ({"method": "karcher"}, 3),
+    "model_stock": ({"method": "model_stock"}, 3),
+    "model_stock-filter": ({"method": "model_stock", "filter_wise": True}, 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_whole_and_split_same_bytes_and_reference(inputs, case):
+    method, k = CASES[case]
+    whole = merge(inputs, f"{case}-whole", method, k, False)
+    split = merge(inputs, f"{case}-split", method, k, True)
+    units = {t.name: len(t.units) for t in split.plan.tensors}
+    assert all(units[n] > 1 for n in ("a.weight", "b.weight", "c.bias", "e.weight")), units
+    assert model_files(whole.output) == model_files(split.output), "split changed the bytes"
+    # a split tensor's sums take one round (karcher's iterations too): segments
+    # inside a row take none, a split 1-D tensor is one segment
+    assert split.report["reads"]["stats_rounds"] == 1
+    assert whole.report["reads"]["stats_rounds"] == 0
+    got = load_file(f"{whole.output}/model.safetensors")
+    base, models = inputs[3], inputs[4]
+    want = expected(method, base, models, k)
+    for n, r in want.items():
+        bf16 = base[n].dtype == torch.bfloat16
+        tol = {"rtol": 1e-2, "atol": 1e-2} if bf16 else {"rtol": 1e-6, "atol": 1e-6}
+        torch.testing.assert_close(got[n].double(), r.to(base[n].dtype).double(), **tol)
+        assert got[n].dtype == base[n].dtype
+    assert torch.equal(got["ids"], base["ids"])
+
+
+def test_exact_sums_any_split():
+    """Σ v_i·v_j per segment equals math.fsum of the float64 products, whole or
+    added up from row blocks in any order, for every layout."""
+    g = torch.Generator().manual_seed(3)
+    shape = (12, 5)
+    # values over many exponents, with ties of sign and subnormals
+    x = torch.randn(shape, generator=g) * torch.exp(4 * torch.randn(shape, generator=g))
+    y = torch.randn(shape, generator=g)
+    x[0, 0] = 1e-40
+    base, models = x.reshape(-1), [y.reshape(-1)]
+    pairs = ((0, 0), (1, 1), (0, 1))
+    for layout in ("tensor", "first", "last"):
+        req = SumsRequest("weights", pairs, layout)
+        whole = S.block_sums(base, models, req, shape).values()
+        if layout == "tensor":
+            flat = [v.double().reshape(-1).tolist() for v in (x, y)]
+            want = [
+                [math.fsum(a * b for a, b in zip(flat[i], flat[j], strict=True))]
+                for i, j in ((0, 0), (1, 1), (0, 1))
+            ]
+            assert whole.tolist() == want
+        if layout == "first":
+            col = [math.fsum(float(x[r, 2]) * float(y[r, 2]) for r in range(12))]
+            assert whole[2][2] == col[0]
+            rows = [(0, 5), (5, 6), (6, 12)]
+            parts = [
+                S.block_sums(base[a * 5 : b * 5], [models[0][a * 5 : b * 5]], req, shape)
+                for a, b in rows
+            ]
+            for order in (parts, parts[::-1]):
+                total = order[0] + order[1] + order[2]
+                assert total.values().tolist() == whole.tolist()
+        if layout == "last":
+            r3 = math.fsum(float(x[3, c]) * float(y[3, c]) for c in range(5))
+            assert whole[2][3] == r3
+
+
+def test_config_checks(inputs):
+    root, bp, mps, _, _ = inputs
+
+    def cfg(method, n, sparsify="none"):
+        return {
+            "base": bp,
+            "models": [{"path": p, "name": f"t{i}"} for i, p in enumerate(mps[:n])],
+            "sparsify": {"method": sparsify},
+            "merge": {"method": method},
+            "output": {"path": str(root / "x")},
+        }
+
+    with pytest.raises(ConfigError, match="slerp merges exactly 1 model"):
+        parse_config(cfg("slerp", 2))
+    with pytest.raises(ConfigError, match="nuslerp merges exactly 2"):
+        parse_config(cfg("nuslerp", 3))
+    with pytest.raises(ConfigError, match="model_stock merges at least 2"):
+        parse_config(cfg("model_stock", 1))
+    with pytest.raises(ConfigError, match="takes no sparsifier"):
+        parse_config(cfg("karcher", 2, "magnitude"))
+
+
+def test_per_tensor_values_follow_mergekits_rule():
+    """A gradient is interpolated over the layers at i / (layers − 1), taken at its
+    first value outside them; the first {filter, value} whose filter is in the
+    name applies."""
+    g = [0.0, 0.5, 1.0]
+    assert tensor_value(g, "model.layers.0.mlp.up_proj.weight", 5) == 0.0
+    assert tensor_value(g, "model.layers.4.mlp.up_proj.weight", 5) == 1.0
+    assert tensor_value(g, "model.layers.1.mlp.up_proj.weight", 5) == 0.25
+    assert tensor_value(g, "model.layers.3.mlp.up_proj.weight", 5) == 0.75
+    assert tensor_value(g, "model.embed_tokens.weight", 5) == 0.0
+    assert tensor_value(g, "model.layers.0.mlp.up_proj.weight", 1) == 1.0
+    entries = [{"filter": "self_attn", "value": [0.2, 0.4]}, {"filter": None, "value": 0.9}]
+    assert tensor_value(entries, "model.layers.1.self_attn.q_proj.weight", 2) == 0.4
+    assert tensor_value(entries, "model.layers.1.mlp.down_proj.weight", 2) == 0.9
+    with pytest.raises(ConfigError, match=r"merge\.t\[0\]\.value\[1\]: expected a number"):
+        parse_config({"base": "b", "models": ["m"], "merge": {
+            "method": "slerp", "t": [{"filter": "x", "value": [0.1, "a"]}]}})  # fmt: skip
