@@ -69,6 +69,43 @@ def test_dispatch_is_recorded_and_env_read_when_deciding(zoo, monkeypatch):
         decide(cfg)
 
 
+@pytest.mark.parametrize(
+    "sparsify,merge",
+    [
+        ({"method": "none"}, {"method": "task_arithmetic"}),  # streamed where the C kernels run
+        ({"method": "tadrop"}, {"method": "task_arithmetic"}),  # raw bf16 blocks, likewise
+        ({"method": "magnitude", "density": 0.3}, {"method": "ties"}),
+        ({"method": "tadrop"}, {"method": "emr"}),
+    ],
+)
+def test_the_backend_travels_with_each_unit(zoo, monkeypatch, sparsify, merge):
+    """The driver's kernels backend reaches every unit and statistics round as
+    an argument: with 'torch' no C kernel is called anywhere (in the driver or
+    the two workers, split tensors included), with 'c' they are; the bytes are
+    the same, and nothing of one merge's choice stays behind for the next."""
+    from tadmerge.engine import kernels, native
+
+    if not native.available():
+        pytest.skip(f"C kernels {native.describe()}")
+    calls = []
+    real = kernels._lib
+
+    def counted():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(kernels, "_lib", counted)
+    split = {"workers": 2, "max_unit_elements": 2 * BLOCK}
+    tag = f"{sparsify['method']}-{merge['method']}"
+    outs = {}
+    for backend in ("torch", "c", "torch"):
+        calls.clear()
+        cfg = _cfg(zoo, f"be-{tag}-{backend}", sparsify, merge, kernels=backend, **split)
+        outs[backend] = _shards(run_merge(cfg, overwrite=True).output)
+        assert bool(calls) == (backend == "c"), (backend, len(calls))
+    assert outs["torch"] == outs["c"]
+
+
 def test_gpu_units_fit_the_gpu_budget(zoo):
     host = _cfg(zoo, "g1", {"method": "none"}, {"method": "ties"}, memory_budget="2GB", workers=1)
     gpu = _cfg(

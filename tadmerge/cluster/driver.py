@@ -257,7 +257,7 @@ def make_executor(plan: Plan, staging: str, dispatch: Dispatch):
         return RayExecutor(plan, staging, dispatch)
     from .local import LocalExecutor
 
-    return LocalExecutor(plan, staging, rt.local_workers(), dispatch.device)
+    return LocalExecutor(plan, staging, rt.local_workers(), dispatch)
 
 
 def unit_bytes(plan: Plan, unit_id: int) -> int:

@@ -118,11 +118,11 @@ def plan_task(
             # with the kernels, Σ τ² comes along (the report's norms; nearly free
             # for a bf16 block, whose moments come from the few keys set aside)
             moments = 2 if fused else sp.moments
-            index = RankIndex(coarse_stats(keys, moments=moments))
+            index = RankIndex(coarse_stats(keys, moments=moments, backend=ctx.backend))
             if fused and index.stats.nonfinite:  # (fused: finite values are required)
                 raise NonFiniteTaskVector(k)
             rate = ctx.rates[k] if ctx.rates else None
-            sel = run_locally(resolve_selection(index, sp, rate), keys, index)
+            sel = run_locally(resolve_selection(index, sp, rate), keys, index, ctx.backend)
             quotas = (sel.lo.quota, sel.hi.quota)
             stats = TaskStats(selection=sel)
         else:
@@ -207,7 +207,7 @@ def merge_block(
     # kernels: one pass where the torch ops make ten per chunk); non-finite
     # values (allow_nonfinite) keep the torch ops, as in TIES and EMR
     magnitude = spec.sparsify.method in MAGNITUDE_METHODS
-    fused = magnitude and check_finite and kernels.enabled(base)
+    fused = magnitude and check_finite and kernels.enabled(base, ctx.backend)
     for k, m in enumerate(models):
         tau = m.sub_(base)
         if fused and exact_norms(spec, ctx, k):

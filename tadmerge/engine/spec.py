@@ -128,6 +128,9 @@ class BlockContext:
     # per task, TADrop drop rates decided globally (scope: global)
     rates: list[float] | None = None
     majority: int | None = None
+    # the kernels backend the merge's driver decided (cluster/dispatch.py): c | torch
+    # (auto: the C kernels where they load, for callers outside a merge)
+    backend: str = "auto"
 
     @property
     def row_numel(self) -> int:
