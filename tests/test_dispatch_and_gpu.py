@@ -145,6 +145,25 @@ def test_cuda_gives_the_cpu_bytes(zoo, sparsify, merge, split):
     assert cpu == cuda
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_random_stream_is_made_on_the_gpu_with_the_cpu_bits():
+    """DARE/DELLA's draws (a counter-based hash in int64 ops) on a GPU: the
+    CPU's numbers, made there, for whole blocks and for pieces."""
+    from tadmerge.engine.sparsify import block_draws, stream_seed, uniform_stream
+
+    args = (3, 1, "w", 0, 700, 64, 1000)
+    cpu = uniform_stream(*args)
+    gpu = uniform_stream(*args, device="cuda")
+    assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)
+    key = stream_seed(5, 0, "huge", 0)
+    here, there = torch.empty(4096), torch.empty(4096, device="cuda")
+    for start in (0, 12345, (1 << 32) - 100):
+        block_draws(key, start, here)
+        block_draws(key, start, there)
+        assert torch.equal(there.cpu(), here), start
+
+
 def _shards(out: str) -> dict[str, bytes]:
     found = {}
     for dirpath, _, files in os.walk(out):

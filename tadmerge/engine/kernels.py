@@ -19,6 +19,8 @@ test_engine_native.py and test_engine_stream.py hold the two together.
 - Task arithmetic and averaging without a sparsifier (stream): one pass per
   task over the inputs in their own dtypes (bf16, float16, float32, float64),
   the result rounded to the output dtype as torch rounds.
+- DARE/DELLA's draws (uniform_draws): the counter-based hash of
+  sparsify._hash_into in uint32 arithmetic, one pass instead of ~25 int64 ops.
 
 The kernels live in native_kernels.c, built once per machine with its C
 compiler and loaded with ctypes (engine/native.py). The backend is decided
@@ -404,3 +406,15 @@ def stream_raw(
         np.float32(sum(weights)), average, _out(out), sq,
     )  # fmt: skip
     return [float(v) for v in sq], nan
+
+
+# ---------------------------------------------------------------------------------
+# DARE/DELLA's random draws (engine/sparsify.py)
+# ---------------------------------------------------------------------------------
+
+
+def uniform_draws(out: torch.Tensor, lo: int, c1: int, c2: int) -> None:
+    """sparsify._hash_into in one pass: the draws of a canonical block's entries
+    lo .. lo + len(out) - 1 (below 2**32) for the lane keys c1, c2, into the
+    contiguous float32 CPU tensor `out`; the same bits."""
+    _lib().uniform_draws(_flat32(out), lo, c1, c2)
