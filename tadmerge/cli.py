@@ -255,7 +255,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
         taken = f"none: {KERNELS_ENV}={backend} is not one of {', '.join(BACKENDS)}"
     elif native.available():
         taken = "the C kernels on a CPU (statistics, selections, TIES, EMR, task arithmetic "
-        taken += "and averaging), torch on a GPU"
+        taken += "and averaging, DARE/DELLA's draws), torch on a GPU"
     elif backend == "c":
         taken = f"none: {KERNELS_ENV}=c and the C kernels are unavailable"
     else:

@@ -352,11 +352,6 @@ def _parse_merge(m: Any, models: tuple[ModelEntry, ...]) -> MergeMethod:
     values, ignored = methods.parse_params(combiner, m, "merge", _MERGE_PARAMS)
     _warn_ignored("merge", combiner.name, ignored)
     merge = MergeMethod(method=combiner.name, params=tuple(values.items()))
-    if combiner.models is not None and models and len(models) != combiner.models:
-        raise ConfigError(
-            f"models: {combiner.name} merges exactly {combiner.models} model(s) with the base, "
-            f"got {len(models)}"
-        )
     normalized = merge.method == "average" or merge.get("normalize", False)
     if normalized and models and sum(x.weight for x in models) == 0:
         raise ConfigError(

@@ -21,25 +21,14 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def _kernels_backend_restored():
-    """A merge applies its dispatch's kernels backend to the process
-    (cluster/dispatch.apply); each test starts from auto, whatever ran before it."""
-    from tadmerge.engine import kernels
-
-    yield
-    kernels.set_backend("auto")
-
-
 @pytest.fixture
 def c_kernels():
-    """The C kernels (engine/native.py), loaded in this process and taken (the
-    backend auto); skipped where the machine cannot build or load them."""
-    from tadmerge.engine import kernels, native
+    """The C kernels (engine/native.py), loaded in this process (taken by the
+    backends auto and c); skipped where the machine cannot build or load them."""
+    from tadmerge.engine import native
 
     if not native.available():
         pytest.skip(f"C kernels {native.describe()}")
-    kernels.set_backend("auto")
     return native.kernels()
 
 

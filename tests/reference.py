@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import torch
 
 F32 = torch.float32
@@ -82,17 +83,45 @@ def ranks_for(sp: dict, n: int, rate: float | None) -> tuple[int, int, float]:
     raise ValueError(m)
 
 
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def _fmix32(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's finalizer on uint64 arrays of 32-bit values (numpy's
+    unsigned products wrap mod 2**64, a multiple of 2**32)."""
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x85EBCA6B)) & _M32
+    x = x ^ (x >> np.uint64(13))
+    x = (x * np.uint64(0xC2B2AE35)) & _M32
+    return x ^ (x >> np.uint64(16))
+
+
+def block_uniforms(key: int, n: int, start: int = 0) -> np.ndarray:
+    """docs/semantics.md: the draws of a canonical block's elements start..start+n-1 for its
+    key, every lane per element: c1 = fmix32(k_lo ^ fmix32(k_hi ^ i_hi)),
+    c2 = fmix32(c1 ^ 0x9E3779B9), h = fmix32(fmix32(i_lo ^ c1) + c2),
+    u = (h >> 8) / 2**24."""
+    i = np.arange(start, start + n, dtype=np.uint64)
+    k_lo, k_hi = np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32)
+    c1 = _fmix32(k_lo ^ _fmix32(k_hi ^ (i >> np.uint64(32))))
+    c2 = _fmix32(c1 ^ np.uint64(0x9E3779B9))
+    h = _fmix32((_fmix32((i & _M32) ^ c1) + c2) & _M32)
+    return (h >> np.uint64(8)).astype(np.float64) / float(1 << 24)
+
+
 def stream(seed, task, name, row_start, row_end, block_rows, row_numel) -> torch.Tensor:
-    """SPEC 4: seed = hash(run seed, task index, tensor name, row block start)."""
+    """SPEC 4: key = hash(run seed, task index, tensor name, row block start);
+    each element's draw a hash of the key and its index in the block."""
     parts = []
     for block in range(0, row_end, block_rows):
         if block + block_rows <= row_start:
             continue
         h = hashlib.blake2b(f"{seed}\0{task}\0{name}\0{block}".encode(), digest_size=8)
-        g = torch.Generator().manual_seed(int.from_bytes(h.digest(), "little") & ((1 << 63) - 1))
-        parts.append(torch.rand(block_rows * row_numel, generator=g))
+        key = int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+        parts.append(torch.from_numpy(block_uniforms(key, block_rows * row_numel)).float())
     u = torch.cat(parts)
-    return u[: (row_end - row_start) * row_numel]
+    start = (row_start - (row_start // block_rows) * block_rows) * row_numel
+    return u[start : start + (row_end - row_start) * row_numel]
 
 
 def sparsify(

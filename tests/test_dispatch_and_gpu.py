@@ -69,6 +69,43 @@ def test_dispatch_is_recorded_and_env_read_when_deciding(zoo, monkeypatch):
         decide(cfg)
 
 
+@pytest.mark.parametrize(
+    "sparsify,merge",
+    [
+        ({"method": "none"}, {"method": "task_arithmetic"}),  # streamed where the C kernels run
+        ({"method": "tadrop"}, {"method": "task_arithmetic"}),  # raw bf16 blocks, likewise
+        ({"method": "magnitude", "density": 0.3}, {"method": "ties"}),
+        ({"method": "tadrop"}, {"method": "emr"}),
+    ],
+)
+def test_the_backend_travels_with_each_unit(zoo, monkeypatch, sparsify, merge):
+    """The driver's kernels backend reaches every unit and statistics round as
+    an argument: with 'torch' no C kernel is called anywhere (in the driver or
+    the two workers, split tensors included), with 'c' they are; the bytes are
+    the same, and nothing of one merge's choice stays behind for the next."""
+    from tadmerge.engine import kernels, native
+
+    if not native.available():
+        pytest.skip(f"C kernels {native.describe()}")
+    calls = []
+    real = kernels._lib
+
+    def counted():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(kernels, "_lib", counted)
+    split = {"workers": 2, "max_unit_elements": 2 * BLOCK}
+    tag = f"{sparsify['method']}-{merge['method']}"
+    outs = {}
+    for backend in ("torch", "c", "torch"):
+        calls.clear()
+        cfg = _cfg(zoo, f"be-{tag}-{backend}", sparsify, merge, kernels=backend, **split)
+        outs[backend] = _shards(run_merge(cfg, overwrite=True).output)
+        assert bool(calls) == (backend == "c"), (backend, len(calls))
+    assert outs["torch"] == outs["c"]
+
+
 def test_gpu_units_fit_the_gpu_budget(zoo):
     host = _cfg(zoo, "g1", {"method": "none"}, {"method": "ties"}, memory_budget="2GB", workers=1)
     gpu = _cfg(
@@ -109,6 +146,25 @@ def test_cuda_gives_the_cpu_bytes(zoo, sparsify, merge, split):
         outs.append(run_merge(cfg).output)
     cpu, cuda = (_shards(o) for o in outs)
     assert cpu == cuda
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_random_stream_is_made_on_the_gpu_with_the_cpu_bits():
+    """DARE/DELLA's draws (a counter-based hash in int64 ops) on a GPU: the
+    CPU's numbers, made there, for whole blocks and for pieces."""
+    from tadmerge.engine.sparsify import block_draws, stream_seed, uniform_stream
+
+    args = (3, 1, "w", 0, 700, 64, 1000)
+    cpu = uniform_stream(*args)
+    gpu = uniform_stream(*args, device="cuda")
+    assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)
+    key = stream_seed(5, 0, "huge", 0)
+    here, there = torch.empty(4096), torch.empty(4096, device="cuda")
+    for start in (0, 12345, (1 << 32) - 100):
+        block_draws(key, start, here)
+        block_draws(key, start, there)
+        assert torch.equal(there.cpu(), here), start
 
 
 def _shards(out: str) -> dict[str, bytes]:

@@ -25,11 +25,11 @@ needs_c = pytest.mark.skipif(not native.available(), reason="no C kernels")
 
 
 @pytest.fixture(params=["torch", "c"])
-def stats_backend(request, monkeypatch):
-    """Run a statistics test on the torch reference and on the C kernels (kernels.py)."""
+def stats_backend(request):
+    """The backend a statistics test passes: the torch reference, then the C
+    kernels (kernels.py)."""
     if request.param == "c" and not native.available():
         pytest.skip(f"C kernels {native.describe()}")
-    monkeypatch.setattr(kernels, "_backend", request.param)
     return request.param
 
 
@@ -67,8 +67,8 @@ def test_histograms_from_chunks_equal_the_whole_block(chunk, stats_backend):
     g = torch.Generator().manual_seed(3)
     x = torch.cat([_tied_values(500, 1), torch.randn(1500, generator=g) * 1e-2])
     keys = magnitude_keys(x)
-    whole = coarse_stats(keys, moments=2)
-    parts = coarse_stats(KeyChunks(x, chunk), moments=2)
+    whole = coarse_stats(keys, moments=2, backend=stats_backend)
+    parts = coarse_stats(KeyChunks(x, chunk), moments=2, backend=stats_backend)
     for a, b in zip(
         (whole.counts, whole.s1, whole.s2_hi, whole.s2_lo),
         (parts.counts, parts.s1, parts.s2_hi, parts.s2_lo),
@@ -82,7 +82,7 @@ def test_histograms_from_chunks_equal_the_whole_block(chunk, stats_backend):
             b: torch.bincount(keys[(keys >> 16) == b] & 0xFFFF, minlength=1 << 16) for b in wanted
         }
         for source in (keys, KeyChunks(x, chunk)):
-            got = fine_histograms(source, wanted)
+            got = fine_histograms(source, wanted, stats_backend)
             assert sorted(got) == sorted(wanted)
             for b in wanted:
                 assert np.array_equal(got[b].dense(), ref[b]), b
@@ -119,11 +119,11 @@ def test_fine_histograms_of_heavy_buckets(chunk, stats_backend):
             b: torch.bincount(keys[(keys >> 16) == b] & 0xFFFF, minlength=1 << 16) for b in wanted
         }
         source = keys if chunk is None else KeyChunks(x, chunk)
-        got = fine_histograms(source, wanted)
+        got = fine_histograms(source, wanted, stats_backend)
         assert sorted(got) == sorted(wanted)
         for b in wanted:
             assert np.array_equal(got[b].dense(), ref[b]), (wanted, b)
-    got = fine_histograms(keys, present)  # more buckets than are ever binned whole
+    got = fine_histograms(keys, present, stats_backend)  # more buckets than are ever binned whole
     for b in present:
         assert np.array_equal(
             got[b].dense(), torch.bincount(keys[(keys >> 16) == b] & 0xFFFF, minlength=1 << 16)
@@ -145,19 +145,22 @@ def test_coarse_stats_against_python_counts(moments, stats_backend):
         s1[k >> 16] += k & 0xFFFF
         s2[k >> 16] += (k & 0xFFFF) ** 2
     for source in (magnitude_keys(x), KeyChunks(x, 100)):
-        got = coarse_stats(source, moments=moments)
+        got = coarse_stats(source, moments=moments, backend=stats_backend)
         assert got.counts.tolist() == counts
         assert got.s1.tolist() == (s1 if moments >= 1 else [0] * len(s1))
         want2 = s2 if moments >= 2 else [0] * len(s2)
         hi_lo = zip(got.s2_hi.tolist(), got.s2_lo.tolist(), strict=True)
         assert [(h << 32) + lo for h, lo in hi_lo] == want2
-    assert coarse_stats(torch.zeros(0, dtype=torch.int32), moments=moments).n == 0
+    assert (
+        coarse_stats(torch.zeros(0, dtype=torch.int32), moments=moments, backend=stats_backend).n
+        == 0
+    )
 
 
 def test_fine_histograms_of_nothing_are_empty(stats_backend):
     for source in (torch.zeros(0, dtype=torch.int32), KeyChunks(torch.zeros(0))):
         for wanted in ([0], [3, 5], [0, 20000]):
-            got = fine_histograms(source, wanted)
+            got = fine_histograms(source, wanted, stats_backend)
             assert sorted(got) == wanted
             assert all(int(got[b].dense().sum()) == 0 for b in wanted)
 
@@ -182,7 +185,7 @@ def test_auto_workers_one_per_core_within_the_budget():
     assert RuntimeSpec(memory_budget=64 * 10**9).local_workers() == max(1, min(cpus, 4))
 
 
-def test_without_the_c_library_the_torch_reference_counts_the_same(monkeypatch, without_c):
+def test_without_the_c_library_the_torch_reference_counts_the_same(without_c):
     """No C library (a compiler that fails): the statistics run on torch, the
     same integers; a process told 'c' by its driver says so once, at WARNING."""
     import logging
@@ -194,19 +197,20 @@ def test_without_the_c_library_the_torch_reference_counts_the_same(monkeypatch, 
         want[k >> 16] += k & 0xFFFF
     assert "false failed" in without_c
     for backend in ("auto", "c"):
-        monkeypatch.setattr(kernels, "_backend", backend)
-        assert not kernels.enabled(x) and not kernels.load()
-        assert coarse_stats(KeyChunks(x), moments=2).s1.tolist() == want
+        assert not kernels.enabled(x, backend) and not kernels.load()
+        assert coarse_stats(KeyChunks(x), moments=2, backend=backend).s1.tolist() == want
     records = []
     handler = logging.Handler()
     handler.emit = records.append
     logging.getLogger(kernels.__name__).addHandler(handler)
+    kernels._say_unavailable.cache_clear()
     try:
-        monkeypatch.setattr(kernels, "_warned", False)
-        kernels.enabled(x)
-        kernels.enabled(x)
+        kernels.enabled(x, "c")
+        kernels.enabled(x, "c")
+        kernels.enabled(x, "auto")  # (auto: the torch reference, unsaid)
     finally:
         logging.getLogger(kernels.__name__).removeHandler(handler)
+        kernels._say_unavailable.cache_clear()
     assert [r.levelname for r in records] == ["WARNING"]
     assert "the torch reference runs, with the same bytes" in records[0].getMessage()
 
@@ -360,11 +364,11 @@ def test_histograms_of_keys_mostly_without_low_bits(share, stats_backend):
     present = sorted(set((keys >> 16).tolist()))
     wanted = sorted({0, present[len(present) // 2], present[-1], present[-1] + 7})
     for source in (keys, KeyChunks(x, 100)):
-        got = coarse_stats(source, moments=2)
+        got = coarse_stats(source, moments=2, backend=stats_backend)
         assert got.counts.tolist() == counts and got.s1.tolist() == s1
         hi_lo = zip(got.s2_hi.tolist(), got.s2_lo.tolist(), strict=True)
         assert [(h << 32) + lo for h, lo in hi_lo] == s2
-        hists = fine_histograms(source, wanted)
+        hists = fine_histograms(source, wanted, stats_backend)
         for b in wanted:
             ref = torch.bincount(keys[(keys >> 16) == b] & 0xFFFF, minlength=1 << 16)
             assert np.array_equal(hists[b].dense(), ref), b
@@ -372,7 +376,7 @@ def test_histograms_of_keys_mostly_without_low_bits(share, stats_backend):
             # the path taken: keys set aside while they are few enough
             assert bool(source.sparse) == (with_low <= n // kernels.SIDE_SHARE)
     fresh = KeyChunks(x)  # a fine histogram asked for first (a statistics round)
-    hists = fine_histograms(fresh, wanted)
+    hists = fine_histograms(fresh, wanted, stats_backend)
     for b in wanted:
         ref = torch.bincount(keys[(keys >> 16) == b] & 0xFFFF, minlength=1 << 16)
         assert np.array_equal(hists[b].dense(), ref), b

@@ -147,7 +147,7 @@ def test_without_a_working_compiler_there_is_no_library(tmp_path, monkeypatch):
             for name, value in env.items():
                 m.setenv(name, value)
             assert native.kernels() is None, env
-            assert not kernels.enabled(None)
+            assert not kernels.enabled(None, "auto")
     with monkeypatch.context() as m:
         m.setenv("CC", "false")
         with pytest.raises(native.NativeUnavailable, match="failed"):

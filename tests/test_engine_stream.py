@@ -18,7 +18,7 @@ import pytest
 import torch
 from reference import combine, fsum_sq
 
-from tadmerge.engine import kernels, stream
+from tadmerge.engine import stream
 from tadmerge.engine.block import MergeSpec, NonFiniteTaskVector
 from tadmerge.engine.sparsify import SparsifySpec
 
@@ -132,17 +132,17 @@ def test_float16_rounds_as_torch_rounds():
     assert _bytes(out) == _bytes(_np(_reference("average", [h * 0, h], [1.0], 1.0, torch.float32)))
 
 
-def test_only_merges_without_a_sparsifier_on_a_cpu_with_the_c_kernels_stream(monkeypatch):
+def test_only_merges_without_a_sparsifier_on_a_cpu_with_the_c_kernels_stream():
     ta, avg = _spec("task_arithmetic", (1.0,)), _spec("average", (1.0,))
-    assert stream.streams(ta, "cpu", ["BF16", "F32"])
-    assert stream.streams(avg, "cpu", ["F16", "F64"])
-    assert not stream.streams(_spec("ties", (1.0,)), "cpu", ["BF16"])
-    assert not stream.streams(ta, "cuda", ["BF16"])
-    assert not stream.streams(ta, "cpu", ["BF16", "F8_E4M3"])  # no numpy dtype: merge_block
+    for backend in ("c", "auto"):
+        assert stream.streams(ta, "cpu", ["BF16", "F32"], backend)
+        assert stream.streams(avg, "cpu", ["F16", "F64"], backend)
+    assert not stream.streams(_spec("ties", (1.0,)), "cpu", ["BF16"], "c")
+    assert not stream.streams(ta, "cuda", ["BF16"], "c")
+    assert not stream.streams(ta, "cpu", ["BF16", "F8_E4M3"], "c")  # no numpy dtype: merge_block
     tadrop = MergeSpec(SparsifySpec(method="tadrop"), "task_arithmetic", weights=(1.0,))
-    assert not stream.streams(tadrop, "cpu", ["BF16"])
-    monkeypatch.setattr(kernels, "_backend", "torch")  # the torch reference: merge_block
-    assert not stream.streams(ta, "cpu", ["BF16"])
+    assert not stream.streams(tadrop, "cpu", ["BF16"], "c")
+    assert not stream.streams(ta, "cpu", ["BF16"], "torch")  # the torch reference: merge_block
 
 
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])

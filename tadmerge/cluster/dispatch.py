@@ -2,8 +2,10 @@
 
 The device (cpu | cuda) and the CPU kernels' backend are chosen here from the
 config and the machine, recorded in merge_report.json, and handed to every
-local worker and Ray actor, which apply them as given: no worker reads the
-environment or decides for itself. The backend is 'c' (the compiled kernels,
+local worker and Ray actor as an argument (run_unit, unit_stats), which pass
+them on to the engine (BlockContext.backend, the statistics' `backend`): no
+worker reads the environment, decides for itself or keeps them in module
+state. The backend is 'c' (the compiled kernels,
 engine/native_kernels.c) where the library builds and loads, else 'torch'
 (the reference: the torch functions of engine/ and methods/). Both give the
 same output bytes (the kernels compute the same float32 operations in the same
@@ -106,11 +108,3 @@ def io_bound(cfg: MergeConfig) -> bool:
         methods.NONE,
         methods.MAGNITUDE,
     )
-
-
-def apply(dispatch: Dispatch) -> None:
-    """Set this process's kernels backend as the driver decided (each worker process
-    calls it once, before its first unit)."""
-    from ..engine import kernels
-
-    kernels.set_backend(dispatch.kernels)

@@ -29,6 +29,7 @@ from ..io.block_io import read_rows
 from ..io.safetensors_format import torch_dtype
 from ..planners.plan import Plan, TensorPlan, Unit
 from .buffers import POOL
+from .dispatch import Dispatch
 from .worker import (
     MASKS_DIR,
     UnitRecord,
@@ -88,9 +89,11 @@ def nonfinite_error(plan: Plan, unit: Unit, task: int, blocks: list[torch.Tensor
     return nonfinite_input(plan, unit, task, bad_base, bad)
 
 
-def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, device_name: str = "cpu"):
-    """One unit's share of a statistics round (see cluster/stats.py)."""
-    device = torch_device(device_name)
+def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispatch):
+    """One unit's share of a statistics round (see cluster/stats.py), on the
+    dispatch's device and kernels backend."""
+    device = torch_device(dispatch.device)
+    backend = dispatch.kernels
     unit = plan.units[unit_id]
     _, blocks = read_unit(plan, unit, device)
     base, models = blocks[0], blocks[1:]
@@ -108,14 +111,14 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, device_name: str
         out = []
         for k, m in enumerate(models):
             keys = KeyChunks(m.sub_(base))
-            st = coarse_stats(keys, moments=request.moments)
+            st = coarse_stats(keys, moments=request.moments, backend=backend)
             if st.nonfinite and not plan.config.inputs.allow_nonfinite:
                 raise nonfinite_error(plan, unit, k, blocks)
             out.append((st, KeysAside.of(keys) if request.keys_aside else None))
         return out
     if isinstance(request, FineRequest):
         return {
-            k: fine_histograms(KeyChunks(models[k].sub_(base)), buckets)
+            k: fine_histograms(KeyChunks(models[k].sub_(base)), buckets, backend)
             for k, buckets in request.buckets.items()
         }
     if isinstance(request, TieCountRequest):
@@ -136,18 +139,18 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, device_name: str
 
 
 def merge_unit(
-    plan: Plan, staging: str, unit_id: int, resolved: dict | None, device_name: str
+    plan: Plan, staging: str, unit_id: int, resolved: dict | None, dispatch: Dispatch
 ) -> UnitRecord:
     """Merge one unit with the torch engine (merge_block) and write its bytes
-    at the planned offsets."""
-    device = torch_device(device_name)
+    at the planned offsets, on the dispatch's device and kernels backend."""
+    device = torch_device(dispatch.device)
     unit = plan.units[unit_id]
     tp = plan.tensors[unit.tensor]
     spec = merge_spec(plan)
     check_finite = not plan.config.inputs.allow_nonfinite
     try:
         _, blocks = read_unit(plan, unit, device)
-        ctx = block_context(plan, unit, resolved)
+        ctx = block_context(plan, unit, resolved, dispatch.kernels)
         res: BlockResult = merge_block(blocks[0], blocks[1:], spec, ctx, check_finite)
     except NonFiniteTaskVector:
         # (re-read: the blocks were consumed in place)

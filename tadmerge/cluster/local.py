@@ -19,6 +19,7 @@ from ..engine.spec import StatsRequest
 from ..io.block_io import prefetch_rows
 from ..planners.plan import Plan
 from .buffers import POOL
+from .dispatch import Dispatch
 from .worker import UnitRecord, run_unit, torch_free, unit_stats
 
 # units read ahead into the page cache (not RSS): a few, so that the disk keeps
@@ -33,11 +34,14 @@ QUEUED_PER_WORKER = 1
 
 
 class LocalExecutor:
-    def __init__(self, plan: Plan, staging: str, workers: int = 1, device: str = "cpu"):
+    def __init__(self, plan: Plan, staging: str, workers: int, dispatch: Dispatch):
         self.plan = plan
         self.staging = staging
         self.workers = max(1, workers)
-        self.device = device
+        # the driver's decision (device resolved: the local executor's is), handed
+        # to every unit as it is
+        self.dispatch = dispatch
+        device = dispatch.device
         self.peak_rss_workers: list[int] = []
         # Several workers on a CPU: each runs its kernels on its own share of the
         # cores. The engine works in cache-sized chunks, where an intra-op thread
@@ -45,7 +49,7 @@ class LocalExecutor:
         # (A merge whose units all stream or take the raw bf16 path runs numpy
         # and the C kernels, and never imports torch.)
         self._threads: int | None = None
-        if device == "cpu" and self.workers > 1 and not torch_free(plan, device):
+        if device == "cpu" and self.workers > 1 and not torch_free(plan, device, dispatch.kernels):
             import torch
 
             self._threads = torch.get_num_threads()
@@ -100,7 +104,7 @@ class LocalExecutor:
     def map_stats(self, label: str, items: list[tuple[int, StatsRequest]], on_result) -> None:
         self._bounded_map(
             unit_stats,
-            [(u, self.plan, u, req, self.device) for u, req in items],
+            [(u, self.plan, u, req, self.dispatch) for u, req in items],
             on_result,
         )
 
@@ -109,7 +113,7 @@ class LocalExecutor:
     ) -> None:
         self._bounded_map(
             run_unit,
-            [(u, self.plan, self.staging, u, resolved.get(u), self.device) for u in unit_ids],
+            [(u, self.plan, self.staging, u, resolved.get(u), self.dispatch) for u in unit_ids],
             lambda _k, rec: on_done(rec),
         )
 

@@ -36,16 +36,17 @@ class _UnitWorker:
         start_kernels(plan.config, dispatch, plan)  # the driver's choices, as given
         self.plan = plan
         self.staging = staging
-        self.device = resolve_device(dispatch.device)
+        # the device resolved once here (the actor's GPU), the backend as given
+        self.dispatch = replace(dispatch, device=resolve_device(dispatch.device))
 
     def pid(self) -> int:
         return os.getpid()
 
     def stats(self, unit_id: int, request: StatsRequest):
-        return unit_stats(self.plan, unit_id, request, self.device)
+        return unit_stats(self.plan, unit_id, request, self.dispatch)
 
     def run(self, unit_id: int, resolved: dict | None) -> UnitRecord:
-        return run_unit(self.plan, self.staging, unit_id, resolved, self.device)
+        return run_unit(self.plan, self.staging, unit_id, resolved, self.dispatch)
 
     def peak_rss(self) -> int:
         from .memory import peak_rss_bytes

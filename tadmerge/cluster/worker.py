@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -35,7 +35,6 @@ from ..planners.inventory import COPY, EXCLUDE, MERGE
 from ..planners.plan import Plan, TensorPlan, Unit
 from .buffers import POOL
 from .dispatch import Dispatch
-from .dispatch import apply as apply_dispatch
 
 MASKS_DIR = "masks.zarr"
 TASKS_DIR = "tasks"
@@ -74,30 +73,31 @@ def resolve_device(name: str) -> str:
     return "cpu"
 
 
-def torch_free(plan: Plan, device: str) -> bool:
+def torch_free(plan: Plan, device: str, backend: str) -> bool:
     """Whether every unit of the plan is copied, streamed (engine/stream.py) or
     merged from its raw bf16 blocks (engine/raw.py, which may still hand a
     unit back to the torch engine), so that no worker should need torch: the
     C kernels are loaded and the backend is not torch (kernels.enabled)."""
     spec = merge_spec(plan)
     return all(
-        _streams(spec, t, device) or _raw(plan, spec, t, device)
+        _streams(spec, t, device, backend) or _raw(plan, spec, t, device, backend)
         for t in plan.tensors
         if t.kind == MERGE
     )
 
 
-def _streams(spec: MergeSpec, tp: TensorPlan, device: str) -> bool:
+def _streams(spec: MergeSpec, tp: TensorPlan, device: str, backend: str) -> bool:
     """Whether a tensor's units stream (engine/stream.py: the C kernel)."""
-    return streams(spec, device, [s.dtype for s in tp.sources] + [tp.out_dtype or ""])
+    dtypes = [s.dtype for s in tp.sources] + [tp.out_dtype or ""]
+    return streams(spec, device, dtypes, backend)
 
 
-def _raw(plan: Plan, spec: MergeSpec, tp: TensorPlan, device: str) -> bool:
+def _raw(plan: Plan, spec: MergeSpec, tp: TensorPlan, device: str, backend: str) -> bool:
     """Whether a tensor's units try the raw bf16 path first (engine/raw.py)."""
     return (
         not plan.config.inputs.allow_nonfinite
         and takes(spec, [s.dtype for s in tp.sources], tp.out_dtype or "", device)
-        and kernels.enabled(None)
+        and kernels.enabled(None, backend)
     )
 
 
@@ -124,7 +124,9 @@ def nonfinite_input(plan: Plan, unit: Unit, task: int, bad_base: int, bad: int) 
     )
 
 
-def block_context(plan: Plan, unit: Unit, resolved: dict | None) -> BlockContext:
+def block_context(plan: Plan, unit: Unit, resolved: dict | None, backend: str) -> BlockContext:
+    """A unit's BlockContext: where it sits, what the driver resolved for it, and
+    the merge's kernels backend (its dispatch's)."""
     tp = plan.tensors[unit.tensor]
     ctx = BlockContext(
         tensor=tp.name,
@@ -133,6 +135,7 @@ def block_context(plan: Plan, unit: Unit, resolved: dict | None) -> BlockContext
         row_end=unit.row_end,
         rng_rows=tp.rng_rows,
         whole=not tp.split,
+        backend=backend,
     )
     if resolved:
         ctx.selections = resolved.get("selections")
@@ -151,12 +154,12 @@ def block_context(plan: Plan, unit: Unit, resolved: dict | None) -> BlockContext
 
 
 def start_kernels(cfg: MergeConfig, dispatch: Dispatch, plan: Plan | None = None) -> None:
-    """Apply the dispatch's kernels backend to this process, and begin loading
-    the C kernels (the driver loaded them when it decided: a Ray actor loads
-    them here, in the background, while it reads its first blocks)."""
-    apply_dispatch(dispatch)
+    """Begin loading the C kernels where the dispatch takes them (the driver
+    loaded them when it decided: a Ray actor loads them here, in the
+    background, while it reads its first blocks). Nothing is set: the backend
+    travels with each call (run_unit, unit_stats)."""
     if resolve_device(dispatch.device) == "cpu":
-        kernels.preload()
+        kernels.preload(dispatch.kernels)
 
 
 # ------------------------------------------------------------------------------------
@@ -183,51 +186,55 @@ class UnitRecord:
 
 
 def run_unit(
-    plan: Plan, staging: str, unit_id: int, resolved: dict | None, device_name: str = "cpu"
+    plan: Plan, staging: str, unit_id: int, resolved: dict | None, dispatch: Dispatch
 ) -> UnitRecord:
-    """Merge (or copy) one unit and write its bytes at the planned offsets."""
+    """Merge (or copy) one unit and write its bytes at the planned offsets, on
+    the device and kernels backend the driver decided (`dispatch`)."""
     unit = plan.units[unit_id]
     tp = plan.tensors[unit.tensor]
     if tp.kind != MERGE:
         return _copy_unit(plan, staging, unit, tp)
     spec = merge_spec(plan)
-    device = resolve_device(device_name)
+    device = resolve_device(dispatch.device)
+    backend = dispatch.kernels
     try:
-        if _streams(spec, tp, device):
+        if _streams(spec, tp, device, backend):
             rec = _stream_unit(plan, staging, unit, tp, spec)
             if rec is not None:
                 return rec
-        if _raw(plan, spec, tp, device):
-            rec = _raw_unit(plan, staging, unit, tp, spec, resolved)
+        if _raw(plan, spec, tp, device, backend):
+            rec = _raw_unit(plan, staging, unit, tp, spec, resolved, backend)
             if rec is not None:
                 return rec
         from .engine_units import merge_unit
 
-        return merge_unit(plan, staging, unit_id, resolved, device)
+        return merge_unit(plan, staging, unit_id, resolved, replace(dispatch, device=device))
     except NonFiniteOutput as e:  # (write_out wrote nothing)
         return UnitRecord(unit_id, [], nonfinite_out=e.count)
 
 
-def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, device_name: str = "cpu"):
-    """One unit's share of a statistics round (see cluster/stats.py)."""
+def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispatch):
+    """One unit's share of a statistics round (see cluster/stats.py), on the
+    device and kernels backend the driver decided (`dispatch`)."""
     unit = plan.units[unit_id]
     tp = plan.tensors[unit.tensor]
-    if isinstance(request, CoarseRequest) and _raw_inputs(tp, resolve_device(device_name)):
-        got = _raw_coarse(plan, unit, request)
+    device = resolve_device(dispatch.device)
+    if isinstance(request, CoarseRequest) and _raw_inputs(tp, device, dispatch.kernels):
+        got = _raw_coarse(plan, unit, request, dispatch.kernels)
         if got is not None:
             return got
     from . import engine_units
 
-    return engine_units.unit_stats(plan, unit_id, request, device_name)
+    return engine_units.unit_stats(plan, unit_id, request, replace(dispatch, device=device))
 
 
-def _raw_inputs(tp: TensorPlan, device: str) -> bool:
+def _raw_inputs(tp: TensorPlan, device: str, backend: str) -> bool:
     """Whether a unit's task vectors can be counted from its raw bf16 inputs
     (kernels.coarse_sparse_raw) with no float32 block made."""
     return (
         device == "cpu"
         and all(src.dtype == RAW_DTYPE for src in tp.sources)
-        and kernels.enabled(None)
+        and kernels.enabled(None, backend)
     )
 
 
@@ -248,7 +255,7 @@ def _read_raw(plan: Plan, unit: Unit) -> list[np.ndarray]:
     return blocks
 
 
-def _raw_coarse(plan: Plan, unit: Unit, request: CoarseRequest) -> list | None:
+def _raw_coarse(plan: Plan, unit: Unit, request: CoarseRequest, backend: str) -> list | None:
     """A coarse request answered from the raw bf16 blocks; None when a task
     vector's keys are not sparse (the torch engine answers it then)."""
     raws = _read_raw(plan, unit)
@@ -259,7 +266,7 @@ def _raw_coarse(plan: Plan, unit: Unit, request: CoarseRequest) -> list | None:
         if got is None:
             return None
         keys = SparseKeys(n, got[0], got[1])
-        st = coarse_stats(keys, moments=request.moments)
+        st = coarse_stats(keys, moments=request.moments, backend=backend)
         if st.nonfinite and not plan.config.inputs.allow_nonfinite:
             raise nonfinite_input(plan, unit, k, _nonfinite(raws[0]), _nonfinite(model))
         out.append((st, KeysAside.of(keys) if request.keys_aside else None))
@@ -267,12 +274,18 @@ def _raw_coarse(plan: Plan, unit: Unit, request: CoarseRequest) -> list | None:
 
 
 def _raw_unit(
-    plan: Plan, staging: str, unit: Unit, tp: TensorPlan, spec: MergeSpec, resolved: dict | None
+    plan: Plan,
+    staging: str,
+    unit: Unit,
+    tp: TensorPlan,
+    spec: MergeSpec,
+    resolved: dict | None,
+    backend: str,
 ) -> UnitRecord | None:
     """A magnitude selection with task arithmetic or averaging, from the raw bf16
     blocks (engine/raw.py); None when the torch engine must merge this unit
     (decided before reading where the resolved selections already tell)."""
-    ctx = block_context(plan, unit, resolved)
+    ctx = block_context(plan, unit, resolved, backend)
     if not applies(ctx):
         return None
     return _compiled_unit(plan, staging, unit, tp, lambda raws, out: merge_raw_sparse(

@@ -28,6 +28,7 @@ from .sparsify import (
     resolve_selection,
     run_locally,
     ties_below,
+    uniform_into,
     uniform_stream,
 )
 from .spec import (  # noqa: F401  (re-exported)
@@ -82,13 +83,32 @@ class BlockCuts:
     scale: float
 
 
+@dataclass(frozen=True)
+class Draws:
+    """One task's random stream over one block (DARE: sparsify.uniform_into)."""
+
+    seed: int
+    task: int
+    ctx: BlockContext
+
+    def take(self, start: int, n: int, device: torch.device) -> torch.Tensor:
+        """The draws of the block's entries [start, start + n), made on `device`."""
+        c = self.ctx
+        out = torch.empty(n, dtype=torch.float32, device=device)
+        first = c.row_start * c.row_numel + start
+        uniform_into(out, self.seed, self.task, c.tensor, first, c.rng_rows, c.row_numel, c.backend)
+        return out
+
+
 @dataclass
 class TaskPlan:
     """How one task's τ is turned into t, chunk by chunk, once its selection is known."""
 
     stats: TaskStats
     cuts: BlockCuts | None = None
-    uniform: torch.Tensor | None = None  # DARE draws for the block
+    # DARE: the draws' stream, made chunk by chunk on the chunk's device as it is
+    # sparsified (no block-sized buffer of draws)
+    draws: Draws | None = None
     # t was made whole-block and its stats are complete (no selection; DELLA ranks
     # rows; a selection applied by the fused kernel)
     done: bool = False
@@ -118,11 +138,11 @@ def plan_task(
             # with the kernels, Σ τ² comes along (the report's norms; nearly free
             # for a bf16 block, whose moments come from the few keys set aside)
             moments = 2 if fused else sp.moments
-            index = RankIndex(coarse_stats(keys, moments=moments))
+            index = RankIndex(coarse_stats(keys, moments=moments, backend=ctx.backend))
             if fused and index.stats.nonfinite:  # (fused: finite values are required)
                 raise NonFiniteTaskVector(k)
             rate = ctx.rates[k] if ctx.rates else None
-            sel = run_locally(resolve_selection(index, sp, rate), keys, index)
+            sel = run_locally(resolve_selection(index, sp, rate), keys, index, ctx.backend)
             quotas = (sel.lo.quota, sel.hi.quota)
             stats = TaskStats(selection=sel)
         else:
@@ -139,12 +159,20 @@ def plan_task(
                 stats.t_sq = square_sum(tau)
             return TaskPlan(stats, done=True)
         return TaskPlan(stats, cuts)
-    u = uniform_stream(
-        spec.seed, k, ctx.tensor, ctx.row_start, ctx.row_end, ctx.rng_rows, ctx.row_numel
-    )
     method = methods.sparsifier(sp.method)
     if not method.whole_rows:
-        return TaskPlan(TaskStats(), uniform=u)
+        return TaskPlan(TaskStats(), draws=Draws(spec.seed, k, ctx))
+    u = uniform_stream(
+        spec.seed,
+        k,
+        ctx.tensor,
+        ctx.row_start,
+        ctx.row_end,
+        ctx.rng_rows,
+        ctx.row_numel,
+        device=tau.device,
+        backend=ctx.backend,
+    )
     t, kept = method.block(tau, u, sp, ctx.della_row)
     tau.copy_(t)
     return TaskPlan(TaskStats(kept=kept, t_sq=square_sum(tau)), done=True)
@@ -172,7 +200,8 @@ def sparsify_chunk(tp: TaskPlan, tau: torch.Tensor, start: int, spec: MergeSpec)
         _, kept = apply_cuts(tau, keys, (c.lo_key, lo_end), (c.hi_key, hi_end), c.scale)
     else:
         sp = spec.sparsify
-        u = tp.uniform[start : start + tau.numel()]
+        assert tp.draws is not None
+        u = tp.draws.take(start, tau.numel(), tau.device)
         _, kept = methods.sparsifier(sp.method).block(tau, u, sp, 0)
     tp.stats.kept += kept
 
@@ -209,7 +238,7 @@ def merge_block(
     # kernels: one pass where the torch ops make ten per chunk); non-finite
     # values (allow_nonfinite) keep the torch ops, as in TIES and EMR
     magnitude = spec.sparsify.method in MAGNITUDE_METHODS
-    fused = magnitude and check_finite and kernels.enabled(base)
+    fused = magnitude and check_finite and kernels.enabled(base, ctx.backend)
     for k, m in enumerate(models):
         tau = m.sub_(base)
         if fused and exact_norms(spec, ctx, k):

@@ -155,19 +155,22 @@ def sparse_keys(keys: torch.Tensor | KeyChunks) -> tuple[np.ndarray, np.ndarray]
     return result
 
 
-def coarse_stats(keys: torch.Tensor | KeyChunks, *, moments: int = 2) -> CoarseStats:
+def coarse_stats(
+    keys: torch.Tensor | KeyChunks, *, moments: int = 2, backend: str = "auto"
+) -> CoarseStats:
     """Coarse histogram of magnitude keys; moments: 0 counts only, 1 adds Σ L, 2 adds Σ L².
 
     `keys`: a key tensor, or KeyChunks (keys made chunk by chunk; chunks must stay
     at most CHUNK long, which keeps every float64 partial sum exact). On the CPU
     with the C kernels, one fused pass over the values instead (kernels.py): the
-    same integers.
+    same integers. `backend`: the merge's kernels backend (kernels.enabled),
+    handed down from its dispatch; auto outside a merge.
     """
     if isinstance(keys, KeyChunks) and keys.x is None:  # SparseKeys: counts only
-        on_cpu = numel(keys) > 0 and kernels.enabled(None)
+        on_cpu = numel(keys) > 0 and kernels.enabled(None, backend)
     else:
         source = keys.x if isinstance(keys, KeyChunks) else keys
-        on_cpu = source.numel() > 0 and kernels.enabled(source)
+        on_cpu = source.numel() > 0 and kernels.enabled(source, backend)
     if on_cpu:
         sparse = sparse_keys(keys)
         if sparse is not None:  # the moments are those of the keys set aside

@@ -242,7 +242,9 @@ class _DenseBins:
         return out
 
 
-def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[int, SparseFine]:
+def fine_histograms(
+    keys: torch.Tensor | KeyChunks, buckets: list[int], backend: str = "auto"
+) -> dict[int, SparseFine]:
     """Sparse fine histograms of the given coarse buckets, in one pass over keys.
 
     `keys`: a key tensor or KeyChunks. Buckets that hold a large share of the
@@ -251,14 +253,15 @@ def fine_histograms(keys: torch.Tensor | KeyChunks, buckets: list[int]) -> dict[
     compares (a few percent of the block at most), binned at the end; otherwise
     a lookup table maps each coarse bucket to its slot among the wanted ones (-1
     elsewhere) and the picked keys' (slot, low 16 bits) pairs are binned at once,
-    however many buckets are asked for.
+    however many buckets are asked for. `backend`: the merge's kernels backend
+    (kernels.enabled), handed down from its dispatch; auto outside a merge.
     """
     out: dict[int, SparseFine] = {}
     if not buckets:
         return out
     wanted = sorted(buckets)
     source = keys.x if isinstance(keys, KeyChunks) else keys
-    if numel(keys) and kernels.enabled(source):
+    if numel(keys) and kernels.enabled(source, backend):
         sparse = sparse_keys(keys)
         if sparse is not None:  # from the keys set aside (all of them sorted once, if kept)
             aside = keys.aside if isinstance(keys, KeyChunks) else None

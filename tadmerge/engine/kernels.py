@@ -19,17 +19,24 @@ test_engine_native.py and test_engine_stream.py hold the two together.
 - Task arithmetic and averaging without a sparsifier (stream): one pass per
   task over the inputs in their own dtypes (bf16, float16, float32, float64),
   the result rounded to the output dtype as torch rounds.
+- DARE/DELLA's draws (uniform_draws): the counter-based hash of
+  sparsify._hash_into in uint32 arithmetic, one pass instead of ~25 int64 ops.
 
 The kernels live in native_kernels.c, built once per machine with its C
 compiler and loaded with ctypes (engine/native.py). The backend is decided
-once per merge by the driver (cluster/dispatch.py) and set in every worker
-process (set_backend): 'c' takes the kernels wherever they load, 'torch'
-never; where the library cannot be built or loaded the torch reference runs,
-with the same bytes (the driver says so once, at WARNING).
+once per merge by the driver (cluster/dispatch.py) and passed explicitly to
+every worker (the Dispatch), and from there to the engine (BlockContext.backend,
+the `backend` argument of the statistics functions): 'c' takes the kernels
+wherever they load, 'torch' never, 'auto' (a caller outside a merge: a test, a
+benchmark) where they load. No module state switches it. Where the library
+cannot be built or loaded the torch reference runs, with the same bytes (the
+driver says so once, at WARNING; so does a worker told 'c' whose machine cannot
+load it).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -50,56 +57,53 @@ TWO_STREAM_ROWS = 8
 # what the stream kernel takes (bf16 as uint16 patterns) and writes
 STREAM_DTYPES = native.STREAM_DTYPES
 
-# This process's backend, as the driver's dispatch set it (cluster/dispatch.py):
-# a process runs one merge's units at a time, and every unit of a merge takes
-# the same backend. 'auto' (a process no merge set, e.g. a test) is 'c' where
-# the library loads.
+# What a merge's dispatch may say: 'c' or 'torch' (cluster/dispatch.py decides,
+# the workers are handed it); 'auto' is 'c' where the library loads, for callers
+# outside a merge (tests, benchmarks).
 BACKENDS = ("auto", "c", "torch")
-_backend = "auto"
-_warned = False  # 'c' was set here and the library would not load: said once
 
 
-def set_backend(name: str) -> None:
-    """'auto' or 'c' (the C kernels where they load) or 'torch' (the reference)."""
-    global _backend
+def check_backend(name: str) -> str:
+    """`name` if it is one of BACKENDS, else ValueError."""
     if name not in BACKENDS:
         raise ValueError(f"kernels backend must be one of {', '.join(BACKENDS)}, not {name!r}")
-    _backend = name
+    return name
 
 
-def backend() -> str:
-    return _backend
-
-
-def preload() -> None:
+def preload(backend: str) -> None:
     """Build or load the library in a background thread (cluster/worker.py)."""
-    if _backend != "torch":
+    if check_backend(backend) != "torch":
         native.preload()
 
 
 def load() -> bool:
     """Build or load the library now; whether the kernels run in this process."""
-    return enabled(None)
+    return enabled(None, "auto")
 
 
-def enabled(x: torch.Tensor | np.ndarray | None = None) -> bool:
+def enabled(x: torch.Tensor | np.ndarray | None, backend: str) -> bool:
     """Whether the C kernels take `x` (a tensor or numpy array on the CPU, or
     None: a CPU block that was never stored, as keys.SparseKeys of the raw
-    bf16 path): the backend is not torch and the library is loaded (built on
-    first use, ~1 ms once cached). Else the caller runs the torch reference."""
-    global _warned
-    if _backend == "torch" or not _on_cpu(x):
+    bf16 path) under `backend` (the merge's, as its dispatch says): it is not
+    torch and the library is loaded (built on first use, ~1 ms once cached).
+    Else the caller runs the torch reference."""
+    if check_backend(backend) == "torch" or not _on_cpu(x):
         return False
     if native.available():
         return True
-    if _backend == "c" and not _warned:
-        _warned = True
-        log.warning(
-            "C kernels unavailable in this process (%s): the torch reference runs, "
-            "with the same bytes",
-            native.describe(),
-        )
+    if backend == "c":
+        _say_unavailable()
     return False
+
+
+@functools.cache
+def _say_unavailable() -> None:
+    """The one WARNING of a process told 'c' whose library would not load (a
+    worker on a machine other than the driver's)."""
+    log.warning(
+        "C kernels unavailable in this process (%s): the torch reference runs, with the same bytes",
+        native.describe(),
+    )
 
 
 def _lib() -> native.NativeKernels:
@@ -402,3 +406,15 @@ def stream_raw(
         np.float32(sum(weights)), average, _out(out), sq,
     )  # fmt: skip
     return [float(v) for v in sq], nan
+
+
+# ---------------------------------------------------------------------------------
+# DARE/DELLA's random draws (engine/sparsify.py)
+# ---------------------------------------------------------------------------------
+
+
+def uniform_draws(out: torch.Tensor, lo: int, c1: int, c2: int) -> None:
+    """sparsify._hash_into in one pass: the draws of a canonical block's entries
+    lo .. lo + len(out) - 1 (below 2**32) for the lane keys c1, c2, into the
+    contiguous float32 CPU tensor `out`; the same bits."""
+    _lib().uniform_draws(_flat32(out), lo, c1, c2)

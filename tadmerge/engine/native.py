@@ -199,6 +199,7 @@ class NativeKernels:
             "ties_votes": ([p, i64, i64, p, p], None),
             "ties_merge": ([p, i64, i64, p, p, f32, i32, i64, i32, p], None),
             "emr_merge": ([p, i64, i64, p, p, p], i64),
+            "uniform_draws": ([p, i64, i64, i64, i64], None),
         }
         for name, (args, restype) in signatures.items():
             fn = getattr(lib, f"tadmerge_{name}")
@@ -317,6 +318,14 @@ class NativeKernels:
             _ptr(abs_t, np.int64, 256 * k), _ptr(abs_u, np.int64, 256 * k),
         ):  # fmt: skip
             raise MemoryError("emr_merge: its tables of exact sums could not be allocated")
+
+    # -- DARE/DELLA's random draws --------------------------------------------
+
+    def uniform_draws(self, out, lo, c1, c2) -> None:
+        """out: float32, the draws of entries lo .. lo + out.size - 1 (< 2**32)."""
+        if not 0 <= lo <= (1 << 32) - out.size:
+            raise ValueError("uniform_draws: the entries must lie below 2**32")
+        self._uniform_draws(_ptr(out, np.float32), out.size, int(lo), int(c1), int(c2))
 
 
 # the dtypes a streamed block may have (native_kernels.c's codes, by position)

@@ -1031,3 +1031,28 @@ int64_t tadmerge_emr_merge(float *const *ts, int64_t k_count, int64_t n, uint8_t
     free(lt);
     return 0;
 }
+
+/* MurmurHash3's 32-bit finalizer (sparsify.fmix32) */
+INLINE uint32_t fmix32(uint32_t x)
+{
+    x ^= x >> 16;
+    x *= 0x85EBCA6Bu;
+    x ^= x >> 13;
+    x *= 0xC2B2AE35u;
+    return x ^ (x >> 16);
+}
+
+/* DARE/DELLA's draws (sparsify._hash_into, the torch twin in int64 lanes):
+ * out[j] = (h >> 8) / 2^24 with h = fmix32(fmix32((lo + j) ^ c1) + c2), for
+ * the entries lo .. lo + n - 1 of a canonical block's stream whose index's
+ * high 32 bits gave c1, c2 (the caller keeps lo + n <= 2^32). An integer
+ * below 2^24 times 2^-24: exact in float32. kernels.uniform_draws. */
+CLONES
+void tadmerge_uniform_draws(float *out, int64_t n, int64_t lo, int64_t c1, int64_t c2)
+{
+    uint32_t l = (uint32_t)lo, k1 = (uint32_t)c1, k2 = (uint32_t)c2;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t h = fmix32(fmix32((l + (uint32_t)j) ^ k1) + k2);
+        out[j] = (float)(h >> 8) * (1.0f / 16777216.0f);
+    }
+}

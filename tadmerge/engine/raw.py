@@ -92,11 +92,11 @@ def merge_raw_sparse(
             if got is None:
                 return None
             keys = SparseKeys(n, got[0], got[1])
-            index = RankIndex(coarse_stats(keys, moments=2))
+            index = RankIndex(coarse_stats(keys, moments=2, backend=ctx.backend))
             if index.stats.nonfinite:
                 raise NonFiniteTaskVector(k)
             rate = ctx.rates[k] if ctx.rates else None
-            sel = run_locally(resolve_selection(index, sp, rate), keys, index)
+            sel = run_locally(resolve_selection(index, sp, rate), keys, index, ctx.backend)
             quotas = (sel.lo.quota, sel.hi.quota)
             st = TaskStats(selection=sel)
             st.tau_sq, st.t_sq = own_norms(index, sel)

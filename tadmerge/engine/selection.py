@@ -133,13 +133,17 @@ def resolve_selection(
 
 
 def run_locally(
-    gen: Generator[set[int], None, object], keys: torch.Tensor | KeyChunks, index: RankIndex
+    gen: Generator[set[int], None, object],
+    keys: torch.Tensor | KeyChunks,
+    index: RankIndex,
+    backend: str = "auto",
 ):
-    """Drive a resolver generator with fine histograms computed from `keys`."""
+    """Drive a resolver generator with fine histograms computed from `keys`
+    (on the kernels `backend`: the merge's, kernels.enabled)."""
     try:
         need = next(gen)
         while True:
-            for b, h in fine_histograms(keys, sorted(need)).items():
+            for b, h in fine_histograms(keys, sorted(need), backend).items():
                 index.add_fine(b, h)
             need = gen.send(None)
     except StopIteration as stop:

@@ -7,8 +7,9 @@ statistics are resolved by `resolve_selection`, a generator that yields the
 coarse buckets whose fine histograms it still needs. (Resolving is selection.py's, torch-free; this
 module applies the resolved selections to tensors.)
 DARE (random) and DELLA need no group statistics: their randomness comes from
-streams keyed by (seed, task, tensor, canonical row block), so the result does
-not depend on how the work is split.
+counter-based streams keyed by (seed, task, tensor, canonical row block) and
+each entry's index, integer ops made on the block's device, so the result
+depends neither on how the work is split nor on the device.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 
 import torch
 
+from . import kernels
 from .selection import (  # noqa: F401  (re-exported)
     PREDICTED_BUCKETS,
     Selection,
@@ -104,29 +106,130 @@ def apply_cuts(
 
 
 def stream_seed(seed: int, task: int, tensor: str, block_start: int) -> int:
-    """seed = hash(run seed, task index, tensor name, row block start)."""
+    """The key of a canonical row block's stream: the first 8 bytes (little-endian)
+    of blake2b-64 of "seed\0task\0tensor\0block_start", top bit cleared."""
     h = hashlib.blake2b(f"{seed}\0{task}\0{tensor}\0{block_start}".encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
+# The draws are a counter-based hash of (key, element index), in 32-bit lanes:
+# fmix32 is MurmurHash3's finalizer, its products taken mod 2**32. torch has no
+# unsigned 32-bit arithmetic on every device, so the lanes live in int64 and
+# every product is of a value in [0, 2**32) and a multiplier's representative
+# in (-2**31, 2**31) (the same residue mod 2**32): |product| < 2**63, never an
+# overflow, and `& MASK32` (two's complement, as on every device) is the residue.
+MASK32 = 0xFFFFFFFF
+FMIX_M1, FMIX_M2 = 0x85EBCA6B, 0xC2B2AE35
+_M1, _M2 = FMIX_M1 - (1 << 32), FMIX_M2 - (1 << 32)  # the signed representatives
+GOLDEN32 = 0x9E3779B9
+# elements hashed at a time by torch ops on a CPU: the int64 lanes stay in cache
+# between ops; on a GPU, pieces whose two int64 lanes stay a fixed overhead
+DRAW_CHUNK = 1 << 16
+GPU_DRAW_CHUNK = 1 << 22
+
+
+def fmix32(x: int) -> int:
+    """MurmurHash3's 32-bit finalizer, of a Python int in [0, 2**32)."""
+    x ^= x >> 16
+    x = (x * FMIX_M1) & MASK32
+    x ^= x >> 13
+    x = (x * FMIX_M2) & MASK32
+    return x ^ (x >> 16)
+
+
+def lane_keys(key: int, hi: int) -> tuple[int, int]:
+    """(c1, c2): the per-element hash's two 32-bit keys for the stream `key` (a
+    block's stream_seed) and the high 32 bits `hi` of the element index."""
+    c1 = fmix32((key & MASK32) ^ fmix32((key >> 32) ^ hi))
+    return c1, fmix32(c1 ^ GOLDEN32)
+
+
+def _fmix32_(x: torch.Tensor, tmp: torch.Tensor) -> None:
+    """fmix32 in place on int64 lanes in [0, 2**32) (tmp: a scratch tensor like x)."""
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp))
+    x.mul_(_M1).bitwise_and_(MASK32)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 13, out=tmp))
+    x.mul_(_M2).bitwise_and_(MASK32)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp))
+
+
+def _hash_into(out: torch.Tensor, lo: int, c1: int, c2: int) -> None:
+    """out[j] = u(lo + j) for the 32-bit lane keys c1, c2 (lo + len(out) <= 2**32):
+    h = fmix32(fmix32(i ^ c1) + c2 mod 2**32), u = (h >> 8) / 2**24."""
+    n = out.numel()
+    x = torch.arange(lo, lo + n, dtype=torch.int64, device=out.device)
+    tmp = torch.empty_like(x)
+    x.bitwise_xor_(c1)
+    _fmix32_(x, tmp)
+    x.add_(c2).bitwise_and_(MASK32)
+    _fmix32_(x, tmp)
+    x.bitwise_right_shift_(8)
+    torch.mul(x, 2.0**-24, out=out)  # (an integer below 2**24 times 2**-24: exact in float32)
+
+
+def block_draws(key: int, start: int, out: torch.Tensor, backend: str = "auto") -> None:
+    """The draws of elements [start, start + len(out)) of the canonical block
+    whose stream key is `key`, into the contiguous float32 tensor `out`, on its
+    device: with the C kernel where `backend` takes it (kernels.enabled), else
+    by torch ops; the same bits."""
+    native = kernels.enabled(out, backend)
+    step = out.numel() if native else DRAW_CHUNK if out.device.type == "cpu" else GPU_DRAW_CHUNK
+    a, n = 0, out.numel()
+    while a < n:
+        i = start + a
+        hi, lo = i >> 32, i & MASK32
+        b = min(n, a + max(1, step), a + (1 << 32) - lo)  # (never across a 2**32 boundary)
+        if native:
+            kernels.uniform_draws(out[a:b], lo, *lane_keys(key, hi))
+        else:
+            _hash_into(out[a:b], lo, *lane_keys(key, hi))
+        a = b
+
+
 def uniform_stream(
-    seed: int, task: int, tensor: str, row_start: int, row_end: int, rng_rows: int, row_numel: int
+    seed: int,
+    task: int,
+    tensor: str,
+    row_start: int,
+    row_end: int,
+    rng_rows: int,
+    row_numel: int,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """Uniform [0,1) float32 draws for rows [row_start, row_end), made on the CPU.
+    """Uniform [0,1) float32 draws for rows [row_start, row_end), made on `device`.
 
     Rows are grouped in canonical blocks of `rng_rows` rows (a function of the
-    tensor's shape only); each block has its own generator, so any split of the
-    tensor along canonical block boundaries sees the same numbers.
+    tensor's shape only); each block has its own key (stream_seed), and an
+    element's draw is a hash of that key and the element's flat index within
+    the block (docs/semantics.md gives it exactly): any split of the tensor, any
+    device, any chunking sees the same numbers, with no generator state.
+    `backend`: the merge's kernels backend (the C twin on a CPU, block_draws).
     """
-    parts = []
-    start = row_start
-    while start < row_end:
-        block = (start // rng_rows) * rng_rows
-        block_end = block + rng_rows
-        g = torch.Generator().manual_seed(stream_seed(seed, task, tensor, block))
-        draws = torch.rand((block_end - block) * row_numel, generator=g)
-        lo = (start - block) * row_numel
-        hi = (min(row_end, block_end) - block) * row_numel
-        parts.append(draws[lo:hi])
-        start = min(row_end, block_end)
-    return torch.cat(parts) if parts else torch.empty(0)
+    n = (row_end - row_start) * row_numel
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    uniform_into(out, seed, task, tensor, row_start * row_numel, rng_rows, row_numel, backend)
+    return out
+
+
+def uniform_into(
+    out: torch.Tensor,
+    seed: int,
+    task: int,
+    tensor: str,
+    first: int,
+    rng_rows: int,
+    row_numel: int,
+    backend: str = "auto",
+) -> None:
+    """The draws of the tensor's flat elements [first, first + len(out)) into
+    `out` (float32, on its device): uniform_stream's numbers for any range, so
+    that a block's draws can be made chunk by chunk as they are used."""
+    block_numel = rng_rows * row_numel
+    pos, end = first, first + out.numel()
+    while pos < end:
+        block = pos // block_numel
+        stop = min(end, (block + 1) * block_numel)
+        key = stream_seed(seed, task, tensor, block * rng_rows)
+        block_draws(key, pos - block * block_numel, out[pos - first : stop - first], backend)
+        pos = stop

@@ -161,6 +161,10 @@ class BlockContext:
     # what its generator returned, as JSON data), None when the block resolves them
     sums: dict | None = None
 
+    # the kernels backend the merge's driver decided (cluster/dispatch.py): c | torch
+    # (auto: the C kernels where they load, for callers outside a merge)
+    backend: str = "auto"
+
     @property
     def row_numel(self) -> int:
         n = 1

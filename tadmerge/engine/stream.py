@@ -17,7 +17,7 @@ patterns), so a merge made of these alone never imports torch (~2 s on a
 2-core VM: more than reading and writing a 271M-parameter merge of three
 fine-tunes from a warm page cache).
 
-Where the C kernels are unavailable (or runtime.kernels: torch), these blocks
+Where the C kernels are unavailable (or the dispatch says torch), these blocks
 are merged by merge_block instead (cluster/worker.py); so is a block whose
 result holds a NaN (inputs.allow_nonfinite), whose NaN bits are torch's.
 """
@@ -41,15 +41,16 @@ NP_DTYPES: dict[str, np.dtype] = {
 }
 
 
-def streams(spec: MergeSpec, device: str, dtypes: list[str]) -> bool:
+def streams(spec: MergeSpec, device: str, dtypes: list[str], backend: str) -> bool:
     """Whether a block of this merge is merged by merge_raw: on a CPU with the C
-    kernels, inputs and output in NP_DTYPES, no sparsifier."""
+    kernels (the merge's `backend` takes them: kernels.enabled), inputs and
+    output in NP_DTYPES, no sparsifier."""
     return (
         device == "cpu"
         and spec.sparsify.method == "none"
         and spec.method in ("task_arithmetic", "average")
         and all(d in NP_DTYPES for d in dtypes)
-        and kernels.enabled(None)
+        and kernels.enabled(None, backend)
     )
 
 

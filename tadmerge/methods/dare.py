@@ -1,6 +1,8 @@
 """DARE (drop and rescale): drop each entry of τ with probability p, scale the
-kept ones by 1/(1-p). The draws come from a stream keyed by (seed, task, tensor,
-canonical row block), so the result does not depend on how the work is split."""
+kept ones by 1/(1-p). The draws come from a counter-based stream keyed by (seed,
+task, tensor, canonical row block) and the entry's index (engine/sparsify.py),
+made chunk by chunk on the block's device, so the result depends neither on how
+the work is split nor on the device."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ from .registry import RANDOM, Param, Sparsifier
 
 
 def block(tau, u, spec, row_len: int):
-    """t in place on `tau` (any slice: DARE is element-wise), and the kept count.
-    Kept entries times fl32(1/(1-p)), dropped ones +0.0."""
+    """t in place on `tau` (any slice: DARE is element-wise), and the kept count;
+    `u`: the slice's draws, on its device. Kept entries times fl32(1/(1-p)),
+    dropped ones +0.0."""
     import torch
 
     drop = u.to(tau.device) < spec.p
@@ -28,6 +31,8 @@ METHOD = Sparsifier(
         Param("p", 0.9, "drop probability", lo=0.0, hi=1.0, hi_open=True),
         rescale("inverse_keep", ("none", "inverse_keep")),
     ),
-    extra_bytes=lambda k: 4 * k + 4,  # the draws of every task for the block
+    # (the draws are made chunk by chunk now: this over-counts, kept as the plan's
+    # unit sizes were)
+    extra_bytes=lambda k: 4 * k + 4,
     block=block,
 )

@@ -20,7 +20,7 @@ def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
 
     stats = [tp.stats for tp in plans]
     n = base.numel()
-    if check_finite and kernels.enabled(base) and n <= kernels.PIECE:
+    if check_finite and kernels.enabled(base, ctx.backend) and n <= kernels.PIECE:
         # one fused pass (kernels.emr_merge), the same bytes and exact sums
         for a, b in chunks:
             sparsify(a, b)

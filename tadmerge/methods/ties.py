@@ -20,7 +20,9 @@ def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
     # the fused kernel (finite values; the disjoint mean's divisor needs positive
     # weights) or the torch ops chunk by chunk: the same bytes
     fused = (
-        check_finite and (spec.disjoint == "sum" or all(x > 0 for x in w)) and kernels.enabled(base)
+        check_finite
+        and (spec.disjoint == "sum" or all(x > 0 for x in w))
+        and kernels.enabled(base, ctx.backend)
     )
     sparsified = False
     if fused:

@@ -72,7 +72,7 @@ def make_executor(plan: Plan, staging: str, dispatch: Dispatch):
         return RayExecutor(plan, staging, dispatch)
     from ..cluster.local import LocalExecutor
 
-    return LocalExecutor(plan, staging, rt.local_workers(), dispatch.device)
+    return LocalExecutor(plan, staging, rt.local_workers(), dispatch)
 
 
 def run_merge(
