@@ -97,10 +97,9 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, device_name: str
         from ..engine import tensor_stats
 
         spec = merge_spec(plan)
-        ts = tensor_stats.sparsified(
-            base, models, spec, block_context(plan, unit, request.resolved)
-        )
-        return tensor_stats.answer(base, ts, spec, request)
+        ctx = block_context(plan, unit, request.resolved)
+        ts = tensor_stats.sparsified(base, models, spec, ctx)
+        return tensor_stats.answer(base, ts, spec, request, ctx.shape)
     if isinstance(request, CoarseRequest):
         # per task (coarse histogram, KeysAside or None): the keys set aside only
         # when asked (tensor-scope groups, whose fine round they save)

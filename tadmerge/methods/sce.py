@@ -109,7 +109,7 @@ def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
 
     for a, b in chunks:
         sparsify(a, b)
-    st = ctx.tensor_stats or TS.local(base, taus, spec)  # (local: the cut is applied)
+    st = ctx.tensor_stats or TS.local(base, taus, spec, ctx.shape)  # (local: the cut is applied)
     cutter = TS.Cutter(st["cut"])
     w = st["values"]["weights"]
     for a, b in chunks:
@@ -137,7 +137,7 @@ METHOD = Combiner(
     extra_bytes=lambda k: 6,
     merge_block=merge_block,
     tensor_stats=TensorStats(
-        score=variance,
+        score=lambda base, ts, spec, shape: variance(ts),
         keep=keep,
         uses_score=lambda spec: spec.param("select_topk") < 1.0,
         sums=sums,
