@@ -24,6 +24,8 @@ arithmetic methods are a sparsifier × a combiner here —
     ramplus_tl        none                          ramplus_tl (r, alpha, epsilon)
     sce               none                          sce (select_topk; int8_mask, a
                                                     memory option, has no effect)
+    arcee_fusion      none                          arcee_fusion (no parameters; one
+                                                    model)
 
 `normalize` without a sign consensus divides by the sum of the weights: the
 weights are divided here (w_k / Σ w) and the merge is task_arithmetic. Everything
@@ -85,6 +87,7 @@ OWN: dict[str, tuple[dict[str, tuple[str, Any]], int | None]] = {
         None,
     ),
     "sce": ({"select_topk": ("number", 1.0), "int8_mask": ("bool", False)}, None),
+    "arcee_fusion": ({}, 1),
 }
 SUPPORTED = ("linear", *GTA, *OWN)
 NOT_YET = (
@@ -93,7 +96,6 @@ NOT_YET = (
     "multislerp",
     "karcher",
     "model_stock",
-    "arcee_fusion",
     "passthrough",
 )
 
