@@ -473,3 +473,29 @@ def model_stock(base: torch.Tensor, models: list[torch.Tensor], filter_wise=Fals
     den = 1 + (k - 1) * c
     t = torch.where(den.abs() < 1e-6, torch.zeros_like(c), k * c / den)
     return (t * (sum(ws) / k) + (1 - t) * w0).reshape(shape)
+
+
+def arcee_importance(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """|θ_1 − θ0| times KL(softmax(θ_1) + 1e-8 ‖ softmax(θ0) + 1e-8) over the last
+    dimension, the whole tensor at once (float32)."""
+    t = model - base
+    if base.dim() == 0:
+        return t.abs() * 0.0  # softmax of one value: p = q, KL = 0
+    eps = f32(1e-8)
+    p = torch.softmax(base + t, dim=-1) + eps
+    q = torch.softmax(base, dim=-1) + eps
+    return t.abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+
+def arcee_mask(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """I >= median + 1.5·(Q3 − Q1), Q at sorted positions floor(q·(n − 1))."""
+    imp = arcee_importance(base, model)
+    s = torch.sort(imp.reshape(-1)).values
+    n = s.numel()
+    q1, med, q3 = s[(n - 1) // 4], s[(n - 1) // 2], s[3 * (n - 1) // 4]
+    return imp >= med + f32(1.5) * (q3 - q1)
+
+
+def arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """θ0 + (θ_1 − θ0)·mask."""
+    return base + (model - base) * arcee_mask(base, model).to(F32)

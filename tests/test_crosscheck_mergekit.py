@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import reference as R
 import torch
 import yaml
 
@@ -511,3 +512,29 @@ def test_sce_with_tadrop_from_the_extension_section_runs(f32_set):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
         moved += int((a[name] != base[name]).sum())
     assert moved > 0
+
+
+def test_arcee_fusion_matches_mergekit(f32_set):
+    """arcee_fusion from the same YAML: the same selected set and values, but for
+    entries whose importance lies within float32 rounding of the threshold (the
+    row sums are pairwise here, torch's own in mergekit; docs/semantics.md). The
+    tensors are below mergekit's 1M-entry sampling bound: its quantiles are exact."""
+    root, data = f32_set
+    a, b = _same_yaml(root, data, "arcee", "arcee_fusion", {}, k=1)
+    assert set(a) == set(b)
+    base, ft = _tensors(data / "base"), _tensors(data / "ft_1")
+    n_amb = n_total = moved = 0
+    for name in a:
+        assert a[name].dtype == b[name].dtype == torch.float32
+        assert a[name].numel() <= 1_000_000
+        imp = R.arcee_importance(base[name], ft[name]).reshape(-1)
+        s = torch.sort(imp).values
+        n = s.numel()
+        thr = s[(n - 1) // 2] + R.f32(1.5) * (s[3 * (n - 1) // 4] - s[(n - 1) // 4])
+        ok = ((imp - thr).abs() > 1e-4 * thr.abs()).reshape(a[name].shape)
+        n_amb += int((~ok).sum())
+        n_total += ok.numel()
+        torch.testing.assert_close(a[name][ok], b[name][ok], rtol=1e-6, atol=1e-7, msg=name)
+        moved += int((a[name] != base[name]).sum())
+    assert 0 < moved < n_total
+    assert n_amb / n_total < 1e-3, f"{n_amb} of {n_total} entries ambiguous"

@@ -141,7 +141,7 @@ def test_every_unsupported_key_is_named_in_one_error_before_any_read(tmp_path, c
     ):  # fmt: skip
         assert key in err, key
     assert not (tmp_path / "o").exists()
-    for method in ("arcee_fusion", "passthrough", "nope"):
+    for method in ("nope",):
         with pytest.raises(ConfigError, match=r"merge_method: .*" + method):
             translate(_mk(method), tmp_path)
     with pytest.raises(ConfigError, match=r"base_model: required by dare_ties"):

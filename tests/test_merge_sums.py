@@ -14,13 +14,13 @@ import torch
 from checkpoints import SPLIT_RUNTIME, write_checkpoint
 from outputs import model_files
 from safetensors.torch import load_file
-from tadmerge.cluster.driver import run_merge
 
 from tadmerge.config import parse_config
 from tadmerge.engine import sums as S
 from tadmerge.engine.spec import SumsRequest
 from tadmerge.errors import ConfigError
 from tadmerge.methods.registry import tensor_value
+from tadmerge.run.driver import run_merge
 
 K = 3
 WEIGHTS = [1.0, 0.5, 2.0]

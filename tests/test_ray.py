@@ -37,6 +37,8 @@ CASES = {
     # a tensor-sums combiner: a round of exact sums for the split tensors, answered
     # by the actors (engine/sums.py), the whole ones resolved in their block
     "model_stock": ({"method": "none"}, {"method": "model_stock"}),
+    # a signed score's quantile rounds on actors (one model)
+    "arcee-fusion": ({"method": "none"}, {"method": "arcee_fusion"}, 1),
 }
 
 
@@ -47,12 +49,12 @@ def zoo(tmp_path_factory):
     return root, base, models
 
 
-def cfg(zoo, out: str, sp: dict, merge: dict, executor: str, workers: int):
+def cfg(zoo, out: str, sp: dict, merge: dict, executor: str, workers: int, k: int | None = None):
     root, base, models = zoo
     return parse_config(
         {
             "base": base,
-            "models": [{"path": p, "name": f"t{i}"} for i, p in enumerate(models)],
+            "models": [{"path": p, "name": f"t{i}"} for i, p in enumerate(models[:k])],
             "sparsify": sp,
             "merge": merge,
             "exclude": ["^head\\."],
@@ -71,11 +73,11 @@ def cfg(zoo, out: str, sp: dict, merge: dict, executor: str, workers: int):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ray_matches_local_bytes(ray_session, zoo, case):
-    sp, merge = CASES[case]
-    local = run_merge(cfg(zoo, f"{case}-local", sp, merge, "local", 1))
+    sp, merge, *k = CASES[case]
+    local = run_merge(cfg(zoo, f"{case}-local", sp, merge, "local", 1, *k))
     assert any(t.split for t in local.plan.tensors)
     for workers in (1, 2):
-        r = run_merge(cfg(zoo, f"{case}-ray{workers}", sp, merge, "ray", workers))
+        r = run_merge(cfg(zoo, f"{case}-ray{workers}", sp, merge, "ray", workers, *k))
         assert model_files(r.output) == model_files(local.output), (
             f"ray x{workers} differs from local"
         )

@@ -1,6 +1,7 @@
-"""mergekit's nearswap, ram, ramplus_tl and sce: whole and split give the same
-bytes and match the references (tests/reference.py); sce's variance cut is exact
-(ties at the cut included) and ramplus_tl's counts span the whole tensor."""
+"""mergekit's nearswap, ram, ramplus_tl, sce and arcee_fusion: whole and split
+give the same bytes and match the references (tests/reference.py); sce's variance
+cut is exact (ties at the cut included), ramplus_tl's counts span the whole
+tensor and arcee_fusion's threshold comes from exact quantiles of a signed score."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tadmerge.config import parse_config
 from tadmerge.engine import tensor_stats
 from tadmerge.engine.spec import MergeSpec, SparsifySpec
 from tadmerge.errors import ConfigError
+from tadmerge.methods import arcee_fusion
 from tadmerge.run.driver import run_merge
 
 
@@ -53,6 +55,8 @@ def reference(method: str, params: dict, base: torch.Tensor, thetas: list[torch.
         return R.ram(base, ts, eps, lam)
     if method == "sce":
         return R.sce(base, ts, params.get("select_topk", 1.0))
+    if method == "arcee_fusion":
+        return R.arcee_fusion(base, thetas[0])
     raise ValueError(method)
 
 
@@ -62,6 +66,7 @@ CASES = {
     "ramplus_tl": ({"method": "ramplus_tl", "r": 0.5, "alpha": 0.9, "epsilon": 0.01}, 3),
     "sce": ({"method": "sce", "select_topk": 0.3}, 3),
     "sce-all": ({"method": "sce"}, 3),
+    "arcee_fusion": ({"method": "arcee_fusion"}, 1),
 }
 
 
@@ -77,6 +82,9 @@ def test_whole_and_split_same_bytes_and_match_reference(zoo, case):
         kinds = split.report["reads"]["round_kinds"]
         assert "tensor-sums" in kinds
         assert ("tensor-coarse" in kinds) == ("select_topk" in merge)
+    if merge["method"] == "arcee_fusion":  # quantiles only: no cut, no ties, no sums
+        assert {"tensor-coarse", "tensor-fine"} <= set(split.report["reads"]["round_kinds"])
+        assert "tensor-sums" not in split.report["reads"]["round_kinds"]
     got = load_file(os.path.join(whole.output, "model.safetensors"))
     params = {k: v for k, v in merge.items() if k != "method"}
     for name, b in base.items():
@@ -118,7 +126,7 @@ def test_sce_kept_set_equals_the_reference_mask():
     ts = [torch.randint(-3, 4, (4000,), generator=g).float() * 0.25 for _ in range(3)]
     spec = MergeSpec(SparsifySpec(), "sce", weights=(1.0,) * 3, params=(("select_topk", 0.37),))
     mine = [t.clone() for t in ts]
-    tensor_stats.local(torch.zeros(4000), mine, spec)  # applies the cut in place
+    tensor_stats.local(torch.zeros(4000), mine, spec, backend="torch")  # applies the cut in place
     mask = R.sce_mask(ts, 0.37)
     var = R.sce_variance(ts)
     assert int(mask.sum()) == int(0.37 * int(torch.count_nonzero(var)))
@@ -138,3 +146,61 @@ def test_nearswap_takes_one_model(zoo):
     root, (bp, mps, _, _) = zoo
     with pytest.raises(ConfigError, match="nearswap merges exactly 1 model"):
         config(root, bp, mps[:2], {"method": "nearswap"}, "x", False)
+
+
+def _arcee_checkpoints(root) -> tuple[str, list[str], dict, dict]:
+    """Rows mostly moved by a constant (softmax-invariant: KL is rounding noise, a
+    third of it negative, so Q1 < 0) and a 1-D tensor larger than a unit."""
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(64, 32, generator=g)
+    shift = torch.rand(64, 1, generator=g) < 0.85
+    m = torch.where(
+        shift, b + torch.randn(64, 1, generator=g), b + 0.05 * torch.randn(64, 32, generator=g)
+    )
+    v = torch.randn(600, generator=g)
+    base = {"w": b, "v": v}
+    model = {"w": m, "v": v + 0.1 * torch.randn(600, generator=g)}
+    bp = write_checkpoint(str(root / "abase"), base)
+    return bp, [write_checkpoint(str(root / "am"), model)], base, model
+
+
+def test_arcee_fusion_exact_with_negative_importance_whole_and_split(tmp_path):
+    bp, mps, base, model = _arcee_checkpoints(tmp_path)
+    imp = R.arcee_importance(base["w"], model["w"]).reshape(-1)
+    s = torch.sort(imp).values
+    assert s[(s.numel() - 1) // 4] < 0  # a clamped (unsigned) score would move Q1
+    merge = {"method": "arcee_fusion"}
+    whole = run_merge(config(tmp_path, bp, mps, merge, "w", False))
+    split = run_merge(config(tmp_path, bp, mps, merge, "s", True))
+    units = {t.name: len(t.units) for t in split.plan.tensors}
+    assert units["w"] > 1 and units["v"] == 1  # a 1-D tensor is one row: never split
+    assert model_files(whole.output) == model_files(split.output)
+    got = load_file(os.path.join(whole.output, "model.safetensors"))
+    for name in ("w", "v"):
+        mask = R.arcee_mask(base[name], model[name])
+        assert 0 < int(mask.sum()) < mask.numel()
+        assert torch.equal(got[name], R.arcee_fusion(base[name], model[name])), name
+        assert torch.equal(got[name] != base[name], mask), name  # the selected set
+
+
+def test_arcee_fusion_threshold_from_the_signed_quantiles():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(50, 20, generator=g)
+    model = base + torch.where(torch.rand(50, 1, generator=g) < 0.9, 0.5, 0.0) * 1.0
+    model = model + 0.01 * torch.randn(50, 20, generator=g) * (torch.rand(50, 1, generator=g) < 0.1)
+    spec = MergeSpec(SparsifySpec(), "arcee_fusion", weights=(1.0,))
+    score = arcee_fusion.importance(base, [model - base], spec, (50, 20))
+    assert torch.equal(score.view(50, 20), R.arcee_importance(base, model))
+    got = tensor_stats.values_of(score, arcee_fusion.METHOD.tensor_stats, spec, "torch")[
+        "threshold"
+    ]
+    s = torch.sort(score).values
+    n = s.numel()
+    expected = s[(n - 1) // 2] + R.f32(1.5) * (s[3 * (n - 1) // 4] - s[(n - 1) // 4])
+    assert got == float(expected)
+
+
+def test_arcee_fusion_takes_one_model(zoo):
+    root, (bp, mps, _, _) = zoo
+    with pytest.raises(ConfigError, match="arcee_fusion merges exactly 1 model"):
+        config(root, bp, mps[:2], {"method": "arcee_fusion"}, "x", False)

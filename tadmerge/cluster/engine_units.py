@@ -101,10 +101,9 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispat
         from ..engine import tensor_stats
 
         spec = merge_spec(plan)
-        ts = tensor_stats.sparsified(
-            base, models, spec, block_context(plan, unit, request.resolved)
-        )
-        return tensor_stats.answer(base, ts, spec, request)
+        ctx = block_context(plan, unit, request.resolved, backend)
+        ts = tensor_stats.sparsified(base, models, spec, ctx)
+        return tensor_stats.answer(base, ts, spec, request, ctx.shape, backend=backend)
     if isinstance(request, CoarseRequest):
         # per task (coarse histogram, KeysAside or None): the keys set aside only
         # when asked (tensor-scope groups, whose fine round they save)

@@ -5,10 +5,11 @@ tensors split over several units. They run after the sparsifier's rounds
 its t_k as the merge will.
 
 Per batch of split tensors: a coarse round of the derived score's histograms,
-fine rounds until every cut is resolved (engine/tensor_stats.resolve_cut), a
-tie-count round only where a cut falls inside a run of equal scores spread over
-several units (each unit's share of the quota, in unit order), then one round
-of exact integer sums after the cut. Everything reduced adds exactly, so the
+fine rounds until every cut (engine/tensor_stats.resolve_cut) or value (the
+declaration's `value`: arcee_fusion's threshold) is resolved, a tie-count round
+only where a cut falls inside a run of equal scores spread over several units
+(each unit's share of the quota, in unit order), then, where the method has
+sums, one round of exact integer sums after the cut. Everything reduced adds exactly, so the
 result is the same for any split and worker count. The result, per unit:
 resolved[unit]["tensor_stats"] = {"cut": the unit's cut or None, "values": ...}.
 """
@@ -18,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Generator
 
 from ..engine.exact import CoarseStats
-from ..engine.histogram import Cut, RankIndex
+from ..engine.histogram import RankIndex
+from ..engine.signed import SignedRankIndex
 from ..engine.spec import TensorStatsRequest
 from ..planners.inventory import MERGE
 from ..planners.plan import Plan
@@ -53,28 +55,40 @@ def run_tensor_stats(plan: Plan, map_units: MapFn, resolved: dict) -> None:
         batch = split[i : i + per_batch]
         owner = {u: t.index for t in batch for u in t.units}
         cuts: dict[int, list[int] | None] = {u: None for u in owner}
-        if TS.uses_score(decl, spec):
+        valued: dict[int, dict] = {t.index: {} for t in batch}
+        if TS.uses_score(decl, spec) and decl.value is not None:
+            _, got = _resolve(
+                batch, owner, lambda ix: decl.value(ix, spec), map_units, request, decl.signed
+            )
+            valued.update(got)
+        elif TS.uses_score(decl, spec):
             cuts.update(_resolve_cuts(batch, owner, decl, spec, map_units, request))
-        totals: dict[int, list[int]] = {}
+        if decl.sums is not None:
+            totals: dict[int, list[int]] = {}
 
-        def add_sums(u: int, value, totals=totals, owner=owner) -> None:
-            t = owner[u]
-            if t in totals:
-                value = [a + b for a, b in zip(totals[t], value, strict=True)]
-            totals[t] = value
+            def add_sums(u: int, value, totals=totals, owner=owner) -> None:
+                t = owner[u]
+                if t in totals:
+                    value = [a + b for a, b in zip(totals[t], value, strict=True)]
+                totals[t] = value
 
-        items = [request(u, "sums", cut=None if cuts[u] is None else tuple(cuts[u])) for u in owner]
-        map_units("tensor-sums", items, add_sums)
+            items = [
+                request(u, "sums", cut=None if cuts[u] is None else tuple(cuts[u])) for u in owner
+            ]
+            map_units("tensor-sums", items, add_sums)
+            for t in batch:
+                valued[t.index].update(decl.finish(totals[t.index], t.numel, spec))
         for t in batch:
-            values = decl.finish(totals[t.index], t.numel, spec)
             for u in t.units:
-                resolved.setdefault(u, {})["tensor_stats"] = {"cut": cuts[u], "values": values}
+                resolved.setdefault(u, {})["tensor_stats"] = {
+                    "cut": cuts[u],
+                    "values": valued[t.index],
+                }
 
 
-def _resolve_cuts(batch, owner, decl, spec, map_units: MapFn, request) -> dict:
-    """Each unit's cut of its tensor's score order: [lo_key, lo_quota, hi_key, hi_quota]."""
-    from ..engine.tensor_stats import resolve_cut
-
+def _resolve(batch, owner, make_gen, map_units: MapFn, request, signed: bool = False):
+    """The coarse round of each tensor's score, then fine rounds until every
+    generator `make_gen(index)` has returned: (index, result) by tensor."""
     coarse: dict[int, CoarseStats] = {}
 
     def add_coarse(u: int, value) -> None:
@@ -82,10 +96,11 @@ def _resolve_cuts(batch, owner, decl, spec, map_units: MapFn, request) -> dict:
         coarse[t] = value if t not in coarse else coarse[t] + value
 
     map_units("tensor-coarse", [request(u, "coarse") for u in owner], add_coarse)
-    index = {t.index: RankIndex(coarse.pop(t.index)) for t in batch}
-    gens: dict[int, Generator] = {t.index: resolve_cut(index[t.index], decl, spec) for t in batch}
+    kind = SignedRankIndex if signed else RankIndex
+    index = {t.index: kind(coarse.pop(t.index)) for t in batch}
+    gens: dict[int, Generator] = {t.index: make_gen(index[t.index]) for t in batch}
     pending: dict[int, set[int]] = {}
-    result: dict[int, tuple[Cut, Cut]] = {}
+    result: dict[int, object] = {}
 
     def advance(t: int, first: bool = False) -> None:
         try:
@@ -109,7 +124,16 @@ def _resolve_cuts(batch, owner, decl, spec, map_units: MapFn, request) -> dict:
         map_units("tensor-fine", items, add_fine)
         for t in asked:
             advance(t)
+    return index, result
 
+
+def _resolve_cuts(batch, owner, decl, spec, map_units: MapFn, request) -> dict:
+    """Each unit's cut of its tensor's score order: [lo_key, lo_quota, hi_key, hi_quota]."""
+    from ..engine.tensor_stats import resolve_cut
+
+    index, result = _resolve(
+        batch, owner, lambda ix: resolve_cut(ix, decl, spec), map_units, request, decl.signed
+    )
     # a cut inside a run of equal scores spread over units: each unit's count of the key
     partial = {
         t: [c for c in result[t] if not c.everything and 0 < c.quota < index[t].count_at(c.key)]

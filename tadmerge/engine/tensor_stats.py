@@ -8,9 +8,13 @@ Exact for any split, like the sparsifiers' selections:
   float32 keys (histogram.py), over the score instead of |τ|: ascending score,
   ties by flat index, one cut for every task; a block's share of the ties at a
   cut key follows the blocks' order, and within a block the flat order;
+- a signed score (arcee_fusion's importance) has 32-bit order keys and their
+  histograms (signed.py); its `value` generator reads exact order statistics
+  (quantiles) instead of cutting;
 - the sums are Python integers (counts, exact scaled moments) that add.
 The resolved context of a tensor is plain data: {"cut": [lo_key, lo_quota,
-hi_key, hi_quota] or None (the block's quotas), "values": finish(...)}.
+hi_key, hi_quota] or None (the block's quotas), "values": finish(...) and
+value(...)}.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .exact import coarse_stats
 from .histogram import Cut, RankIndex, fine_histograms
 from .keys import KeyChunks, magnitude_keys
 from .selection import run_locally
+from .signed import SignedRankIndex, signed_coarse, signed_fine
 from .sparsify import below_bits, ties_below
 from .spec import BlockContext, MergeSpec, TensorStatsRequest
 
@@ -43,6 +48,34 @@ def resolve_cut(index: RankIndex, decl, spec: MergeSpec) -> Generator[set[int], 
     if need:
         yield need
     return index.cut(lo), index.cut(hi)
+
+
+def score_index(decl, score: torch.Tensor, backend: str) -> RankIndex:
+    """The rank index of a score's coarse histogram (signed or magnitude keys)."""
+    if decl.signed:
+        return SignedRankIndex(signed_coarse(score))
+    return RankIndex(coarse_stats(KeyChunks(score), moments=0, backend=backend))
+
+
+def score_fine(decl, score: torch.Tensor, buckets: list[int], backend: str) -> dict:
+    """The fine histograms of a score's coarse buckets (signed or magnitude keys)."""
+    if decl.signed:
+        return signed_fine(score, buckets)
+    return fine_histograms(KeyChunks(score), buckets, backend)
+
+
+def values_of(score: torch.Tensor, decl, spec: MergeSpec, backend: str) -> dict:
+    """`value`'s plain values of a score that is the whole tensor's."""
+    index = score_index(decl, score, backend)
+    gen = decl.value(index, spec)
+    try:
+        need = next(gen)
+        while True:
+            for b, h in score_fine(decl, score, sorted(need), backend).items():
+                index.add_fine(b, h)
+            need = gen.send(None)
+    except StopIteration as stop:
+        return stop.value
 
 
 def zero_count(index: RankIndex) -> Generator[set[int], None, int]:
@@ -82,39 +115,61 @@ def masked(ts: list[torch.Tensor], keep: torch.Tensor | None) -> list[torch.Tens
     return ts
 
 
-def local(base: torch.Tensor, ts: list[torch.Tensor], spec: MergeSpec) -> dict:
-    """The context of a block that is the whole tensor, from the block itself.
-    Applies the cut to `ts` (in place)."""
+def local(
+    base: torch.Tensor,
+    ts: list[torch.Tensor],
+    spec: MergeSpec,
+    shape: tuple[int, ...] | None = None,
+    *,
+    backend: str,
+) -> dict:
+    """The context of a block that is the whole tensor (of `shape`; None: flat),
+    from the block itself. Applies the cut to `ts` (in place)."""
     decl = declaration(spec)
     cut = None
+    shape = (base.numel(),) if shape is None else shape
+    if uses_score(decl, spec) and decl.value is not None:
+        values = values_of(decl.score(base, ts, spec, shape), decl, spec, backend)
+        if decl.sums is not None:
+            values.update(decl.finish(decl.sums(base, ts, spec, backend), base.numel(), spec))
+        return {"cut": None, "values": values}
     if uses_score(decl, spec):
-        score = decl.score(ts, spec)
+        score = decl.score(base, ts, spec, shape)
         keys = KeyChunks(score)
-        index = RankIndex(coarse_stats(keys, moments=0))
-        lo, hi = run_locally(resolve_cut(index, decl, spec), keys, index)
+        index = RankIndex(coarse_stats(keys, moments=0, backend=backend))
+        lo, hi = run_locally(resolve_cut(index, decl, spec), keys, index, backend)
         cut = [lo.key, lo.quota, hi.key, hi.quota]
         masked(ts, Cutter(cut).keep(score))
         del score, keys
     values = None
     if decl.sums is not None:
-        values = decl.finish(decl.sums(base, ts, spec), base.numel(), spec)
+        values = decl.finish(decl.sums(base, ts, spec, backend), base.numel(), spec)
     return {"cut": None, "values": values}  # (the cut is applied already)
 
 
 def answer(
-    base: torch.Tensor, ts: list[torch.Tensor], spec: MergeSpec, request: TensorStatsRequest
+    base: torch.Tensor,
+    ts: list[torch.Tensor],
+    spec: MergeSpec,
+    request: TensorStatsRequest,
+    shape: tuple[int, ...] | None = None,
+    *,
+    backend: str,
 ):
-    """One unit's share of a round: `ts` are its sparsified task vectors."""
+    """One unit's share of a round: `ts` are its sparsified task vectors (whole
+    rows of a tensor of `shape`; None: flat)."""
     decl = declaration(spec)
+    shape = (base.numel(),) if shape is None else shape
     if request.kind == "sums":
-        if uses_score(decl, spec):
-            masked(ts, Cutter(request.cut).keep(decl.score(ts, spec)))
-        return decl.sums(base, ts, spec)
-    keys = KeyChunks(decl.score(ts, spec))
+        if uses_score(decl, spec) and decl.value is None:
+            masked(ts, Cutter(request.cut).keep(decl.score(base, ts, spec, shape)))
+        return decl.sums(base, ts, spec, backend)
+    score = decl.score(base, ts, spec, shape)
     if request.kind == "coarse":
-        return coarse_stats(keys, moments=0)
+        return score_index(decl, score, backend).stats
     if request.kind == "fine":
-        return fine_histograms(keys, list(request.buckets))
+        return score_fine(decl, score, list(request.buckets), backend)
+    keys = KeyChunks(score)
     if request.kind == "ties":
         return {key: sum(int(torch.count_nonzero(c == key)) for c in keys) for key in request.keys}
     raise ValueError(f"unknown tensor statistics request {request.kind!r}")

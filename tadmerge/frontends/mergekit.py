@@ -24,6 +24,8 @@ arithmetic methods are a sparsifier × a combiner here —
     ramplus_tl        none                          ramplus_tl (r, alpha, epsilon)
     sce               none                          sce (select_topk; int8_mask, a
                                                     memory option, has no effect)
+    arcee_fusion      none                          arcee_fusion (no parameters; one
+                                                    model)
     slerp, nuslerp, multislerp, karcher, model_stock
                       none                          the combiner of that name
 
@@ -89,6 +91,7 @@ OWN: dict[str, dict[str, tuple[str, Any]]] = {
     "ram": {"epsilon": ("number", 1e-5)},
     "ramplus_tl": {"r": ("number", 0.1), "alpha": ("number", 0.2), "epsilon": ("number", 1e-5)},
     "sce": {"select_topk": ("number", 1.0), "int8_mask": ("bool", False)},
+    "arcee_fusion": {},
 }
 
 
@@ -114,10 +117,7 @@ SUMS = {
     "model_stock": _Sums({"filter_wise": ("bool", False)}, False, True),
 }
 SUPPORTED = ("linear", *GTA, *OWN, *SUMS)
-NOT_YET = (
-    "arcee_fusion",
-    "passthrough",
-)
+NOT_YET = ("passthrough",)
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "tadmerge"}  # fmt: skip

@@ -13,7 +13,7 @@ from .registry import Combiner, Param, TensorStats
 SUMS_CHUNK = 1 << 18  # entries counted at a time (bool masks stay chunk-sized)
 
 
-def sums(base, ts, spec) -> list[int]:
+def sums(base, ts, spec, backend: str) -> list[int]:
     """[shared_1..K, unique_1..K] of the block (ram.moved_counts), chunk by chunk."""
     n = ts[0].numel()
     total = [0] * (2 * len(ts))
@@ -44,7 +44,7 @@ def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
 
     for a, b in chunks:
         sparsify(a, b)
-    st = ctx.tensor_stats or TS.local(base, taus, spec)
+    st = ctx.tensor_stats or TS.local(base, taus, spec, backend=ctx.backend)
     lam = st["values"]["lambdas"]
     eps = spec.param("epsilon")
     for a, b in chunks:

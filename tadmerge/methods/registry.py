@@ -190,19 +190,27 @@ class TensorStats:
     Two mechanisms, run as map/reduce rounds over the units of a split tensor
     (cluster/tensor_stats.py) or from the block itself when it is the whole
     tensor:
-    - a derived per-element `score(ts, spec)` (float32, >= 0, computed from the
-      K sparsified task vectors in a fixed order) whose keys feed the same exact
+    - a derived per-element `score(base, ts, spec, shape)` (float32, >= 0,
+      computed from the base and the K sparsified task vectors of whole rows of
+      a tensor of `shape`, in a fixed order) whose keys feed the same exact
       histogram rounds as |τ| does; `keep(index, spec)`, a generator like a
       sparsifier's drop_rate, yields the coarse buckets it needs and returns the
       kept rank range [lo, hi) of the ascending score order (ties by flat index):
       one cut shared by every task. `uses_score(spec)`: whether it is needed.
-    - exact per-task `sums(base, ts, spec)` of the task vectors after the cut: a
+      Or, instead of `keep`, `value(index, spec)`: the same kind of generator,
+      returning plain values (JSON, e.g. a threshold from exact quantiles) that
+      join the values every block is given; no cut is applied then.
+      `signed`: the score may be negative; its keys are then the 32-bit order
+      keys of engine/signed.py (counts only, no moments).
+    - exact per-task `sums(base, ts, spec, backend)` of the task vectors after the cut: a
       list of Python integers (counts, exact scaled moments) that add over blocks;
       `finish(totals, n, spec)` makes the plain values (JSON) every block is given.
     """
 
     score: Callable[..., Any] | None = None
     keep: Callable[..., Any] | None = None
+    value: Callable[..., Any] | None = None
+    signed: bool = False
     uses_score: Callable[[Any], bool] = field(default=lambda spec: True)
     sums: Callable[..., Any] | None = None
     finish: Callable[..., Any] | None = None
@@ -235,6 +243,9 @@ class Combiner(Method):
     sums: Callable[..., Any] | None = None
     # how many models it merges (besides the base): (least, most or None)
     models: tuple[int, int | None] = (1, None)
+    # it works on whole rows of the last dimension, and a 1-D tensor is one row:
+    # the planner never splits a 1-D tensor (as for DELLA's ranks)
+    whole_rows: bool = False
 
 
 @cache

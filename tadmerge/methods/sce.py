@@ -56,12 +56,12 @@ def keep(index, spec):
     return index.n - kept, index.n
 
 
-def sums(base, ts, spec) -> list[int]:
+def sums(base, ts, spec, backend: str) -> list[int]:
     """Per task, Σ t_k² over the block as an exact integer (scaled by 2**298)."""
     from ..engine.exact import coarse_stats
     from ..engine.keys import KeyChunks
 
-    return [coarse_stats(KeyChunks(t), moments=2).total(2) for t in ts]
+    return [coarse_stats(KeyChunks(t), moments=2, backend=backend).total(2) for t in ts]
 
 
 def weights(sq_sums: list[float], n: int) -> list[float]:
@@ -109,7 +109,9 @@ def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
 
     for a, b in chunks:
         sparsify(a, b)
-    st = ctx.tensor_stats or TS.local(base, taus, spec)  # (local: the cut is applied)
+    st = ctx.tensor_stats or TS.local(
+        base, taus, spec, ctx.shape, backend=ctx.backend
+    )  # (local: the cut is applied)
     cutter = TS.Cutter(st["cut"])
     w = st["values"]["weights"]
     for a, b in chunks:
@@ -137,7 +139,7 @@ METHOD = Combiner(
     extra_bytes=lambda k: 6,
     merge_block=merge_block,
     tensor_stats=TensorStats(
-        score=variance,
+        score=lambda base, ts, spec, shape: variance(ts),
         keep=keep,
         uses_score=lambda spec: spec.param("select_topk") < 1.0,
         sums=sums,

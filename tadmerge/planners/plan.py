@@ -320,8 +320,9 @@ def make_plan(
             k, itemsize, cfg.merge.method, cfg.sparsify.method
         )
         whole_rows = tp.rows
-        if kind != MERGE or (cfg.sparsify.method == "della" and len(tp.shape) <= 1):
-            step = whole_rows  # DELLA ranks a 1-D tensor as one row: never split it
+        one_row = cfg.sparsify.method == "della" or methods.combiner(cfg.merge.method).whole_rows
+        if kind != MERGE or (one_row and len(tp.shape) <= 1):
+            step = whole_rows  # DELLA, arcee_fusion: a 1-D tensor is one row, never split
         else:
             step = max(1, unit_budget // max(1, per_row))
             if cfg.runtime.max_unit_elements is not None:
