@@ -18,6 +18,7 @@ from ..io.checkpoint import HEAD_NAME, Checkpoint, open_checkpoint, with_tied_he
 log = logging.getLogger("tadmerge")
 
 MERGE, COPY, EXCLUDE = "merge", "copy", "exclude"
+PASS = "pass"  # one source tensor's bytes (passthrough: planners/slices.py)
 
 
 def open_inputs(cfg: MergeConfig) -> list[Checkpoint]:

@@ -28,7 +28,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.identity import FileIdentity
 from ..io.publish import check_output_outside_inputs
 from ..io.safetensors_format import TensorEntry
-from .inventory import EXCLUDE, MERGE, classify, open_inputs
+from .inventory import EXCLUDE, MERGE, PASS, classify, open_inputs
 
 CANONICAL_ELEMS = 1 << 20  # elements per canonical row block (RNG streams, mask chunks)
 FIXED_OVERHEAD = 48 * 2**20  # chunk temporaries (engine CHUNK_ELEMENTS), histograms, slack
@@ -91,6 +91,8 @@ class Plan:
     fingerprint: str = ""
     # input file -> the version planned with (the one every TensorEntry carries)
     identities: dict[str, FileIdentity] = field(default_factory=dict)
+    # layer stacking (planners/slices.py): per output layer, (input index, source layer)
+    layer_map: tuple[tuple[int, int], ...] | None = None
 
     @property
     def is_emr(self) -> bool:
@@ -208,10 +210,23 @@ def make_plan(
     `device`: where units will run, as the driver's dispatch decided (default:
     runtime.device). On a GPU, units also fit `runtime.gpu_memory_budget` (or
     the memory budget, applied to the GPU's memory)."""
-    inputs = inputs if inputs is not None else open_inputs(cfg)
-    roots = [c.root for c in inputs]
-    check_output_outside_inputs(cfg.output.path, roots)
-    kinds = classify(cfg, inputs)
+    layer_map = None
+    if cfg.slices:  # layer stacking: each output tensor's sources (planners/slices.py)
+        from . import slices
+
+        if inputs is None:
+            stack = cfg.merge.method == "passthrough"
+            inputs = slices.open_slice_inputs(cfg) if stack else open_inputs(cfg)
+        check_output_outside_inputs(cfg.output.path, [c.root for c in inputs])
+        lay = slices.layout(cfg, inputs)
+        sources, layer_map = lay.tensors, lay.layer_map
+    else:
+        inputs = inputs if inputs is not None else open_inputs(cfg)
+        check_output_outside_inputs(cfg.output.path, [c.root for c in inputs])
+        sources = {
+            n: (kind, reason, tuple(c.tensors[n] for c in inputs))
+            for n, (kind, reason) in classify(cfg, inputs).items()
+        }
     k = len(cfg.models)
     per_worker = check_worker_budget(cfg.runtime)
     unit_budget = per_worker - FIXED_OVERHEAD
@@ -228,9 +243,9 @@ def make_plan(
 
     tensors: list[TensorPlan] = []
     units: list[Unit] = []
-    for i, name in enumerate(sorted(kinds)):
-        kind, reason = kinds[name]
-        entry = inputs[0].tensors[name]
+    for i, name in enumerate(sorted(sources)):
+        kind, reason, srcs = sources[name]
+        entry = srcs[0]
         tp = TensorPlan(
             index=i,
             name=name,
@@ -238,7 +253,7 @@ def make_plan(
             dtype=entry.dtype,
             kind=kind,
             reason=reason,
-            sources=tuple(c.tensors[name] for c in inputs),
+            sources=srcs,
             out_dtype=out_dtype_for(cfg, kind, entry.dtype),
             # a tensor smaller than one canonical block is one block of its own rows
             # (same random-stream prefix; no padding in the EMR mask chunks)
@@ -251,7 +266,11 @@ def make_plan(
             k, itemsize, cfg.merge.method, cfg.sparsify.method
         )
         whole_rows = tp.rows
-        if kind != MERGE or (cfg.sparsify.method == "della" and len(tp.shape) <= 1):
+        if kind == PASS:  # a copy of one source: row blocks within the budget
+            step = max(1, unit_budget // max(1, 2 * tp.row_numel * itemsize))
+            if cfg.runtime.max_unit_elements is not None:
+                step = min(step, max(1, cfg.runtime.max_unit_elements // tp.row_numel))
+        elif kind != MERGE or (cfg.sparsify.method == "della" and len(tp.shape) <= 1):
             step = whole_rows  # DELLA ranks a 1-D tensor as one row: never split it
         else:
             step = max(1, unit_budget // max(1, per_row))
@@ -285,6 +304,7 @@ def make_plan(
                 ]
                 task_shards[m.name] = layout_shards(excluded, cfg.output.shard_size, meta)
     plan = Plan(cfg, inputs, tensors, units, shards, task_shards, unit_budget)
+    plan.layer_map = layer_map
     plan.identities = {
         e.file: e.identity for ck in inputs for e in ck.tensors.values() if e.identity is not None
     }
