@@ -460,7 +460,9 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
     # from the first slice's model
     base = None if _passthrough_without_base(raw) else section(_parse_base, raw, base_dir)
     models = section(_parse_models, raw.get("models"), base_dir, default=())
+    before = len(errors)
     sparsify = section(_parse_sparsify, _section(raw, "sparsify", {}), default=SparsifySpec())
+    sparsify_ok = len(errors) == before  # (per-model values are checked against it)
     merge = section(_parse_merge, _section(raw, "merge", {}), models, default=MergeMethod())
     exclude = section(_parse_exclude, _section(raw, "exclude", []), default=())
     output = section(_parse_output, _section(raw, "output", {}), base_dir, default=OutputSpec())
@@ -468,9 +470,10 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
     inputs = section(_parse_inputs, _section(raw, "inputs", {}), default=InputPolicy())
     emr = section(_parse_emr, _section(raw, "emr", {}), default=EmrSpec())
     seed = section(_parse_seed, raw.get("seed", 0), default=0)
-    sparsify = section(
-        parse_task_sparsify, raw.get("models"), sparsify, _SPARSIFY_PARAMS, default=sparsify
-    )
+    if sparsify_ok:
+        sparsify = section(
+            parse_task_sparsify, raw.get("models"), sparsify, _SPARSIFY_PARAMS, default=sparsify
+        )
     slices = section(_parse_slices, raw, models, merge, sparsify, exclude, output, default=())
     if base is None and slices:
         first = slices[0].sources[0].model
