@@ -477,7 +477,9 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
     slices = section(_parse_slices, raw, models, merge, sparsify, exclude, output, default=())
     if base is None and slices:
         first = slices[0].sources[0].model
-        base = next(m.path for m in models if m.name == first)
+        base = next((m.path for m in models if m.name == first), None)
+        if base is None or any(s.model == "base" for sl in slices for s in sl.sources):
+            errors.append("base: required where a slice takes 'base'")
     if errors:
         if len(errors) == 1:
             raise ConfigError(errors[0])

@@ -235,6 +235,7 @@ def test_ties_per_slice_merges_each_layer_from_its_sources(family):
         (lambda r: r.update(sparsify={"method": "magnitude"}), "sparsify.method"),
         (lambda r: r.update(exclude=["norm"]), "exclude"),
         (lambda r: r.update(merge={"method": "emr"}), "slices"),
+        (lambda r: (r.pop("base"), r["slices"][1]["sources"][0].update(model="base")), "base:"),
     ],
 )
 def test_bad_slices_name_the_key(change, key):
