@@ -145,6 +145,23 @@ class Job:
             ]
         self.cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
+    @classmethod
+    def for_yaml(cls, tool: str, method: str, cfg: dict, work: Path, args) -> Job:
+        """The same mergekit YAML for either tool (tadmerge reads it through its
+        front end): `tool` is "tadmerge" or "mergekit" (compare_methods.py)."""
+        job = cls.__new__(cls)
+        job.tool, job.method = tool, method
+        job.out = work / f"out-{tool}-{method}"
+        job.cfg_path = work / f"{tool}-{method}.yaml"
+        if tool == "tadmerge":
+            job.cmd = [*tadmerge_exe(), "merge", str(job.cfg_path), "--out", str(job.out)]
+            job.cmd += ["--overwrite", *args.tadmerge_arg]
+        else:
+            job.cmd = [str(mergekit_exe(args.envs)), str(job.cfg_path), str(job.out)]
+            job.cmd += [*MERGEKIT_FLAGS, "--random-seed", str(args.seed), *args.mergekit_arg]
+        job.cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return job
+
     def run(self, dirs, log_dir: Path, tag: str, cold: bool = False) -> dict:
         clear_output(self.out)
         version = code_version()

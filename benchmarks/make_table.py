@@ -286,9 +286,58 @@ def scaling_tables(runs: list[dict]) -> str:
     return "\n".join(parts) if parts else "_no results yet_\n"
 
 
+METHODS_COMMAND = (
+    "nice -n 10 python benchmarks/compare_methods.py "
+    "--data /work/bench-data/llama-271M-k3-bf16 --reps 3"
+)
+
+
+def _agreement(row: dict) -> str:
+    """How the two outputs compare: equal, the share of entries that differ, or random."""
+    ag = row.get("agreement")
+    if row.get("random"):
+        return "random draws (never bit-equal)"
+    if not ag or "error" in ag or not ag.get("same_names", True):
+        return "-" if not ag else "not compared"
+    if ag.get("n_differ") == 0:
+        return "bit-equal"
+    return f"{100 * ag['frac_differ']:.2f}% of entries differ (max {ag['max_abs']:.2g})"
+
+
+def methods_tables(runs: list[dict]) -> str:
+    """compare_methods.py: every mergekit method, the two tools side by side."""
+    if not runs:
+        return f"_no results yet: `{METHODS_COMMAND}`, then `python benchmarks/make_table.py`_\n"
+    parts = []
+    for d in runs:
+        ds, st = d["dataset"], d["settings"]
+        parts.append(
+            f"**{ds['params_human']} parameters, K = {ds['tasks']} fine-tunes, {ds['dtype']}, "
+            f"warm** (`{d['_file']}`, {st['reps']} repetition(s), medians, the tools "
+            f"alternating; {d['created']}, git {d.get('git_rev')}; {_machine(d)})\n"
+        )
+        parts.append(
+            "| mergekit method | tadmerge | wall: tadmerge | wall: mergekit | speedup | "
+            "peak RSS: tadmerge | peak RSS: mergekit | outputs |"
+        )
+        parts.append("|---|---|--:|--:|--:|--:|--:|---|")
+        for method, row in d["methods"].items():
+            td = row["tools"].get("tadmerge", {}).get("median", {})
+            mk = row["tools"].get("mergekit", {}).get("median", {})
+            parts.append(
+                f"| `{method}` | {'yes' if row['supported'] else 'not supported yet'} | "
+                f"{sec(td.get('wall_s'))} | {sec(mk.get('wall_s'))} | "
+                f"{ratio(row.get('speedup'))} | {gb(td.get('peak_rss_bytes'))} | "
+                f"{gb(mk.get('peak_rss_bytes'))} | {_agreement(row)} |"
+            )
+        parts.append("")
+    return "\n".join(parts)
+
+
 def render(results: Path) -> dict[str, str]:
     cmp_runs = load(results, "compare_mergekit_")
     return {
+        "methods": methods_tables(load(results, "methods_vs_mergekit")),
         "compare": compare_tables(cmp_runs),
         "agreement": agreement_tables(cmp_runs),
         "targets": targets_table(cmp_runs),

@@ -21,6 +21,7 @@ from . import methods
 from .engine.spec import SparsifySpec
 from .errors import ConfigError
 from .schema import MAX_INT, check_bool, check_choice, check_int, check_number, show
+from .slices import PASSTHROUGH, Slice, parse_slices, parse_task_sparsify, slices_to_list
 
 log = logging.getLogger("tadmerge")
 OUTPUT_DTYPES = {"auto", "float32", "bfloat16", "float16", "float64"}
@@ -200,6 +201,8 @@ class MergeConfig:
     emr: EmrSpec = field(default_factory=EmrSpec)
     seed: int = 0
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    # layer stacking (tadmerge/slices.py): the output's layers, slice by slice; () for none
+    slices: tuple[Slice, ...] = ()
 
     @property
     def task_names(self) -> list[str]:
@@ -210,6 +213,15 @@ class MergeConfig:
         d["models"] = [asdict(m) for m in self.models]
         d["merge"] = self.merge.to_dict()
         d["exclude"] = list(self.exclude)
+        # (left out when unused: a config without them writes the same merge_config.yaml)
+        tasks = d["sparsify"].pop("tasks")
+        for m, over in zip(d["models"], tasks or (), strict=False):
+            if over:
+                m["sparsify"] = dict(over)
+        if self.slices:
+            d["slices"] = slices_to_list(self.slices)
+        else:
+            del d["slices"]
         # (the nightly switches at their defaults are left out: a config that does not
         # use them writes the same merge_config.yaml as before they existed)
         if not d["output"]["keep"]:
@@ -233,7 +245,7 @@ class MergeConfig:
 # --------------------------------------------------------------------------------------
 
 _TOP_KEYS = {"base", "models", "sparsify", "merge", "exclude", "output", "runtime", "seed",
-             "inputs", "emr", "tokenizer"}  # fmt: skip
+             "inputs", "emr", "tokenizer", "slices"}  # fmt: skip
 _SPARSIFY_PARAMS = methods.all_params(methods.sparsifiers())
 _MERGE_PARAMS = methods.all_params(methods.combiners())
 
@@ -280,7 +292,8 @@ def _parse_models(raw: Any, base_dir: Path) -> tuple[ModelEntry, ...]:
     for i, m in enumerate(raw):
         if isinstance(m, str):
             m = {"path": m}
-        _check_keys(m, {"path", "name", "weight"}, f"models[{i}]")
+        # (sparsify: the model's own sparsifier values, parsed with the section)
+        _check_keys(m, {"path", "name", "weight", "sparsify"}, f"models[{i}]")
         raw_path = _string(m.get("path"), f"models[{i}].path", "a directory, a file or a repo id")
         path = _resolve_path(raw_path, base_dir, f"models[{i}].path")
         if m.get("name") is None:
@@ -508,9 +521,13 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
             return default
 
     section(_check_keys, raw, _TOP_KEYS, "config")
-    base = section(_parse_base, raw, base_dir)
+    # passthrough may leave out the base: config.json and the side files then come
+    # from the first slice's model
+    base = None if _passthrough_without_base(raw) else section(_parse_base, raw, base_dir)
     models = section(_parse_models, raw.get("models"), base_dir, default=())
+    before = len(errors)
     sparsify = section(_parse_sparsify, _section(raw, "sparsify", {}), default=SparsifySpec())
+    sparsify_ok = len(errors) == before  # (per-model values are checked against it)
     merge = section(_parse_merge, _section(raw, "merge", {}), models, default=MergeMethod())
     exclude = section(_parse_exclude, _section(raw, "exclude", []), default=())
     output = section(_parse_output, _section(raw, "output", {}), base_dir, default=OutputSpec())
@@ -518,6 +535,16 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
     inputs = section(_parse_inputs, _section(raw, "inputs", {}), default=InputPolicy())
     emr = section(_parse_emr, _section(raw, "emr", {}), default=EmrSpec())
     seed = section(_parse_seed, raw.get("seed", 0), default=0)
+    if sparsify_ok:
+        sparsify = section(
+            parse_task_sparsify, raw.get("models"), sparsify, _SPARSIFY_PARAMS, default=sparsify
+        )
+    slices = section(_parse_slices, raw, models, merge, sparsify, exclude, output, default=())
+    if base is None and slices:
+        first = slices[0].sources[0].model
+        base = next((m.path for m in models if m.name == first), None)
+        if base is None or any(s.model == "base" for sl in slices for s in sl.sources):
+            errors.append("base: required where a slice takes 'base'")
     tokenizer = section(
         _parse_tokenizer, _section(raw, "tokenizer", {}), models, default=TokenizerSpec()
     )
@@ -543,7 +570,37 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
         emr=emr,
         seed=seed,
         tokenizer=tokenizer,
+        slices=slices,
     )
+
+
+def _passthrough_without_base(raw: dict) -> bool:
+    merge = raw.get("merge")
+    return isinstance(merge, dict) and merge.get("method") == PASSTHROUGH and "base" not in raw
+
+
+def _parse_slices(
+    raw: dict,
+    models: tuple[ModelEntry, ...],
+    merge: MergeMethod,
+    sparsify: SparsifySpec,
+    exclude: tuple[str, ...],
+    output: OutputSpec,
+) -> tuple[Slice, ...]:
+    """`slices`, and what passthrough rules out (it copies: nothing to sparsify,
+    exclude or cast)."""
+    slices = parse_slices(raw.get("slices"), [m.name for m in models], merge.method)
+    if merge.method == PASSTHROUGH:
+        if sparsify.method != "none":
+            raise ConfigError("sparsify.method: passthrough copies its tensors; use none")
+        if exclude:
+            raise ConfigError("exclude: passthrough copies every tensor of its slices")
+        if output.dtype != "auto":
+            raise ConfigError(
+                f"output.dtype: passthrough copies the sources' bytes; {output.dtype} is "
+                "not supported (leave it auto)"
+            )
+    return slices
 
 
 # Hostile YAML. Aliases repeat a node without copying it, so a few hundred bytes of

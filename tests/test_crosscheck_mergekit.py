@@ -538,3 +538,136 @@ def test_arcee_fusion_matches_mergekit(f32_set):
         moved += int((a[name] != base[name]).sum())
     assert 0 < moved < n_total
     assert n_amb / n_total < 1e-3, f"{n_amb} of {n_total} entries ambiguous"
+
+
+# ------------------------------------------------------------------------------------
+# layer stacking (slices) and per-model densities: the same YAML in both tools
+# ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deep_set(tmp_path_factory):
+    """4 layers, bf16: a frankenmerge copies bytes, so they must be equal bit for bit."""
+    root = tmp_path_factory.mktemp("xmk-deep")
+    data = root / "tiny-bf16"
+    shape = shape_for(**{**SHAPE, "layers": 4})
+    generate(data, tasks=2, dtype="bf16", seed=5, shard_size=150_000, shape=shape, quiet=True)
+    return root, data
+
+
+def _both(root: Path, tag: str, raw: dict) -> tuple[Path, Path]:
+    cfg = root / f"{tag}.yml"
+    cfg.write_text(yaml.safe_dump(raw))
+    td_out, mk_out = root / f"td-{tag}", root / f"mk-{tag}"
+    _run(
+        [sys.executable, "-m", "tadmerge.cli", "-q", "merge", str(cfg), "--overwrite",
+         "--out", str(td_out)],
+        cwd=REPO,
+    )  # fmt: skip
+    _run([*MERGEKIT, str(cfg), str(mk_out), *MERGEKIT_FLAGS])
+    return td_out, mk_out
+
+
+def _layers(d: Path) -> int:
+    import json
+
+    return json.loads((d / "config.json").read_text())["num_hidden_layers"]
+
+
+def test_passthrough_frankenmerge_is_mergekits_byte_for_byte(deep_set):
+    root, data = deep_set
+    a, b = str(data / "ft_1"), str(data / "ft_2")
+    raw = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 3]}]},
+            {"sources": [{"model": b, "layer_range": [1, 4]}]},
+            {"sources": [{"model": a, "layer_range": [2, 3]}]},
+        ],
+        "dtype": "bfloat16",
+    }
+    td, mk = _both(root, "franken", raw)
+    x, y = _tensors(td), _tensors(mk)
+    assert set(x) == set(y) and len([n for n in x if ".layers.6." in n]) > 0
+    for name in x:
+        assert x[name].dtype == y[name].dtype == torch.bfloat16, name
+        assert torch.equal(x[name].view(torch.int16), y[name].view(torch.int16)), name
+    assert _layers(td) == _layers(mk) == 7
+
+
+def test_ties_per_slice_matches_mergekit(deep_set):
+    root, data = deep_set
+    base, a, b = (str(data / n) for n in ("base", "ft_1", "ft_2"))
+    raw = {
+        "merge_method": "ties",
+        "base_model": base,
+        "slices": [
+            {
+                "sources": [
+                    {"model": base, "layer_range": [0, 2]},
+                    {"model": a, "layer_range": [0, 2], "parameters": {"weight": 1.0}},
+                    {"model": b, "layer_range": [2, 4], "parameters": {"weight": 0.5}},
+                ]
+            },
+            {
+                "sources": [
+                    {"model": base, "layer_range": [1, 4]},
+                    {"model": a, "layer_range": [1, 4], "parameters": {"weight": 1.0}},
+                    {"model": b, "layer_range": [0, 3], "parameters": {"weight": 0.5}},
+                ]
+            },
+        ],  # fmt: skip
+        "parameters": {"density": 0.5},
+        "dtype": "float32",
+        "out_dtype": "float32",
+    }
+    td, mk = _both(root, "ties-slices", raw)
+    x, y = _tensors(td), _tensors(mk)
+    assert set(x) == set(y)
+    assert _layers(td) == _layers(mk) == 5
+    close = total = 0
+    for name in x:
+        total += x[name].numel()
+        close += int(torch.isclose(x[name], y[name], rtol=2e-6, atol=2e-7).sum())
+    # (bf16 task vectors tie often at the trim threshold: docs/semantics.md)
+    assert close / total > 0.99, f"{total - close} of {total} entries differ"
+
+
+def test_ties_with_a_density_per_model_matches_mergekit(f32_set):
+    root, data = f32_set
+    densities = [0.2, 0.6, 0.4]
+    base = _tensors(data / "base")
+    fts = [_tensors(data / f"ft_{i}") for i in (1, 2, 3)]
+    raw = {
+        "merge_method": "ties",
+        "base_model": str(data / "base"),
+        "models": [
+            {"model": str(data / f"ft_{i + 1}"), "parameters": {"weight": w, "density": d}}
+            for i, (w, d) in enumerate(zip(WEIGHTS, densities, strict=True))
+        ],
+        "parameters": {"density": 0.3},  # (each model's own wins, as in mergekit)
+        "dtype": "float32",
+    }
+    a, b = _both(root, "ties-density-per-model", raw)
+    a, b = _tensors(a), _tensors(b)
+    assert set(a) == set(b)
+    n_amb = n_total = 0
+    for name in a:
+        amb = torch.zeros_like(a[name], dtype=torch.bool)
+        # per model: its own keep range; the sign election over the trimmed tasks
+        trimmed = []
+        for f, d in zip(fts, densities, strict=True):
+            t = f[name].float().flatten() - base[name].float().flatten()
+            lo, hi = _keep_ranges("ties", t.numel(), d, 0.0)
+            amb |= _boundary_ties(t.abs(), lo, hi).reshape(amb.shape)
+            order = torch.argsort(t.abs(), stable=True)
+            mask = torch.zeros(t.numel(), dtype=torch.bool)
+            mask[order[lo:hi]] = True
+            trimmed.append(t * mask)
+        s = sum(w * t for w, t in zip(WEIGHTS, trimmed, strict=True))
+        amb |= ((s == 0) & torch.stack([t != 0 for t in trimmed]).any(0)).reshape(amb.shape)
+        ok = ~amb
+        n_amb += int(amb.sum())
+        n_total += ok.numel()
+        torch.testing.assert_close(a[name][ok], b[name][ok], rtol=2e-6, atol=2e-7, msg=name)
+    assert n_amb / n_total < 1e-3

@@ -122,10 +122,10 @@ def test_every_unsupported_key_is_named_in_one_error_before_any_read(tmp_path, c
     raw = _mk("ties", {"density": 0.5})
     raw["models"][0]["parameters"]["weight"] = [0.1, 0.9]  # a real layer gradient
     raw["models"][1]["parameters"]["weight"] = [{"filter": "mlp", "value": 0.3}, {"value": 1}]
-    raw["models"][2]["parameters"]["density"] = 0.3  # differs from the others
+    raw["models"][2]["parameters"]["density"] = 0.0  # a density of its own, out of range
     raw["models"].append({"model": "x+lora", "parameters": {"weight": 1}})
     tok = {"source": "union", "tokens": {"<x>": {"source": "m0"}}}
-    raw.update(slices=[{"sources": []}], tokenizer=tok, chat_template="chatml")
+    raw.update(modules={"x": {}}, tokenizer=tok, chat_template="chatml")
     raw.update(dtype="int64", tadmerge={"bogus": 1})
     cfg = tmp_path / "mk.yml"
     cfg.write_text(yaml.safe_dump(raw))
@@ -134,13 +134,15 @@ def test_every_unsupported_key_is_named_in_one_error_before_any_read(tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "9 unsupported settings" in err
     for key in (
-        "slices:", "tokenizer.tokens:", "chat_template:", "dtype:", "tadmerge.bogus:",
+        "modules:", "tokenizer.tokens:", "chat_template:", "dtype:", "tadmerge.bogus:",
         "models[0].parameters.weight: a layer gradient", "models[3].model:",
         "models[1].parameters.weight: values per tensor (filter 'mlp')",
-        "models[*].parameters.density: different values per model",
+        "density (model 'm2'): 0.0: a density <= 0",
     ):  # fmt: skip
         assert key in err, key
     assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match=r"slices: passthrough stacks layer ranges"):
+        translate(_mk("passthrough"), tmp_path)
     for method in ("nope",):
         with pytest.raises(ConfigError, match=r"merge_method: .*" + method):
             translate(_mk(method), tmp_path)
@@ -379,3 +381,104 @@ def test_tensor_sums_methods_translate(tmp_path):
         translate({k: v for k, v in _mk("model_stock").items() if k != "base_model"}, tmp_path)
     with pytest.raises(ConfigError, match=r"tadmerge\.sparsify: karcher merges the weights"):
         translate(_mk("karcher", tadmerge={"sparsify": "tadrop"}), tmp_path)
+
+
+def test_a_density_per_model_is_each_models_sparsify(tmp_path):
+    raw = _mk("ties", {"density": 0.5})
+    raw["models"][1]["parameters"]["density"] = 0.2
+    raw["models"][2]["parameters"]["density"] = 1.0
+    native, _ = translate(raw, tmp_path)
+    assert native["sparsify"]["density"] == 0.5
+    assert [m.get("sparsify") for m in native["models"]] == [
+        None,
+        {"density": 0.2},
+        {"density": 1.0},
+    ]
+    raw = _mk("dare_ties", {"density": 0.5})
+    raw["models"][0]["parameters"]["density"] = 0.7
+    native, _ = translate(raw, tmp_path)
+    assert native["sparsify"] == {"method": "random", "p": 1.0 - 0.7, "rescale": "inverse_keep"}
+    assert native["models"][1]["sparsify"] == {"p": 0.5}
+    parse_config(native)  # the native parser takes it as it is
+    raw = _mk("della", {"density": 0.5, "epsilon": 0.1})
+    raw["models"][2]["parameters"]["epsilon"] = 0.2
+    native, _ = translate(raw, tmp_path)
+    assert native["models"][2]["sparsify"] == {"epsilon": 0.2}
+    parse_config(native)
+
+
+def test_slices_translate_into_native_slices(tmp_path):
+    raw = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "a", "layer_range": [0, 16]}]},
+            {"sources": [{"model": "c", "layer_range": [8, 24]}]},
+        ],
+        "dtype": "bfloat16",
+    }
+    native, notes = translate(raw, tmp_path)
+    assert native["merge"] == {"method": "passthrough"}
+    assert [m["name"] for m in native["models"]] == ["a", "c"]
+    assert native["base"] == native["models"][0]["path"]
+    assert native["slices"] == [
+        {"sources": [{"model": "a", "layer_range": [0, 16]}]},
+        {"sources": [{"model": "c", "layer_range": [8, 24]}]},
+    ]
+    assert "dtype" not in native["output"] and any("copies the sources" in n for n in notes)
+    assert parse_config(native).slices[1].sources[0].start == 8
+    ties = {
+        "merge_method": "ties",
+        "base_model": "b",
+        "parameters": {"density": 0.5},
+        "slices": [
+            {
+                "sources": [
+                    {"model": "b", "layer_range": [0, 4]},
+                    {"model": "a", "layer_range": [0, 4], "parameters": {"weight": 0.5}},
+                ]
+            },
+            {
+                "sources": [
+                    {"model": "a", "layer_range": [2, 6], "parameters": {"weight": 0.5}},
+                    {"model": "b", "layer_range": [4, 8]},
+                ]
+            },
+        ],  # fmt: skip
+    }
+    native, _ = translate(ties, tmp_path)
+    assert native["merge"]["method"] == "ties" and native["models"][0]["weight"] == 0.5
+    assert native["slices"][1] == {
+        "sources": [{"model": "base", "layer_range": [4, 8]}, {"model": "a", "layer_range": [2, 6]}]
+    }
+    parse_config(native)
+
+
+@pytest.mark.parametrize(
+    "change,key",
+    [
+        (
+            lambda s: s[1]["sources"][0]["parameters"].update(weight=0.9),
+            "slices[1].sources[0].parameters: differ",
+        ),  # fmt: skip
+        (lambda s: s[1].update(parameters={"density": 0.2}), "slices[1].parameters"),
+        (lambda s: s[1]["sources"].pop(1), "base_model 'b' is not a source"),
+        (lambda s: s[1]["sources"][1].update(model="z"), "slices[1].sources: models"),
+    ],
+)
+def test_slices_that_do_not_map_are_named(tmp_path, change, key):
+    slices = [
+        {"sources": [{"model": "b", "layer_range": [0, 4]},
+                     {"model": "a", "layer_range": [0, 4], "parameters": {"weight": 0.5}}]},
+        {"sources": [{"model": "a", "layer_range": [2, 6], "parameters": {"weight": 0.5}},
+                     {"model": "b", "layer_range": [4, 8]}]},
+    ]  # fmt: skip
+    change(slices)
+    raw = {
+        "merge_method": "ties",
+        "base_model": "b",
+        "slices": slices,
+        "parameters": {"density": 0.5},
+    }
+    with pytest.raises(ConfigError) as e:
+        translate(raw, tmp_path)
+    assert key in str(e.value)

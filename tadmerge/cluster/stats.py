@@ -229,10 +229,10 @@ def _resolve(
     gens: dict[tuple, Generator] = {}
     for g in groups:
         if global_rate:
-            gens[g] = tadrop_rate(index[g], sp)
+            gens[g] = tadrop_rate(index[g], sp.for_task(g[-1]))
         else:
             rate = rates[g[-1]] if rates is not None else None
-            gens[g] = resolve_selection(index[g], sp, rate)
+            gens[g] = resolve_selection(index[g], sp.for_task(g[-1]), rate)
     results: dict = {}
     pending: dict[tuple, set[int]] = {}
     # each unit's own fine histograms, for the tie counts: {(group, bucket): {unit: hist}}

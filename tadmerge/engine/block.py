@@ -35,6 +35,7 @@ from .spec import (  # noqa: F401  (re-exported)
     BlockContext,
     MergeSpec,
     NonFiniteTaskVector,
+    SparsifySpec,
     TaskStats,
 )
 
@@ -112,6 +113,8 @@ class TaskPlan:
     # t was made whole-block and its stats are complete (no selection; DELLA ranks
     # rows; a selection applied by the fused kernel)
     done: bool = False
+    # the task's own sparsify values (SparsifySpec.for_task), for the chunks
+    sparsify: SparsifySpec | None = None
 
 
 def plan_task(
@@ -126,7 +129,7 @@ def plan_task(
     `fused`: apply a magnitude selection here, whole-block, with the CPU kernel
     (kernels.cut_block) instead of chunk by chunk with torch ops: same bytes.
     """
-    sp = spec.sparsify
+    sp = spec.sparsify.for_task(k)
     if sp.method == "none":
         return TaskPlan(TaskStats(kept=tau.numel()), done=True)
     if sp.method in MAGNITUDE_METHODS:
@@ -161,7 +164,7 @@ def plan_task(
         return TaskPlan(stats, cuts)
     method = methods.sparsifier(sp.method)
     if not method.whole_rows:
-        return TaskPlan(TaskStats(), draws=Draws(spec.seed, k, ctx))
+        return TaskPlan(TaskStats(), draws=Draws(spec.seed, k, ctx), sparsify=sp)
     u = uniform_stream(
         spec.seed,
         k,
@@ -199,7 +202,7 @@ def sparsify_chunk(tp: TaskPlan, tau: torch.Tensor, start: int, spec: MergeSpec)
         hi_end, c.hi_left = ties_below(keys, c.hi_key, c.hi_left)
         _, kept = apply_cuts(tau, keys, (c.lo_key, lo_end), (c.hi_key, hi_end), c.scale)
     else:
-        sp = spec.sparsify
+        sp = tp.sparsify or spec.sparsify
         assert tp.draws is not None
         u = tp.draws.take(start, tau.numel(), tau.device)
         _, kept = methods.sparsifier(sp.method).block(tau, u, sp, 0)

@@ -96,7 +96,9 @@ def merge_raw_sparse(
             if index.stats.nonfinite:
                 raise NonFiniteTaskVector(k)
             rate = ctx.rates[k] if ctx.rates else None
-            sel = run_locally(resolve_selection(index, sp, rate), keys, index, ctx.backend)
+            sel = run_locally(
+                resolve_selection(index, sp.for_task(k), rate), keys, index, ctx.backend
+            )
             quotas = (sel.lo.quota, sel.hi.quota)
             st = TaskStats(selection=sel)
             st.tau_sq, st.t_sq = own_norms(index, sel)

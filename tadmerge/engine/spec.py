@@ -7,7 +7,7 @@ Plain data, no torch: the config, the planner and the streamed merges
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .. import methods
@@ -41,6 +41,15 @@ class SparsifySpec:
     p: float = 0.9
     epsilon: float = 0.1
     gamma: float = 0.01
+    # per task, the parameters set for that task alone (models[i].sparsify,
+    # tadmerge/slices.py): ((name, value), ...) per task; () when none is
+    tasks: tuple[tuple[tuple[str, float], ...], ...] = ()
+
+    def for_task(self, k: int) -> SparsifySpec:
+        """The spec task k is sparsified with: its own values where it has some."""
+        if not self.tasks or not self.tasks[k]:
+            return self
+        return replace(self, tasks=(), **dict(self.tasks[k]))
 
     @property
     def moments(self) -> int:

@@ -117,13 +117,12 @@ SUMS = {
     "model_stock": _Sums({"filter_wise": ("bool", False)}, False, True),
 }
 SUPPORTED = ("linear", *GTA, *OWN, *SUMS)
-NOT_YET = ("passthrough",)
+NOT_YET: tuple[str, ...] = ()
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "tadmerge"}  # fmt: skip
 # mergekit keys tadmerge does not implement yet (named in the error)
 TOP_UNSUPPORTED = {
-    "slices": "slices/layer_range (layer stacking) are not supported yet",
     "modules": "modules are not supported yet",
     "chat_template": "chat_template is not supported yet",
 }
@@ -270,6 +269,10 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
     from ..config import _resolve_path
 
     cwd = Path(cwd)
+    if "slices" in raw or raw.get("merge_method") == "passthrough":
+        from .mergekit_slices import translate_slices  # (layer stacking)
+
+        return translate_slices(raw, cwd, translate)
     problems = _Problems()
     notes: list[str] = []
 
@@ -378,36 +381,23 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
     if method in SUPPORTED and entries and not inputs and not problems:
         problems.add("models", "no model to merge besides base_model")
 
-    # the sparsifier's parameters: one value for every model here
+    # the sparsifier's parameters: the first model's for every model, and each
+    # model's own where it differs (models[i].sparsify in the native config)
     one: dict[str, float] = {}
+    own: list[dict[str, float]] = [{} for _ in inputs]
     for k in ("density", "gamma", "epsilon"):
         if k not in model_spec or not inputs:
             continue
         vals = [v[k] for _, v in inputs]
-        if any(v != vals[0] for v in vals):
-            problems.add(
-                f"models[*].parameters.{k}",
-                f"different values per model ({', '.join(map(show, vals))}) are not supported "
-                f"yet (tadmerge takes one {k} for all models)",
-            )
         one[k] = vals[0]
-
-    if "density" in one and one["density"] <= 0:
-        problems.add(
-            "density",
-            f"{show(one['density'])}: a density <= 0 drops every entry; not "
-            "supported (0 < density <= 1)",
-        )
-    if "gamma" in one and not 0 <= one["gamma"] < 1:
-        problems.add("gamma", f"{show(one['gamma'])}: expected 0 <= gamma < 1")
-    if "epsilon" in one and 0 < one["density"] < 1:
-        d, e = one["density"], one["epsilon"]
-        if not (d - e > 0 and d + e < 1):
-            problems.add(
-                "epsilon",
-                f"della needs 0 < density - epsilon and density + epsilon "
-                f"< 1 (as mergekit does; density {d}, epsilon {e})",
-            )
+        for i, v in enumerate(vals):
+            if v != vals[0]:
+                own[i][k] = v
+    checked = [("", one)] if not any(own) else [
+        (f" (model {show(ref)})", {**one, **o}) for (ref, _), o in zip(inputs, own, strict=True)
+    ]  # fmt: skip
+    for which, vals in checked:
+        _check_sparsify_values(vals, which, problems)
 
     ext = raw.get("tadmerge") or {}
     if not isinstance(ext, dict):
@@ -480,7 +470,7 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
                     f"tadmerge.sparsify replaces {method}'s sparsifier: "
                     f"{', '.join(unused)} not used"
                 )
-        elif g.sparsify == "none" or density >= 1.0:
+        elif g.sparsify == "none" or min([density] + [o.get("density", 1) for o in own]) >= 1.0:
             sp = {"method": "none"}  # mergekit keeps every entry at density >= 1
         elif g.sparsify == "random":
             sp = {"method": "random", "p": 1.0 - density}
@@ -500,6 +490,13 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
                 "expectation)"
             )
         native["sparsify"] = sp
+        if any(own) and ext_sparsify is None and sp["method"] != "none":
+            for m, o in zip(models, own, strict=True):
+                if o:
+                    m["sparsify"] = _own_sparsify(sp["method"], o)
+        elif any(own) and ext_sparsify is not None:
+            notes.append(f"tadmerge.sparsify replaces {method}'s sparsifier: the "
+                         "per-model density, gamma, epsilon are not used")  # fmt: skip
         lam = shared["lambda"]
         if g.consensus:
             disjoint = "mean" if shared["normalize"] else "sum"
@@ -596,6 +593,42 @@ def _sums_merge(method: str, shared: dict, has_base: bool) -> dict:
     if method == "karcher":
         return {"method": "karcher", "max_iter": int(shared["max_iter"]), "tol": shared["tol"]}
     return {"method": "model_stock", "filter_wise": shared["filter_wise"]}
+
+
+def _check_sparsify_values(one: dict[str, float], which: str, problems: _Problems) -> None:
+    """density, gamma, epsilon as mergekit accepts them (`which`: the model, where the
+    values differ per model)."""
+    if "density" in one and one["density"] <= 0:
+        problems.add(
+            "density" + which,
+            f"{show(one['density'])}: a density <= 0 drops every entry; not "
+            "supported (0 < density <= 1)",
+        )
+    if "gamma" in one and not 0 <= one["gamma"] < 1:
+        problems.add("gamma" + which, f"{show(one['gamma'])}: expected 0 <= gamma < 1")
+    if "epsilon" in one and 0 < one["density"] < 1:
+        d, e = one["density"], one["epsilon"]
+        if not (d - e > 0 and d + e < 1):
+            problems.add(
+                "epsilon" + which,
+                f"della needs 0 < density - epsilon and density + epsilon "
+                f"< 1 (as mergekit does; density {d}, epsilon {e})",
+            )
+
+
+def _own_sparsify(method: str, own: dict[str, float]) -> dict[str, float]:
+    """A model's own mergekit density/gamma/epsilon as the native sparsifier's values."""
+    out: dict[str, float] = {}
+    if "density" in own:
+        if method == "random":
+            out["p"] = max(0.0, 1.0 - own["density"])
+        else:
+            out["density"] = min(own["density"], 1.0)  # (>= 1 keeps everything, as mergekit)
+    if "gamma" in own and method == "magnitude_outliers":
+        out["gamma"] = own["gamma"]
+    if "epsilon" in own and method == "della":
+        out["epsilon"] = own["epsilon"]
+    return out
 
 
 def _dtype(value: Any, where: str, problems: _Problems) -> str | None:

@@ -59,6 +59,8 @@ def side_files(plan) -> list[tuple[str, str | bytes]]:
         elif plan.is_emr:
             out.append((BASE_CONFIG_NAME, src))
             out.append((name, EMR_CONFIG))
+        elif getattr(plan, "layer_map", None) is not None:
+            out.append((name, stacked_config(plan) or src))
         else:
             out.append((name, _untied_config(plan, base) or src))
     if vocab is not None:
@@ -95,6 +97,37 @@ def untied_config(ck) -> bytes | None:
         return None
     doc["tie_word_embeddings"] = False
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+# the config keys of the layer count (Llama, Mistral, Qwen, Gemma...; GPT-2; others)
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def stacked_config(plan) -> bytes | None:
+    """The base's config.json for a stacked output (slices, planners/slices.py): its
+    layer count is the output's, and each list of one value per layer (a key naming
+    layers, e.g. `layer_types`, as long as the base's layer count) is rebuilt from
+    the config of the input each output layer came from. Untied as _untied_config
+    says. None: the base has no config.json."""
+    doc = config_json(plan.inputs[0])
+    if doc is None:
+        return None
+    if _untied_config(plan, plan.inputs[0]) is not None:
+        doc["tie_word_embeddings"] = False
+    key = next((k for k in LAYER_COUNT_KEYS if isinstance(doc.get(k), int)), None)
+    count = doc.get(key) if key else None
+    docs = [config_json(ck) or {} for ck in plan.inputs]
+    for name, value in list(doc.items()):
+        if "layer" not in name or not isinstance(value, list) or len(value) != count:
+            continue
+        lists = [d.get(name) if isinstance(d.get(name), list) else value for d in docs]
+        doc[name] = [
+            lists[i][layer] if layer < len(lists[i]) else value[min(layer, len(value) - 1)]
+            for i, layer in plan.layer_map
+        ]
+    if key is not None:
+        doc[key] = len(plan.layer_map)
+    return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
 
 # ------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from ..io.entries import EntryTable
 log = logging.getLogger("tadmerge")
 
 MERGE, COPY, EXCLUDE = "merge", "copy", "exclude"
+PASS = "pass"  # one source tensor's bytes (passthrough: planners/slices.py)
 
 
 def open_inputs(cfg: MergeConfig, *, fetch: bool = True) -> list[Checkpoint]:

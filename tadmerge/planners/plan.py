@@ -31,7 +31,7 @@ from ..io.entries import EntryTable, RowEntries, aligned
 from ..io.identity import FileIdentity
 from ..io.publish import check_output_outside_inputs
 from ..io.safetensors_format import TensorEntry
-from .inventory import EXCLUDE, MERGE, classify, open_inputs
+from .inventory import EXCLUDE, MERGE, PASS, classify, open_inputs
 
 CANONICAL_ELEMS = 1 << 20  # elements per canonical row block (RNG streams, mask chunks)
 FIXED_OVERHEAD = 48 * 2**20  # chunk temporaries (engine CHUNK_ELEMENTS), histograms, slack
@@ -134,6 +134,9 @@ class Plan:
     # input file -> the version planned with (the one every TensorEntry carries)
     identities: dict[str, FileIdentity] = field(default_factory=dict)
     layers: int = 0  # transformer layers (methods.registry.layer_of): gradients' span
+
+    # layer stacking (planners/slices.py): per output layer, (input index, source layer)
+    layer_map: tuple[tuple[int, int], ...] | None = None
 
     @property
     def is_emr(self) -> bool:
@@ -267,10 +270,23 @@ def make_plan(
     runtime.device). On a GPU, units also fit `runtime.gpu_memory_budget` (or
     the memory budget, applied to the GPU's memory). `fetch=False`: hub inputs
     stay header-only (no weights downloaded): a plan to print or compare, not to run."""
-    inputs = inputs if inputs is not None else open_inputs(cfg, fetch=fetch)
-    roots = [c.root for c in inputs]
-    check_output_outside_inputs(cfg.output.path, roots)
-    kinds = classify(cfg, inputs)
+    layer_map = None
+    if cfg.slices:  # layer stacking: each output tensor's sources (planners/slices.py)
+        from . import slices
+
+        if inputs is None:
+            stack = cfg.merge.method == "passthrough"
+            inputs = slices.open_slice_inputs(cfg) if stack else open_inputs(cfg, fetch=fetch)
+        check_output_outside_inputs(cfg.output.path, [c.root for c in inputs])
+        lay = slices.layout(cfg, inputs)
+        stacked: dict | None = lay.tensors
+        layer_map = lay.layer_map
+        kinds = {n: (kind, reason) for n, (kind, reason, _) in stacked.items()}
+    else:
+        inputs = inputs if inputs is not None else open_inputs(cfg, fetch=fetch)
+        check_output_outside_inputs(cfg.output.path, [c.root for c in inputs])
+        stacked = None
+        kinds = classify(cfg, inputs)
     k = len(cfg.models)
     per_worker = check_worker_budget(cfg.runtime)
     unit_budget = per_worker - FIXED_OVERHEAD
@@ -289,11 +305,13 @@ def make_plan(
     units = UnitTable()
     # inputs whose entries are columns with one name list: a tensor's sources are
     # made on access from its row (io/entries.RowEntries), not held per input
-    columns = aligned([c.tensors for c in inputs])
+    columns = aligned([c.tensors for c in inputs]) if stacked is None else None
     for i, name in enumerate(sorted(kinds)):
         kind, reason = kinds[name]
-        if columns is not None:
-            sources: Sequence[TensorEntry] = RowEntries(columns, i)
+        if stacked is not None:
+            sources: Sequence[TensorEntry] = stacked[name][2]
+        elif columns is not None:
+            sources = RowEntries(columns, i)
         else:
             sources = tuple(c.tensors[name] for c in inputs)
         entry = sources[0]
@@ -321,7 +339,11 @@ def make_plan(
         )
         whole_rows = tp.rows
         one_row = cfg.sparsify.method == "della" or methods.combiner(cfg.merge.method).whole_rows
-        if kind != MERGE or (one_row and len(tp.shape) <= 1):
+        if kind == PASS:  # a copy of one source: row blocks within the budget
+            step = max(1, unit_budget // max(1, 2 * tp.row_numel * itemsize))
+            if cfg.runtime.max_unit_elements is not None:
+                step = min(step, max(1, cfg.runtime.max_unit_elements // tp.row_numel))
+        elif kind != MERGE or (one_row and len(tp.shape) <= 1):
             step = whole_rows  # DELLA, arcee_fusion: a 1-D tensor is one row, never split
         else:
             step = max(1, unit_budget // max(1, per_row))
@@ -355,6 +377,7 @@ def make_plan(
                 ]
                 task_shards[m.name] = layout_shards(excluded, cfg.output.shard_size, meta)
     plan = Plan(cfg, inputs, tensors, units, shards, task_shards, unit_budget)
+    plan.layer_map = layer_map
     plan.identities = {}
     for ck in inputs:
         if isinstance(ck.tensors, EntryTable):  # (per file, not per tensor)
