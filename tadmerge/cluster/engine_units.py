@@ -20,9 +20,8 @@ from ..engine.spec import (
     CoarseRequest,
     FineRequest,
     StatsRequest,
-    SumsRequest,
-    TensorStatsRequest,
     TieCountRequest,
+    UnitRequest,
 )
 from ..errors import InputError
 from ..io.block_io import read_rows
@@ -97,13 +96,11 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispat
     unit = plan.units[unit_id]
     _, blocks = read_unit(plan, unit, device)
     base, models = blocks[0], blocks[1:]
-    if isinstance(request, TensorStatsRequest):  # a combiner's (cluster/tensor_stats.py)
+    if isinstance(request, UnitRequest):  # a combiner's (cluster/tensor_stats.py)
         from ..engine import tensor_stats
 
-        spec = merge_spec(plan)
         ctx = block_context(plan, unit, request.resolved, backend)
-        ts = tensor_stats.sparsified(base, models, spec, ctx)
-        return tensor_stats.answer(base, ts, spec, request, ctx.shape, backend=backend)
+        return tensor_stats.answer(base, models, merge_spec(plan), ctx, request)
     if isinstance(request, CoarseRequest):
         # per task (coarse histogram, KeysAside or None): the keys set aside only
         # when asked (tensor-scope groups, whose fine round they save)
@@ -130,10 +127,6 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispat
                     counts[key] += int(torch.count_nonzero(chunk == key))
             out[k] = counts
         return out
-    if isinstance(request, SumsRequest):
-        from ..engine.sums import block_sums
-
-        return block_sums(base, models, request, plan.tensors[unit.tensor].shape)
     raise TypeError(f"unknown statistics request {request!r}")
 
 

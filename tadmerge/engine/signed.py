@@ -1,5 +1,5 @@
 """Exact order statistics of a signed float32 score (a combiner's derived score
-that may be negative: arcee_fusion's importance, methods/registry.py TensorStats
+that may be negative: arcee_fusion's importance, engine/spec.py ScoreRequest
 `signed`).
 
 The magnitude keys (keys.py) order |x| on 31 bits; a signed order needs all 32:
