@@ -122,7 +122,7 @@ def test_sce_variance_cut_is_exact_with_ties_spread_over_units(tmp_path, topk):
 
 
 def whole_block(shape: tuple[int, ...]) -> BlockContext:
-    """The context of a block that is the whole tensor (its statistics its own)."""
+    """The context of a block that is the whole tensor (it resolves its statistics)."""
     return BlockContext("w", shape, 0, shape[0], shape[0], whole=True, backend="torch")
 
 
@@ -198,7 +198,8 @@ def test_arcee_fusion_threshold_from_the_signed_quantiles():
     assert torch.equal(score.view(50, 20), R.arcee_importance(base, model))
     ts = [(model - base).reshape(-1)]
     ctx = whole_block((50, 20))
-    got = tensor_stats.resolve(base.reshape(-1), ts, spec, ctx, score=score)["threshold"]
+    values = tensor_stats.resolve(base.reshape(-1), ts, spec, ctx, score=score)["values"]
+    got = values["threshold"]
     s = torch.sort(score).values
     n = s.numel()
     expected = s[(n - 1) // 2] + R.f32(1.5) * (s[3 * (n - 1) // 4] - s[(n - 1) // 4])

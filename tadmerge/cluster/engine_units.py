@@ -15,7 +15,7 @@ from ..emr.store import MaskStore, array_key
 from ..engine.block import BlockResult, NonFiniteTaskVector, merge_block
 from ..engine.exact import coarse_stats
 from ..engine.histogram import KeysAside, fine_histograms
-from ..engine.keys import KeyChunks
+from ..engine.keys import KeyChunks, count_keys
 from ..engine.spec import (
     CoarseRequest,
     FineRequest,
@@ -118,15 +118,7 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispat
             for k, buckets in request.buckets.items()
         }
     if isinstance(request, TieCountRequest):
-        out = {}
-        for k, keys_wanted in request.keys.items():
-            keys = KeyChunks(models[k].sub_(base))
-            counts = dict.fromkeys(keys_wanted, 0)
-            for chunk in keys:
-                for key in keys_wanted:
-                    counts[key] += int(torch.count_nonzero(chunk == key))
-            out[k] = counts
-        return out
+        return {k: count_keys(KeyChunks(models[k].sub_(base)), w) for k, w in request.keys.items()}
     raise TypeError(f"unknown statistics request {request!r}")
 
 

@@ -295,11 +295,8 @@ def _tie_quotas(
     partial: dict[tuple, list[Cut]] = {}
     for g in groups:
         sel = results.get(g)
-        if not isinstance(sel, Selection):
-            continue
-        for cut in (sel.lo, sel.hi):
-            if not cut.everything and 0 < cut.quota < index[g].count_at(cut.key):
-                partial.setdefault(g, []).append(cut)
+        if isinstance(sel, Selection) and (inside := inside_runs((sel.lo, sel.hi), index[g])):
+            partial[g] = inside
     counts: dict[tuple[int, int, int], int] = {}  # (unit, task, key) -> count
     wanted: dict[int, dict[int, set[int]]] = {}
     for g, cuts in partial.items():
@@ -326,23 +323,29 @@ def _tie_quotas(
         sel = results.get(g)
         if not isinstance(sel, Selection):
             continue
-        shares = {u: [0, 0] for u in groups[g]}
-        for side, cut in enumerate((sel.lo, sel.hi)):
-            if cut.everything or cut.quota == 0:
-                continue
-            if cut not in partial.get(g, []):
-                # the cut takes every entry of its key: the whole quota covers any
-                # unit's own ties (below_cut slices at most what the unit has)
-                for u in groups[g]:
-                    shares[u][side] = cut.quota
-                continue
-            before = 0
-            for u in groups[g]:
-                here = counts[(u, g[-1], cut.key)]
-                shares[u][side] = max(0, min(cut.quota - before, here))
-                before += here
-        results[("quota", g)] = {u: (q[0], q[1]) for u, q in shares.items()}
+        count = lambda u, key, k=g[-1]: counts[(u, k, key)]  # noqa: E731
+        lo, hi = (tie_shares(c, partial.get(g, []), groups[g], count) for c in (sel.lo, sel.hi))
+        results[("quota", g)] = dict(zip(groups[g], zip(lo, hi, strict=True), strict=True))
         index.pop(g, None)
+
+
+def inside_runs(cuts: tuple[Cut, ...], index: RankIndex) -> list[Cut]:
+    """The cuts that fall inside a run of equal keys (which may be spread over units)."""
+    return [c for c in cuts if not c.everything and 0 < c.quota < index.count_at(c.key)]
+
+
+def tie_shares(cut: Cut, inside: list[Cut], units: list[int], count) -> list[int]:
+    """Each unit's share of `cut`'s quota of ties, in unit order: all of it where
+    the cut takes every entry of its key (below_cut slices at most what a unit
+    has), else handed out over the units' counts of the key (`count(unit, key)`)."""
+    if cut.everything or cut.quota == 0 or cut not in inside:
+        return [0 if cut.everything else cut.quota] * len(units)
+    shares, before = [], 0
+    for u in units:
+        here = count(u, cut.key)
+        shares.append(max(0, min(cut.quota - before, here)))
+        before += here
+    return shares
 
 
 # ------------------------------------------------------------------------------------

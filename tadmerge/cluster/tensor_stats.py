@@ -34,7 +34,7 @@ from ..engine.spec import CutRequest, ScoreRequest, SumsRequest, UnitRequest
 from ..engine.sums import local
 from ..planners.inventory import MERGE
 from ..planners.plan import Plan, TensorPlan
-from .stats import GROUP_BYTES, MapFn
+from .stats import GROUP_BYTES, MapFn, inside_runs, tie_shares
 
 SUMS_SEGMENT_BYTES = 16 * 64 * 6  # a segment's exact sums: hi + lo, ~64 bins, ~6 sums
 
@@ -116,12 +116,12 @@ def _round(batch: list[_Tensor], map_units: MapFn, resolved: dict) -> None:
     coarse = {
         t: ScoreRequest(getattr(t.request, "signed", False)) for t in scores if t.index is None
     }
-    got: dict[_Tensor, object] = {}
+    got: dict[_Tensor, object] = {}  # coarse histograms, then sums: they add
 
-    def add_coarse(t: _Tensor, u: int, value) -> None:
+    def add(t: _Tensor, u: int, value) -> None:
         got[t] = got[t] + value if t in got else value
 
-    ask("tensor-coarse", coarse, add_coarse)
+    ask("tensor-coarse", coarse, add)
     for t in coarse:
         t.index = (SignedRankIndex if coarse[t].signed else RankIndex)(got.pop(t))
     fine = {}
@@ -141,11 +141,7 @@ def _round(batch: list[_Tensor], map_units: MapFn, resolved: dict) -> None:
     cuts = [t for t in scores if isinstance(t.request, CutRequest)]
     _cut(cuts, ask)
     sums = {t: t.request for t in pending if isinstance(t.request, SumsRequest)}
-
-    def add_sums(t: _Tensor, u: int, value) -> None:
-        got[t] = got[t] + value if t in got else value
-
-    ask("tensor-sums", sums, add_sums)
+    ask("tensor-sums", sums, add)
     for t in pending:
         if t in sums:
             t.advance(got[t].values())
@@ -157,32 +153,12 @@ def _cut(batch: list[_Tensor], ask) -> None:
     """Each unit's cut of its tensor's score order: [lo_key, lo_quota, hi_key,
     hi_quota], its share of the ties at each cut key in unit order."""
     cuts = {t: (t.index.cut(t.request.lo), t.index.cut(t.request.hi)) for t in batch}
-    # a cut inside a run of equal scores spread over units: each unit's count of the key
-    partial = {
-        t: [c for c in cuts[t] if not c.everything and 0 < c.quota < t.index.count_at(c.key)]
-        for t in batch
-    }
-    counts: dict[int, dict[int, int]] = {}
-    keys = {t: ScoreRequest(keys=tuple(sorted({c.key for c in partial[t]}))) for t in partial}
-    ask(
-        "tensor-ties",
-        {t: r for t, r in keys.items() if r.keys},
-        lambda t, u, v: counts.update({u: v}),
-    )
+    inside = {t: inside_runs(cuts[t], t.index) for t in batch}
+    counts: dict[int, dict[int, int]] = {}  # a run spread over units: their counts of the key
+    keys = {t: ScoreRequest(keys=tuple(sorted({c.key for c in r}))) for t, r in inside.items() if r}
+    ask("tensor-ties", keys, lambda t, u, value: counts.update({u: value}))
     for t in batch:
-        lo, hi = cuts[t]
-        before = {id(lo): 0, id(hi): 0}
-        t.cuts = {}
-        for u in t.tp.units:
-            shares = []
-            for c in (lo, hi):
-                if c.everything or c.quota == 0:
-                    shares.append(0)
-                elif c not in partial[t]:
-                    shares.append(c.quota)  # every entry of the key is below the cut
-                else:
-                    here = counts[u][c.key]
-                    shares.append(max(0, min(c.quota - before[id(c)], here)))
-                    before[id(c)] += here
-            t.cuts[u] = [lo.key, shares[0], hi.key, shares[1]]
+        (lo, hi), units = cuts[t], t.tp.units
+        a, b = (tie_shares(c, inside[t], units, lambda u, key: counts[u][key]) for c in (lo, hi))
+        t.cuts = {u: [lo.key, x, hi.key, y] for u, x, y in zip(units, a, b, strict=True)}
         t.index = None  # (the requests after it see the cut t_k)

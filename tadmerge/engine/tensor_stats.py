@@ -22,7 +22,7 @@ import torch
 from .. import methods
 from .exact import coarse_stats
 from .histogram import RankIndex, fine_histograms
-from .keys import KeyChunks, magnitude_keys
+from .keys import KeyChunks, count_keys, magnitude_keys
 from .signed import SignedRankIndex, signed_coarse, signed_fine
 from .sparsify import below_bits, ties_below
 from .spec import BlockContext, CutRequest, MergeSpec, SumsRequest, UnitRequest
@@ -83,11 +83,14 @@ def resolve(
     ctx: BlockContext,
     made: bool = True,
     score: torch.Tensor | None = None,
-):
-    """What the combiner's generator returns for this block, answered from the
-    block itself: the same numbers as the rounds over units would give. `vs` are
-    the block's t_k (`made`; a CutRequest cuts them in place) or the models'
-    weights; `score`: the block's derived score, where the caller has it."""
+) -> dict:
+    """The block's statistics {"cut", "values"}: the driver's (a split tensor), or
+    what the combiner's generator returns answered from the block itself, the
+    same numbers as the rounds over units give. `vs` are the block's t_k
+    (`made`; a CutRequest cuts them in place) or the models' weights; `score`:
+    the block's derived score, where the caller has it."""
+    if ctx.tensor_stats is not None:
+        return ctx.tensor_stats
     combiner = methods.combiner(spec.method)
     gen = combiner.statistics(spec, ctx.shape, ctx.tensor)
     index: RankIndex | None = None
@@ -118,22 +121,7 @@ def resolve(
                     score = index = answer = None  # (the requests after it see the cut t_k)
             request = gen.send(answer)
     except StopIteration as stop:
-        return stop.value
-
-
-def of_block(
-    base: torch.Tensor,
-    vs: list[torch.Tensor],
-    spec: MergeSpec,
-    ctx: BlockContext,
-    made: bool = True,
-    score: torch.Tensor | None = None,
-) -> dict:
-    """The block's {"cut", "values"}: the driver's (a split tensor), or resolved
-    from the block itself (`resolve`: its cut is then applied to `vs` already)."""
-    if ctx.tensor_stats is not None:
-        return ctx.tensor_stats
-    return {"cut": None, "values": resolve(base, vs, spec, ctx, made, score)}
+        return {"cut": None, "values": stop.value}
 
 
 def answer(
@@ -157,8 +145,7 @@ def answer(
         return _sums(base, ts, request, spec, ctx.shape, True)
     score = score_of(base, ts, spec, ctx.shape)
     if request.keys:  # (cuts are of unsigned scores: magnitude keys)
-        keys = KeyChunks(score)
-        return {key: sum(int(torch.count_nonzero(c == key)) for c in keys) for key in request.keys}
+        return count_keys(KeyChunks(score), request.keys)
     if request.buckets:
         return score_fine(score, request.signed, list(request.buckets), ctx.backend)
     return score_index(score, request.signed, ctx.backend).stats

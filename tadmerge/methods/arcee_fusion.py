@@ -104,7 +104,7 @@ def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
     for a, b in chunks:
         sparsify(a, b)
     score = importance(base, taus, spec, ctx.shape)
-    values = TS.of_block(base, taus, spec, ctx, score=score)["values"]
+    values = TS.resolve(base, taus, spec, ctx, score=score)["values"]
     thr = torch.tensor(values["threshold"], dtype=torch.float32, device=base.device)
     t = taus[0]
     for a, b in chunks:

@@ -35,7 +35,7 @@ def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
 
     for a, b in chunks:
         sparsify(a, b)
-    lam = TS.of_block(base, taus, spec, ctx)["values"]["lambdas"]
+    lam = TS.resolve(base, taus, spec, ctx)["values"]["lambdas"]
     eps = spec.param("epsilon")
     for a, b in chunks:
         ram_delta([t[a:b] for t in taus], eps, lam).add_(base[a:b])

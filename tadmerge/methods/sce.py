@@ -105,7 +105,7 @@ def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
 
     for a, b in chunks:
         sparsify(a, b)
-    st = TS.of_block(base, taus, spec, ctx)  # (resolved here: the cut is applied)
+    st = TS.resolve(base, taus, spec, ctx)  # (resolved here: the cut is applied)
     cutter = TS.Cutter(st["cut"])
     w = st["values"]["weights"]
     for a, b in chunks:
