@@ -80,11 +80,6 @@ class ExactSums:
     b0: int
     nonfinite: int = 0
 
-    @classmethod
-    def zeros(cls, s: int, c: int) -> ExactSums:
-        z = np.zeros((s, c, 0), dtype=np.int64)
-        return cls(z, z.copy(), 0)
-
     def __add__(self, other: ExactSums) -> ExactSums:
         if not self.hi.shape[2]:
             return ExactSums(other.hi, other.lo, other.b0, self.nonfinite + other.nonfinite)

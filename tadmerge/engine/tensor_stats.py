@@ -81,17 +81,17 @@ def resolve(
     vs: list[torch.Tensor],
     spec: MergeSpec,
     ctx: BlockContext,
-    made: bool = True,
     score: torch.Tensor | None = None,
 ) -> dict:
     """The block's statistics {"cut", "values"}: the driver's (a split tensor), or
     what the combiner's generator returns answered from the block itself, the
-    same numbers as the rounds over units give. `vs` are the block's t_k
-    (`made`; a CutRequest cuts them in place) or the models' weights; `score`:
-    the block's derived score, where the caller has it."""
+    same numbers as the rounds over units give. `vs` are the block's t_k (a
+    CutRequest cuts them in place), or the models' weights for a combiner with
+    no merge_block; `score`: the block's derived score, where the caller has it."""
     if ctx.tensor_stats is not None:
         return ctx.tensor_stats
     combiner = methods.combiner(spec.method)
+    made = combiner.merge_block is not None
     gen = combiner.statistics(spec, ctx.shape, ctx.tensor)
     index: RankIndex | None = None
     try:

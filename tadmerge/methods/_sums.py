@@ -24,7 +24,7 @@ def merge_weights(base, models, spec, check_finite: bool, ctx):
         if check_finite and not math.isfinite(tau_sq):
             raise NonFiniteTaskVector(k)
         stats.append(TaskStats(kept=base.numel(), tau_sq=tau_sq, t_sq=tau_sq))
-    comb = TS.resolve(base, models, spec, ctx, made=False)["values"]
+    comb = TS.resolve(base, models, spec, ctx)["values"]
     comb = comb if isinstance(comb, Combination) else Combination.from_json(comb)
     return BlockResult(apply(comb, base, models, ctx.shape), None, stats)
 
