@@ -338,8 +338,8 @@ def _parse_sparsify(raw: dict) -> SparsifySpec:
 def _check_combiner_inputs(
     merge: MergeMethod, sparsify: SparsifySpec, models: tuple[ModelEntry, ...]
 ) -> None:
-    """What a combiner declares of its inputs: how many models, and (tensor sums
-    combiners: they merge the weights) no sparsifier."""
+    """What a combiner declares of its inputs: how many models, and (a combiner
+    with no merge_block: it merges the weights) no sparsifier."""
     combiner = methods.combiner(merge.method)
     least, most = combiner.models
     n = len(models)
@@ -350,7 +350,7 @@ def _check_combiner_inputs(
         raise ConfigError(
             f"models: {merge.method} merges {want} model(s) besides the base, got {n}"
         )
-    if combiner.sums is not None and sparsify.method != "none":
+    if combiner.merge_block is None and sparsify.method != "none":
         raise ConfigError(
             f"sparsify.method: {merge.method} merges the weights themselves; it takes no "
             f"sparsifier (got {sparsify.method})"

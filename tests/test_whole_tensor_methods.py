@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from tadmerge.config import parse_config
 from tadmerge.engine import tensor_stats
-from tadmerge.engine.spec import MergeSpec, SparsifySpec
+from tadmerge.engine.spec import BlockContext, MergeSpec, SparsifySpec
 from tadmerge.errors import ConfigError
 from tadmerge.methods import arcee_fusion
 from tadmerge.run.driver import run_merge
@@ -121,12 +121,17 @@ def test_sce_variance_cut_is_exact_with_ties_spread_over_units(tmp_path, topk):
     assert torch.equal(got, expected)
 
 
+def whole_block(shape: tuple[int, ...]) -> BlockContext:
+    """The context of a block that is the whole tensor (it resolves its statistics)."""
+    return BlockContext("w", shape, 0, shape[0], shape[0], whole=True, backend="torch")
+
+
 def test_sce_kept_set_equals_the_reference_mask():
     g = torch.Generator().manual_seed(5)
     ts = [torch.randint(-3, 4, (4000,), generator=g).float() * 0.25 for _ in range(3)]
     spec = MergeSpec(SparsifySpec(), "sce", weights=(1.0,) * 3, params=(("select_topk", 0.37),))
     mine = [t.clone() for t in ts]
-    tensor_stats.local(torch.zeros(4000), mine, spec, backend="torch")  # applies the cut in place
+    tensor_stats.resolve(torch.zeros(4000), mine, spec, whole_block((4000,)))  # cuts in place
     mask = R.sce_mask(ts, 0.37)
     var = R.sce_variance(ts)
     assert int(mask.sum()) == int(0.37 * int(torch.count_nonzero(var)))
@@ -191,9 +196,10 @@ def test_arcee_fusion_threshold_from_the_signed_quantiles():
     spec = MergeSpec(SparsifySpec(), "arcee_fusion", weights=(1.0,))
     score = arcee_fusion.importance(base, [model - base], spec, (50, 20))
     assert torch.equal(score.view(50, 20), R.arcee_importance(base, model))
-    got = tensor_stats.values_of(score, arcee_fusion.METHOD.tensor_stats, spec, "torch")[
-        "threshold"
-    ]
+    ts = [(model - base).reshape(-1)]
+    ctx = whole_block((50, 20))
+    values = tensor_stats.resolve(base.reshape(-1), ts, spec, ctx, score=score)["values"]
+    got = values["threshold"]
     s = torch.sort(score).values
     n = s.numel()
     expected = s[(n - 1) // 2] + R.f32(1.5) * (s[3 * (n - 1) // 4] - s[(n - 1) // 4])

@@ -15,14 +15,13 @@ from ..emr.store import MaskStore, array_key
 from ..engine.block import BlockResult, NonFiniteTaskVector, merge_block
 from ..engine.exact import coarse_stats
 from ..engine.histogram import KeysAside, fine_histograms
-from ..engine.keys import KeyChunks
+from ..engine.keys import KeyChunks, count_keys
 from ..engine.spec import (
     CoarseRequest,
     FineRequest,
     StatsRequest,
-    SumsRequest,
-    TensorStatsRequest,
     TieCountRequest,
+    UnitRequest,
 )
 from ..errors import InputError
 from ..io.block_io import read_rows
@@ -97,13 +96,11 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispat
     unit = plan.units[unit_id]
     _, blocks = read_unit(plan, unit, device)
     base, models = blocks[0], blocks[1:]
-    if isinstance(request, TensorStatsRequest):  # a combiner's (cluster/tensor_stats.py)
+    if isinstance(request, UnitRequest):  # a combiner's (cluster/tensor_stats.py)
         from ..engine import tensor_stats
 
-        spec = merge_spec(plan)
         ctx = block_context(plan, unit, request.resolved, backend)
-        ts = tensor_stats.sparsified(base, models, spec, ctx)
-        return tensor_stats.answer(base, ts, spec, request, ctx.shape, backend=backend)
+        return tensor_stats.answer(base, models, merge_spec(plan), ctx, request)
     if isinstance(request, CoarseRequest):
         # per task (coarse histogram, KeysAside or None): the keys set aside only
         # when asked (tensor-scope groups, whose fine round they save)
@@ -121,19 +118,7 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispat
             for k, buckets in request.buckets.items()
         }
     if isinstance(request, TieCountRequest):
-        out = {}
-        for k, keys_wanted in request.keys.items():
-            keys = KeyChunks(models[k].sub_(base))
-            counts = dict.fromkeys(keys_wanted, 0)
-            for chunk in keys:
-                for key in keys_wanted:
-                    counts[key] += int(torch.count_nonzero(chunk == key))
-            out[k] = counts
-        return out
-    if isinstance(request, SumsRequest):
-        from ..engine.sums import block_sums
-
-        return block_sums(base, models, request, plan.tensors[unit.tensor].shape)
+        return {k: count_keys(KeyChunks(models[k].sub_(base)), w) for k, w in request.keys.items()}
     raise TypeError(f"unknown statistics request {request!r}")
 
 

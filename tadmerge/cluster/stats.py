@@ -25,13 +25,16 @@ TIES majority sign of a split tensor needs no round at all: blocks are merged
 with a provisional sign and report their votes, and the driver reruns only the
 blocks whose exactly-cancelling votes needed the other sign (run/stages.py).
 
+A combiner's whole-tensor statistics of its split tensors (score cuts and
+quantiles, exact sums: methods/registry.py Combiner.statistics) come after
+these rounds, given their result: cluster/tensor_stats.py.
+
 The result is a small per-unit context handed to engine.block.merge_block; it
 is saved in the staging directory for --resume.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Generator
 from dataclasses import asdict
 
@@ -48,7 +51,6 @@ MapFn = Callable[[str, list[tuple[int, StatsRequest]], Callable[[int, object], N
 GROUP_BYTES = (4 + 2 * (PREDICTED_BUCKETS + 4)) * 2**18  # coarse arrays + fine histograms
 PER_UNIT_SHARE = 16  # per-unit fine histograms kept for the tie counts: budget / 16
 SPARSE_BIN_BYTES = 16  # one bin of a SparseFine: int64 bin + int64 count
-SUMS_SEGMENT_BYTES = 16 * 64 * 6  # a segment's exact sums: hi + lo, ~64 bins, ~6 sums
 
 
 def run_stats_stage(plan: Plan, map_units: MapFn) -> dict:
@@ -61,10 +63,6 @@ def run_stats_stage(plan: Plan, map_units: MapFn) -> dict:
     resolved: dict = {}
     if not plan.needs_stats():
         return resolved
-    if plan.needs_sums():  # a combiner's tensor sums: no magnitude selection with them
-        _sums_stage(plan, map_units, resolved)
-        return resolved
-
     rates = None
     global_sel: dict[int, Selection] = {}
     quotas: dict[tuple, dict[int, tuple[int, int]]] = {}
@@ -116,72 +114,6 @@ def run_stats_stage(plan: Plan, map_units: MapFn) -> dict:
 
     run_tensor_stats(plan, map_units, resolved)
     return resolved
-
-
-def _sums_stage(plan: Plan, map_units: MapFn, resolved: dict) -> None:
-    """A combiner's tensor sums over its split tensors (engine/sums.py): every
-    tensor's generator advances one round at a time, all pending tensors in one
-    map per round; each unit answers exact sums that add, the driver rounds
-    their total once and sends it on. Segments inside a row ("last") need no
-    round: the blocks compute their own."""
-    from .. import methods
-    from ..engine.sums import ExactSums, local
-    from .worker import merge_spec
-
-    spec = merge_spec(plan)
-    combiner = methods.combiner(spec.method)
-    gens: dict[int, Generator] = {}
-    pending: dict[int, object] = {}
-    done: dict[int, object] = {}
-
-    def advance(t: int, value: object = None, first: bool = False) -> None:
-        try:
-            pending[t] = next(gens[t]) if first else gens[t].send(value)
-        except StopIteration as stop:
-            pending.pop(t, None)
-            done[t] = stop.value
-
-    todo = []
-    for t in plan.tensors:
-        if t.kind != MERGE or not t.split:
-            continue
-        gens[t.index] = combiner.sums(spec, t.shape, t.name)
-        advance(t.index, first=True)
-        if t.index in pending and local(pending[t.index].layout, t.shape):
-            gens.pop(t.index).close()  # segments inside a row: each block has its own
-            pending.pop(t.index)
-        elif t.index in pending:
-            todo.append(t.index)
-    # the driver holds each pending tensor's exact sums (per segment): in batches
-    # whose sums fit a quarter of the budget
-    limit = max(1, (plan.config.runtime.memory_budget // 4) // SUMS_SEGMENT_BYTES)
-    while todo:
-        batch, held = [], 0
-        while todo and (not batch or held + _segments(plan, todo[0]) <= limit):
-            held += _segments(plan, todo[0])
-            batch.append(todo.pop(0))
-        while any(t in pending for t in batch):
-            totals: dict[int, ExactSums] = {}
-            unit_tensor = {u: t for t in batch if t in pending for u in plan.tensors[t].units}
-
-            def add(unit_id: int, value: object, totals=totals, unit_tensor=unit_tensor) -> None:
-                t = unit_tensor[unit_id]
-                totals[t] = totals[t] + value if t in totals else value  # type: ignore[operator]
-
-            items = [(u, pending[t]) for u, t in sorted(unit_tensor.items())]
-            map_units("sums", items, add)  # type: ignore[arg-type]
-            for t in {t for t in unit_tensor.values()}:
-                advance(t, totals[t].values())
-    for t, value in done.items():
-        data = value.to_json() if hasattr(value, "to_json") else value
-        for u in plan.tensors[t].units:
-            resolved.setdefault(u, {})["sums"] = data
-
-
-def _segments(plan: Plan, t: int) -> int:
-    """Segments a split tensor's sums may have: its columns at most."""
-    shape = plan.tensors[t].shape
-    return max(1, math.prod(shape[1:])) if len(shape) > 1 else 1
 
 
 def _group_summary(val: object) -> dict:
@@ -363,11 +295,8 @@ def _tie_quotas(
     partial: dict[tuple, list[Cut]] = {}
     for g in groups:
         sel = results.get(g)
-        if not isinstance(sel, Selection):
-            continue
-        for cut in (sel.lo, sel.hi):
-            if not cut.everything and 0 < cut.quota < index[g].count_at(cut.key):
-                partial.setdefault(g, []).append(cut)
+        if isinstance(sel, Selection) and (inside := inside_runs((sel.lo, sel.hi), index[g])):
+            partial[g] = inside
     counts: dict[tuple[int, int, int], int] = {}  # (unit, task, key) -> count
     wanted: dict[int, dict[int, set[int]]] = {}
     for g, cuts in partial.items():
@@ -394,23 +323,29 @@ def _tie_quotas(
         sel = results.get(g)
         if not isinstance(sel, Selection):
             continue
-        shares = {u: [0, 0] for u in groups[g]}
-        for side, cut in enumerate((sel.lo, sel.hi)):
-            if cut.everything or cut.quota == 0:
-                continue
-            if cut not in partial.get(g, []):
-                # the cut takes every entry of its key: the whole quota covers any
-                # unit's own ties (below_cut slices at most what the unit has)
-                for u in groups[g]:
-                    shares[u][side] = cut.quota
-                continue
-            before = 0
-            for u in groups[g]:
-                here = counts[(u, g[-1], cut.key)]
-                shares[u][side] = max(0, min(cut.quota - before, here))
-                before += here
-        results[("quota", g)] = {u: (q[0], q[1]) for u, q in shares.items()}
+        count = lambda u, key, k=g[-1]: counts[(u, k, key)]  # noqa: E731
+        lo, hi = (tie_shares(c, partial.get(g, []), groups[g], count) for c in (sel.lo, sel.hi))
+        results[("quota", g)] = dict(zip(groups[g], zip(lo, hi, strict=True), strict=True))
         index.pop(g, None)
+
+
+def inside_runs(cuts: tuple[Cut, ...], index: RankIndex) -> list[Cut]:
+    """The cuts that fall inside a run of equal keys (which may be spread over units)."""
+    return [c for c in cuts if not c.everything and 0 < c.quota < index.count_at(c.key)]
+
+
+def tie_shares(cut: Cut, inside: list[Cut], units: list[int], count) -> list[int]:
+    """Each unit's share of `cut`'s quota of ties, in unit order: all of it where
+    the cut takes every entry of its key (below_cut slices at most what a unit
+    has), else handed out over the units' counts of the key (`count(unit, key)`)."""
+    if cut.everything or cut.quota == 0 or cut not in inside:
+        return [0 if cut.everything else cut.quota] * len(units)
+    shares, before = [], 0
+    for u in units:
+        here = count(u, cut.key)
+        shares.append(max(0, min(cut.quota - before, here)))
+        before += here
+    return shares
 
 
 # ------------------------------------------------------------------------------------

@@ -143,8 +143,6 @@ def block_context(plan: Plan, unit: Unit, resolved: dict | None, backend: str) -
         ctx.rates = resolved.get("rates")
         ctx.majority = resolved.get("majority")
         ctx.tensor_stats = resolved.get("tensor_stats")
-
-        ctx.sums = resolved.get("sums")
     return ctx
 
 

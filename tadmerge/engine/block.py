@@ -232,7 +232,7 @@ def merge_block(
     """
     combiner = methods.combiner(spec.method)
     sparsify_none = spec.sparsify.method == "none"
-    if combiner.sums is not None:  # tensor sums (engine/sums.py): the weights, with ctx
+    if combiner.merge_block is None:  # it merges the weights, given its statistics (ctx)
         return combiner.merge_weights(base, models, spec, check_finite, ctx)
     if sparsify_none and combiner.merge_weights is not None:
         return combiner.merge_weights(base, models, spec, check_finite)

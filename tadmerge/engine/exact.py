@@ -240,37 +240,24 @@ def _side_moments(side, moments: int):
 
 @dataclass
 class ExactSum:
-    """Σ|x| and Σx² of a set of float32 values, as exact scaled integers."""
+    """Σ|x| of a set of float32 values, as an exact scaled integer."""
 
     abs_scaled: int = 0  # Σ|x| · 2**149
-    sq_scaled: int = 0  # Σx² · 2**298
     count: int = 0
 
     def __add__(self, other: ExactSum) -> ExactSum:
-        return ExactSum(
-            self.abs_scaled + other.abs_scaled,
-            self.sq_scaled + other.sq_scaled,
-            self.count + other.count,
-        )
+        return ExactSum(self.abs_scaled + other.abs_scaled, self.count + other.count)
 
     @property
     def abs_sum(self) -> float:
         return float(Fraction(self.abs_scaled, 1 << ABS_SCALE_BITS))
 
-    @property
-    def sq_sum(self) -> float:
-        return float(Fraction(self.sq_scaled, 1 << SQ_SCALE_BITS))
-
-    @property
-    def l2(self) -> float:
-        return self.sq_sum**0.5
-
     def to_json(self) -> list:
-        return [str(self.abs_scaled), str(self.sq_scaled), self.count]
+        return [str(self.abs_scaled), "0", self.count]  # ("0": the resume log's old Σx²)
 
     @classmethod
     def from_json(cls, v: list) -> ExactSum:
-        return cls(int(v[0]), int(v[1]), int(v[2]))
+        return cls(int(v[0]), int(v[2]))
 
 
 ABS_CHUNK = 1 << 28  # values per exponent bincount: each mantissa < 2**24, sums < 2**52
@@ -280,7 +267,7 @@ def exact_sum_by_exponent(per_exponent, count: int) -> ExactSum:
     """Σ|x| from the sums of the 24-bit mantissas of |x| per exponent e (256):
     |x| = M·2**(e−150) (e >= 1), so the sum scaled by 2**149 is Σ_e S_e·2**(e−1)."""
     total = sum(int(v) << (max(e, 1) - 1) for e, v in enumerate(per_exponent) if v)
-    return ExactSum(total, 0, count)
+    return ExactSum(total, count)
 
 
 def exact_abs_sum(x: torch.Tensor) -> ExactSum:
@@ -299,4 +286,4 @@ def exact_abs_sum(x: torch.Tensor) -> ExactSum:
         m = (keys & 0x7FFFFF) | ((e > 0).to(torch.int32) << 23)
         per = torch.bincount(e, weights=m.to(torch.float64), minlength=256).cpu().tolist()
         total += exact_sum_by_exponent(per, 0).abs_scaled
-    return ExactSum(total, 0, x.numel())
+    return ExactSum(total, x.numel())

@@ -85,6 +85,13 @@ class SparseKeys(KeyChunks):
         raise RuntimeError("SparseKeys holds no keys to iterate: only their sparse counts")
 
 
+def count_keys(keys: KeyChunks, wanted) -> dict[int, int]:
+    """How many keys equal each of `wanted` (a unit's count of a cut's ties)."""
+    import torch
+
+    return {key: sum(int(torch.count_nonzero(c == key)) for c in keys) for key in wanted}
+
+
 def numel(keys) -> int:
     """Entries of a key tensor or KeyChunks (SparseKeys included)."""
     return len(keys) if isinstance(keys, KeyChunks) else keys.numel()

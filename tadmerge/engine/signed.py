@@ -1,5 +1,5 @@
 """Exact order statistics of a signed float32 score (a combiner's derived score
-that may be negative: arcee_fusion's importance, methods/registry.py TensorStats
+that may be negative: arcee_fusion's importance, engine/spec.py ScoreRequest
 `signed`).
 
 The magnitude keys (keys.py) order |x| on 31 bits; a signed order needs all 32:
@@ -14,14 +14,13 @@ never exist for a whole block.
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .exact import CoarseStats
 from .histogram import RankIndex, SparseFine
-from .keys import COARSE_SHIFT, N_FINE
+from .keys import COARSE_SHIFT, N_FINE, key_to_float
 
 if TYPE_CHECKING:
     import torch
@@ -41,13 +40,6 @@ def signed_keys(x: torch.Tensor) -> torch.Tensor:
     mag = bits & 0x7FFFFFFF
     negative = (bits < 0) & (mag != 0)
     return torch.where(negative, (SIGN - 1) - mag, mag + SIGN)
-
-
-def signed_key_to_float(key: int) -> float:
-    """The float32 value an order key stands for, as a Python float (exact)."""
-    mag = key - SIGN if key >= SIGN else (SIGN - 1) - key
-    value = struct.unpack("<f", struct.pack("<I", mag))[0]
-    return value if key >= SIGN else -value
 
 
 def _chunks(x: torch.Tensor):
@@ -88,4 +80,6 @@ class SignedRankIndex(RankIndex):
     """RankIndex over order keys: the same exact rank queries, signed values."""
 
     def value_at(self, rank: int) -> float:
-        return signed_key_to_float(self.key_at(rank))
+        """The float32 value the order key stands for, as a Python float (exact)."""
+        key = self.key_at(rank)
+        return key_to_float(key - SIGN) if key >= SIGN else -key_to_float(SIGN - 1 - key)

@@ -100,33 +100,58 @@ class TieCountRequest:
     keys: dict[int, list[int]]  # task -> cut keys
 
 
-@dataclass(frozen=True)
-class TensorStatsRequest:
-    """A combiner's whole-tensor statistics (engine/tensor_stats.py), for one unit:
-    `kind` coarse / fine (`buckets`) / ties (`keys`) of its derived score, or its
-    exact sums after the cut (`cut`: the unit's [lo_key, lo_quota, hi_key,
-    hi_quota]); `resolved`: the unit's sparsifier context (its t_k are made first)."""
+# A combiner's whole-tensor statistics (methods/registry.py Combiner.statistics):
+# what its generator yields, each answered with numbers of the whole tensor.
 
-    kind: str
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """The exact histograms of the combiner's derived score (Combiner.score): the
+    generator is sent the tensor's RankIndex, with the fine histograms of
+    `buckets`; a unit answers its coarse histogram (no buckets), the fine ones
+    of `buckets`, or its count of each of `keys` (tie shares). `signed`: the
+    score may be negative (32-bit order keys, engine/signed.py)."""
+
+    signed: bool = False
     buckets: tuple[int, ...] = ()
     keys: tuple[int, ...] = ()
-    cut: tuple[int, int, int, int] | None = None
-    resolved: dict | None = None
+
+
+@dataclass(frozen=True)
+class CutRequest:
+    """Keep the ranks [lo, hi) of the ascending score order (ties by flat index)
+    in every task's t_k, one cut for all; the requests after it see the cut t_k.
+    Sent back: None."""
+
+    lo: int
+    hi: int
 
 
 @dataclass(frozen=True)
 class SumsRequest:
-    """The block's exact sums of products (engine/sums.py), for a combiner that
-    declares tensor sums: per pair (i, j), Σ v_i·v_j over each segment, with v_0 the
-    base and v_k model k's weights ("weights") or task vector ("tasks"); segments
-    by `layout` ("tensor", "first": vectors along the first axis, "last")."""
+    """Exact sums of products (engine/sums.py): per pair (i, j), Σ v_i·v_j over
+    each segment, with v_0 the base and v_k model k's weights ("weights") or its
+    task vector t_k ("tasks"), or v_j the combiner's derived per-element vectors
+    ("derived": Combiner.derived); segments by `layout` ("tensor", "first":
+    vectors along the first axis, "last"). Sent back: float64 [S pairs, C segments]."""
 
     vectors: str
     pairs: tuple[tuple[int, int], ...]
     layout: str = "tensor"
 
 
-StatsRequest = CoarseRequest | FineRequest | TieCountRequest | TensorStatsRequest | SumsRequest
+@dataclass(frozen=True)
+class UnitRequest:
+    """One unit's share of a round of a combiner's statistics: `request` answered
+    on its t_k as the merge makes them (`resolved`: its sparsifier's context) after
+    the tensor's cut so far (`cut`: [lo_key, lo_quota, hi_key, hi_quota], its share)."""
+
+    request: ScoreRequest | SumsRequest
+    resolved: dict | None = None
+    cut: tuple[int, int, int, int] | None = None
+
+
+StatsRequest = CoarseRequest | FineRequest | TieCountRequest | UnitRequest
 
 
 class NonFiniteTaskVector(ValueError):
@@ -164,11 +189,10 @@ class BlockContext:
     # per task, TADrop drop rates decided globally (scope: global)
     rates: list[float] | None = None
     majority: int | None = None
-    # a combiner's whole-tensor statistics of a split tensor (engine/tensor_stats.py)
+    # a combiner's whole-tensor statistics of a split tensor, resolved by the driver
+    # (cluster/tensor_stats.py): {"cut": the unit's cut or None, "values": what its
+    # generator returned, JSON}; None when the block resolves them (engine/tensor_stats.py)
     tensor_stats: dict | None = None
-    # a combiner's tensor sums resolved over the whole split tensor (engine/sums.py:
-    # what its generator returned, as JSON data), None when the block resolves them
-    sums: dict | None = None
 
     # the kernels backend the merge's driver decided (cluster/dispatch.py): c | torch
     # (auto: the C kernels where they load, for callers outside a merge)

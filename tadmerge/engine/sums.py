@@ -18,22 +18,22 @@ math.fsum of its exactly representable float64 terms rounds it correctly: the
 value is the exact sum rounded once, whatever order anything was added in.
 
 A request (engine/spec.py SumsRequest) names the products (pairs of the block's
-vectors: the weights θ0..θK, or θ0 and the task vectors τ_k = fl32(θ_k − θ0)) and
-the layout: one segment for the whole tensor ("tensor"), one per vector along the
-first axis ("first": the columns, reduced across the row blocks of a split
-tensor), or one per vector along the last axis ("last": inside a row, so always
-inside one unit, and never a round). A combiner declares a generator of requests
-(methods/registry.py, Combiner.sums); the block runs it on its own data when it
-holds the whole tensor (run_locally), cluster/stats.py runs it over units
-otherwise, and hands the result to every block through BlockContext.sums.
+vectors: the weights θ0..θK, θ0 and the task vectors t_k, or a combiner's
+derived per-element vectors) and the layout: one segment for the whole tensor
+("tensor"), one per vector along the first axis ("first": the columns, reduced
+across the row blocks of a split tensor), or one per vector along the last axis
+("last": inside a row, so always inside one unit, and never a round). A
+combiner's statistics generator yields them (methods/registry.py
+Combiner.statistics; engine/tensor_stats.py and cluster/tensor_stats.py drive
+it); the Combination its spherical methods return is applied here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -47,10 +47,6 @@ SPLIT = 24  # P = hi·2**SPLIT + lo
 CHUNK = 1 << 17  # elements per bincount: exact below 2**29, temporaries of a few MB
 _LO_MASK = (1 << SPLIT) - 1
 _F_SPLIT = 26  # hi = (hi >> 26)·2**26 + (hi mod 2**26): both exact float64
-
-# what a combiner's sums generator yields and receives: requests, and the reduced
-# sums as float64 [S, C] (S products of the request, C segments)
-SumsRounds = Generator[SumsRequest, np.ndarray, Any]
 
 
 def layout_of(layout: str, shape: tuple[int, ...]) -> str:
@@ -83,11 +79,6 @@ class ExactSums:
     lo: np.ndarray
     b0: int
     nonfinite: int = 0
-
-    @classmethod
-    def zeros(cls, s: int, c: int) -> ExactSums:
-        z = np.zeros((s, c, 0), dtype=np.int64)
-        return cls(z, z.copy(), 0)
 
     def __add__(self, other: ExactSums) -> ExactSums:
         if not self.hi.shape[2]:
@@ -135,20 +126,8 @@ def _parts(x: torch.Tensor):
     return k < 0, field.clamp(min=1), m, field == 255
 
 
-def _exponent_range(vec: Callable[[int, int, int], torch.Tensor], j: int, n: int):
-    """(least, greatest) exponent e >= 1 of vector j, chunk by chunk (a task vector
-    is made a chunk at a time: no block-sized temporary)."""
-    import torch
-
-    lo, hi = 255, 1
-    for a in range(0, n, CHUNK):
-        field = (vec(j, a, min(n, a + CHUNK)).contiguous().view(torch.int32) & 0x7FFFFFFF) >> 23
-        lo, hi = min(lo, int(field.min())), max(hi, int(field.max()))
-    return max(1, min(lo, hi)), hi
-
-
 def exact_sums(
-    vec: Callable[[int, int, int], torch.Tensor],
+    chunk: Callable[[int, int], list[torch.Tensor]],
     pairs: tuple[tuple[int, int], ...],
     n: int,
     seg_size: int,
@@ -157,24 +136,32 @@ def exact_sums(
 ) -> ExactSums:
     """Exact Σ over each segment of v_i·v_j for every pair, over elements [0, n).
 
-    `vec(j, a, b)` is vector j's float32 elements [a, b). Element i belongs to
+    `chunk(a, b)` is every vector's float32 elements [a, b) (a task vector is
+    made a chunk at a time: no block-sized temporary). Element i belongs to
     segment i // seg_size, or (`column`) to segment i % n_seg.
     """
     import torch
 
     vectors = sorted({j for p in pairs for j in p})
-    ranges = {j: _exponent_range(vec, j, n) for j in vectors}
-    b0 = min(ranges[i][0] + ranges[j][0] for i, j in pairs)
-    b1 = max(ranges[i][1] + ranges[j][1] for i, j in pairs) + 1
-    nb = b1 - b0
+    # each vector's least and greatest exponent e >= 1: the bins the sums take
+    lo, hi = dict.fromkeys(vectors, 255), dict.fromkeys(vectors, 1)
+    for a in range(0, n, CHUNK):
+        vs = chunk(a, min(n, a + CHUNK))
+        for j in vectors:
+            field = (vs[j].contiguous().view(torch.int32) & 0x7FFFFFFF) >> 23
+            lo[j], hi[j] = min(lo[j], int(field.min())), max(hi[j], int(field.max()))
+    lo = {j: max(1, min(lo[j], hi[j])) for j in vectors}
+    b0 = min(lo[i] + lo[j] for i, j in pairs)
+    nb = max(hi[i] + hi[j] for i, j in pairs) + 1 - b0
     s = len(pairs)
-    hi = np.zeros((s, n_seg, nb), dtype=np.int64)
-    lo = np.zeros_like(hi)
+    sums_hi = np.zeros((s, n_seg, nb), dtype=np.int64)
+    sums_lo = np.zeros_like(sums_hi)
     nonfinite = 0
     step = CHUNK if column or seg_size >= CHUNK else max(1, CHUNK // seg_size) * seg_size
     for a in range(0, n, step):
         b = min(n, a + step)
-        parts = {j: _parts(vec(j, a, b)) for j in vectors}
+        vs = chunk(a, b)
+        parts = {j: _parts(vs[j]) for j in vectors}
         device = parts[vectors[0]][1].device
         if column:
             seg = torch.arange(a, b, device=device) % n_seg
@@ -190,62 +177,56 @@ def exact_sums(
             p = mi.to(torch.int64) * mj.to(torch.int64)
             sign = torch.where(ni ^ nj, -1.0, 1.0).to(torch.float64)
             index = seg * nb + (ei + ej - b0).clamp(0, nb - 1).to(torch.int64)
-            for part, dest in (((p >> SPLIT), hi), ((p & _LO_MASK), lo)):
+            for part, dest in (((p >> SPLIT), sums_hi), ((p & _LO_MASK), sums_lo)):
                 w = part.to(torch.float64) * sign
                 got = torch.bincount(index, weights=w, minlength=count * nb)
                 dest[q, first : first + count] += (
                     got.to(torch.int64).cpu().numpy().reshape(count, nb)
                 )
-    return ExactSums(hi, lo, b0, nonfinite)
+    return ExactSums(sums_hi, sums_lo, b0, nonfinite)
 
 
-def block_vectors(base: torch.Tensor, models: list[torch.Tensor], kind: str):
-    """vec(j, a, b) of a request's vectors: j = 0 the base; j >= 1 model j's
-    weights ("weights") or its task vector fl32(θ_j − θ0) ("tasks")."""
+def block_vectors(
+    base: torch.Tensor,
+    vs: list[torch.Tensor],
+    kind: str,
+    made: bool = False,
+    derived: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+) -> Callable[[int, int], list[torch.Tensor]]:
+    """chunk(a, b): a request's vectors v_j over elements [a, b). "weights":
+    v_0 the base, v_j model j's weights (`vs`); "tasks": v_j the task vector
+    t_j, `vs` themselves when `made` (the merge's t_k) or fl32(θ_j − θ0) made
+    from the weights; "derived": the combiner's per-element vectors of the
+    chunk's t_k, `derived(ts)` (Combiner.derived)."""
 
-    def vec(j: int, a: int, b: int) -> torch.Tensor:
-        if j == 0:
-            return base[a:b]
-        if kind == "weights":
-            return models[j - 1][a:b]
-        return models[j - 1][a:b] - base[a:b]
+    def chunk(a: int, b: int) -> list[torch.Tensor]:
+        if kind == "weights" or (kind == "tasks" and made):
+            return [base[a:b]] + [v[a:b] for v in vs]
+        ts = [v[a:b] if made else v[a:b] - base[a:b] for v in vs]
+        if kind == "tasks":
+            return [base[a:b]] + ts
+        assert derived is not None
+        return derived(ts)
 
-    return vec
+    return chunk
 
 
 def block_sums(
     base: torch.Tensor,
-    models: list[torch.Tensor],
+    vs: list[torch.Tensor],
     request: SumsRequest,
     shape: tuple[int, ...],
+    made: bool = False,
+    derived: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> ExactSums:
-    """One block's share of a request (whole rows of a tensor of `shape`)."""
+    """One block's share of a request (whole rows of a tensor of `shape`;
+    `vs`, `made`, `derived` as in block_vectors)."""
     n = base.numel()
     layout = layout_of(request.layout, shape)
     n_seg = segments(layout, shape, n)
     seg_size = n if layout == "tensor" else max(1, shape[-1])
-    vec = block_vectors(base, models, request.vectors)
-    return exact_sums(vec, request.pairs, n, max(1, seg_size), n_seg, layout == "first")
-
-
-def run_locally(
-    rounds: SumsRounds,
-    base: torch.Tensor,
-    models: list[torch.Tensor],
-    shape: tuple[int, ...],
-    whole: bool,
-) -> Any:
-    """Drive a combiner's sums generator on a block that holds every segment it
-    asks for (`whole`: the whole tensor; else the "last" layout only): the same
-    sums, and so the same result, as the rounds over units of cluster/stats.py."""
-    try:
-        request = next(rounds)
-        while True:
-            if not (whole or local(request.layout, shape)):
-                raise RuntimeError("split block without its resolved tensor sums")
-            request = rounds.send(block_sums(base, models, request, shape).values())
-    except StopIteration as stop:
-        return stop.value
+    chunk = block_vectors(base, vs, request.vectors, made, derived)
+    return exact_sums(chunk, request.pairs, n, max(1, seg_size), n_seg, layout == "first")
 
 
 # ------------------------------------------------------------------------------------
@@ -284,6 +265,7 @@ def apply(
     n_seg = segments(layout, shape, n)
     out = models[0]
     tasks = comb.vectors == "tasks"
+    chunk = block_vectors(base, models, comb.vectors)
     coefs = {
         j: torch.tensor(c, dtype=torch.float32, device=base.device)
         for j, c in enumerate(comb.coef)
@@ -298,15 +280,10 @@ def apply(
         r1 = min(total_rows, r0 + step)
         a, b = r0 * width, r1 * width
         acc = None
+        vs = chunk(a, b)
         for j, c in coefs.items():
-            if j == 0:
-                v = base[a:b]
-            elif tasks:
-                v = models[j - 1][a:b] - base[a:b]
-            else:
-                v = models[j - 1][a:b]
             cc = c[r0:r1].view(-1, 1) if layout == "last" else c.view(1, -1)
-            term = v.view(r1 - r0, width) * cc
+            term = vs[j].view(r1 - r0, width) * cc
             acc = term if acc is None else acc.add_(term)
         if acc is None:
             acc = torch.zeros((r1 - r0, width), dtype=torch.float32, device=base.device)

@@ -1,90 +1,46 @@
-"""A combiner's whole-tensor statistics (methods/registry.py TensorStats), the
-block side: resolved from the block itself when it is the whole tensor, or
-answered for one unit of a split tensor (cluster/tensor_stats.py drives the
-rounds), and applied chunk by chunk.
+"""A combiner's whole-tensor statistics (methods/registry.py Combiner.statistics),
+the block side: its generator of requests driven on the block itself when the
+block holds what they ask about (`resolve`: the whole tensor, or sums inside a
+row), one unit's answer to a round over a split tensor's units (`answer`;
+cluster/tensor_stats.py drives those), and a resolved cut applied chunk by
+chunk (`Cutter`).
 
 Exact for any split, like the sparsifiers' selections:
-- the derived score's rank cut comes from the same mergeable histograms of
-  float32 keys (histogram.py), over the score instead of |τ|: ascending score,
-  ties by flat index, one cut for every task; a block's share of the ties at a
-  cut key follows the blocks' order, and within a block the flat order;
-- a signed score (arcee_fusion's importance) has 32-bit order keys and their
-  histograms (signed.py); its `value` generator reads exact order statistics
-  (quantiles) instead of cutting;
-- the sums are Python integers (counts, exact scaled moments) that add.
-The resolved context of a tensor is plain data: {"cut": [lo_key, lo_quota,
-hi_key, hi_quota] or None (the block's quotas), "values": finish(...) and
-value(...)}.
+- ScoreRequest: the mergeable histograms (histogram.py) of the derived score's
+  keys, magnitude keys or, for a signed score, the 32-bit order keys of
+  signed.py; the generator reads exact order statistics from them;
+- CutRequest: ascending score, ties by flat index, one cut for every task; a
+  block's share of the ties at a cut key follows the blocks' order, and within a
+  block the flat order;
+- SumsRequest: exact sums of products (sums.py), rounded once.
 """
 
 from __future__ import annotations
-
-from collections.abc import Generator
 
 import torch
 
 from .. import methods
 from .exact import coarse_stats
-from .histogram import Cut, RankIndex, fine_histograms
-from .keys import KeyChunks, magnitude_keys
-from .selection import run_locally
+from .histogram import RankIndex, fine_histograms
+from .keys import KeyChunks, count_keys, magnitude_keys
 from .signed import SignedRankIndex, signed_coarse, signed_fine
 from .sparsify import below_bits, ties_below
-from .spec import BlockContext, MergeSpec, TensorStatsRequest
+from .spec import BlockContext, CutRequest, MergeSpec, SumsRequest, UnitRequest
+from .sums import block_sums, local
 
 
-def declaration(spec: MergeSpec):
-    return methods.combiner(spec.method).tensor_stats
-
-
-def uses_score(decl, spec: MergeSpec) -> bool:
-    return decl is not None and decl.score is not None and decl.uses_score(spec)
-
-
-def resolve_cut(index: RankIndex, decl, spec: MergeSpec) -> Generator[set[int], None, tuple]:
-    """(lo Cut, hi Cut) of the kept ranks of the score order, from its histograms."""
-    lo, hi = yield from decl.keep(index, spec)
-    need = index.missing([lo, hi])
-    if need:
-        yield need
-    return index.cut(lo), index.cut(hi)
-
-
-def score_index(decl, score: torch.Tensor, backend: str) -> RankIndex:
+def score_index(score: torch.Tensor, signed: bool, backend: str) -> RankIndex:
     """The rank index of a score's coarse histogram (signed or magnitude keys)."""
-    if decl.signed:
+    if signed:
         return SignedRankIndex(signed_coarse(score))
     return RankIndex(coarse_stats(KeyChunks(score), moments=0, backend=backend))
 
 
-def score_fine(decl, score: torch.Tensor, buckets: list[int], backend: str) -> dict:
+def score_fine(score: torch.Tensor, signed: bool, buckets: list[int], backend: str) -> dict:
     """The fine histograms of a score's coarse buckets (signed or magnitude keys)."""
-    if decl.signed:
+    if signed:
         return signed_fine(score, buckets)
     return fine_histograms(KeyChunks(score), buckets, backend)
-
-
-def values_of(score: torch.Tensor, decl, spec: MergeSpec, backend: str) -> dict:
-    """`value`'s plain values of a score that is the whole tensor's."""
-    index = score_index(decl, score, backend)
-    gen = decl.value(index, spec)
-    try:
-        need = next(gen)
-        while True:
-            for b, h in score_fine(decl, score, sorted(need), backend).items():
-                index.add_fine(b, h)
-            need = gen.send(None)
-    except StopIteration as stop:
-        return stop.value
-
-
-def zero_count(index: RankIndex) -> Generator[set[int], None, int]:
-    """How many scores are exactly +0.0 (key 0): the fine histogram of bucket 0."""
-    if index.n == 0 or int(index.stats.counts[0]) == 0:
-        return 0
-    if 0 not in index.fine:
-        yield {0}
-    return index.count_at(0)
 
 
 class Cutter:
@@ -115,64 +71,84 @@ def masked(ts: list[torch.Tensor], keep: torch.Tensor | None) -> list[torch.Tens
     return ts
 
 
-def local(
+def _sums(base, vs, request: SumsRequest, spec: MergeSpec, shape, made: bool):
+    derived = methods.combiner(spec.method).derived
+    return block_sums(base, vs, request, shape, made, derived and (lambda ts: derived(ts, spec)))
+
+
+def resolve(
     base: torch.Tensor,
-    ts: list[torch.Tensor],
+    vs: list[torch.Tensor],
     spec: MergeSpec,
-    shape: tuple[int, ...] | None = None,
-    *,
-    backend: str,
+    ctx: BlockContext,
+    score: torch.Tensor | None = None,
 ) -> dict:
-    """The context of a block that is the whole tensor (of `shape`; None: flat),
-    from the block itself. Applies the cut to `ts` (in place)."""
-    decl = declaration(spec)
-    cut = None
-    shape = (base.numel(),) if shape is None else shape
-    if uses_score(decl, spec) and decl.value is not None:
-        values = values_of(decl.score(base, ts, spec, shape), decl, spec, backend)
-        if decl.sums is not None:
-            values.update(decl.finish(decl.sums(base, ts, spec, backend), base.numel(), spec))
-        return {"cut": None, "values": values}
-    if uses_score(decl, spec):
-        score = decl.score(base, ts, spec, shape)
-        keys = KeyChunks(score)
-        index = RankIndex(coarse_stats(keys, moments=0, backend=backend))
-        lo, hi = run_locally(resolve_cut(index, decl, spec), keys, index, backend)
-        cut = [lo.key, lo.quota, hi.key, hi.quota]
-        masked(ts, Cutter(cut).keep(score))
-        del score, keys
-    values = None
-    if decl.sums is not None:
-        values = decl.finish(decl.sums(base, ts, spec, backend), base.numel(), spec)
-    return {"cut": None, "values": values}  # (the cut is applied already)
+    """The block's statistics {"cut", "values"}: the driver's (a split tensor), or
+    what the combiner's generator returns answered from the block itself, the
+    same numbers as the rounds over units give. `vs` are the block's t_k (a
+    CutRequest cuts them in place), or the models' weights for a combiner with
+    no merge_block; `score`: the block's derived score, where the caller has it."""
+    if ctx.tensor_stats is not None:
+        return ctx.tensor_stats
+    combiner = methods.combiner(spec.method)
+    made = combiner.merge_block is not None
+    gen = combiner.statistics(spec, ctx.shape, ctx.tensor)
+    index: RankIndex | None = None
+    try:
+        request = next(gen)
+        while True:
+            answer = None
+            if isinstance(request, SumsRequest):
+                if not (ctx.whole or local(request.layout, ctx.shape)):
+                    raise RuntimeError(f"{ctx.tensor}: split block without its statistics")
+                answer = _sums(base, vs, request, spec, ctx.shape, made).values()
+            else:
+                if score is None:
+                    score = combiner.score(base, vs, spec, ctx.shape)
+                if index is None:
+                    index = score_index(score, getattr(request, "signed", False), ctx.backend)
+                wanted = (request.lo, request.hi) if isinstance(request, CutRequest) else ()
+                need = set(getattr(request, "buckets", ())) - set(index.fine)
+                need |= index.missing(list(wanted))
+                if need:
+                    signed = isinstance(index, SignedRankIndex)
+                    for b, h in score_fine(score, signed, sorted(need), ctx.backend).items():
+                        index.add_fine(b, h)
+                answer = index
+                if isinstance(request, CutRequest):
+                    lo, hi = index.cut(request.lo), index.cut(request.hi)
+                    masked(vs, Cutter([lo.key, lo.quota, hi.key, hi.quota]).keep(score))
+                    score = index = answer = None  # (the requests after it see the cut t_k)
+            request = gen.send(answer)
+    except StopIteration as stop:
+        return {"cut": None, "values": stop.value}
 
 
 def answer(
     base: torch.Tensor,
-    ts: list[torch.Tensor],
+    models: list[torch.Tensor],
     spec: MergeSpec,
-    request: TensorStatsRequest,
-    shape: tuple[int, ...] | None = None,
-    *,
-    backend: str,
+    ctx: BlockContext,
+    ask: UnitRequest,
 ):
-    """One unit's share of a round: `ts` are its sparsified task vectors (whole
-    rows of a tensor of `shape`; None: flat)."""
-    decl = declaration(spec)
-    shape = (base.numel(),) if shape is None else shape
-    if request.kind == "sums":
-        if uses_score(decl, spec) and decl.value is None:
-            masked(ts, Cutter(request.cut).keep(decl.score(base, ts, spec, shape)))
-        return decl.sums(base, ts, spec, backend)
-    score = decl.score(base, ts, spec, shape)
-    if request.kind == "coarse":
-        return score_index(decl, score, backend).stats
-    if request.kind == "fine":
-        return score_fine(decl, score, list(request.buckets), backend)
-    keys = KeyChunks(score)
-    if request.kind == "ties":
-        return {key: sum(int(torch.count_nonzero(c == key)) for c in keys) for key in request.keys}
-    raise ValueError(f"unknown tensor statistics request {request.kind!r}")
+    """One unit's share of a round (whole rows of its tensor): `models` are its
+    weights, made into its t_k as the merge makes them and cut, unless the
+    request is of the weights."""
+    request = ask.request
+    if isinstance(request, SumsRequest) and request.vectors == "weights":
+        return block_sums(base, models, request, ctx.shape)
+    score_of = methods.combiner(spec.method).score
+    ts = sparsified(base, models, spec, ctx)
+    if ask.cut is not None:
+        masked(ts, Cutter(list(ask.cut)).keep(score_of(base, ts, spec, ctx.shape)))
+    if isinstance(request, SumsRequest):
+        return _sums(base, ts, request, spec, ctx.shape, True)
+    score = score_of(base, ts, spec, ctx.shape)
+    if request.keys:  # (cuts are of unsigned scores: magnitude keys)
+        return count_keys(KeyChunks(score), request.keys)
+    if request.buckets:
+        return score_fine(score, request.signed, list(request.buckets), ctx.backend)
+    return score_index(score, request.signed, ctx.backend).stats
 
 
 def sparsified(
@@ -190,7 +166,3 @@ def sparsified(
             sparsify_chunk(tp, tau[a:b], a, spec)
         ts.append(tau)
     return ts
-
-
-def unit_cut(lo: Cut, hi: Cut, shares: tuple[int, int]) -> list[int]:
-    return [lo.key, shares[0], hi.key, shares[1]]

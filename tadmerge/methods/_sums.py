@@ -1,6 +1,7 @@
-"""The block function of the combiners that declare tensor sums (engine/sums.py):
-their generator's Combination, given (a split tensor) or made from the block
-(whole tensors, and segments inside a row), applied to the weights."""
+"""The block function of the combiners whose statistics are tensor sums
+(engine/sums.py) and a Combination of the weights: the Combination given (a
+split tensor) or made from the block (whole tensors, and segments inside a
+row), applied to the weights."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import math
 
 def merge_weights(base, models, spec, check_finite: bool, ctx):
     """Merge one block of a sums combiner. Consumes `models`."""
-    from .. import methods
+    from ..engine import tensor_stats as TS
     from ..engine.block import BlockResult
     from ..engine.spec import NonFiniteTaskVector, TaskStats
-    from ..engine.sums import CHUNK, Combination, apply, run_locally
+    from ..engine.sums import CHUNK, Combination, apply
 
     stats = []
     for k, m in enumerate(models):
@@ -23,11 +24,8 @@ def merge_weights(base, models, spec, check_finite: bool, ctx):
         if check_finite and not math.isfinite(tau_sq):
             raise NonFiniteTaskVector(k)
         stats.append(TaskStats(kept=base.numel(), tau_sq=tau_sq, t_sq=tau_sq))
-    if ctx.sums is not None:
-        comb = Combination.from_json(ctx.sums)
-    else:
-        rounds = methods.combiner(spec.method).sums(spec, ctx.shape, ctx.tensor)
-        comb = run_locally(rounds, base, models, ctx.shape, ctx.whole)
+    comb = TS.resolve(base, models, spec, ctx)["values"]
+    comb = comb if isinstance(comb, Combination) else Combination.from_json(comb)
     return BlockResult(apply(comb, base, models, ctx.shape), None, stats)
 
 

@@ -15,13 +15,13 @@ torch's row-by-row reductions (row_kl), so every entry's I is the same float32
 wherever it is computed (tests/test_whole_tensor_methods.py holds it). KL may
 be slightly negative (rounding, and the 1e-8 added to p and q), so I is a
 signed score: its quantiles come from the exact
-histograms of its 32-bit order keys (engine/signed.py) through the whole-tensor
-statistics rounds (engine/tensor_stats.py).
+histograms of its 32-bit order keys (engine/signed.py), as the combiner's
+whole-tensor statistics (Combiner.statistics).
 """
 
 from __future__ import annotations
 
-from .registry import Combiner, TensorStats
+from .registry import Combiner
 
 EPS = 1e-8  # mergekit's floor added to both softmaxes
 IQR_GAIN = 1.5
@@ -82,14 +82,15 @@ def threshold_of(q1: float, median: float, q3: float) -> float:
         return float(f(median) + f(IQR_GAIN) * (f(q3) - f(q1)))
 
 
-def threshold(index, spec):
-    """The tensor's T from the exact order statistics of I (a value generator)."""
+def statistics(spec, shape, name):
+    """The tensor's T from the exact order statistics of I."""
+    from ..engine.spec import ScoreRequest
+
+    index = yield ScoreRequest(signed=True)
     if index.n == 0:
         return {"threshold": 0.0}
     ranks = quantile_ranks(index.n)
-    need = index.missing(list(ranks))
-    if need:
-        yield need
+    index = yield ScoreRequest(True, tuple(sorted(index.missing(list(ranks)))))
     q1, median, q3 = (index.value_at(r) for r in ranks)
     return {"threshold": threshold_of(q1, median, q3)}
 
@@ -103,10 +104,7 @@ def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
     for a, b in chunks:
         sparsify(a, b)
     score = importance(base, taus, spec, ctx.shape)
-    if ctx.tensor_stats is not None:
-        values = ctx.tensor_stats["values"]
-    else:
-        values = TS.values_of(score, METHOD.tensor_stats, spec, ctx.backend)
+    values = TS.resolve(base, taus, spec, ctx, score=score)["values"]
     thr = torch.tensor(values["threshold"], dtype=torch.float32, device=base.device)
     t = taus[0]
     for a, b in chunks:
@@ -122,7 +120,8 @@ METHOD = Combiner(
     # the whole block's importance (4 bytes) and a row chunk's softmax temporaries
     extra_bytes=lambda k: 8,
     merge_block=merge_block,
-    tensor_stats=TensorStats(score=importance, value=threshold, signed=True),
+    statistics=statistics,
+    score=importance,
     models=(1, 1),
     whole_rows=True,
 )

@@ -62,7 +62,7 @@ def coefficients(g: list[list[float]], max_iter: int, tol: float) -> list[float]
     return [scale * x for x in mean]
 
 
-def sums(spec, shape, name):
+def statistics(spec, shape, name):
     from ..engine.spec import SumsRequest
     from ..engine.sums import Combination
 
@@ -80,5 +80,5 @@ METHOD = Combiner(
     summary="Karcher (Riemannian) mean of the models' weights on the sphere, times their mean norm",
     params=(MAX_ITER, TOL),
     merge_weights=merge_weights,
-    sums=sums,
+    statistics=statistics,
 )

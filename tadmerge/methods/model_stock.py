@@ -28,7 +28,7 @@ def t_of(g: list[list[float]], k: int) -> float:
     return 0.0 if abs(denominator) < 1e-6 else k * c / denominator
 
 
-def sums(spec, shape, name):
+def statistics(spec, shape, name):
     from ..engine.spec import SumsRequest
     from ..engine.sums import Combination
 
@@ -45,6 +45,6 @@ METHOD = Combiner(
     summary="θ0 + t·mean τ_k, t from the mean angle between the task vectors (Model Stock)",
     params=(FILTER_WISE,),
     merge_weights=merge_weights,
-    sums=sums,
+    statistics=statistics,
     models=(2, None),
 )

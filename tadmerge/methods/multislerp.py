@@ -39,7 +39,7 @@ def coefficients(w: list[float], g: list[list[float]], eps: float) -> list[float
     return [(b[i] * cos + tangent[i] * sin_over) * scale for i in range(k)]
 
 
-def sums(spec, shape, name):
+def statistics(spec, shape, name):
     from ..engine.spec import SumsRequest
     from ..engine.sums import Combination
 
@@ -62,5 +62,5 @@ METHOD = Combiner(
     summary="barycentric spherical interpolation of K task vectors (or models) with weights",
     params=(TASKS, NORMALIZE_WEIGHTS, EPS),
     merge_weights=merge_weights,
-    sums=sums,
+    statistics=statistics,
 )

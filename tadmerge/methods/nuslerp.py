@@ -43,7 +43,7 @@ def layout(spec) -> str:
     return "first" if spec.param("row_wise") else "last"
 
 
-def sums(spec, shape, name):
+def statistics(spec, shape, name):
     from ..engine.spec import SumsRequest
     from ..engine.sums import Combination
 
@@ -61,6 +61,6 @@ METHOD = Combiner(
     summary="spherical interpolation of two task vectors (or models) at w_2 / (w_1 + w_2)",
     params=(TASKS, ROW_WISE, FLATTEN),
     merge_weights=merge_weights,
-    sums=sums,
+    statistics=statistics,
     models=(2, 2),
 )

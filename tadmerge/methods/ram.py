@@ -34,9 +34,10 @@ def ram_delta(ts, epsilon: float, lambdas=None):
     return ts[0].copy_(acc)
 
 
-def moved_counts(ts, epsilon: float) -> list[int]:
-    """Per task, its entries moved together with another task (shared) and alone
-    (unique): [shared_1..K, unique_1..K], exact counts."""
+def moved(ts, epsilon: float) -> list:
+    """Per task, float32 1.0 where its entry moved together with another task's
+    (shared), then where it moved alone (unique): [shared_1..K, unique_1..K],
+    whose sums are the counts."""
     import torch
 
     eps = torch.tensor(epsilon, dtype=torch.float32, device=ts[0].device)
@@ -44,9 +45,8 @@ def moved_counts(ts, epsilon: float) -> list[int]:
     count = moved[0].to(torch.int32)
     for m in moved[1:]:
         count.add_(m)
-    shared = [int(torch.count_nonzero(m & (count > 1))) for m in moved]
-    unique = [int(torch.count_nonzero(m & (count == 1))) for m in moved]
-    return shared + unique
+    shared = [(m & (count > 1)).to(torch.float32) for m in moved]
+    return shared + [(m & (count == 1)).to(torch.float32) for m in moved]
 
 
 def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):

@@ -184,39 +184,6 @@ class Sparsifier(Method):
 
 
 @dataclass(frozen=True)
-class TensorStats:
-    """A combiner's whole-tensor statistics, exact for any split (engine/tensor_stats.py).
-
-    Two mechanisms, run as map/reduce rounds over the units of a split tensor
-    (cluster/tensor_stats.py) or from the block itself when it is the whole
-    tensor:
-    - a derived per-element `score(base, ts, spec, shape)` (float32, >= 0,
-      computed from the base and the K sparsified task vectors of whole rows of
-      a tensor of `shape`, in a fixed order) whose keys feed the same exact
-      histogram rounds as |τ| does; `keep(index, spec)`, a generator like a
-      sparsifier's drop_rate, yields the coarse buckets it needs and returns the
-      kept rank range [lo, hi) of the ascending score order (ties by flat index):
-      one cut shared by every task. `uses_score(spec)`: whether it is needed.
-      Or, instead of `keep`, `value(index, spec)`: the same kind of generator,
-      returning plain values (JSON, e.g. a threshold from exact quantiles) that
-      join the values every block is given; no cut is applied then.
-      `signed`: the score may be negative; its keys are then the 32-bit order
-      keys of engine/signed.py (counts only, no moments).
-    - exact per-task `sums(base, ts, spec, backend)` of the task vectors after the cut: a
-      list of Python integers (counts, exact scaled moments) that add over blocks;
-      `finish(totals, n, spec)` makes the plain values (JSON) every block is given.
-    """
-
-    score: Callable[..., Any] | None = None
-    keep: Callable[..., Any] | None = None
-    value: Callable[..., Any] | None = None
-    signed: bool = False
-    uses_score: Callable[[Any], bool] = field(default=lambda spec: True)
-    sums: Callable[..., Any] | None = None
-    finish: Callable[..., Any] | None = None
-
-
-@dataclass(frozen=True)
 class Combiner(Method):
     """Combines the K sparsified task vectors of one block with the base.
 
@@ -225,6 +192,30 @@ class Combiner(Method):
     τ_k made in place in `taus` and `sparsify(a, b)` giving t_k[a:b]);
     `cross_block` names what it needs from the whole tensor beyond the
     sparsifier's statistics (TIES: the majority sign of a split tensor).
+
+    Its whole-tensor statistics, exact for any split, are one declaration:
+    `statistics(spec, shape, name)`, a generator that yields typed requests
+    (engine/spec.py), is sent each one's answer over the whole tensor and
+    returns plain data (JSON; or an engine/sums.py Combination) that every block
+    of the tensor is given as BlockContext.tensor_stats["values"]:
+    - ScoreRequest(signed, buckets): the exact histograms of its derived
+      per-element `score(base, ts, spec, shape)` (float32, fixed order, whole
+      rows of a tensor of `shape`), sent back as the tensor's RankIndex with
+      the fine histograms of `buckets` (exact order statistics: arcee_fusion's
+      quantiles);
+    - CutRequest(lo, hi): keep the ranks [lo, hi) of the ascending score order
+      (ties by flat index) in every t_k, one cut for all (sce's variance
+      selection; an unsigned score, one cut per tensor); the requests after it
+      see the cut t_k, and the blocks apply it (BlockContext.tensor_stats["cut"]);
+    - SumsRequest(vectors, pairs, layout): exact sums of products per segment of
+      the weights, the t_k or its `derived(ts, spec)` per-element vectors of a
+      chunk (float32: ramplus_tl's moved-entry indicators), sent back as float64
+      (slerp's norms and dot product, sce's Σ t_k², ramplus_tl's counts).
+    The block runs the generator on itself when it holds the tensor
+    (engine/tensor_stats.py resolve); cluster/tensor_stats.py runs it as
+    map/reduce rounds over the units of a split tensor. A combiner without a
+    merge_block merges the weights (merge_weights(base, models, spec,
+    check_finite, ctx)) and takes no sparsifier.
     """
 
     merge_block: Callable[..., Any] | None = None
@@ -232,15 +223,11 @@ class Combiner(Method):
     # sparsifier and the method then works on the weights, not on task vectors
     merge_weights: Callable[..., Any] | None = None
     cross_block: tuple[str, ...] = ()
-    # whole-tensor statistics beyond the sparsifier's (sce, ramplus_tl)
-    tensor_stats: TensorStats | None = None
-    # tensor sums (engine/sums.py): sums(spec, shape) is a generator of rounds that
-    # yields SumsRequests, receives each one's reduced float64 sums [S, C] and
-    # returns what every block of the tensor is given (BlockContext.sums, computed
-    # by the block itself when it holds the tensor); such a combiner merges the
-    # weights (merge_weights(base, models, spec, check_finite, ctx)) and takes no
-    # sparsifier
-    sums: Callable[..., Any] | None = None
+    # whole-tensor statistics (see above): the generator, the score it ranks, the
+    # per-element vectors it sums
+    statistics: Callable[..., Any] | None = None
+    score: Callable[..., Any] | None = None
+    derived: Callable[..., Any] | None = None
     # how many models it merges (besides the base): (least, most or None)
     models: tuple[int, int | None] = (1, None)
     # it works on whole rows of the last dimension, and a 1-D tensor is one row:

@@ -10,9 +10,9 @@ that sign, divided by max(Σ_k w_k over them, 1e-6). θ = θ0 + that.
 
 The variance is a derived per-element score (float32, in a fixed order:
 mean = Σ_k t_k / K, var = Σ_k (t_k − mean)² / K, tasks in order) whose exact
-rank cut is resolved like a magnitude selection, and Σ t_k² is an exact integer
-moment: both are whole-tensor statistics that any split resolves to the same
-values (engine/tensor_stats.py). With a sparsifier (TADrop, say), t_k is its
+rank cut is resolved like a magnitude selection, and Σ t_k² is an exact sum
+(engine/sums.py): both are whole-tensor statistics that any split resolves to
+the same values (Combiner.statistics). With a sparsifier (TADrop, say), t_k is its
 output, and the variance selection, if any, comes after it.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from .registry import Combiner, Param, TensorStats
+from .registry import Combiner, Param
 
 MIN_DEN = 1e-6  # mergekit's floor of the divisor and of Σ w
 SCORE_CHUNK = 1 << 18
@@ -47,21 +47,24 @@ def variance(ts, spec=None):
     return out
 
 
-def keep(index, spec):
-    """Ranks [n − floor(select_topk · m), n) of the ascending variance order."""
-    from ..engine.tensor_stats import zero_count
+def statistics(spec, shape, name):
+    """The variance cut (select_topk < 1): ranks [n − floor(select_topk · m), n)
+    of the ascending variance order, m the entries of non-zero variance; then
+    w_k from each task's Σ t_k² after it."""
+    from ..engine.spec import CutRequest, ScoreRequest, SumsRequest
 
-    zeros = yield from zero_count(index)
-    kept = math.floor(spec.param("select_topk") * (index.n - zeros))
-    return index.n - kept, index.n
-
-
-def sums(base, ts, spec, backend: str) -> list[int]:
-    """Per task, Σ t_k² over the block as an exact integer (scaled by 2**298)."""
-    from ..engine.exact import coarse_stats
-    from ..engine.keys import KeyChunks
-
-    return [coarse_stats(KeyChunks(t), moments=2, backend=backend).total(2) for t in ts]
+    if spec.param("select_topk") < 1.0:
+        index = yield ScoreRequest()
+        zeros = 0
+        if index.n and index.stats.counts[0]:  # variances exactly +0.0 (key 0)
+            index = yield ScoreRequest(buckets=(0,))
+            zeros = index.count_at(0)
+        yield CutRequest(
+            index.n - math.floor(spec.param("select_topk") * (index.n - zeros)), index.n
+        )
+    k = len(spec.weights)
+    v = yield SumsRequest("tasks", tuple((j, j) for j in range(1, k + 1)))
+    return {"weights": weights([float(x[0]) for x in v], math.prod(shape))}
 
 
 def weights(sq_sums: list[float], n: int) -> list[float]:
@@ -71,13 +74,6 @@ def weights(sq_sums: list[float], n: int) -> list[float]:
     if abs(total) < MIN_DEN:
         return [1.0 / len(means)] * len(means)
     return [m / total for m in means]
-
-
-def finish(totals: list[int], n: int, spec) -> dict:
-    from ..engine.exact import SQ_SCALE_BITS
-    from ..engine.histogram import scaled_to_float
-
-    return {"weights": weights([scaled_to_float(t, SQ_SCALE_BITS) for t in totals], n)}
 
 
 def sce_delta(ts, w: list[float]):
@@ -109,9 +105,7 @@ def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
 
     for a, b in chunks:
         sparsify(a, b)
-    st = ctx.tensor_stats or TS.local(
-        base, taus, spec, ctx.shape, backend=ctx.backend
-    )  # (local: the cut is applied)
+    st = TS.resolve(base, taus, spec, ctx)  # (resolved here: the cut is applied)
     cutter = TS.Cutter(st["cut"])
     w = st["values"]["weights"]
     for a, b in chunks:
@@ -138,11 +132,6 @@ METHOD = Combiner(
     # the variance of the whole block (4 bytes) when it resolves its own cut
     extra_bytes=lambda k: 6,
     merge_block=merge_block,
-    tensor_stats=TensorStats(
-        score=lambda base, ts, spec, shape: variance(ts),
-        keep=keep,
-        uses_score=lambda spec: spec.param("select_topk") < 1.0,
-        sums=sums,
-        finish=finish,
-    ),
+    statistics=statistics,
+    score=lambda base, ts, spec, shape: variance(ts),
 )

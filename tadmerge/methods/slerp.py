@@ -41,7 +41,7 @@ def coefficients(t: float, aa: float, bb: float, ab: float, threshold: float, ep
     return math.sin((1.0 - t) * omega) / s, math.sin(t * omega) / s
 
 
-def sums(spec, shape, name):
+def statistics(spec, shape, name):
     from ..engine.spec import SumsRequest
     from ..engine.sums import Combination
 
@@ -62,6 +62,6 @@ METHOD = Combiner(
     summary="spherical interpolation of the base and one model's weights at t, per tensor",
     params=(T, DOT_THRESHOLD, EPS),
     merge_weights=merge_weights,
-    sums=sums,
+    statistics=statistics,
     models=(1, 1),
 )

@@ -165,20 +165,13 @@ class Plan:
         return sum(s.file_size for s in self.shards)
 
     def needs_stats(self) -> bool:
-        if self.global_scope or self.needs_sums():
+        if self.global_scope:
             return True
-        # a combiner's whole-tensor statistics (sce, ramplus_tl) need rounds too
-        whole_tensor = methods.combiner(self.config.merge.method).tensor_stats is not None
+        # a combiner's whole-tensor statistics (cluster/tensor_stats.py) need rounds too
+        whole_tensor = methods.combiner(self.config.merge.method).statistics is not None
         return (self.magnitude_stats or whole_tensor) and any(
             t.split and t.kind == MERGE for t in self.tensors
         )
-
-    def needs_sums(self) -> bool:
-        """A combiner's tensor sums (engine/sums.py) over a split tensor: rounds."""
-        from .. import methods
-
-        combiner = methods.combiner(self.config.merge.method)
-        return combiner.sums is not None and any(t.split and t.kind == MERGE for t in self.tensors)
 
     def summary(self) -> dict:
         kinds: dict[str, int] = {}
