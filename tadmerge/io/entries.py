@@ -213,6 +213,8 @@ def scan_canonical(
             return None  # (a repeated key, or a value that is no string: the full path)
         metadata = meta
         pos = m.end()
+        if pos >= end:
+            return None  # the metadata's brace closes the text: invalid JSON
         if text[pos] == ",":
             pos += 1
     names: list[str] = []
