@@ -353,6 +353,8 @@ _F = '"dtype":"F32","shape":[1],"data_offsets"'
         '{"__metadata__":{"a":"b"}',
         '{"__metadata__":{"a":"b"},',
         '{"__metadata__":{"a":"b"}}',
+        '{"x":{"dtype":"F32","shape":[' + f"{2**53},{2**53},0" + '],"data_offsets":[0,0]}}',
+        '{"x":{"dtype":"F32","shape":[' + f"0,{2**53},{2**53}" + '],"data_offsets":[0,0]}}',
         '{"é.ü":{' + _F + ':[4,8]},"a":{' + _F + ":[0,4]}}",  # non-ASCII, out of order
         '{"a":{' + _F + ':[0,4]},"a":{' + _F + ":[4,8]}}",  # a repeated name
         '{"a":{' + _F + ':[0,4]},"b":{' + _F + ":[0,4]}}",  # overlapping ranges
