@@ -227,3 +227,23 @@ def test_per_tensor_values_follow_mergekits_rule():
     with pytest.raises(ConfigError, match=r"merge\.t\[0\]\.value\[1\]: expected a number"):
         parse_config({"base": "b", "models": ["m"], "merge": {
             "method": "slerp", "t": [{"filter": "x", "value": [0.1, "a"]}]}})  # fmt: skip
+
+
+def test_karcher_tol_zero_is_a_config_error_not_a_division_by_zero(inputs):
+    """tol 0 divided by zero in karcher's iteration (θ / sin θ at θ = 0, the step
+    over a zero tangent norm): an internal error (exit 4) on a valid config. tol
+    must be > 0; any positive tol, however small, never divides by zero."""
+    from tadmerge.methods.karcher import coefficients
+
+    root, bp, mps, _, _ = inputs
+    cfg = {
+        "base": bp,
+        "models": [{"path": p, "name": f"t{i}"} for i, p in enumerate(mps[:2])],
+        "merge": {"method": "karcher", "tol": 0.0},
+        "output": {"path": str(root / "x")},
+    }
+    with pytest.raises(ConfigError, match="tol: must be > 0"):
+        parse_config(cfg)
+    for g in ([[4.0, 4.0], [4.0, 4.0]], [[1.0, 0.5], [0.5, 1.0]], [[1.0, -1.0], [-1.0, 1.0]]):
+        c = coefficients(g, 10, 5e-324)
+        assert all(math.isfinite(x) for x in c)
