@@ -365,7 +365,11 @@ def _parse_merge(m: Any, models: tuple[ModelEntry, ...]) -> MergeMethod:
     values, ignored = methods.parse_params(combiner, m, "merge", _MERGE_PARAMS)
     _warn_ignored("merge", combiner.name, ignored)
     merge = MergeMethod(method=combiner.name, params=tuple(values.items()))
-    normalized = merge.method == "average" or merge.get("normalize", False)
+    normalized = (
+        merge.method == "average"
+        or merge.get("normalize", False)
+        or merge.get("normalize_weights", False)  # (multislerp)
+    )
     if normalized and models and sum(x.weight for x in models) == 0:
         raise ConfigError(
             f"models[*].weight: the weights of {merge.method} must not sum to 0 (it divides by it)"

@@ -247,3 +247,25 @@ def test_karcher_tol_zero_is_a_config_error_not_a_division_by_zero(inputs):
     for g in ([[4.0, 4.0], [4.0, 4.0]], [[1.0, 0.5], [0.5, 1.0]], [[1.0, -1.0], [-1.0, 1.0]]):
         c = coefficients(g, 10, 5e-324)
         assert all(math.isfinite(x) for x in c)
+
+
+def test_multislerp_weights_summing_to_zero_is_a_config_error(inputs):
+    """multislerp divides the weights by their sum (normalize_weights, its default):
+    weights summing to 0 ended in ZeroDivisionError (exit 4, an internal error)."""
+    root, bp, mps, _, _ = inputs
+
+    def cfg(weights, **merge):
+        return {
+            "base": bp,
+            "models": [
+                {"path": p, "name": f"t{i}", "weight": w}
+                for i, (p, w) in enumerate(zip(mps[:2], weights, strict=True))
+            ],
+            "merge": {"method": "multislerp", **merge},
+            "output": {"path": str(root / "x")},
+        }
+
+    for weights in ([0.0, 0.0], [1.0, -1.0]):
+        with pytest.raises(ConfigError, match=r"models\[\*\].weight: .* must not sum to 0"):
+            parse_config(cfg(weights))
+    parse_config(cfg([1.0, -1.0], normalize_weights=False))  # (nothing divided)
