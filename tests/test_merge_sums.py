@@ -269,3 +269,21 @@ def test_multislerp_weights_summing_to_zero_is_a_config_error(inputs):
         with pytest.raises(ConfigError, match=r"models\[\*\].weight: .* must not sum to 0"):
             parse_config(cfg(weights))
     parse_config(cfg([1.0, -1.0], normalize_weights=False))  # (nothing divided)
+
+
+def test_multislerp_eps_zero_is_a_config_error(inputs):
+    """eps is added to every norm divided by: at 0 a zero task vector (or a zero
+    tangent) divided by zero, an internal error (exit 4). It must be > 0."""
+    from tadmerge.methods.multislerp import coefficients
+
+    root, bp, mps, _, _ = inputs
+    cfg = {
+        "base": bp,
+        "models": [{"path": p, "name": f"t{i}"} for i, p in enumerate(mps[:2])],
+        "merge": {"method": "multislerp", "eps": 0.0},
+        "output": {"path": str(root / "x")},
+    }
+    with pytest.raises(ConfigError, match="eps: must be > 0"):
+        parse_config(cfg)
+    c = coefficients([0.5, 0.5], [[0.0, 0.0], [0.0, 1.0]], 1e-300)  # (a zero v_1)
+    assert all(math.isfinite(x) for x in c) and c[1] == pytest.approx(0.5)

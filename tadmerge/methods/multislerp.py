@@ -17,7 +17,7 @@ from .nuslerp import TASKS
 from .registry import Combiner, Param
 
 NORMALIZE_WEIGHTS = Param("normalize_weights", True, "divide the weights by their sum")
-EPS = Param("eps", 1e-8, "added to the norms divided by", lo=0.0)
+EPS = Param("eps", 1e-8, "added to the norms divided by", lo=0.0, lo_open=True)
 
 
 def coefficients(w: list[float], g: list[list[float]], eps: float) -> list[float]:
