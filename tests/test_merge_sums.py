@@ -287,3 +287,26 @@ def test_multislerp_eps_zero_is_a_config_error(inputs):
         parse_config(cfg)
     c = coefficients([0.5, 0.5], [[0.0, 0.0], [0.0, 1.0]], 1e-300)  # (a zero v_1)
     assert all(math.isfinite(x) for x in c) and c[1] == pytest.approx(0.5)
+
+
+def test_multislerp_overflowing_weights_are_a_non_finite_output(inputs):
+    """Weights of 1e300 (normalize_weights: false) overflowed multislerp's float
+    arithmetic into cos(inf) or inf - inf in fsum: a ValueError, an internal error
+    (exit 4). They must give what any overflow gives: the non-finite output refused,
+    exit 3 naming the tensor."""
+    from tadmerge.errors import InputError
+    from tadmerge.methods.multislerp import coefficients
+
+    for w in ([1e300, 1e300], [1e300, -1e300]):
+        c = coefficients(w, [[1.0, 0.5], [0.5, 2.0]], 1e-8)
+        assert len(c) == 2 and not all(math.isfinite(x) for x in c)
+    root, bp, mps, _, _ = inputs
+    raw = {
+        "base": bp,
+        "models": [{"path": p, "name": f"t{i}", "weight": 1e300} for i, p in enumerate(mps[:2])],
+        "merge": {"method": "multislerp", "normalize_weights": False},
+        "output": {"path": str(root / "huge")},
+        "runtime": {"progress": "none", "device": "cpu"},
+    }
+    with pytest.raises(InputError, match=r"\[a.weight\]: .*NaN/Inf value"):
+        run_merge(parse_config(raw))
