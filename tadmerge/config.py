@@ -492,6 +492,11 @@ def _parse_tokenizer(t: Any, models: tuple[ModelEntry, ...]) -> TokenizerSpec:
             f"tokenizer.source: expected base, union or a model's name ({allowed}), "
             f"got {show(source)}"
         )
+    if "source" in t and source in ("base", "union") and source in names:
+        raise ConfigError(
+            f"tokenizer.source: {source} is ambiguous: models[{names.index(source)}].name is "
+            f"{source!r} too; rename that model"
+        )
     return TokenizerSpec(source=source)
 
 
