@@ -365,7 +365,11 @@ def _parse_merge(m: Any, models: tuple[ModelEntry, ...]) -> MergeMethod:
     values, ignored = methods.parse_params(combiner, m, "merge", _MERGE_PARAMS)
     _warn_ignored("merge", combiner.name, ignored)
     merge = MergeMethod(method=combiner.name, params=tuple(values.items()))
-    normalized = merge.method == "average" or merge.get("normalize", False)
+    normalized = (
+        merge.method == "average"
+        or merge.get("normalize", False)
+        or merge.get("normalize_weights", False)  # (multislerp)
+    )
     if normalized and models and sum(x.weight for x in models) == 0:
         raise ConfigError(
             f"models[*].weight: the weights of {merge.method} must not sum to 0 (it divides by it)"
@@ -487,6 +491,11 @@ def _parse_tokenizer(t: Any, models: tuple[ModelEntry, ...]) -> TokenizerSpec:
         raise ConfigError(
             f"tokenizer.source: expected base, union or a model's name ({allowed}), "
             f"got {show(source)}"
+        )
+    if "source" in t and source in ("base", "union") and source in names:
+        raise ConfigError(
+            f"tokenizer.source: {source} is ambiguous: models[{names.index(source)}].name is "
+            f"{source!r} too; rename that model"
         )
     return TokenizerSpec(source=source)
 

@@ -330,3 +330,48 @@ def test_columns_of_a_tiny_tensor_checkpoint_match_its_json(tmp_path):
 
     ins = open_inputs(load_config(cfg))
     assert ins[0].tensors.names is ins[1].tensors.names
+
+
+def _outcome(path: str) -> tuple:
+    from tadmerge.errors import InputError
+    from tadmerge.io.safetensors_format import read_header
+
+    try:
+        h = read_header(path)
+    except InputError as exc:
+        return ("error", str(exc))
+    return ("ok", h.metadata, dict(h.tensors.items()))
+
+
+_F = '"dtype":"F32","shape":[1],"data_offsets"'
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        '{"__metadata__":{}',  # invalid JSON ending inside the metadata: no IndexError
+        '{"__metadata__":{"a":"b"}',
+        '{"__metadata__":{"a":"b"},',
+        '{"__metadata__":{"a":"b"}}',
+        '{"x":{"dtype":"F32","shape":[' + f"{2**53},{2**53},0" + '],"data_offsets":[0,0]}}',
+        '{"x":{"dtype":"F32","shape":[' + f"0,{2**53},{2**53}" + '],"data_offsets":[0,0]}}',
+        '{"é.ü":{' + _F + ':[4,8]},"a":{' + _F + ":[0,4]}}",  # non-ASCII, out of order
+        '{"a":{' + _F + ':[0,4]},"a":{' + _F + ":[4,8]}}",  # a repeated name
+        '{"a":{' + _F + ':[0,4]},"b":{' + _F + ":[0,4]}}",  # overlapping ranges
+        '{"a":{' + _F + ':[0,4]},"__metadata__":{"k":"v"}}',  # metadata last
+        '{"a":{' + _F + ":[0,4]}}    ",  # padded
+        "{}",
+    ],
+)
+def test_canonical_scan_and_json_agree(tmp_path, monkeypatch, header):
+    """io/entries.scan_canonical gives the JSON path's entries and metadata, or lets
+    the JSON path give its typed error: never an exception of its own, never a file
+    accepted that the JSON path (and the safetensors library) refuses."""
+    import tadmerge.io.entries as entries
+
+    path = tmp_path / "h.safetensors"
+    body = header.encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + bytes(8))
+    fast = _outcome(str(path))
+    monkeypatch.setattr(entries, "scan_canonical", lambda *a: None)
+    assert fast == _outcome(str(path))

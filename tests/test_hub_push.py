@@ -26,6 +26,7 @@ class Recorder:
         self.calls: list[tuple[str, dict]] = []
         self.fail = fail
         self.commits: list = []
+        self.remote: list = []  # get_paths_info's answer: the repo's files
         api = huggingface_hub.HfApi
 
         def rec(name):
@@ -37,11 +38,15 @@ class Recorder:
                     return f"https://huggingface.co/{args[0]}"
                 if name == "list_repo_commits":
                     return self.commits
+                if name == "get_paths_info":
+                    return self.remote
                 return None
 
             return f
 
-        for name in ("create_repo", "upload_folder", "create_tag", "list_repo_commits"):
+        for name in (
+            "create_repo", "upload_folder", "create_tag", "list_repo_commits", "get_paths_info"
+        ):  # fmt: skip
             monkeypatch.setattr(api, name, rec(name))
         if large:
             monkeypatch.setattr(
@@ -113,7 +118,8 @@ def test_merge_pushes_the_manifest_files_privately_with_the_fingerprint(
     cfg_sha = hashlib.sha256((out / "merge_config.yaml").read_bytes()).hexdigest()
     assert cfg_sha in up["commit_description"]
     # an up-to-date rerun whose output is already the repo's newest commit uploads nothing
-    rec.commits = [type("C", (), {"title": up["commit_message"]})()]
+    rec.commits = [type("C", (), {"title": up["commit_message"], "commit_id": "c" * 40})()]
+    rec.remote = remote_files(out)
     rc, _ = run_cli(capsys, "merge", cfg, "--push-to-hub", "org/merged", "--if-changed")
     assert rc == EXIT_OK and len(rec.named("upload_folder")) == 1
     # ... and one whose push had failed is pushed now
@@ -179,3 +185,51 @@ def test_dry_runs_touch_nothing(tmp_path, monkeypatch, capsys):
     for rel in manifest_files(tmp_path / "out"):
         size = (tmp_path / "out" / rel).stat().st_size
         assert f"{size:>14d}  {rel}" in said
+
+
+def remote_files(out: Path, stale: str | None = None) -> list:
+    """The hub's RepoFile of every file of `out` as an upload would leave them: LFS
+    (sha256) for the weights, a git blob id for the rest; `stale`: that file's
+    content is another (an older merge's)."""
+    import hashlib
+
+    from huggingface_hub.hf_api import RepoFile
+
+    files = []
+    for rel in manifest_files(out):
+        data = (out / rel).read_bytes()
+        if rel == stale:
+            data = bytes(len(data))
+        git = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        lfs = None
+        if rel.endswith(".safetensors"):
+            lfs = {"size": len(data), "oid": hashlib.sha256(data).hexdigest(), "pointerSize": 1}
+        files.append(RepoFile(path=rel, size=len(data), oid=git, lfs=lfs))
+    return files
+
+
+@pytest.mark.parametrize("stale", ["model.safetensors", "config.json", "manifest.json", None])
+def test_an_interrupted_push_is_not_taken_for_a_finished_one(tmp_path, monkeypatch, capsys, stale):
+    """huggingface_hub commits a large upload in batches, the first under the commit
+    message that names the fingerprint: a push killed after it left a repo whose
+    newest commit names this plan but whose other files are missing or an older
+    merge's. `--if-changed` took that for done (exit 0, the repo left half
+    updated); it must push unless the repo holds every file with this content."""
+    rec = Recorder(monkeypatch)
+    cfg = write_cfg(tmp_path, push_to_hub="org/merged")
+    assert run_cli(capsys, "merge", cfg)[0] == EXIT_OK
+    (up,) = rec.named("upload_folder")
+    out = tmp_path / "out"
+    rec.commits = [type("C", (), {"title": up["commit_message"], "commit_id": "c" * 40})()]
+    rec.remote = remote_files(out, stale)
+    if stale is None:  # every file there: nothing to push
+        rec.remote = rec.remote[:-1]  # ... but one missing
+        assert run_cli(capsys, "merge", cfg, "--if-changed")[0] == EXIT_OK
+        assert len(rec.named("upload_folder")) == 2
+        rec.remote = remote_files(out)
+        assert run_cli(capsys, "merge", cfg, "--if-changed")[0] == EXIT_OK
+        assert len(rec.named("upload_folder")) == 2
+        assert rec.named("get_paths_info")[-1]["revision"] == "c" * 40
+        return
+    assert run_cli(capsys, "merge", cfg, "--if-changed")[0] == EXIT_OK
+    assert len(rec.named("upload_folder")) == 2

@@ -227,3 +227,86 @@ def test_per_tensor_values_follow_mergekits_rule():
     with pytest.raises(ConfigError, match=r"merge\.t\[0\]\.value\[1\]: expected a number"):
         parse_config({"base": "b", "models": ["m"], "merge": {
             "method": "slerp", "t": [{"filter": "x", "value": [0.1, "a"]}]}})  # fmt: skip
+
+
+def test_karcher_tol_zero_is_a_config_error_not_a_division_by_zero(inputs):
+    """tol 0 divided by zero in karcher's iteration (θ / sin θ at θ = 0, the step
+    over a zero tangent norm): an internal error (exit 4) on a valid config. tol
+    must be > 0; any positive tol, however small, never divides by zero."""
+    from tadmerge.methods.karcher import coefficients
+
+    root, bp, mps, _, _ = inputs
+    cfg = {
+        "base": bp,
+        "models": [{"path": p, "name": f"t{i}"} for i, p in enumerate(mps[:2])],
+        "merge": {"method": "karcher", "tol": 0.0},
+        "output": {"path": str(root / "x")},
+    }
+    with pytest.raises(ConfigError, match="tol: must be > 0"):
+        parse_config(cfg)
+    for g in ([[4.0, 4.0], [4.0, 4.0]], [[1.0, 0.5], [0.5, 1.0]], [[1.0, -1.0], [-1.0, 1.0]]):
+        c = coefficients(g, 10, 5e-324)
+        assert all(math.isfinite(x) for x in c)
+
+
+def test_multislerp_weights_summing_to_zero_is_a_config_error(inputs):
+    """multislerp divides the weights by their sum (normalize_weights, its default):
+    weights summing to 0 ended in ZeroDivisionError (exit 4, an internal error)."""
+    root, bp, mps, _, _ = inputs
+
+    def cfg(weights, **merge):
+        return {
+            "base": bp,
+            "models": [
+                {"path": p, "name": f"t{i}", "weight": w}
+                for i, (p, w) in enumerate(zip(mps[:2], weights, strict=True))
+            ],
+            "merge": {"method": "multislerp", **merge},
+            "output": {"path": str(root / "x")},
+        }
+
+    for weights in ([0.0, 0.0], [1.0, -1.0]):
+        with pytest.raises(ConfigError, match=r"models\[\*\].weight: .* must not sum to 0"):
+            parse_config(cfg(weights))
+    parse_config(cfg([1.0, -1.0], normalize_weights=False))  # (nothing divided)
+
+
+def test_multislerp_eps_zero_is_a_config_error(inputs):
+    """eps is added to every norm divided by: at 0 a zero task vector (or a zero
+    tangent) divided by zero, an internal error (exit 4). It must be > 0."""
+    from tadmerge.methods.multislerp import coefficients
+
+    root, bp, mps, _, _ = inputs
+    cfg = {
+        "base": bp,
+        "models": [{"path": p, "name": f"t{i}"} for i, p in enumerate(mps[:2])],
+        "merge": {"method": "multislerp", "eps": 0.0},
+        "output": {"path": str(root / "x")},
+    }
+    with pytest.raises(ConfigError, match="eps: must be > 0"):
+        parse_config(cfg)
+    c = coefficients([0.5, 0.5], [[0.0, 0.0], [0.0, 1.0]], 1e-300)  # (a zero v_1)
+    assert all(math.isfinite(x) for x in c) and c[1] == pytest.approx(0.5)
+
+
+def test_multislerp_overflowing_weights_are_a_non_finite_output(inputs):
+    """Weights of 1e300 (normalize_weights: false) overflowed multislerp's float
+    arithmetic into cos(inf) or inf - inf in fsum: a ValueError, an internal error
+    (exit 4). They must give what any overflow gives: the non-finite output refused,
+    exit 3 naming the tensor."""
+    from tadmerge.errors import InputError
+    from tadmerge.methods.multislerp import coefficients
+
+    for w in ([1e300, 1e300], [1e300, -1e300]):
+        c = coefficients(w, [[1.0, 0.5], [0.5, 2.0]], 1e-8)
+        assert len(c) == 2 and not all(math.isfinite(x) for x in c)
+    root, bp, mps, _, _ = inputs
+    raw = {
+        "base": bp,
+        "models": [{"path": p, "name": f"t{i}", "weight": 1e300} for i, p in enumerate(mps[:2])],
+        "merge": {"method": "multislerp", "normalize_weights": False},
+        "output": {"path": str(root / "huge")},
+        "runtime": {"progress": "none", "device": "cpu"},
+    }
+    with pytest.raises(InputError, match=r"\[a.weight\]: .*NaN/Inf value"):
+        run_merge(parse_config(raw))

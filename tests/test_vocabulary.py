@@ -364,3 +364,20 @@ def test_a_changed_tokenizer_changes_the_plan(tmp_path, llama):
     changed = plan()
     assert [t.shape for t in changed.tensors] == [t.shape for t in first.tensors]
     assert changed.fingerprint != first.fingerprint
+
+
+@pytest.mark.parametrize("source", ["base", "union"])
+def test_tokenizer_source_naming_a_model_and_a_keyword_is_refused(tmp_path, source):
+    """A model named 'base' or 'union' made `tokenizer.source: base|union` mean the
+    keyword silently, whatever the user meant (the model's tokenizer): the merge ran
+    with another vocabulary, exit 0. Ambiguous: refused naming the model."""
+    raw = {
+        "base": str(tmp_path),
+        "models": [{"path": str(tmp_path), "name": source}, {"path": str(tmp_path), "name": "b"}],
+        "output": {"path": str(tmp_path / "out")},
+        "tokenizer": {"source": source},
+    }
+    with pytest.raises(ConfigError, match=rf"tokenizer.source: {source} .*models\[0\].name"):
+        parse_config(raw)
+    raw["tokenizer"]["source"] = "b"
+    parse_config(raw)  # (another model's tokenizer: unambiguous)

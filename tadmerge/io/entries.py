@@ -213,6 +213,8 @@ def scan_canonical(
             return None  # (a repeated key, or a value that is no string: the full path)
         metadata = meta
         pos = m.end()
+        if pos >= end:
+            return None  # the metadata's brace closes the text: invalid JSON
         if text[pos] == ",":
             pos += 1
     names: list[str] = []
@@ -247,10 +249,11 @@ def scan_canonical(
     # per distinct shape: its element count, or -1 where a check fails
     numel = np.empty(max(1, len(shapes)), dtype=np.int64)
     for i, s in enumerate(shapes):
-        count = 1
-        for d in s:
+        count, big = 1, False
+        for d in s:  # left to right, as safetensors: [2**53, 2**53, 0] overflows first
             count *= d
-        numel[i] = -1 if any(d > _MAX_DIM for d in s) or count >= 2**59 else count
+            big = big or count >= 2**59
+        numel[i] = -1 if big or any(d > _MAX_DIM for d in s) else count
     size = np.array([DTYPE_SIZE[d] for d in _DTYPE_LIST], dtype=np.int64)
     beg = np.frombuffer(begins, dtype=np.int64)
     fin = np.frombuffer(ends, dtype=np.int64)

@@ -63,6 +63,7 @@ class UploadPlan:
     fingerprint: str
     commit_message: str
     commit_description: str
+    sha256: tuple[tuple[str, str], ...] = ()  # (path, sha256) the manifest records
 
     @property
     def tag(self) -> str:
@@ -97,7 +98,9 @@ def upload_plan(output: str, repo_id: str, private: bool, *, verify: bool = True
             config_sha = hashlib.sha256(f.read()).hexdigest()
     except OSError:
         config_sha = "-"
+    sha256 = tuple(sorted((e["path"], str(e.get("sha256", ""))) for e in doc["files"]))
     return UploadPlan(
+        sha256=sha256,
         repo_id=repo_id,
         private=private,
         folder=folder,
@@ -133,13 +136,45 @@ def _retry_hint(plan: UploadPlan) -> str:
 
 
 def already_there(api, plan: UploadPlan) -> bool:
-    """The repo's newest commit is this output's (its message names the fingerprint):
-    an up-to-date nightly run has nothing to push."""
+    """The repo's newest commit is this output's (its message names the fingerprint)
+    and holds every planned file with this content: an up-to-date nightly run has
+    nothing to push. The title alone is not enough: huggingface_hub commits a large
+    upload in batches, the first under this message, so an interrupted push leaves a
+    repo whose newest commit names the plan while later files are missing or an
+    older merge's."""
     try:
         commits = api.list_repo_commits(plan.repo_id)
+        if not (plan.fingerprint and commits and plan.fingerprint[:12] in (commits[0].title or "")):
+            return False
+        paths = [path for path, _ in plan.files]
+        infos = api.get_paths_info(plan.repo_id, paths, revision=commits[0].commit_id)
+        remote = {getattr(i, "path", None): i for i in infos}
+        sha = dict(plan.sha256)
+        return all(_same_file(remote.get(p), plan.folder, p, sha.get(p)) for p in paths)
     except Exception:
         return False
-    return bool(commits) and plan.fingerprint[:12] in (commits[0].title or "")
+
+
+def _same_file(info, folder: str, path: str, sha256: str | None) -> bool:
+    """`info` (the hub's RepoFile) holds the local file `path`: the LFS sha256 (the
+    manifest's where it has one), else the git blob id of the local bytes."""
+    if info is None or getattr(info, "size", None) != os.path.getsize(os.path.join(folder, path)):
+        return False
+    lfs = getattr(info, "lfs", None)
+    if lfs is not None:
+        return lfs.sha256 == (sha256 or _file_hash(folder, path, "sha256"))
+    return info.blob_id == _file_hash(folder, path, "git")
+
+
+def _file_hash(folder: str, path: str, kind: str) -> str:
+    full = os.path.join(folder, path)
+    h = hashlib.sha256() if kind == "sha256" else hashlib.sha1()
+    if kind == "git":
+        h.update(b"blob %d\0" % os.path.getsize(full))
+    with open(full, "rb") as f:
+        while block := f.read(2**20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def push(plan: UploadPlan, *, skip_if_there: bool = False) -> str:

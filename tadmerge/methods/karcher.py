@@ -18,7 +18,9 @@ from ._sums import clamp, gram, gram_pairs, merge_weights, quad
 from .registry import Combiner, Param
 
 MAX_ITER = Param("max_iter", 10, "the most iterations", lo=0)
-TOL = Param("tol", 1e-5, "convergence and zero-norm threshold", lo=0.0)
+TOL = Param(
+    "tol", 1e-5, "convergence and zero-norm threshold (0 would divide by 0)", lo=0.0, lo_open=True
+)
 
 
 def coefficients(g: list[list[float]], max_iter: int, tol: float) -> list[float]:

@@ -17,11 +17,20 @@ from .nuslerp import TASKS
 from .registry import Combiner, Param
 
 NORMALIZE_WEIGHTS = Param("normalize_weights", True, "divide the weights by their sum")
-EPS = Param("eps", 1e-8, "added to the norms divided by", lo=0.0)
+EPS = Param("eps", 1e-8, "added to the norms divided by", lo=0.0, lo_open=True)
 
 
 def coefficients(w: list[float], g: list[list[float]], eps: float) -> list[float]:
-    """c with result = Σ_k c_k v_k, from the weights and the Gram matrix of v."""
+    """c with result = Σ_k c_k v_k, from the weights and the Gram matrix of v. Values
+    that overflow float64 (huge weights without normalize_weights: cos(inf), inf − inf
+    in fsum) give NaN coefficients, so the output is refused as any overflow is."""
+    try:
+        return _coefficients(w, g, eps)
+    except (ValueError, OverflowError):
+        return [math.nan] * len(w)
+
+
+def _coefficients(w: list[float], g: list[list[float]], eps: float) -> list[float]:
     k = len(w)
     norms = [math.sqrt(max(g[i][i], 0.0)) for i in range(k)]
     a = [w[i] / (norms[i] + eps) for i in range(k)]  # the mean m = Σ a_i v_i
