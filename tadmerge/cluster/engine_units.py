@@ -100,7 +100,7 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispat
     if isinstance(request, TensorStatsRequest):  # a combiner's (cluster/tensor_stats.py)
         from ..engine import tensor_stats
 
-        spec = merge_spec(plan)
+        spec = merge_spec(plan, plan.tensors[unit.tensor])
         ctx = block_context(plan, unit, request.resolved, backend)
         ts = tensor_stats.sparsified(base, models, spec, ctx)
         return tensor_stats.answer(base, ts, spec, request, ctx.shape, backend=backend)
@@ -145,7 +145,7 @@ def merge_unit(
     device = torch_device(dispatch.device)
     unit = plan.units[unit_id]
     tp = plan.tensors[unit.tensor]
-    spec = merge_spec(plan)
+    spec = merge_spec(plan, tp)
     check_finite = not plan.config.inputs.allow_nonfinite
     try:
         _, blocks = read_unit(plan, unit, device)

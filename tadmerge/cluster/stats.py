@@ -145,7 +145,7 @@ def _sums_stage(plan: Plan, map_units: MapFn, resolved: dict) -> None:
     for t in plan.tensors:
         if t.kind != MERGE or not t.split:
             continue
-        gens[t.index] = combiner.sums(spec, t.shape, t.name)
+        gens[t.index] = combiner.sums(merge_spec(plan, t), t.shape, t.name)
         advance(t.index, first=True)
         if t.index in pending and local(pending[t.index].layout, t.shape):
             gens.pop(t.index).close()  # segments inside a row: each block has its own
@@ -228,11 +228,12 @@ def _resolve(
 
     gens: dict[tuple, Generator] = {}
     for g in groups:
+        task_sp = _group_sparsify(plan, g).for_task(g[-1])
         if global_rate:
-            gens[g] = tadrop_rate(index[g], sp.for_task(g[-1]))
+            gens[g] = tadrop_rate(index[g], task_sp)
         else:
             rate = rates[g[-1]] if rates is not None else None
-            gens[g] = resolve_selection(index[g], sp.for_task(g[-1]), rate)
+            gens[g] = resolve_selection(index[g], task_sp, rate)
     results: dict = {}
     pending: dict[tuple, set[int]] = {}
     # each unit's own fine histograms, for the tie counts: {(group, bucket): {unit: hist}}
@@ -286,6 +287,18 @@ def _resolve(
 
     _tie_quotas(groups, index, results, map_units, per_unit)
     return results
+
+
+def _group_sparsify(plan: Plan, g: tuple):
+    """The sparsify spec of a group: a tensor's ("t", index, task) resolved for
+    that tensor (cluster/worker.py merge_spec, as its blocks are given it); the
+    whole task vector's ("g", task) the config's, whose values are one number
+    for every tensor (config.py refuses per-tensor values with scope global)."""
+    if g[0] == "t":
+        from .worker import merge_spec
+
+        return merge_spec(plan, plan.tensors[g[1]]).sparsify
+    return plan.config.sparsify
 
 
 class AsideKeys:

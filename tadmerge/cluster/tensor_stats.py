@@ -41,9 +41,21 @@ def run_tensor_stats(plan: Plan, map_units: MapFn, resolved: dict) -> None:
 
     if not needs_tensor_stats(plan):
         return
-    spec = merge_spec(plan)
-    decl = TS.declaration(spec)
-    split = [t for t in plan.tensors if t.kind == MERGE and t.split]
+    decl = TS.declaration(merge_spec(plan))
+    # the split tensors by the spec each is merged with (its per-tensor values
+    # resolved, worker.merge_spec): one spec per batch, and usually one for all
+    by_spec: dict = {}
+    for t in plan.tensors:
+        if t.kind == MERGE and t.split:
+            by_spec.setdefault(merge_spec(plan, t), []).append(t)
+    for spec, split in by_spec.items():
+        _run_batches(plan, map_units, resolved, decl, spec, split)
+
+
+def _run_batches(plan: Plan, map_units: MapFn, resolved: dict, decl, spec, split: list) -> None:
+    """run_tensor_stats for split tensors merged with one spec."""
+    from ..engine import tensor_stats as TS
+
     per_batch = max(1, (plan.config.runtime.memory_budget // 4) // GROUP_BYTES)
 
     def request(u: int, kind: str, **kw) -> tuple[int, TensorStatsRequest]:
