@@ -242,3 +242,25 @@ def test_per_tensor_values_are_refused_where_they_cannot_apply(ckpts, tmp_path):
     with pytest.raises(ConfigError, match=r"epsilon.*at tensor model\.layers\.3\."):
         make_plan(parse_config(della))
     assert not (root / "x").exists() and not (root / "y").exists()
+
+
+def test_whole_tensor_statistics_use_each_tensors_values(ckpts):
+    """sce's variance cut with select_topk per tensor: the split tensors' rounds
+    (cluster/tensor_stats.py) run with each tensor's own value."""
+    root, bp, mps, base, models = ckpts
+    topk = [{"filter": "mlp", "value": [0.3, 0.9]}, {"value": 0.5}]
+    outs = []
+    for split in (False, True):
+        raw = native(root, bp, mps, "ta-none", f"sce-{split}", split)
+        raw["merge"] = {"method": "sce", "select_topk": topk}
+        for m in raw["models"]:
+            m.pop("sparsify", None)
+            m["weight"] = 1.0
+        outs.append(run_merge(parse_config(raw)))
+    assert any(len(t.units) > 1 for t in outs[1].plan.tensors if "mlp" in t.name)
+    assert model_files(outs[0].output) == model_files(outs[1].output)
+    expected = {}
+    for n, b0 in base.items():
+        ts = [m[n].float() - b0.float() for m in models]
+        expected[n] = R.sce(b0.float(), ts, R.at_tensor(topk, n, LAYERS)).to(b0.dtype)
+    _check(outs[1].output, expected)
