@@ -264,3 +264,32 @@ def test_whole_tensor_statistics_use_each_tensors_values(ckpts):
         ts = [m[n].float() - b0.float() for m in models]
         expected[n] = R.sce(b0.float(), ts, R.at_tensor(topk, n, LAYERS)).to(b0.dtype)
     _check(outs[1].output, expected)
+
+
+def test_mergekit_forms_that_stay_refused(tmp_path):
+    """Gradients with several slices (mergekit reads them within each slice),
+    booleans per tensor, normalize with weights per tensor: named, not guessed."""
+
+    def src(m, lr, **p):
+        return {"model": m, "layer_range": lr, **({"parameters": p} if p else {})}
+
+    sl = [
+        {"sources": [src("b", [0, 2]), src("a", [0, 2], weight=[0.2, 0.8])]},
+        {"sources": [src("b", [2, 4]), src("a", [2, 4], weight=[0.2, 0.8])]},
+    ]
+    raw = {"merge_method": "ties", "base_model": "b", "slices": sl}
+    with pytest.raises(ConfigError, match=r"sources\[1\]\.parameters\.weight: a layer gradient "
+                       "with several slices"):  # fmt: skip
+        translate(raw, tmp_path)
+    one = {**raw, "slices": sl[:1]}  # one slice: the gradient spans its layers, as in mergekit
+    native_cfg, _ = translate(one, tmp_path)
+    assert native_cfg["models"][0]["weight"] == [0.2, 0.8]
+    ta = {
+        "merge_method": "task_arithmetic",
+        "base_model": "b",
+        "models": [{"model": "a", "parameters": {"weight": [0.2, 0.8]}}],
+        "parameters": {"normalize": True, "rescale": [True, False]},
+    }
+    with pytest.raises(ConfigError, match=r"2 unsupported") as e:
+        translate(ta, tmp_path)
+    assert "parameters.normalize: true with weights per tensor" in str(e.value)
