@@ -82,10 +82,12 @@ def torch_free(plan: Plan, device: str, backend: str) -> bool:
     merged from its raw bf16 blocks (engine/raw.py, which may still hand a
     unit back to the torch engine), so that no worker should need torch: the
     C kernels are loaded and the backend is not torch (kernels.enabled)."""
+    merge = merge_spec(plan)
+    per_tensor = merge.per_tensor  # (else one spec for every tensor: not rebuilt each)
     for t in plan.tensors:
         if t.kind != MERGE:
             continue
-        spec = merge_spec(plan, t)
+        spec = merge.for_tensor(t.name) if per_tensor else merge
         if not (_streams(spec, t, device, backend) or _raw(plan, spec, t, device, backend)):
             return False
     return True
