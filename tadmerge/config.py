@@ -86,7 +86,9 @@ def format_size(n: float, binary: bool, *, up: bool = False) -> str:
 class ModelEntry:
     path: str
     name: str
-    weight: float = 1.0
+    # a number, or per tensor a gradient over the layers or {filter, value} entries
+    # (methods/registry.py tensor_value; resolved per tensor by MergeSpec.for_tensor)
+    weight: Any = 1.0
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,7 @@ class MergeConfig:
 _TOP_KEYS = {"base", "models", "sparsify", "merge", "exclude", "output", "runtime", "seed",
              "inputs", "emr", "tokenizer", "slices"}  # fmt: skip
 _SPARSIFY_PARAMS = methods.all_params(methods.sparsifiers())
+WEIGHT = methods.Param("weight", 1.0, "the model's weight")  # (a number, or per tensor)
 _MERGE_PARAMS = methods.all_params(methods.combiners())
 
 
@@ -308,7 +311,7 @@ def _parse_models(raw: Any, base_dir: Path) -> tuple[ModelEntry, ...]:
         if name in seen:
             raise ConfigError(f"models[{i}].name: {name!r} is used twice; names must be unique")
         seen.add(name)
-        weight = _num(m.get("weight", 1.0), f"models[{i}].weight")
+        weight = WEIGHT.parse(m.get("weight", 1.0), f"models[{i}].weight")
         out.append(ModelEntry(path, name, weight))
     return tuple(out)
 
@@ -370,11 +373,32 @@ def _parse_merge(m: Any, models: tuple[ModelEntry, ...]) -> MergeMethod:
         or merge.get("normalize", False)
         or merge.get("normalize_weights", False)  # (multislerp)
     )
-    if normalized and models and sum(x.weight for x in models) == 0:
+    fixed = not any(methods.varies(x.weight) for x in models)  # (else checked per tensor)
+    if normalized and models and fixed and sum(x.weight for x in models) == 0:
         raise ConfigError(
             f"models[*].weight: the weights of {merge.method} must not sum to 0 (it divides by it)"
         )
     return merge
+
+
+def _check_global_scope(sparsify: SparsifySpec) -> None:
+    """scope: global makes one selection (or one TADrop rate) per task over the
+    whole task vector, from one set of values: they cannot differ per tensor."""
+    if sparsify.scope != "global" or not sparsify.per_tensor:
+        return
+    method = methods.sparsifier(sparsify.method)
+    keys = [p.name for p in method.params if methods.varies(getattr(sparsify, p.name))]
+    keys += [
+        f"models[{k}].sparsify.{name}"
+        for k, task in enumerate(sparsify.tasks)
+        for name, v in task
+        if methods.varies(v)
+    ]
+    raise ConfigError(
+        f"sparsify.scope: global selects over the whole task vector with one value per "
+        f"task; {', '.join(k if '.' in k else 'sparsify.' + k for k in keys)} must be one "
+        "number for every tensor (or use scope: tensor)"
+    )
 
 
 def _warn_ignored(section: str, method: str, keys: list[str]) -> None:
@@ -548,6 +572,7 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
         sparsify = section(
             parse_task_sparsify, raw.get("models"), sparsify, _SPARSIFY_PARAMS, default=sparsify
         )
+        section(_check_global_scope, sparsify)
     slices = section(_parse_slices, raw, models, merge, sparsify, exclude, output, default=())
     if base is None and slices:
         first = slices[0].sources[0].model

@@ -499,3 +499,26 @@ def arcee_mask(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
 def arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
     """θ0 + (θ_1 − θ0)·mask."""
     return base + (model - base) * arcee_mask(base, model).to(F32)
+
+
+def at_tensor(setting, name: str, layers: int) -> float:
+    """mergekit's per-tensor value (config.py evaluate_setting, plan.py's t): the
+    first {filter, value} entry whose filter is in the name (or is None / '*');
+    a gradient [v0, ..., vm] at layer i of `layers` is read at t = i / (layers - 1)
+    (1 for one layer; 0 for a tensor of no layer) by linear interpolation between
+    its two nearest points."""
+    if isinstance(setting, list) and setting and isinstance(setting[0], dict):
+        for e in setting:
+            if e.get("filter") in (None, "*") or e["filter"] in name:
+                return at_tensor(e["value"], name, layers)
+        raise KeyError(name)
+    if not isinstance(setting, list):
+        return float(setting)
+    import re
+
+    m = re.search(r"\.(?:layers|h|blocks|layer)\.(\d+)\.", "." + name)
+    t = 0.0 if m is None else (int(m.group(1)) / (layers - 1) if layers > 1 else 1.0)
+    x = t * (len(setting) - 1)
+    i = int(math.floor(x))
+    j = min(i + 1, len(setting) - 1)
+    return (1 - (x - i)) * setting[i] + (x - i) * setting[j]

@@ -674,3 +674,71 @@ def test_ties_with_a_density_per_model_matches_mergekit(f32_set):
         n_total += ok.numel()
         torch.testing.assert_close(a[name][ok], b[name][ok], rtol=2e-6, atol=2e-7, msg=name)
     assert n_amb / n_total < 1e-3
+
+
+@pytest.fixture(scope="module")
+def deep_f32_set(tmp_path_factory):
+    """4 layers, float32: a gradient over them is read between its points."""
+    root = tmp_path_factory.mktemp("xmk-deep-f32")
+    data = root / "tiny-f32"
+    shape = shape_for(**{**SHAPE, "layers": 4})
+    generate(data, tasks=3, dtype="fp32", seed=7, shard_size=150_000, shape=shape, quiet=True)
+    return root, data
+
+
+def test_ties_with_values_per_tensor_matches_mergekit(deep_f32_set):
+    """A density gradient over the layers (top level), a model's density as a filter
+    list that falls back to it, a weight as a filter list and a lambda gradient:
+    each tensor gets mergekit's value (R.at_tensor), and the merge agrees with
+    mergekit's except at the documented TIES ties."""
+    root, data = deep_f32_set
+    density = [0.2, 0.7, 0.5]
+    d1 = [{"filter": "mlp", "value": 0.6}]  # elsewhere: the top-level gradient
+    w0 = [{"filter": "self_attn", "value": 0.3}, {"value": 1.0}]
+    lam = [1.0, 0.6]
+    raw = {
+        "merge_method": "ties",
+        "base_model": str(data / "base"),
+        "models": [
+            {"model": str(data / "ft_1"), "parameters": {"weight": w0}},
+            {"model": str(data / "ft_2"), "parameters": {"weight": 0.5, "density": d1}},
+            {"model": str(data / "ft_3"), "parameters": {"weight": 0.8}},
+        ],
+        "parameters": {"density": density, "lambda": lam},
+        "dtype": "float32",
+    }
+    a, b = _both(root, "ties-per-tensor", raw)
+    a, b = _tensors(a), _tensors(b)
+    base = _tensors(data / "base")
+    fts = [_tensors(data / f"ft_{i}") for i in (1, 2, 3)]
+    assert set(a) == set(b)
+    layers = _layers(data / "base")
+    assert layers == 4
+    n_amb = n_total = 0
+    seen = set()
+    for name in a:
+        d = R.at_tensor(density, name, layers)
+        ds = [d, R.at_tensor(d1 + [{"value": d}], name, layers), d]
+        ws = [R.at_tensor(w0, name, layers), 0.5, 0.8]
+        seen.add((round(ds[0], 6), ws[0]))
+        amb = torch.zeros_like(a[name], dtype=torch.bool)
+        trimmed = []
+        for f, dk in zip(fts, ds, strict=True):
+            t = f[name].float().flatten() - base[name].float().flatten()
+            lo, hi = _keep_ranges("ties", t.numel(), dk, 0.0)
+            amb |= _boundary_ties(t.abs(), lo, hi).reshape(amb.shape)
+            order = torch.argsort(t.abs(), stable=True)
+            mask = torch.zeros(t.numel(), dtype=torch.bool)
+            mask[order[lo:hi]] = True
+            trimmed.append(t * mask)
+        s = sum(w * t for w, t in zip(ws, trimmed, strict=True))
+        amb |= ((s == 0) & torch.stack([t != 0 for t in trimmed]).any(0)).reshape(amb.shape)
+        ok = ~amb
+        n_amb += int(amb.sum())
+        n_total += ok.numel()
+        torch.testing.assert_close(a[name][ok], b[name][ok], rtol=2e-6, atol=2e-7, msg=name)
+        assert not torch.equal(a[name], base[name]) or name.endswith("norm.weight"), name
+    # the values did vary: the gradient's points and between them, both weights
+    assert {round(x, 6) for x, _ in seen} >= {0.2, round(0.2 + 0.5 * 2 / 3, 6), 0.5}
+    assert {w for _, w in seen} == {0.3, 1.0}
+    assert n_amb / n_total < 1e-3, f"{n_amb} of {n_total} entries ambiguous"

@@ -120,8 +120,11 @@ def test_parameters_resolve_like_mergekit(tmp_path):
 
 def test_every_unsupported_key_is_named_in_one_error_before_any_read(tmp_path, capsys):
     raw = _mk("ties", {"density": 0.5})
-    raw["models"][0]["parameters"]["weight"] = [0.1, 0.9]  # a real layer gradient
+    # numbers per tensor are taken (a layer gradient, filter entries); booleans are not
+    raw["models"][0]["parameters"]["weight"] = [0.1, 0.9]
     raw["models"][1]["parameters"]["weight"] = [{"filter": "mlp", "value": 0.3}, {"value": 1}]
+    raw["parameters"]["normalize"] = [True, False]
+    raw["parameters"]["int8_mask"] = [{"filter": "mlp", "value": True}, {"value": False}]
     raw["models"][2]["parameters"]["density"] = 0.0  # a density of its own, out of range
     raw["models"].append({"model": "x+lora", "parameters": {"weight": 1}})
     tok = {"source": "union", "tokens": {"<x>": {"source": "m0"}}}
@@ -133,10 +136,11 @@ def test_every_unsupported_key_is_named_in_one_error_before_any_read(tmp_path, c
     assert main(["merge", str(cfg), "--out", str(tmp_path / "o")]) == EXIT_CONFIG
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "9 unsupported settings" in err
+    assert "weight" not in err
     for key in (
         "modules:", "tokenizer.tokens:", "chat_template:", "dtype:", "tadmerge.bogus:",
-        "models[0].parameters.weight: a layer gradient", "models[3].model:",
-        "models[1].parameters.weight: values per tensor (filter 'mlp')",
+        "parameters.normalize: a layer gradient", "models[3].model:",
+        "parameters.int8_mask: values per tensor (filter 'mlp')",
         "density (model 'm2'): 0.0: a density <= 0",
     ):  # fmt: skip
         assert key in err, key

@@ -37,6 +37,16 @@ CASES = {
     # a tensor-sums combiner: a round of exact sums for the split tensors, answered
     # by the actors (engine/sums.py), the whole ones resolved in their block
     "model_stock": ({"method": "none"}, {"method": "model_stock"}),
+    # values per tensor ({filter, value} entries, a gradient): each unit and each
+    # statistics round resolves its tensor's values (MergeSpec.for_tensor)
+    "ties-per-tensor": (
+        {"method": "magnitude", "density": [{"filter": "attn", "value": 0.3}, {"value": 0.6}]},
+        {"method": "ties", "scale": [{"filter": "norm", "value": 0.5}, {"value": [1.0, 0.7]}]},
+    ),
+    "sce-per-tensor": (
+        {"method": "none"},
+        {"method": "sce", "select_topk": [{"filter": "emb", "value": 0.3}, {"value": 0.6}]},
+    ),
     # a signed score's quantile rounds on actors (one model)
     "arcee-fusion": ({"method": "none"}, {"method": "arcee_fusion"}, 1),
 }

@@ -99,8 +99,9 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispat
     if isinstance(request, UnitRequest):  # a combiner's (cluster/tensor_stats.py)
         from ..engine import tensor_stats
 
+        spec = merge_spec(plan, plan.tensors[unit.tensor])
         ctx = block_context(plan, unit, request.resolved, backend)
-        return tensor_stats.answer(base, models, merge_spec(plan), ctx, request)
+        return tensor_stats.answer(base, models, spec, ctx, request)
     if isinstance(request, CoarseRequest):
         # per task (coarse histogram, KeysAside or None): the keys set aside only
         # when asked (tensor-scope groups, whose fine round they save)
@@ -130,7 +131,7 @@ def merge_unit(
     device = torch_device(dispatch.device)
     unit = plan.units[unit_id]
     tp = plan.tensors[unit.tensor]
-    spec = merge_spec(plan)
+    spec = merge_spec(plan, tp)
     check_finite = not plan.config.inputs.allow_nonfinite
     try:
         _, blocks = read_unit(plan, unit, device)

@@ -160,11 +160,12 @@ def _resolve(
 
     gens: dict[tuple, Generator] = {}
     for g in groups:
+        task_sp = _group_sparsify(plan, g).for_task(g[-1])
         if global_rate:
-            gens[g] = tadrop_rate(index[g], sp.for_task(g[-1]))
+            gens[g] = tadrop_rate(index[g], task_sp)
         else:
             rate = rates[g[-1]] if rates is not None else None
-            gens[g] = resolve_selection(index[g], sp.for_task(g[-1]), rate)
+            gens[g] = resolve_selection(index[g], task_sp, rate)
     results: dict = {}
     pending: dict[tuple, set[int]] = {}
     # each unit's own fine histograms, for the tie counts: {(group, bucket): {unit: hist}}
@@ -218,6 +219,18 @@ def _resolve(
 
     _tie_quotas(groups, index, results, map_units, per_unit)
     return results
+
+
+def _group_sparsify(plan: Plan, g: tuple):
+    """The sparsify spec of a group: a tensor's ("t", index, task) resolved for
+    that tensor (cluster/worker.py merge_spec, as its blocks are given it); the
+    whole task vector's ("g", task) the config's, whose values are one number
+    for every tensor (config.py refuses per-tensor values with scope global)."""
+    if g[0] == "t":
+        from .worker import merge_spec
+
+        return merge_spec(plan, plan.tensors[g[1]]).sparsify
+    return plan.config.sparsify
 
 
 class AsideKeys:

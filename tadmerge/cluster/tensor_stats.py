@@ -65,12 +65,12 @@ def run_tensor_stats(plan: Plan, map_units: MapFn, resolved: dict) -> None:
     combiner = methods.combiner(plan.config.merge.method)
     if combiner.statistics is None:
         return
-    spec = merge_spec(plan)
     todo: list[_Tensor] = []
     for tp in plan.tensors:
         if tp.kind != MERGE or not tp.split:
             continue
-        t = _Tensor(tp, combiner.statistics(spec, tp.shape, tp.name))
+        # (each tensor's own values: worker.merge_spec resolves them per tensor)
+        t = _Tensor(tp, combiner.statistics(merge_spec(plan, tp), tp.shape, tp.name))
         t.advance(first=True)
         if isinstance(t.request, SumsRequest) and local(t.request.layout, tp.shape):
             t.gen.close()  # segments inside a row: each block makes its own

@@ -40,9 +40,12 @@ MASKS_DIR = "masks.zarr"
 TASKS_DIR = "tasks"
 
 
-def merge_spec(plan: Plan) -> MergeSpec:
+def merge_spec(plan: Plan, tensor: TensorPlan | None = None) -> MergeSpec:
+    """The merge's spec; given a tensor, the spec that tensor is merged with: its
+    per-tensor values resolved from its name and the plan's layer count
+    (MergeSpec.for_tensor), which every stage and executor asks here."""
     cfg = plan.config
-    return MergeSpec(
+    spec = MergeSpec(
         sparsify=cfg.sparsify,
         method=cfg.merge.method,
         scale=cfg.merge.get("scale", 1.0),
@@ -52,6 +55,7 @@ def merge_spec(plan: Plan) -> MergeSpec:
         seed=cfg.seed,
         layers=plan.layers,
     )
+    return spec if tensor is None else spec.for_tensor(tensor.name)
 
 
 # device nodes of a GPU that torch.cuda may drive (NVIDIA, ROCm, WSL2)
@@ -78,12 +82,15 @@ def torch_free(plan: Plan, device: str, backend: str) -> bool:
     merged from its raw bf16 blocks (engine/raw.py, which may still hand a
     unit back to the torch engine), so that no worker should need torch: the
     C kernels are loaded and the backend is not torch (kernels.enabled)."""
-    spec = merge_spec(plan)
-    return all(
-        _streams(spec, t, device, backend) or _raw(plan, spec, t, device, backend)
-        for t in plan.tensors
-        if t.kind == MERGE
-    )
+    merge = merge_spec(plan)
+    per_tensor = merge.per_tensor  # (else one spec for every tensor: not rebuilt each)
+    for t in plan.tensors:
+        if t.kind != MERGE:
+            continue
+        spec = merge.for_tensor(t.name) if per_tensor else merge
+        if not (_streams(spec, t, device, backend) or _raw(plan, spec, t, device, backend)):
+            return False
+    return True
 
 
 def _streams(spec: MergeSpec, tp: TensorPlan, device: str, backend: str) -> bool:
@@ -192,7 +199,7 @@ def run_unit(
     tp = plan.tensors[unit.tensor]
     if tp.kind != MERGE:
         return _copy_unit(plan, staging, unit, tp)
-    spec = merge_spec(plan)
+    spec = merge_spec(plan, tp)
     device = resolve_device(dispatch.device)
     backend = dispatch.kernels
     try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .. import methods
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from .sparsify import Selection
@@ -28,7 +29,12 @@ DEFAULT_RESCALE = {
 
 @dataclass(frozen=True)
 class SparsifySpec:
-    """Parameters of Φ, as resolved from the config (defaults filled in)."""
+    """Parameters of Φ, as resolved from the config (defaults filled in).
+
+    A number parameter may hold a per-tensor setting (a gradient over the layers
+    or {filter, value} entries, methods/registry.py tensor_value) until
+    for_tensor resolves it; the engine is only ever given resolved specs.
+    """
 
     method: str = "none"
     scope: str = "tensor"
@@ -52,6 +58,37 @@ class SparsifySpec:
         return replace(self, tasks=(), **dict(self.tasks[k]))
 
     @property
+    def per_tensor(self) -> bool:
+        """Whether some value (its own or a task's) differs per tensor."""
+        own = (getattr(self, p.name) for p in methods.sparsifier(self.method).params)
+        return any(methods.varies(v) for v in own) or any(
+            methods.varies(v) for task in self.tasks for _, v in task
+        )
+
+    def for_tensor(self, name: str, layers: int) -> SparsifySpec:
+        """The spec tensor `name` is sparsified with: every per-tensor value (the
+        section's and each task's own) resolved to its number there, and the
+        method's cross-parameter rule checked on what each task gets
+        (ConfigError naming the tensor). Unchanged when nothing varies."""
+        if not self.per_tensor:
+            return self
+        method = methods.sparsifier(self.method)
+        own = {p.name: getattr(self, p.name) for p in method.params}
+        values, _ = methods.resolve_values(own, name, layers)
+        tasks = tuple(
+            tuple(methods.resolve_values(dict(task), name, layers)[0].items())
+            for task in self.tasks
+        )
+        out = replace(self, tasks=tasks, **values)
+        for k in range(max(1, len(tasks))):
+            task = out.for_task(k) if tasks else out
+            where = f"models[{k}].sparsify" if tasks and tasks[k] else "sparsify"
+            methods.check_resolved(
+                method, {p.name: getattr(task, p.name) for p in method.params}, where, name
+            )
+        return out
+
+    @property
     def moments(self) -> int:
         """Exact moments the selection needs: 2 for l2, 1 for l1, else counts only."""
         return {"l2": 2, "l1": 1}.get(self.rescale, 0)
@@ -71,6 +108,47 @@ class MergeSpec:
 
     def param(self, name: str):
         return dict(self.params)[name]
+
+    @property
+    def per_tensor(self) -> bool:
+        """Whether some value (the combiner's, a weight, the sparsifier's) differs
+        per tensor."""
+        return (
+            any(methods.varies(v) for _, v in self.params)
+            or any(methods.varies(w) for w in self.weights)
+            or self.sparsify.per_tensor
+        )
+
+    def for_tensor(self, name: str) -> MergeSpec:
+        """The spec tensor `name` is merged with: the sparsifier's, the combiner's
+        and the models' per-tensor values (gradients over `layers`, {filter,
+        value} entries) resolved to plain numbers, before any math, so that every
+        split, executor and worker count gives the same bytes. The one place a
+        merge's values are resolved per tensor (cluster/worker.py merge_spec).
+        Unchanged when nothing varies."""
+        if not self.per_tensor:
+            return self
+        params, p_var = methods.resolve_values(dict(self.params), name, self.layers)
+        w = dict(enumerate(self.weights))
+        weights, w_var = methods.resolve_values(w, name, self.layers)
+        sparsify = self.sparsify.for_tensor(name, self.layers)
+        combiner = methods.combiner(self.method)
+        if p_var:
+            methods.check_resolved(combiner, params, "merge", name)
+        ws = tuple(weights[k] for k in range(len(self.weights)))
+        normalized = self.method == "average" or params.get("normalize", False)
+        if w_var and normalized and sum(ws) == 0:
+            raise ConfigError(
+                f"models[*].weight: the weights of {self.method} must not sum to 0 "
+                f"(it divides by it; at tensor {name})"
+            )
+        return replace(
+            self,
+            sparsify=sparsify,
+            weights=ws,
+            params=tuple(params.items()),
+            scale=params.get("scale", self.scale),
+        )
 
 
 # The map steps of the statistics stage (cluster/stats.py): what one unit is asked

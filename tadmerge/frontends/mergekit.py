@@ -108,12 +108,12 @@ class _Sums:
 
 
 SUMS = {
-    "slerp": _Sums({"t": ("per_tensor", ...)}, False, True),
+    "slerp": _Sums({"t": ("number", ...)}, False, True),
     "nuslerp": _Sums(
         {"nuslerp_row_wise": ("bool", False), "nuslerp_flatten": ("bool", True)}, True, None
     ),
     "multislerp": _Sums({"normalize_weights": ("bool", True), "eps": ("number", 1e-8)}, True, None),
-    "karcher": _Sums({"max_iter": ("number", 10), "tol": ("number", 1e-5)}, False, False),
+    "karcher": _Sums({"max_iter": ("int", 10), "tol": ("number", 1e-5)}, False, False),
     "model_stock": _Sums({"filter_wise": ("bool", False)}, False, True),
 }
 SUPPORTED = ("linear", *GTA, *OWN, *SUMS)
@@ -167,6 +167,8 @@ class _Problems(list):
 
 
 def _scalar(value: Any, kind: str, where: str, problems: _Problems) -> Any:
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -179,41 +181,45 @@ def _scalar(value: Any, kind: str, where: str, problems: _Problems) -> Any:
 
 
 def _setting(value: Any, kind: str, where: str, problems: _Problems) -> Any:
-    """One parameter setting as one value for every tensor, or None (absent or not
-    mappable: then a problem is added). mergekit's forms: a scalar; a list of
-    scalars (a gradient over the layers); {value, filter} or a list of them (the
-    first whose filter is a substring of the tensor name applies). A "per_tensor"
-    parameter (slerp's t) keeps those forms: the native parameter takes them."""
-    if kind == "per_tensor":
-        if isinstance(value, bool) or not isinstance(value, int | float | list | dict):
-            problems.add(where, f"expected a number, a gradient or {{filter, value}} entries, "
-                         f"got {show(value)}")  # fmt: skip
-            return None
-        return float(value) if isinstance(value, int | float) else value
+    """One parameter setting, or None (absent or not mappable: then a problem is
+    added). mergekit's forms: a scalar; a list of scalars (a gradient over the
+    layers); {value, filter} or a list of them (the first whose filter is a
+    substring of the tensor name applies). A "number" keeps those forms: the
+    native number parameters and model weights take them per tensor
+    (methods/registry.py tensor_value, mergekit's rule); a setting whose every
+    value is the same is that value. A "bool" or an "int" must be one value for
+    every tensor (the native parameter is one)."""
     if isinstance(value, dict) and "value" in value:
         value = [value]
     if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
-        seen: list[Any] = []
+        out: list[dict] = []
         for i, cond in enumerate(value):
             extra = set(cond) - {"value", "filter"}
             if "value" not in cond or extra:
                 problems.add(f"{where}[{i}]", "expected {value, filter}")
                 return None
+            f = cond.get("filter")
+            if f is not None and not isinstance(f, str):
+                problems.add(f"{where}[{i}].filter", f"expected a string, got {show(f)}")
+                return None
             v = _setting(cond["value"], kind, f"{where}[{i}].value", problems)
             if v is None:
                 return None
-            seen.append(v)
-            if cond.get("filter") in (None, "*"):
-                if all(s == v for s in seen):
-                    return v  # every tensor gets the same value: it maps exactly
-                break
-        filters = [c.get("filter") for c in value if c.get("filter") not in (None, "*")]
-        problems.add(
-            where,
-            f"values per tensor (filter {', '.join(map(show, filters))}) are not supported yet "
-            "(tadmerge takes one value per model for every tensor)",
-        )
-        return None
+            out.append({"filter": f, "value": v})
+            if f in (None, "*"):
+                break  # (the entries after a catch-all never apply)
+        values = {repr(e["value"]) for e in out}
+        if len(values) == 1 and out[-1]["filter"] in (None, "*"):
+            return out[0]["value"]  # every tensor gets the same value: one value
+        if kind != "number":
+            filters = [e["filter"] for e in out if e["filter"] not in (None, "*")]
+            problems.add(
+                where,
+                f"values per tensor (filter {', '.join(map(show, filters))}) are not supported "
+                f"for this {kind} parameter (one value for every tensor)",
+            )
+            return None
+        return out
     if isinstance(value, list):
         if not value:
             return None
@@ -222,15 +228,54 @@ def _setting(value: Any, kind: str, where: str, problems: _Problems) -> Any:
             return None
         if all(v == vals[0] for v in vals):
             return vals[0]
-        problems.add(
-            where,
-            f"a layer gradient {show(value)} is not supported yet (tadmerge takes one value "
-            "for every layer)",
-        )
-        return None
+        if kind != "number":
+            problems.add(
+                where,
+                f"a layer gradient {show(value)} is not supported for this {kind} parameter "
+                "(one value for every layer)",
+            )
+            return None
+        return vals
     if value is None:
         return None
     return _scalar(value, kind, where, problems)
+
+
+def _or_else(setting: Any, fallback: Any) -> Any:
+    """`setting`, and where it is {filter, value} entries none of which applies to
+    a tensor, `fallback` there: mergekit then reads the next scope (the model's
+    parameters, the top-level ones, the default). None: no fallback."""
+    if not _entries(setting) or fallback is None or setting[-1]["filter"] in (None, "*"):
+        return setting
+    more = fallback if _entries(fallback) else [{"filter": None, "value": fallback}]
+    return setting + more
+
+
+def _entries(setting: Any) -> bool:
+    return isinstance(setting, list) and bool(setting) and isinstance(setting[0], dict)
+
+
+def _numbers(setting: Any) -> list[float]:
+    """Every number a setting may take at its ends (a gradient's values lie between)."""
+    if _entries(setting):
+        return [x for e in setting for x in _numbers(e["value"])]
+    if isinstance(setting, list):
+        return list(setting)
+    return [setting]
+
+
+def _mapped(setting: Any, f) -> Any:
+    """A setting with `f` applied to each of its numbers (an affine f commutes with
+    a gradient's interpolation, up to rounding)."""
+    if _entries(setting):
+        return [{"filter": e["filter"], "value": _mapped(e["value"], f)} for e in setting]
+    if isinstance(setting, list):
+        return [f(x) for x in setting]
+    return f(setting)
+
+
+def _varies(setting: Any) -> bool:
+    return isinstance(setting, list)
 
 
 def _model_ref(value: Any, where: str, problems: _Problems) -> str | None:
@@ -312,7 +357,8 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
     }
     shared = {}
     for k, (_, default) in shared_spec.items():
-        shared[k] = default if glob.get(k) is None else glob[k]
+        fallback = None if default is ... else default
+        shared[k] = default if glob.get(k) is None else _or_else(glob[k], fallback)
         if shared[k] is ... and k not in params:
             problems.add(f"parameters.{k}", f"required by {method} (as in mergekit)")
 
@@ -356,8 +402,11 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
                 notes.append(f"{where}.parameters.{k}: {method} takes no {k}; ignored")
         for k, (kind, default) in model_spec.items():
             v = _setting(mp[k], kind, f"{where}.parameters.{k}", problems) if k in mp else None
-            if v is None:
-                v = glob.get(k)
+            # mergekit's precedence, per tensor: the model's, the top level's, the default
+            fallback = None if default is ... else default
+            if glob.get(k) is not None:
+                fallback = _or_else(glob[k], fallback)
+            v = fallback if v is None else _or_else(v, fallback)
             if v is None and default is ... and k not in mp and k not in params:
                 problems.add(f"{where}.parameters.{k}", f"required by {method} (as in mergekit)")
             values[k] = default if v is None else v
@@ -382,9 +431,10 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
         problems.add("models", "no model to merge besides base_model")
 
     # the sparsifier's parameters: the first model's for every model, and each
-    # model's own where it differs (models[i].sparsify in the native config)
-    one: dict[str, float] = {}
-    own: list[dict[str, float]] = [{} for _ in inputs]
+    # model's own where it differs (models[i].sparsify in the native config); each
+    # a number or per tensor (a gradient, {filter, value} entries)
+    one: dict[str, Any] = {}
+    own: list[dict[str, Any]] = [{} for _ in inputs]
     for k in ("density", "gamma", "epsilon"):
         if k not in model_spec or not inputs:
             continue
@@ -421,6 +471,14 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
             "linear merges the weights, not task vectors: use task_arithmetic with normalize: true",
         )
 
+    g = GTA.get(method)
+    if g and not g.consensus and shared.get("normalize") is True:
+        if any(_varies(v.get("weight")) for _, v in inputs):
+            problems.add(
+                "parameters.normalize",
+                f"true with weights per tensor is not supported yet for {method} (the "
+                "weights are divided by their sum once, in the translation)",
+            )
     dtype = _dtype(raw.get("dtype"), "dtype", problems)
     out_dtype = _dtype(raw.get("out_dtype"), "out_dtype", problems)
     tok, tok_key = _tokenizer_source(raw, problems)
@@ -453,7 +511,7 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
         native["sparsify"] = dict(ext_sparsify) if ext_sparsify is not None else {"method": "none"}
         merge = {k: v for k, v in shared.items() if k != "int8_mask"}
         if method == "sce" and ext_sparsify is not None:
-            if merge["select_topk"] < 1:
+            if min(_numbers(merge["select_topk"])) < 1:
                 notes.append(
                     "tadmerge.sparsify replaces sce's variance selection: select_topk not used"
                 )
@@ -470,16 +528,20 @@ def translate(raw: dict, cwd: str | Path) -> tuple[dict, list[str]]:
                     f"tadmerge.sparsify replaces {method}'s sparsifier: "
                     f"{', '.join(unused)} not used"
                 )
-        elif g.sparsify == "none" or min([density] + [o.get("density", 1) for o in own]) >= 1.0:
+        elif (
+            g.sparsify == "none"
+            or min(_numbers(density) + [x for o in own for x in _numbers(o.get("density", 1.0))])
+            >= 1.0
+        ):
             sp = {"method": "none"}  # mergekit keeps every entry at density >= 1
         elif g.sparsify == "random":
-            sp = {"method": "random", "p": 1.0 - density}
+            sp = {"method": "random", "p": _mapped(_capped(density), lambda d: 1.0 - d)}
             sp["rescale"] = "inverse_keep" if shared["rescale"] else "none"
         elif g.sparsify == "della":
-            sp = {"method": "della", "density": density, "epsilon": one["epsilon"]}
+            sp = {"method": "della", "density": _capped(density), "epsilon": one["epsilon"]}
             sp["rescale"] = "inverse_keep" if shared["rescale"] else "none"
         else:
-            sp = {"method": g.sparsify, "density": density}
+            sp = {"method": g.sparsify, "density": _capped(density)}
             if g.sparsify == "magnitude_outliers":
                 sp["gamma"] = one["gamma"]
             sp["rescale"] = "l1" if shared["rescale"] else "none"
@@ -595,19 +657,22 @@ def _sums_merge(method: str, shared: dict, has_base: bool) -> dict:
     return {"method": "model_stock", "filter_wise": shared["filter_wise"]}
 
 
-def _check_sparsify_values(one: dict[str, float], which: str, problems: _Problems) -> None:
+def _check_sparsify_values(one: dict[str, Any], which: str, problems: _Problems) -> None:
     """density, gamma, epsilon as mergekit accepts them (`which`: the model, where the
-    values differ per model)."""
-    if "density" in one and one["density"] <= 0:
-        problems.add(
-            "density" + which,
-            f"{show(one['density'])}: a density <= 0 drops every entry; not "
-            "supported (0 < density <= 1)",
-        )
-    if "gamma" in one and not 0 <= one["gamma"] < 1:
-        problems.add("gamma" + which, f"{show(one['gamma'])}: expected 0 <= gamma < 1")
-    if "epsilon" in one and 0 < one["density"] < 1:
-        d, e = one["density"], one["epsilon"]
+    values differ per model); a per-tensor value by each number it may take (the
+    della rule on two per-tensor values is checked per tensor when the plan is made)."""
+    for d in _numbers(one.get("density", 1.0)):
+        if d <= 0:
+            problems.add(
+                "density" + which,
+                f"{show(d)}: a density <= 0 drops every entry; not supported (0 < density <= 1)",
+            )
+    for gamma in _numbers(one.get("gamma", 0.0)):
+        if not 0 <= gamma < 1:
+            problems.add("gamma" + which, f"{show(gamma)}: expected 0 <= gamma < 1")
+    d = one.get("density")
+    if "epsilon" in one and not _varies(d) and not _varies(one["epsilon"]) and 0 < d < 1:
+        e = one["epsilon"]
         if not (d - e > 0 and d + e < 1):
             problems.add(
                 "epsilon" + which,
@@ -616,14 +681,25 @@ def _check_sparsify_values(one: dict[str, float], which: str, problems: _Problem
             )
 
 
-def _own_sparsify(method: str, own: dict[str, float]) -> dict[str, float]:
+def _capped(density: Any) -> Any:
+    """A mergekit density as the native one (<= 1): a density >= 1 keeps every
+    entry in mergekit, as 1 does. A gradient is capped by its ends when they lie on
+    one side of 1 (capping a gradient that crosses 1 is not a gradient: kept, and
+    the native range check names it)."""
+    nums = _numbers(density)
+    if all(x >= 1 for x in nums) or all(x <= 1 for x in nums):
+        return _mapped(density, lambda x: min(x, 1.0))
+    return density
+
+
+def _own_sparsify(method: str, own: dict[str, Any]) -> dict[str, Any]:
     """A model's own mergekit density/gamma/epsilon as the native sparsifier's values."""
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     if "density" in own:
         if method == "random":
-            out["p"] = max(0.0, 1.0 - own["density"])
+            out["p"] = _mapped(_capped(own["density"]), lambda d: 1.0 - d)
         else:
-            out["density"] = min(own["density"], 1.0)  # (>= 1 keeps everything, as mergekit)
+            out["density"] = _capped(own["density"])  # (>= 1 keeps everything, as mergekit)
     if "gamma" in own and method == "magnitude_outliers":
         out["gamma"] = own["gamma"]
     if "epsilon" in own and method == "della":

@@ -84,6 +84,20 @@ def translate_slices(raw: dict, cwd: Path, translate: Translate) -> tuple[dict, 
         for ref, _, _ in sl:
             if ref not in refs:
                 refs.append(ref)
+    if len(slices) > 1:
+        given = [("parameters", raw.get("parameters"))] + [
+            (f"slices[{i}].sources[{j}].parameters", params)
+            for i, sl in enumerate(slices)
+            for j, (_, _, params) in enumerate(sl)
+        ]
+        for at, params in given:
+            for key, setting in params.items() if isinstance(params, dict) else ():
+                if _gradient(setting):
+                    problems.add(
+                        f"{at}.{key}",
+                        "a layer gradient with several slices is not supported yet (mergekit "
+                        "interpolates it within each slice; tadmerge over the output's layers)",
+                    )
     base = raw.get("base_model")
     base = base if isinstance(base, str) else None
     flat = {k: v for k, v in raw.items() if k not in ("slices", "models")}
@@ -161,6 +175,18 @@ def translate_slices(raw: dict, cwd: Path, translate: Translate) -> tuple[dict, 
             entry += [{"model": name[r], "layer_range": srcs[r]} for r in order]
         native["slices"].append({"sources": entry})
     return native, notes
+
+
+def _gradient(setting) -> bool:
+    """Whether a mergekit setting holds a gradient (a list of scalars), also as
+    the value of a {filter, value} entry."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return False
+    if all(isinstance(e, dict) for e in setting):
+        return any(_gradient(e.get("value")) for e in setting)
+    return len(set(map(repr, setting))) > 1
 
 
 def _translated(

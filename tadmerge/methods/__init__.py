@@ -8,13 +8,17 @@ from .registry import (
     Param,
     Sparsifier,
     all_params,
+    check_resolved,
     combiner,
     combiners,
     describe,
     family,
     parse_params,
+    resolve_values,
     sparsifier,
     sparsifiers,
+    tensor_value,
+    varies,
 )
 
 __all__ = [
@@ -25,11 +29,15 @@ __all__ = [
     "Param",
     "Sparsifier",
     "all_params",
+    "check_resolved",
     "combiner",
     "combiners",
     "describe",
     "family",
     "parse_params",
+    "resolve_values",
     "sparsifier",
     "sparsifiers",
+    "tensor_value",
+    "varies",
 ]

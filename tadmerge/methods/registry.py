@@ -43,8 +43,15 @@ class Param:
     hi_open: bool = False
     choices: tuple[str, ...] | None = None
     # a number that may vary per tensor, in mergekit's forms: a gradient over the
-    # layers (a list of numbers), or {filter, value} entries (see tensor_value)
-    per_tensor: bool = False
+    # layers (a list of numbers), or {filter, value} entries (see tensor_value).
+    # None: every number parameter (a float default, no choices) may, as in
+    # mergekit, where every numeric parameter is evaluated per tensor
+    per_tensor: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.per_tensor is None:
+            number = isinstance(self.default, float) and self.choices is None
+            object.__setattr__(self, "per_tensor", number)
 
     def parse(self, value: Any, where: str) -> Any:
         """The value checked against the declaration (ConfigError naming `where`)."""
@@ -93,13 +100,12 @@ class Param:
             kind = " | ".join(self.choices)
         elif isinstance(self.default, bool):
             kind = "true | false"
-        elif self.per_tensor and self.lo is None and self.hi is None:
-            kind = "number, a gradient over the layers, or {filter, value} entries"
         else:
             lo = "" if self.lo is None else f"{_num(self.lo)} {'<' if self.lo_open else '<='} "
             hi = "" if self.hi is None else f" {'<' if self.hi_open else '<='} {_num(self.hi)}"
             kind = f"{lo}x{hi}" if lo or hi else "number"
-        return f"{kind}; default {_num(self.default)}"
+        per = "; per tensor: a gradient or {filter, value} entries" if self.per_tensor else ""
+        return f"{kind}; default {_num(self.default)}{per}"
 
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -133,6 +139,36 @@ def tensor_value(setting: Any, name: str, layers: int) -> float:
     i1 = min(len(setting) - 1, i0 + 1)
     frac = scaled - i0
     return (1 - frac) * setting[i0] + frac * setting[i1]
+
+
+def varies(setting: Any) -> bool:
+    """Whether a parsed parameter value may differ per tensor (a gradient or
+    {filter, value} entries), rather than one number for every tensor."""
+    return isinstance(setting, list | dict)
+
+
+def resolve_values(
+    values: Mapping[str, Any], name: str, layers: int
+) -> tuple[dict[str, Any], bool]:
+    """`values` with every per-tensor setting replaced by its number for tensor
+    `name` (tensor_value), and whether any was per tensor. Plain Python floats:
+    every executor, split and worker count computes the same number."""
+    out = dict(values)
+    changed = False
+    for k, v in values.items():
+        if varies(v):
+            out[k] = tensor_value(v, name, layers)
+            changed = True
+    return out, changed
+
+
+def check_resolved(method: Method, values: Mapping[str, Any], where: str, name: str) -> None:
+    """A method's cross-parameter rule on the values tensor `name` resolved to
+    (parse_params defers it when a value is per tensor): a ConfigError naming
+    the tensor."""
+    problem = method.check(values, where)
+    if problem:
+        raise ConfigError(f"{problem} (at tensor {name})")
 
 
 def _num(v: Any) -> str:
@@ -288,7 +324,9 @@ def parse_params(
     for k in ignored:  # still checked, so a bad value is an error whatever the method
         if k in shared:
             shared[k].parse(section[k], f"{where}.{k}")
-    problem = method.check(values, where)
+    # (a per-tensor value is checked with the others once resolved for each tensor:
+    # engine/spec.py, when the plan is made)
+    problem = None if any(varies(v) for v in values.values()) else method.check(values, where)
     if problem:
         raise ConfigError(problem)
     return values, ignored

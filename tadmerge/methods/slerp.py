@@ -9,15 +9,9 @@ from __future__ import annotations
 import math
 
 from ._sums import clamp, merge_weights
-from .registry import Combiner, Param, tensor_value
+from .registry import Combiner, Param
 
-T = Param(
-    "t",
-    0.5,
-    "the interpolation factor: 0 is the base, 1 the model; per tensor as mergekit "
-    "has it: a gradient over the layers, or {filter, value} entries",
-    per_tensor=True,
-)
+T = Param("t", 0.5, "the interpolation factor: 0 is the base, 1 the model")
 DOT_THRESHOLD = Param(
     "dot_threshold",
     0.9995,
@@ -47,7 +41,7 @@ def statistics(spec, shape, name):
 
     v = yield SumsRequest("weights", ((0, 0), (1, 1), (0, 1)))
     ca, cb = coefficients(
-        tensor_value(spec.param("t"), name, spec.layers),
+        spec.param("t"),  # (resolved for this tensor: MergeSpec.for_tensor)
         float(v[0][0]),
         float(v[1][0]),
         float(v[2][0]),

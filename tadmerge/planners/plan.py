@@ -385,8 +385,23 @@ def make_plan(
 
     found = [i for t in tensors if (i := layer_of(t.name)) is not None]
     plan.layers = max(found) + 1 if found else 0
+    check_per_tensor(plan)
     plan.fingerprint = fingerprint(plan)
     return plan
+
+
+def check_per_tensor(plan: Plan) -> None:
+    """Resolve every merged tensor's per-tensor values now (gradients, {filter,
+    value} entries: engine/spec.py MergeSpec.for_tensor), so that a tensor no
+    filter entry applies to, or values a method's rule refuses there, is a
+    ConfigError naming the tensor before any checkpoint data is read."""
+    from ..cluster.worker import merge_spec
+
+    if not merge_spec(plan).per_tensor:
+        return
+    for t in plan.tensors:
+        if t.kind == MERGE:
+            merge_spec(plan, t)
 
 
 def input_versions(plan: Plan) -> dict[str, dict]:
