@@ -14,7 +14,7 @@ from checkpoints import SPLIT_RUNTIME, write_zoo
 from outputs import run_cli
 
 from tadmerge.cli import main
-from tadmerge.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, ConfigError
+from tadmerge.errors import EXIT_CONFIG, EXIT_INPUT, EXIT_OK, EXIT_RUNTIME, ConfigError
 
 
 class Recorder:
@@ -164,10 +164,16 @@ def test_failed_push_is_exit_4_output_kept_and_tadmerge_push_retries(tmp_path, m
     rec.fail = None
     rc, _ = run_cli(capsys, "push", str(out), "org/merged")
     assert rc == EXIT_OK and len(rec.named("upload_folder")) == 1
-    # an output that fails verify is not pushed
+    # an output that fails verify is not pushed, with verify's own exit code (3)
     (out / "merge_report.json").write_text("{}")
     rc, lines = run_cli(capsys, "push", str(out), "org/merged")
-    assert rc == EXIT_RUNTIME and "not a verified tadmerge output" in "\n".join(lines)
+    assert rc == EXIT_INPUT == main(["verify", str(out)])
+    assert "not a verified tadmerge output" in "\n".join(lines)
+    assert len(rec.named("upload_folder")) == 1
+    # ... as is a folder with no manifest at all
+    (out / "manifest.json").unlink()
+    assert run_cli(capsys, "push", str(out), "org/merged")[0] == EXIT_INPUT
+    assert main(["verify", str(out)]) == EXIT_INPUT
     assert len(rec.named("upload_folder")) == 1
 
 

@@ -24,7 +24,8 @@ upload) naming them, unless told to replace them (``output.hub_replace_weights``
 (``upload_folder``'s ``delete_patterns``), so no revision mixes old and new
 weights. Other files (README, eval results) are never deleted.
 
-A failure (no token, no network, refused) is a MergeRuntimeError (exit 4): the
+An output that fails `tadmerge verify` is not pushed: exit 3, as verify's. A
+failure (no token, no network, refused) is a MergeRuntimeError (exit 4): the
 output stays published locally and the message says how to retry
 (``tadmerge push OUTPUT REPO``).
 """
@@ -39,7 +40,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tadmerge.errors import ConfigError, MergeRuntimeError, OutputError
+from tadmerge.errors import ConfigError, MergeRuntimeError, OutputError, VerifyError
 
 log = logging.getLogger("tadmerge")
 
@@ -106,7 +107,8 @@ def upload_plan(
     replace_weights: bool = False,
 ) -> UploadPlan:
     """What pushing `output` to `repo_id` uploads. `verify`: check every file against
-    the manifest first (`tadmerge verify`); a merge that just published skips it."""
+    the manifest first (`tadmerge verify`; a mismatch is a VerifyError, exit 3, as
+    `tadmerge verify` exits); a merge that just published skips it."""
     from .publish import read_manifest, verify_output
 
     folder = os.path.realpath(output)
@@ -114,7 +116,7 @@ def upload_plan(
     problems = verify_output(folder) if verify or doc is None else []
     if doc is None or problems:
         detail = "; ".join(problems[:5]) or "no tadmerge manifest.json"
-        raise MergeRuntimeError(f"{output} is not a verified tadmerge output: {detail}")
+        raise VerifyError(f"{output} is not a verified tadmerge output: {detail}")
     files = [(e["path"], int(e["size"])) for e in doc["files"]]
     files.append((MANIFEST, os.path.getsize(os.path.join(folder, MANIFEST))))
     try:
