@@ -386,6 +386,32 @@ def _parse_merge(m: Any, models: tuple[ModelEntry, ...]) -> MergeMethod:
     return merge
 
 
+def _warn_unused_weights(method: str, models: tuple[ModelEntry, ...]) -> None:
+    """One WARNING where a combiner that ignores the models' weights (its declaration,
+    Combiner.uses_weights) is given a weight other than 1: a user who set one
+    expects it to count, and silently it would not."""
+    if methods.combiner(method).uses_weights:
+        return
+    named = [m.name for m in models if not _is_one(m.weight)]
+    if named:
+        log.warning(
+            "merge.method %s ignores the models' weight; models[].weight of %s "
+            "(not 1) has no effect (README 'Merge methods')",
+            method,
+            ", ".join(named),
+        )
+
+
+def _is_one(setting: Any) -> bool:
+    """A parsed weight that is 1 for every tensor (a number, a gradient or
+    {filter, value} entries)."""
+    if isinstance(setting, list):
+        return all(_is_one(e) for e in setting)
+    if isinstance(setting, dict):
+        return _is_one(setting.get("value", 1.0))
+    return setting == 1
+
+
 def _check_global_scope(sparsify: SparsifySpec) -> None:
     """scope: global makes one selection (or one TADrop rate) per task over the
     whole task vector, from one set of values: they cannot differ per tensor."""
@@ -604,6 +630,7 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
         if len(errors) == 1:
             raise ConfigError(errors[0])
         raise ConfigError(f"{len(errors)} config problems: " + "; ".join(errors))
+    _warn_unused_weights(merge.method, models)
     return MergeConfig(
         base=base,
         models=models,
