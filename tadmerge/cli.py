@@ -59,6 +59,7 @@ def _config(args: argparse.Namespace):
         progress=args.progress,
         if_changed=getattr(args, "if_changed", False),
         push_to_hub=getattr(args, "push_to_hub", None),
+        replace_weights=getattr(args, "replace_weights", False),
     )
 
 
@@ -102,7 +103,13 @@ def _push_after(cfg, output: str, up_to_date: bool) -> None:
         return
     from .io.hub_push import push, upload_plan
 
-    plan = upload_plan(output, cfg.output.push_to_hub, cfg.output.hub_private, verify=False)
+    plan = upload_plan(
+        output,
+        cfg.output.push_to_hub,
+        cfg.output.hub_private,
+        verify=False,
+        replace_weights=cfg.output.hub_replace_weights,
+    )
     print(f"pushed {plan.folder} to {push(plan, skip_if_there=up_to_date)}")
 
 
@@ -130,15 +137,30 @@ def _dry_run(cfg) -> int:
             print(f"    {sh.file_size:>14d}  {sh.filename}")
         print("    and the side files, model card, merge_report.json, merge_config.yaml and "
               "manifest.json (exact list: tadmerge push OUTPUT REPO --dry-run)")  # fmt: skip
+        from .cluster.worker import TASKS_DIR
+        from .io.checkpoint import INDEX_NAME
+        from .io.hub_push import describe_stale, list_remote, stale_weights
+
+        remote = list_remote(cfg.output.push_to_hub)  # (read only: the weights it would meet)
+        mine = []
+        for folder, shards in [("", plan.shards)] + [
+            (f"{TASKS_DIR}/{name}/", shards) for name, shards in plan.task_shards.items()
+        ]:
+            mine += [folder + sh.filename for sh in shards]
+            mine += [folder + INDEX_NAME] if len(shards) > 1 else []
+        stale = remote if isinstance(remote, str) else stale_weights(remote, mine)
+        for line in describe_stale(stale, cfg.output.push_to_hub, cfg.output.hub_replace_weights):
+            print(line)
     return EXIT_OK
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .io.hub_push import check_repo_id, describe, push, upload_plan
+    from .io.hub_push import check_repo_id, describe, list_remote, push, upload_plan
 
-    plan = upload_plan(args.output, check_repo_id(args.repo, "REPO"), not args.public)
+    repo = check_repo_id(args.repo, "REPO")
+    plan = upload_plan(args.output, repo, not args.public, replace_weights=args.replace_weights)
     if args.dry_run:
-        print(describe(plan))
+        print(describe(plan, list_remote(repo)))
         return EXIT_OK
     print(f"pushed {plan.folder} to {push(plan)}")
     return EXIT_OK
@@ -303,6 +325,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+REPLACE_HELP = (
+    "delete the hub repo's weight files (safetensors, .bin, .pt, .gguf, index, adapter) "
+    "that the output lacks, in the upload's commit, instead of refusing the push "
+    "(output.hub_replace_weights); other files are kept"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tadmerge",
@@ -328,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="after publishing, upload the output to this Hugging Face repo, private "
         "unless output.hub_private: false (output.push_to_hub)",
     )
+    m.add_argument("--replace-weights", action="store_true", help=REPLACE_HELP)
     m.add_argument(
         "--dry-run",
         action="store_true",
@@ -341,8 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("output")
     pu.add_argument("repo", help="the hub repo id, org/name")
     pu.add_argument("--public", action="store_true", help="create the repo public")
+    pu.add_argument("--replace-weights", action="store_true", help=REPLACE_HELP)
     pu.add_argument(
-        "--dry-run", action="store_true", help="list the files, sizes and repo settings only"
+        "--dry-run",
+        action="store_true",
+        help="list the files, sizes, repo settings and the repo's weights the push would "
+        "delete or refuse over; upload nothing",
     )
     pu.set_defaults(func=cmd_push)
 

@@ -118,6 +118,9 @@ class OutputSpec:
     # created private unless hub_private is false. Not part of the plan fingerprint.
     push_to_hub: str | None = None
     hub_private: bool = True
+    # the push deletes the repo's weight files the output lacks (in the upload's
+    # commit) instead of refusing: an older model.safetensors under new shards...
+    hub_replace_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,8 @@ class MergeConfig:
             del d["output"]["push_to_hub"]
         if d["output"]["hub_private"]:
             del d["output"]["hub_private"]
+        if not d["output"]["hub_replace_weights"]:
+            del d["output"]["hub_replace_weights"]
         if not d["runtime"]["if_changed"]:
             del d["runtime"]["if_changed"]
         if self.tokenizer.source == "base":  # (the default: the same yaml as before it)
@@ -381,6 +386,32 @@ def _parse_merge(m: Any, models: tuple[ModelEntry, ...]) -> MergeMethod:
     return merge
 
 
+def _warn_unused_weights(method: str, models: tuple[ModelEntry, ...]) -> None:
+    """One WARNING where a combiner that ignores the models' weights (its declaration,
+    Combiner.uses_weights) is given a weight other than 1: a user who set one
+    expects it to count, and silently it would not."""
+    if methods.combiner(method).uses_weights:
+        return
+    named = [m.name for m in models if not _is_one(m.weight)]
+    if named:
+        log.warning(
+            "merge.method %s ignores the models' weight; models[].weight of %s "
+            "(not 1) has no effect (README 'Merge methods')",
+            method,
+            ", ".join(named),
+        )
+
+
+def _is_one(setting: Any) -> bool:
+    """A parsed weight that is 1 for every tensor (a number, a gradient or
+    {filter, value} entries)."""
+    if isinstance(setting, list):
+        return all(_is_one(e) for e in setting)
+    if isinstance(setting, dict):
+        return _is_one(setting.get("value", 1.0))
+    return setting == 1
+
+
 def _check_global_scope(sparsify: SparsifySpec) -> None:
     """scope: global makes one selection (or one TADrop rate) per task over the
     whole task vector, from one set of values: they cannot differ per tensor."""
@@ -428,7 +459,8 @@ def _parse_exclude(exclude: Any) -> tuple[str, ...]:
 
 
 def _parse_output(o: Any, base_dir: Path) -> OutputSpec:
-    _check_keys(o, {"path", "dtype", "shard_size", "keep", "push_to_hub", "hub_private"}, "output")
+    _check_keys(o, {"path", "dtype", "shard_size", "keep", "push_to_hub", "hub_private",
+                    "hub_replace_weights"}, "output")  # fmt: skip
     push = o.get("push_to_hub")
     if push is not None:
         from .io.hub_push import check_repo_id
@@ -437,6 +469,11 @@ def _parse_output(o: Any, base_dir: Path) -> OutputSpec:
     private = o.get("hub_private", True)
     if not isinstance(private, bool):
         raise ConfigError(f"output.hub_private: expected true or false, got {private!r}")
+    replace_weights = o.get("hub_replace_weights", False)
+    if not isinstance(replace_weights, bool):
+        raise ConfigError(
+            f"output.hub_replace_weights: expected true or false, got {show(replace_weights)}"
+        )
     out_path = _string(o.get("path", "out"), "output.path", "a directory path")
     return OutputSpec(
         path=str((base_dir / out_path).resolve()) if not Path(out_path).is_absolute() else out_path,
@@ -445,6 +482,7 @@ def _parse_output(o: Any, base_dir: Path) -> OutputSpec:
         keep=_int(o.get("keep", 0), "output.keep", 0),
         push_to_hub=push,
         hub_private=private,
+        hub_replace_weights=replace_weights,
     )
 
 
@@ -592,6 +630,7 @@ def parse_config(raw: Any, base_dir: str | Path = ".") -> MergeConfig:
         if len(errors) == 1:
             raise ConfigError(errors[0])
         raise ConfigError(f"{len(errors)} config problems: " + "; ".join(errors))
+    _warn_unused_weights(merge.method, models)
     return MergeConfig(
         base=base,
         models=models,
@@ -756,6 +795,8 @@ def with_overrides(cfg: MergeConfig, **kw: Any) -> MergeConfig:
         from .io.hub_push import check_repo_id
 
         out = replace(out, push_to_hub=check_repo_id(kw["push_to_hub"], "--push-to-hub"))
+    if kw.get("replace_weights"):
+        out = replace(out, hub_replace_weights=True)
     if kw.get("shard_size") is not None:
         out = replace(out, shard_size=parse_size(kw["shard_size"], "--shard-size"))
     if kw.get("memory_budget") is not None:

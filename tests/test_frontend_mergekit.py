@@ -486,3 +486,25 @@ def test_slices_that_do_not_map_are_named(tmp_path, change, key):
     with pytest.raises(ConfigError) as e:
         translate(raw, tmp_path)
     assert key in str(e.value)
+
+
+def test_the_front_end_reads_a_weight_exactly_where_the_combiner_uses_it(tmp_path, monkeypatch):
+    """Whether a mergekit method takes a per-model weight is the native combiner's
+    declaration (Combiner.uses_weights), not a list of the front end's own: a
+    combiner declared to ignore weights gets none (a note says so, and the native
+    config carries 1, so the parser has nothing to warn about); one that uses them
+    gets the config's."""
+    from tadmerge.frontends import mergekit
+
+    for name in (*mergekit.OWN, *mergekit.SUMS):
+        uses = methods.combiner(name).uses_weights
+        assert ("weight" in mergekit._spec(name)[1]) == uses, name
+    # the declaration decides: a combiner declared to use weights would get them
+    import dataclasses
+
+    ram = methods.combiner("ram")
+    monkeypatch.setattr(
+        methods, "combiner", lambda n: dataclasses.replace(ram, uses_weights=True)
+        if n == "ram" else methods.registry.combiner(n),
+    )  # fmt: skip
+    assert "weight" in mergekit._spec("ram")[1]

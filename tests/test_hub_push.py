@@ -14,7 +14,7 @@ from checkpoints import SPLIT_RUNTIME, write_zoo
 from outputs import run_cli
 
 from tadmerge.cli import main
-from tadmerge.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, ConfigError
+from tadmerge.errors import EXIT_CONFIG, EXIT_INPUT, EXIT_OK, EXIT_RUNTIME, ConfigError
 
 
 class Recorder:
@@ -27,6 +27,7 @@ class Recorder:
         self.fail = fail
         self.commits: list = []
         self.remote: list = []  # get_paths_info's answer: the repo's files
+        self.listing: list[str] = []  # list_repo_files's answer
         api = huggingface_hub.HfApi
 
         def rec(name):
@@ -40,12 +41,15 @@ class Recorder:
                     return self.commits
                 if name == "get_paths_info":
                     return self.remote
+                if name == "list_repo_files":
+                    return list(self.listing)
                 return None
 
             return f
 
         for name in (
-            "create_repo", "upload_folder", "create_tag", "list_repo_commits", "get_paths_info"
+            "create_repo", "upload_folder", "create_tag", "list_repo_commits", "get_paths_info",
+            "list_repo_files", "create_commit",
         ):  # fmt: skip
             monkeypatch.setattr(api, name, rec(name))
         if large:
@@ -156,14 +160,21 @@ def test_failed_push_is_exit_4_output_kept_and_tadmerge_push_retries(tmp_path, m
     assert "no valid Hugging Face token" in text
     assert f"retry with: tadmerge push {os.path.realpath(out)} org/merged" in text
     assert main(["verify", str(out)]) == EXIT_OK  # published and intact
+    assert not rec.named("upload_folder")  # (it failed at the listing before it)
     rec.fail = None
     rc, _ = run_cli(capsys, "push", str(out), "org/merged")
-    assert rc == EXIT_OK and len(rec.named("upload_folder")) == 2
-    # an output that fails verify is not pushed
+    assert rc == EXIT_OK and len(rec.named("upload_folder")) == 1
+    # an output that fails verify is not pushed, with verify's own exit code (3)
     (out / "merge_report.json").write_text("{}")
     rc, lines = run_cli(capsys, "push", str(out), "org/merged")
-    assert rc == EXIT_RUNTIME and "not a verified tadmerge output" in "\n".join(lines)
-    assert len(rec.named("upload_folder")) == 2
+    assert rc == EXIT_INPUT == main(["verify", str(out)])
+    assert "not a verified tadmerge output" in "\n".join(lines)
+    assert len(rec.named("upload_folder")) == 1
+    # ... as is a folder with no manifest at all
+    (out / "manifest.json").unlink()
+    assert run_cli(capsys, "push", str(out), "org/merged")[0] == EXIT_INPUT
+    assert main(["verify", str(out)]) == EXIT_INPUT
+    assert len(rec.named("upload_folder")) == 1
 
 
 def test_dry_runs_touch_nothing(tmp_path, monkeypatch, capsys):
@@ -174,17 +185,23 @@ def test_dry_runs_touch_nothing(tmp_path, monkeypatch, capsys):
     said = capsys.readouterr().out
     assert "nothing merged, written or uploaded" in said and "org/merged" in said
     assert "model.safetensors" in said and "(private if created)" in said
-    assert not (tmp_path / "out").exists() and rec.calls == []
+    assert not (tmp_path / "out").exists() and reads_only(rec)
+    assert "could not be listed" in said  # (the listing failed: said, not fatal)
     rec.fail = None
     assert main(["merge", write_cfg(tmp_path)]) == EXIT_OK
     rec.calls.clear()
     capsys.readouterr()
     assert main(["push", str(tmp_path / "out"), "org/merged", "--public", "--dry-run"]) == EXIT_OK
     said = capsys.readouterr().out
-    assert rec.calls == [] and "(public if created" in said
+    assert reads_only(rec) and "(public if created" in said
     for rel in manifest_files(tmp_path / "out"):
         size = (tmp_path / "out" / rel).stat().st_size
         assert f"{size:>14d}  {rel}" in said
+
+
+def reads_only(rec: Recorder) -> bool:
+    """Nothing but the read-only listing of the repo's files was called."""
+    return {name for name, _ in rec.calls} <= {"list_repo_files"}
 
 
 def remote_files(out: Path, stale: str | None = None) -> list:
@@ -233,3 +250,145 @@ def test_an_interrupted_push_is_not_taken_for_a_finished_one(tmp_path, monkeypat
         return
     assert run_cli(capsys, "merge", cfg, "--if-changed")[0] == EXIT_OK
     assert len(rec.named("upload_folder")) == 2
+
+
+USER_FILES = [".gitattributes", "README.md", "eval_results.json", "results/eval.json"]
+
+
+@pytest.mark.parametrize(
+    "stale",
+    [
+        ["model.safetensors"],  # an older single-file output under a sharded one
+        ["pytorch_model.bin"],
+        ["pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"],
+        ["model.safetensors.index.json"],  # an older sharded output's index
+        ["adapter_config.json", "adapter_model.safetensors"],
+        ["model.gguf", "original/consolidated.00.pth", "ckpt/weights.pt"],
+        ["model[1].safetensors"],  # (a glob character: deleted as that name only)
+    ],
+)
+def test_weights_the_output_lacks_refuse_the_push_unless_replaced(
+    tmp_path, monkeypatch, capsys, stale
+):
+    """A repo holding weights this output does not have would serve them beside the new
+    ones (transformers prefers model.safetensors over shards): the push refuses (exit
+    2) before any upload, naming them; --replace-weights / output.hub_replace_weights
+    deletes exactly them in the upload's first commit; other files are never touched."""
+    import fnmatch
+
+    rec = Recorder(monkeypatch)
+    # sharded (its own index) but for the stale index: a single-file output
+    shards = {} if stale == ["model.safetensors.index.json"] else {"shard_size": "2KB"}
+    cfg = write_cfg(tmp_path, push_to_hub="org/merged", **shards)
+    out = tmp_path / "out"
+    rec.listing = USER_FILES + stale + ["config.json"]
+    rc, lines = run_cli(capsys, "merge", cfg)
+    text = "\n".join(lines)
+    assert rc == EXIT_CONFIG, text
+    assert (out / "model.safetensors.index.json").exists() == bool(shards)
+    assert all(name in text for name in stale), text
+    assert "--replace-weights" in text and "README.md" not in text
+    assert not rec.named("upload_folder") and not rec.named("create_commit")
+    assert main(["verify", str(out)]) == EXIT_OK  # published locally all the same
+    # the same refusal from tadmerge push, and --dry-run says what would be deleted
+    rc, _ = run_cli(capsys, "push", str(out), "org/merged")
+    assert rc == EXIT_CONFIG and not rec.named("upload_folder")
+    capsys.readouterr()
+    assert main(["push", str(out), "org/merged", "--replace-weights", "--dry-run"]) == EXIT_OK
+    said = capsys.readouterr().out
+    gone = stale
+    assert all(f"would delete {p}" in said for p in gone) and "would delete README" not in said
+    assert {name for name, _ in rec.calls} <= {"create_repo", "list_repo_files"}
+    # replaced on request: deleted in the upload's own commit, exactly these paths
+    rc, lines = run_cli(capsys, "push", str(out), "org/merged", "--replace-weights")
+    assert rc == EXIT_OK, lines
+    (up,) = rec.named("upload_folder")
+    patterns = up["delete_patterns"]
+    assert len(patterns) == len(gone)
+    for path in rec.listing:
+        hits = [pat for pat in patterns if fnmatch.fnmatch(path, pat)]
+        assert (path in gone) == bool(hits), (path, patterns)
+    # ... and the config key does the same from a merge
+    rc, _ = run_cli(
+        capsys, "merge", write_cfg(tmp_path, push_to_hub="org/merged", **shards,
+                                   hub_replace_weights=True), "--overwrite",
+    )  # fmt: skip
+    assert rc == EXIT_OK and rec.named("upload_folder")[-1]["delete_patterns"] == patterns
+
+
+def test_a_repo_holding_only_this_outputs_files_and_user_files_is_pushed(
+    tmp_path, monkeypatch, capsys
+):
+    rec = Recorder(monkeypatch)
+    cfg = write_cfg(tmp_path, push_to_hub="org/merged")
+    assert main(["merge", write_cfg(tmp_path)]) == EXIT_OK
+    rec.listing = USER_FILES + manifest_files(tmp_path / "out")
+    rc, lines = run_cli(capsys, "push", str(tmp_path / "out"), "org/merged")
+    assert rc == EXIT_OK, lines
+    (up,) = rec.named("upload_folder")
+    assert not up.get("delete_patterns")
+    assert rec.named("list_repo_files")[0]["repo_type"] == "model"
+    assert cfg  # (the config file exists; the merge above wrote the same output)
+
+
+def test_replace_weights_with_upload_large_folder_deletes_first(tmp_path, monkeypatch, capsys):
+    """An older huggingface_hub's upload_large_folder cannot delete: the stale weights
+    go in a commit of their own before the upload, so no revision mixes the two."""
+    rec = Recorder(monkeypatch, large=True)
+    assert main(["merge", write_cfg(tmp_path)]) == EXIT_OK
+    rec.listing = USER_FILES + ["pytorch_model.bin"]
+    rc, _ = run_cli(capsys, "push", str(tmp_path / "out"), "org/merged", "--replace-weights")
+    assert rc == EXIT_OK
+    names = [name for name, _ in rec.calls]
+    assert names.index("create_commit") < names.index("upload_large_folder")
+    (commit,) = rec.named("create_commit")
+    assert [op.path_in_repo for op in commit["operations"]] == ["pytorch_model.bin"]
+
+
+def test_the_config_key_is_validated_and_outside_the_fingerprint(tmp_path):
+    from tadmerge.config import load_config
+    from tadmerge.planners.plan import make_plan
+
+    plain = load_config(write_cfg(tmp_path))
+    assert plain.output.hub_replace_weights is False
+    assert "hub_replace_weights" not in plain.to_dict()["output"]
+    told = load_config(write_cfg(tmp_path, push_to_hub="org/n", hub_replace_weights=True))
+    assert told.output.hub_replace_weights is True
+    assert make_plan(told).fingerprint == make_plan(plain).fingerprint
+    with pytest.raises(ConfigError, match="output.hub_replace_weights"):
+        load_config(write_cfg(tmp_path, hub_replace_weights="yes"))
+
+
+def test_dry_run_lists_the_repo_through_the_real_client(tmp_path, monkeypatch, capsys):
+    """`tadmerge push --dry-run` reads the repo's file list with huggingface_hub's own
+    client (a loopback stand-in hub): the weights the push would refuse over, or
+    delete with --replace-weights; a repo that does not exist yet has none."""
+    import huggingface_hub.constants as C
+    from hub_server import FakeHub
+
+    assert main(["merge", write_cfg(tmp_path, shard_size="2KB")]) == EXIT_OK
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("model.safetensors", "README.md", "eval_results.json"):
+        (old / name).write_bytes(b"old " + name.encode())
+    hub = FakeHub()
+    hub.push("org/old", str(old))
+    url = hub.start()
+    try:
+        monkeypatch.setattr(C, "ENDPOINT", url)
+        monkeypatch.setattr(C, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        out = str(tmp_path / "out")
+        capsys.readouterr()
+        assert main(["push", out, "org/old", "--dry-run"]) == EXIT_OK
+        said = capsys.readouterr().out
+        assert "would be refused (exit 2)" in said and "1 weight file(s)" in said
+        assert "model.safetensors;" in said and "eval_results" not in said
+        assert main(["push", out, "org/old", "--dry-run", "--replace-weights"]) == EXIT_OK
+        said = capsys.readouterr().out
+        assert "would delete model.safetensors" in said and "would delete README" not in said
+        assert main(["push", out, "org/new", "--dry-run"]) == EXIT_OK
+        assert "holds no weights this output lacks" in capsys.readouterr().out
+        assert all(method == "GET" for method, _, _ in hub.requests)  # (read only)
+    finally:
+        hub.stop()

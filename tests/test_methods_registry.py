@@ -136,3 +136,56 @@ def test_linear_matches_its_reference_whole_and_split(zoo, normalize, sparsify):
 
 def _bits(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+# the combiners whose math never reads a model's weight (docs/semantics.md: "Weights
+# ignored", "not used"; slerp interpolates at t, passthrough copies)
+IGNORE_WEIGHTS = {"karcher", "model_stock", "sce", "arcee_fusion", "nearswap", "ram",
+                  "ramplus_tl", "emr", "slerp", "passthrough"}  # fmt: skip
+
+
+def test_combiners_declare_whether_they_use_the_models_weights():
+    table = methods.combiners()
+    assert {n for n, c in table.items() if not c.uses_weights} == IGNORE_WEIGHTS
+    assert IGNORE_WEIGHTS < set(table)
+
+
+def _weights_raw(method: str, *weights, **merge) -> dict:
+    models = [{"path": f"m{i}", "weight": w} for i, w in enumerate(weights)]
+    return {"base": "b", "models": models, "merge": {"method": method, **merge}}
+
+
+@pytest.mark.parametrize(
+    "method,merge,weights,warned",
+    [
+        ("ram", {}, (0.5, 1.0, 2), ["m0", "m2"]),
+        ("sce", {}, (1.0, [1.0, 0.3]), ["m1"]),  # a gradient that is not 1 everywhere
+        ("karcher", {}, ([{"filter": "mlp", "value": 0.5}, {"value": 1.0}], 1), ["m0"]),
+        ("nearswap", {"t": 0.5}, (3.0,), ["m0"]),
+        ("ram", {}, (1, 1.0, [1.0, 1.0]), []),  # all 1: nothing to say
+        ("task_arithmetic", {}, (0.5, 2.0), []),  # it uses them
+    ],
+)
+def test_a_weight_the_combiner_ignores_is_warned_once(caplog, method, merge, weights, warned):
+    with caplog.at_level("WARNING", logger="tadmerge"):
+        parse_config(_weights_raw(method, *weights, **merge))
+    lines = [r.getMessage() for r in caplog.records if "weight" in r.getMessage()]
+    if not warned:
+        assert lines == []
+        return
+    (line,) = lines
+    assert method in line and "ignores" in line
+    for i in range(len(weights)):
+        assert (f"m{i}" in line) == (f"m{i}" in warned), line
+
+
+def test_methods_command_and_reference_say_a_combiner_ignores_weights(capsys):
+    assert main(["methods", "ram"]) == 0
+    assert "ignores the models' weight" in capsys.readouterr().out
+    assert main(["methods", "ties"]) == 0
+    assert "ignores the models' weight" not in capsys.readouterr().out
+    ref = reference_markdown()
+    for line in ref.splitlines():
+        name = line.split("`")[1] if line.startswith("| `") else None
+        if name in methods.combiners() and line.count("`") >= 2:
+            assert ("ignores the models' weight" in line) == (name in IGNORE_WEIGHTS), line

@@ -83,9 +83,9 @@ GTA = {
     "della_linear": _Gta("della", False, False, True),
 }
 # mergekit's methods that are one combiner of their own here, with no per-model
-# parameter (the models' weights are not used, as in mergekit): their shared
-# parameters, name -> (kind, default; ... is required); how many models each takes
-# is the native combiner's declaration (methods/)
+# parameter: their shared parameters, name -> (kind, default; ... is required); how
+# many models each takes, and that it reads no weight (as in mergekit), are the
+# native combiner's declarations (methods/: models, uses_weights)
 OWN: dict[str, dict[str, tuple[str, Any]]] = {
     "nearswap": {"t": ("number", ...)},
     "ram": {"epsilon": ("number", 1e-5)},
@@ -97,24 +97,24 @@ OWN: dict[str, dict[str, tuple[str, Any]]] = {
 
 # mergekit's methods that tadmerge merges with a tensor-sums combiner of the same
 # name (methods/: exact norms and dot products, engine/sums.py): its shared
-# parameters (kind, default; ... is required) as mergekit declares them, whether it
-# reads a weight per model, whether it needs (True), takes (None) or ignores the
-# base (False: karcher averages it with the models)
+# parameters (kind, default; ... is required) as mergekit declares them, and whether
+# it needs (True), takes (None) or ignores the base (False: karcher averages it with
+# the models); whether it reads a weight per model is the native combiner's
+# declaration (uses_weights)
 @dataclass(frozen=True)
 class _Sums:
     shared: dict
-    weight: bool
     base: bool | None
 
 
 SUMS = {
-    "slerp": _Sums({"t": ("number", ...)}, False, True),
+    "slerp": _Sums({"t": ("number", ...)}, True),
     "nuslerp": _Sums(
-        {"nuslerp_row_wise": ("bool", False), "nuslerp_flatten": ("bool", True)}, True, None
+        {"nuslerp_row_wise": ("bool", False), "nuslerp_flatten": ("bool", True)}, None
     ),
-    "multislerp": _Sums({"normalize_weights": ("bool", True), "eps": ("number", 1e-8)}, True, None),
-    "karcher": _Sums({"max_iter": ("int", 10), "tol": ("number", 1e-5)}, False, False),
-    "model_stock": _Sums({"filter_wise": ("bool", False)}, False, True),
+    "multislerp": _Sums({"normalize_weights": ("bool", True), "eps": ("number", 1e-8)}, None),
+    "karcher": _Sums({"max_iter": ("int", 10), "tol": ("number", 1e-5)}, False),
+    "model_stock": _Sums({"filter_wise": ("bool", False)}, True),
 }
 SUPPORTED = ("linear", *GTA, *OWN, *SUMS)
 NOT_YET: tuple[str, ...] = ()
@@ -141,11 +141,10 @@ def _spec(method: str) -> tuple[dict[str, tuple[str, Any]], dict[str, tuple[str,
     name -> (kind, default); a default of ... is required."""
     if method == "linear":
         return {"normalize": ("bool", True)}, {"weight": ("number", ...)}
-    if method in OWN:
-        return dict(OWN[method]), {}
-    if method in SUMS:
-        m = SUMS[method]
-        return dict(m.shared), ({"weight": ("number", ...)} if m.weight else {})
+    if method in OWN or method in SUMS:  # (a weight where the native combiner reads one)
+        shared = OWN[method] if method in OWN else SUMS[method].shared
+        uses = methods.combiner(method).uses_weights
+        return dict(shared), ({"weight": ("number", ...)} if uses else {})
     g = GTA[method]
     shared = {
         "int8_mask": ("bool", False),

@@ -124,4 +124,5 @@ METHOD = Combiner(
     score=importance,
     models=(1, 1),
     whole_rows=True,
+    uses_weights=False,
 )

@@ -67,4 +67,5 @@ METHOD = Combiner(
     merge_block=merge_block,
     cross_block=("rescalers",),
     report_fields=("mean_abs_t", "mean_abs_masked_uni"),
+    uses_weights=False,
 )

@@ -83,4 +83,5 @@ METHOD = Combiner(
     params=(MAX_ITER, TOL),
     merge_weights=merge_weights,
     statistics=statistics,
+    uses_weights=False,
 )

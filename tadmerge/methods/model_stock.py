@@ -47,4 +47,5 @@ METHOD = Combiner(
     merge_weights=merge_weights,
     statistics=statistics,
     models=(2, None),
+    uses_weights=False,
 )

@@ -55,4 +55,5 @@ METHOD = Combiner(
     merge_block=merge_block,
     merge_weights=merge_weights,
     models=(1, 1),
+    uses_weights=False,
 )

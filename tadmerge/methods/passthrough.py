@@ -17,4 +17,5 @@ METHOD = Combiner(
     summary="layer stacking (frankenmerges): the `slices` layer ranges copied byte for byte, "
     "renumbered; needs `slices`",
     merge_block=merge_block,
+    uses_weights=False,
 )

@@ -64,4 +64,5 @@ METHOD = Combiner(
     "of theirs (mergekit's ram)",
     params=(EPSILON,),
     merge_block=merge_block,
+    uses_weights=False,
 )

@@ -54,4 +54,5 @@ METHOD = Combiner(
     merge_block=merge_block,
     statistics=statistics,
     derived=lambda ts, spec: moved(ts, spec.param("epsilon")),
+    uses_weights=False,
 )

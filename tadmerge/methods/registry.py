@@ -269,6 +269,10 @@ class Combiner(Method):
     # it works on whole rows of the last dimension, and a 1-D tensor is one row:
     # the planner never splits a 1-D tensor (as for DELLA's ranks)
     whole_rows: bool = False
+    # its math reads the models' weights (models[i].weight); False: it ignores them,
+    # and the config parser warns where one is not 1 (mergekit's front end then
+    # reads none, as mergekit does)
+    uses_weights: bool = True
 
 
 @cache
@@ -341,10 +345,15 @@ def all_params(methods: Mapping[str, Method]) -> dict[str, Param]:
     return out
 
 
+IGNORES_WEIGHTS = "ignores the models' weight (models[i].weight)"
+
+
 def describe(methods: Mapping[str, Method]) -> Iterator[str]:
     """Help text lines: each method, its summary and its parameters."""
     for m in methods.values():
         yield f"{m.name}: {m.summary}"
+        if not getattr(m, "uses_weights", True):
+            yield f"    {IGNORES_WEIGHTS}"
         for p in m.params:
             yield f"    {p.name}: {p.help} ({p.describe()})"
 
@@ -367,7 +376,8 @@ def reference_markdown() -> str:
         for name in sorted(table):
             m = table[name]
             params = "<br>".join(f"`{p.name}`: {p.help} ({p.describe()})" for p in m.params)
-            lines.append(f"| `{name}` | {cell(m.summary)} | {cell(params) or '—'} |")
+            what = m.summary + ("" if getattr(m, "uses_weights", True) else f"; {IGNORES_WEIGHTS}")
+            lines.append(f"| `{name}` | {cell(what)} | {cell(params) or '—'} |")
         lines.append("")
     return "\n".join(lines)
 

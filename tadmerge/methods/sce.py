@@ -134,4 +134,5 @@ METHOD = Combiner(
     merge_block=merge_block,
     statistics=statistics,
     score=lambda base, ts, spec, shape: variance(ts),
+    uses_weights=False,
 )

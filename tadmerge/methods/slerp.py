@@ -58,4 +58,5 @@ METHOD = Combiner(
     merge_weights=merge_weights,
     statistics=statistics,
     models=(1, 1),
+    uses_weights=False,
 )

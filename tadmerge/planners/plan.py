@@ -445,7 +445,8 @@ def fingerprint(plan: Plan) -> str:
     ):  # fmt: skip
         cfg["runtime"].pop(key, None)
     cfg["output"].pop("path", None)
-    for key in ("keep", "push_to_hub", "hub_private"):  # (where it is published, not what)
+    # (where it is published, not what)
+    for key in ("keep", "push_to_hub", "hub_private", "hub_replace_weights"):
         cfg["output"].pop(key, None)
     doc = {
         "version": __version__,
