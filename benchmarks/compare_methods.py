@@ -152,6 +152,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-agreement", action="store_true", help="skip comparing outputs")
     a = ap.parse_args(argv)
 
+    if a.envs != DEFAULT_ENVS:  # (--envs: mergekit's environment under that folder)
+        os.environ.setdefault(
+            "TADMERGE_MERGEKIT_PYTHON", str(a.envs / "mergekit" / "bin" / "python")
+        )
     missing = tool_missing("mergekit", "benchmarks/compare_methods.py")
     if missing:
         print(f"[methods] {missing}", file=sys.stderr)
