@@ -78,12 +78,22 @@ def torch_free(plan: Plan, device: str, backend: str) -> bool:
     """Whether every unit of the plan is copied, streamed (engine/stream.py) or
     merged from its raw bf16 blocks (engine/raw.py, which may still hand a
     unit back to the torch engine), so that no worker should need torch: the
-    C kernels are loaded and the backend is not torch (kernels.enabled)."""
+    C kernels are loaded and the backend is not torch (kernels.enabled).
+    Decided per distinct combination of dtypes (a plan's tensor table has them)."""
     spec = merge_spec(plan)
+    combos = getattr(plan.tensors, "dtype_combos", None)
+    if combos is not None:
+        found = combos(MERGE)
+    else:
+        found = {
+            (tuple(s.dtype for s in t.sources), t.out_dtype)
+            for t in plan.tensors
+            if t.kind == MERGE
+        }
     return all(
-        _streams(spec, t, device, backend) or _raw(plan, spec, t, device, backend)
-        for t in plan.tensors
-        if t.kind == MERGE
+        streams(spec, device, [*dtypes, out or ""], backend)
+        or _raw_dtypes(plan, spec, list(dtypes), out, device, backend)
+        for dtypes, out in found
     )
 
 
@@ -95,9 +105,15 @@ def _streams(spec: MergeSpec, tp: TensorPlan, device: str, backend: str) -> bool
 
 def _raw(plan: Plan, spec: MergeSpec, tp: TensorPlan, device: str, backend: str) -> bool:
     """Whether a tensor's units try the raw bf16 path first (engine/raw.py)."""
+    return _raw_dtypes(plan, spec, [s.dtype for s in tp.sources], tp.out_dtype, device, backend)
+
+
+def _raw_dtypes(
+    plan: Plan, spec: MergeSpec, dtypes: list[str], out: str | None, device: str, backend: str
+) -> bool:
     return (
         not plan.config.inputs.allow_nonfinite
-        and takes(spec, [s.dtype for s in tp.sources], tp.out_dtype or "", device)
+        and takes(spec, dtypes, out or "", device)
         and kernels.enabled(None, backend)
     )
 

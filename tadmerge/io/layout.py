@@ -152,7 +152,9 @@ class ShardTable:
         yield b" " * (-self._body_len % 8)
 
     def _body_chunks(self) -> Iterator[bytes]:
-        meta = json.dumps(dict(sorted(self.meta.items())), separators=(",", ":"), ensure_ascii=False)
+        meta = json.dumps(
+            dict(sorted(self.meta.items())), separators=(",", ":"), ensure_ascii=False
+        )
         yield ("{" + json.dumps(METADATA_KEY) + ":" + meta).encode("utf-8")
         dumps = json.JSONEncoder(ensure_ascii=False).encode
         dtype_json = [dumps(d) for d in self.dtypes]
@@ -214,8 +216,14 @@ def layout_table(
         part = names if (lo, hi) == (0, len(names)) else names[lo:hi]
         shards.append(
             ShardTable(
-                filename, part, dtypes, dtype_ids[lo:hi], shapes, shape_ids[lo:hi],
-                nbytes[lo:hi], meta,
+                filename,
+                part,
+                dtypes,
+                dtype_ids[lo:hi],
+                shapes,
+                shape_ids[lo:hi],
+                nbytes[lo:hi],
+                meta,
             )  # fmt: skip
         )
     return shards

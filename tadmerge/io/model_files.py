@@ -72,8 +72,10 @@ def _untied_config(plan, base) -> bytes | None:
     """The base's config.json with tie_word_embeddings: false when the output stores
     a head the base only has tied, and vocab_size the output's vocabulary rows
     (tokenizer: union | <model>) where they differ; None to copy it unchanged."""
-    written = {t.name for t in plan.tensors if t.out_dtype is not None}
-    untie = any(head in written for head, _ in base.aliases)
+    untie = False
+    for head, _ in base.aliases:
+        t = plan.find_tensor(head)
+        untie = untie or (t is not None and t.out_dtype is not None)
     vocab = base.vocabulary
     doc = config_json(base)
     rows = None

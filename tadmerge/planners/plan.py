@@ -13,8 +13,10 @@ header digest): `--resume` reuses finished work only under the same fingerprint.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+import math
 import os
 from array import array
 from collections.abc import Sequence
@@ -127,22 +129,51 @@ class TensorPlan:
     # ids of its units: consecutive, a range (a list per tensor costs a million lists)
     units: range | list[int] = field(default_factory=list)
 
-    # the shape figures are the base entry's (every input agrees on the shape)
+    # the shape figures: `shape` is the base entry's (every input agrees on it),
+    # taken from the shape rather than the entry, which a TensorTable makes anew
     @property
     def numel(self) -> int:
-        return self.sources[0].numel
+        return math.prod(self.shape)
 
     @property
     def rows(self) -> int:
-        return self.sources[0].rows
+        return self.shape[0] if self.shape else 1
 
     @property
     def row_numel(self) -> int:
-        return self.sources[0].row_numel
+        return math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
 
     @property
     def split(self) -> bool:
         return len(self.units) > 1
+
+
+class _Ints:
+    """An int column (non-negative) of one byte per row, widened when a value needs it."""
+
+    __slots__ = ("a",)
+    _WIDER = {"B": "H", "H": "I", "I": "q"}
+
+    def __init__(self) -> None:
+        self.a = array("B")
+
+    def append(self, value: int) -> None:
+        while True:
+            try:
+                self.a.append(value)
+                return
+            except OverflowError:
+                self.a = array(self._WIDER[self.a.typecode], self.a)
+
+    def __getitem__(self, row: int) -> int:
+        return self.a[row]
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def np(self) -> np.ndarray:
+        """The column as a numpy array (a view)."""
+        return np.frombuffer(self.a, dtype=self.a.typecode) if len(self.a) else np.zeros(0, int)
 
 
 class _Codes:
@@ -153,7 +184,7 @@ class _Codes:
     def __init__(self) -> None:
         self.values: list = []
         self.index: dict = {}
-        self.ids = array("I")
+        self.ids = _Ints()
 
     def append(self, value) -> None:
         i = self.index.get(value)
@@ -185,7 +216,7 @@ class TensorTable(Sequence):
         self.names = names
         self.shape, self.dtype, self.kind = _Codes(), _Codes(), _Codes()
         self.reason, self.out_dtype = _Codes(), _Codes()
-        self.rng_rows, self.unit_first, self.unit_end = array("q"), array("q"), array("q")
+        self.rng_rows, self.unit_first, self.unit_end = _Ints(), _Ints(), _Ints()
         self.columns = columns
         self.sources: list[Sequence[TensorEntry]] | None = None if columns is not None else []
 
@@ -243,14 +274,52 @@ class TensorTable(Sequence):
             return sum(sum(t.nbytes) for t in self.columns)
         return sum(e.nbytes for s in self.sources or () for e in s)
 
+    def find(self, name: str) -> int:
+        """The index of the tensor `name`, or -1 (names are sorted)."""
+        i = bisect.bisect_left(self.names, name)
+        return i if i < len(self.names) and self.names[i] == name else -1
+
+    def source_bytes(self, lo: int, hi: int) -> int | None:
+        """Bytes of the sources of tensors lo..hi-1, from the columns (None without)."""
+        if self.columns is None:
+            return None
+        return sum(sum(t.nbytes[lo:hi]) for t in self.columns)
+
+    def dtype_combos(self, kind: str) -> set[tuple[tuple[str, ...], str | None]]:
+        """The distinct (source dtypes, output dtype) of the tensors of `kind`."""
+        if kind not in self.kind.index:
+            return set()
+        kinds = self.kind.ids.np() == self.kind.index[kind]
+        outs = self.out_dtype.ids.np()[kinds].astype(np.uint32)
+        if self.columns is None:
+            rows = np.flatnonzero(kinds).tolist()
+            return {
+                (tuple(e.dtype for e in self.sources[i]), self.out_dtype[i])  # type: ignore[index]
+                for i in rows
+            }
+        from ..io.entries import _DTYPE_LIST
+
+        codes = np.stack(
+            [np.frombuffer(t.dtype, dtype=np.uint8)[kinds].astype(np.uint32) for t in self.columns]
+            + [outs]
+        )
+        found = np.unique(codes, axis=1) if codes.shape[1] else codes
+        return {
+            (
+                tuple(_DTYPE_LIST[c] for c in col[:-1]),
+                self.out_dtype.values[col[-1]],
+            )
+            for col in found.T.tolist()
+        }
+
     def any_split(self, kind: str) -> bool:
         """Whether a tensor of `kind` has several units."""
         kinds = self.kind.index
         if kind not in kinds:
             return False
         code = kinds[kind]
-        ids, first, end = self.kind.ids, self.unit_first, self.unit_end
-        return any(end[i] - first[i] > 1 and ids[i] == code for i in range(len(ids)))
+        first, end = self.unit_first.np().astype(np.int64), self.unit_end.np().astype(np.int64)
+        return bool(((end - first > 1) & (self.kind.ids.np() == code)).any())
 
 
 @dataclass
@@ -299,6 +368,19 @@ class Plan:
         if isinstance(self.tensors, TensorTable):
             return self.tensors.any_split(MERGE)
         return any(t.split and t.kind == MERGE for t in self.tensors)
+
+    def find_tensor(self, name: str) -> TensorPlan | None:
+        """The tensor `name` of the plan, or None."""
+        if isinstance(self.tensors, TensorTable):
+            i = self.tensors.find(name)
+            return self.tensors[i] if i >= 0 else None
+        return next((t for t in self.tensors if t.name == name), None)
+
+    def unit_source_bytes(self, unit: Unit) -> int | None:
+        """The input bytes of a group's members, from the columns (None otherwise)."""
+        if unit.grouped and isinstance(self.tensors, TensorTable):
+            return self.tensors.source_bytes(unit.tensor, unit.tensor + unit.count)
+        return None
 
     def members(self, unit: Unit) -> list[Unit]:
         """The units of one tensor each that a unit is made of: itself, or a
@@ -517,8 +599,10 @@ def make_plan(
             and max(whole_rows, 1) <= max(step, 1)
             and nbytes <= GROUP_MEMBER_BYTES
         ):  # one unit: joins the open group, or opens one
-            if group_members and group_members < GROUP_TENSORS and (
-                group_bytes + nbytes <= GROUP_BYTES
+            if (
+                group_members
+                and group_members < GROUP_TENSORS
+                and (group_bytes + nbytes <= GROUP_BYTES)
             ):
                 first -= 1
                 units.add_member()
@@ -595,18 +679,16 @@ def _layout_columns(tensors: TensorTable, shard_size: int, meta: dict) -> list:
     columns (io/layout.py: the bytes of block_io.layout_shards)."""
     from ..io.layout import layout_table
 
-    ids = np.frombuffer(tensors.out_dtype.ids, dtype=np.uint32)
+    ids = tensors.out_dtype.ids.np()
     values = tensors.out_dtype.values
     written = ~np.isin(ids, [j for j, v in enumerate(values) if v is None])
     rows = np.flatnonzero(written)
     names = (
         tensors.names if len(rows) == len(tensors) else [tensors.names[i] for i in rows.tolist()]
     )
-    shape_ids = np.frombuffer(tensors.shape.ids, dtype=np.uint32)[rows]
+    shape_ids = tensors.shape.ids.np()[rows]
     dtypes = [v or "F32" for v in values]  # (None: rows left out)
-    return layout_table(
-        names, dtypes, ids[rows], tensors.shape.values, shape_ids, shard_size, meta
-    )
+    return layout_table(names, dtypes, ids[rows], tensors.shape.values, shape_ids, shard_size, meta)
 
 
 def input_versions(plan: Plan) -> dict[str, dict]:

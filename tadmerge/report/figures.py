@@ -118,9 +118,7 @@ class _Member(NamedTuple):  # the record a member would have had as a unit of it
 
 def member_record(figures: list) -> _Member:
     """A group member's record from its figures (cluster/worker.task_figures)."""
-    return _Member(
-        [_Task(k, a, b, None if s is None else _Sel(*s)) for k, a, b, s in figures]
-    )
+    return _Member([_Task(k, a, b, None if s is None else _Sel(*s)) for k, a, b, s in figures])
 
 
 class TensorSection(Mapping):

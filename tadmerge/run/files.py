@@ -52,6 +52,38 @@ def write_json(path: str, doc: dict) -> None:
         f.write("\n")
 
 
+def dumps_indented(obj, level: int = 0) -> str:
+    """The text json.dumps(obj, indent=1) gives at nesting depth `level` (dicts with
+    str keys, lists, tuples and JSON scalars), made with the C encoder for every
+    scalar: json's own indented encoder is pure Python, ~5x slower, which for the
+    report of a million tensors is minutes."""
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        pad = "\n" + " " * (level + 1)
+        inner = ("," + pad).join(
+            _scalar(k) + ": " + dumps_indented(v, level + 1) for k, v in obj.items()
+        )
+        return "{" + pad + inner + "\n" + " " * level + "}"
+    if isinstance(obj, (list, tuple)):
+        if not obj:
+            return "[]"
+        pad = "\n" + " " * (level + 1)
+        return (
+            "["
+            + pad
+            + ("," + pad).join(dumps_indented(v, level + 1) for v in obj)
+            + ("\n" + " " * level + "]")
+        )
+    return _scalar(obj)
+
+
+def _scalar(v) -> str:
+    if type(v) is float:
+        return repr(v) if math.isfinite(v) else json.dumps(v)
+    return json.dumps(v, default=_json_default)
+
+
 def _json_default(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None

@@ -23,12 +23,12 @@ from ..errors import MergeRuntimeError
 from ..io.block_io import create_shard_files, index_json
 from ..io.checkpoint import INDEX_NAME
 from ..io.digest import StreamingDigests
-from ..io.publish import STATE_DIR
 from ..io.model_files import CARD_NAME, CONFIG_NAME, EMR_NAME, REPORT_NAME, model_card, side_files
+from ..io.publish import STATE_DIR
 from ..planners.inventory import MERGE, casts, vocabulary_report
 from ..planners.plan import Plan
 from ..report.figures import tensor_report
-from .files import _json_default, atomic_write, write_json, writing
+from .files import _json_default, atomic_write, dumps_indented, write_json, writing
 
 log = logging.getLogger("tadmerge")
 
@@ -61,7 +61,7 @@ def start_digests(plan: Plan, staging: str) -> StreamingDigests:
     """Hash the output shards as they are written (io/digest.py); headers are final."""
     digests = StreamingDigests(staging, {s.filename: s.file_size for s in plan.shards})
     for s in plan.shards:
-        digests.final(s.filename, 0, len(s.header))
+        digests.final(s.filename, 0, s.file_size - s.data_size)  # (its header)
     return digests
 
 
@@ -137,7 +137,7 @@ def write_report(staging: str, report: dict) -> None:
         f.write(head)
         first = True
         for name, entry in tensors.items():
-            body = json.dumps(entry, indent=1, default=_json_default).replace("\n", "\n  ")
+            body = dumps_indented(entry, 2)
             f.write(("{" if first else ",") + "\n  " + json.dumps(name) + ": " + body)
             first = False
         f.write("{}" if first else "\n }")

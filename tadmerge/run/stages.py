@@ -32,8 +32,12 @@ log = logging.getLogger("tadmerge")
 
 def unit_bytes(plan: Plan, unit_id: int) -> int:
     """The input bytes a unit reads (a group: its members')."""
+    unit = plan.units[unit_id]
+    fast = plan.unit_source_bytes(unit)
+    if fast is not None:
+        return fast
     total = 0
-    for u in plan.members(plan.units[unit_id]):
+    for u in plan.members(unit):
         tp = plan.tensors[u.tensor]
         rows = u.row_end - u.row_start
         total += sum(rows * tp.row_numel * e.itemsize for e in tp.sources)
