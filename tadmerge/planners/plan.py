@@ -209,7 +209,7 @@ class TensorTable(Sequence):
 
     __slots__ = (
         "names", "shape", "dtype", "kind", "reason", "out_dtype", "rng_rows", "unit_first",
-        "unit_end", "columns", "sources",
+        "unit_end", "columns", "sources", "_last",
     )  # fmt: skip
 
     def __init__(self, names: list[str], columns: tuple[EntryTable, ...] | None) -> None:
@@ -219,6 +219,7 @@ class TensorTable(Sequence):
         self.rng_rows, self.unit_first, self.unit_end = _Ints(), _Ints(), _Ints()
         self.columns = columns
         self.sources: list[Sequence[TensorEntry]] | None = None if columns is not None else []
+        self._last: tuple[int, TensorPlan | None] = (-1, None)
 
     def append(self, tp: TensorPlan) -> None:
         assert tp.index == len(self.rng_rows) and tp.name == self.names[tp.index]
@@ -240,12 +241,15 @@ class TensorTable(Sequence):
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        last = self._last  # (a unit's tensor is asked for several times in a row)
+        if last[0] == i:
+            return last[1]
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
         cols = self.columns
-        return TensorPlan(
+        tp = TensorPlan(
             index=i,
             name=self.names[i],
             shape=self.shape[i],
@@ -257,6 +261,8 @@ class TensorTable(Sequence):
             rng_rows=self.rng_rows[i],
             units=range(self.unit_first[i], self.unit_end[i]),
         )
+        self._last = (i, tp)
+        return tp
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))

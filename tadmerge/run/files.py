@@ -79,12 +79,30 @@ def dumps_indented(obj, level: int = 0) -> str:
 
 
 def _scalar(v) -> str:
-    if type(v) is float:
-        return repr(v) if math.isfinite(v) else json.dumps(v)
-    return json.dumps(v, default=_json_default)
+    """json.dumps(v) of a scalar, without making an encoder per call."""
+    t = type(v)
+    if t is str:
+        return _encode_str(v)
+    if t is float:
+        if math.isfinite(v):
+            return repr(v)
+        return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
+    if t is int:
+        return int.__repr__(v)
+    if v is None:
+        return "null"
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    return _ENCODER.encode(v)
 
 
 def _json_default(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     raise TypeError(type(v))
+
+
+_ENCODER = json.JSONEncoder(default=_json_default)
+_encode_str = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
