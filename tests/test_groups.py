@@ -199,3 +199,32 @@ def test_indented_dump_is_jsons():
     for doc in docs:
         assert dumps_indented(doc) == json.dumps(doc, indent=1)
         assert dumps_indented(doc, 2) == json.dumps(doc, indent=1).replace("\n", "\n  ")
+
+
+def test_a_group_member_with_nan_is_named_as_its_own_unit_would_be(zoo, tmp_path, capsys):
+    """NaN in one member of a group: the merge stops with exit 3 and the message of
+    the same merge without groups (file and tensor), and publishes nothing."""
+    from safetensors.torch import load_file, save_file
+
+    base, models = zoo
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    tensors = load_file(str(Path(models[1]) / "model.safetensors"))
+    tensors["layers.0.bias"][3] = float("nan")
+    save_file(tensors, str(bad / "model.safetensors"))
+    broken = (base, [models[0], str(bad), models[2]])
+    errors = []
+    for label in ("plain", "grouped"):
+        out = tmp_path / label
+        cfg = write_cfg(tmp_path / f"{label}.yaml", broken, out, "ta")
+        with pytest.MonkeyPatch.context() as mp:
+            if label == "grouped":
+                grouped(mp)
+                plan = plan_mod.make_plan(load_config(cfg))
+                i = next(t.index for t in plan.tensors if t.name == "layers.0.bias")
+                assert plan.units[plan.tensors[i].units[0]].grouped
+            assert main(["-q", "merge", cfg]) == 3
+        errors.append(capsys.readouterr().err)
+        assert not out.exists()
+    assert "layers.0.bias" in errors[0] and str(bad) in errors[0]
+    assert errors[1] == errors[0].replace(str(tmp_path / "plain"), str(tmp_path / "grouped"))
