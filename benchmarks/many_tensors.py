@@ -9,7 +9,8 @@ tensors of 4..16 elements) unless it is there, then runs, each in its own proces
 a per-tensor magnitude selection), records each one's peak RSS (``Maximum resident
 set size``) and wall time, runs ``tadmerge verify`` on the output and compares a few
 tensors of the task-arithmetic output with their closed-form values
-(make_many_tensors.value). Results go to benchmarks/results/many_tensors.json, set
+(make_many_tensors.value), and of the TADrop output with tests/reference.py's
+independent whole-tensor reference. Results go to benchmarks/results/many_tensors.json, set
 against runtime.memory_budget (512 MB by default).
 """
 
@@ -104,6 +105,37 @@ def check_ta(out: Path, tensors: int, tasks: int, scale: float) -> dict:
     return {"checked": picks, "mismatched": bad}
 
 
+def check_reference(out: Path, cfg: Path, tensors: int, tasks: int) -> dict:
+    """Any method, a few tensors: the independent reference of tests/reference.py
+    (sparsify each τ_k as a whole tensor, then combine) on the closed-form values."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import reference as ref  # tests/reference.py
+    import torch
+
+    from tadmerge.config import load_config
+
+    doc = load_config(str(cfg)).to_dict()
+    sp, merge = doc["sparsify"], doc["merge"]
+    weights = [m.get("weight", 1.0) for m in doc["models"]]
+    picks = sorted({0, 1, tensors // 2, tensors - 1})
+    got = read_output_tensors(out / "model.safetensors", [f"t.{i:07d}" for i in picks])
+    bad = []
+    for i in picks:
+        size = int(gen.sizes(i, i + 1)[0])
+        ii, jj = np.full(size, i), np.arange(size)
+        base = torch.from_numpy(gen.value(0, ii, jj))
+        thetas = [torch.from_numpy(gen.value(k, ii, jj)) for k in range(1, tasks + 1)]
+        name = f"t.{i:07d}"
+        ts = [
+            ref.sparsify(th - base, sp, task=k, name=name, seed=doc.get("seed", 0), block_rows=size)
+            for k, th in enumerate(thetas)
+        ]
+        want = ref.combine(merge["method"], base, thetas, ts, weights, merge.get("scale", 1.0))
+        if not np.array_equal(got[name], want.numpy()):
+            bad.append(i)
+    return {"checked": picks, "mismatched": bad, "against": "tests/reference.py"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True)
@@ -137,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 run["verify_rc"] = v.returncode
                 if method == "ta":
                     run["reference"] = check_ta(out, a.tensors, a.tasks, 0.5)
+                else:
+                    run["reference"] = check_reference(out, cfg, a.tensors, a.tasks)
         results["runs"][method] = run
         print(method, json.dumps(run, indent=1))
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -183,7 +183,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     "kind": t.kind,
                     "reason": t.reason,
                     "out_dtype": t.out_dtype,
-                    "units": [[plan.units[u].row_start, plan.units[u].row_end] for u in t.units],
+                    "units": [_rows_of(plan, t, u) for u in t.units],
                 }
                 for t in plan.tensors
             ],
@@ -207,6 +207,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
             why = f"  ({t.reason})" if t.reason else ""
             print(f"  {t.kind:8s} {t.name} {list(t.shape)} {t.dtype} units={units}{why}")
     return EXIT_OK
+
+
+def _rows_of(plan, t, unit_id: int) -> list[int]:
+    """A tensor's rows in one of its units (a group's member: all of them)."""
+    u = plan.units[unit_id]
+    if u.grouped:
+        return [0, t.rows if t.shape else 1]
+    return [u.row_start, u.row_end]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

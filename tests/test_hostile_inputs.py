@@ -303,6 +303,56 @@ def test_planning_many_tiny_tensors_costs_bounded_memory_per_tensor(tmp_path):
     assert per_tensor < 1700, f"{per_tensor:.0f} bytes of peak RSS per tensor"
 
 
+_MERGE_RSS = """
+import sys
+from tadmerge.cluster.memory import tune_malloc
+from tadmerge.config import load_config
+from tadmerge.run.driver import run_merge
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+tune_malloc()  # (as the CLI does)
+import numpy, tadmerge.planners.plan, tadmerge.cluster.worker, tadmerge.report.figures
+before = hwm()
+res = run_merge(load_config(sys.argv[1]))
+assert len(res.plan.tensors) == int(sys.argv[2])
+units = len(res.plan.units)
+print(before, hwm(), units)
+"""
+
+
+def _merge_peak(tmp: Path, n: int) -> tuple[int, int]:
+    cfg = tiny_world(tmp, n)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", _MERGE_RSS, cfg, str(n)],
+        env={**os.environ, "PYTHONPATH": repo},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, peak, units = map(int, proc.stdout.split())
+    values = json.loads((tmp / "out" / "merge_report.json").read_text())["tensors"]
+    assert len(values) == n and values[f"t.{n - 1:07d}"]["tasks"]["m0"]["kept"] == 1
+    return peak - before, units
+
+
+def test_planning_and_merging_many_tiny_tensors_costs_little_memory_per_tensor(tmp_path):
+    """Class 8: a plan and merge of many tiny tensors (base + 1 model, task
+    arithmetic) peaks at a small, bounded RSS per tensor, and its tensors share
+    units (planners/plan.py GROUP_*: a few units for thousands of tensors).
+
+    Measured here: ~4 KB per tensor when each tensor had its own unit, record,
+    log line and report dict; ~0.35 KB with groups, the tensors, output layout
+    and the headers' names held as columns and the report streamed."""
+    small, few = _merge_peak(tmp_path / "small", 4_096)
+    large, units = _merge_peak(tmp_path / "large", 16_384)
+    assert few == 1 and units == 4  # (GROUP_TENSORS tensors a unit)
+    per_tensor = (large - small) / 12_288
+    assert per_tensor < 700, f"{per_tensor:.0f} bytes of peak RSS per tensor"
+
+
 def test_columns_of_a_tiny_tensor_checkpoint_match_its_json(tmp_path):
     """The canonical header's columns (io/entries.scan_canonical) hold what the JSON
     says, entry for entry, for a checkpoint in bf16 written out of name order, and

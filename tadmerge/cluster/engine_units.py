@@ -124,12 +124,15 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispat
 
 
 def merge_unit(
-    plan: Plan, staging: str, unit_id: int, resolved: dict | None, dispatch: Dispatch
+    plan: Plan, staging: str, unit: Unit | int, resolved: dict | None, dispatch: Dispatch
 ) -> UnitRecord:
-    """Merge one unit with the torch engine (merge_block) and write its bytes
-    at the planned offsets, on the dispatch's device and kernels backend."""
+    """Merge one unit (a row block of one tensor, or a group's member: a Unit,
+    or a unit id) with the torch engine (merge_block) and write its bytes at the
+    planned offsets, on the dispatch's device and kernels backend."""
     device = torch_device(dispatch.device)
-    unit = plan.units[unit_id]
+    if isinstance(unit, int):
+        unit = plan.units[unit]
+    unit_id = unit.id
     tp = plan.tensors[unit.tensor]
     spec = merge_spec(plan, tp)
     check_finite = not plan.config.inputs.allow_nonfinite

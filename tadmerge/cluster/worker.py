@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+from array import array
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -81,16 +82,30 @@ def torch_free(plan: Plan, device: str, backend: str) -> bool:
     """Whether every unit of the plan is copied, streamed (engine/stream.py) or
     merged from its raw bf16 blocks (engine/raw.py, which may still hand a
     unit back to the torch engine), so that no worker should need torch: the
-    C kernels are loaded and the backend is not torch (kernels.enabled)."""
-    merge = merge_spec(plan)
-    per_tensor = merge.per_tensor  # (else one spec for every tensor: not rebuilt each)
-    for t in plan.tensors:
-        if t.kind != MERGE:
-            continue
-        spec = merge.for_tensor(t.name) if per_tensor else merge
-        if not (_streams(spec, t, device, backend) or _raw(plan, spec, t, device, backend)):
-            return False
-    return True
+    C kernels are loaded and the backend is not torch (kernels.enabled).
+    Decided per distinct combination of dtypes (a plan's tensor table has them),
+    or per tensor where its values vary per tensor (MergeSpec.for_tensor)."""
+    spec = merge_spec(plan)
+    if spec.per_tensor:
+        return all(
+            _streams(s, t, device, backend) or _raw(plan, s, t, device, backend)
+            for t in plan.tensors
+            if t.kind == MERGE and (s := spec.for_tensor(t.name)) is not None
+        )
+    combos = getattr(plan.tensors, "dtype_combos", None)
+    if combos is not None:
+        found = combos(MERGE)
+    else:
+        found = {
+            (tuple(s.dtype for s in t.sources), t.out_dtype)
+            for t in plan.tensors
+            if t.kind == MERGE
+        }
+    return all(
+        streams(spec, device, [*dtypes, out or ""], backend)
+        or _raw_dtypes(plan, spec, list(dtypes), out, device, backend)
+        for dtypes, out in found
+    )
 
 
 def _streams(spec: MergeSpec, tp: TensorPlan, device: str, backend: str) -> bool:
@@ -101,9 +116,15 @@ def _streams(spec: MergeSpec, tp: TensorPlan, device: str, backend: str) -> bool
 
 def _raw(plan: Plan, spec: MergeSpec, tp: TensorPlan, device: str, backend: str) -> bool:
     """Whether a tensor's units try the raw bf16 path first (engine/raw.py)."""
+    return _raw_dtypes(plan, spec, [s.dtype for s in tp.sources], tp.out_dtype, device, backend)
+
+
+def _raw_dtypes(
+    plan: Plan, spec: MergeSpec, dtypes: list[str], out: str | None, device: str, backend: str
+) -> bool:
     return (
         not plan.config.inputs.allow_nonfinite
-        and takes(spec, [s.dtype for s in tp.sources], tp.out_dtype or "", device)
+        and takes(spec, dtypes, out or "", device)
         and kernels.enabled(None, backend)
     )
 
@@ -192,10 +213,20 @@ class UnitRecord:
 
 def run_unit(
     plan: Plan, staging: str, unit_id: int, resolved: dict | None, dispatch: Dispatch
-) -> UnitRecord:
+) -> UnitRecord | GroupRecord:
     """Merge (or copy) one unit and write its bytes at the planned offsets, on
-    the device and kernels backend the driver decided (`dispatch`)."""
+    the device and kernels backend the driver decided (`dispatch`). A group of
+    small whole tensors merges each member on its own, as the unit of one
+    tensor would be: the same bytes, one record."""
     unit = plan.units[unit_id]
+    if unit.grouped:
+        return _run_group(plan, staging, unit, resolved, dispatch)
+    return _run_one(plan, staging, unit, resolved, dispatch)
+
+
+def _run_one(
+    plan: Plan, staging: str, unit: Unit, resolved: dict | None, dispatch: Dispatch
+) -> UnitRecord:
     tp = plan.tensors[unit.tensor]
     if tp.kind != MERGE:
         return _copy_unit(plan, staging, unit, tp)
@@ -213,9 +244,66 @@ def run_unit(
                 return rec
         from .engine_units import merge_unit
 
-        return merge_unit(plan, staging, unit_id, resolved, replace(dispatch, device=device))
+        return merge_unit(plan, staging, unit, resolved, replace(dispatch, device=device))
     except NonFiniteOutput as e:  # (write_out wrote nothing)
-        return UnitRecord(unit_id, [], nonfinite_out=e.count)
+        return UnitRecord(unit.id, [], nonfinite_out=e.count)
+
+
+@dataclass
+class GroupRecord:
+    """What a finished group of small whole tensors reports, packed: per member
+    the crc32 of the one output range it wrote (the range is the plan's:
+    unit_output_range of the member) and its figures for the report
+    (`task_figures`, or None for a copy). The driver logs it (run/unit_log.py),
+    then drops the figures (`where` says where the log holds them)."""
+
+    unit: int
+    first: int  # its first member tensor
+    crcs: array  # uint32 per member
+    figures: list | None  # per member: None, or per task task_figures(...)
+    # members that met NaN/Inf: [(tensor, [(source index, count)])], [(tensor, count)]
+    nonfinite: list | None = None
+    nonfinite_out: list | None = None
+    where: tuple[int, int] | None = None  # (offset, length) of its line in the log
+    files: tuple[str, ...] = ()  # the output files it wrote (made durable before logging)
+
+
+def task_figures(st) -> list:
+    """A member's TaskStats as the report uses them: [kept, tau_sq, t_sq, selection
+    or None], a selection as [n, q_low, q_high, drop_rate, scale, tau_sq, t_sq]."""
+    sel = st.selection
+    packed = None
+    if sel is not None:
+        packed = [sel.n, sel.q_low, sel.q_high, sel.drop_rate, sel.scale, sel.tau_sq, sel.t_sq]
+    return [st.kept, st.tau_sq, st.t_sq, packed]
+
+
+def _run_group(
+    plan: Plan, staging: str, unit: Unit, resolved: dict | None, dispatch: Dispatch
+) -> GroupRecord:
+    crcs = array("I")
+    files: set[str] = set()
+    figures: list = []
+    bad_in: list = []
+    bad_out: list = []
+    for member in plan.members(unit):
+        rec = _run_one(plan, staging, member, resolved, dispatch)
+        if rec.nonfinite or rec.nonfinite_out:
+            if rec.nonfinite:
+                bad_in.append((member.tensor, rec.nonfinite))
+            else:
+                bad_out.append((member.tensor, rec.nonfinite_out))
+            crcs.append(0)
+            figures.append(None)
+            continue
+        assert rec.out is not None and len(rec.out) == 1, "a member writes one range"
+        files.add(rec.out[0][0])
+        crcs.append(rec.out[0][3])
+        figures.append([task_figures(t) for t in rec.tasks] if rec.tasks else None)
+    return GroupRecord(
+        unit.id, unit.tensor, crcs, figures, bad_in or None, bad_out or None,
+        files=tuple(sorted(files)),
+    )  # fmt: skip
 
 
 def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispatch):

@@ -697,6 +697,12 @@ def index_json(shards: list[ShardSpec]) -> bytes:
     return (json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+def _header_chunks(shard) -> Iterable[bytes]:
+    """A shard's header bytes: in chunks where it makes them (io/layout.ShardTable)."""
+    chunks = getattr(shard, "header_chunks", None)
+    return chunks() if chunks is not None else (shard.header,)
+
+
 def _has_layout(path: str, shard: ShardSpec) -> bool:
     try:
         fd = os.open(path, os.O_RDONLY | _CLOEXEC)
@@ -705,8 +711,12 @@ def _has_layout(path: str, shard: ShardSpec) -> bool:
     try:
         if os.fstat(fd).st_size != shard.file_size:
             return False
-        head = os.pread(fd, len(shard.header), 0)
-        return head == shard.header
+        pos = 0
+        for chunk in _header_chunks(shard):  # (in chunks: a header can be ~75 MB)
+            if os.pread(fd, len(chunk), pos) != chunk:
+                return False
+            pos += len(chunk)
+        return True
     except OSError:
         return False
     finally:
@@ -732,10 +742,13 @@ def create_shard_files(directory: str, shards: list[ShardSpec]) -> list[str]:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | _CLOEXEC, 0o644)
             try:
                 os.ftruncate(fd, 0)
-                view = memoryview(shard.header)
                 done = 0
-                while done < len(view):
-                    done += os.pwrite(fd, view[done:], done)
+                for chunk in _header_chunks(shard):
+                    view = memoryview(chunk)
+                    while len(view):
+                        n = os.pwrite(fd, view, done)
+                        done += n
+                        view = view[n:]
                 os.ftruncate(fd, shard.file_size)
             finally:
                 os.close(fd)

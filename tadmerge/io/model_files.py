@@ -72,8 +72,10 @@ def _untied_config(plan, base) -> bytes | None:
     """The base's config.json with tie_word_embeddings: false when the output stores
     a head the base only has tied, and vocab_size the output's vocabulary rows
     (tokenizer: union | <model>) where they differ; None to copy it unchanged."""
-    written = {t.name for t in plan.tensors if t.out_dtype is not None}
-    untie = any(head in written for head, _ in base.aliases)
+    untie = False
+    for head, _ in base.aliases:
+        t = plan.find_tensor(head)
+        untie = untie or (t is not None and t.out_dtype is not None)
     vocab = base.vocabulary
     doc = config_json(base)
     rows = None
@@ -151,27 +153,36 @@ def _model_id(source: str) -> str:
 
 def drop_rates(report: dict, tasks: list[str]) -> dict[str, dict]:
     """Per task, over the merged tensors: the share of τ dropped (element-weighted)
-    and the smallest and largest tensor's drop rate."""
-    out: dict[str, dict] = {}
-    for task in tasks:
-        n = kept = 0
-        rates = []
-        for entry in (report.get("tensors") or {}).values():
-            fig = (entry.get("tasks") or {}).get(task)
+    and the smallest and largest tensor's drop rate. One pass over the tensors,
+    holding sums only (the report's tensors may be made one by one: a million)."""
+    n = dict.fromkeys(tasks, 0)
+    kept = dict.fromkeys(tasks, 0)
+    low: dict = dict.fromkeys(tasks)
+    high: dict = dict.fromkeys(tasks)
+    for entry in (report.get("tensors") or {}).values():
+        figs = entry.get("tasks") or {}
+        for task in tasks:
+            fig = figs.get(task)
             if not fig:
                 continue
-            n += fig["n"]
-            kept += fig["kept"]
-            if fig.get("drop_rate") is not None:
-                rates.append(fig["drop_rate"])
-        if n:
-            out[task] = {
-                "drop_rate": 1.0 - kept / n,
-                "min": min(rates) if rates else None,
-                "max": max(rates) if rates else None,
-                "elements": n,
-            }
-    return out
+            n[task] += fig["n"]
+            kept[task] += fig["kept"]
+            rate = fig.get("drop_rate")
+            if rate is not None:  # (min() and max() by the same comparisons)
+                if low[task] is None or rate < low[task]:
+                    low[task] = rate
+                if high[task] is None or rate > high[task]:
+                    high[task] = rate
+    return {
+        task: {
+            "drop_rate": 1.0 - kept[task] / n[task],
+            "min": low[task],
+            "max": high[task],
+            "elements": n[task],
+        }
+        for task in tasks
+        if n[task]
+    }
 
 
 def model_card(plan, report: dict) -> bytes:

@@ -417,12 +417,13 @@ def read_header(
     finally:
         os.close(fd)
     # the version parsed: the descriptor's fstat and the bytes read through it
-    identity = FileIdentity.of(apath, st, prefix + raw)
+    identity = FileIdentity.of(apath, st, prefix, raw)
 
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise fail(f"header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    raw = b""  # (the text holds it: a header of a million tensors is ~75 MB)
     data_start = 8 + header_len
     data_size = file_size - data_start
     from .entries import EntryTable, scan_canonical

@@ -14,7 +14,7 @@ from ..config import MergeConfig
 from ..errors import ConfigError, InputError, InputProblem
 from ..io import lora
 from ..io.checkpoint import HEAD_NAME, Checkpoint, open_checkpoint, with_tied_head
-from ..io.entries import EntryTable
+from ..io.entries import NAMES_LIKE, EntryTable
 
 log = logging.getLogger("tadmerge")
 
@@ -34,11 +34,16 @@ def open_inputs(cfg: MergeConfig, *, fetch: bool = True) -> list[Checkpoint]:
     problems: list[InputProblem] = []
     out: list[Checkpoint | None] = []
     for source in [cfg.base] + [m.path for m in cfg.models]:
+        first = next((ck.tensors for ck in out if ck is not None), None)
+        like = NAMES_LIKE.set(first.names if isinstance(first, EntryTable) else None)
         try:
             out.append(open_checkpoint(source, allow_pickle=cfg.inputs.allow_pickle, fetch=False))
         except InputError as e:
             problems.extend(e.problems)
             out.append(None)
+        finally:
+            NAMES_LIKE.reset(like)
+        _share_names(out)  # (at once: a million names are ~66 MB per list)
     pending = fetch and any(ck is not None and not ck.fetched for ck in out)
     checked = _checked(cfg, out, problems, warn=not pending)
     if not pending:
@@ -329,8 +334,9 @@ def casts(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, list[dict]]:
     base = inputs[0]
     out: dict[str, list[dict]] = {}
     for ck, model in zip(inputs[1:], cfg.models, strict=True):
-        counts: dict[tuple[str, str], int] = {}
-        for n, b in ck.tensors.items():
+        columns = _column_casts(base.tensors, ck.tensors)
+        counts: dict[tuple[str, str], int] = columns or {}
+        for n, b in ck.tensors.items() if columns is None else ():
             a = base.tensors.get(n)
             if a is None or not (a.is_float and b.is_float):
                 continue
@@ -345,6 +351,29 @@ def casts(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, list[dict]]:
                 {"from": f, "to": t, "tensors": c} for (f, t), c in sorted(counts.items())
             ]
     return out
+
+
+def _column_casts(base, model) -> dict[tuple[str, str], int] | None:
+    """casts' counts from the dtype columns of two EntryTables with one name list
+    (no entry made per tensor); None when they are not."""
+    if not (
+        isinstance(base, EntryTable) and isinstance(model, EntryTable) and base.names is model.names
+    ):
+        return None
+    import numpy as np
+
+    from ..io.entries import _DTYPE_LIST
+    from ..io.safetensors_format import FLOAT_DTYPES
+
+    floats = np.array([d in FLOAT_DTYPES for d in _DTYPE_LIST])
+    a = np.frombuffer(base.dtype, dtype=np.uint8)
+    b = np.frombuffer(model.dtype, dtype=np.uint8)
+    cast = (a != b) & floats[a] & floats[b]
+    pairs, n = np.unique(np.stack([b[cast], a[cast]]), axis=1, return_counts=True)
+    return {
+        (_DTYPE_LIST[x], _DTYPE_LIST[y]): int(c)
+        for (x, y), c in zip(pairs.T.tolist(), n.tolist(), strict=True)
+    }
 
 
 def _stored(e) -> str:
@@ -418,6 +447,7 @@ def classify(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, tuple[str,
     base = inputs[0]
     patterns = [re.compile(p) for p in cfg.exclude]
     kinds: dict[str, tuple[str, str]] = {}
+    merged = (MERGE, "")  # (one tuple for every merged tensor, not one each)
     # (sorted by name; an EntryTable is, and makes its entries in one pass)
     entries = (
         base.tensors if isinstance(base.tensors, EntryTable) else dict(sorted(base.tensors.items()))
@@ -438,7 +468,7 @@ def classify(cfg: MergeConfig, inputs: list[Checkpoint]) -> dict[str, tuple[str,
         elif entry.numel == 0:
             kinds[n] = (COPY, "empty tensor")
         else:
-            kinds[n] = (MERGE, "")
+            kinds[n] = merged
     return kinds
 
 

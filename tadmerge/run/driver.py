@@ -27,6 +27,7 @@ torch, which saves ~2 s of start-up.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -142,7 +143,7 @@ def run_merge(
         t2 = time.monotonic()
         done = state.finished() if resume else {}
         if done:  # reuse only units whose bytes on disk match their records
-            done = check_finished(staging.path, done, rebuilt)
+            done = check_finished(staging.path, done, rebuilt, plan)
         reused = len(done)
         run_apply(plan, executor, state, resolved, done, digests)
         # every byte is read: were they all of the planned versions of the inputs?
@@ -157,6 +158,11 @@ def run_merge(
         close_all()
         state.close(flush=False)
         out = staging.publish(known=digests.finish())
+        if not isinstance(report["tensors"], dict):  # (made from the log, now gone)
+            from ..io.model_files import REPORT_NAME
+            from ..report.figures import TensorsOnDisk
+
+            report["tensors"] = TensorsOnDisk(os.path.join(out, REPORT_NAME))
         log.info("published %s in %.1fs", out, timings["total_s"])
         return MergeResult(out, plan, report)
     except InputError:

@@ -12,6 +12,7 @@ merge_report.json. Publishing is io/publish.py's.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -23,10 +24,11 @@ from ..io.block_io import create_shard_files, index_json
 from ..io.checkpoint import INDEX_NAME
 from ..io.digest import StreamingDigests
 from ..io.model_files import CARD_NAME, CONFIG_NAME, EMR_NAME, REPORT_NAME, model_card, side_files
+from ..io.publish import STATE_DIR
 from ..planners.inventory import MERGE, casts, vocabulary_report
 from ..planners.plan import Plan
 from ..report.figures import tensor_report
-from .files import atomic_write, write_json, writing
+from .files import _json_default, atomic_write, dumps_indented, write_json, writing
 
 log = logging.getLogger("tadmerge")
 
@@ -59,7 +61,7 @@ def start_digests(plan: Plan, staging: str) -> StreamingDigests:
     """Hash the output shards as they are written (io/digest.py); headers are final."""
     digests = StreamingDigests(staging, {s.filename: s.file_size for s in plan.shards})
     for s in plan.shards:
-        digests.final(s.filename, 0, len(s.header))
+        digests.final(s.filename, 0, s.file_size - s.data_size)  # (its header)
     return digests
 
 
@@ -90,7 +92,8 @@ def finalize(
         with writing(dest):
             shutil.copyfile(src, dest)
     atomic_write(os.path.join(staging, CONFIG_NAME), cfg.to_yaml().encode())
-    tensors, emr = tensor_report(plan, done, resolved)
+    log_path = os.path.join(staging, STATE_DIR, "units.jsonl")
+    tensors, emr = tensor_report(plan, done, resolved, log_path)
     report: dict = {
         "format": "tadmerge-report/1",
         "tadmerge_version": __version__,
@@ -120,7 +123,29 @@ def finalize(
 
 
 def write_report(staging: str, report: dict) -> None:
-    write_json(os.path.join(staging, REPORT_NAME), report)
+    """merge_report.json; a tensors section that is not a dict (report/figures.py
+    TensorSection: a plan with groups) is written entry by entry, with the text
+    json.dump gives the whole document (indent 1)."""
+    tensors = report.get("tensors")
+    if isinstance(tensors, dict) or tensors is None:
+        write_json(os.path.join(staging, REPORT_NAME), report)
+        return
+    path = os.path.join(staging, REPORT_NAME)
+    text = json.dumps({**report, "tensors": _TENSORS}, indent=1, default=_json_default)
+    head, tail = text.split(json.dumps(_TENSORS), 1)
+    with writing(path), open(path, "w") as f:
+        f.write(head)
+        first = True
+        for name, entry in tensors.items():
+            body = dumps_indented(entry, 2)
+            f.write(("{" if first else ",") + "\n  " + json.dumps(name) + ": " + body)
+            first = False
+        f.write("{}" if first else "\n }")
+        f.write(tail)
+        f.write("\n")
+
+
+_TENSORS = "\x00tensors\x00"  # a placeholder no report value holds
 
 
 def emr_doc(plan: Plan, emr: dict, base_pins: list[dict] | None = None) -> dict:

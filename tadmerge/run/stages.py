@@ -19,7 +19,7 @@ import os
 import time
 
 from ..cluster.progress import Progress
-from ..cluster.worker import UnitRecord, unit_output_range
+from ..cluster.worker import GroupRecord, UnitRecord, unit_output_range
 from ..errors import InputError, InputProblem
 from ..io.digest import StreamingDigests
 from ..io.model_files import REPORT_NAME
@@ -31,11 +31,32 @@ log = logging.getLogger("tadmerge")
 
 
 def unit_bytes(plan: Plan, unit_id: int) -> int:
-    """The input bytes a unit reads."""
-    u = plan.units[unit_id]
-    tp = plan.tensors[u.tensor]
-    rows = u.row_end - u.row_start
-    return sum(rows * tp.row_numel * e.itemsize for e in tp.sources)
+    """The input bytes a unit reads (a group: its members')."""
+    unit = plan.units[unit_id]
+    fast = plan.unit_source_bytes(unit)
+    if fast is not None:
+        return fast
+    total = 0
+    for u in plan.members(unit):
+        tp = plan.tensors[u.tensor]
+        rows = u.row_end - u.row_start
+        total += sum(rows * tp.row_numel * e.itemsize for e in tp.sources)
+    return total
+
+
+def output_ranges(plan: Plan, unit_id: int) -> list[tuple[str, int, int]]:
+    """The output shards' byte ranges a unit writes, adjacent ranges of a group's
+    members joined: (file, start, end)."""
+    out: list[tuple[str, int, int]] = []
+    for u in plan.members(plan.units[unit_id]):
+        where = unit_output_range(plan, u)
+        if where is None:
+            continue
+        if out and out[-1][0] == where[0] and out[-1][2] == where[1]:
+            out[-1] = (where[0], out[-1][1], where[2])
+        else:
+            out.append(where)
+    return out
 
 
 def run_stats(plan: Plan, executor, reads: dict) -> dict:
@@ -85,8 +106,9 @@ def run_apply(
         tp = plan.tensors[plan.units[unit_id].tensor]
         if not reruns_done and plan.config.merge.method == "ties" and tp.split:
             held.add(unit_id)
-        elif (where := unit_output_range(plan, plan.units[unit_id])) is not None:
-            digests.final(*where)
+        else:
+            for where in output_ranges(plan, unit_id):
+                digests.final(*where)
 
     for u in done:
         final(u)
@@ -101,7 +123,17 @@ def run_apply(
     nonfinite: dict[tuple[str, str], int] = {}
     overflow: dict[str, int] = {}  # output tensor -> NaN/Inf made by the merge
 
-    def on_done(rec: UnitRecord) -> None:
+    def on_done(rec: UnitRecord | GroupRecord) -> None:
+        if isinstance(rec, GroupRecord):
+            if rec.nonfinite or rec.nonfinite_out:  # (not logged: the merge stops)
+                group_nonfinite(plan, rec, nonfinite, overflow)
+                return
+            state.append(rec)
+            rec.figures = None  # (logged: read back from the log for the report)
+            done[rec.unit] = rec
+            final(rec.unit)
+            progress.update(rec.unit, unit_bytes(plan, rec.unit))
+            return
         if rec.nonfinite:
             note_nonfinite(plan, rec, nonfinite)
             return
@@ -141,6 +173,8 @@ def ties_reruns(plan: Plan, done: dict[int, UnitRecord], resolved: dict) -> list
     if plan.config.merge.method != "ties":
         return []
     redo = []
+    if not plan.any_split_merge():
+        return []
     for t in plan.tensors:
         if not (t.split and t.kind == MERGE):
             continue
@@ -154,8 +188,21 @@ def ties_reruns(plan: Plan, done: dict[int, UnitRecord], resolved: dict) -> list
     return redo
 
 
-def note_nonfinite(plan: Plan, rec: UnitRecord, acc: dict[tuple[str, str], int]) -> None:
-    tp = plan.tensors[plan.units[rec.unit].tensor]
+def group_nonfinite(
+    plan: Plan, rec: GroupRecord, acc: dict[tuple[str, str], int], overflow: dict[str, int]
+) -> None:
+    """A group's members that met NaN/Inf, counted as their own units' would be."""
+    for t, counts in rec.nonfinite or []:
+        note_nonfinite(plan, UnitRecord(rec.unit, [], nonfinite=counts), acc, t)
+    for t, n in rec.nonfinite_out or []:
+        name = plan.tensors[t].name
+        overflow[name] = overflow.get(name, 0) + n
+
+
+def note_nonfinite(
+    plan: Plan, rec: UnitRecord, acc: dict[tuple[str, str], int], tensor: int | None = None
+) -> None:
+    tp = plan.tensors[plan.units[rec.unit].tensor if tensor is None else tensor]
     for i, n in rec.nonfinite or []:
         file = tp.sources[i].file if i >= 0 else tp.sources[-1].file
         acc[(file, tp.name)] = acc.get((file, tp.name), 0) + n
@@ -171,7 +218,7 @@ def nonfinite_error(
         InputProblem(f, t, f"{n} NaN/Inf value(s) {hint}") for (f, t), n in sorted(inputs.items())
     ]
     for name, n in sorted(outputs.items()):
-        tp = next(t for t in plan.tensors if t.name == name)
+        tp = next(t for t in plan.tensors if t.name == name)  # (an error: once)
         where = plan.shard_of(name)
         file = os.path.join(plan.config.output.path, where[0] if where else "")
         problems.append(

@@ -35,10 +35,12 @@ import math
 import os
 import threading
 import time
+import zlib
+from array import array
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from ..cluster.worker import MASKS_DIR, UnitRecord
+from ..cluster.worker import MASKS_DIR, GroupRecord, UnitRecord
 from ..engine.spec import TaskStats
 from ..errors import MergeRuntimeError
 from ..io import libc
@@ -81,7 +83,7 @@ class UnitLog:
         self.staging = staging
         self.interval = FLUSH_INTERVAL_S
         self.max_batch = FLUSH_UNITS
-        self._pending: list[tuple[str, list[str]]] = []
+        self._pending: list[tuple[str, list[str], UnitRecord | GroupRecord]] = []
         self._cond = threading.Condition()
         self._io = threading.Lock()  # one batch at a time: lines stay in order
         self._error: MergeRuntimeError | None = None
@@ -93,15 +95,19 @@ class UnitLog:
         except OSError:
             pass  # the first batch reports it
 
-    def add(self, rec: UnitRecord) -> None:
+    def add(self, rec: UnitRecord | GroupRecord) -> None:
         """Queue a finished unit's record; raises the error of a batch that failed
-        in the background."""
+        in the background. A group's record learns where its line is
+        (GroupRecord.where) once the line is written."""
         line = json.dumps(record_to_json(rec)) + "\n"
-        files = [w for w, *_ in rec.out or () if not _is_mask(w)]
+        if isinstance(rec, GroupRecord):
+            files = list(rec.files)
+        else:
+            files = [w for w, *_ in rec.out or () if not _is_mask(w)]
         with self._cond:
             if self._error is not None:
                 raise self._error
-            self._pending.append((line, files))
+            self._pending.append((line, files, rec))
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="tadmerge-unit-log", daemon=True
@@ -152,7 +158,7 @@ class UnitLog:
                 batch, self._pending = self._pending, []
             if not batch:
                 return
-            files = sorted({f for _, fs in batch for f in fs})
+            files = sorted({f for _, fs, _ in batch for f in fs})
             for rel in files:
                 path = _full(self.staging, rel)
                 with writing(path, "fdatasync of"):
@@ -161,30 +167,96 @@ class UnitLog:
                         getattr(os, "fdatasync", os.fsync)(fd)
                     finally:
                         os.close(fd)
-            data = "".join(line for line, _ in batch).encode()
+            lines = [line.encode() for line, _, _ in batch]
+            data = b"".join(lines)
             with writing(self.path), open(self.path, "ab") as f:
+                pos = os.fstat(f.fileno()).st_size
+                for line, (_, _, rec) in zip(lines, batch, strict=True):
+                    if isinstance(rec, GroupRecord):
+                        rec.where = (pos, len(line))
+                    pos += len(line)
                 f.write(data)
                 f.flush()
                 _reserve(f.fileno(), f.tell(), max(LOG_RESERVE, 2 * len(data)))
 
 
-def read_records(path: str) -> dict[int, UnitRecord]:
+def read_records(path: str) -> dict[int, UnitRecord | GroupRecord]:
     """The records logged at `path`, up to the first line a kill cut short (that
-    unit and any after it are redone)."""
-    out: dict[int, UnitRecord] = {}
+    unit and any after it are redone). A group's record keeps where its line is,
+    not its figures (read again for the report: read_group_figures)."""
+    out: dict[int, UnitRecord | GroupRecord] = {}
     if not os.path.exists(path):
         return out
-    with open(path) as f:
+    pos = 0
+    with open(path, "rb") as f:
         for line in f:
             try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("cut short")
                 rec = record_from_json(json.loads(line))
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
                 break
+            if isinstance(rec, GroupRecord):
+                rec.figures = None
+                rec.where = (pos, len(line))
+            pos += len(line)
             out[rec.unit] = rec
     return out
 
 
-def _matches(staging: str, rec: UnitRecord, rebuilt: set[str]) -> bool:
+def read_group_figures(path: str, rec: GroupRecord) -> list:
+    """A logged group's figures per member (GroupRecord.figures), from its line."""
+    assert rec.where is not None, "a group's figures are read once it is logged"
+    offset, length = rec.where
+    with open(path, "rb") as f:
+        f.seek(offset)
+        doc = json.loads(f.read(length))
+    if doc.get("unit") != rec.unit:
+        raise MergeRuntimeError(f"{path}: the record of unit {rec.unit} is not where it was")
+    return doc["group"]["figures"]
+
+
+def _group_matches(staging: str, plan, rec: GroupRecord, rebuilt: set[str]) -> bool:
+    """A group's members' output bytes, read back one run of adjacent ranges at a
+    time, against their logged crc32s."""
+    if plan is None or not 0 <= rec.unit < len(plan.units):
+        return False
+    unit = plan.units[rec.unit]
+    if rec.first != unit.tensor or len(rec.crcs) != unit.count:
+        return False
+    from ..cluster.worker import unit_output_range
+
+    ranges = [unit_output_range(plan, m) for m in plan.members(unit)]
+    if any(r is None or r[0] in rebuilt for r in ranges):
+        return False
+    i = 0
+    while i < len(ranges):
+        j = i + 1
+        while j < len(ranges) and ranges[j][0] == ranges[i][0] and ranges[j][1] == ranges[j - 1][2]:
+            j += 1
+        rel, start, end = ranges[i][0], ranges[i][1], ranges[j - 1][2]
+        try:
+            fd = os.open(_full(staging, rel), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                data = os.pread(fd, end - start, start)
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        if len(data) != end - start:
+            return False
+        view = memoryview(data)
+        for k in range(i, j):
+            _, a, b = ranges[k]
+            if zlib.crc32(view[a - start : b - start]) != rec.crcs[k]:
+                return False
+        i = j
+    return True
+
+
+def _matches(staging: str, rec: UnitRecord | GroupRecord, rebuilt: set[str], plan=None) -> bool:
+    if isinstance(rec, GroupRecord):
+        return _group_matches(staging, plan, rec, rebuilt)
     if rec.out is None:  # no checksums (a log from before them): redo
         return False
     for where, start, end, crc in rec.out:
@@ -202,18 +274,19 @@ def _matches(staging: str, rec: UnitRecord, rebuilt: set[str]) -> bool:
 
 
 def check_finished(
-    staging: str, done: dict[int, UnitRecord], rebuilt: Iterable[str]
+    staging: str, done: dict[int, UnitRecord], rebuilt: Iterable[str], plan=None
 ) -> dict[int, UnitRecord]:
     """The finished units whose output bytes still match their records' checksums.
 
     `rebuilt`: output files (relative to staging) that were just recreated empty:
     their units are redone without reading them. Reads every finished unit's
     output once (resume only), in parallel: crc32 and pread release the GIL.
+    A group's ranges are the plan's (`plan`: without it, groups are redone).
     """
     rebuilt = set(rebuilt)
     recs = list(done.values())
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        ok = list(pool.map(lambda r: _matches(staging, r, rebuilt), recs))
+        ok = list(pool.map(lambda r: _matches(staging, r, rebuilt, plan), recs))
     kept = {r.unit: r for r, good in zip(recs, ok, strict=True) if good}
     bad = len(recs) - len(kept)
     if bad:
@@ -264,8 +337,13 @@ def _stats_json(st) -> dict:
     }
 
 
-def record_to_json(rec: UnitRecord) -> dict:
-    """A unit's line in the log (the resume format: read back by record_from_json)."""
+def record_to_json(rec: UnitRecord | GroupRecord) -> dict:
+    """A unit's line in the log (the resume format: read back by record_from_json).
+    A group's: its first member, each member's crc32 and figures
+    (cluster/worker.task_figures), in one line."""
+    if isinstance(rec, GroupRecord):
+        group = {"first": rec.first, "crcs": rec.crcs.tolist(), "figures": rec.figures}
+        return {"unit": rec.unit, "group": group}
     return {
         "unit": rec.unit,
         "tasks": [_stats_json(t) for t in rec.tasks],
@@ -276,9 +354,15 @@ def record_to_json(rec: UnitRecord) -> dict:
     }
 
 
-def record_from_json(d: dict) -> UnitRecord:
+def record_from_json(d: dict) -> UnitRecord | GroupRecord:
     """A logged line back; the engine's types are imported only for what it holds
     (a merge without selections or EMR sums reads its log without torch)."""
+    if "group" in d:
+        g = d["group"]
+        crcs = array("I", g["crcs"])
+        if not isinstance(d["unit"], int) or not isinstance(g["first"], int):
+            raise TypeError("unit")
+        return GroupRecord(d["unit"], g["first"], crcs, g["figures"])
     tasks = []
     for t in d["tasks"]:
         sel = t["selection"]
