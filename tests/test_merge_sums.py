@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import reference as R
 import torch
@@ -16,6 +17,7 @@ from outputs import model_files
 from safetensors.torch import load_file
 
 from tadmerge.config import parse_config
+from tadmerge.engine import native
 from tadmerge.engine import sums as S
 from tadmerge.engine.spec import SumsRequest
 from tadmerge.errors import ConfigError
@@ -128,11 +130,29 @@ CASES = {
 }
 
 
+needs_cc = pytest.mark.skipif(not native.available(), reason="no C compiler")
+BACKENDS = ["torch", pytest.param("c", marks=needs_cc)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_whole_and_split_same_bytes_and_reference(inputs, case):
+def test_whole_and_split_same_bytes_and_reference(inputs, case, backend, monkeypatch):
+    """On either kernels backend; the C kernels' sums (taken, whole and split)
+    give the torch bytes."""
+    from tadmerge.engine import kernels
+
     method, k = CASES[case]
-    whole = merge(inputs, f"{case}-whole", method, k, False)
-    split = merge(inputs, f"{case}-split", method, k, True)
+    taken = []
+    real = kernels.sums_accumulate
+    monkeypatch.setattr(kernels, "sums_accumulate", lambda *a: taken.append(1) or real(*a))
+    whole = merge(inputs, f"{case}-{backend}-whole", method, k, False, kernels=backend)
+    assert bool(taken) == (backend == "c")
+    taken.clear()
+    split = merge(inputs, f"{case}-{backend}-split", method, k, True, kernels=backend)
+    assert bool(taken) == (backend == "c")
+    if backend == "c":
+        torch_whole = merge(inputs, f"{case}-c-torch", method, k, False, kernels="torch")
+        assert model_files(whole.output) == model_files(torch_whole.output), "c changed the bytes"
     units = {t.name: len(t.units) for t in split.plan.tensors}
     assert all(units[n] > 1 for n in ("a.weight", "b.weight", "c.bias", "e.weight")), units
     assert model_files(whole.output) == model_files(split.output), "split changed the bytes"
@@ -151,9 +171,10 @@ def test_whole_and_split_same_bytes_and_reference(inputs, case):
     assert torch.equal(got["ids"], base["ids"])
 
 
-def test_exact_sums_any_split():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_sums_any_split(backend):
     """Σ v_i·v_j per segment equals math.fsum of the float64 products, whole or
-    added up from row blocks in any order, for every layout."""
+    added up from row blocks in any order, for every layout, on either backend."""
     g = torch.Generator().manual_seed(3)
     shape = (12, 5)
     # values over many exponents, with ties of sign and subnormals
@@ -164,7 +185,7 @@ def test_exact_sums_any_split():
     pairs = ((0, 0), (1, 1), (0, 1))
     for layout in ("tensor", "first", "last"):
         req = SumsRequest("weights", pairs, layout)
-        whole = S.block_sums(base, models, req, shape).values()
+        whole = S.block_sums(base, models, req, shape, backend=backend).values()
         if layout == "tensor":
             flat = [v.double().reshape(-1).tolist() for v in (x, y)]
             want = [
@@ -177,7 +198,9 @@ def test_exact_sums_any_split():
             assert whole[2][2] == col[0]
             rows = [(0, 5), (5, 6), (6, 12)]
             parts = [
-                S.block_sums(base[a * 5 : b * 5], [models[0][a * 5 : b * 5]], req, shape)
+                S.block_sums(
+                    base[a * 5 : b * 5], [models[0][a * 5 : b * 5]], req, shape, backend=backend
+                )
                 for a, b in rows
             ]
             for order in (parts, parts[::-1]):
@@ -186,6 +209,69 @@ def test_exact_sums_any_split():
         if layout == "last":
             r3 = math.fsum(float(x[3, c]) * float(y[3, c]) for c in range(5))
             assert whole[2][3] == r3
+
+
+def _extreme(g: torch.Generator, n: int) -> torch.Tensor:
+    """float32 over the whole exponent range, with ±0, subnormals, the largest
+    finite values and runs of one exponent (the bins' sums grow)."""
+    x = torch.randn(n, generator=g) * torch.exp((40 * torch.randn(n, generator=g)).clamp(-110, 80))
+    x[torch.rand(n, generator=g) < 0.1] = 0.0
+    x[torch.rand(n, generator=g) < 0.05] = -0.0
+    sub = torch.rand(n, generator=g) < 0.05
+    x[sub] = torch.randn(int(sub.sum()), generator=g) * 1e-40
+    x[torch.rand(n, generator=g) < 0.01] = 3.4e38
+    x[torch.rand(n, generator=g) < 0.01] = -1.1754942e-38  # the largest subnormal
+    x[: n // 8] = 1.5  # one bin, many times
+    return x
+
+
+@needs_cc
+@pytest.mark.parametrize("layout", ["tensor", "first", "last"])
+def test_c_sums_are_the_reference_integers(layout):
+    """The C kernels' exact sums (sums._c_sums) hold the torch reference's
+    integers, bin for bin (hi, lo, b0, the non-finite count), for every layout
+    and kind of vectors: extreme exponents, zeros, subnormals, bf16-widened
+    weights, task vectors made in the kernel or given, derived vectors, whole
+    blocks and row blocks, a block longer than the reference's chunks, and
+    Inf/NaN inputs."""
+    g = torch.Generator().manual_seed(11)
+    pairs = ((0, 0), (1, 1), (0, 1), (1, 2), (2, 3), (3, 3), (0, 3))
+    cases = {
+        "extreme": ((61, 53), [_extreme(g, 61 * 53) for _ in range(4)]),
+        "bf16": ((40, 30), [torch.randn(1200, generator=g).bfloat16().float() for _ in range(4)]),
+        "1-D": ((777,), [_extreme(g, 777) for _ in range(4)]),
+    }
+    if layout == "tensor":  # (a 1-D tensor is one segment whatever the layout)
+        cases["long"] = ((140000,), [_extreme(g, 140000) for _ in range(4)])
+    bad = [_extreme(g, 600) for _ in range(4)]
+    bad[1][7], bad[2][100] = math.inf, math.nan
+    cases["nonfinite"] = ((20, 30), bad)
+
+    def derived(ts):
+        return [ts[0] * ts[1], ts[0].abs(), ts[1] - ts[2], ts[2]]
+
+    for name, (shape, (base, *vs)) in cases.items():
+        width = shape[-1] if len(shape) > 1 else 1
+        rows = len(base) // width
+        blocks = [(0, rows), (rows // 3, rows - rows // 4)] if name != "long" else [(0, rows)]
+        kinds = (("weights", False), ("tasks", False), ("tasks", True), ("derived", 0))
+        for kind, made in kinds[1:2] if name == "long" else kinds:
+            req = SumsRequest(kind, pairs, layout)
+            for r0, r1 in blocks:
+                a, b = r0 * width, r1 * width
+                args = (base[a:b], [v[a:b] for v in vs], req, shape, bool(made), derived)
+                ref = S.block_sums(*args, backend="torch")
+                got = S.block_sums(*args, backend="c")
+                where = (name, kind, made, r0, r1)
+                assert (got.b0, got.nonfinite) == (ref.b0, ref.nonfinite), where
+                assert got.hi.dtype == ref.hi.dtype == np.int64
+                assert np.array_equal(got.hi, ref.hi) and np.array_equal(got.lo, ref.lo), where
+                if name in ("nonfinite", "bf16") and kind == "weights" and r0 == 0:
+                    assert (ref.nonfinite > 0) == (name == "nonfinite"), where
+    # a sum of many products of one bin equals the count times the product
+    ones = torch.full((5000,), 1.5)
+    got = S.block_sums(ones, [ones], SumsRequest("weights", ((0, 1),)), (5000,), backend="c")
+    assert got.values().tolist() == [[5000 * 2.25]]
 
 
 def test_config_checks(inputs):

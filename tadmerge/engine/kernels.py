@@ -21,6 +21,11 @@ test_engine_native.py and test_engine_stream.py hold the two together.
   the result rounded to the output dtype as torch rounds.
 - DARE/DELLA's draws (uniform_draws): the counter-based hash of
   sparsify._hash_into in uint32 arithmetic, one pass instead of ~25 int64 ops.
+- The exact tensor sums of the spherical methods and model_stock
+  (sums.exact_sums: sums_range, sums_accumulate): each product's mantissa
+  product split and added to its (pair, segment, exponent) bin in int64, the
+  reference's integers bin for bin, in one pass instead of ~20 int64 and
+  bincount ops per pair and chunk.
 
 The kernels live in native_kernels.c, built once per machine with its C
 compiler and loaded with ctypes (engine/native.py). The backend is decided
@@ -418,3 +423,52 @@ def uniform_draws(out: torch.Tensor, lo: int, c1: int, c2: int) -> None:
     lo .. lo + len(out) - 1 (below 2**32) for the lane keys c1, c2, into the
     contiguous float32 CPU tensor `out`; the same bits."""
     _lib().uniform_draws(_flat32(out), lo, c1, c2)
+
+
+# ---------------------------------------------------------------------------------
+# exact sums of products (engine/sums.py)
+# ---------------------------------------------------------------------------------
+
+
+def _sums_args(vs: list[torch.Tensor], base: torch.Tensor | None, sub: list[bool]):
+    arrays = [_flat32(v) for v in vs]
+    flags = np.array(sub, np.int8)
+    if flags.any() and base is None:
+        raise ValueError("the exact sums kernels make task vectors from a base")
+    return arrays, None if base is None else _flat32(base), flags
+
+
+def sums_range(
+    vs: list[torch.Tensor],
+    base: torch.Tensor | None,
+    sub: list[bool],
+    lo: np.ndarray,
+    hi: np.ndarray,
+) -> None:
+    """The least and greatest exponent field of each vector into lo, hi (int32,
+    updated: min, max), as sums.exact_sums's first pass takes them; v_j is
+    fl32(vs[j] − base) where sub[j] (vectors of at most PIECE entries)."""
+    arrays, b, flags = _sums_args(vs, base, sub)
+    _lib().sums_range(arrays, b, flags, lo, hi)
+
+
+def sums_accumulate(
+    vs: list[torch.Tensor],
+    base: torch.Tensor | None,
+    sub: list[bool],
+    pairs: list[tuple[int, int]],
+    a: int,
+    layout: tuple[int, int, bool],
+    b0: int,
+    hi: np.ndarray,
+    lo: np.ndarray,
+) -> int:
+    """sums.exact_sums's binned integers of one piece (at most PIECE entries,
+    starting at entry `a` of its block) added into hi, lo (int64 [pairs,
+    segments, bins from b0]); layout: (segment size, segments, column). Returns
+    the count the reference adds to ExactSums.nonfinite."""
+    arrays, b, flags = _sums_args(vs, base, sub)
+    pi = np.array([p[0] for p in pairs], np.int32)
+    pj = np.array([p[1] for p in pairs], np.int32)
+    seg_size, n_seg, column = layout
+    return _lib().sums_accumulate(arrays, b, flags, pi, pj, a, seg_size, n_seg, column, b0, hi, lo)

@@ -200,6 +200,11 @@ class NativeKernels:
             "ties_merge": ([p, i64, i64, p, p, f32, i32, i64, i32, p], None),
             "emr_merge": ([p, i64, i64, p, p, p], i64),
             "uniform_draws": ([p, i64, i64, i64, i64], None),
+            "sums_range": ([p, p, p, i64, i64, p, p], None),
+            "sums_accumulate": (
+                [p, p, p, i64, i64, p, p, i64, i64, i64, i64, i32, i64, i64, p, p],
+                i64,
+            ),
         }
         for name, (args, restype) in signatures.items():
             fn = getattr(lib, f"tadmerge_{name}")
@@ -326,6 +331,35 @@ class NativeKernels:
         if not 0 <= lo <= (1 << 32) - out.size:
             raise ValueError("uniform_draws: the entries must lie below 2**32")
         self._uniform_draws(_ptr(out, np.float32), out.size, int(lo), int(c1), int(c2))
+
+    # -- exact sums of products (engine/sums.py) --------------------------------
+
+    def sums_range(self, vs, base, sub, lo, hi) -> None:
+        """vs: flat float32 arrays of n entries (with sub[j]: fl32(vs[j] − base));
+        lo, hi: int32 per vector, updated to the least and greatest exponent field."""
+        n, k = vs[0].size, len(vs)
+        self._sums_range(
+            _arrays(vs, np.float32, n), _ptr(base, np.float32, n) if base is not None else None,
+            _ptr(sub, np.int8, k), k, n, _ptr(lo, np.int32, k), _ptr(hi, np.int32, k),
+        )  # fmt: skip
+
+    def sums_accumulate(self, vs, base, sub, pi, pj, a, seg_size, n_seg, column, b0, hi, lo) -> int:
+        """Adds a piece's binned products into hi, lo (int64 [pairs, n_seg, nb]);
+        returns the pairs' count of non-finite entries."""
+        n, k, s = vs[0].size, len(vs), pi.size
+        if hi.ndim != 3 or hi.shape[:2] != (s, n_seg) or lo.shape != hi.shape:
+            raise TypeError("sums_accumulate takes int64 tables [pairs, segments, bins]")
+        if not n:
+            return 0
+        got = self._sums_accumulate(
+            _arrays(vs, np.float32, n), _ptr(base, np.float32, n) if base is not None else None,
+            _ptr(sub, np.int8, k), k, n, _ptr(pi, np.int32, s), _ptr(pj, np.int32, s), s,
+            int(a), int(seg_size), int(n_seg), int(column), int(b0), hi.shape[2],
+            _ptr(hi, np.int64, hi.size), _ptr(lo, np.int64, lo.size),
+        )  # fmt: skip
+        if got < 0:
+            raise MemoryError("sums_accumulate: its tile buffers could not be allocated")
+        return got
 
 
 # the dtypes a streamed block may have (native_kernels.c's codes, by position)

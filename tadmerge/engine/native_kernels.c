@@ -1056,3 +1056,135 @@ void tadmerge_uniform_draws(float *out, int64_t n, int64_t lo, int64_t c1, int64
         out[j] = (float)(h >> 8) * (1.0f / 16777216.0f);
     }
 }
+
+/* ---------------------------------------------------------------------------
+ * Exact sums of products (engine/sums.py exact_sums, the torch reference).
+ *
+ * A finite float32 is ±M·2^(e−150) with M < 2^24 and e = max(field, 1); the
+ * product of two is ±P·2^(ei+ej−300), P = Mi·Mj < 2^48 exact in uint64. As the
+ * reference does, P is split into hi = P >> 24 and lo = P mod 2^24 and each is
+ * added, with the product's sign, to its bin: per (pair q, segment, exponent
+ * sum ei + ej − b0, clamped to [0, nb) as the reference clamps it) in the int64
+ * tables hi, lo laid out [np][n_seg][nb]. Integer adds are exact and
+ * associative, so the tables hold the reference's integers whatever the order.
+ *
+ * No overflow: each term is below 2^24 in magnitude, so a bin overflows int64
+ * only after 2^39 terms; a call takes at most kernels.PIECE = 2^30 entries
+ * (|Δbin| < 2^54) and a block's tables add up at most its own entries, 2^39 of
+ * them being 2 TiB of float32 per vector (the reference's int64 tables have
+ * the same bound).
+ *
+ * The vectors: vs[j] over entries [0, n) of a piece that starts at entry `a`
+ * of its block (the segment of block entry i is i / seg_size, or with `column`
+ * i mod n_seg); with sub[j], v_j is fl32(vs[j] − base), the task vector made
+ * from the weights as block_vectors makes it (one IEEE float subtraction).
+ * ------------------------------------------------------------------------- */
+
+/* entries per tile: their decoded parts stay in L1 */
+#define SUMS_TILE 256
+
+INLINE float sums_value(const float *const *vs, const float *base, const int8_t *sub, int64_t j,
+                        int64_t i)
+{
+    float v = vs[j][i];
+    return sub[j] ? v - base[i] : v;
+}
+
+/* the least and greatest exponent field (0 .. 255) of each vector, as the
+ * reference's first pass takes them (lo, hi: nv entries, updated: min, max) */
+CLONES
+void tadmerge_sums_range(const float *const *vs, const float *base, const int8_t *sub, int64_t nv,
+                         int64_t n, int32_t *lo, int32_t *hi)
+{
+    for (int64_t j = 0; j < nv; j++) {
+        uint32_t mn = (uint32_t)lo[j], mx = (uint32_t)hi[j];
+        const float *v = vs[j];
+        if (sub[j]) {
+            for (int64_t i = 0; i < n; i++) {
+                uint32_t f = (bits_of(v[i] - base[i]) & M31) >> 23;
+                mn = f < mn ? f : mn;
+                mx = f > mx ? f : mx;
+            }
+        } else {
+            for (int64_t i = 0; i < n; i++) {
+                uint32_t f = (bits_of(v[i]) & M31) >> 23;
+                mn = f < mn ? f : mn;
+                mx = f > mx ? f : mx;
+            }
+        }
+        lo[j] = (int32_t)mn;
+        hi[j] = (int32_t)mx;
+    }
+}
+
+/* adds the piece's products into hi, lo (see above); returns the count the
+ * reference adds to `nonfinite`: per pair, the entries where either value is
+ * Inf or NaN (their bits are binned all the same, as the reference bins them).
+ * -1 if the tile buffers could not be allocated. */
+CLONES
+int64_t tadmerge_sums_accumulate(const float *const *vs, const float *base, const int8_t *sub,
+                                 int64_t nv, int64_t n, const int32_t *pi, const int32_t *pj,
+                                 int64_t np, int64_t a, int64_t seg_size, int64_t n_seg,
+                                 int32_t column, int64_t b0, int64_t nb, int64_t *hi, int64_t *lo)
+{
+    uint32_t *mant = malloc(sizeof(uint32_t) * SUMS_TILE * (size_t)nv);
+    int32_t *expo = malloc(sizeof(int32_t) * SUMS_TILE * (size_t)nv);
+    uint8_t *neg = malloc((size_t)SUMS_TILE * (size_t)nv);
+    uint8_t *bad = malloc((size_t)SUMS_TILE * (size_t)nv);
+    int64_t *row = malloc(sizeof(int64_t) * SUMS_TILE);
+    if (!mant || !expo || !neg || !bad || !row) {
+        free(mant), free(expo), free(neg), free(bad), free(row);
+        return -1;
+    }
+    const int64_t plane = n_seg * nb; /* one pair's table */
+    int64_t nonfinite = 0;
+    int64_t i0 = 0;
+    while (i0 < n) {
+        int64_t g = a + i0; /* the tile's first block entry */
+        int64_t m = n - i0 < SUMS_TILE ? n - i0 : SUMS_TILE;
+        if (column) {
+            int64_t s = g % n_seg;
+            for (int64_t t = 0; t < m; t++) {
+                row[t] = s * nb;
+                s = s + 1 == n_seg ? 0 : s + 1;
+            }
+        } else { /* a tile inside one segment */
+            int64_t s = g / seg_size, end = (s + 1) * seg_size - a;
+            if (end - i0 < m)
+                m = end - i0;
+            for (int64_t t = 0; t < m; t++)
+                row[t] = s * nb;
+        }
+        for (int64_t j = 0; j < nv; j++) {
+            uint32_t *mj = mant + j * SUMS_TILE;
+            int32_t *ej = expo + j * SUMS_TILE;
+            uint8_t *nj = neg + j * SUMS_TILE, *bj = bad + j * SUMS_TILE;
+            for (int64_t t = 0; t < m; t++) {
+                uint32_t k = bits_of(sums_value(vs, base, sub, j, i0 + t));
+                uint32_t f = (k & M31) >> 23;
+                mj[t] = (k & 0x7FFFFFu) | ((uint32_t)(f > 0) << 23);
+                ej[t] = f > 0 ? (int32_t)f : 1;
+                nj[t] = (uint8_t)(k >> 31);
+                bj[t] = (uint8_t)(f == 255);
+            }
+        }
+        for (int64_t t = 0; t < m; t++) {
+            for (int64_t q = 0; q < np; q++) {
+                int64_t x = pi[q] * SUMS_TILE + t, y = pj[q] * SUMS_TILE + t;
+                uint64_t p = (uint64_t)mant[x] * (uint64_t)mant[y];
+                int64_t s = (int64_t)(neg[x] ^ neg[y]); /* 1: negative */
+                int64_t h = ((int64_t)(p >> 24) ^ -s) + s;
+                int64_t l = ((int64_t)(p & 0xFFFFFFu) ^ -s) + s;
+                int64_t b = (int64_t)expo[x] + expo[y] - b0;
+                b = b < 0 ? 0 : b >= nb ? nb - 1 : b;
+                int64_t at = q * plane + row[t] + b;
+                hi[at] += h;
+                lo[at] += l;
+                nonfinite += bad[x] | bad[y];
+            }
+        }
+        i0 += m;
+    }
+    free(mant), free(expo), free(neg), free(bad), free(row);
+    return nonfinite;
+}

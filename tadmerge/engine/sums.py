@@ -16,6 +16,10 @@ chunk holds fewer than 2**29 values, and the chunks' counts add in int64. A bin
 is a few int64; the total Σ_bins (hi·2**24 + lo)·2**(bin−300) is exact, and
 math.fsum of its exactly representable float64 terms rounds it correctly: the
 value is the exact sum rounded once, whatever order anything was added in.
+On a CPU with the C kernels (the merge's `backend`, engine/kernels.py) one
+compiled pass bins the same integers into the same bins (_c_sums; the torch
+code here is the reference, tests/test_merge_sums.py holds them together), so
+units answered by either backend add up to the same sums.
 
 A request (engine/spec.py SumsRequest) names the products (pairs of the block's
 vectors: the weights θ0..θK, θ0 and the task vectors t_k, or a combiner's
@@ -218,15 +222,86 @@ def block_sums(
     shape: tuple[int, ...],
     made: bool = False,
     derived: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+    backend: str = "auto",
 ) -> ExactSums:
     """One block's share of a request (whole rows of a tensor of `shape`;
-    `vs`, `made`, `derived` as in block_vectors)."""
+    `vs`, `made`, `derived` as in block_vectors). `backend`: the merge's kernels
+    backend (kernels.enabled), handed down from its dispatch; on the CPU with
+    the C kernels, the same integers from one compiled pass (_c_sums)."""
+    from . import kernels
+
     n = base.numel()
     layout = layout_of(request.layout, shape)
     n_seg = segments(layout, shape, n)
-    seg_size = n if layout == "tensor" else max(1, shape[-1])
+    seg_size = max(1, n if layout == "tensor" else max(1, shape[-1]))
+    column = layout == "first"
+    if n and kernels.enabled(base, backend) and _c_takes(base, vs, request.vectors):
+        return _c_sums(base, vs, request, made, derived, (seg_size, n_seg, column))
     chunk = block_vectors(base, vs, request.vectors, made, derived)
-    return exact_sums(chunk, request.pairs, n, max(1, seg_size), n_seg, layout == "first")
+    return exact_sums(chunk, request.pairs, n, seg_size, n_seg, column)
+
+
+def _c_takes(base: torch.Tensor, vs: list[torch.Tensor], kind: str) -> bool:
+    """Whether the C kernels take the block as it is: contiguous float32 vectors
+    (a derived vector is checked chunk by chunk: kernels._flat32)."""
+    import torch
+
+    ok = base.dtype == torch.float32 and base.is_contiguous()
+    return ok and all(v.dtype == torch.float32 and v.is_contiguous() for v in vs)
+
+
+def _c_sums(
+    base: torch.Tensor,
+    vs: list[torch.Tensor],
+    request: SumsRequest,
+    made: bool,
+    derived: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None,
+    layout: tuple[int, int, bool],
+) -> ExactSums:
+    """exact_sums's ExactSums (the same bins, the same integers) from the C
+    kernels: the vectors' exponent range, then their products binned, in pieces
+    of kernels.PIECE entries (a derived vector: in CHUNK pieces, made by the
+    combiner as for the reference). A task vector made from the weights is
+    made in the kernel (one float32 subtraction, as block_vectors makes it)."""
+    from . import kernels
+
+    n = base.numel()
+    vectors = sorted({j for p in request.pairs for j in p})
+    at = {j: q for q, j in enumerate(vectors)}
+    pairs = [(at[i], at[j]) for i, j in request.pairs]
+    kind = request.vectors
+    if kind == "derived":
+        chunk = block_vectors(base, vs, kind, made, derived)
+        step, sub = CHUNK, [False] * len(vectors)
+
+        def piece(a: int, b: int):
+            got = chunk(a, b)
+            return [got[j].contiguous() for j in vectors], None, sub
+
+    else:
+        step = kernels.PIECE
+        sub = [kind == "tasks" and not made and j > 0 for j in vectors]
+
+        def piece(a: int, b: int):
+            return [(base if j == 0 else vs[j - 1])[a:b] for j in vectors], base[a:b], sub
+
+    lo = np.full(len(vectors), 255, np.int32)
+    hi = np.ones(len(vectors), np.int32)
+    for a in range(0, n, step):
+        kernels.sums_range(*piece(a, min(n, a + step)), lo, hi)
+    least = {j: max(1, min(int(lo[q]), int(hi[q]))) for j, q in at.items()}
+    most = {j: int(hi[q]) for j, q in at.items()}
+    b0 = min(least[i] + least[j] for i, j in request.pairs)
+    nb = max(most[i] + most[j] for i, j in request.pairs) + 1 - b0
+    sums_hi = np.zeros((len(pairs), layout[1], nb), dtype=np.int64)
+    sums_lo = np.zeros_like(sums_hi)
+    nonfinite = 0
+    for a in range(0, n, step):
+        vs_ab, base_ab, flags = piece(a, min(n, a + step))
+        nonfinite += kernels.sums_accumulate(
+            vs_ab, base_ab, flags, pairs, a, layout, b0, sums_hi, sums_lo
+        )
+    return ExactSums(sums_hi, sums_lo, b0, nonfinite)
 
 
 # ------------------------------------------------------------------------------------

@@ -71,9 +71,10 @@ def masked(ts: list[torch.Tensor], keep: torch.Tensor | None) -> list[torch.Tens
     return ts
 
 
-def _sums(base, vs, request: SumsRequest, spec: MergeSpec, shape, made: bool):
+def _sums(base, vs, request: SumsRequest, spec: MergeSpec, ctx: BlockContext, made: bool):
     derived = methods.combiner(spec.method).derived
-    return block_sums(base, vs, request, shape, made, derived and (lambda ts: derived(ts, spec)))
+    made_of = derived and (lambda ts: derived(ts, spec))
+    return block_sums(base, vs, request, ctx.shape, made, made_of, ctx.backend)
 
 
 def resolve(
@@ -101,7 +102,7 @@ def resolve(
             if isinstance(request, SumsRequest):
                 if not (ctx.whole or local(request.layout, ctx.shape)):
                     raise RuntimeError(f"{ctx.tensor}: split block without its statistics")
-                answer = _sums(base, vs, request, spec, ctx.shape, made).values()
+                answer = _sums(base, vs, request, spec, ctx, made).values()
             else:
                 if score is None:
                     score = combiner.score(base, vs, spec, ctx.shape)
@@ -136,13 +137,13 @@ def answer(
     request is of the weights."""
     request = ask.request
     if isinstance(request, SumsRequest) and request.vectors == "weights":
-        return block_sums(base, models, request, ctx.shape)
+        return block_sums(base, models, request, ctx.shape, backend=ctx.backend)
     score_of = methods.combiner(spec.method).score
     ts = sparsified(base, models, spec, ctx)
     if ask.cut is not None:
         masked(ts, Cutter(list(ask.cut)).keep(score_of(base, ts, spec, ctx.shape)))
     if isinstance(request, SumsRequest):
-        return _sums(base, ts, request, spec, ctx.shape, True)
+        return _sums(base, ts, request, spec, ctx, True)
     score = score_of(base, ts, spec, ctx.shape)
     if request.keys:  # (cuts are of unsigned scores: magnitude keys)
         return count_keys(KeyChunks(score), request.keys)
