@@ -1168,19 +1168,23 @@ int64_t tadmerge_sums_accumulate(const float *const *vs, const float *base, cons
                 bj[t] = (uint8_t)(f == 255);
             }
         }
-        for (int64_t t = 0; t < m; t++) {
-            for (int64_t q = 0; q < np; q++) {
-                int64_t x = pi[q] * SUMS_TILE + t, y = pj[q] * SUMS_TILE + t;
-                uint64_t p = (uint64_t)mant[x] * (uint64_t)mant[y];
-                int64_t s = (int64_t)(neg[x] ^ neg[y]); /* 1: negative */
+        for (int64_t q = 0; q < np; q++) {
+            const uint32_t *mx = mant + pi[q] * SUMS_TILE, *my = mant + pj[q] * SUMS_TILE;
+            const int32_t *ex = expo + pi[q] * SUMS_TILE, *ey = expo + pj[q] * SUMS_TILE;
+            const uint8_t *nx = neg + pi[q] * SUMS_TILE, *ny = neg + pj[q] * SUMS_TILE;
+            const uint8_t *bx = bad + pi[q] * SUMS_TILE, *by = bad + pj[q] * SUMS_TILE;
+            int64_t *hq = hi + q * plane, *lq = lo + q * plane;
+            for (int64_t t = 0; t < m; t++) {
+                uint64_t p = (uint64_t)mx[t] * (uint64_t)my[t];
+                int64_t s = (int64_t)(nx[t] ^ ny[t]); /* 1: negative */
                 int64_t h = ((int64_t)(p >> 24) ^ -s) + s;
                 int64_t l = ((int64_t)(p & 0xFFFFFFu) ^ -s) + s;
-                int64_t b = (int64_t)expo[x] + expo[y] - b0;
+                int64_t b = (int64_t)ex[t] + ey[t] - b0;
                 b = b < 0 ? 0 : b >= nb ? nb - 1 : b;
-                int64_t at = q * plane + row[t] + b;
-                hi[at] += h;
-                lo[at] += l;
-                nonfinite += bad[x] | bad[y];
+                int64_t at = row[t] + b;
+                hq[at] += h;
+                lq[at] += l;
+                nonfinite += bx[t] | by[t];
             }
         }
         i0 += m;

@@ -45,8 +45,9 @@ def moved(ts, epsilon: float) -> list:
     count = moved[0].to(torch.int32)
     for m in moved[1:]:
         count.add_(m)
-    shared = [(m & (count > 1)).to(torch.float32) for m in moved]
-    return shared + [(m & (count == 1)).to(torch.float32) for m in moved]
+    several, alone = count > 1, count == 1
+    shared = [(m & several).to(torch.float32) for m in moved]
+    return shared + [(m & alone).to(torch.float32) for m in moved]
 
 
 def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
