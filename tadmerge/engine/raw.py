@@ -45,7 +45,7 @@ def takes(spec: MergeSpec, in_dtypes: list[str], out_dtype: str, device: str) ->
     return (
         device == "cpu"
         and spec.sparsify.method in MAGNITUDE_METHODS
-        and spec.method in ("task_arithmetic", "average")
+        and spec.compiled_combiner is not None
         and all(d == RAW_DTYPE for d in in_dtypes)
         and out_dtype in ("BF16", "F32")
     )
@@ -112,7 +112,7 @@ def merge_raw_sparse(
         cuts.append((sel.lo.key, lo_end, sel.hi.key, hi_end, sel.scale))
         stats.append(st)
     kept = kernels.cut_combine_raw(
-        base, models, cuts, list(spec.weights), spec.scale, spec.method == "average", out
+        base, models, cuts, list(spec.weights), spec.scale, spec.compiled_combiner == "average", out
     )
     if kept is None:
         return None

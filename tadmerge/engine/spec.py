@@ -110,6 +110,16 @@ class MergeSpec:
         return dict(self.params)[name]
 
     @property
+    def compiled_combiner(self) -> str | None:
+        """The combiner the compiled CPU paths (engine/stream.py, engine/raw.py)
+        merge this spec as: "task_arithmetic", or "average" for averaging and for
+        linear with normalize (the same torch functions: methods/linear.py); None
+        for every other combiner."""
+        if self.method == "linear":
+            return "average" if dict(self.params).get("normalize", True) else None
+        return self.method if self.method in ("task_arithmetic", "average") else None
+
+    @property
     def per_tensor(self) -> bool:
         """Whether some value (the combiner's, a weight, the sparsifier's) differs
         per tensor."""

@@ -48,7 +48,7 @@ def streams(spec: MergeSpec, device: str, dtypes: list[str], backend: str) -> bo
     return (
         device == "cpu"
         and spec.sparsify.method == "none"
-        and spec.method in ("task_arithmetic", "average")
+        and spec.compiled_combiner is not None
         and all(d in NP_DTYPES for d in dtypes)
         and kernels.enabled(None, backend)
     )
@@ -68,7 +68,7 @@ def merge_raw(
     merge_block does (unless check_finite=False). Returns None, `out` then
     garbage, when a result is NaN: merge_block merges such a block.
     """
-    average = spec.method == "average"
+    average = spec.compiled_combiner == "average"
     sq, nan = kernels.stream_raw(base, models, list(spec.weights), spec.scale, average, out)
     for k, s in enumerate(sq):
         if check_finite and not math.isfinite(s):

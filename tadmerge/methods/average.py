@@ -1,6 +1,7 @@
 """Averaging: θ = Σ w_k θ_k / Σ w_k; with a sparsifier, θ0 + Σ w_k t_k / Σ w_k.
 It is linear with normalize (methods/linear.py); the compiled CPU paths
-(engine/stream.py, engine/raw.py) know it by this name."""
+(engine/stream.py, engine/raw.py) merge both as this one
+(MergeSpec.compiled_combiner)."""
 
 from __future__ import annotations
 
