@@ -51,6 +51,7 @@ __all__ = [
     "Checkpoint",
     "open_checkpoint",
     "EXTRA_FILE_NAMES",
+    "TOKENIZER_FILES",
     "cache_dir",
     "config_json",
     "with_tied_head",
@@ -71,13 +72,10 @@ NON_WEIGHT_PICKLES = frozenset(
         "rng_state.pth",
     }
 )
-# Files copied into the output next to the merged weights. An explicit allow-list: a
-# glob like "*.json" would also copy adapter_config.json (turning the output into a
-# broken LoRA adapter for loaders) or trainer state.
-EXTRA_FILE_NAMES = frozenset(
+# a tokenizer's side files: an output with its own vocabulary (planners/vocabulary.py)
+# writes its tokenizer's instead of the base's
+TOKENIZER_FILES = frozenset(
     {
-        "config.json",
-        "generation_config.json",
         "tokenizer.json",
         "tokenizer_config.json",
         "special_tokens_map.json",
@@ -90,13 +88,20 @@ EXTRA_FILE_NAMES = frozenset(
         "vocab.json",
         "merges.txt",
         "added_tokens.json",
-        "preprocessor_config.json",
-        "processor_config.json",
-        "video_preprocessor_config.json",
         "chat_template.json",
         "chat_template.jinja",
     }
 )
+# Files copied into the output next to the merged weights. An explicit allow-list: a
+# glob like "*.json" would also copy adapter_config.json (turning the output into a
+# broken LoRA adapter for loaders) or trainer state.
+EXTRA_FILE_NAMES = TOKENIZER_FILES | {
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+}
 HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]
 MAX_INDEX_BYTES = 64 * 2**20
 MAX_PROBLEMS = 200

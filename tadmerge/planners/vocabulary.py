@@ -30,32 +30,11 @@ import numpy as np
 
 from ..config import MergeConfig
 from ..errors import InputProblem
-from ..io.checkpoint import EMBED_SUFFIXES, Checkpoint, config_json
+from ..io.checkpoint import EMBED_SUFFIXES, TOKENIZER_FILES, Checkpoint, config_json
 from ..io.vocab_rows import RowMaps, VocabEntry
 
 log = logging.getLogger("tadmerge")
 
-# the side files that are a tokenizer's (io/checkpoint.EXTRA_FILE_NAMES): an output
-# with its own vocabulary writes its tokenizer's instead of the base's
-TOKENIZER_FILES = frozenset(
-    {
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "tokenizer.model",
-        "spiece.model",
-        "sentencepiece.bpe.model",
-        "tokenizer.tiktoken",
-        "qwen.tiktoken",
-        "vocab.txt",
-        "vocab.json",
-        "merges.txt",
-        "added_tokens.json",
-        "chat_template.json",
-        "chat_template.jinja",
-    }
-)
-# one of these is enough for AutoTokenizer to find a tokenizer
 _TOKENIZER_MARKS = TOKENIZER_FILES - {"special_tokens_map.json", "added_tokens.json"}
 
 
