@@ -1058,6 +1058,100 @@ void tadmerge_uniform_draws(float *out, int64_t n, int64_t lo, int64_t c1, int64
 }
 
 /* ---------------------------------------------------------------------------
+ * DELLA by rows (methods/della.py block, the torch reference).
+ *
+ * Per row of m entries: the rank of each |τ| key in a stable ascending sort of
+ * the row (smaller keys, then equal keys of smaller index), by an LSD radix
+ * sort of bytes, which is stable (a byte that is the same for the whole row
+ * takes no pass); then, in float64 as the reference computes it, the keep
+ * probability p = lo + (c·rank)/(m − 1) (m > 1; else p = density), kept where
+ * u < p, scaled by fl32(1/max(p, 1e-300)) with `inverse`. τ is rewritten in
+ * place with t, row by row (each row's keys are taken before it is written).
+ * Returns the kept count, or -1 if its buffers could not be allocated.
+ * ------------------------------------------------------------------------- */
+
+/* rank[j] of row k (m entries): a, b: m (key, index) pairs each, the key in
+ * the high half (moved with its index: no gather per pass); count: 4 × 256 */
+static void rank_row(const uint32_t *k, int64_t m, uint64_t *a, uint64_t *b, int64_t *count,
+                     int32_t *rank)
+{
+    memset(count, 0, sizeof(int64_t) * 4 * 256);
+    for (int64_t j = 0; j < m; j++) {
+        uint32_t v = k[j];
+        count[v & 255]++;
+        count[256 + ((v >> 8) & 255)]++;
+        count[512 + ((v >> 16) & 255)]++;
+        count[768 + (v >> 24)]++;
+        a[j] = (uint64_t)v << 32 | (uint64_t)j;
+    }
+    for (int d = 0; d < 4; d++) {
+        int64_t *c = count + 256 * d;
+        int shift = 32 + 8 * d;
+        if (c[(a[0] >> shift) & 255] == m)
+            continue; /* one value of this byte in the whole row */
+        int64_t sum = 0;
+        for (int q = 0; q < 256; q++) {
+            int64_t n = c[q];
+            c[q] = sum;
+            sum += n;
+        }
+        for (int64_t j = 0; j < m; j++) {
+            uint64_t v = a[j];
+            b[c[(v >> shift) & 255]++] = v;
+        }
+        uint64_t *swap = a;
+        a = b;
+        b = swap;
+    }
+    for (int64_t j = 0; j < m; j++)
+        rank[(uint32_t)a[j]] = (int32_t)j;
+}
+
+int64_t tadmerge_della_rows(float *tau, const float *u, int64_t rows, int64_t m, double lo,
+                            double c, double density, int32_t inverse)
+{
+    size_t w = (size_t)(m > 0 ? m : 1);
+    uint32_t *keys = malloc(sizeof(uint32_t) * w);
+    uint64_t *idx = malloc(sizeof(uint64_t) * w);
+    uint64_t *tmp = malloc(sizeof(uint64_t) * w);
+    int32_t *rank = malloc(sizeof(int32_t) * w);
+    int64_t *count = malloc(sizeof(int64_t) * 4 * 256);
+    if (!keys || !idx || !tmp || !rank || !count || m > 2147483647LL) {
+        free(keys), free(idx), free(tmp), free(rank), free(count);
+        return -1;
+    }
+    int64_t kept = 0;
+    for (int64_t r = 0; m > 0 && r < rows; r++) {
+        float *t = tau + r * m;
+        const float *ur = u + r * m;
+        for (int64_t j = 0; j < m; j++)
+            keys[j] = bits_of(t[j]) & M31;
+        rank_row(keys, m, idx, tmp, count, rank);
+        const double last = (double)(m - 1);
+        int64_t row_kept = 0;
+        if (inverse) {
+            for (int64_t j = 0; j < m; j++) {
+                double p = m > 1 ? lo + (c * (double)rank[j]) / last : density;
+                int keep = (double)ur[j] < p;
+                float v = t[j] * (float)(1.0 / (p > 1e-300 ? p : 1e-300));
+                t[j] = keep ? v : 0.0f;
+                row_kept += keep;
+            }
+        } else {
+            for (int64_t j = 0; j < m; j++) {
+                double p = m > 1 ? lo + (c * (double)rank[j]) / last : density;
+                int keep = (double)ur[j] < p;
+                t[j] = keep ? t[j] : 0.0f;
+                row_kept += keep;
+            }
+        }
+        kept += row_kept;
+    }
+    free(keys), free(idx), free(tmp), free(rank), free(count);
+    return kept;
+}
+
+/* ---------------------------------------------------------------------------
  * Exact sums of products (engine/sums.py exact_sums, the torch reference).
  *
  * A finite float32 is ±M·2^(e−150) with M < 2^24 and e = max(field, 1); the

@@ -11,16 +11,16 @@ import math
 def merge_weights(base, models, spec, check_finite: bool, ctx):
     """Merge one block of a sums combiner. Consumes `models`."""
     from ..engine import tensor_stats as TS
-    from ..engine.block import BlockResult
+    from ..engine.block import BlockResult, square_sum
     from ..engine.spec import NonFiniteTaskVector, TaskStats
     from ..engine.sums import CHUNK, Combination, apply
 
     stats = []
     for k, m in enumerate(models):
-        tau_sq = 0.0
-        for a in range(0, base.numel(), CHUNK):
-            d = m[a : a + CHUNK] - base[a : a + CHUNK]
-            tau_sq += float((d.double() * d.double()).sum())
+        # the report's |τ_k|², as every path makes it (block.square_sum: one fast
+        # float32 pass per chunk); also the check for NaN/Inf in τ_k
+        n = base.numel()
+        tau_sq = sum(square_sum(m[a : a + CHUNK] - base[a : a + CHUNK]) for a in range(0, n, CHUNK))
         if check_finite and not math.isfinite(tau_sq):
             raise NonFiniteTaskVector(k)
         stats.append(TaskStats(kept=base.numel(), tau_sq=tau_sq, t_sq=tau_sq))
