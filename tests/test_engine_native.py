@@ -320,3 +320,47 @@ def test_a_cached_library_that_does_not_load_is_built_again(tmp_path, monkeypatc
     got = native.kernels()
     assert got is not None and Path(got.lib._name) == native.library_path()
     assert native.library_path().read_bytes() != b"not a library"
+
+
+@needs_cc
+@pytest.mark.parametrize("rows,m", [(1, 1), (5, 1), (3, 7), (64, 1000), (1, 70000), (16, 4096)])
+@pytest.mark.parametrize("rescale", ["inverse_keep", "none"])
+def test_della_rows_kernel_gives_the_bits_of_a_stable_sort_of_each_row(rows, m, rescale):
+    """DELLA's C pass (ranks by a radix sort) against the definition written out
+    here: rank = position in a stable ascending sort of the row's |τ| keys, then
+    p = lo + c·rank/(m − 1) in float64, kept where u < p, scaled by fl32(1/p)."""
+    from types import SimpleNamespace
+
+    from tadmerge.methods import della
+
+    g = torch.Generator().manual_seed(rows * 7919 + m)
+    tau = torch.randn(rows * m, generator=g) * 1e-3
+    tau[torch.rand(rows * m, generator=g) < 0.1] = 0.0
+    tau[torch.rand(rows * m, generator=g) < 0.05] = -0.0
+    tau[torch.rand(rows * m, generator=g) < 0.1] = 2e-4  # runs of equal keys
+    tau[torch.rand(rows * m, generator=g) < 0.1] = -2e-4
+    u = torch.rand(rows * m, generator=g)
+    density, epsilon = 0.4, 0.15
+    keys = (tau.view(torch.int32) & 0x7FFFFFFF).view(rows, m).tolist()
+    want, kept = [], 0
+    for r in range(rows):
+        order = sorted(range(m), key=lambda j: (keys[r][j], j))
+        rank = [0] * m
+        for pos, j in enumerate(order):
+            rank[j] = pos
+        for j in range(m):
+            i = r * m + j
+            p = (density - epsilon) + (2.0 * epsilon * rank[j]) / (m - 1) if m > 1 else density
+            keep = float(u[i]) < p
+            kept += keep
+            v = tau[i]
+            if rescale == "inverse_keep":
+                v = v * torch.tensor(1.0 / max(p, 1e-300), dtype=torch.float32)
+            want.append(float(v) if keep else 0.0)
+    spec = SimpleNamespace(density=density, epsilon=epsilon, rescale=rescale)
+    got, got_kept = della.block(tau.clone(), u, spec, m, backend="c")
+    ref, ref_kept = della.block(tau.clone(), u, spec, m, backend="torch")
+    want_t = torch.tensor(want, dtype=torch.float32)
+    assert got_kept == ref_kept == kept
+    assert torch.equal(got.view(torch.int32), want_t.view(torch.int32))
+    assert torch.equal(ref.view(torch.int32), want_t.view(torch.int32))

@@ -176,7 +176,7 @@ def plan_task(
         device=tau.device,
         backend=ctx.backend,
     )
-    t, kept = method.block(tau, u, sp, ctx.della_row)
+    t, kept = method.block(tau, u, sp, ctx.della_row, backend=ctx.backend)
     tau.copy_(t)
     return TaskPlan(TaskStats(kept=kept, t_sq=square_sum(tau)), done=True)
 

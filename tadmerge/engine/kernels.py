@@ -16,11 +16,15 @@ test_engine_native.py and test_engine_stream.py hold the two together.
 - Raw bf16 blocks (engine/raw.py): τ = fl32(θ_k) − fl32(θ_0) made in registers
   from the 16-bit patterns, never stored (coarse_sparse_raw, tie_end_raw,
   cut_combine_raw).
-- Task arithmetic and averaging without a sparsifier (stream): one pass per
+- Task arithmetic and averaging (and linear with normalize, the same math)
+  without a sparsifier (stream): one pass per
   task over the inputs in their own dtypes (bf16, float16, float32, float64),
   the result rounded to the output dtype as torch rounds.
 - DARE/DELLA's draws (uniform_draws): the counter-based hash of
   sparsify._hash_into in uint32 arithmetic, one pass instead of ~25 int64 ops.
+- DELLA by rows (della_rows): each row's ranks by a stable radix sort, then the
+  keep probabilities, the draw comparison and the rescale in one pass, instead
+  of a stable torch sort per row and float64 tensors.
 - The exact tensor sums of the spherical methods and model_stock
   (sums.exact_sums: sums_range, sums_accumulate): each product's mantissa
   product split and added to its (pair, segment, exponent) bin in int64, the
@@ -423,6 +427,15 @@ def uniform_draws(out: torch.Tensor, lo: int, c1: int, c2: int) -> None:
     lo .. lo + len(out) - 1 (below 2**32) for the lane keys c1, c2, into the
     contiguous float32 CPU tensor `out`; the same bits."""
     _lib().uniform_draws(_flat32(out), lo, c1, c2)
+
+
+def della_rows(
+    tau: torch.Tensor, u: torch.Tensor, m: int, lo: float, c: float, density: float, inverse: bool
+) -> int:
+    """methods/della.py's block in one pass per row, τ (contiguous float32 on the
+    CPU) rewritten with t in place; the same bits as the torch reference.
+    Returns the kept count."""
+    return _lib().della_rows(_flat32(tau), _flat32(u), m, lo, c, density, inverse)
 
 
 # ---------------------------------------------------------------------------------

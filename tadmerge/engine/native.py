@@ -185,6 +185,7 @@ class NativeKernels:
 
     def __init__(self, lib: ctypes.CDLL):
         p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+        f64 = ctypes.c_double
         signatures = {
             "stream": ([p, p, p, i64, i64, p, f32, f32, i32, p, i32, p, p], i64),
             "coarse_counts": ([p, i64, p, p], None),
@@ -200,6 +201,7 @@ class NativeKernels:
             "ties_merge": ([p, i64, i64, p, p, f32, i32, i64, i32, p], None),
             "emr_merge": ([p, i64, i64, p, p, p], i64),
             "uniform_draws": ([p, i64, i64, i64, i64], None),
+            "della_rows": ([p, p, i64, i64, f64, f64, f64, i32], i64),
             "sums_range": ([p, p, p, i64, i64, p, p], None),
             "sums_accumulate": (
                 [p, p, p, i64, i64, p, p, i64, i64, i64, i64, i32, i64, i64, p, p],
@@ -331,6 +333,22 @@ class NativeKernels:
         if not 0 <= lo <= (1 << 32) - out.size:
             raise ValueError("uniform_draws: the entries must lie below 2**32")
         self._uniform_draws(_ptr(out, np.float32), out.size, int(lo), int(c1), int(c2))
+
+    # -- DELLA by rows ---------------------------------------------------------
+
+    def della_rows(self, tau, u, m, lo, c, density, inverse) -> int:
+        """tau (float32, rewritten with t), u (float32 draws): rows of m entries.
+        Returns the kept count."""
+        n = tau.size
+        if m <= 0 or n % m:
+            raise TypeError("della_rows takes whole rows of m entries")
+        kept = self._della_rows(
+            _ptr(tau, np.float32), _ptr(u, np.float32, n), n // m, m, float(lo), float(c),
+            float(density), int(inverse),
+        )  # fmt: skip
+        if kept < 0:
+            raise MemoryError("della_rows: its buffers could not be allocated")
+        return kept
 
     # -- exact sums of products (engine/sums.py) --------------------------------
 

@@ -9,19 +9,26 @@ from ._common import DENSITY, rescale
 from .registry import RANDOM, Param, Sparsifier
 
 
-def block(tau, u, spec, row_len: int):
-    """t (a new tensor) and the kept count, for whole rows of `row_len` entries."""
+def block(tau, u, spec, row_len: int, backend: str = "torch"):
+    """t and the kept count, for whole rows of `row_len` entries. The torch
+    reference makes t as a new tensor; on a CPU with the C kernels (the merge's
+    `backend`), one pass per row rewrites τ with the same bits."""
     import torch
 
+    from ..engine import kernels
     from ..engine.keys import magnitude_keys
 
     m = row_len
+    lo, c = spec.density - spec.epsilon, 2.0 * spec.epsilon
+    if kernels.enabled(tau, backend) and kernels.enabled(u, backend):
+        inverse = spec.rescale == "inverse_keep"
+        return tau, kernels.della_rows(tau, u, m, lo, c, spec.density, inverse)
     rows = magnitude_keys(tau).view(-1, m)
     order = torch.sort(rows, dim=1, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(m, device=tau.device).expand_as(order))
     if m > 1:
-        prob = (spec.density - spec.epsilon) + 2.0 * spec.epsilon * rank.double() / (m - 1)
+        prob = lo + c * rank.double() / (m - 1)
     else:
         prob = torch.full(rank.shape, spec.density, dtype=torch.float64, device=tau.device)
     prob = prob.view(-1)

@@ -212,9 +212,9 @@ class Sparsifier(Method):
     # returns (rate, Q_low, Q_high) (engine/selection.py drives both)
     keep_range: Callable[..., tuple[int, int]] | None = None
     drop_rate: Callable[..., Any] | None = None
-    # random family: block(tau, u, spec, row_len) -> (t, kept) with u the
-    # block's uniform draws; whole_rows: it needs whole rows at once (else it is
-    # applied chunk by chunk)
+    # random family: block(tau, u, spec, row_len[, backend]) -> (t, kept) with u
+    # the block's uniform draws; whole_rows: it needs whole rows at once (and is
+    # given the merge's kernels backend), else it is applied chunk by chunk
     block: Callable[..., Any] | None = None
     whole_rows: bool = False
 
