@@ -51,6 +51,8 @@ SPLIT = 24  # P = hi·2**SPLIT + lo
 CHUNK = 1 << 17  # elements per bincount: exact below 2**29, temporaries of a few MB
 _LO_MASK = (1 << SPLIT) - 1
 _F_SPLIT = 26  # hi = (hi >> 26)·2**26 + (hi mod 2**26): both exact float64
+WIDE_BINS = 509  # every exponent sum of two float32 values: 2 .. 510
+WIDE_ENTRIES = 1 << 20  # the most entries of such tables (_c_sums' one-visit path)
 
 
 def layout_of(layout: str, shape: tuple[int, ...]) -> str:
@@ -287,15 +289,35 @@ def _c_sums(
 
     lo = np.full(len(vectors), 255, np.int32)
     hi = np.ones(len(vectors), np.int32)
+
+    def bins() -> tuple[int, int]:
+        """The reference's bins [b0, b0 + nb) from the vectors' exponent range."""
+        least = {j: max(1, min(int(lo[q]), int(hi[q]))) for j, q in at.items()}
+        most = {j: int(hi[q]) for j, q in at.items()}
+        b0 = min(least[i] + least[j] for i, j in request.pairs)
+        return b0, max(most[i] + most[j] for i, j in request.pairs) + 1 - b0
+
+    nonfinite = 0
+    if kind == "derived" and len(pairs) * layout[1] * WIDE_BINS <= WIDE_ENTRIES:
+        # derived vectors are made once per piece: the range and the products in
+        # one visit, into tables of every exponent sum (2 .. 510), cut after to
+        # the reference's bins (every product lies inside them: the same integers)
+        wide_hi = np.zeros((len(pairs), layout[1], WIDE_BINS), dtype=np.int64)
+        wide_lo = np.zeros_like(wide_hi)
+        for a in range(0, n, step):
+            vs_ab, base_ab, flags = piece(a, min(n, a + step))
+            kernels.sums_range(vs_ab, base_ab, flags, lo, hi)
+            nonfinite += kernels.sums_accumulate(
+                vs_ab, base_ab, flags, pairs, a, layout, 2, wide_hi, wide_lo
+            )
+        b0, nb = bins()
+        cut = slice(b0 - 2, b0 - 2 + nb)
+        return ExactSums(wide_hi[:, :, cut].copy(), wide_lo[:, :, cut].copy(), b0, nonfinite)
     for a in range(0, n, step):
         kernels.sums_range(*piece(a, min(n, a + step)), lo, hi)
-    least = {j: max(1, min(int(lo[q]), int(hi[q]))) for j, q in at.items()}
-    most = {j: int(hi[q]) for j, q in at.items()}
-    b0 = min(least[i] + least[j] for i, j in request.pairs)
-    nb = max(most[i] + most[j] for i, j in request.pairs) + 1 - b0
+    b0, nb = bins()
     sums_hi = np.zeros((len(pairs), layout[1], nb), dtype=np.int64)
     sums_lo = np.zeros_like(sums_hi)
-    nonfinite = 0
     for a in range(0, n, step):
         vs_ab, base_ab, flags = piece(a, min(n, a + step))
         nonfinite += kernels.sums_accumulate(
