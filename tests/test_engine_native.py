@@ -364,3 +364,29 @@ def test_della_rows_kernel_gives_the_bits_of_a_stable_sort_of_each_row(rows, m, 
     assert got_kept == ref_kept == kept
     assert torch.equal(got.view(torch.int32), want_t.view(torch.int32))
     assert torch.equal(ref.view(torch.int32), want_t.view(torch.int32))
+
+
+@needs_cc
+@pytest.mark.parametrize("n", [1, 13, 1000, 70001])
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("lambdas", ["none", "some", "all"])
+def test_ram_kernel_gives_the_bits_of_the_torch_reference(n, k, lambdas):
+    """RAM / RAMPlus in one C pass (kernels.ram_merge) against ram_delta + θ0 in
+    torch: entries at and around epsilon, signed zeros, Inf and NaN, tasks moved
+    alone (RAMPlus' λ) and together."""
+    from tadmerge.methods import ram
+
+    g = torch.Generator().manual_seed(n * 31 + k)
+    eps = 1e-5
+    base = torch.randn(n, generator=g) * 0.02
+    ts = [torch.randn(n, generator=g) * 2e-5 for _ in range(k)]
+    for j, t in enumerate(ts):
+        t[torch.rand(n, generator=g) < 0.2] = 0.0
+        t[torch.rand(n, generator=g) < 0.1] = -0.0
+        t[torch.rand(n, generator=g) < 0.1] = eps * (1 if j % 2 else -1)
+    if n >= 13:
+        ts[0][3], ts[-1][12] = math.inf, math.nan
+    lam = {"none": None, "some": [1.0] + [1.07] * (k - 1), "all": [1.13] * k}[lambdas]
+    want = ram.ram_delta([t.clone() for t in ts], eps, lam).add_(base)
+    got = kernels.ram_merge([t.clone() for t in ts], base, eps, lam)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

@@ -22,6 +22,8 @@ test_engine_native.py and test_engine_stream.py hold the two together.
   the result rounded to the output dtype as torch rounds.
 - DARE/DELLA's draws (uniform_draws): the counter-based hash of
   sparsify._hash_into in uint32 arithmetic, one pass instead of ~25 int64 ops.
+- RAM and RAMPlus (ram_merge): the moved counts, the parts and their sum per
+  entry in registers, instead of ~5 chunked torch ops per task.
 - DELLA by rows (della_rows): each row's ranks by a stable radix sort, then the
   keep probabilities, the draw comparison and the rescale in one pass, instead
   of a stable torch sort per row and float64 tensors.
@@ -427,6 +429,18 @@ def uniform_draws(out: torch.Tensor, lo: int, c1: int, c2: int) -> None:
     lo .. lo + len(out) - 1 (below 2**32) for the lane keys c1, c2, into the
     contiguous float32 CPU tensor `out`; the same bits."""
     _lib().uniform_draws(_flat32(out), lo, c1, c2)
+
+
+def ram_merge(
+    ts: list[torch.Tensor], base: torch.Tensor, epsilon: float, lambdas: list[float] | None
+) -> torch.Tensor:
+    """methods/ram.py's ram_delta plus θ0 in one pass over contiguous float32 CPU
+    chunks, written over ts[0]; the same bits as the torch reference."""
+    k = len(ts)
+    lam = np.float32(lambdas if lambdas is not None else [1.0] * k)
+    use = np.int8([lambdas is not None and x != 1.0 for x in (lambdas or [1.0] * k)])
+    _lib().ram_merge([_flat32(t) for t in ts], _flat32(base), np.float32(epsilon), lam, use)
+    return ts[0]
 
 
 def della_rows(

@@ -202,6 +202,7 @@ class NativeKernels:
             "emr_merge": ([p, i64, i64, p, p, p], i64),
             "uniform_draws": ([p, i64, i64, i64, i64], None),
             "della_rows": ([p, p, i64, i64, f64, f64, f64, i32], i64),
+            "ram_merge": ([p, i64, i64, p, f32, p, p], None),
             "sums_range": ([p, p, p, i64, i64, p, p], None),
             "sums_accumulate": (
                 [p, p, p, i64, i64, p, p, i64, i64, i64, i64, i32, i64, i64, p, p],
@@ -333,6 +334,17 @@ class NativeKernels:
         if not 0 <= lo <= (1 << 32) - out.size:
             raise ValueError("uniform_draws: the entries must lie below 2**32")
         self._uniform_draws(_ptr(out, np.float32), out.size, int(lo), int(c1), int(c2))
+
+    # -- RAM and RAMPlus --------------------------------------------------------
+
+    def ram_merge(self, ts, base, eps, lam, use_lam) -> None:
+        """ts: K float32 arrays (the merge written over ts[0]); lam: float32 × K;
+        use_lam: int8 × K."""
+        n, k = base.size, len(ts)
+        self._ram_merge(
+            _arrays(ts, np.float32, n), k, n, _ptr(base, np.float32, n), float(eps),
+            _ptr(lam, np.float32, k), _ptr(use_lam, np.int8, k),
+        )  # fmt: skip
 
     # -- DELLA by rows ---------------------------------------------------------
 

@@ -8,6 +8,7 @@
  * compiled with -ffp-contract=off (GCC contracts a*b + c into one FMA by
  * default where the target has one) and without -ffast-math.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1054,6 +1055,35 @@ void tadmerge_uniform_draws(float *out, int64_t n, int64_t lo, int64_t c1, int64
     for (int64_t j = 0; j < n; j++) {
         uint32_t h = fmix32(fmix32((l + (uint32_t)j) ^ k1) + k2);
         out[j] = (float)(h >> 8) * (1.0f / 16777216.0f);
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * RAM and RAMPlus (methods/ram.py ram_delta, the torch reference), per entry in
+ * float32 as the reference's ops: moved_k = |t_k| > eps, c = the count of moved
+ * tasks; part_k = t_k / max(c, 1), or t_k·lam[k] where c == 1 and use_lam[k];
+ * the sum of the moved tasks' parts in task order (the first part, not moved,
+ * is +0), plus θ0. Written over ts[0] (each entry's values are read first).
+ * ------------------------------------------------------------------------- */
+
+CLONES
+void tadmerge_ram_merge(float *const *ts, int64_t k_count, int64_t n, const float *base, float eps,
+                        const float *lam, const int8_t *use_lam)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float c = 0.0f;
+        for (int64_t k = 0; k < k_count; k++)
+            c += fabsf(ts[k][i]) > eps ? 1.0f : 0.0f;
+        const int unique = c == 1.0f;
+        const float d = c < 1.0f ? 1.0f : c;
+        float acc = 0.0f;
+        for (int64_t k = 0; k < k_count; k++) {
+            float t = ts[k][i];
+            float part = use_lam[k] && unique ? t * lam[k] : t / d;
+            part = fabsf(t) > eps ? part : 0.0f;
+            acc = k == 0 ? part : acc + part;
+        }
+        ts[0][i] = acc + base[i];
     }
 }
 

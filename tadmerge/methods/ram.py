@@ -50,12 +50,22 @@ def moved(ts, epsilon: float) -> list:
     return shared + [(m & alone).to(torch.float32) for m in moved]
 
 
+def ram_merge(base, ts, epsilon: float, backend: str, lambdas=None):
+    """θ0 + ram_delta over a chunk, written over ts[0]: the torch reference, or on
+    a CPU with the C kernels (the merge's `backend`) one pass with the same bits."""
+    from ..engine import kernels
+
+    if kernels.enabled(base, backend):
+        return kernels.ram_merge(ts, base, epsilon, lambdas)
+    return ram_delta(ts, epsilon, lambdas).add_(base)
+
+
 def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
     from ..engine.block import combine_chunks
 
     eps = spec.param("epsilon")
     return combine_chunks(
-        base, taus, plans, sparsify, chunks, lambda b, ts: ram_delta(ts, eps).add_(b)
+        base, taus, plans, sparsify, chunks, lambda b, ts: ram_merge(b, ts, eps, ctx.backend)
     )
 
 

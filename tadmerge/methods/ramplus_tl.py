@@ -7,7 +7,7 @@ the same λ_k; λ_k is computed in float64 and cast to float32 once."""
 
 from __future__ import annotations
 
-from .ram import EPSILON, moved, ram_delta
+from .ram import EPSILON, moved, ram_merge
 from .registry import Combiner, Param
 
 
@@ -38,7 +38,7 @@ def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
     lam = TS.resolve(base, taus, spec, ctx)["values"]["lambdas"]
     eps = spec.param("epsilon")
     for a, b in chunks:
-        ram_delta([t[a:b] for t in taus], eps, lam).add_(base[a:b])
+        ram_merge(base[a:b], [t[a:b] for t in taus], eps, ctx.backend, lam)
     return BlockResult(taus[0], None, [tp.stats for tp in plans])
 
 
