@@ -1256,6 +1256,7 @@ int64_t tadmerge_sums_accumulate(const float *const *vs, const float *base, cons
     uint8_t *neg = malloc((size_t)SUMS_TILE * (size_t)nv);
     uint8_t *bad = malloc((size_t)SUMS_TILE * (size_t)nv);
     int64_t *row = malloc(sizeof(int64_t) * SUMS_TILE);
+    int64_t th[SUMS_TILE], tl[SUMS_TILE], tb[SUMS_TILE];
     if (!mant || !expo || !neg || !bad || !row) {
         free(mant), free(expo), free(neg), free(bad), free(row);
         return -1;
@@ -1298,17 +1299,21 @@ int64_t tadmerge_sums_accumulate(const float *const *vs, const float *base, cons
             const uint8_t *nx = neg + pi[q] * SUMS_TILE, *ny = neg + pj[q] * SUMS_TILE;
             const uint8_t *bx = bad + pi[q] * SUMS_TILE, *by = bad + pj[q] * SUMS_TILE;
             int64_t *hq = hi + q * plane, *lq = lo + q * plane;
+            /* the products' parts and bins (a loop the compiler vectorizes), then
+             * their adds into the tables (scattered: one at a time) */
             for (int64_t t = 0; t < m; t++) {
                 uint64_t p = (uint64_t)mx[t] * (uint64_t)my[t];
                 int64_t s = (int64_t)(nx[t] ^ ny[t]); /* 1: negative */
-                int64_t h = ((int64_t)(p >> 24) ^ -s) + s;
-                int64_t l = ((int64_t)(p & 0xFFFFFFu) ^ -s) + s;
+                th[t] = ((int64_t)(p >> 24) ^ -s) + s;
+                tl[t] = ((int64_t)(p & 0xFFFFFFu) ^ -s) + s;
                 int64_t b = (int64_t)ex[t] + ey[t] - b0;
                 b = b < 0 ? 0 : b >= nb ? nb - 1 : b;
-                int64_t at = row[t] + b;
-                hq[at] += h;
-                lq[at] += l;
+                tb[t] = row[t] + b;
                 nonfinite += bx[t] | by[t];
+            }
+            for (int64_t t = 0; t < m; t++) {
+                hq[tb[t]] += th[t];
+                lq[tb[t]] += tl[t];
             }
         }
         i0 += m;
