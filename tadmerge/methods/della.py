@@ -20,7 +20,8 @@ def block(tau, u, spec, row_len: int, backend: str = "torch"):
 
     m = row_len
     lo, c = spec.density - spec.epsilon, 2.0 * spec.epsilon
-    if kernels.enabled(tau, backend) and kernels.enabled(u, backend):
+    # (the C pass ranks rows of int32 positions: below 2**31 entries)
+    if m < 2**31 and kernels.enabled(tau, backend) and kernels.enabled(u, backend):
         inverse = spec.rescale == "inverse_keep"
         return tau, kernels.della_rows(tau, u, m, lo, c, spec.density, inverse)
     rows = magnitude_keys(tau).view(-1, m)
