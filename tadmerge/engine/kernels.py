@@ -436,10 +436,11 @@ def ram_merge(
 ) -> torch.Tensor:
     """methods/ram.py's ram_delta plus θ0 in one pass over contiguous float32 CPU
     chunks, written over ts[0]; the same bits as the torch reference."""
-    k = len(ts)
-    lam = np.float32(lambdas if lambdas is not None else [1.0] * k)
-    use = np.int8([lambdas is not None and x != 1.0 for x in (lambdas or [1.0] * k)])
-    _lib().ram_merge([_flat32(t) for t in ts], _flat32(base), np.float32(epsilon), lam, use)
+    lams = lambdas if lambdas is not None else [1.0] * len(ts)
+    use = np.int8([x != 1.0 for x in lams])  # (as ram_delta: a λ of 1 is not applied)
+    _lib().ram_merge(
+        [_flat32(t) for t in ts], _flat32(base), np.float32(epsilon), np.float32(lams), use
+    )
     return ts[0]
 
 

@@ -1158,24 +1158,13 @@ int64_t tadmerge_della_rows(float *tau, const float *u, int64_t rows, int64_t m,
             keys[j] = bits_of(t[j]) & M31;
         rank_row(keys, m, idx, tmp, count, rank);
         const double last = (double)(m - 1);
-        int64_t row_kept = 0;
-        if (inverse) {
-            for (int64_t j = 0; j < m; j++) {
-                double p = m > 1 ? lo + (c * (double)rank[j]) / last : density;
-                int keep = (double)ur[j] < p;
-                float v = t[j] * (float)(1.0 / (p > 1e-300 ? p : 1e-300));
-                t[j] = keep ? v : 0.0f;
-                row_kept += keep;
-            }
-        } else {
-            for (int64_t j = 0; j < m; j++) {
-                double p = m > 1 ? lo + (c * (double)rank[j]) / last : density;
-                int keep = (double)ur[j] < p;
-                t[j] = keep ? t[j] : 0.0f;
-                row_kept += keep;
-            }
+        for (int64_t j = 0; j < m; j++) {
+            double p = m > 1 ? lo + (c * (double)rank[j]) / last : density;
+            int keep = (double)ur[j] < p;
+            float v = inverse ? t[j] * (float)(1.0 / (p > 1e-300 ? p : 1e-300)) : t[j];
+            t[j] = keep ? v : 0.0f;
+            kept += keep;
         }
-        kept += row_kept;
     }
     free(keys), free(idx), free(tmp), free(rank), free(count);
     return kept;

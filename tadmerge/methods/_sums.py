@@ -16,14 +16,14 @@ def merge_weights(base, models, spec, check_finite: bool, ctx):
     from ..engine.sums import CHUNK, Combination, apply
 
     stats = []
+    n = base.numel()
     for k, m in enumerate(models):
         # the report's |τ_k|², as every path makes it (block.square_sum: one fast
         # float32 pass per chunk); also the check for NaN/Inf in τ_k
-        n = base.numel()
         tau_sq = sum(square_sum(m[a : a + CHUNK] - base[a : a + CHUNK]) for a in range(0, n, CHUNK))
         if check_finite and not math.isfinite(tau_sq):
             raise NonFiniteTaskVector(k)
-        stats.append(TaskStats(kept=base.numel(), tau_sq=tau_sq, t_sq=tau_sq))
+        stats.append(TaskStats(kept=n, tau_sq=tau_sq, t_sq=tau_sq))
     comb = TS.resolve(base, models, spec, ctx)["values"]
     comb = comb if isinstance(comb, Combination) else Combination.from_json(comb)
     return BlockResult(apply(comb, base, models, ctx.shape), None, stats)
