@@ -10,17 +10,22 @@ import math
 
 def merge_weights(base, models, spec, check_finite: bool, ctx):
     """Merge one block of a sums combiner. Consumes `models`."""
+    import torch
+
     from ..engine import tensor_stats as TS
-    from ..engine.block import BlockResult, square_sum
+    from ..engine.block import BlockResult
     from ..engine.spec import NonFiniteTaskVector, TaskStats
     from ..engine.sums import CHUNK, Combination, apply
 
     stats = []
-    n = base.numel()
+    n, f64 = base.numel(), torch.float64
     for k, m in enumerate(models):
-        # the report's |τ_k|², as every path makes it (block.square_sum: one fast
-        # float32 pass per chunk); also the check for NaN/Inf in τ_k
-        tau_sq = sum(square_sum(m[a : a + CHUNK] - base[a : a + CHUNK]) for a in range(0, n, CHUNK))
+        # the report's |τ_k|², accumulated in float64 (SPEC: norms in float64) by
+        # one norm pass per chunk; also the check for NaN/Inf in τ_k
+        tau_sq = sum(
+            float(torch.linalg.vector_norm(m[a : a + CHUNK] - base[a : a + CHUNK], dtype=f64)) ** 2
+            for a in range(0, n, CHUNK)
+        )
         if check_finite and not math.isfinite(tau_sq):
             raise NonFiniteTaskVector(k)
         stats.append(TaskStats(kept=n, tau_sq=tau_sq, t_sq=tau_sq))
