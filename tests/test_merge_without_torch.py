@@ -51,7 +51,7 @@ CHILD = textwrap.dedent(
 )
 
 
-def _write(tmp: Path, bf16_only: bool = False) -> tuple[str, list[str]]:
+def _write(tmp: Path, bf16_only: bool = False, embed: bool = False) -> tuple[str, list[str]]:
     g = torch.Generator().manual_seed(0)
     base = {
         "layers.0.w": torch.randn(48, 40, generator=g).to(torch.bfloat16),
@@ -61,6 +61,7 @@ def _write(tmp: Path, bf16_only: bool = False) -> tuple[str, list[str]]:
     }
     if bf16_only:  # what the raw path takes (and a tensor that splits into units)
         base = {n: v.to(torch.bfloat16) if v.is_floating_point() else v for n, v in base.items()}
+    if bf16_only or embed:
         base["embed"] = torch.randn(512, 64, generator=g).to(torch.bfloat16)
     paths = []
     for k in range(3):
@@ -196,3 +197,55 @@ def test_without_the_c_kernels_the_torch_reference_writes_the_same_bytes(tmp_pat
         return combine("task_arithmetic", thetas[0], thetas[1:], taus, weights, 0.3)
 
     _check(tmp_path / "out", [base, *models], reference)
+
+
+SUMS_CASES = {
+    "slerp": ({"method": "slerp", "t": 0.3}, [1.0]),
+    "nuslerp": ({"method": "nuslerp"}, [1.0, 0.6]),
+    "nuslerp-weights": ({"method": "nuslerp", "tasks": False}, [1.0, 0.6]),
+    "model_stock": ({"method": "model_stock"}, [1.0, 1.0]),
+}
+
+
+@needs_c
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("case", sorted(SUMS_CASES))
+def test_a_sums_combiner_never_imports_torch(tmp_path, case, split):
+    """slerp, nuslerp and model_stock (exact tensor sums, then one coefficient
+    per tensor) on bf16, float16 and float32 tensors, one model storing a
+    tensor in another dtype than the base: every unit streams from its raw
+    inputs, and a split tensor's statistics round is answered from them, all
+    without torch; the bytes are the torch engine's, and so (to float64
+    rounding) are the report's norms."""
+    merge, weights = SUMS_CASES[case]
+    base, models = _write(tmp_path, embed=True)
+    mixed = load_file(str(Path(models[-1]) / "model.safetensors"))
+    mixed["norm"] = mixed["norm"].to(torch.bfloat16)  # the base's is float32
+    save_file(mixed, str(Path(models[-1]) / "model.safetensors"))
+    models = models[: len(weights)]
+    runtime = {"workers": 2}
+    if split:
+        runtime.update(max_unit_elements=4096, block_elements=1024, memory_budget="256MB")
+    cfg = _config(tmp_path, base, models, weights, merge, runtime=runtime)
+    _run(cfg, "torch,numba")
+    torch_out = tmp_path / "torch"
+    cfg_torch = tmp_path / "torch.yaml"
+    raw = yaml.safe_load(cfg.read_text())
+    raw["output"]["path"] = str(torch_out)
+    raw["runtime"]["kernels"] = "torch"
+    cfg_torch.write_text(yaml.safe_dump(raw))
+    _run(cfg_torch, "numba")
+    got, want = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "out", torch_out))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    report, report_torch = (
+        json.loads((d / "merge_report.json").read_text()) for d in (tmp_path / "out", torch_out)
+    )
+    assert report["dispatch"]["kernels"] == "c" and report_torch["dispatch"]["kernels"] == "torch"
+    assert (report["reads"]["stats_rounds"] > 0) == split
+    for name, t in report_torch["tensors"].items():
+        for task, fig in t.get("tasks", {}).items():
+            assert report["tensors"][name]["tasks"][task]["norm"] == pytest.approx(
+                fig["norm"], rel=1e-12
+            )

@@ -27,8 +27,16 @@ from ..engine.spec import (
     MergeSpec,
     NonFiniteTaskVector,
     StatsRequest,
+    UnitRequest,
 )
-from ..engine.stream import NP_DTYPES, merge_raw, streams
+from ..engine.stream import (
+    NP_DTYPES,
+    merge_raw,
+    merge_raw_sums,
+    streams,
+    sums_streams,
+    unit_sums,
+)
 from ..errors import ConfigError, InputError, InputProblem
 from ..io.block_io import map_bytes, read_bytes, write_at_crc
 from ..io.safetensors_format import DTYPE_SIZE
@@ -79,9 +87,10 @@ def resolve_device(name: str) -> str:
 
 
 def torch_free(plan: Plan, device: str, backend: str) -> bool:
-    """Whether every unit of the plan is copied, streamed (engine/stream.py) or
-    merged from its raw bf16 blocks (engine/raw.py, which may still hand a
-    unit back to the torch engine), so that no worker should need torch: the
+    """Whether every unit of the plan is copied, streamed (engine/stream.py,
+    sums combiners included) or merged from its raw bf16 blocks (engine/raw.py;
+    both may still hand a unit back to the torch engine), so that no worker
+    should need torch: the
     C kernels are loaded and the backend is not torch (kernels.enabled).
     Decided per distinct combination of dtypes (a plan's tensor table has them),
     or per tensor where its values vary per tensor (MergeSpec.for_tensor)."""
@@ -103,6 +112,7 @@ def torch_free(plan: Plan, device: str, backend: str) -> bool:
         }
     return all(
         streams(spec, device, [*dtypes, out or ""], backend)
+        or sums_streams(spec, device, [*dtypes, out or ""], backend)
         or _raw_dtypes(plan, spec, list(dtypes), out, device, backend)
         for dtypes, out in found
     )
@@ -111,7 +121,7 @@ def torch_free(plan: Plan, device: str, backend: str) -> bool:
 def _streams(spec: MergeSpec, tp: TensorPlan, device: str, backend: str) -> bool:
     """Whether a tensor's units stream (engine/stream.py: the C kernel)."""
     dtypes = [s.dtype for s in tp.sources] + [tp.out_dtype or ""]
-    return streams(spec, device, dtypes, backend)
+    return streams(spec, device, dtypes, backend) or sums_streams(spec, device, dtypes, backend)
 
 
 def _raw(plan: Plan, spec: MergeSpec, tp: TensorPlan, device: str, backend: str) -> bool:
@@ -235,7 +245,7 @@ def _run_one(
     backend = dispatch.kernels
     try:
         if _streams(spec, tp, device, backend):
-            rec = _stream_unit(plan, staging, unit, tp, spec)
+            rec = _stream_unit(plan, staging, unit, tp, spec, resolved, backend)
             if rec is not None:
                 return rec
         if _raw(plan, spec, tp, device, backend):
@@ -316,6 +326,12 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispat
         got = _raw_coarse(plan, unit, request, dispatch.kernels)
         if got is not None:
             return got
+    spec = merge_spec(plan, tp)
+    if isinstance(request, UnitRequest) and _streams(spec, tp, device, dispatch.kernels):
+        ctx = block_context(plan, unit, request.resolved, dispatch.kernels)
+        got = unit_sums(_read_raw(plan, unit), spec, ctx, request)
+        if got is not None:
+            return got
     from . import engine_units
 
     return engine_units.unit_stats(plan, unit_id, request, replace(dispatch, device=device))
@@ -391,14 +407,26 @@ def _row_offset(tp: TensorPlan, row: int, dtype: str) -> int:
 
 
 def _stream_unit(
-    plan: Plan, staging: str, unit: Unit, tp: TensorPlan, spec: MergeSpec
+    plan: Plan,
+    staging: str,
+    unit: Unit,
+    tp: TensorPlan,
+    spec: MergeSpec,
+    resolved: dict | None,
+    backend: str,
 ) -> UnitRecord | None:
-    """A merge that needs only the block (engine/stream.py): the inputs stay in
-    their own dtype and the output is made in the output dtype, chunk by chunk.
-    None when the torch engine must merge this unit (a NaN result)."""
+    """A streamed merge (engine/stream.py): the inputs stay in their own dtype and
+    the output is made in the output dtype, chunk by chunk. None when the torch
+    engine must merge this unit (a NaN result; for a sums combiner, what
+    merge_raw_sums hands back)."""
     check_finite = not plan.config.inputs.allow_nonfinite
-    return _compiled_unit(plan, staging, unit, tp, lambda raws, out: merge_raw(
-        raws[0], raws[1:], out, spec, check_finite
+    if spec.compiled_combiner is not None:
+        return _compiled_unit(plan, staging, unit, tp, lambda raws, out: merge_raw(
+            raws[0], raws[1:], out, spec, check_finite
+        ))  # fmt: skip
+    ctx = block_context(plan, unit, resolved, backend)
+    return _compiled_unit(plan, staging, unit, tp, lambda raws, out: merge_raw_sums(
+        raws, out, spec, ctx, check_finite
     ))  # fmt: skip
 
 

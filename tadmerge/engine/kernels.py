@@ -403,18 +403,20 @@ def stream_raw(
     scale: float,
     average: bool,
     out: np.ndarray,
+    divisor: float | None = None,
 ) -> tuple[list[float], int]:
     """Task arithmetic (or averaging) without a sparsifier into `out`, one pass
     per task: the bytes of merge_block (linear.merge_weights) and the cast to
     the output's dtype. base, tasks and out: flat arrays of STREAM_DTYPES (bf16
-    as uint16 patterns), each its own. Returns Σ τ_k² per task (float64 sums,
+    as uint16 patterns), each its own. Averaging divides by Σ weights, or by
+    `divisor` (fl32) where given. Returns Σ τ_k² per task (float64 sums,
     where merge_block's are float32 norms: the report's last digits differ) and
     how many results are NaN (then `out` must not be used: merge_block merges
     such a block, with torch's NaN bits)."""
     sq = np.zeros(len(tasks), np.float64)
     nan = _lib().stream(
         base.reshape(-1), [t.reshape(-1) for t in tasks], np.float32(weights), np.float32(scale),
-        np.float32(sum(weights)), average, _out(out), sq,
+        np.float32(sum(weights) if divisor is None else divisor), average, _out(out), sq,
     )  # fmt: skip
     return [float(v) for v in sq], nan
 
@@ -458,12 +460,16 @@ def della_rows(
 # ---------------------------------------------------------------------------------
 
 
-def _sums_args(vs: list[torch.Tensor], base: torch.Tensor | None, sub: list[bool]):
-    arrays = [_flat32(v) for v in vs]
+def _sums_args(vs: list[torch.Tensor | np.ndarray], base, sub: list[bool]):
+    """float32 tensors, or raw numpy blocks of STREAM_DTYPES (bf16: uint16), flat."""
+
+    def flat(x):
+        return x.reshape(-1) if isinstance(x, np.ndarray) else _flat32(x)
+
     flags = np.array(sub, np.int8)
     if flags.any() and base is None:
         raise ValueError("the exact sums kernels make task vectors from a base")
-    return arrays, None if base is None else _flat32(base), flags
+    return [flat(v) for v in vs], None if base is None else flat(base), flags
 
 
 def sums_range(
@@ -475,7 +481,8 @@ def sums_range(
 ) -> None:
     """The least and greatest exponent field of each vector into lo, hi (int32,
     updated: min, max), as sums.exact_sums's first pass takes them; v_j is
-    fl32(vs[j] − base) where sub[j] (vectors of at most PIECE entries)."""
+    fl32(vs[j] − base) where sub[j] (vectors of at most PIECE entries: float32
+    tensors, or raw blocks of STREAM_DTYPES, widened as torch widens them)."""
     arrays, b, flags = _sums_args(vs, base, sub)
     _lib().sums_range(arrays, b, flags, lo, hi)
 

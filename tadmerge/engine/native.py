@@ -203,9 +203,9 @@ class NativeKernels:
             "uniform_draws": ([p, i64, i64, i64, i64], None),
             "della_rows": ([p, p, i64, i64, f64, f64, f64, i32], i64),
             "ram_merge": ([p, i64, i64, p, f32, p, p], None),
-            "sums_range": ([p, p, p, i64, i64, p, p], None),
+            "sums_range": ([p, p, p, p, i64, i64, p, p], None),
             "sums_accumulate": (
-                [p, p, p, i64, i64, p, p, i64, i64, i64, i64, i32, i64, i64, p, p],
+                [p, p, p, p, i64, i64, p, p, i64, i64, i64, i64, i32, i64, i64, p, p],
                 i64,
             ),
         }
@@ -365,11 +365,13 @@ class NativeKernels:
     # -- exact sums of products (engine/sums.py) --------------------------------
 
     def sums_range(self, vs, base, sub, lo, hi) -> None:
-        """vs: flat float32 arrays of n entries (with sub[j]: fl32(vs[j] − base));
-        lo, hi: int32 per vector, updated to the least and greatest exponent field."""
+        """vs: flat arrays of STREAM_DTYPES of n entries (with sub[j]: fl32(vs[j] −
+        base)); lo, hi: int32 per vector, updated to the least and greatest
+        exponent field."""
         n, k = vs[0].size, len(vs)
+        dts = _sums_dtypes(vs, base)
         self._sums_range(
-            _arrays(vs, np.float32, n), _ptr(base, np.float32, n) if base is not None else None,
+            _arrays(vs, None, n), dts.ctypes.data, _base(base, n),
             _ptr(sub, np.int8, k), k, n, _ptr(lo, np.int32, k), _ptr(hi, np.int32, k),
         )  # fmt: skip
 
@@ -381,8 +383,9 @@ class NativeKernels:
             raise TypeError("sums_accumulate takes int64 tables [pairs, segments, bins]")
         if not n:
             return 0
+        dts = _sums_dtypes(vs, base)
         got = self._sums_accumulate(
-            _arrays(vs, np.float32, n), _ptr(base, np.float32, n) if base is not None else None,
+            _arrays(vs, None, n), dts.ctypes.data, _base(base, n),
             _ptr(sub, np.int8, k), k, n, _ptr(pi, np.int32, s), _ptr(pj, np.int32, s), s,
             int(a), int(seg_size), int(n_seg), int(column), int(b0), hi.shape[2],
             _ptr(hi, np.int64, hi.size), _ptr(lo, np.int64, lo.size),
@@ -409,6 +412,18 @@ def _dtype_code(x: np.ndarray) -> int:
         raise TypeError(
             f"the C kernels take bf16, float16, float32 or float64, not {x.dtype}"
         ) from None
+
+
+def _sums_dtypes(vs, base) -> np.ndarray:
+    """The sums kernels' dtype codes: each vector's, then the base's."""
+    codes = [_dtype_code(x) for x in vs]
+    return np.array(
+        [*codes, STREAM_DTYPES.index(np.float32) if base is None else _dtype_code(base)], np.int32
+    )
+
+
+def _base(base: np.ndarray | None, n: int) -> int | None:
+    return None if base is None else _ptr(base, base.dtype, n)
 
 
 def _arrays(arrays, dtype, n: int):

@@ -1189,45 +1189,77 @@ int64_t tadmerge_della_rows(float *tau, const float *u, int64_t rows, int64_t m,
  *
  * The vectors: vs[j] over entries [0, n) of a piece that starts at entry `a`
  * of its block (the segment of block entry i is i / seg_size, or with `column`
- * i mod n_seg); with sub[j], v_j is fl32(vs[j] − base), the task vector made
- * from the weights as block_vectors makes it (one IEEE float subtraction).
+ * i mod n_seg), each in its dtype dts[j] (dts[nv]: the base's), widened to
+ * float32 as torch widens them; with sub[j], v_j is fl32(vs[j] − base), the
+ * task vector made from the weights as block_vectors makes it (one IEEE float
+ * subtraction).
  * ------------------------------------------------------------------------- */
 
 /* entries per tile: their decoded parts stay in L1 */
 #define SUMS_TILE 256
 
-INLINE float sums_value(const float *const *vs, const float *base, const int8_t *sub, int64_t j,
+/* entry i of v_j: vs[j] of dtype dt, or with sub fl32(vs[j] − base), base of
+ * dtype bdt (both constants where inlined) */
+INLINE float sums_value(const void *v, const int dt, const void *base, const int bdt, int sub,
                         int64_t i)
 {
-    float v = vs[j][i];
-    return sub[j] ? v - base[i] : v;
+    float x = load(v, dt, i);
+    return sub ? x - load(base, bdt, i) : x;
 }
+
+/* v_j's float32 parts over a tile [i0, i0 + m): mantissa M, exponent e >= 1,
+ * sign and Inf/NaN (the reference's _parts), one loop per dtype */
+INLINE void sums_parts(const void *v, const int dt, const void *base, const int bdt, int sub,
+                       int64_t i0, int64_t m, uint32_t *mj, int32_t *ej, uint8_t *nj, uint8_t *bj)
+{
+    for (int64_t t = 0; t < m; t++) {
+        uint32_t k = bits_of(sums_value(v, dt, base, bdt, sub, i0 + t));
+        uint32_t f = (k & M31) >> 23;
+        mj[t] = (k & 0x7FFFFFu) | ((uint32_t)(f > 0) << 23);
+        ej[t] = f > 0 ? (int32_t)f : 1;
+        nj[t] = (uint8_t)(k >> 31);
+        bj[t] = (uint8_t)(f == 255);
+    }
+}
+
+/* the least and greatest exponent field of v_j over [0, n), into *lo, *hi */
+INLINE void sums_fields(const void *v, const int dt, const void *base, const int bdt, int sub,
+                        int64_t n, int32_t *lo, int32_t *hi)
+{
+    uint32_t mn = (uint32_t)*lo, mx = (uint32_t)*hi;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t f = (bits_of(sums_value(v, dt, base, bdt, sub, i)) & M31) >> 23;
+        mn = f < mn ? f : mn;
+        mx = f > mx ? f : mx;
+    }
+    *lo = (int32_t)mn;
+    *hi = (int32_t)mx;
+}
+
+/* calls F(v, dt, base, bdt, sub, ...) with the dtypes and sub as constants for
+ * the usual cases (float32 blocks of the torch engine, raw bf16 inputs) */
+#define SUMS_BY_DTYPE(F, v, dt, base, bdt, sub, ...)                                              \
+    do {                                                                                           \
+        if ((dt) == F32 && !(sub))                                                                 \
+            F(v, F32, base, F32, 0, __VA_ARGS__);                                                  \
+        else if ((dt) == F32 && (bdt) == F32)                                                      \
+            F(v, F32, base, F32, 1, __VA_ARGS__);                                                  \
+        else if ((dt) == BF16 && !(sub))                                                           \
+            F(v, BF16, base, BF16, 0, __VA_ARGS__);                                                \
+        else if ((dt) == BF16 && (bdt) == BF16)                                                    \
+            F(v, BF16, base, BF16, 1, __VA_ARGS__);                                                \
+        else                                                                                       \
+            F(v, dt, base, bdt, sub, __VA_ARGS__);                                                 \
+    } while (0)
 
 /* the least and greatest exponent field (0 .. 255) of each vector, as the
  * reference's first pass takes them (lo, hi: nv entries, updated: min, max) */
 CLONES
-void tadmerge_sums_range(const float *const *vs, const float *base, const int8_t *sub, int64_t nv,
-                         int64_t n, int32_t *lo, int32_t *hi)
+void tadmerge_sums_range(const void *const *vs, const int32_t *dts, const void *base,
+                         const int8_t *sub, int64_t nv, int64_t n, int32_t *lo, int32_t *hi)
 {
-    for (int64_t j = 0; j < nv; j++) {
-        uint32_t mn = (uint32_t)lo[j], mx = (uint32_t)hi[j];
-        const float *v = vs[j];
-        if (sub[j]) {
-            for (int64_t i = 0; i < n; i++) {
-                uint32_t f = (bits_of(v[i] - base[i]) & M31) >> 23;
-                mn = f < mn ? f : mn;
-                mx = f > mx ? f : mx;
-            }
-        } else {
-            for (int64_t i = 0; i < n; i++) {
-                uint32_t f = (bits_of(v[i]) & M31) >> 23;
-                mn = f < mn ? f : mn;
-                mx = f > mx ? f : mx;
-            }
-        }
-        lo[j] = (int32_t)mn;
-        hi[j] = (int32_t)mx;
-    }
+    for (int64_t j = 0; j < nv; j++)
+        SUMS_BY_DTYPE(sums_fields, vs[j], dts[j], base, dts[nv], sub[j], n, lo + j, hi + j);
 }
 
 /* adds the piece's products into hi, lo (see above); returns the count the
@@ -1235,8 +1267,8 @@ void tadmerge_sums_range(const float *const *vs, const float *base, const int8_t
  * Inf or NaN (their bits are binned all the same, as the reference bins them).
  * -1 if the tile buffers could not be allocated. */
 CLONES
-int64_t tadmerge_sums_accumulate(const float *const *vs, const float *base, const int8_t *sub,
-                                 int64_t nv, int64_t n, const int32_t *pi, const int32_t *pj,
+int64_t tadmerge_sums_accumulate(const void *const *vs, const int32_t *dts, const void *base,
+                                 const int8_t *sub, int64_t nv, int64_t n, const int32_t *pi, const int32_t *pj,
                                  int64_t np, int64_t a, int64_t seg_size, int64_t n_seg,
                                  int32_t column, int64_t b0, int64_t nb, int64_t *hi, int64_t *lo)
 {
@@ -1273,14 +1305,7 @@ int64_t tadmerge_sums_accumulate(const float *const *vs, const float *base, cons
             uint32_t *mj = mant + j * SUMS_TILE;
             int32_t *ej = expo + j * SUMS_TILE;
             uint8_t *nj = neg + j * SUMS_TILE, *bj = bad + j * SUMS_TILE;
-            for (int64_t t = 0; t < m; t++) {
-                uint32_t k = bits_of(sums_value(vs, base, sub, j, i0 + t));
-                uint32_t f = (k & M31) >> 23;
-                mj[t] = (k & 0x7FFFFFu) | ((uint32_t)(f > 0) << 23);
-                ej[t] = f > 0 ? (int32_t)f : 1;
-                nj[t] = (uint8_t)(k >> 31);
-                bj[t] = (uint8_t)(f == 255);
-            }
+            SUMS_BY_DTYPE(sums_parts, vs[j], dts[j], base, dts[nv], sub[j], i0, m, mj, ej, nj, bj);
         }
         for (int64_t q = 0; q < np; q++) {
             const uint32_t *mx = mant + pi[q] * SUMS_TILE, *my = mant + pj[q] * SUMS_TILE;

@@ -233,14 +233,31 @@ def block_sums(
     from . import kernels
 
     n = base.numel()
-    layout = layout_of(request.layout, shape)
-    n_seg = segments(layout, shape, n)
-    seg_size = max(1, n if layout == "tensor" else max(1, shape[-1]))
-    column = layout == "first"
+    seg = _segmenting(request.layout, shape, n)
     if n and kernels.enabled(base, backend) and _c_takes(base, vs, request.vectors):
-        return _c_sums(base, vs, request, made, derived, (seg_size, n_seg, column))
+        return _c_sums(base, vs, request, made, derived, seg)
     chunk = block_vectors(base, vs, request.vectors, made, derived)
-    return exact_sums(chunk, request.pairs, n, seg_size, n_seg, column)
+    return exact_sums(chunk, request.pairs, n, *seg)
+
+
+def array_sums(
+    base: np.ndarray, models: list[np.ndarray], request: SumsRequest, shape: tuple[int, ...]
+) -> ExactSums:
+    """block_sums of a block given as its raw inputs, flat numpy arrays of
+    kernels.STREAM_DTYPES (a merge that never imports torch: engine/stream.py),
+    by the C kernels, which widen them as torch does: the same integers. The
+    request is of the weights or of the task vectors, made from them."""
+    if request.vectors == "derived":
+        raise ValueError("array_sums makes no derived vectors")
+    layout = _segmenting(request.layout, shape, base.size)
+    return _c_sums(base, models, request, False, None, layout)
+
+
+def _segmenting(layout: str, shape: tuple[int, ...], n: int) -> tuple[int, int, bool]:
+    """(segment size, segments, column) of a block of n elements: exact_sums's."""
+    layout = layout_of(layout, shape)
+    seg_size = max(1, n if layout == "tensor" else max(1, shape[-1]))
+    return seg_size, segments(layout, shape, n), layout == "first"
 
 
 def _c_takes(base: torch.Tensor, vs: list[torch.Tensor], kind: str) -> bool:
@@ -267,7 +284,7 @@ def _c_sums(
     made in the kernel (one float32 subtraction, as block_vectors makes it)."""
     from . import kernels
 
-    n = base.numel()
+    n = math.prod(base.shape)  # (a tensor or a numpy array)
     vectors = sorted({j for p in request.pairs for j in p})
     at = {j: q for q, j in enumerate(vectors)}
     pairs = [(at[i], at[j]) for i, j in request.pairs]

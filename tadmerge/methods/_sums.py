@@ -58,3 +58,10 @@ def gram(values, n: int, col: int = 0) -> list[list[float]]:
 def gram_pairs(vectors: list[int]) -> tuple[tuple[int, int], ...]:
     """Pairs (i <= j) of `vectors`, in the order gram() reads them."""
     return tuple((a, b) for i, a in enumerate(vectors) for b in vectors[i:])
+
+
+def combines(combiner) -> bool:
+    """Whether a combiner's block is the Combination its sums statistics return,
+    applied to the weights (this module's merge_weights): the C stream kernel
+    can merge it from the raw inputs (engine/stream.py merge_raw_sums)."""
+    return combiner.merge_weights is merge_weights
