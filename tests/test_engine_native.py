@@ -390,3 +390,34 @@ def test_ram_kernel_gives_the_bits_of_the_torch_reference(n, k, lambdas):
     want = ram.ram_delta([t.clone() for t in ts], eps, lam).add_(base)
     got = kernels.ram_merge([t.clone() for t in ts], base, eps, lam)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@needs_cc
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 70001])
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_ram_counts_kernel_counts_as_the_definition(n, k):
+    """RAMPlus' counts in one C pass (kernels.ram_counts) and in torch
+    (moved_counts' reference, chunk by chunk) against the definition written
+    out per entry: moved where |t_k| > ε (not at ε, not NaN), shared where
+    another task moved too, unique where none did."""
+    from tadmerge.methods import ram
+
+    g = torch.Generator().manual_seed(n * 7 + k)
+    eps = 1e-5
+    ts = [torch.randn(n, generator=g) * 2e-5 for _ in range(k)]
+    for j, t in enumerate(ts):
+        t[torch.rand(n, generator=g) < 0.3] = 0.0
+        t[torch.rand(n, generator=g) < 0.1] = eps * (1 if j % 2 else -1)
+    if n >= 255:
+        ts[0][3], ts[-1][12], ts[0][254] = math.inf, math.nan, -math.inf
+    moved = [[abs(x) > eps for x in t.tolist()] for t in ts]  # (NaN > ε is False)
+    shared, unique = [0] * k, [0] * k
+    for i in range(n):
+        c = sum(m[i] for m in moved)
+        for j in range(k):
+            if moved[j][i]:
+                (shared if c > 1 else unique)[j] += 1
+    want = shared + unique
+    assert kernels.ram_counts(ts, eps).tolist() == want
+    assert ram.moved_counts(ts, eps, "torch").tolist() == want
+    assert ram.moved_counts(ts, eps, "c").tolist() == want

@@ -231,7 +231,7 @@ def test_c_sums_are_the_reference_integers(layout):
     """The C kernels' exact sums (sums._c_sums) hold the torch reference's
     integers, bin for bin (hi, lo, b0, the non-finite count), for every layout
     and kind of vectors: extreme exponents, zeros, subnormals, bf16-widened
-    weights, task vectors made in the kernel or given, derived vectors, whole
+    weights, task vectors made in the kernel or given, whole
     blocks and row blocks, a block longer than the reference's chunks, and
     Inf/NaN inputs."""
     g = torch.Generator().manual_seed(11)
@@ -247,19 +247,16 @@ def test_c_sums_are_the_reference_integers(layout):
     bad[1][7], bad[2][100] = math.inf, math.nan
     cases["nonfinite"] = ((20, 30), bad)
 
-    def derived(ts):
-        return [ts[0] * ts[1], ts[0].abs(), ts[1] - ts[2], ts[2]]
-
     for name, (shape, (base, *vs)) in cases.items():
         width = shape[-1] if len(shape) > 1 else 1
         rows = len(base) // width
         blocks = [(0, rows), (rows // 3, rows - rows // 4)] if name != "long" else [(0, rows)]
-        kinds = (("weights", False), ("tasks", False), ("tasks", True), ("derived", 0))
+        kinds = (("weights", False), ("tasks", False), ("tasks", True))
         for kind, made in kinds[1:2] if name == "long" else kinds:
             req = SumsRequest(kind, pairs, layout)
             for r0, r1 in blocks:
                 a, b = r0 * width, r1 * width
-                args = (base[a:b], [v[a:b] for v in vs], req, shape, bool(made), derived)
+                args = (base[a:b], [v[a:b] for v in vs], req, shape, made)
                 ref = S.block_sums(*args, backend="torch")
                 got = S.block_sums(*args, backend="c")
                 where = (name, kind, made, r0, r1)
@@ -268,6 +265,29 @@ def test_c_sums_are_the_reference_integers(layout):
                 assert np.array_equal(got.hi, ref.hi) and np.array_equal(got.lo, ref.lo), where
                 if name in ("nonfinite", "bf16") and kind == "weights" and r0 == 0:
                     assert (ref.nonfinite > 0) == (name == "nonfinite"), where
+    # the raw inputs of a torch-free merge (engine/stream.py): bf16 patterns,
+    # float16, float32, float64 (rounded to float32 as torch rounds it), and a
+    # base of another dtype than the models, widened in the kernel
+    shape = (30, 40)
+    raw = {
+        "bf16": [torch.randn(1200, generator=g).bfloat16() for _ in range(4)],
+        "f16": [(torch.randn(1200, generator=g) * 1e-3).half() for _ in range(4)],
+        "f32": [_extreme(g, 1200) for _ in range(4)],
+        "f64": [torch.randn(1200, generator=g, dtype=torch.float64) * 1e30 for _ in range(4)],
+    }
+    raw["mixed"] = [raw["f32"][0], *raw["bf16"][1:]]
+    for name, vs32 in raw.items():
+        arrays = [
+            v.view(torch.int16).numpy().view(np.uint16) if v.dtype == torch.bfloat16 else v.numpy()
+            for v in vs32
+        ]
+        floats = [v.float() for v in vs32]
+        for kind in ("weights", "tasks"):
+            req = SumsRequest(kind, pairs, layout)
+            ref = S.block_sums(floats[0], floats[1:], req, shape, backend="torch")
+            got = S.array_sums(arrays[0], arrays[1:], req, shape)
+            assert (got.b0, got.nonfinite) == (ref.b0, ref.nonfinite), (name, kind)
+            assert np.array_equal(got.hi, ref.hi) and np.array_equal(got.lo, ref.lo), (name, kind)
     # a sum of many products of one bin equals the count times the product
     ones = torch.full((5000,), 1.5)
     got = S.block_sums(ones, [ones], SumsRequest("weights", ((0, 1),)), (5000,), backend="c")

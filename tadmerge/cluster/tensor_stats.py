@@ -12,7 +12,8 @@ of tensors are answered together, one map per kind of round:
   tensor is answered on the cut t_k;
 - SumsRequest: a round of exact sums (engine/sums.py), added and rounded once.
   Segments inside a row ("last") take none: the tensor's blocks compute their
-  own, and its generator is dropped here.
+  own, and its generator is dropped here;
+- CountRequest: a round of the combiner's integer counts, added.
 
 Each unit is given its sparsifier's resolved context (cluster/stats.py runs
 those rounds first), so that it makes its t_k as the merge will. Everything
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from .. import methods
 from ..engine.histogram import RankIndex
 from ..engine.signed import SignedRankIndex
-from ..engine.spec import CutRequest, ScoreRequest, SumsRequest, UnitRequest
+from ..engine.spec import CountRequest, CutRequest, ScoreRequest, SumsRequest, UnitRequest
 from ..engine.sums import local
 from ..planners.inventory import MERGE
 from ..planners.plan import Plan, TensorPlan
@@ -112,11 +113,11 @@ def _round(batch: list[_Tensor], map_units: MapFn, resolved: dict) -> None:
         if items:
             map_units(label, items, lambda u, value: reduce(owner[u], u, value))
 
-    scores = [t for t in pending if not isinstance(t.request, SumsRequest)]
+    scores = [t for t in pending if not isinstance(t.request, SumsRequest | CountRequest)]
     coarse = {
         t: ScoreRequest(getattr(t.request, "signed", False)) for t in scores if t.index is None
     }
-    got: dict[_Tensor, object] = {}  # coarse histograms, then sums: they add
+    got: dict[_Tensor, object] = {}  # coarse histograms, then sums or counts: they add
 
     def add(t: _Tensor, u: int, value) -> None:
         got[t] = got[t] + value if t in got else value
@@ -140,11 +141,11 @@ def _round(batch: list[_Tensor], map_units: MapFn, resolved: dict) -> None:
     ask("tensor-fine", fine, add_fine)
     cuts = [t for t in scores if isinstance(t.request, CutRequest)]
     _cut(cuts, ask)
-    sums = {t: t.request for t in pending if isinstance(t.request, SumsRequest)}
+    sums = {t: t.request for t in pending if isinstance(t.request, SumsRequest | CountRequest)}
     ask("tensor-sums", sums, add)
     for t in pending:
         if t in sums:
-            t.advance(got[t].values())
+            t.advance(got[t].values() if isinstance(t.request, SumsRequest) else got[t])
         else:
             t.advance(None if t in cuts else t.index)
 

@@ -446,6 +446,13 @@ def ram_merge(
     return ts[0]
 
 
+def ram_counts(ts: list[torch.Tensor], epsilon: float) -> np.ndarray:
+    """methods/ram.py's moved_counts of contiguous float32 CPU blocks, in one pass."""
+    counts = np.zeros(2 * len(ts), np.int64)
+    _lib().ram_counts([_flat32(t) for t in ts], np.float32(epsilon), counts)
+    return counts
+
+
 def della_rows(
     tau: torch.Tensor, u: torch.Tensor, m: int, lo: float, c: float, density: float, inverse: bool
 ) -> int:

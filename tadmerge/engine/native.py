@@ -203,6 +203,7 @@ class NativeKernels:
             "uniform_draws": ([p, i64, i64, i64, i64], None),
             "della_rows": ([p, p, i64, i64, f64, f64, f64, i32], i64),
             "ram_merge": ([p, i64, i64, p, f32, p, p], None),
+            "ram_counts": ([p, i64, i64, f32, p], None),
             "sums_range": ([p, p, p, p, i64, i64, p, p], None),
             "sums_accumulate": (
                 [p, p, p, p, i64, i64, p, p, i64, i64, i64, i64, i32, i64, i64, p, p],
@@ -345,6 +346,13 @@ class NativeKernels:
             _arrays(ts, np.float32, n), k, n, _ptr(base, np.float32, n), float(eps),
             _ptr(lam, np.float32, k), _ptr(use_lam, np.int8, k),
         )  # fmt: skip
+
+    def ram_counts(self, ts, eps, counts) -> None:
+        """ts: K float32 arrays; counts: int64 × 2K, added to."""
+        n, k = ts[0].size, len(ts)
+        self._ram_counts(
+            _arrays(ts, np.float32, n), k, n, float(eps), _ptr(counts, np.int64, 2 * k)
+        )
 
     # -- DELLA by rows ---------------------------------------------------------
 

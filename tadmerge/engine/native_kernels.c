@@ -1087,6 +1087,35 @@ void tadmerge_ram_merge(float *const *ts, int64_t k_count, int64_t n, const floa
     }
 }
 
+/* RAMPlus's counts (methods/ram.py moved_counts, the torch reference): per task
+ * k, its entries with |t_k| > eps together with another task's (shared,
+ * counts[k]) and alone (unique, counts[k_count + k]), added into counts. */
+CLONES
+void tadmerge_ram_counts(const float *const *ts, int64_t k_count, int64_t n, float eps,
+                         int64_t *counts)
+{
+    enum { TILE = 256 }; /* entries per tile: the counters stay in registers */
+    int32_t c[TILE];
+    for (int64_t i0 = 0; i0 < n; i0 += TILE) {
+        int64_t m = n - i0 < TILE ? n - i0 : TILE;
+        for (int64_t t = 0; t < m; t++)
+            c[t] = 0;
+        for (int64_t k = 0; k < k_count; k++)
+            for (int64_t t = 0; t < m; t++)
+                c[t] += fabsf(ts[k][i0 + t]) > eps;
+        for (int64_t k = 0; k < k_count; k++) {
+            int64_t shared = 0, unique = 0;
+            for (int64_t t = 0; t < m; t++) {
+                int32_t moved = fabsf(ts[k][i0 + t]) > eps;
+                shared += moved & (c[t] > 1);
+                unique += moved & (c[t] == 1);
+            }
+            counts[k] += shared;
+            counts[k_count + k] += unique;
+        }
+    }
+}
+
 /* ---------------------------------------------------------------------------
  * DELLA by rows (methods/della.py block, the torch reference).
  *

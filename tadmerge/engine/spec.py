@@ -219,13 +219,19 @@ class CutRequest:
 class SumsRequest:
     """Exact sums of products (engine/sums.py): per pair (i, j), Σ v_i·v_j over
     each segment, with v_0 the base and v_k model k's weights ("weights") or its
-    task vector t_k ("tasks"), or v_j the combiner's derived per-element vectors
-    ("derived": Combiner.derived); segments by `layout` ("tensor", "first":
-    vectors along the first axis, "last"). Sent back: float64 [S pairs, C segments]."""
+    task vector t_k ("tasks"); segments by `layout` ("tensor", "first": vectors
+    along the first axis, "last"). Sent back: float64 [S pairs, C segments]."""
 
     vectors: str
     pairs: tuple[tuple[int, int], ...]
     layout: str = "tensor"
+
+
+@dataclass(frozen=True)
+class CountRequest:
+    """Exact counts over the tensor of the combiner's per-element indicators
+    (Combiner.counts of each block's t_k: int64 per indicator), added over the
+    blocks. Sent back: int64 [indicators]."""
 
 
 @dataclass(frozen=True)
@@ -234,7 +240,7 @@ class UnitRequest:
     on its t_k as the merge makes them (`resolved`: its sparsifier's context) after
     the tensor's cut so far (`cut`: [lo_key, lo_quota, hi_key, hi_quota], its share)."""
 
-    request: ScoreRequest | SumsRequest
+    request: ScoreRequest | SumsRequest | CountRequest
     resolved: dict | None = None
     cut: tuple[int, int, int, int] | None = None
 

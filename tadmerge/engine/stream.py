@@ -180,7 +180,7 @@ def _array_sums(
 ) -> ExactSums | None:
     """array_sums of a request it takes, None where an input is not finite (or,
     `merging` a block, the combination will not be applied here)."""
-    if not isinstance(request, SumsRequest) or request.vectors == "derived":
+    if not isinstance(request, SumsRequest):
         return None
     if merging and layout_of(request.layout, shape) != "tensor":
         return None  # (a coefficient per vector: merge_block applies it)

@@ -22,11 +22,11 @@ code here is the reference, tests/test_merge_sums.py holds them together), so
 units answered by either backend add up to the same sums.
 
 A request (engine/spec.py SumsRequest) names the products (pairs of the block's
-vectors: the weights θ0..θK, θ0 and the task vectors t_k, or a combiner's
-derived per-element vectors) and the layout: one segment for the whole tensor
-("tensor"), one per vector along the first axis ("first": the columns, reduced
-across the row blocks of a split tensor), or one per vector along the last axis
-("last": inside a row, so always inside one unit, and never a round). A
+vectors: the weights θ0..θK, or θ0 and the task vectors t_k) and the layout:
+one segment for the whole tensor ("tensor"), one per vector along the first
+axis ("first": the columns, reduced across the row blocks of a split tensor),
+or one per vector along the last axis ("last": inside a row, so always inside
+one unit, and never a round). A
 combiner's statistics generator yields them (methods/registry.py
 Combiner.statistics; engine/tensor_stats.py and cluster/tensor_stats.py drive
 it); the Combination its spherical methods return is applied here.
@@ -51,8 +51,6 @@ SPLIT = 24  # P = hi·2**SPLIT + lo
 CHUNK = 1 << 17  # elements per bincount: exact below 2**29, temporaries of a few MB
 _LO_MASK = (1 << SPLIT) - 1
 _F_SPLIT = 26  # hi = (hi >> 26)·2**26 + (hi mod 2**26): both exact float64
-WIDE_BINS = 509  # every exponent sum of two float32 values: 2 .. 510
-WIDE_ENTRIES = 1 << 20  # the most entries of such tables (_c_sums' one-visit path)
 
 
 def layout_of(layout: str, shape: tuple[int, ...]) -> str:
@@ -193,26 +191,17 @@ def exact_sums(
 
 
 def block_vectors(
-    base: torch.Tensor,
-    vs: list[torch.Tensor],
-    kind: str,
-    made: bool = False,
-    derived: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+    base: torch.Tensor, vs: list[torch.Tensor], kind: str, made: bool = False
 ) -> Callable[[int, int], list[torch.Tensor]]:
     """chunk(a, b): a request's vectors v_j over elements [a, b). "weights":
     v_0 the base, v_j model j's weights (`vs`); "tasks": v_j the task vector
     t_j, `vs` themselves when `made` (the merge's t_k) or fl32(θ_j − θ0) made
-    from the weights; "derived": the combiner's per-element vectors of the
-    chunk's t_k, `derived(ts)` (Combiner.derived)."""
+    from the weights."""
 
     def chunk(a: int, b: int) -> list[torch.Tensor]:
-        if kind == "weights" or (kind == "tasks" and made):
+        if kind == "weights" or made:
             return [base[a:b]] + [v[a:b] for v in vs]
-        ts = [v[a:b] if made else v[a:b] - base[a:b] for v in vs]
-        if kind == "tasks":
-            return [base[a:b]] + ts
-        assert derived is not None
-        return derived(ts)
+        return [base[a:b]] + [v[a:b] - base[a:b] for v in vs]
 
     return chunk
 
@@ -223,20 +212,19 @@ def block_sums(
     request: SumsRequest,
     shape: tuple[int, ...],
     made: bool = False,
-    derived: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
     backend: str = "auto",
 ) -> ExactSums:
     """One block's share of a request (whole rows of a tensor of `shape`;
-    `vs`, `made`, `derived` as in block_vectors). `backend`: the merge's kernels
-    backend (kernels.enabled), handed down from its dispatch; on the CPU with
-    the C kernels, the same integers from one compiled pass (_c_sums)."""
+    `vs`, `made` as in block_vectors). `backend`: the merge's kernels backend
+    (kernels.enabled), handed down from its dispatch; on the CPU with the C
+    kernels, the same integers from one compiled pass (_c_sums)."""
     from . import kernels
 
     n = base.numel()
     seg = _segmenting(request.layout, shape, n)
-    if n and kernels.enabled(base, backend) and _c_takes(base, vs, request.vectors):
-        return _c_sums(base, vs, request, made, derived, seg)
-    chunk = block_vectors(base, vs, request.vectors, made, derived)
+    if n and kernels.enabled(base, backend) and _c_takes(base, vs):
+        return _c_sums(base, vs, request, made, seg)
+    chunk = block_vectors(base, vs, request.vectors, made)
     return exact_sums(chunk, request.pairs, n, *seg)
 
 
@@ -247,10 +235,7 @@ def array_sums(
     kernels.STREAM_DTYPES (a merge that never imports torch: engine/stream.py),
     by the C kernels, which widen them as torch does: the same integers. The
     request is of the weights or of the task vectors, made from them."""
-    if request.vectors == "derived":
-        raise ValueError("array_sums makes no derived vectors")
-    layout = _segmenting(request.layout, shape, base.size)
-    return _c_sums(base, models, request, False, None, layout)
+    return _c_sums(base, models, request, False, _segmenting(request.layout, shape, base.size))
 
 
 def _segmenting(layout: str, shape: tuple[int, ...], n: int) -> tuple[int, int, bool]:
@@ -260,9 +245,8 @@ def _segmenting(layout: str, shape: tuple[int, ...], n: int) -> tuple[int, int, 
     return seg_size, segments(layout, shape, n), layout == "first"
 
 
-def _c_takes(base: torch.Tensor, vs: list[torch.Tensor], kind: str) -> bool:
-    """Whether the C kernels take the block as it is: contiguous float32 vectors
-    (a derived vector is checked chunk by chunk: kernels._flat32)."""
+def _c_takes(base: torch.Tensor, vs: list[torch.Tensor]) -> bool:
+    """Whether the C kernels take the block as it is: contiguous float32 vectors."""
     import torch
 
     ok = base.dtype == torch.float32 and base.is_contiguous()
@@ -270,73 +254,41 @@ def _c_takes(base: torch.Tensor, vs: list[torch.Tensor], kind: str) -> bool:
 
 
 def _c_sums(
-    base: torch.Tensor,
-    vs: list[torch.Tensor],
+    base: torch.Tensor | np.ndarray,
+    vs: list,
     request: SumsRequest,
     made: bool,
-    derived: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None,
     layout: tuple[int, int, bool],
 ) -> ExactSums:
     """exact_sums's ExactSums (the same bins, the same integers) from the C
     kernels: the vectors' exponent range, then their products binned, in pieces
-    of kernels.PIECE entries (a derived vector: in CHUNK pieces, made by the
-    combiner as for the reference). A task vector made from the weights is
-    made in the kernel (one float32 subtraction, as block_vectors makes it)."""
+    of kernels.PIECE entries. A task vector made from the weights is made in
+    the kernel (one float32 subtraction, as block_vectors makes it)."""
     from . import kernels
 
     n = math.prod(base.shape)  # (a tensor or a numpy array)
     vectors = sorted({j for p in request.pairs for j in p})
     at = {j: q for q, j in enumerate(vectors)}
     pairs = [(at[i], at[j]) for i, j in request.pairs]
-    kind = request.vectors
-    if kind == "derived":
-        chunk = block_vectors(base, vs, kind, made, derived)
-        step, sub = CHUNK, [False] * len(vectors)
+    sub = [request.vectors == "tasks" and not made and j > 0 for j in vectors]
 
-        def piece(a: int, b: int):
-            got = chunk(a, b)
-            return [got[j].contiguous() for j in vectors], None, sub
-
-    else:
-        step = kernels.PIECE
-        sub = [kind == "tasks" and not made and j > 0 for j in vectors]
-
-        def piece(a: int, b: int):
-            return [(base if j == 0 else vs[j - 1])[a:b] for j in vectors], base[a:b], sub
+    def piece(a: int, b: int):
+        return [(base if j == 0 else vs[j - 1])[a:b] for j in vectors], base[a:b], sub
 
     lo = np.full(len(vectors), 255, np.int32)
     hi = np.ones(len(vectors), np.int32)
-
-    def bins() -> tuple[int, int]:
-        """The reference's bins [b0, b0 + nb) from the vectors' exponent range."""
-        least = {j: max(1, min(int(lo[q]), int(hi[q]))) for j, q in at.items()}
-        most = {j: int(hi[q]) for j, q in at.items()}
-        b0 = min(least[i] + least[j] for i, j in request.pairs)
-        return b0, max(most[i] + most[j] for i, j in request.pairs) + 1 - b0
-
-    nonfinite = 0
-    if kind == "derived" and len(pairs) * layout[1] * WIDE_BINS <= WIDE_ENTRIES:
-        # derived vectors are made once per piece: the range and the products in
-        # one visit, into tables of every exponent sum (2 .. 510), cut after to
-        # the reference's bins (every product lies inside them: the same integers)
-        wide_hi = np.zeros((len(pairs), layout[1], WIDE_BINS), dtype=np.int64)
-        wide_lo = np.zeros_like(wide_hi)
-        for a in range(0, n, step):
-            vs_ab, base_ab, flags = piece(a, min(n, a + step))
-            kernels.sums_range(vs_ab, base_ab, flags, lo, hi)
-            nonfinite += kernels.sums_accumulate(
-                vs_ab, base_ab, flags, pairs, a, layout, 2, wide_hi, wide_lo
-            )
-        b0, nb = bins()
-        cut = slice(b0 - 2, b0 - 2 + nb)
-        return ExactSums(wide_hi[:, :, cut].copy(), wide_lo[:, :, cut].copy(), b0, nonfinite)
-    for a in range(0, n, step):
-        kernels.sums_range(*piece(a, min(n, a + step)), lo, hi)
-    b0, nb = bins()
+    for a in range(0, n, kernels.PIECE):
+        kernels.sums_range(*piece(a, min(n, a + kernels.PIECE)), lo, hi)
+    # the reference's bins [b0, b0 + nb) from the vectors' exponent range
+    least = {j: max(1, min(int(lo[q]), int(hi[q]))) for j, q in at.items()}
+    most = {j: int(hi[q]) for j, q in at.items()}
+    b0 = min(least[i] + least[j] for i, j in request.pairs)
+    nb = max(most[i] + most[j] for i, j in request.pairs) + 1 - b0
     sums_hi = np.zeros((len(pairs), layout[1], nb), dtype=np.int64)
     sums_lo = np.zeros_like(sums_hi)
-    for a in range(0, n, step):
-        vs_ab, base_ab, flags = piece(a, min(n, a + step))
+    nonfinite = 0
+    for a in range(0, n, kernels.PIECE):
+        vs_ab, base_ab, flags = piece(a, min(n, a + kernels.PIECE))
         nonfinite += kernels.sums_accumulate(
             vs_ab, base_ab, flags, pairs, a, layout, b0, sums_hi, sums_lo
         )

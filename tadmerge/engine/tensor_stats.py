@@ -12,7 +12,8 @@ Exact for any split, like the sparsifiers' selections:
 - CutRequest: ascending score, ties by flat index, one cut for every task; a
   block's share of the ties at a cut key follows the blocks' order, and within a
   block the flat order;
-- SumsRequest: exact sums of products (sums.py), rounded once.
+- SumsRequest: exact sums of products (sums.py), rounded once;
+- CountRequest: the combiner's integer counts (Combiner.counts), added.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .histogram import RankIndex, fine_histograms
 from .keys import KeyChunks, count_keys, magnitude_keys
 from .signed import SignedRankIndex, signed_coarse, signed_fine
 from .sparsify import below_bits, ties_below
-from .spec import BlockContext, CutRequest, MergeSpec, SumsRequest, UnitRequest
+from .spec import BlockContext, CountRequest, CutRequest, MergeSpec, SumsRequest, UnitRequest
 from .sums import block_sums, local
 
 
@@ -71,12 +72,6 @@ def masked(ts: list[torch.Tensor], keep: torch.Tensor | None) -> list[torch.Tens
     return ts
 
 
-def _sums(base, vs, request: SumsRequest, spec: MergeSpec, ctx: BlockContext, made: bool):
-    derived = methods.combiner(spec.method).derived
-    made_of = derived and (lambda ts: derived(ts, spec))
-    return block_sums(base, vs, request, ctx.shape, made, made_of, ctx.backend)
-
-
 def resolve(
     base: torch.Tensor,
     vs: list[torch.Tensor],
@@ -99,10 +94,13 @@ def resolve(
         request = next(gen)
         while True:
             answer = None
-            if isinstance(request, SumsRequest):
-                if not (ctx.whole or local(request.layout, ctx.shape)):
+            if isinstance(request, SumsRequest | CountRequest):
+                if not (ctx.whole or local(getattr(request, "layout", ""), ctx.shape)):
                     raise RuntimeError(f"{ctx.tensor}: split block without its statistics")
-                answer = _sums(base, vs, request, spec, ctx, made).values()
+                if isinstance(request, CountRequest):
+                    answer = combiner.counts(vs, spec, ctx.backend)
+                else:
+                    answer = block_sums(base, vs, request, ctx.shape, made, ctx.backend).values()
             else:
                 if score is None:
                     score = combiner.score(base, vs, spec, ctx.shape)
@@ -143,7 +141,9 @@ def answer(
     if ask.cut is not None:
         masked(ts, Cutter(list(ask.cut)).keep(score_of(base, ts, spec, ctx.shape)))
     if isinstance(request, SumsRequest):
-        return _sums(base, ts, request, spec, ctx, True)
+        return block_sums(base, ts, request, ctx.shape, True, ctx.backend)
+    if isinstance(request, CountRequest):
+        return methods.combiner(spec.method).counts(ts, spec, ctx.backend)
     score = score_of(base, ts, spec, ctx.shape)
     if request.keys:  # (cuts are of unsigned scores: magnitude keys)
         return count_keys(KeyChunks(score), request.keys)

@@ -34,20 +34,28 @@ def ram_delta(ts, epsilon: float, lambdas=None):
     return ts[0].copy_(acc)
 
 
-def moved(ts, epsilon: float) -> list:
-    """Per task, float32 1.0 where its entry moved together with another task's
-    (shared), then where it moved alone (unique): [shared_1..K, unique_1..K],
-    whose sums are the counts."""
+COUNT_CHUNK = 1 << 17  # entries per step of the reference's counts (bounded temporaries)
+
+
+def moved_counts(ts, epsilon: float, backend: str):
+    """Per task, its entries that moved (|t_k| > ε) together with another task's
+    (shared), then alone (unique): int64 [shared_1..K, unique_1..K] of the
+    block; on a CPU with the C kernels (the merge's `backend`), one pass."""
+    import numpy as np
     import torch
 
+    from ..engine import kernels
+
+    if kernels.enabled(ts[0], backend):
+        return kernels.ram_counts(ts, epsilon)
     eps = torch.tensor(epsilon, dtype=torch.float32, device=ts[0].device)
-    moved = [t.abs() > eps for t in ts]
-    count = moved[0].to(torch.int32)
-    for m in moved[1:]:
-        count.add_(m)
-    several, alone = count > 1, count == 1
-    shared = [(m & several).to(torch.float32) for m in moved]
-    return shared + [(m & alone).to(torch.float32) for m in moved]
+    out = np.zeros(2 * len(ts), np.int64)
+    for a in range(0, ts[0].numel(), COUNT_CHUNK):
+        moved = [t[a : a + COUNT_CHUNK].abs() > eps for t in ts]
+        count = sum(m.to(torch.int32) for m in moved)
+        several, alone = count > 1, count == 1
+        out += [int((m & several).sum()) for m in moved] + [int((m & alone).sum()) for m in moved]
+    return out
 
 
 def ram_merge(base, ts, epsilon: float, backend: str, lambdas=None):

@@ -1,13 +1,13 @@
 """RAMPlus, tensor-local (mergekit's `ramplus_tl`, arXiv 2601.13572): RAM whose
 entries moved by one task alone are scaled by λ_k = 1 + r·clamp(ρ_k, 0, alpha),
 ρ_k = (task k's entries moved together with another task) / max(its entries
-moved alone, epsilon), both counted over the whole tensor. The counts are exact
-sums of the moved entries' indicators (engine/sums.py), so a split tensor gets
-the same λ_k; λ_k is computed in float64 and cast to float32 once."""
+moved alone, epsilon), both counted over the whole tensor. The counts are
+integers added over the blocks (a CountRequest), so a split tensor gets the same
+λ_k; λ_k is computed in float64 and cast to float32 once."""
 
 from __future__ import annotations
 
-from .ram import EPSILON, moved, ram_merge
+from .ram import EPSILON, moved_counts, ram_merge
 from .registry import Combiner, Param
 
 
@@ -20,11 +20,10 @@ def lambdas(shared: list[float], unique: list[float], r: float, alpha: float, ep
 
 def statistics(spec, shape, name):
     """The counts of every task's shared and unique entries, then the λ_k."""
-    from ..engine.spec import SumsRequest
+    from ..engine.spec import CountRequest
 
     k = len(spec.weights)
-    v = yield SumsRequest("derived", tuple((j, j) for j in range(2 * k)))
-    c = [int(x[0]) for x in v]
+    c = [int(x) for x in (yield CountRequest())]
     lam = lambdas(c[:k], c[k:], spec.param("r"), spec.param("alpha"), spec.param("epsilon"))
     return {"lambdas": lam}
 
@@ -53,6 +52,6 @@ METHOD = Combiner(
     ),
     merge_block=merge_block,
     statistics=statistics,
-    derived=lambda ts, spec: moved(ts, spec.param("epsilon")),
+    counts=lambda ts, spec, backend: moved_counts(ts, spec.param("epsilon"), backend),
     uses_weights=False,
 )

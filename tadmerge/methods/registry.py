@@ -244,9 +244,12 @@ class Combiner(Method):
       selection; an unsigned score, one cut per tensor); the requests after it
       see the cut t_k, and the blocks apply it (BlockContext.tensor_stats["cut"]);
     - SumsRequest(vectors, pairs, layout): exact sums of products per segment of
-      the weights, the t_k or its `derived(ts, spec)` per-element vectors of a
-      chunk (float32: ramplus_tl's moved-entry indicators), sent back as float64
-      (slerp's norms and dot product, sce's Σ t_k², ramplus_tl's counts).
+      the weights or the t_k, sent back as float64 (slerp's norms and dot
+      product, sce's Σ t_k²);
+    - CountRequest(): exact counts of its per-element indicators,
+      `counts(ts, spec, backend)` of a block's t_k (int64 per indicator: the
+      torch reference, or its C twin on the merge's backend), added over the
+      blocks (ramplus_tl's shared and unique entries).
     The block runs the generator on itself when it holds the tensor
     (engine/tensor_stats.py resolve); cluster/tensor_stats.py runs it as
     map/reduce rounds over the units of a split tensor. A combiner without a
@@ -260,10 +263,10 @@ class Combiner(Method):
     merge_weights: Callable[..., Any] | None = None
     cross_block: tuple[str, ...] = ()
     # whole-tensor statistics (see above): the generator, the score it ranks, the
-    # per-element vectors it sums
+    # indicators it counts
     statistics: Callable[..., Any] | None = None
     score: Callable[..., Any] | None = None
-    derived: Callable[..., Any] | None = None
+    counts: Callable[..., Any] | None = None
     # how many models it merges (besides the base): (least, most or None)
     models: tuple[int, int | None] = (1, None)
     # it works on whole rows of the last dimension, and a 1-D tensor is one row:
