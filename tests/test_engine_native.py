@@ -421,3 +421,38 @@ def test_ram_counts_kernel_counts_as_the_definition(n, k):
     assert kernels.ram_counts(ts, eps).tolist() == want
     assert ram.moved_counts(ts, eps, "torch").tolist() == want
     assert ram.moved_counts(ts, eps, "c").tolist() == want
+
+
+@needs_cc
+@pytest.mark.parametrize("n", [1, 1000, 70001])
+def test_signed_histograms_kernels_count_as_the_torch_reference(n):
+    """A signed score's order-key histograms (engine/signed.py: arcee_fusion's
+    importance) in one C pass each against the torch reference, and the
+    coarse counts against keys written out per value: negatives, ±0, ±Inf,
+    NaN, subnormals; fine rows of wanted buckets, empty ones included."""
+    from tadmerge.engine import signed
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.exp(3 * torch.randn(n, generator=g))
+    x[torch.rand(n, generator=g) < 0.1] = 0.0
+    x[torch.rand(n, generator=g) < 0.1] = -0.0
+    if n >= 1000:
+        x[:6] = torch.tensor([math.inf, -math.inf, math.nan, 1e-42, -1e-42, 2.5])
+    ref = signed.signed_coarse(x, "torch").counts
+    got = signed.signed_coarse(x, "c").counts
+    assert np.array_equal(got, ref)
+
+    def key(v: float) -> int:
+        bits = int(np.float32(v).view(np.uint32))
+        mag = bits & 0x7FFFFFFF
+        return 0x7FFFFFFF - mag if bits >> 31 and mag else 0x80000000 + mag
+
+    want = np.bincount([key(v) >> 16 for v in x.tolist()], minlength=1 << 16)
+    assert np.array_equal(got, want)
+    buckets = sorted({key(float(x[i])) >> 16 for i in range(0, n, max(1, n // 5))} | {0, 12345})
+    ref_f = signed.signed_fine(x, buckets, "torch")
+    got_f = signed.signed_fine(x, buckets, "c")
+    assert ref_f.keys() == got_f.keys() == set(buckets)
+    for b in buckets:
+        assert np.array_equal(ref_f[b].bins, got_f[b].bins), b
+        assert np.array_equal(ref_f[b].counts, got_f[b].counts), b

@@ -446,6 +446,23 @@ def ram_merge(
     return ts[0]
 
 
+def signed_coarse(x: torch.Tensor) -> np.ndarray:
+    """engine/signed.py's coarse counts of x's order keys (int64 × 2**16), one pass."""
+    counts = np.zeros(1 << 16, np.int64)
+    _lib().signed_coarse(_bits(x), counts)
+    return counts
+
+
+def signed_fine(x: torch.Tensor, buckets: list[int]) -> np.ndarray:
+    """engine/signed.py's fine counts (int64 [len(buckets), 2**16]) of the given
+    coarse buckets of x's order keys, one pass."""
+    slot = np.full(1 << 16, len(buckets), np.int32)
+    slot[np.asarray(buckets, dtype=np.int64)] = np.arange(len(buckets), dtype=np.int32)
+    rows = np.zeros((len(buckets) + 1, 1 << 16), np.int64)
+    _lib().signed_fine(_bits(x), slot, rows)
+    return rows[:-1]
+
+
 def ram_counts(ts: list[torch.Tensor], epsilon: float) -> np.ndarray:
     """methods/ram.py's moved_counts of contiguous float32 CPU blocks, in one pass."""
     counts = np.zeros(2 * len(ts), np.int64)

@@ -204,6 +204,8 @@ class NativeKernels:
             "della_rows": ([p, p, i64, i64, f64, f64, f64, i32], i64),
             "ram_merge": ([p, i64, i64, p, f32, p, p], None),
             "ram_counts": ([p, i64, i64, f32, p], None),
+            "signed_coarse": ([p, i64, p], None),
+            "signed_fine": ([p, i64, p, p], None),
             "sums_range": ([p, p, p, p, i64, i64, p, p], None),
             "sums_accumulate": (
                 [p, p, p, p, i64, i64, p, p, i64, i64, i64, i64, i32, i64, i64, p, p],
@@ -346,6 +348,20 @@ class NativeKernels:
             _arrays(ts, np.float32, n), k, n, _ptr(base, np.float32, n), float(eps),
             _ptr(lam, np.float32, k), _ptr(use_lam, np.int8, k),
         )  # fmt: skip
+
+    def signed_coarse(self, bits, counts) -> None:
+        """bits: int32 patterns of float32 values; counts: int64 × 2**16, added to."""
+        self._signed_coarse(_ptr(bits, np.int32), bits.size, _ptr(counts, np.int64, 1 << 16))
+
+    def signed_fine(self, bits, slot, rows) -> None:
+        """slot: int32 × 2**16 (row of each coarse bucket); rows: int64 [R, 2**16]."""
+        if slot.size != 1 << 16 or rows.ndim != 2 or rows.shape[1] != 1 << 16:
+            raise TypeError("signed_fine takes 2**16 slots and rows of 2**16 counts")
+        if int(slot.max()) >= rows.shape[0] or int(slot.min()) < 0:
+            raise ValueError("signed_fine: a slot outside the rows")
+        self._signed_fine(
+            _ptr(bits, np.int32), bits.size, _ptr(slot, np.int32), _ptr(rows, np.int64, rows.size)
+        )
 
     def ram_counts(self, ts, eps, counts) -> None:
         """ts: K float32 arrays; counts: int64 × 2K, added to."""

@@ -1087,6 +1087,37 @@ void tadmerge_ram_merge(float *const *ts, int64_t k_count, int64_t n, const floa
     }
 }
 
+/* ---------------------------------------------------------------------------
+ * Histograms of a signed score's order keys (engine/signed.py, the torch
+ * reference): the key of x is 2^31 + key(|x|) for x >= 0 (and -0.0), 2^31 −
+ * 1 − key(|x|) for x < 0, key(|x|) its bits without the sign.
+ * ------------------------------------------------------------------------- */
+
+INLINE uint32_t order_key(uint32_t bits)
+{
+    uint32_t mag = bits & M31;
+    return (bits >> 31) && mag ? 0x7FFFFFFFu - mag : 0x80000000u + mag;
+}
+
+/* counts[key >> 16] += 1 for n float32 values (bits) */
+CLONES
+void tadmerge_signed_coarse(const uint32_t *bits, int64_t n, int64_t *counts)
+{
+    for (int64_t i = 0; i < n; i++)
+        counts[order_key(bits[i]) >> 16]++;
+}
+
+/* rows[slot[key >> 16]][key & 0xFFFF] += 1: slot maps each coarse bucket to
+ * its row (a wanted bucket's, or the last row: every other bucket) */
+CLONES
+void tadmerge_signed_fine(const uint32_t *bits, int64_t n, const int32_t *slot, int64_t *rows)
+{
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t k = order_key(bits[i]);
+        rows[(int64_t)slot[k >> 16] * 65536 + (k & 0xFFFFu)]++;
+    }
+}
+
 /* RAMPlus's counts (methods/ram.py moved_counts, the torch reference): per task
  * k, its entries with |t_k| > eps together with another task's (shared,
  * counts[k]) and alone (unique, counts[k_count + k]), added into counts. */

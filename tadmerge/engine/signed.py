@@ -9,7 +9,9 @@ as they compare equal). Its histograms are the same mergeable counts as the
 magnitude ones (a coarse level over the top 16 bits, fine levels over the low
 16), so RankIndex answers exact rank queries from them for any split; only the
 key's decoding differs (SignedRankIndex). Torch ops, chunk by chunk: the keys
-never exist for a whole block.
+never exist for a whole block; on a CPU with the C kernels (the merge's
+`backend`), one pass each with the same counts (kernels.signed_coarse,
+signed_fine).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import kernels
 from .exact import CoarseStats
 from .histogram import RankIndex, SparseFine
 from .keys import COARSE_SHIFT, N_FINE, key_to_float
@@ -48,29 +51,36 @@ def _chunks(x: torch.Tensor):
         yield signed_keys(flat[a : a + CHUNK])
 
 
-def signed_coarse(x: torch.Tensor) -> CoarseStats:
+def signed_coarse(x: torch.Tensor, backend: str = "auto") -> CoarseStats:
     """The coarse histogram (counts only) of x's order keys: N_SIGNED_COARSE buckets."""
     import torch
 
+    zero = np.zeros(N_SIGNED_COARSE, dtype=np.int64)
+    if x.numel() and kernels.enabled(x, backend):
+        return CoarseStats(kernels.signed_coarse(x), zero, zero.copy(), zero.copy())
     counts = torch.zeros(N_SIGNED_COARSE, dtype=torch.int64, device=x.device)
     for keys in _chunks(x):
         counts += torch.bincount(keys >> COARSE_SHIFT, minlength=N_SIGNED_COARSE)
-    zero = np.zeros(N_SIGNED_COARSE, dtype=np.int64)
     return CoarseStats(counts.cpu().numpy(), zero, zero.copy(), zero.copy())
 
 
-def signed_fine(x: torch.Tensor, buckets: list[int]) -> dict[int, SparseFine]:
+def signed_fine(
+    x: torch.Tensor, buckets: list[int], backend: str = "auto"
+) -> dict[int, SparseFine]:
     """Sparse fine histograms of the given coarse buckets of x's order keys."""
     import torch
 
-    rows = {b: torch.zeros(N_FINE, dtype=torch.int64, device=x.device) for b in buckets}
-    for keys in _chunks(x):
-        coarse = keys >> COARSE_SHIFT
-        for b, row in rows.items():
-            row += torch.bincount(keys[coarse == b] & 0xFFFF, minlength=N_FINE)
+    if x.numel() and buckets and kernels.enabled(x, backend):
+        rows = dict(zip(buckets, kernels.signed_fine(x, buckets), strict=True))
+    else:
+        rows = {b: torch.zeros(N_FINE, dtype=torch.int64, device=x.device) for b in buckets}
+        for keys in _chunks(x):
+            coarse = keys >> COARSE_SHIFT
+            for b, row in rows.items():
+                row += torch.bincount(keys[coarse == b] & 0xFFFF, minlength=N_FINE)
+        rows = {b: row.cpu().numpy() for b, row in rows.items()}
     out = {}
-    for b, row in rows.items():
-        r = row.cpu().numpy()
+    for b, r in rows.items():
         nz = np.flatnonzero(r)
         out[b] = SparseFine(nz, r[nz])
     return out

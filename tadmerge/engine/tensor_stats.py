@@ -33,14 +33,14 @@ from .sums import block_sums, local
 def score_index(score: torch.Tensor, signed: bool, backend: str) -> RankIndex:
     """The rank index of a score's coarse histogram (signed or magnitude keys)."""
     if signed:
-        return SignedRankIndex(signed_coarse(score))
+        return SignedRankIndex(signed_coarse(score, backend))
     return RankIndex(coarse_stats(KeyChunks(score), moments=0, backend=backend))
 
 
 def score_fine(score: torch.Tensor, signed: bool, buckets: list[int], backend: str) -> dict:
     """The fine histograms of a score's coarse buckets (signed or magnitude keys)."""
     if signed:
-        return signed_fine(score, buckets)
+        return signed_fine(score, buckets, backend)
     return fine_histograms(KeyChunks(score), buckets, backend)
 
 
