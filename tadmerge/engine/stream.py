@@ -87,12 +87,18 @@ def merge_raw(
     """
     average = spec.compiled_combiner == "average"
     sq, nan = kernels.stream_raw(base, models, list(spec.weights), spec.scale, average, out)
+    return _task_stats(sq, nan, base.size, check_finite)
+
+
+def _task_stats(sq: list[float], nan: int, n: int, check_finite: bool) -> list[TaskStats] | None:
+    """A streamed block's figures from the stream kernel's Σ τ_k² and NaN count:
+    NonFiniteTaskVector where a τ_k is not finite, None where a result is NaN."""
     for k, s in enumerate(sq):
         if check_finite and not math.isfinite(s):
             raise NonFiniteTaskVector(k)
     if nan:
         return None
-    return [TaskStats(kept=base.size, tau_sq=s, t_sq=s) for s in sq]
+    return [TaskStats(kept=n, tau_sq=s, t_sq=s) for s in sq]
 
 
 def sums_streams(spec: MergeSpec, device: str, dtypes: list[str], backend: str) -> bool:
@@ -138,12 +144,7 @@ def merge_raw_sums(
         weights = [comb.coef[0][0], *weights]
         sq, nan = kernels.stream_raw(base, [base, *models], weights, 1.0, True, out, divisor=1.0)
         sq = sq[1:]
-    for k, s in enumerate(sq):
-        if check_finite and not math.isfinite(s):
-            raise NonFiniteTaskVector(k)
-    if nan:
-        return None
-    return [TaskStats(kept=base.size, tau_sq=s, t_sq=s) for s in sq]
+    return _task_stats(sq, nan, base.size, check_finite)
 
 
 def _resolve(raws: list[np.ndarray], spec: MergeSpec, ctx: BlockContext) -> Combination | None:
