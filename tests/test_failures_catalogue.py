@@ -853,6 +853,26 @@ def test_nan_and_inf_refused_while_reading(tmp_path, capsys):
     assert rc == EXIT_OK
 
 
+@pytest.mark.parametrize("method,k", [("task_arithmetic", 2), ("slerp", 1)])
+def test_a_float64_value_beyond_float32_is_named_in_its_file(tmp_path, capsys, method, k):
+    """float64 inputs merge in float32, where a finite value beyond float32's range
+    is Inf: the file holding it (here the base) and its tensor are named as for a
+    NaN, not taken for a difference that overflowed (which names the last model),
+    when its unit streams from the raw inputs (a.weight is split)."""
+    w = make_world(tmp_path, k=k)
+    base = {n: v.double() if n == "a.weight" else v for n, v in base_tensors().items()}
+    for i in range(k):
+        write_checkpoint(w.models[i], finetune(base, i))
+    base["a.weight"][40, 0] = 1e39  # rows 32..64: the second unit
+    write_checkpoint(w.base, base)
+    w.cfg["merge"] = {"method": method}
+    rc, lines = run_cli(capsys, "merge", w.write_cfg())
+    base_file = os.path.join(w.base, "model.safetensors")
+    text = check_error(rc, lines, EXIT_INPUT, [f"{base_file} [a.weight]: 1 NaN/Inf value(s)"])
+    assert not any(w.model_file(i) in text for i in range(k)), text
+    assert_not_published(w)
+
+
 def test_nan_allowed_with_opt_in(tmp_path, capsys):
     w = _nonfinite_world(tmp_path)
     w.cfg["inputs"] = {"allow_nonfinite": True}

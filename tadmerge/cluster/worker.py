@@ -449,9 +449,14 @@ def _compiled_unit(
 
 
 def _nonfinite(raw: np.ndarray) -> int:
-    """NaN/Inf entries of a NP_DTYPES block (bf16: exponent bits all 1)."""
+    """NaN/Inf entries of a NP_DTYPES block as the merge reads it, in float32 (bf16:
+    exponent bits all 1; float64: also the finite values beyond float32's range,
+    Inf once rounded), as the torch engine counts them (engine_units)."""
     if raw.dtype == np.uint16:
         return int(np.count_nonzero((raw & 0x7F80) == 0x7F80))
+    if raw.dtype == np.float64:  # (an error path: the copy costs nothing that matters)
+        with np.errstate(over="ignore"):
+            raw = raw.astype(np.float32)
     return int(np.count_nonzero(~np.isfinite(raw)))
 
 
