@@ -414,9 +414,12 @@ def stream_raw(
     how many results are NaN (then `out` must not be used: merge_block merges
     such a block, with torch's NaN bits)."""
     sq = np.zeros(len(tasks), np.float64)
+    with np.errstate(over="ignore"):  # (a coefficient beyond float32 is Inf, as in torch)
+        w = np.float32(weights)
+        total = np.float32(sum(weights) if divisor is None else divisor)
     nan = _lib().stream(
-        base.reshape(-1), [t.reshape(-1) for t in tasks], np.float32(weights), np.float32(scale),
-        np.float32(sum(weights) if divisor is None else divisor), average, _out(out), sq,
+        base.reshape(-1), [t.reshape(-1) for t in tasks], w, np.float32(scale), total, average,
+        _out(out), sq,
     )  # fmt: skip
     return [float(v) for v in sq], nan
 
