@@ -456,3 +456,28 @@ def test_signed_histograms_kernels_count_as_the_torch_reference(n):
     for b in buckets:
         assert np.array_equal(ref_f[b].bins, got_f[b].bins), b
         assert np.array_equal(ref_f[b].counts, got_f[b].counts), b
+
+
+@needs_cc
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 70001])
+def test_square_sum_is_a_float64_sum_on_either_backend(n):
+    """The report's Σx² (engine/block.py square_sum, SPEC: norms in float64) from
+    the C pass and from torch's chunked float64 norms, against math.fsum of the
+    squares: beyond float32's range, subnormals, and NaN/Inf made non-finite."""
+    from tadmerge.engine.block import square_sum
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.exp(10 * torch.randn(n, generator=g)).clamp(max=1e30)
+    if n > 8:
+        x[:3] = torch.tensor([3e38, -2e38, 1e-42])  # squares beyond float32's range
+    want = math.fsum(v * v for v in x.double().tolist())
+    for backend in ("c", "torch"):
+        assert square_sum(x, backend) == pytest.approx(want, rel=1e-12, abs=0.0), backend
+    if n:
+        bad = x.clone()
+        bad[n // 2] = math.nan
+        assert not math.isfinite(square_sum(bad, "c")) and not math.isfinite(
+            square_sum(bad, "torch")
+        )
+        bad[n // 2] = -math.inf
+        assert square_sum(bad, "c") == square_sum(bad, "torch") == math.inf

@@ -40,18 +40,22 @@ from .spec import (  # noqa: F401  (re-exported)
 )
 
 
-def square_sum(x: torch.Tensor) -> float:
-    """Σx² for the report (float32 accumulation: one fast pass, not exact).
+def square_sum(x: torch.Tensor, backend: str) -> float:
+    """Σx² for the report, accumulated in float64 (SPEC: norms in float64);
+    non-finite only where x holds NaN/Inf. On a CPU with the C kernels (the
+    merge's `backend`) one pass; else chunk by chunk, since torch would widen a
+    whole input to float64 first. The two sum in other orders: the report's
+    last digits may differ between backends, never the bytes."""
+    flat = x.reshape(-1)
+    if flat.numel() and flat.dtype == torch.float32 and kernels.enabled(flat, backend):
+        return kernels.square_sum(flat.contiguous())
+    return sum(
+        float(torch.linalg.vector_norm(flat[a : a + NORM_CHUNK], dtype=torch.float64)) ** 2
+        for a in range(0, flat.numel(), NORM_CHUNK)
+    )
 
-    A non-finite result means NaN/Inf in x, or squares beyond float32's range:
-    the latter is told apart with isfinite (and then summed in float64).
-    """
-    if not x.numel():
-        return 0.0
-    v = float(torch.linalg.vector_norm(x)) ** 2
-    if not math.isfinite(v) and bool(torch.isfinite(x).all()):
-        v = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
-    return v
+
+NORM_CHUNK = 1 << 16  # entries widened to float64 at a time (square_sum's torch path)
 
 
 @dataclass
@@ -159,7 +163,7 @@ def plan_task(
             if exact_norms(spec, ctx, k):
                 stats.tau_sq, stats.t_sq = own_norms(index, sel)
             else:
-                stats.t_sq = square_sum(tau)
+                stats.t_sq = square_sum(tau, ctx.backend)
             return TaskPlan(stats, done=True)
         return TaskPlan(stats, cuts)
     method = methods.sparsifier(sp.method)
@@ -178,7 +182,7 @@ def plan_task(
     )
     t, kept = method.block(tau, u, sp, ctx.della_row, backend=ctx.backend)
     tau.copy_(t)
-    return TaskPlan(TaskStats(kept=kept, t_sq=square_sum(tau)), done=True)
+    return TaskPlan(TaskStats(kept=kept, t_sq=square_sum(tau, ctx.backend)), done=True)
 
 
 def exact_norms(spec: MergeSpec, ctx: BlockContext, k: int) -> bool:
@@ -232,10 +236,8 @@ def merge_block(
     """
     combiner = methods.combiner(spec.method)
     sparsify_none = spec.sparsify.method == "none"
-    if combiner.merge_block is None:  # it merges the weights, given its statistics (ctx)
+    if combiner.merge_block is None or (sparsify_none and combiner.merge_weights is not None):
         return combiner.merge_weights(base, models, spec, check_finite, ctx)
-    if sparsify_none and combiner.merge_weights is not None:
-        return combiner.merge_weights(base, models, spec, check_finite)
     plans = []
     # a magnitude selection is applied by the fused cut kernel (CPU, the C
     # kernels: one pass where the torch ops make ten per chunk); non-finite
@@ -247,7 +249,7 @@ def merge_block(
         if fused and exact_norms(spec, ctx, k):
             plans.append(plan_task(tau, k, spec, ctx, fused))  # norms and check there
             continue
-        tau_sq = square_sum(tau)
+        tau_sq = square_sum(tau, ctx.backend)
         if check_finite and not math.isfinite(tau_sq):
             raise NonFiniteTaskVector(k)
         tp = plan_task(tau, k, spec, ctx, fused)
@@ -264,7 +266,7 @@ def merge_block(
             t = tau[a:b]
             if not tp.done:
                 sparsify_chunk(tp, t, a, spec)
-                tp.stats.t_sq += square_sum(t)
+                tp.stats.t_sq += square_sum(t, ctx.backend)
             ts.append(t)
         return ts
 

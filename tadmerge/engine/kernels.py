@@ -449,6 +449,11 @@ def ram_merge(
     return ts[0]
 
 
+def square_sum(x: torch.Tensor) -> float:
+    """engine/block.py square_sum of a contiguous float32 CPU tensor: Σ x² in float64."""
+    return _lib().square_sum(_flat32(x))
+
+
 def signed_coarse(x: torch.Tensor) -> np.ndarray:
     """engine/signed.py's coarse counts of x's order keys (int64 × 2**16), one pass."""
     counts = np.zeros(1 << 16, np.int64)

@@ -205,6 +205,7 @@ class NativeKernels:
             "ram_merge": ([p, i64, i64, p, f32, p, p], None),
             "ram_counts": ([p, i64, i64, f32, p], None),
             "signed_coarse": ([p, i64, p], None),
+            "square_sum": ([p, i64], ctypes.c_double),
             "signed_fine": ([p, i64, p, p], None),
             "sums_range": ([p, p, p, p, i64, i64, p, p], None),
             "sums_accumulate": (
@@ -348,6 +349,10 @@ class NativeKernels:
             _arrays(ts, np.float32, n), k, n, _ptr(base, np.float32, n), float(eps),
             _ptr(lam, np.float32, k), _ptr(use_lam, np.int8, k),
         )  # fmt: skip
+
+    def square_sum(self, x) -> float:
+        """x: float32; Σ x² in float64."""
+        return float(self._square_sum(_ptr(x, np.float32), x.size)) if x.size else 0.0
 
     def signed_coarse(self, bits, counts) -> None:
         """bits: int32 patterns of float32 values; counts: int64 × 2**16, added to."""

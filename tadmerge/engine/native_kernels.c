@@ -1087,6 +1087,25 @@ void tadmerge_ram_merge(float *const *ts, int64_t k_count, int64_t n, const floa
     }
 }
 
+/* Σ x² of n float32 values in float64 (engine/block.py square_sum, the report's
+ * norms): eight lanes, added pairwise at the end */
+CLONES
+double tadmerge_square_sum(const float *x, int64_t n)
+{
+    double lane[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) {
+            double d = (double)x[i + j];
+            lane[j] += d * d;
+        }
+    for (; i < n; i++) {
+        double d = (double)x[i];
+        lane[0] += d * d;
+    }
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
 /* ---------------------------------------------------------------------------
  * Histograms of a signed score's order keys (engine/signed.py, the torch
  * reference): the key of x is 2^31 + key(|x|) for x >= 0 (and -0.0), 2^31 −

@@ -11,7 +11,7 @@ from .registry import Combiner, Param
 NORMALIZE = Param("normalize", True, "divide by the sum of the weights")
 
 
-def merge_weights(base, models, spec, check_finite: bool, normalize: bool | None = None):
+def merge_weights(base, models, spec, check_finite: bool, ctx, normalize: bool | None = None):
     """Without a sparsifier the weights themselves are combined (τ_k only for the
     report and the finite check). Consumes `models`."""
     from ..engine import combine as C
@@ -21,7 +21,7 @@ def merge_weights(base, models, spec, check_finite: bool, normalize: bool | None
     normalize = spec.param("normalize") if normalize is None else normalize
     stats = []
     for k, m in enumerate(models):
-        tau_sq = square_sum(m - base)
+        tau_sq = square_sum(m - base, ctx.backend)
         if check_finite and not math.isfinite(tau_sq):
             raise NonFiniteTaskVector(k)
         stats.append(TaskStats(kept=base.numel(), tau_sq=tau_sq, t_sq=tau_sq))

@@ -26,11 +26,11 @@ def nearswap(base, model, t: float):
     return model.mul_(w).add_(one_minus.mul_(base))
 
 
-def merge_weights(base, models, spec, check_finite: bool):
+def merge_weights(base, models, spec, check_finite: bool, ctx):
     from ..engine.block import BlockResult, square_sum
     from ..engine.spec import NonFiniteTaskVector, TaskStats
 
-    tau_sq = square_sum(models[0] - base)
+    tau_sq = square_sum(models[0] - base, ctx.backend)
     if check_finite and not math.isfinite(tau_sq):
         raise NonFiniteTaskVector(0)
     stats = [TaskStats(kept=base.numel(), tau_sq=tau_sq, t_sq=tau_sq)]

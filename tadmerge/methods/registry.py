@@ -258,7 +258,7 @@ class Combiner(Method):
     """
 
     merge_block: Callable[..., Any] | None = None
-    # merge_weights(base, models, spec, check_finite): the block when there is no
+    # merge_weights(base, models, spec, check_finite, ctx): the block when there is no
     # sparsifier and the method then works on the weights, not on task vectors
     merge_weights: Callable[..., Any] | None = None
     cross_block: tuple[str, ...] = ()
