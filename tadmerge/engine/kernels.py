@@ -409,8 +409,8 @@ def stream_raw(
     per task: the bytes of merge_block (linear.merge_weights) and the cast to
     the output's dtype. base, tasks and out: flat arrays of STREAM_DTYPES (bf16
     as uint16 patterns), each its own. Averaging divides by Σ weights, or by
-    `divisor` (fl32) where given. Returns Σ τ_k² per task (float64 sums,
-    where merge_block's are float32 norms: the report's last digits differ) and
+    `divisor` (fl32) where given. Returns Σ τ_k² per task (float64 sums, in
+    another order than merge_block's: the report's last digits differ) and
     how many results are NaN (then `out` must not be used: merge_block merges
     such a block, with torch's NaN bits)."""
     sq = np.zeros(len(tasks), np.float64)

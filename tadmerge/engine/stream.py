@@ -11,9 +11,9 @@ dtype while it is in cache: one pass per task, where merge_block widens every
 input to a float32 block first. The arithmetic is merge_block's
 (linear.merge_weights: combine.task_arithmetic / combine.average), in the same
 order, and the rounding to the output dtype is torch's, so the bytes are the
-same (tests/test_engine_stream.py). Its report norms are float64 sums where
-merge_block's are float32 ones: the last digits of the report's figures differ
-between the two, the bytes do not.
+same (tests/test_engine_stream.py). Its report norms are float64 sums, as
+merge_block's, added in another order: the last digits of the report's figures
+may differ between the two, the bytes do not.
 
 No torch: the blocks are numpy arrays (bf16: uint16 arrays of the bit
 patterns), so a merge made of these alone never imports torch (~2 s on a
