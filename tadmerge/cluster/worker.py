@@ -90,8 +90,8 @@ def torch_free(plan: Plan, device: str, backend: str) -> bool:
     """Whether every unit of the plan is copied, streamed (engine/stream.py,
     sums combiners included) or merged from its raw bf16 blocks (engine/raw.py;
     both may still hand a unit back to the torch engine), so that no worker
-    should need torch: the
-    C kernels are loaded and the backend is not torch (kernels.enabled).
+    should need torch: the C kernels are loaded and the backend is not torch
+    (kernels.enabled).
     Decided per distinct combination of dtypes (a plan's tensor table has them),
     or per tensor where its values vary per tensor (MergeSpec.for_tensor)."""
     spec = merge_spec(plan)
@@ -111,8 +111,7 @@ def torch_free(plan: Plan, device: str, backend: str) -> bool:
             if t.kind == MERGE
         }
     return all(
-        streams(spec, device, [*dtypes, out or ""], backend)
-        or sums_streams(spec, device, [*dtypes, out or ""], backend)
+        _stream_dtypes(spec, device, [*dtypes, out or ""], backend)
         or _raw_dtypes(plan, spec, list(dtypes), out, device, backend)
         for dtypes, out in found
     )
@@ -121,6 +120,11 @@ def torch_free(plan: Plan, device: str, backend: str) -> bool:
 def _streams(spec: MergeSpec, tp: TensorPlan, device: str, backend: str) -> bool:
     """Whether a tensor's units stream (engine/stream.py: the C kernel)."""
     dtypes = [s.dtype for s in tp.sources] + [tp.out_dtype or ""]
+    return _stream_dtypes(spec, device, dtypes, backend)
+
+
+def _stream_dtypes(spec: MergeSpec, device: str, dtypes: list[str], backend: str) -> bool:
+    """_streams by the dtypes of the inputs and (last) the output."""
     return streams(spec, device, dtypes, backend) or sums_streams(spec, device, dtypes, backend)
 
 
@@ -243,13 +247,14 @@ def _run_one(
     spec = merge_spec(plan, tp)
     device = resolve_device(dispatch.device)
     backend = dispatch.kernels
+    ctx = block_context(plan, unit, resolved, backend)
     try:
         if _streams(spec, tp, device, backend):
-            rec = _stream_unit(plan, staging, unit, tp, spec, resolved, backend)
+            rec = _stream_unit(plan, staging, unit, spec, ctx)
             if rec is not None:
                 return rec
         if _raw(plan, spec, tp, device, backend):
-            rec = _raw_unit(plan, staging, unit, tp, spec, resolved, backend)
+            rec = _raw_unit(plan, staging, unit, spec, ctx)
             if rec is not None:
                 return rec
         from .engine_units import merge_unit
@@ -326,12 +331,13 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispat
         got = _raw_coarse(plan, unit, request, dispatch.kernels)
         if got is not None:
             return got
-    spec = merge_spec(plan, tp)
-    if isinstance(request, UnitRequest) and _streams(spec, tp, device, dispatch.kernels):
-        ctx = block_context(plan, unit, request.resolved, dispatch.kernels)
-        got = unit_sums(_read_raw(plan, unit), spec, ctx, request)
-        if got is not None:
-            return got
+    if isinstance(request, UnitRequest):
+        spec = merge_spec(plan, tp)
+        if _streams(spec, tp, device, dispatch.kernels):
+            ctx = block_context(plan, unit, request.resolved, dispatch.kernels)
+            got = unit_sums(_read_raw(plan, unit), spec, ctx, request)
+            if got is not None:
+                return got
     from . import engine_units
 
     return engine_units.unit_stats(plan, unit_id, request, replace(dispatch, device=device))
@@ -383,21 +389,14 @@ def _raw_coarse(plan: Plan, unit: Unit, request: CoarseRequest, backend: str) ->
 
 
 def _raw_unit(
-    plan: Plan,
-    staging: str,
-    unit: Unit,
-    tp: TensorPlan,
-    spec: MergeSpec,
-    resolved: dict | None,
-    backend: str,
+    plan: Plan, staging: str, unit: Unit, spec: MergeSpec, ctx: BlockContext
 ) -> UnitRecord | None:
     """A magnitude selection with task arithmetic or averaging, from the raw bf16
     blocks (engine/raw.py); None when the torch engine must merge this unit
     (decided before reading where the resolved selections already tell)."""
-    ctx = block_context(plan, unit, resolved, backend)
     if not applies(ctx):
         return None
-    return _compiled_unit(plan, staging, unit, tp, lambda raws, out: merge_raw_sparse(
+    return _compiled_unit(plan, staging, unit, lambda raws, out: merge_raw_sparse(
         raws[0], raws[1:], out, spec, ctx
     ))  # fmt: skip
 
@@ -407,13 +406,7 @@ def _row_offset(tp: TensorPlan, row: int, dtype: str) -> int:
 
 
 def _stream_unit(
-    plan: Plan,
-    staging: str,
-    unit: Unit,
-    tp: TensorPlan,
-    spec: MergeSpec,
-    resolved: dict | None,
-    backend: str,
+    plan: Plan, staging: str, unit: Unit, spec: MergeSpec, ctx: BlockContext
 ) -> UnitRecord | None:
     """A streamed merge (engine/stream.py): the inputs stay in their own dtype and
     the output is made in the output dtype, chunk by chunk. None when the torch
@@ -421,24 +414,22 @@ def _stream_unit(
     merge_raw_sums hands back)."""
     check_finite = not plan.config.inputs.allow_nonfinite
     if spec.compiled_combiner is not None:
-        return _compiled_unit(plan, staging, unit, tp, lambda raws, out: merge_raw(
+        return _compiled_unit(plan, staging, unit, lambda raws, out: merge_raw(
             raws[0], raws[1:], out, spec, check_finite
         ))  # fmt: skip
-    ctx = block_context(plan, unit, resolved, backend)
-    return _compiled_unit(plan, staging, unit, tp, lambda raws, out: merge_raw_sums(
+    return _compiled_unit(plan, staging, unit, lambda raws, out: merge_raw_sums(
         raws, out, spec, ctx, check_finite
     ))  # fmt: skip
 
 
-def _compiled_unit(
-    plan: Plan, staging: str, unit: Unit, tp: TensorPlan, merge
-) -> UnitRecord | None:
+def _compiled_unit(plan: Plan, staging: str, unit: Unit, merge) -> UnitRecord | None:
     """Read the unit's raw blocks, `merge(raws, out)` them into the output dtype
     (a compiled path: per-task stats, or None to hand the unit on to the torch
     engine) and write the rows."""
     raws = _read_raw(plan, unit)
-    assert tp.out_dtype is not None
-    out = POOL.bytes("out", raws[0].size * DTYPE_SIZE[tp.out_dtype]).view(NP_DTYPES[tp.out_dtype])
+    dtype = plan.tensors[unit.tensor].out_dtype
+    assert dtype is not None
+    out = POOL.bytes("out", raws[0].size * DTYPE_SIZE[dtype]).view(NP_DTYPES[dtype])
     try:
         tasks = merge(raws, out)
     except NonFiniteTaskVector:

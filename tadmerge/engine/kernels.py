@@ -27,6 +27,9 @@ test_engine_native.py and test_engine_stream.py hold the two together.
 - DELLA by rows (della_rows): each row's ranks by a stable radix sort, then the
   keep probabilities, the draw comparison and the rescale in one pass, instead
   of a stable torch sort per row and float64 tensors.
+- RAMPlus' shared and unique counts (ram_counts), a signed score's order-key
+  histograms (signed_coarse, signed_fine) and the report's float64 Σx²
+  (square_sum): one pass each, where torch makes temporaries per chunk.
 - The exact tensor sums of the spherical methods and model_stock
   (sums.exact_sums: sums_range, sums_accumulate): each product's mantissa
   product split and added to its (pair, segment, exponent) bin in int64, the

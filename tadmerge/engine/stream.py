@@ -24,10 +24,10 @@ A sums combiner's block (merge_raw_sums) takes its tensor's Combination from
 the driver (a split tensor: the rounds over units ask unit_sums) or from its
 statistics generator answered here (a whole tensor), by the C sums kernels on
 the raw inputs, widened in the kernel as torch widens them (sums.array_sums:
-the integers of sums.block_sums). The combination Σ_j fl32(c_j)·v_j (+ θ0 for task vectors),
-products before sums in vector order, is what the stream kernel computes for
-averaging with the divisor 1 (weights) or task arithmetic with λ = 1 (task
-vectors): multiplying or dividing by 1 is exact, so the bytes are
+the integers of sums.block_sums). The combination Σ_j fl32(c_j)·v_j (+ θ0 for
+task vectors), products before sums in vector order, is what the stream kernel
+computes for averaging with the divisor 1 (weights) or task arithmetic with
+λ = 1 (task vectors): multiplying or dividing by 1 is exact, so the bytes are
 sums.apply's. Per-vector layouts (row_wise, filter_wise), NaN/Inf met
 anywhere, and vectors that take no part go to merge_block.
 

@@ -95,7 +95,8 @@ def resolve(
         while True:
             answer = None
             if isinstance(request, SumsRequest | CountRequest):
-                if not (ctx.whole or local(getattr(request, "layout", ""), ctx.shape)):
+                in_rows = isinstance(request, SumsRequest) and local(request.layout, ctx.shape)
+                if not (ctx.whole or in_rows):
                     raise RuntimeError(f"{ctx.tensor}: split block without its statistics")
                 if isinstance(request, CountRequest):
                     answer = combiner.counts(vs, spec, ctx.backend)

@@ -10,20 +10,18 @@ import math
 
 def merge_weights(base, models, spec, check_finite: bool, ctx):
     """Merge one block of a sums combiner. Consumes `models`."""
-    import torch
-
     from ..engine import tensor_stats as TS
-    from ..engine.block import BlockResult
+    from ..engine.block import BlockResult, square_sum
     from ..engine.spec import NonFiniteTaskVector, TaskStats
     from ..engine.sums import CHUNK, Combination, apply
 
     stats = []
-    n, f64 = base.numel(), torch.float64
+    n = base.numel()
     for k, m in enumerate(models):
-        # the report's |τ_k|², accumulated in float64 (SPEC: norms in float64) by
-        # one norm pass per chunk; also the check for NaN/Inf in τ_k
+        # the report's |τ_k|² (float64), τ_k made a chunk at a time (no block-sized
+        # temporary); also the check for NaN/Inf in τ_k
         tau_sq = sum(
-            float(torch.linalg.vector_norm(m[a : a + CHUNK] - base[a : a + CHUNK], dtype=f64)) ** 2
+            square_sum(m[a : a + CHUNK] - base[a : a + CHUNK], ctx.backend)
             for a in range(0, n, CHUNK)
         )
         if check_finite and not math.isfinite(tau_sq):
