@@ -205,7 +205,7 @@ class NativeKernels:
             "ram_merge": ([p, i64, i64, p, f32, p, p], None),
             "ram_counts": ([p, i64, i64, f32, p], None),
             "signed_coarse": ([p, i64, p], None),
-            "square_sum": ([p, i64], ctypes.c_double),
+            "square_sum": ([p, i64], f64),
             "signed_fine": ([p, i64, p, p], None),
             "sums_range": ([p, p, p, p, i64, i64, p, p], None),
             "sums_accumulate": (
