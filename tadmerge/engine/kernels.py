@@ -37,7 +37,9 @@ test_engine_native.py and test_engine_stream.py hold the two together.
   bincount ops per pair and chunk.
 
 The kernels live in native_kernels.c, built once per machine with its C
-compiler and loaded with ctypes (engine/native.py). The backend is decided
+compiler and loaded with ctypes (engine/native.py); each function here checks
+what it hands a kernel (dtype, contiguity, length: a wrong array is a
+TypeError, never a read past its end) and calls it. The backend is decided
 once per merge by the driver (cluster/dispatch.py) and passed explicitly to
 every worker (the Dispatch), and from there to the engine (BlockContext.backend,
 the `backend` argument of the statistics functions): 'c' takes the kernels
@@ -50,6 +52,7 @@ load it).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 from typing import TYPE_CHECKING
@@ -68,8 +71,9 @@ log = logging.getLogger(__name__)
 PIECE = 1 << 30
 # up to this many wanted buckets the fine kernel keeps one table per stream
 TWO_STREAM_ROWS = 8
-# what the stream kernel takes (bf16 as uint16 patterns) and writes
-STREAM_DTYPES = native.STREAM_DTYPES
+# the dtypes a streamed block may have, by their code in native_kernels.c
+# (bf16 as its uint16 patterns)
+STREAM_DTYPES = tuple(np.dtype(t) for t in (np.uint16, np.float16, np.float32, np.float64))
 
 # What a merge's dispatch may say: 'c' or 'torch' (cluster/dispatch.py decides,
 # the workers are handed it); 'auto' is 'c' where the library loads, for callers
@@ -120,7 +124,7 @@ def _say_unavailable() -> None:
     )
 
 
-def _lib() -> native.NativeKernels:
+def _lib() -> ctypes.CDLL:
     lib = native.kernels()
     if lib is None:
         raise RuntimeError(f"the C kernels are not loaded: {native.describe()}")
@@ -131,6 +135,20 @@ def _on_cpu(x) -> bool:
     """A torch tensor on the CPU, a numpy array, or None (no values held)."""
     device = getattr(x, "device", "cpu")  # numpy arrays say "cpu" too
     return getattr(device, "type", device) == "cpu"
+
+
+def _ptr(x: np.ndarray, n: int | None = None) -> int | None:
+    """The address of a contiguous array (of n entries, where given), for a kernel."""
+    if not x.flags.c_contiguous or (n is not None and x.size != n):
+        want = f"{n} entries of " if n is not None else ""
+        raise TypeError(f"the C kernels take contiguous arrays of {want}{x.dtype}")
+    return x.ctypes.data if x.size else None
+
+
+def _arrays(arrays: list[np.ndarray], n: int):
+    """A C array of the arrays' addresses (each flat and contiguous, of n entries)."""
+    ptrs = [_ptr(a, n) for a in arrays]
+    return (ctypes.c_void_p * len(ptrs))(*ptrs)
 
 
 def _bits(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -152,24 +170,62 @@ def _bits(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return x.numpy()
 
 
+def _flat32(x: torch.Tensor) -> np.ndarray:
+    """A contiguous flat float32 tensor as a numpy array sharing its memory."""
+    import torch
+
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise TypeError("the apply kernels take contiguous float32 tensors")
+    return x.view(-1).numpy()
+
+
+def _raw16(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The 16-bit patterns of a flat contiguous bf16 tensor (or a uint16 array
+    of them), without a copy."""
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint16 or not x.flags.c_contiguous:
+            raise TypeError("the raw kernels take contiguous arrays of bf16 patterns (uint16)")
+        return x.reshape(-1)
+    import torch
+
+    if x.dtype != torch.bfloat16 or not x.is_contiguous():
+        raise TypeError("the raw kernels take contiguous bfloat16 tensors")
+    return x.view(-1).view(torch.int16).numpy().view(np.uint16)
+
+
+def _dtype_code(x: np.ndarray) -> int:
+    """native_kernels.c's code of an array's dtype (uint16: bf16 patterns)."""
+    try:
+        return STREAM_DTYPES.index(x.dtype)
+    except ValueError:
+        raise TypeError(
+            f"the C kernels take bf16, float16, float32 or float64, not {x.dtype}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------
+# statistics: histograms of magnitude keys (engine/exact.py, histogram.py)
+# ---------------------------------------------------------------------------------
+
+
 def coarse_pieces(x: torch.Tensor, moments: int):
     """Per coarse bucket of |x|'s key: count, Σ L (moments >= 1) and Σ L² (moments
     2), int64, zeros for the moments not asked for (as the torch path leaves them),
     for each piece of at most PIECE elements (every sum stays below 2**62)."""
-    k = _lib()
+    lib = _lib()
     bits = _bits(x)
     for a in range(0, max(1, bits.shape[0]), PIECE):
         piece = bits[a : a + PIECE]
         if moments:
-            acc = np.zeros((2, N_COARSE, 3), np.int64)
-            k.coarse_moments(piece, acc[0], acc[1])
+            acc = np.zeros((2, N_COARSE, 3), np.int64)  # two streams: count, Σ L, Σ L²
+            lib.tadmerge_coarse_moments(_ptr(piece), piece.size, _ptr(acc[0]), _ptr(acc[1]))
             tot = acc[0] + acc[1]
             if moments < 2:
                 tot[:, 2] = 0
             yield tot[:, 0].copy(), tot[:, 1].copy(), tot[:, 2].copy()
         else:
             counts = np.zeros((2, N_COARSE), np.int64)
-            k.coarse_counts(piece, counts[0], counts[1])
+            lib.tadmerge_coarse_counts(_ptr(piece), piece.size, _ptr(counts[0]), _ptr(counts[1]))
             zero = np.zeros(N_COARSE, np.int64)
             yield counts[0] + counts[1], zero, zero.copy()
 
@@ -190,29 +246,23 @@ def coarse_sparse(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
     own. This pass costs about what counting alone does.
     """
     bits = _bits(x)
-    n = bits.shape[0]
+    return _side_pass(bits.shape[0], lambda *t: _lib().tadmerge_coarse_side(_ptr(bits), *t))
+
+
+def _side_pass(n: int, kernel) -> tuple[np.ndarray, np.ndarray] | None:
+    """coarse_side's or coarse_side_raw's pass over n entries: its two streams'
+    tables have spare slots for zero keys past the buckets (native.ZERO_SLOTS),
+    added into bucket 0 here."""
     if n > PIECE:
         return None
-    counts = _side_tables()
+    tables = np.zeros((2, N_COARSE + native.ZERO_SLOTS), np.int64)
     side = np.empty(max(1, n // SIDE_SHARE), np.int32)
-    ns = _lib().coarse_side(bits, counts[0], counts[1], side)
+    ns = kernel(n, _ptr(tables[0]), _ptr(tables[1]), _ptr(side), side.size)
     if ns < 0:
         return None
-    return _bucket_counts(counts), side[:ns]
-
-
-def _side_tables() -> np.ndarray:
-    """coarse_side's two streams' tables, with the spare slots for zero keys
-    past the buckets (native.ZERO_SLOTS)."""
-    return np.zeros((2, N_COARSE + native.ZERO_SLOTS), np.int64)
-
-
-def _bucket_counts(tables: np.ndarray) -> np.ndarray:
-    """The counts per coarse bucket from coarse_side's tables: the two streams
-    added, the zero keys' spare slots into bucket 0."""
     total = tables[0] + tables[1]
     total[0] += total[N_COARSE:].sum()
-    return total[:N_COARSE]
+    return total[:N_COARSE], side[:ns]
 
 
 def fine_histogram_rows(x: torch.Tensor, wanted: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -223,7 +273,7 @@ def fine_histogram_rows(x: torch.Tensor, wanted: list[int]) -> list[tuple[np.nda
     them), one row per wanted bucket and one for every other bucket (no branch in
     the loop), two tables (one per stream) while they are small.
     """
-    fine_rows = _lib().fine_rows
+    fine_rows = _lib().tadmerge_fine_rows
     bits = _bits(x)
     m = len(wanted)
     lut = np.full(N_COARSE, m, np.int32)
@@ -233,7 +283,8 @@ def fine_histogram_rows(x: torch.Tensor, wanted: list[int]) -> list[tuple[np.nda
     total: np.ndarray | None = None  # int64 sums, only for inputs of several pieces
     for a in range(0, bits.shape[0], PIECE):
         rows[:] = 0
-        fine_rows(bits[a : a + PIECE], lut, rows[0], rows[-1])  # one table: both streams
+        piece = bits[a : a + PIECE]  # one table (rows[0] is rows[-1]): both streams
+        fine_rows(_ptr(piece), piece.size, _ptr(lut), _ptr(rows[0]), _ptr(rows[-1]))
         if streams == 2:
             rows[0] += rows[1]  # each < 2**30: no overflow
         if a or bits.shape[0] > PIECE:
@@ -246,13 +297,34 @@ def fine_histogram_rows(x: torch.Tensor, wanted: list[int]) -> list[tuple[np.nda
     return out
 
 
-def _flat32(x: torch.Tensor) -> np.ndarray:
-    """A contiguous flat float32 tensor as a numpy array sharing its memory."""
-    import torch
+def signed_coarse(x: torch.Tensor) -> np.ndarray:
+    """engine/signed.py's coarse counts of x's order keys (int64 × 2**16), one pass."""
+    bits = _bits(x)
+    counts = np.zeros(1 << 16, np.int64)
+    _lib().tadmerge_signed_coarse(_ptr(bits), bits.size, _ptr(counts))
+    return counts
 
-    if x.dtype != torch.float32 or not x.is_contiguous():
-        raise TypeError("the apply kernels take contiguous float32 tensors")
-    return x.view(-1).numpy()
+
+def signed_fine(x: torch.Tensor, buckets: list[int]) -> np.ndarray:
+    """engine/signed.py's fine counts (int64 [len(buckets), 2**16]) of the given
+    coarse buckets of x's order keys, one pass."""
+    bits = _bits(x)
+    slot = np.full(1 << 16, len(buckets), np.int32)
+    slot[np.asarray(buckets, dtype=np.int64)] = np.arange(len(buckets), dtype=np.int32)
+    rows = np.zeros((len(buckets) + 1, 1 << 16), np.int64)
+    _lib().tadmerge_signed_fine(_ptr(bits), bits.size, _ptr(slot), _ptr(rows))
+    return rows[:-1]
+
+
+def square_sum(x: torch.Tensor) -> float:
+    """engine/block.py square_sum of a contiguous float32 CPU tensor: Σ x² in float64."""
+    a = _flat32(x)
+    return float(_lib().tadmerge_square_sum(_ptr(a), a.size)) if a.size else 0.0
+
+
+# ---------------------------------------------------------------------------------
+# the apply phase on float32 blocks (engine/sparsify.py, combine.py, methods/)
+# ---------------------------------------------------------------------------------
 
 
 def cut_block(t: torch.Tensor, lo: tuple[int, int], hi: tuple[int, int], scale: float) -> int:
@@ -261,17 +333,28 @@ def cut_block(t: torch.Tensor, lo: tuple[int, int], hi: tuple[int, int], scale: 
     lo/hi are (cut key, the block's ties at that key below the cut), as in
     sparsify.apply_cuts; kept entries become τ·fl32(scale), dropped ones +0.0.
     Returns the kept count."""
-    k = _lib()
+    lib = _lib()
     x = _flat32(t)
     bits = x.view(np.int32)
-    ends = [k.tie_end(bits, key, quota) if quota > 0 and key >= 0 else 0 for key, quota in (lo, hi)]
-    return k.cut_pass(x, lo[0], ends[0], hi[0], ends[1], np.float32(scale), scale != 1.0)
+    ends = [
+        lib.tadmerge_tie_end(_ptr(bits), bits.size, int(key), int(quota))
+        if quota > 0 and key >= 0
+        else 0
+        for key, quota in (lo, hi)
+    ]
+    return lib.tadmerge_cut_pass(
+        _ptr(x), x.size, int(lo[0]), int(ends[0]), int(hi[0]), int(ends[1]),
+        float(np.float32(scale)), int(scale != 1.0),
+    )  # fmt: skip
 
 
 def ties_votes(ts: list[torch.Tensor], weights: list[float]) -> int:
     """Σ sign(Σ_k fl32(w_k)·t_k) over a block, as combine.ties_vote counts it."""
-    up, down = _lib().ties_votes([_flat32(t) for t in ts], np.float32(weights))
-    return up - down
+    arrays = [_flat32(t) for t in ts]
+    n, k = arrays[0].size, len(arrays)
+    w, up_down = np.float32(weights), np.zeros(2, np.int64)
+    _lib().tadmerge_ties_votes(_arrays(arrays, n), k, n, _ptr(w, k), _ptr(up_down))
+    return int(up_down[0] - up_down[1])
 
 
 def ties_merge(
@@ -286,16 +369,14 @@ def ties_merge(
     """TIES of a whole block over ts[0] (see the kernel): the bytes of combine.ties
     for finite values, with positive weights when `mean`. Returns (Σ sign of the
     votes, entries whose votes cancel exactly while a task moved, if counted)."""
-    up, down, cancel = _lib().ties_merge(
-        [_flat32(t) for t in ts],
-        np.float32(weights),
-        _flat32(base),
-        np.float32(scale),
-        mean,
-        majority,
-        count_cancel,
-    )
-    return up - down, cancel
+    arrays = [_flat32(t) for t in ts]
+    n, k = arrays[0].size, len(arrays)
+    w, out3 = np.float32(weights), np.zeros(3, np.int64)  # up, down, cancelled
+    _lib().tadmerge_ties_merge(
+        _arrays(arrays, n), k, n, _ptr(w, k), _ptr(_flat32(base), n), float(np.float32(scale)),
+        int(mean), int(majority), int(count_cancel), _ptr(out3),
+    )  # fmt: skip
+    return int(out3[0] - out3[1]), int(out3[2])
 
 
 def emr_merge(ts: list[torch.Tensor], masks: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -304,32 +385,76 @@ def emr_merge(ts: list[torch.Tensor], masks: torch.Tensor) -> tuple[np.ndarray, 
     (K × 256, int64) of |t_k| and of |M_k ⊙ τ_uni|; blocks of at most PIECE
     entries keep them below 2**54."""
     arrays = [_flat32(t) for t in ts]
-    if arrays[0].shape[0] > PIECE:
+    n, k = arrays[0].size, len(arrays)
+    if n > PIECE:
         raise ValueError("emr_merge takes blocks of at most PIECE entries")
-    k = len(arrays)
+    m = masks.numpy()
+    if m.dtype not in (np.bool_, np.uint8) or m.shape != (k, n):
+        raise TypeError(f"emr_merge takes a {k} × {n} bool array of masks")
     abs_t = np.zeros((k, 256), np.int64)
     abs_u = np.zeros((k, 256), np.int64)
-    _lib().emr_merge(arrays, masks.numpy(), abs_t, abs_u)
+    if _lib().tadmerge_emr_merge(_arrays(arrays, n), k, n, _ptr(m), _ptr(abs_t), _ptr(abs_u)):
+        raise MemoryError("emr_merge: its tables of exact sums could not be allocated")
     return abs_t, abs_u
 
 
+def uniform_draws(out: torch.Tensor, lo: int, c1: int, c2: int) -> None:
+    """sparsify._hash_into in one pass: the draws of a canonical block's entries
+    lo .. lo + len(out) - 1 (below 2**32) for the lane keys c1, c2, into the
+    contiguous float32 CPU tensor `out`; the same bits."""
+    a = _flat32(out)
+    if not 0 <= lo <= (1 << 32) - a.size:
+        raise ValueError("uniform_draws: the entries must lie below 2**32")
+    _lib().tadmerge_uniform_draws(_ptr(a), a.size, int(lo), int(c1), int(c2))
+
+
+def della_rows(
+    tau: torch.Tensor, u: torch.Tensor, m: int, lo: float, c: float, density: float, inverse: bool
+) -> int:
+    """methods/della.py's block in one pass per row, τ (contiguous float32 on the
+    CPU, rows of m entries) rewritten with t in place; u: its draws. The same
+    bits as the torch reference. Returns the kept count."""
+    t = _flat32(tau)
+    n = t.size
+    if m <= 0 or n % m:
+        raise TypeError("della_rows takes whole rows of m entries")
+    kept = _lib().tadmerge_della_rows(
+        _ptr(t), _ptr(_flat32(u), n), n // m, m, float(lo), float(c), float(density), int(inverse)
+    )
+    if kept < 0:
+        raise MemoryError("della_rows: its buffers could not be allocated")
+    return kept
+
+
+def ram_merge(
+    ts: list[torch.Tensor], base: torch.Tensor, epsilon: float, lambdas: list[float] | None
+) -> torch.Tensor:
+    """methods/ram.py's ram_delta plus θ0 in one pass over contiguous float32 CPU
+    chunks, written over ts[0]; the same bits as the torch reference."""
+    arrays = [_flat32(t) for t in ts]
+    n, k = arrays[0].size, len(arrays)
+    given = lambdas if lambdas is not None else [1.0] * k
+    lams = np.float32(given)
+    use = np.int8([x != 1.0 for x in given])  # (as ram_delta: a λ of 1 is not applied)
+    _lib().tadmerge_ram_merge(
+        _arrays(arrays, n), k, n, _ptr(_flat32(base), n), float(np.float32(epsilon)),
+        _ptr(lams, k), _ptr(use, k),
+    )  # fmt: skip
+    return ts[0]
+
+
+def ram_counts(ts: list[torch.Tensor], epsilon: float) -> np.ndarray:
+    """methods/ram.py's moved_counts of contiguous float32 CPU blocks, in one pass."""
+    arrays = [_flat32(t) for t in ts]
+    n, k = arrays[0].size, len(arrays)
+    counts = np.zeros(2 * k, np.int64)
+    _lib().tadmerge_ram_counts(_arrays(arrays, n), k, n, float(np.float32(epsilon)), _ptr(counts))
+    return counts
+
+
 # ---------------------------------------------------------------------------------
-# raw bf16 inputs (engine/raw.py)
+# raw inputs: bf16 blocks (engine/raw.py) and streamed merges (engine/stream.py)
 # ---------------------------------------------------------------------------------
-
-
-def _raw16(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """The 16-bit patterns of a flat contiguous bf16 tensor (or a uint16 array
-    of them), without a copy."""
-    if isinstance(x, np.ndarray):
-        if x.dtype != np.uint16 or not x.flags.c_contiguous:
-            raise TypeError("the raw kernels take contiguous arrays of bf16 patterns (uint16)")
-        return x.reshape(-1)
-    import torch
-
-    if x.dtype != torch.bfloat16 or not x.is_contiguous():
-        raise TypeError("the raw kernels take contiguous bfloat16 tensors")
-    return x.view(-1).view(torch.int16).numpy().view(np.uint16)
 
 
 def coarse_sparse_raw(
@@ -337,15 +462,9 @@ def coarse_sparse_raw(
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """coarse_sparse of τ = fl32(task) − fl32(base) for bf16 blocks, τ never stored."""
     b, t = _raw16(base), _raw16(task)
-    n = b.shape[0]
-    if n > PIECE:
-        return None
-    counts = _side_tables()
-    side = np.empty(max(1, n // SIDE_SHARE), np.int32)
-    ns = _lib().coarse_side_raw(b, t, counts[0], counts[1], side)
-    if ns < 0:
-        return None
-    return _bucket_counts(counts), side[:ns]
+    return _side_pass(
+        b.size, lambda *x: _lib().tadmerge_coarse_side_raw(_ptr(b), _ptr(t, b.size), *x)
+    )
 
 
 def tie_end_raw(
@@ -354,7 +473,8 @@ def tie_end_raw(
     """tie_end over τ = fl32(task) − fl32(base) of bf16 blocks (0 if none wanted)."""
     if quota <= 0 or key < 0:
         return 0
-    return _lib().tie_end_raw(_raw16(base), _raw16(task), key, quota)
+    b, t = _raw16(base), _raw16(task)
+    return _lib().tadmerge_tie_end_raw(_ptr(b), _ptr(t, b.size), b.size, int(key), int(quota))
 
 
 def _out(out: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -384,17 +504,20 @@ def cut_combine_raw(
     cuts: per task (lo key, lo tie end, hi key, hi tie end, scale), as cut_block
     applies them. Returns the kept count per task, or None when a result is NaN
     (the caller merges the block with torch instead; `out` is then garbage)."""
-    k = len(tasks)
+    b, o = _raw16(base), _out(out)
+    n, k = b.size, len(tasks)
+    if o.dtype not in (np.uint16, np.float32):
+        raise TypeError(f"cut_combine_raw writes bf16 patterns or float32, not {o.dtype}")
     lo_key = np.array([1 << 31 if c[0] < 0 else c[0] for c in cuts], np.int64)
     hi_key = np.array([1 << 31 if c[2] < 0 else c[2] for c in cuts], np.int64)
     lo_end = np.array([c[1] for c in cuts], np.int64)
     hi_end = np.array([c[3] for c in cuts], np.int64)
     scales = np.array([c[4] for c in cuts], np.float32)
-    kept = np.zeros(k, np.int64)
-    nan = _lib().cut_combine_raw(
-        _raw16(base), [_raw16(t) for t in tasks], lo_key, lo_end, hi_key, hi_end,
-        scales, np.float32(weights), np.float32(scale), np.float32(sum(weights)), average,
-        _out(out), kept,
+    w, kept = np.float32(weights), np.zeros(k, np.int64)
+    nan = _lib().tadmerge_cut_combine_raw(
+        _ptr(b), _arrays([_raw16(t) for t in tasks], n), k, n, _ptr(lo_key, k), _ptr(lo_end, k),
+        _ptr(hi_key, k), _ptr(hi_end, k), _ptr(scales, k), _ptr(w, k), float(np.float32(scale)),
+        float(np.float32(sum(weights))), int(average), _ptr(o, n), _dtype_code(o), _ptr(kept),
     )  # fmt: skip
     return None if nan else [int(v) for v in kept]
 
@@ -416,78 +539,18 @@ def stream_raw(
     another order than merge_block's: the report's last digits differ) and
     how many results are NaN (then `out` must not be used: merge_block merges
     such a block, with torch's NaN bits)."""
-    sq = np.zeros(len(tasks), np.float64)
+    b, ts, o = base.reshape(-1), [t.reshape(-1) for t in tasks], _out(out)
+    n, k = b.size, len(ts)
+    dts = np.array([_dtype_code(x) for x in (b, *ts)], np.int32)
+    sq, lanes = np.zeros(k, np.float64), np.zeros(k * native.CHUNK, np.float64)
     with np.errstate(over="ignore"):  # (a coefficient beyond float32 is Inf, as in torch)
         w = np.float32(weights)
         total = np.float32(sum(weights) if divisor is None else divisor)
-    nan = _lib().stream(
-        base.reshape(-1), [t.reshape(-1) for t in tasks], w, np.float32(scale), total, average,
-        _out(out), sq,
+    nan = _lib().tadmerge_stream(
+        _ptr(b), _arrays(ts, n), _ptr(dts), k, n, _ptr(w, k), float(np.float32(scale)),
+        float(total), int(average), _ptr(o, n), _dtype_code(o), _ptr(sq), _ptr(lanes),
     )  # fmt: skip
     return [float(v) for v in sq], nan
-
-
-# ---------------------------------------------------------------------------------
-# DARE/DELLA's random draws (engine/sparsify.py)
-# ---------------------------------------------------------------------------------
-
-
-def uniform_draws(out: torch.Tensor, lo: int, c1: int, c2: int) -> None:
-    """sparsify._hash_into in one pass: the draws of a canonical block's entries
-    lo .. lo + len(out) - 1 (below 2**32) for the lane keys c1, c2, into the
-    contiguous float32 CPU tensor `out`; the same bits."""
-    _lib().uniform_draws(_flat32(out), lo, c1, c2)
-
-
-def ram_merge(
-    ts: list[torch.Tensor], base: torch.Tensor, epsilon: float, lambdas: list[float] | None
-) -> torch.Tensor:
-    """methods/ram.py's ram_delta plus θ0 in one pass over contiguous float32 CPU
-    chunks, written over ts[0]; the same bits as the torch reference."""
-    lams = lambdas if lambdas is not None else [1.0] * len(ts)
-    use = np.int8([x != 1.0 for x in lams])  # (as ram_delta: a λ of 1 is not applied)
-    _lib().ram_merge(
-        [_flat32(t) for t in ts], _flat32(base), np.float32(epsilon), np.float32(lams), use
-    )
-    return ts[0]
-
-
-def square_sum(x: torch.Tensor) -> float:
-    """engine/block.py square_sum of a contiguous float32 CPU tensor: Σ x² in float64."""
-    return _lib().square_sum(_flat32(x))
-
-
-def signed_coarse(x: torch.Tensor) -> np.ndarray:
-    """engine/signed.py's coarse counts of x's order keys (int64 × 2**16), one pass."""
-    counts = np.zeros(1 << 16, np.int64)
-    _lib().signed_coarse(_bits(x), counts)
-    return counts
-
-
-def signed_fine(x: torch.Tensor, buckets: list[int]) -> np.ndarray:
-    """engine/signed.py's fine counts (int64 [len(buckets), 2**16]) of the given
-    coarse buckets of x's order keys, one pass."""
-    slot = np.full(1 << 16, len(buckets), np.int32)
-    slot[np.asarray(buckets, dtype=np.int64)] = np.arange(len(buckets), dtype=np.int32)
-    rows = np.zeros((len(buckets) + 1, 1 << 16), np.int64)
-    _lib().signed_fine(_bits(x), slot, rows)
-    return rows[:-1]
-
-
-def ram_counts(ts: list[torch.Tensor], epsilon: float) -> np.ndarray:
-    """methods/ram.py's moved_counts of contiguous float32 CPU blocks, in one pass."""
-    counts = np.zeros(2 * len(ts), np.int64)
-    _lib().ram_counts([_flat32(t) for t in ts], np.float32(epsilon), counts)
-    return counts
-
-
-def della_rows(
-    tau: torch.Tensor, u: torch.Tensor, m: int, lo: float, c: float, density: float, inverse: bool
-) -> int:
-    """methods/della.py's block in one pass per row, τ (contiguous float32 on the
-    CPU) rewritten with t in place; the same bits as the torch reference.
-    Returns the kept count."""
-    return _lib().della_rows(_flat32(tau), _flat32(u), m, lo, c, density, inverse)
 
 
 # ---------------------------------------------------------------------------------
@@ -495,8 +558,11 @@ def della_rows(
 # ---------------------------------------------------------------------------------
 
 
-def _sums_args(vs: list[torch.Tensor | np.ndarray], base, sub: list[bool]):
-    """float32 tensors, or raw numpy blocks of STREAM_DTYPES (bf16: uint16), flat."""
+def _sums_args(vs: list, base, sub: list[bool]):
+    """The sums kernels' arguments: the vectors (float32 tensors, or raw numpy
+    blocks of STREAM_DTYPES, bf16 as uint16), flat, of n entries; their dtype
+    codes, the base's last (float32's where there is none); the base's address;
+    the int8 flags of the vectors taken as task vectors."""
 
     def flat(x):
         return x.reshape(-1) if isinstance(x, np.ndarray) else _flat32(x)
@@ -504,7 +570,13 @@ def _sums_args(vs: list[torch.Tensor | np.ndarray], base, sub: list[bool]):
     flags = np.array(sub, np.int8)
     if flags.any() and base is None:
         raise ValueError("the exact sums kernels make task vectors from a base")
-    return [flat(v) for v in vs], None if base is None else flat(base), flags
+    arrays = [flat(v) for v in vs]
+    b = None if base is None else flat(base)
+    n = arrays[0].size
+    dts = np.array(
+        [_dtype_code(x) for x in (*arrays, np.empty(0, np.float32) if b is None else b)], np.int32
+    )
+    return arrays, n, dts, None if b is None else _ptr(b, n), flags
 
 
 def sums_range(
@@ -518,8 +590,13 @@ def sums_range(
     updated: min, max), as sums.exact_sums's first pass takes them; v_j is
     fl32(vs[j] − base) where sub[j] (vectors of at most PIECE entries: float32
     tensors, or raw blocks of STREAM_DTYPES, widened as torch widens them)."""
-    arrays, b, flags = _sums_args(vs, base, sub)
-    _lib().sums_range(arrays, b, flags, lo, hi)
+    arrays, n, dts, b, flags = _sums_args(vs, base, sub)
+    k = len(arrays)
+    if lo.dtype != np.int32 or hi.dtype != np.int32:
+        raise TypeError("sums_range updates int32 exponent fields")
+    _lib().tadmerge_sums_range(
+        _arrays(arrays, n), _ptr(dts), b, _ptr(flags), k, n, _ptr(lo, k), _ptr(hi, k)
+    )
 
 
 def sums_accumulate(
@@ -537,8 +614,21 @@ def sums_accumulate(
     starting at entry `a` of its block) added into hi, lo (int64 [pairs,
     segments, bins from b0]); layout: (segment size, segments, column). Returns
     the count the reference adds to ExactSums.nonfinite."""
-    arrays, b, flags = _sums_args(vs, base, sub)
+    arrays, n, dts, b, flags = _sums_args(vs, base, sub)
+    seg_size, n_seg, column = layout
+    s = len(pairs)
+    shapes = {hi.shape, lo.shape} == {(s, n_seg, hi.shape[-1])}
+    if not shapes or {hi.dtype, lo.dtype} != {np.dtype(np.int64)}:
+        raise TypeError("sums_accumulate takes int64 tables [pairs, segments, bins]")
+    if not n:
+        return 0
     pi = np.array([p[0] for p in pairs], np.int32)
     pj = np.array([p[1] for p in pairs], np.int32)
-    seg_size, n_seg, column = layout
-    return _lib().sums_accumulate(arrays, b, flags, pi, pj, a, seg_size, n_seg, column, b0, hi, lo)
+    got = _lib().tadmerge_sums_accumulate(
+        _arrays(arrays, n), _ptr(dts), b, _ptr(flags), len(arrays), n, _ptr(pi), _ptr(pj), s,
+        int(a), int(seg_size), int(n_seg), int(column), int(b0), hi.shape[2], _ptr(hi),
+        _ptr(lo, hi.size),
+    )  # fmt: skip
+    if got < 0:
+        raise MemoryError("sums_accumulate: its tile buffers could not be allocated")
+    return got
