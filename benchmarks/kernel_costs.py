@@ -46,6 +46,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import DEFAULT_DATA, tool_env, write_result
 from benchmarks.configs import tadmerge_config
+from tadmerge import methods
 from tadmerge.engine import kernels, native
 from tadmerge.engine.block import BlockContext, MergeSpec, merge_block, square_sum
 from tadmerge.engine.exact import coarse_stats
@@ -53,8 +54,7 @@ from tadmerge.engine.histogram import SQ_SCALE_BITS, KeysAside, RankIndex, scale
 from tadmerge.engine.keys import SparseKeys, magnitude_keys
 from tadmerge.engine.raw import merge_raw_sparse
 from tadmerge.engine.selection import own_norms, resolve_selection, run_locally
-from tadmerge.engine.sparsify import SparsifySpec
-from tadmerge.engine.spec import DEFAULT_RESCALE
+from tadmerge.engine.spec import SparsifySpec
 from tadmerge.engine.stream import merge_raw
 from tadmerge.io.block_io import read_rows
 from tadmerge.io.checkpoint import open_checkpoint
@@ -219,7 +219,8 @@ def main() -> None:
 
     # 3. task arithmetic + TADrop of one whole block
     # the config's rescale for tadrop (l2): the exact moments are part of the cost
-    sp = SparsifySpec(method="tadrop", rescale=DEFAULT_RESCALE["tadrop"])
+    rescale = methods.sparsifier("tadrop").param("rescale").default
+    sp = SparsifySpec(method="tadrop", rescale=rescale)
     td = MergeSpec(sp, "task_arithmetic", 0.3, weights=(1.0,) * k_tasks)
 
     def tadrop_block():

@@ -20,7 +20,7 @@ from reference import combine, fsum_sq
 
 from tadmerge.engine import stream
 from tadmerge.engine.block import MergeSpec, NonFiniteTaskVector
-from tadmerge.engine.sparsify import SparsifySpec
+from tadmerge.engine.spec import SparsifySpec
 
 
 def _spec(method: str, weights: tuple[float, ...], scale: float = 0.3) -> MergeSpec:

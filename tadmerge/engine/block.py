@@ -18,20 +18,15 @@ import torch
 from .. import methods
 from . import combine as C
 from . import kernels
-from .exact import coarse_stats
-from .histogram import RankIndex
 from .keys import KeyChunks, magnitude_keys
-from .selection import own_norms  # noqa: F401  (re-exported)
+from .selection import own_norms, own_selection
 from .sparsify import (
-    MAGNITUDE_METHODS,
-    apply_cuts,
-    resolve_selection,
-    run_locally,
-    ties_below,
+    BlockCuts,
+    apply_keep,
     uniform_into,
-    uniform_stream,
 )
 from .spec import (  # noqa: F401  (re-exported)
+    MAGNITUDE_METHODS,
     BlockContext,
     MergeSpec,
     NonFiniteTaskVector,
@@ -73,19 +68,6 @@ CHUNK_ELEMENTS = 1 << 18
 # On a GPU, chunks large enough to fill the device, small enough that their
 # temporaries stay a fixed overhead beside the unit's blocks (planners/plan.py).
 GPU_CHUNK_ELEMENTS = 1 << 22
-
-
-@dataclass
-class BlockCuts:
-    """A resolved selection as one block applies it, chunk by chunk in flat order:
-    the two cut keys, how many of the block's ties at each are below the cut and
-    not yet met (ties_below), and the scale of kept entries."""
-
-    lo_key: int
-    lo_left: int
-    hi_key: int
-    hi_left: int
-    scale: float
 
 
 @dataclass(frozen=True)
@@ -138,29 +120,23 @@ def plan_task(
         return TaskPlan(TaskStats(kept=tau.numel()), done=True)
     if sp.method in MAGNITUDE_METHODS:
         keys = KeyChunks(tau)
-        given = ctx.selections[k] if ctx.selections else None
+        given = ctx.selection(k)
         if given is None:
-            if not ctx.whole:
-                raise RuntimeError(f"{ctx.tensor}: split block without resolved selection")
-            # with the kernels, Σ τ² comes along (the report's norms; nearly free
-            # for a bf16 block, whose moments come from the few keys set aside)
+            # fused (the kernels): Σ τ² comes along (the report's norms; nearly free
+            # for a bf16 block, whose moments come from the few keys set aside),
+            # and finite values are required
             moments = 2 if fused else sp.moments
-            index = RankIndex(coarse_stats(keys, moments=moments, backend=ctx.backend))
-            if fused and index.stats.nonfinite:  # (fused: finite values are required)
-                raise NonFiniteTaskVector(k)
-            rate = ctx.rates[k] if ctx.rates else None
-            sel = run_locally(resolve_selection(index, sp, rate), keys, index, ctx.backend)
+            sel, index = own_selection(keys, k, sp, ctx, moments, check_finite=fused)
             quotas = (sel.lo.quota, sel.hi.quota)
             stats = TaskStats(selection=sel)
         else:
-            sel = given
-            quotas = ctx.quotas[k]
+            sel, quotas = given, ctx.quotas[k]
             stats = TaskStats(selection=given if given.n == tau.numel() else None)
         cuts = BlockCuts(sel.lo.key, quotas[0], sel.hi.key, quotas[1], sel.scale)
         if fused:
             lo, hi = (cuts.lo_key, cuts.lo_left), (cuts.hi_key, cuts.hi_left)
             stats.kept = kernels.cut_block(tau, lo, hi, cuts.scale)
-            if exact_norms(spec, ctx, k):
+            if given is None:
                 stats.tau_sq, stats.t_sq = own_norms(index, sel)
             else:
                 stats.t_sq = square_sum(tau, ctx.backend)
@@ -169,27 +145,10 @@ def plan_task(
     method = methods.sparsifier(sp.method)
     if not method.whole_rows:
         return TaskPlan(TaskStats(), draws=Draws(spec.seed, k, ctx), sparsify=sp)
-    u = uniform_stream(
-        spec.seed,
-        k,
-        ctx.tensor,
-        ctx.row_start,
-        ctx.row_end,
-        ctx.rng_rows,
-        ctx.row_numel,
-        device=tau.device,
-        backend=ctx.backend,
-    )
+    u = Draws(spec.seed, k, ctx).take(0, tau.numel(), tau.device)
     t, kept = method.block(tau, u, sp, ctx.della_row, backend=ctx.backend)
     tau.copy_(t)
     return TaskPlan(TaskStats(kept=kept, t_sq=square_sum(tau, ctx.backend)), done=True)
-
-
-def exact_norms(spec: MergeSpec, ctx: BlockContext, k: int) -> bool:
-    """Whether plan_task(fused=True) reports task k's norms from the exact moments
-    of the block's own statistics (and checks for NaN/Inf in its counts)."""
-    own = (ctx.selections[k] if ctx.selections else None) is None
-    return own and spec.sparsify.method in MAGNITUDE_METHODS
 
 
 def sparsify_chunk(tp: TaskPlan, tau: torch.Tensor, start: int, spec: MergeSpec) -> None:
@@ -199,12 +158,8 @@ def sparsify_chunk(tp: TaskPlan, tau: torch.Tensor, start: int, spec: MergeSpec)
     """
     if tp.done:
         return
-    if tp.cuts is not None:
-        c = tp.cuts  # chunks come in flat order, each once: the tie quotas run down
-        keys = magnitude_keys(tau)
-        lo_end, c.lo_left = ties_below(keys, c.lo_key, c.lo_left)
-        hi_end, c.hi_left = ties_below(keys, c.hi_key, c.hi_left)
-        _, kept = apply_cuts(tau, keys, (c.lo_key, lo_end), (c.hi_key, hi_end), c.scale)
+    if tp.cuts is not None:  # chunks come in flat order, each once
+        _, kept = apply_keep(tau, tp.cuts.keep(magnitude_keys(tau)), tp.cuts.scale)
     else:
         sp = tp.sparsify or spec.sparsify
         assert tp.draws is not None
@@ -246,8 +201,8 @@ def merge_block(
     fused = magnitude and check_finite and kernels.enabled(base, ctx.backend)
     for k, m in enumerate(models):
         tau = m.sub_(base)
-        if fused and exact_norms(spec, ctx, k):
-            plans.append(plan_task(tau, k, spec, ctx, fused))  # norms and check there
+        if fused and ctx.selection(k) is None:
+            plans.append(plan_task(tau, k, spec, ctx, fused))  # its own norms and check there
             continue
         tau_sq = square_sum(tau, ctx.backend)
         if check_finite and not math.isfinite(tau_sq):

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from .exact import ExactSum, exact_abs_sum
-from .spec import COMBINERS  # noqa: F401  (re-exported)
 
 
 def _f32(v: float, like: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 ABS_SCALE_BITS = 149
 SQ_SCALE_BITS = 298
 CHUNK = 1 << 20  # values per bincount call: exactness bound and temporaries (~40 MB)
-_BUCKETS_PER_EXP = 1 << 7
+BUCKETS_PER_EXP = 1 << 7
 _LO32 = (1 << 32) - 1
 
 # per bucket: the fixed top bits B of the mantissa and the effective exponent
@@ -111,23 +111,23 @@ class CoarseStats:
 
     def exponent_moments(self, moment: int) -> list[int]:
         """Exact scaled moment per exponent (256 entries)."""
-        out = [0] * (N_COARSE // _BUCKETS_PER_EXP)
+        out = [0] * (N_COARSE // BUCKETS_PER_EXP)
         if self.n < (1 << 28):  # every per-exponent sum fits int64: vectorise
             # over the exponents that hold values only (a task vector's span a few
             # dozen of the 256): a block's fixed cost, paid per tensor and task
-            rows = self.counts.reshape(-1, _BUCKETS_PER_EXP)
+            rows = self.counts.reshape(-1, BUCKETS_PER_EXP)
             live = np.flatnonzero(rows.sum(1))
             c = rows[live]
-            hi = BUCKET_HIGH.reshape(-1, _BUCKETS_PER_EXP)[live]
-            s1 = self.s1.reshape(-1, _BUCKETS_PER_EXP)[live]
+            hi = BUCKET_HIGH.reshape(-1, BUCKETS_PER_EXP)[live]
+            s1 = self.s1.reshape(-1, BUCKETS_PER_EXP)[live]
             exps = live.tolist()
             if moment == 1:
                 per = ((c * hi << 16) + s1).sum(1).tolist()
                 for e, x in zip(exps, per, strict=True):
                     out[e] = x << (max(e, 1) - 1)
                 return out
-            s2_hi = self.s2_hi.reshape(-1, _BUCKETS_PER_EXP)[live]
-            s2_lo = self.s2_lo.reshape(-1, _BUCKETS_PER_EXP)[live]
+            s2_hi = self.s2_hi.reshape(-1, BUCKETS_PER_EXP)[live]
+            s2_lo = self.s2_lo.reshape(-1, BUCKETS_PER_EXP)[live]
             t1 = (c * hi * hi).sum(1).tolist()
             t2 = (hi * s1).sum(1).tolist()
             t3 = ((s2_hi << 32) + s2_lo).sum(1).tolist()
@@ -135,7 +135,7 @@ class CoarseStats:
                 out[e] = ((a << 32) + (b << 17) + d) << (2 * max(e, 1) - 2)
             return out
         for b in np.flatnonzero(self.counts).tolist():
-            out[b // _BUCKETS_PER_EXP] += self.bucket_moment(b, moment)
+            out[b // BUCKETS_PER_EXP] += self.bucket_moment(b, moment)
         return out
 
     def total(self, moment: int) -> int:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import kernels
-from .exact import SQ_SCALE_BITS, CoarseStats, coarse_stats, sparse_keys  # noqa: F401
+from .exact import BUCKETS_PER_EXP, SQ_SCALE_BITS, CoarseStats, sparse_keys
 from .keys import (
     COARSE_SHIFT,
     N_COARSE,
@@ -37,8 +37,6 @@ from .keys import (
 
 if TYPE_CHECKING:
     import torch
-
-_BUCKETS_PER_EXP = 1 << 7
 
 
 @dataclass
@@ -448,8 +446,8 @@ class RankIndex:
         """Scaled moment of all buckets >= b0."""
         if b0 >= N_COARSE:
             return 0
-        e0 = b0 // _BUCKETS_PER_EXP
-        end = (e0 + 1) * _BUCKETS_PER_EXP
+        e0 = b0 // BUCKETS_PER_EXP
+        end = (e0 + 1) * BUCKETS_PER_EXP
         return self._exp_suffix(moment)[e0 + 1] + self.stats.range_moment(b0, end, moment)
 
     def moment_from(self, cut: Cut, moment: int = 2) -> int:

@@ -331,7 +331,7 @@ def cut_block(t: torch.Tensor, lo: tuple[int, int], hi: tuple[int, int], scale: 
     """Apply a resolved selection to a whole block in place, in flat order.
 
     lo/hi are (cut key, the block's ties at that key below the cut), as in
-    sparsify.apply_cuts; kept entries become τ·fl32(scale), dropped ones +0.0.
+    sparsify.BlockCuts.keep and apply_keep; kept entries become τ·fl32(scale), dropped ones +0.0.
     Returns the kept count."""
     lib = _lib()
     x = _flat32(t)

@@ -29,11 +29,9 @@ import math
 import numpy as np
 
 from . import kernels
-from .exact import coarse_stats
-from .histogram import RankIndex
 from .keys import SparseKeys
-from .selection import own_norms, resolve_selection, run_locally
-from .spec import MAGNITUDE_METHODS, BlockContext, MergeSpec, NonFiniteTaskVector, TaskStats
+from .selection import own_norms, own_selection
+from .spec import MAGNITUDE_METHODS, BlockContext, MergeSpec, TaskStats
 
 RAW_DTYPE = "BF16"  # the inputs the raw kernels read (safetensors' name)
 
@@ -84,27 +82,17 @@ def merge_raw_sparse(
     cuts = []
     stats = []
     for k, model in enumerate(models):
-        given = ctx.selections[k] if ctx.selections else None
+        given = ctx.selection(k)
         if given is None:
-            if not ctx.whole:
-                raise RuntimeError(f"{ctx.tensor}: split block without resolved selection")
             got = kernels.coarse_sparse_raw(base, model)
             if got is None:
                 return None
-            keys = SparseKeys(n, got[0], got[1])
-            index = RankIndex(coarse_stats(keys, moments=2, backend=ctx.backend))
-            if index.stats.nonfinite:
-                raise NonFiniteTaskVector(k)
-            rate = ctx.rates[k] if ctx.rates else None
-            sel = run_locally(
-                resolve_selection(index, sp.for_task(k), rate), keys, index, ctx.backend
-            )
+            sel, index = own_selection(SparseKeys(n, *got), k, sp.for_task(k), ctx, 2, True)
             quotas = (sel.lo.quota, sel.hi.quota)
             st = TaskStats(selection=sel)
             st.tau_sq, st.t_sq = own_norms(index, sel)
         else:
-            sel = given
-            quotas = ctx.quotas[k]
+            sel, quotas = given, ctx.quotas[k]
             # the report takes the tensor's norms from the selection
             st = TaskStats(selection=given if given.n == n else None)
         lo_end = kernels.tie_end_raw(base, model, sel.lo.key, quotas[0])

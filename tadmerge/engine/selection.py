@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import methods
-from .exact import ABS_SCALE_BITS, SQ_SCALE_BITS
+from .exact import ABS_SCALE_BITS, SQ_SCALE_BITS, coarse_stats
 from .histogram import Cut, RankIndex, fine_histograms, scaled_to_float
 from .keys import KeyChunks
-from .spec import SparsifySpec
+from .spec import BlockContext, NonFiniteTaskVector, SparsifySpec
 
 if TYPE_CHECKING:
     import torch
@@ -148,6 +148,22 @@ def run_locally(
             need = gen.send(None)
     except StopIteration as stop:
         return stop.value
+
+
+def own_selection(
+    keys, k: int, sp: SparsifySpec, ctx: BlockContext, moments: int, check_finite: bool
+) -> tuple[Selection, RankIndex]:
+    """Task k's selection resolved from a whole block's own keys (KeyChunks or
+    SparseKeys: scope tensor, the block is the tensor), with the block's rank
+    index (own_norms reads the report's norms from it). Raises
+    NonFiniteTaskVector where the keys count NaN/Inf and `check_finite`."""
+    if not ctx.whole:
+        raise RuntimeError(f"{ctx.tensor}: split block without resolved selection")
+    index = RankIndex(coarse_stats(keys, moments=moments, backend=ctx.backend))
+    if check_finite and index.stats.nonfinite:
+        raise NonFiniteTaskVector(k)
+    rate = ctx.rates[k] if ctx.rates else None
+    return run_locally(resolve_selection(index, sp, rate), keys, index, ctx.backend), index
 
 
 def own_norms(index: RankIndex, sel: Selection) -> tuple[float, float]:

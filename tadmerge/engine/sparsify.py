@@ -15,24 +15,11 @@ depends neither on how the work is split nor on the device.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 
 from . import kernels
-from .selection import (  # noqa: F401  (re-exported)
-    PREDICTED_BUCKETS,
-    Selection,
-    resolve_selection,
-    run_locally,
-    tadrop_rate,
-)
-from .spec import (  # noqa: F401  (re-exported: the engine's names for them)
-    ALL_METHODS,
-    DEFAULT_RESCALE,
-    MAGNITUDE_METHODS,
-    RANDOM_METHODS,
-    SparsifySpec,
-)
 
 # ---------------------------------------------------------------------------------
 # Applying a resolved selection to one block
@@ -77,23 +64,35 @@ def ties_below(keys: torch.Tensor, key: int, quota: int) -> tuple[int, int]:
     return int(eq.nonzero()[quota - 1, 0]) + 1, 0
 
 
-def apply_cuts(
-    tau: torch.Tensor,
-    keys: torch.Tensor,
-    lo: tuple[int, int],
-    hi: tuple[int, int],
-    scale: float,
-) -> tuple[torch.Tensor, int]:
-    """t = τ̂ · fl32(scale), τ̂ = τ on ranks [lo, hi), in place on `tau`.
+@dataclass
+class BlockCuts:
+    """A resolved selection as one block applies it, chunk by chunk in flat order:
+    the two cut keys, how many of the block's ties at each are below the cut and
+    not yet met (ties_below), and the scale of kept entries."""
 
-    lo/hi are (cut key, tie_end): the block's ties at a cut key that lie below
-    the cut are those before tie_end (ties_below). Dropped entries become
-    +0.0: their bits are cleared after the scaling, as in the definition (kept
-    entries times fl32(scale), then the mask).
+    lo_key: int
+    lo_left: int
+    hi_key: int
+    hi_left: int
+    scale: float = 1.0
+
+    def keep(self, keys: torch.Tensor) -> torch.Tensor:
+        """int32 mask of the next chunk's kept entries (-1 kept, 0 dropped), from
+        its magnitude keys: ranks [lo, hi). The tie quotas run down."""
+        lo_end, self.lo_left = ties_below(keys, self.lo_key, self.lo_left)
+        hi_end, self.hi_left = ties_below(keys, self.hi_key, self.hi_left)
+        keep = below_bits(keys, self.lo_key, lo_end).bitwise_not_()
+        if self.hi_key >= 0:  # otherwise the hi cut is the end of the order
+            keep.bitwise_and_(below_bits(keys, self.hi_key, hi_end))
+        return keep
+
+
+def apply_keep(tau: torch.Tensor, keep: torch.Tensor, scale: float) -> tuple[torch.Tensor, int]:
+    """t = τ̂ · fl32(scale) in place on `tau`, τ̂ = τ where `keep` (BlockCuts.keep).
+
+    Dropped entries become +0.0: their bits are cleared after the scaling, as in
+    the definition (kept entries times fl32(scale), then the mask).
     """
-    keep = below_bits(keys, *lo).bitwise_not_()
-    if hi[0] >= 0:  # otherwise the hi cut is the end of the order
-        keep.bitwise_and_(below_bits(keys, *hi))
     if scale != 1.0:
         tau.mul_(torch.tensor(scale, dtype=torch.float32, device=tau.device))
     tau.view(torch.int32).bitwise_and_(keep)

@@ -1,12 +1,13 @@
-"""What a merge asks of the engine: the method tables and the specs.
+"""What a merge asks of the engine: the specs, and the statistics requests.
 
 Plain data, no torch: the config, the planner and the streamed merges
 (engine/stream.py) read these, and a merge that only streams never loads torch
-(about 2 s of start-up, more than the whole I/O of a small merge).
+(whose start-up costs more than the whole I/O of a small merge).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -14,17 +15,10 @@ from .. import methods
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from .sparsify import Selection
+    from .selection import Selection
 
-# the method tables, as the registry declares them (methods/)
-COMBINERS = frozenset(methods.combiners())
+# the sparsifiers that select by magnitude, as the registry declares them (methods/)
 MAGNITUDE_METHODS = methods.family(methods.MAGNITUDE)
-RANDOM_METHODS = methods.family(methods.RANDOM)
-ALL_METHODS = frozenset(methods.sparsifiers())
-DEFAULT_RESCALE = {
-    name: (p.default if (p := s.param("rescale")) else "none")
-    for name, s in methods.sparsifiers().items()
-}
 
 
 @dataclass(frozen=True)
@@ -292,12 +286,14 @@ class BlockContext:
     # (auto: the C kernels where they load, for callers outside a merge)
     backend: str = "auto"
 
+    def selection(self, k: int) -> Selection | None:
+        """Task k's selection resolved over its tensor, or None: the block resolves
+        its own (selection.own_selection)."""
+        return self.selections[k] if self.selections else None
+
     @property
     def row_numel(self) -> int:
-        n = 1
-        for s in self.shape[1:]:
-            n *= s
-        return n
+        return math.prod(self.shape[1:])
 
     @property
     def della_row(self) -> int:

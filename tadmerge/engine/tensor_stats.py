@@ -3,7 +3,7 @@ the block side: its generator of requests driven on the block itself when the
 block holds what they ask about (`resolve`: the whole tensor, or sums inside a
 row), one unit's answer to a round over a split tensor's units (`answer`;
 cluster/tensor_stats.py drives those), and a resolved cut applied chunk by
-chunk (`Cutter`).
+chunk (`masked`).
 
 Exact for any split, like the sparsifiers' selections:
 - ScoreRequest: the mergeable histograms (histogram.py) of the derived score's
@@ -25,7 +25,7 @@ from .exact import coarse_stats
 from .histogram import RankIndex, fine_histograms
 from .keys import KeyChunks, count_keys, magnitude_keys
 from .signed import SignedRankIndex, signed_coarse, signed_fine
-from .sparsify import below_bits, ties_below
+from .sparsify import BlockCuts
 from .spec import BlockContext, CountRequest, CutRequest, MergeSpec, SumsRequest, UnitRequest
 from .sums import block_sums, local
 
@@ -44,32 +44,13 @@ def score_fine(score: torch.Tensor, signed: bool, buckets: list[int], backend: s
     return fine_histograms(KeyChunks(score), buckets, backend)
 
 
-class Cutter:
-    """A resolved cut applied chunk by chunk in flat order (the tie quotas run down)."""
-
-    def __init__(self, cut: list[int] | None):
-        self.cut = None if cut is None else list(cut)
-
-    def keep(self, score: torch.Tensor) -> torch.Tensor | None:
-        """int32 mask of one chunk's kept entries (-1 kept, 0 dropped), or None (all)."""
-        if self.cut is None:
-            return None
-        lo_key, lo_left, hi_key, hi_left = self.cut
-        keys = magnitude_keys(score)
-        lo_end, self.cut[1] = ties_below(keys, lo_key, lo_left)
-        hi_end, self.cut[3] = ties_below(keys, hi_key, hi_left)
-        keep = below_bits(keys, lo_key, lo_end).bitwise_not_()
-        if hi_key >= 0:
-            keep.bitwise_and_(below_bits(keys, hi_key, hi_end))
-        return keep
-
-
-def masked(ts: list[torch.Tensor], keep: torch.Tensor | None) -> list[torch.Tensor]:
-    """t_k with the dropped entries set to +0.0, in place."""
-    if keep is not None:
+def masked(ts: list[torch.Tensor], cuts: BlockCuts | None, score: torch.Tensor) -> None:
+    """Drops from every t_k, in place (+0.0), the entries a cut drops by the
+    score's magnitude keys: chunks in flat order, the cut's tie quotas run down."""
+    if cuts is not None:
+        keep = cuts.keep(magnitude_keys(score))
         for t in ts:
             t.view(torch.int32).bitwise_and_(keep)
-    return ts
 
 
 def resolve(
@@ -117,7 +98,7 @@ def resolve(
                 answer = index
                 if isinstance(request, CutRequest):
                     lo, hi = index.cut(request.lo), index.cut(request.hi)
-                    masked(vs, Cutter([lo.key, lo.quota, hi.key, hi.quota]).keep(score))
+                    masked(vs, BlockCuts(lo.key, lo.quota, hi.key, hi.quota), score)
                     score = index = answer = None  # (the requests after it see the cut t_k)
             request = gen.send(answer)
     except StopIteration as stop:
@@ -140,7 +121,7 @@ def answer(
     score_of = methods.combiner(spec.method).score
     ts = sparsified(base, models, spec, ctx)
     if ask.cut is not None:
-        masked(ts, Cutter(list(ask.cut)).keep(score_of(base, ts, spec, ctx.shape)))
+        masked(ts, BlockCuts(*ask.cut), score_of(base, ts, spec, ctx.shape))
     if isinstance(request, SumsRequest):
         return block_sums(base, ts, request, ctx.shape, True, ctx.backend)
     if isinstance(request, CountRequest):

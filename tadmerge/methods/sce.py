@@ -102,16 +102,17 @@ def sce_delta(ts, w: list[float]):
 def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
     from ..engine import tensor_stats as TS
     from ..engine.block import BlockResult, store
+    from ..engine.sparsify import BlockCuts
 
     for a, b in chunks:
         sparsify(a, b)
     st = TS.resolve(base, taus, spec, ctx)  # (resolved here: the cut is applied)
-    cutter = TS.Cutter(st["cut"])
+    cuts = None if st["cut"] is None else BlockCuts(*st["cut"])
     w = st["values"]["weights"]
     for a, b in chunks:
         ts = [t[a:b] for t in taus]
-        if st["cut"] is not None:
-            TS.masked(ts, cutter.keep(variance(ts)))
+        if cuts is not None:
+            TS.masked(ts, cuts, variance(ts))
         store(taus[0][a:b], sce_delta(ts, w).add_(base[a:b]))
     return BlockResult(taus[0], None, [tp.stats for tp in plans])
 
