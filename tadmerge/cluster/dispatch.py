@@ -10,8 +10,8 @@ engine/native_kernels.c) where the library builds and loads, else 'torch'
 (the reference: the torch functions of engine/ and methods/). Both give the
 same output bytes (the kernels compute the same float32 operations in the same
 order); the choice is recorded so that a report's figures can be traced to
-the code that made them (its norms are float64 sums in C, float32 in torch:
-docs/semantics.md).
+the code that made them (its norms are float64 sums on both, added in other
+orders: their last digits may differ).
 """
 
 from __future__ import annotations

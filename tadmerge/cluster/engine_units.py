@@ -23,7 +23,6 @@ from ..engine.spec import (
     TieCountRequest,
     UnitRequest,
 )
-from ..errors import InputError
 from ..io.block_io import read_rows
 from ..io.safetensors_format import torch_dtype
 from ..planners.plan import Plan, TensorPlan, Unit
@@ -36,18 +35,11 @@ from .worker import (
     merge_spec,
     nonfinite_input,
     nonfinite_record,
-    resolve_device,
     write_out,
 )
 
 
-def torch_device(name: str) -> torch.device:
-    return torch.device(resolve_device(name))
-
-
-def read_unit(
-    plan: Plan, unit: Unit, device: torch.device
-) -> tuple[TensorPlan, list[torch.Tensor]]:
+def read_unit(plan: Plan, unit: Unit, device: torch.device) -> list[torch.Tensor]:
     """Float32 blocks of base and models for one unit.
 
     On a GPU each raw block is read into a reused page-locked buffer, copied
@@ -68,33 +60,21 @@ def read_unit(
         if event is not None:
             event.record()
             POOL.copied(event)  # the next unit's reads wait for these copies
-        return tp, blocks
+        return blocks
     for i, src in enumerate(tp.sources):
         raw = read_rows(
             src, unit.row_start, unit.row_end, POOL.get("raw", n * src.itemsize, torch.uint8)
         )
         blocks.append(POOL.get(f"block{i}", n, torch.float32).copy_(raw))
-    return tp, blocks
-
-
-def nonfinite_error(plan: Plan, unit: Unit, task: int, blocks: list[torch.Tensor]) -> InputError:
-    """Name the input file whose block holds NaN/Inf, found through τ_task.
-
-    blocks[task + 1] may already hold τ_task (merge_block works in place): a
-    non-finite base is reported as such, otherwise the model is the culprit.
-    """
-    bad_base = int((~torch.isfinite(blocks[0])).sum())
-    bad = int((~torch.isfinite(blocks[task + 1])).sum())
-    return nonfinite_input(plan, unit, task, bad_base, bad)
+    return blocks
 
 
 def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispatch):
     """One unit's share of a statistics round (see cluster/stats.py), on the
-    dispatch's device and kernels backend."""
-    device = torch_device(dispatch.device)
+    dispatch's device (resolved: cluster/worker.py) and kernels backend."""
     backend = dispatch.kernels
     unit = plan.units[unit_id]
-    _, blocks = read_unit(plan, unit, device)
+    blocks = read_unit(plan, unit, torch.device(dispatch.device))
     base, models = blocks[0], blocks[1:]
     if isinstance(request, UnitRequest):  # a combiner's (cluster/tensor_stats.py)
         from ..engine import tensor_stats
@@ -110,7 +90,9 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispat
             keys = KeyChunks(m.sub_(base))
             st = coarse_stats(keys, moments=request.moments, backend=backend)
             if st.nonfinite and not plan.config.inputs.allow_nonfinite:
-                raise nonfinite_error(plan, unit, k, blocks)
+                # (m holds τ_k now: nonfinite_input tells a non-finite base from the model)
+                bad_base, bad = (int((~torch.isfinite(b)).sum()) for b in (base, m))
+                raise nonfinite_input(plan, unit, k, bad_base, bad)
             out.append((st, KeysAside.of(keys) if request.keys_aside else None))
         return out
     if isinstance(request, FineRequest):
@@ -124,20 +106,17 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispat
 
 
 def merge_unit(
-    plan: Plan, staging: str, unit: Unit | int, resolved: dict | None, dispatch: Dispatch
+    plan: Plan, staging: str, unit: Unit, resolved: dict | None, dispatch: Dispatch
 ) -> UnitRecord:
-    """Merge one unit (a row block of one tensor, or a group's member: a Unit,
-    or a unit id) with the torch engine (merge_block) and write its bytes at the
-    planned offsets, on the dispatch's device and kernels backend."""
-    device = torch_device(dispatch.device)
-    if isinstance(unit, int):
-        unit = plan.units[unit]
+    """Merge one unit (a row block of one tensor, or a group's member) with the
+    torch engine (merge_block) and write its bytes at the planned offsets, on
+    the dispatch's device (resolved: cluster/worker.py) and kernels backend."""
     unit_id = unit.id
     tp = plan.tensors[unit.tensor]
     spec = merge_spec(plan, tp)
     check_finite = not plan.config.inputs.allow_nonfinite
     try:
-        _, blocks = read_unit(plan, unit, device)
+        blocks = read_unit(plan, unit, torch.device(dispatch.device))
         ctx = block_context(plan, unit, resolved, dispatch.kernels)
         res: BlockResult = merge_block(blocks[0], blocks[1:], spec, ctx, check_finite)
     except NonFiniteTaskVector:

@@ -33,7 +33,7 @@ class _UnitWorker:
         from .memory import tune_malloc
 
         tune_malloc()
-        start_kernels(plan.config, dispatch, plan)  # the driver's choices, as given
+        start_kernels(dispatch)  # the driver's choices, as given
         self.plan = plan
         self.staging = staging
         # the device resolved once here (the actor's GPU), the backend as given
@@ -59,7 +59,7 @@ class _UnitWorker:
         close_all()
 
 
-ACTOR_OVERHEAD = 640 * 2**20  # interpreter, torch, numba kernels and Ray's worker beside the budget
+ACTOR_OVERHEAD = 640 * 2**20  # interpreter, torch, the C kernels and Ray's worker beside the budget
 
 
 def auto_actors(ray, cpus_per_worker: float, memory_budget: int) -> int:

@@ -248,11 +248,8 @@ class AsideKeys:
         held = self.keys.get(g)
         if held is None:
             return
-        if keys is None:  # this unit's keys were not sparse: the group takes rounds
-            self.bytes -= sum(k.nbytes for k in held.values())
-            self.keys[g] = None
-            return
-        if self.bytes + keys.nbytes > self.limit:
+        # this unit's keys were not sparse, or would not fit: the group takes rounds
+        if keys is None or self.bytes + keys.nbytes > self.limit:
             self.bytes -= sum(k.nbytes for k in held.values())
             self.keys[g] = None
             return

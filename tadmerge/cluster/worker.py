@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..config import MergeConfig
 from ..engine import kernels
 from ..engine.exact import coarse_stats
 from ..engine.histogram import KeysAside
@@ -29,14 +28,7 @@ from ..engine.spec import (
     StatsRequest,
     UnitRequest,
 )
-from ..engine.stream import (
-    NP_DTYPES,
-    merge_raw,
-    merge_raw_sums,
-    streams,
-    sums_streams,
-    unit_sums,
-)
+from ..engine.stream import NP_DTYPES, merge_raw, merge_raw_sums, streams, unit_sums
 from ..errors import ConfigError, InputError, InputProblem
 from ..io.block_io import map_bytes, read_bytes, write_at_crc
 from ..io.safetensors_format import DTYPE_SIZE
@@ -101,31 +93,17 @@ def torch_free(plan: Plan, device: str, backend: str) -> bool:
             for t in plan.tensors
             if t.kind == MERGE and (s := spec.for_tensor(t.name)) is not None
         )
-    combos = getattr(plan.tensors, "dtype_combos", None)
-    if combos is not None:
-        found = combos(MERGE)
-    else:
-        found = {
-            (tuple(s.dtype for s in t.sources), t.out_dtype)
-            for t in plan.tensors
-            if t.kind == MERGE
-        }
     return all(
-        _stream_dtypes(spec, device, [*dtypes, out or ""], backend)
+        streams(spec, device, [*dtypes, out or ""], backend)
         or _raw_dtypes(plan, spec, list(dtypes), out, device, backend)
-        for dtypes, out in found
+        for dtypes, out in plan.tensors.dtype_combos(MERGE)
     )
 
 
 def _streams(spec: MergeSpec, tp: TensorPlan, device: str, backend: str) -> bool:
     """Whether a tensor's units stream (engine/stream.py: the C kernel)."""
     dtypes = [s.dtype for s in tp.sources] + [tp.out_dtype or ""]
-    return _stream_dtypes(spec, device, dtypes, backend)
-
-
-def _stream_dtypes(spec: MergeSpec, device: str, dtypes: list[str], backend: str) -> bool:
-    """_streams by the dtypes of the inputs and (last) the output."""
-    return streams(spec, device, dtypes, backend) or sums_streams(spec, device, dtypes, backend)
+    return streams(spec, device, dtypes, backend)
 
 
 def _raw(plan: Plan, spec: MergeSpec, tp: TensorPlan, device: str, backend: str) -> bool:
@@ -193,7 +171,7 @@ def block_context(plan: Plan, unit: Unit, resolved: dict | None, backend: str) -
 # ------------------------------------------------------------------------------------
 
 
-def start_kernels(cfg: MergeConfig, dispatch: Dispatch, plan: Plan | None = None) -> None:
+def start_kernels(dispatch: Dispatch) -> None:
     """Begin loading the C kernels where the dispatch takes them (the driver
     loaded them when it decided: a Ray actor loads them here, in the
     background, while it reads its first blocks). Nothing is set: the backend
@@ -335,7 +313,7 @@ def unit_stats(plan: Plan, unit_id: int, request: StatsRequest, dispatch: Dispat
         spec = merge_spec(plan, tp)
         if _streams(spec, tp, device, dispatch.kernels):
             ctx = block_context(plan, unit, request.resolved, dispatch.kernels)
-            got = unit_sums(_read_raw(plan, unit), spec, ctx, request)
+            got = unit_sums(_read_raw(plan, unit), ctx, request)
             if got is not None:
                 return got
     from . import engine_units
@@ -499,9 +477,8 @@ def nonfinite_out(out, dtype: str) -> int:
     the output dtype `dtype`): 0 in the usual case, found by two integer max
     reductions per cache-sized chunk over the bit patterns and no temporary
     (negative NaN/Inf are the largest unsigned patterns, positive ones the
-    largest signed): about 0.08 ns per element for 16-bit outputs and 0.12
-    for float32, reading a 16M-element buffer from memory (a rough figure, on
-    a shared 2-core machine). Counted exactly only when some are there."""
+    largest signed): cheap enough for every output, each chunk read from
+    memory once. Counted exactly only when some are there."""
     if not isinstance(out, np.ndarray):
         import torch  # (a tensor comes from the torch engine: loaded)
 

@@ -53,7 +53,9 @@ ZERO_SLOTS = 8
 BUILD_TIMEOUT_S = 120
 
 _LOCK = threading.Lock()
-_state: dict = {}  # "lib": the loaded kernels, or None once they could not be had
+# "lib": the loaded kernels, or None once they could not be had; "why": why not;
+# "preload": the one thread preload started
+_state: dict = {}
 
 
 class NativeUnavailable(RuntimeError):
@@ -160,10 +162,12 @@ def available() -> bool:
 
 
 def preload() -> None:
-    """Build or load the library in a background thread (a first build takes
-    about a second: the compiler runs while the merge plans)."""
-    if "lib" not in _state and wanted():
-        threading.Thread(target=kernels, name="tadmerge-native", daemon=True).start()
+    """Build or load the library in a background thread, at most one per process
+    (a first build takes about a second: the compiler runs while the merge plans)."""
+    thread = threading.Thread(target=kernels, name="tadmerge-native", daemon=True)
+    # (dict.setdefault is atomic: of two callers at once, one starts its thread)
+    if "lib" not in _state and wanted() and _state.setdefault("preload", thread) is thread:
+        thread.start()
 
 
 _p, _i64, _i32, _f32, _f64 = (

@@ -16,24 +16,22 @@ merge_block's, added in another order: the last digits of the report's figures
 may differ between the two, the bytes do not.
 
 No torch: the blocks are numpy arrays (bf16: uint16 arrays of the bit
-patterns), so a merge made of these alone never imports torch (~2 s on a
-2-core VM: more than reading and writing a 271M-parameter merge of three
-fine-tunes from a warm page cache).
+patterns), so a merge made of these alone never imports torch, whose import
+can cost more than such a merge's reading and writing.
 
 A sums combiner's block (merge_raw_sums) takes its tensor's Combination from
 the driver (a split tensor: the rounds over units ask unit_sums) or from its
-statistics generator answered here (a whole tensor), by the C sums kernels on
-the raw inputs, widened in the kernel as torch widens them (sums.array_sums:
-the integers of sums.block_sums). The combination Σ_j fl32(c_j)·v_j (+ θ0 for
-task vectors), products before sums in vector order, is what the stream kernel
-computes for averaging with the divisor 1 (weights) or task arithmetic with
-λ = 1 (task vectors): multiplying or dividing by 1 is exact, so the bytes are
-sums.apply's. Per-vector layouts (row_wise, filter_wise), NaN/Inf met
-anywhere, and vectors that take no part go to merge_block.
+statistics generator answered here on the raw inputs (a whole tensor:
+sums.array_sums, the integers of sums.block_sums). The combination
+Σ_j fl32(c_j)·v_j (+ θ0 for task vectors) is the stream kernel's averaging
+with the divisor 1 (weights) or task arithmetic with λ = 1 (task vectors):
+multiplying or dividing by 1 is exact, so the bytes are sums.apply's.
 
 Where the C kernels are unavailable (or the dispatch says torch), these blocks
 are merged by merge_block instead (cluster/worker.py); so is a block whose
-result holds a NaN (inputs.allow_nonfinite), whose NaN bits are torch's.
+result holds a NaN (inputs.allow_nonfinite), whose NaN bits are torch's, and a
+sums combiner's block with a coefficient per vector (row_wise, filter_wise),
+NaN/Inf or a vector that takes no part.
 """
 
 from __future__ import annotations
@@ -59,13 +57,14 @@ NP_DTYPES: dict[str, np.dtype] = {
 
 
 def streams(spec: MergeSpec, device: str, dtypes: list[str], backend: str) -> bool:
-    """Whether a block of this merge is merged by merge_raw: on a CPU with the C
-    kernels (the merge's `backend` takes them: kernels.enabled), inputs and
-    output in NP_DTYPES, no sparsifier."""
+    """Whether a block of this merge is first offered to merge_raw (task
+    arithmetic, averaging) or merge_raw_sums (a sums combiner): on a CPU with
+    the C kernels (the merge's `backend` takes them: kernels.enabled), inputs
+    and output in NP_DTYPES, no sparsifier."""
     return (
         device == "cpu"
         and spec.sparsify.method == "none"
-        and spec.compiled_combiner is not None
+        and (spec.compiled_combiner is not None or _sums.combines(methods.combiner(spec.method)))
         and all(d in NP_DTYPES for d in dtypes)
         and kernels.enabled(None, backend)
     )
@@ -99,19 +98,6 @@ def _task_stats(sq: list[float], nan: int, n: int, check_finite: bool) -> list[T
     if nan:
         return None
     return [TaskStats(kept=n, tau_sq=s, t_sq=s) for s in sq]
-
-
-def sums_streams(spec: MergeSpec, device: str, dtypes: list[str], backend: str) -> bool:
-    """Whether a block of this merge is first offered to merge_raw_sums: a sums
-    combiner without a sparsifier on a CPU with the C kernels, inputs and
-    output in NP_DTYPES."""
-    return (
-        device == "cpu"
-        and spec.sparsify.method == "none"
-        and _sums.combines(methods.combiner(spec.method))
-        and all(d in NP_DTYPES for d in dtypes)
-        and kernels.enabled(None, backend)
-    )
 
 
 def merge_raw_sums(
@@ -166,9 +152,7 @@ def _resolve(raws: list[np.ndarray], spec: MergeSpec, ctx: BlockContext) -> Comb
         return stop.value
 
 
-def unit_sums(
-    raws: list[np.ndarray], spec: MergeSpec, ctx: BlockContext, ask: UnitRequest
-) -> ExactSums | None:
+def unit_sums(raws: list[np.ndarray], ctx: BlockContext, ask: UnitRequest) -> ExactSums | None:
     """One unit's share of a split tensor's round (tensor_stats.answer's), from
     its raw inputs; None where the torch engine must answer."""
     if ask.cut is not None:

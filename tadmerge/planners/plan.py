@@ -332,7 +332,7 @@ class TensorTable(Sequence):
 class Plan:
     config: MergeConfig
     inputs: list[Checkpoint]
-    tensors: Sequence[TensorPlan]  # (a TensorTable, or a list)
+    tensors: TensorTable
     units: Sequence[Unit]  # (a UnitTable)
     shards: list[ShardSpec]
     task_shards: dict[str, list[ShardSpec]]  # EMR: excluded tensors kept per task

@@ -89,7 +89,7 @@ def run_merge(
     dispatch = decide(cfg)
     if_changed = cfg.runtime.if_changed and not resume
     if not if_changed:
-        start_kernels(cfg, dispatch)
+        start_kernels(dispatch)
     # (--if-changed: hub inputs planned from their headers, downloaded only if changed)
     plan = plan or make_plan(cfg, device=dispatch.device, fetch=not if_changed)
     if if_changed:
@@ -101,8 +101,7 @@ def run_merge(
             plan = make_plan(cfg, device=dispatch.device)
         # (the published output is replaced atomically, as --overwrite does)
         overwrite = True
-        start_kernels(cfg, dispatch)
-    start_kernels(cfg, dispatch, plan)  # (what only the plan tells: a large streamed merge)
+        start_kernels(dispatch)
     timings["plan_s"] = time.monotonic() - t0
     staging = Staging(cfg.output.path, overwrite=overwrite, resume=resume, keep=cfg.output.keep)
     _log_casts(plan)
