@@ -262,10 +262,10 @@ def test_cut_kernel_keeps_exactly_the_ranks_of_a_stable_sort(seed, n):
 @needs_c
 @pytest.mark.parametrize("disjoint", ["mean", "sum"])
 def test_ties_kernel_gives_the_bytes_of_the_torch_combiner(disjoint):
-    """kernels.ties_merge against combine.ties (torch ops, tested against the
+    """kernels.ties_merge against methods/ties.py's ties (torch ops, tested against the
     reference in test_merge_exact) on values full of ties, zeros and exactly
     cancelling votes, for both majority signs."""
-    from tadmerge.engine import combine
+    from tadmerge.methods import ties
 
     n = 4001
     base = _tied_values(n, 10)
@@ -273,28 +273,28 @@ def test_ties_kernel_gives_the_bytes_of_the_torch_combiner(disjoint):
     ts = [t1, -t1, _tied_values(n, 12)]  # the first two cancel wherever the third is 0
     weights = [1.0, 1.0, 0.5] if disjoint == "mean" else [1.0, 1.0, -2.0]
     for majority in (1, -1):
-        ref = combine.ties(base, [t.clone() for t in ts], weights, 0.7, disjoint, majority, True)
+        ref = ties.ties(base, [t.clone() for t in ts], weights, 0.7, disjoint, majority, True)
         got = [t.clone() for t in ts]
         sign_sum, cancel = kernels.ties_merge(
             got, weights, base, 0.7, disjoint == "mean", majority, True
         )
         assert torch.equal(got[0].view(torch.int32), ref.merged.view(torch.int32))
         assert (sign_sum, cancel) == (ref.sign_sum, ref.cancel) and cancel > 0
-    assert kernels.ties_votes(ts, weights) == combine.ties_vote(ts, weights)
+    assert kernels.ties_votes(ts, weights) == ties.ties_vote(ts, weights)
 
 
 @needs_c
 def test_emr_kernel_gives_the_bytes_and_sums_of_the_torch_combiner():
-    """kernels.emr_merge against combine.emr (torch ops, tested against the
+    """kernels.emr_merge against methods/emr.py's emr (torch ops, tested against the
     reference in test_merge_exact): τ_uni, masks and the exact rescaler sums, on
     values full of ties, zeros and totals that cancel to zero."""
-    from tadmerge.engine import combine
     from tadmerge.engine.exact import exact_sum_by_exponent
+    from tadmerge.methods import emr
 
     n = 4001
     t1 = _tied_values(n, 21)
     ts = [t1, -t1, _tied_values(n, 22) * 1e-30]  # cancelling totals; subnormal values
-    ref = combine.emr([t.clone() for t in ts])
+    ref = emr.emr([t.clone() for t in ts])
     got = [t.clone() for t in ts]
     planes = torch.empty((3, n), dtype=torch.bool)
     abs_t, abs_u = kernels.emr_merge(got, planes)
@@ -309,9 +309,9 @@ def test_emr_kernel_gives_the_bytes_and_sums_of_the_torch_combiner():
 @pytest.mark.parametrize("k", [1, 2, 5, 8, 9, 12])
 def test_ties_and_emr_kernels_for_any_number_of_tasks(k):
     """The kernels take up to 8 tasks in one loop and more in groups of 8: any
-    K gives combine.ties' and combine.emr's bytes, counts and exact sums."""
-    from tadmerge.engine import combine
+    K gives the torch ties' and emr's bytes, counts and exact sums."""
     from tadmerge.engine.exact import exact_sum_by_exponent
+    from tadmerge.methods import emr, ties
 
     n = 3001
     base = _tied_values(n, 30)
@@ -320,15 +320,15 @@ def test_ties_and_emr_kernels_for_any_number_of_tasks(k):
         ts[1] = -ts[0]  # votes that cancel wherever the others are zero
     weights = [1.0 + (i % 3) / 4 for i in range(k)]
     for disjoint, majority, count in (("mean", 1, True), ("mean", -1, False), ("sum", -1, True)):
-        ref = combine.ties(base, [t.clone() for t in ts], weights, 0.7, disjoint, majority, count)
+        ref = ties.ties(base, [t.clone() for t in ts], weights, 0.7, disjoint, majority, count)
         got = [t.clone() for t in ts]
         sign_sum, cancel = kernels.ties_merge(
             got, weights, base, 0.7, disjoint == "mean", majority, count
         )
         assert torch.equal(got[0].view(torch.int32), ref.merged.view(torch.int32))
         assert sign_sum == ref.sign_sum and cancel == (ref.cancel if count else 0)
-    assert kernels.ties_votes(ts, weights) == combine.ties_vote(ts, weights)
-    ref = combine.emr([t.clone() for t in ts])
+    assert kernels.ties_votes(ts, weights) == ties.ties_vote(ts, weights)
+    ref = emr.emr([t.clone() for t in ts])
     got = [t.clone() for t in ts]
     planes = torch.empty((k, n), dtype=torch.bool)
     abs_t, abs_u = kernels.emr_merge(got, planes)

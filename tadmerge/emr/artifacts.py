@@ -1,7 +1,7 @@
 """Read an EMR output: unified delta, masks, rescalers, and the task models.
 
 Task k's model is θ_k* = θ0 + fl32(λ_k) · (M_k ⊙ τ_uni), evaluated in float32
-and cast to the base dtype, exactly as engine.combine.emr_task_block does; with
+and cast to the base dtype, exactly as methods/emr.py's emr_task_block does; with
 the default float32 delta this reproduces SPEC's θ_k* bit for bit. Tensors that
 were not merged come from the base (copied tensors) or from task k itself
 (excluded tensors, stored per task).
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.combine import emr_task_block
 from ..errors import InputError, InputProblem
 from ..io.block_io import read_rows
 from ..io.checkpoint import (
@@ -28,6 +27,7 @@ from ..io.checkpoint import (
 )
 from ..io.model_files import EMR_NAME
 from ..io.safetensors_format import TensorEntry
+from ..methods.emr import emr_task_block
 from .pin import check_base
 from .store import MaskStore
 

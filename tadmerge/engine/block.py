@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import methods
-from . import combine as C
 from . import kernels
 from .keys import KeyChunks, magnitude_keys
 from .selection import own_norms, own_selection
@@ -33,6 +33,9 @@ from .spec import (  # noqa: F401  (re-exported)
     SparsifySpec,
     TaskStats,
 )
+
+if TYPE_CHECKING:
+    from ..methods.emr import EmrBlock
 
 
 def square_sum(x: torch.Tensor, backend: str) -> float:
@@ -56,7 +59,7 @@ NORM_CHUNK = 1 << 16  # entries widened to float64 at a time (square_sum's torch
 @dataclass
 class BlockResult:
     merged: torch.Tensor | None  # float32, None for EMR
-    emr: C.EmrBlock | None
+    emr: EmrBlock | None
     tasks: list[TaskStats] = field(default_factory=list)
     ties: tuple[int, int, int] | None = None  # TIES: (sign sum, cancellations, majority used)
 

@@ -349,7 +349,7 @@ def cut_block(t: torch.Tensor, lo: tuple[int, int], hi: tuple[int, int], scale: 
 
 
 def ties_votes(ts: list[torch.Tensor], weights: list[float]) -> int:
-    """Σ sign(Σ_k fl32(w_k)·t_k) over a block, as combine.ties_vote counts it."""
+    """Σ sign(Σ_k fl32(w_k)·t_k) over a block, as methods/ties.py's ties_vote counts it."""
     arrays = [_flat32(t) for t in ts]
     n, k = arrays[0].size, len(arrays)
     w, up_down = np.float32(weights), np.zeros(2, np.int64)
@@ -366,7 +366,7 @@ def ties_merge(
     majority: int,
     count_cancel: bool,
 ) -> tuple[int, int]:
-    """TIES of a whole block over ts[0] (see the kernel): the bytes of combine.ties
+    """TIES of a whole block over ts[0] (see the kernel): the bytes of methods/ties.py's ties
     for finite values, with positive weights when `mean`. Returns (Σ sign of the
     votes, entries whose votes cancel exactly while a task moved, if counted)."""
     arrays = [_flat32(t) for t in ts]

@@ -6,14 +6,73 @@ whole task vector (integer moments, engine/exact.py)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .registry import Combiner
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..engine.exact import ExactSum
+
+
+@dataclass
+class EmrBlock:
+    """EMR-Merging of one block: the unified delta, the task masks, and the exact
+    sums that the task rescalers are made of."""
+
+    tau_uni: torch.Tensor  # float32
+    masks: list[torch.Tensor]  # bool, one per task
+    abs_t: list[ExactSum]  # Σ|t_k| over the block
+    abs_masked_uni: list[ExactSum]  # Σ|M_k ⊙ τ_uni| over the block
+
+
+def emr(ts: list[torch.Tensor]) -> EmrBlock:
+    """σ = sign(Σ t_k) with 0 → -1; M_k = [t_k σ > 0]; τ_uni = σ·max_k(M_k |t_k|).
+
+    Consumes `ts`. With s = ±1 the elected sign, q_k = t_k·s is exact, M_k is
+    q_k > 0 and M_k |t_k| = max(q_k, 0): arithmetic that vectorises instead of
+    torch.where over bool masks.
+    """
+    import torch
+
+    from ..engine.exact import exact_abs_sum
+
+    total = ts[0].clone() if len(ts) == 1 else torch.add(ts[0], ts[1])
+    for t in ts[2:]:
+        total.add_(t)
+    sign = torch.ones_like(total).copysign_(torch.rsub(total, 0.0)).neg_()  # 0 → -1
+    del total
+    abs_t = [exact_abs_sum(t) for t in ts]
+    masks = []
+    mag = None
+    for t in ts:
+        q = t.mul_(sign)
+        masks.append(q > 0)
+        q.clamp_min_(0.0)  # M_k |t_k|, ±0.0 elsewhere
+        mag = q if mag is None else torch.maximum(mag, q, out=mag)
+    abs_uni = []
+    for m in masks:
+        kept = mag.clone()
+        kept.view(torch.int32).bitwise_and_(m.to(torch.int32).neg_())
+        abs_uni.append(exact_abs_sum(kept))
+    tau_uni = mag.mul_(sign).add_(0.0)  # +0.0 where no task agrees
+    return EmrBlock(tau_uni, masks, abs_t, abs_uni)
+
+
+def emr_task_block(base: torch.Tensor, tau_uni: torch.Tensor, mask: torch.Tensor, rescaler):
+    """θ_k* = θ0 + fl32(λ_k) · (M_k ⊙ τ_uni)."""
+    import torch
+
+    from ..engine.combine import f32
+
+    return base + f32(rescaler, base) * torch.where(mask, tau_uni, 0.0)
 
 
 def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
     import torch
 
-    from ..engine import combine as C
     from ..engine import kernels
     from ..engine.block import BlockResult, store
     from ..engine.exact import ExactSum, exact_sum_by_exponent
@@ -26,7 +85,7 @@ def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
             sparsify(a, b)
         planes = torch.empty((len(taus), n), dtype=torch.bool)
         abs_t, abs_u = kernels.emr_merge(taus, planes)
-        block = C.EmrBlock(
+        block = EmrBlock(
             taus[0],
             list(planes),
             [exact_sum_by_exponent(v, n) for v in abs_t],
@@ -39,13 +98,13 @@ def merge_block(base, taus, plans, spec, ctx, sparsify, chunks, check_finite):
     abs_t = [ExactSum() for _ in taus]
     abs_uni = [ExactSum() for _ in taus]
     for a, b in chunks:
-        eb = C.emr(sparsify(a, b))
+        eb = emr(sparsify(a, b))
         store(taus[0][a:b], eb.tau_uni)
         for k in range(len(taus)):
             masks[k][a:b] = eb.masks[k]
             abs_t[k] += eb.abs_t[k]
             abs_uni[k] += eb.abs_masked_uni[k]
-    return BlockResult(None, C.EmrBlock(taus[0], masks, abs_t, abs_uni), stats)
+    return BlockResult(None, EmrBlock(taus[0], masks, abs_t, abs_uni), stats)
 
 
 def rescalers(abs_t: list[list[float]], abs_uni: list[list[float]]) -> list[float]:
