@@ -543,7 +543,7 @@ INLINE int32_t cut_chunk(float *x, int32_t m, uint32_t lk, int32_t le, uint32_t 
 }
 
 /* A resolved selection applied to a float32 block in place, in flat order
- * (sparsify.apply_cuts): an entry is kept when its key is below the high cut
+ * (sparsify.BlockCuts.keep, apply_keep): an entry is kept when its key is below the high cut
  * and not below the low one, ties at a cut key being below it before the
  * index where the block's quota of them ends (tie_end); kept entries become
  * t·fl32(scale) (when rescale), the others +0.0. Cut keys below 0 mean "all
