@@ -128,6 +128,29 @@ def test_wrong_arrays_are_refused():
 
 
 @needs_cc
+def test_the_sums_kernels_read_a_flattened_copy_while_it_lives():
+    """A base that is not flat and contiguous is flattened into a copy, which
+    must outlive the kernel's read (its address alone would dangle): the same
+    integers as the contiguous base. A flag per vector is required."""
+    rng = np.random.default_rng(5)
+    n = 1 << 16
+    vs = [rng.standard_normal(n).astype(np.float32) for _ in range(2)]
+    base = rng.standard_normal((2, n // 2)).astype(np.float32)
+    got = []
+    for b in (base.reshape(-1), np.asfortranarray(base.reshape(n // 2, 2).T.copy().T)):
+        want = np.ascontiguousarray(b).reshape(-1)
+        assert np.array_equal(np.asarray(b).reshape(-1), want)
+        lo, hi = np.full(2, 255, np.int32), np.ones(2, np.int32)
+        kernels.sums_range(vs, b, [True, True], lo, hi)
+        tables = np.zeros((2, 2, 1, 600), np.int64)  # hi, lo: [pairs, segments, bins]
+        kernels.sums_accumulate(vs, b, [True, True], [(0, 0), (0, 1)], 0, (n, 1, False), 0, *tables)
+        got.append((lo, hi, tables))
+    assert all(np.array_equal(x, y) for x, y in zip(got[0], got[1], strict=True))
+    with pytest.raises(TypeError, match="2 entries of int8"):
+        kernels.sums_range(vs, base.reshape(-1), [True], lo, hi)
+
+
+@needs_cc
 def test_the_library_is_built_once_per_source(tmp_path, monkeypatch):
     first = native.build(tmp_path)
     assert first.exists() and first.parent == tmp_path

@@ -561,8 +561,10 @@ def stream_raw(
 def _sums_args(vs: list, base, sub: list[bool]):
     """The sums kernels' arguments: the vectors (float32 tensors, or raw numpy
     blocks of STREAM_DTYPES, bf16 as uint16), flat, of n entries; their dtype
-    codes, the base's last (float32's where there is none); the base's address;
-    the int8 flags of the vectors taken as task vectors."""
+    codes, the base's last (float32's where there is none); the base's address
+    and the int8 flags of the vectors taken as task vectors, as the kernel
+    takes them. The arrays are returned too: a flattened copy must outlive the
+    call that reads it."""
 
     def flat(x):
         return x.reshape(-1) if isinstance(x, np.ndarray) else _flat32(x)
@@ -572,11 +574,12 @@ def _sums_args(vs: list, base, sub: list[bool]):
         raise ValueError("the exact sums kernels make task vectors from a base")
     arrays = [flat(v) for v in vs]
     b = None if base is None else flat(base)
-    n = arrays[0].size
+    n, k = arrays[0].size, len(arrays)
     dts = np.array(
         [_dtype_code(x) for x in (*arrays, np.empty(0, np.float32) if b is None else b)], np.int32
     )
-    return arrays, n, dts, None if b is None else _ptr(b, n), flags
+    ptrs = (_arrays(arrays, n), _ptr(dts), None if b is None else _ptr(b, n), _ptr(flags, k))
+    return (arrays, b, flags, dts), n, k, ptrs
 
 
 def sums_range(
@@ -590,13 +593,11 @@ def sums_range(
     updated: min, max), as sums.exact_sums's first pass takes them; v_j is
     fl32(vs[j] − base) where sub[j] (vectors of at most PIECE entries: float32
     tensors, or raw blocks of STREAM_DTYPES, widened as torch widens them)."""
-    arrays, n, dts, b, flags = _sums_args(vs, base, sub)
-    k = len(arrays)
+    held, n, k, (vp, dp, bp, fp) = _sums_args(vs, base, sub)
     if lo.dtype != np.int32 or hi.dtype != np.int32:
         raise TypeError("sums_range updates int32 exponent fields")
-    _lib().tadmerge_sums_range(
-        _arrays(arrays, n), _ptr(dts), b, _ptr(flags), k, n, _ptr(lo, k), _ptr(hi, k)
-    )
+    _lib().tadmerge_sums_range(vp, dp, bp, fp, k, n, _ptr(lo, k), _ptr(hi, k))
+    del held  # (the arrays behind the addresses, kept to here)
 
 
 def sums_accumulate(
@@ -614,10 +615,10 @@ def sums_accumulate(
     starting at entry `a` of its block) added into hi, lo (int64 [pairs,
     segments, bins from b0]); layout: (segment size, segments, column). Returns
     the count the reference adds to ExactSums.nonfinite."""
-    arrays, n, dts, b, flags = _sums_args(vs, base, sub)
+    held, n, k, (vp, dp, bp, fp) = _sums_args(vs, base, sub)
     seg_size, n_seg, column = layout
     s = len(pairs)
-    shapes = {hi.shape, lo.shape} == {(s, n_seg, hi.shape[-1])}
+    shapes = hi.ndim == 3 and {hi.shape, lo.shape} == {(s, n_seg, hi.shape[-1])}
     if not shapes or {hi.dtype, lo.dtype} != {np.dtype(np.int64)}:
         raise TypeError("sums_accumulate takes int64 tables [pairs, segments, bins]")
     if not n:
@@ -625,10 +626,10 @@ def sums_accumulate(
     pi = np.array([p[0] for p in pairs], np.int32)
     pj = np.array([p[1] for p in pairs], np.int32)
     got = _lib().tadmerge_sums_accumulate(
-        _arrays(arrays, n), _ptr(dts), b, _ptr(flags), len(arrays), n, _ptr(pi), _ptr(pj), s,
-        int(a), int(seg_size), int(n_seg), int(column), int(b0), hi.shape[2], _ptr(hi),
-        _ptr(lo, hi.size),
+        vp, dp, bp, fp, k, n, _ptr(pi), _ptr(pj), s, int(a), int(seg_size), int(n_seg),
+        int(column), int(b0), hi.shape[2], _ptr(hi), _ptr(lo, hi.size),
     )  # fmt: skip
+    del held  # (the arrays behind the addresses, kept to here)
     if got < 0:
         raise MemoryError("sums_accumulate: its tile buffers could not be allocated")
     return got
