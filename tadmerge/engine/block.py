@@ -56,6 +56,23 @@ def square_sum(x: torch.Tensor, backend: str) -> float:
 NORM_CHUNK = 1 << 16  # entries widened to float64 at a time (square_sum's torch path)
 
 
+def weights_stats(
+    base: torch.Tensor, models: list[torch.Tensor], check_finite: bool, backend: str
+) -> list[TaskStats]:
+    """The report's figures of a merge of the weights themselves (a combiner's
+    merge_weights: no sparsifier, t_k = τ_k, every entry kept): Σ τ_k² in
+    float64, τ_k made a chunk at a time (no block-sized temporary). Raises
+    NonFiniteTaskVector where a τ_k holds NaN/Inf."""
+    n = base.numel()
+    stats = []
+    for k, m in enumerate(models):
+        tau_sq = sum(square_sum(m[a:b] - base[a:b], backend) for a, b in _chunks(n, base.device))
+        if check_finite and not math.isfinite(tau_sq):
+            raise NonFiniteTaskVector(k)
+        stats.append(TaskStats(kept=n, tau_sq=tau_sq, t_sq=tau_sq))
+    return stats
+
+
 @dataclass
 class BlockResult:
     merged: torch.Tensor | None  # float32, None for EMR

@@ -11,22 +11,10 @@ import math
 def merge_weights(base, models, spec, check_finite: bool, ctx):
     """Merge one block of a sums combiner. Consumes `models`."""
     from ..engine import tensor_stats as TS
-    from ..engine.block import BlockResult, square_sum
-    from ..engine.spec import NonFiniteTaskVector, TaskStats
-    from ..engine.sums import CHUNK, Combination, apply
+    from ..engine.block import BlockResult, weights_stats
+    from ..engine.sums import Combination, apply
 
-    stats = []
-    n = base.numel()
-    for k, m in enumerate(models):
-        # the report's |τ_k|² (float64), τ_k made a chunk at a time (no block-sized
-        # temporary); also the check for NaN/Inf in τ_k
-        tau_sq = sum(
-            square_sum(m[a : a + CHUNK] - base[a : a + CHUNK], ctx.backend)
-            for a in range(0, n, CHUNK)
-        )
-        if check_finite and not math.isfinite(tau_sq):
-            raise NonFiniteTaskVector(k)
-        stats.append(TaskStats(kept=n, tau_sq=tau_sq, t_sq=tau_sq))
+    stats = weights_stats(base, models, check_finite, ctx.backend)
     comb = TS.resolve(base, models, spec, ctx)["values"]
     comb = comb if isinstance(comb, Combination) else Combination.from_json(comb)
     return BlockResult(apply(comb, base, models, ctx.shape), None, stats)

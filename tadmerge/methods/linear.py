@@ -4,8 +4,6 @@ Averaging is linear with normalize (methods/average.py)."""
 
 from __future__ import annotations
 
-import math
-
 from .registry import Combiner, Param
 
 NORMALIZE = Param("normalize", True, "divide by the sum of the weights")
@@ -15,16 +13,10 @@ def merge_weights(base, models, spec, check_finite: bool, ctx, normalize: bool |
     """Without a sparsifier the weights themselves are combined (τ_k only for the
     report and the finite check). Consumes `models`."""
     from ..engine import combine as C
-    from ..engine.block import BlockResult, square_sum
-    from ..engine.spec import NonFiniteTaskVector, TaskStats
+    from ..engine.block import BlockResult, weights_stats
 
     normalize = spec.param("normalize") if normalize is None else normalize
-    stats = []
-    for k, m in enumerate(models):
-        tau_sq = square_sum(m - base, ctx.backend)
-        if check_finite and not math.isfinite(tau_sq):
-            raise NonFiniteTaskVector(k)
-        stats.append(TaskStats(kept=base.numel(), tau_sq=tau_sq, t_sq=tau_sq))
+    stats = weights_stats(base, models, check_finite, ctx.backend)
     w = list(spec.weights)
     merged = C.average(models, w) if normalize else C.weighted_sum(models, w)
     return BlockResult(merged, None, stats)

@@ -6,8 +6,6 @@ sparsifier θ_1 is taken as θ0 + t_1."""
 
 from __future__ import annotations
 
-import math
-
 from .registry import Combiner, Param
 
 MIN_DIFF = 1e-6  # mergekit's floor on |θ0 − θ_1| (the divisor)
@@ -27,13 +25,9 @@ def nearswap(base, model, t: float):
 
 
 def merge_weights(base, models, spec, check_finite: bool, ctx):
-    from ..engine.block import BlockResult, square_sum
-    from ..engine.spec import NonFiniteTaskVector, TaskStats
+    from ..engine.block import BlockResult, weights_stats
 
-    tau_sq = square_sum(models[0] - base, ctx.backend)
-    if check_finite and not math.isfinite(tau_sq):
-        raise NonFiniteTaskVector(0)
-    stats = [TaskStats(kept=base.numel(), tau_sq=tau_sq, t_sq=tau_sq)]
+    stats = weights_stats(base, models, check_finite, ctx.backend)
     return BlockResult(nearswap(base, models[0], spec.param("t")), None, stats)
 
 
